@@ -1,0 +1,139 @@
+"""Multi-sample variational bounds on log p(x), as pure functions of the log importance weights.
+
+Every function here takes ``log_w`` of shape ``(K, *batch)``, where
+
+    log w_i = log p(x, z_i) - log q(z_i | x),    z_i ~ q(z | x),  i = 1..K,
+
+and returns a tensor of shape ``batch``. Each is a stochastic lower bound on log p(x) in expectation
+(except ``vr`` with alpha < 0), computed stably for log-weights anywhere in [-1e5, 1e3] in float32 and
+float64: weights are only ever combined through ``logsumexp``.
+
+References:
+  Burda, Grosse, Salakhutdinov (2016), Importance Weighted Autoencoders, ICLR.
+  Rainforth et al. (2018), Tighter Variational Bounds are Not Necessarily Better, ICML.
+  Li & Turner (2016), Renyi Divergence Variational Inference, NeurIPS.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _num_samples(log_w: Tensor) -> int:
+    if log_w.dim() == 0 or log_w.shape[0] == 0:
+        raise ValueError(
+            f"log_w must have a non-empty sample dimension first, shape (K, *batch); got shape {tuple(log_w.shape)}"
+        )
+    return log_w.shape[0]
+
+
+def elbo(log_w: Tensor) -> Tensor:
+    """The K-sample ELBO: the plain average of the log-weights (Burda et al. 2016, eq. 7).
+
+    Approximates: E_q[log p(x, z) - log q(z|x)] <= log p(x).
+    With: (1/K) sum_i log w_i.
+
+    Args:
+      log_w: log importance weights, shape (K, *batch).
+
+    Returns:
+      The bound per batch element, shape ``batch``.
+    """
+    _num_samples(log_w)
+    return log_w.mean(0)
+
+
+def iwae(log_w: Tensor) -> Tensor:
+    """The K-sample importance-weighted bound (Burda et al. 2016, eq. 8).
+
+    Approximates: L_K = E[log (1/K) sum_i w_i], with L_1 = ELBO <= L_K <= L_{K+1} <= log p(x).
+    With: logsumexp_i(log w_i) - log K.
+
+    Args:
+      log_w: log importance weights, shape (K, *batch).
+
+    Returns:
+      The bound per batch element, shape ``batch``.
+    """
+    k = _num_samples(log_w)
+    return torch.logsumexp(log_w, 0) - math.log(k)
+
+
+def _groups(log_w: Tensor, m: int) -> Tensor:
+    """Reshape (m*k, *batch) log-weights into (k, m, *batch): sample i of group j is log_w[j*k + i]."""
+    total = _num_samples(log_w)
+    if not isinstance(m, int) or m < 1 or total % m:
+        raise ValueError(f"m must be a positive integer dividing the number of samples K={total}; got m={m}")
+    return log_w.reshape(m, total // m, *log_w.shape[1:]).transpose(0, 1)
+
+
+def miwae(log_w: Tensor, m: int) -> Tensor:
+    """The multiply importance-weighted bound MIWAE(m, k) with K = m*k (Rainforth et al. 2018).
+
+    Approximates: (1/m) sum_j E[log (1/k) sum_i w_ji], the mean of m independent k-sample IWAE bounds.
+    With: group j holds samples j*k .. j*k + k - 1 of ``log_w``.
+    Requires: m divides K. m = 1 is ``iwae``; m = K is ``elbo``.
+
+    Args:
+      log_w: log importance weights, shape (K, *batch).
+      m: number of groups.
+
+    Returns:
+      The bound per batch element, shape ``batch``.
+    """
+    return iwae(_groups(log_w, m)).mean(0)
+
+
+def ciwae(log_w: Tensor, beta: float) -> Tensor:
+    """The combination bound CIWAE(beta) = beta * ELBO + (1 - beta) * IWAE_K (Rainforth et al. 2018).
+
+    Requires: 0 <= beta <= 1 (beta = 1 is ``elbo``, beta = 0 is ``iwae``).
+
+    Args:
+      log_w: log importance weights, shape (K, *batch).
+      beta: weight of the ELBO.
+
+    Returns:
+      The bound per batch element, shape ``batch``.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1]; got beta={beta}")
+    return beta * elbo(log_w) + (1.0 - beta) * iwae(log_w)
+
+
+def vr(log_w: Tensor, alpha: float) -> Tensor:
+    """The Renyi (variational Renyi, VR-alpha) bound of Li & Turner (2016).
+
+    Approximates: L_alpha = 1/(1 - alpha) E[log (1/K) sum_i w_i^(1 - alpha)].
+    With: alpha = 0 the IWAE bound, alpha -> 1 the ELBO (taken as the limit at alpha = 1), and
+    alpha = -inf the VR-max bound max_i log w_i. For alpha < 0 it is no longer a lower bound in general.
+
+    Args:
+      log_w: log importance weights, shape (K, *batch).
+      alpha: the Renyi order, any real number or -inf.
+
+    Returns:
+      The bound per batch element, shape ``batch``.
+    """
+    if math.isnan(alpha) or alpha == math.inf:
+        raise ValueError(f"alpha must be a real number or -inf; got alpha={alpha}")
+    if alpha == -math.inf:
+        _num_samples(log_w)
+        return log_w.amax(0)
+    if alpha == 1.0:
+        return elbo(log_w)
+    k = _num_samples(log_w)
+    scale = 1.0 - alpha
+    scaled = scale * log_w
+    shift = scaled.amax(0)
+    centred = scaled - shift
+    # log (1/K) sum_i exp(centred_i), which is divided by (1 - alpha) below: near alpha = 1 the log1p form
+    # keeps its relative precision; where one weight dominates, logsumexp does.
+    mean_expm1 = torch.expm1(centred).mean(0)
+    log_mean = torch.where(
+        mean_expm1 > -0.5, torch.log1p(mean_expm1), torch.logsumexp(centred, 0) - math.log(k)
+    )
+    return (shift + log_mean) / scale

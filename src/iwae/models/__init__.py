@@ -1,0 +1,19 @@
+"""Models: conditional layers, the generic deep latent model, the paper's architectures, and a
+linear-Gaussian model with exact answers."""
+
+from iwae.models.burda import burda
+from iwae.models.latent import DeepLatentModel, LatentSample
+from iwae.models.layers import BernoulliLayer, GaussianLayer, StandardNormal, glorot_init_, mlp
+from iwae.models.linear_gaussian import LinearGaussian
+
+__all__ = [
+    "BernoulliLayer",
+    "DeepLatentModel",
+    "GaussianLayer",
+    "LatentSample",
+    "LinearGaussian",
+    "StandardNormal",
+    "burda",
+    "glorot_init_",
+    "mlp",
+]

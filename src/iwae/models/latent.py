@@ -1,0 +1,101 @@
+"""A deep latent-variable model with L stochastic layers, and its log importance weights.
+
+    p(x, z_1..z_L) = p(z_L) prod_{l=1..L} p(z_{l-1} | z_l),     z_0 = x,
+    q(z_1..z_L | x) = prod_{l=1..L} q(z_l | z_{l-1}),
+
+    log w = log p(x, z_1..z_L) - log q(z_1..z_L | x).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+from torch.func import functional_call
+
+
+class LatentSample:
+    """K reparameterized draws from q for a batch: ``z[l]`` has shape (K, B, d_l), and ``q[l]`` is the
+    distribution q(z_l | z_{l-1}) each was drawn from (with the encoder's parameters attached)."""
+
+    def __init__(self, z: list[Tensor], q: list[Distribution]) -> None:
+        self.z = z
+        self.q = q
+
+
+class DeepLatentModel(nn.Module):
+    """A latent-variable model from conditional layers that return ``torch.distributions`` objects.
+
+    Args:
+      encoder: q's layers, bottom-up: ``encoder[l](z_l)`` is q(z_{l+1} | z_l), with z_0 = x. Each must
+        return a reparameterizable distribution (``has_rsample``) with event shape (d_{l+1},).
+      decoder: p's conditional layers, bottom-up: ``decoder[l](z_{l+1})`` is p(z_l | z_{l+1}), with z_0 = x.
+      prior: a module called with no input that returns p(z_L).
+
+    ``self.encoder`` holds all of q's parameters and ``self.decoder`` all of p's, the prior last.
+    """
+
+    def __init__(self, encoder: Sequence[nn.Module], decoder: Sequence[nn.Module], prior: nn.Module) -> None:
+        super().__init__()
+        if len(encoder) != len(decoder) or not encoder:
+            raise ValueError(
+                f"need one decoder layer per encoder layer, at least one of each; got {len(encoder)} encoder "
+                f"and {len(decoder)} decoder layers"
+            )
+        self.encoder = nn.ModuleList(encoder)
+        self.decoder = nn.ModuleList([*decoder, prior])
+
+    @property
+    def num_stochastic_layers(self) -> int:
+        return len(self.encoder)
+
+    def sample_posterior(self, x: Tensor, k: int) -> LatentSample:
+        """Draw k reparameterized samples of z_1..z_L from q(z | x) for a batch x of shape (B, D)."""
+        if k < 1:
+            raise ValueError(f"k must be a positive number of samples; got k={k}")
+        h, zs, qs = x, [], []
+        for layer in self.encoder:
+            q = layer(h)
+            h = q.rsample((k,)) if h is x else q.rsample()
+            zs.append(h)
+            qs.append(q)
+        return LatentSample(zs, qs)
+
+    def log_joint(self, x: Tensor, z: Sequence[Tensor]) -> Tensor:
+        """log p(x, z_1..z_L), shape (K, B), for latents of shape (K, B, d_l)."""
+        *conditionals, prior = self.decoder
+        log_p = prior().log_prob(z[-1])
+        for layer, target, given in zip(conditionals, [x, *z[:-1]], z, strict=True):
+            log_p = log_p + layer(given).log_prob(target)
+        return log_p
+
+    def log_posterior(self, x: Tensor, sample: LatentSample, stop_gradient: bool = False) -> Tensor:
+        """log q(z_1..z_L | x), shape (K, B), at the sample's latents.
+
+        With ``stop_gradient`` the encoder's parameters are held constant (their gradient is not taken),
+        while the gradient with respect to every z_l is kept: the "sticking the landing" form of log q
+        (Roeder et al. 2017), which for l >= 2 re-evaluates q(z_l | z_{l-1}) with frozen parameters.
+        """
+        z = sample.z
+        log_q = torch.zeros((), dtype=x.dtype, device=x.device)
+        for layer, q, given, value in zip(self.encoder, sample.q, [x, *z[:-1]], z, strict=True):
+            if stop_gradient:
+                q = _frozen_call(layer, given)
+            log_q = log_q + q.log_prob(value)
+        return log_q
+
+    def log_weights(self, x: Tensor, k: int) -> Tensor:
+        """log w_i = log p(x, z_i) - log q(z_i | x) for k reparameterized z_i ~ q(z | x); shape (k, B)."""
+        sample = self.sample_posterior(x, k)
+        return self.log_joint(x, sample.z) - self.log_posterior(x, sample)
+
+
+def _frozen_call(layer: nn.Module, given: Tensor) -> Distribution:
+    """``layer(given)`` with the layer's parameters detached; differentiable in ``given`` only."""
+    if not given.requires_grad:
+        with torch.no_grad():
+            return layer(given)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    return functional_call(layer, params, (given,))
