@@ -62,7 +62,7 @@ def iwae(log_w: Tensor) -> Tensor:
     return torch.logsumexp(log_w, 0) - math.log(k)
 
 
-def _groups(log_w: Tensor, m: int) -> Tensor:
+def group_samples(log_w: Tensor, m: int) -> Tensor:
     """Reshape (m*k, *batch) log-weights into (k, m, *batch): sample i of group j is log_w[j*k + i]."""
     total = _num_samples(log_w)
     if not isinstance(m, int) or m < 1 or total % m:
@@ -84,7 +84,7 @@ def miwae(log_w: Tensor, m: int) -> Tensor:
     Returns:
       The bound per batch element, shape ``batch``.
     """
-    return iwae(_groups(log_w, m)).mean(0)
+    return iwae(group_samples(log_w, m)).mean(0)
 
 
 def ciwae(log_w: Tensor, beta: float) -> Tensor:

@@ -1,0 +1,176 @@
+"""Training objectives and their gradient estimators, as surrogate losses for one backward pass.
+
+For a bound L(log w) of the K log-weights log w_i = log p_theta(x, z_i) - log q_phi(z_i | x), with
+z_i = z(eps_i; phi) reparameterized, write a_i = dL/d(log w_i). Then
+
+    generative network:  grad_theta L = sum_i a_i grad_theta log w_i                     (every estimator)
+    inference network:
+      standard:  sum_i a_i (d log w_i/dz_i  dz_i/dphi  -  d log q_phi(z_i|x)/dphi)     (path + score)
+      stl:       sum_i a_i  d log w_i/dz_i  dz_i/dphi                                   (Roeder et al. 2017)
+      dreg:      sum_i (a_i - da_i/d(log w_i))  d log w_i/dz_i  dz_i/dphi             (Tucker et al. 2018)
+
+where d log w_i/dz_i is taken with q's parameters held constant. DReG rewrites the score term by
+reparameterizing it a second time, so it has the same expectation as the standard gradient; for the IWAE
+bound its weights are a_i = w~_i and a_i - da_i/dlog w_i = w~_i^2, w~ the normalized weights. STL drops
+the score term and is unbiased for the ELBO only.
+
+The surrogate puts weight a_i on log p(x, z_i) (which carries theta's gradient) and the inference weight on
+log q(z_i | x); where the inference weights differ from a_i (DReG, PIWAE), a gradient hook rescales the
+path gradient d log p/dz_i by their ratio. So each estimator costs one forward and one backward pass, for
+any number of stochastic layers; STL and DReG re-evaluate q(z_l | z_{l-1}) for l >= 2 with frozen
+parameters in the forward pass, and nothing else.
+
+Requires: a reparameterizable q (``rsample``) for every estimator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from iwae import bounds
+from iwae.models.latent import DeepLatentModel
+
+OBJECTIVES = ("elbo", "iwae", "miwae", "ciwae", "piwae", "vr")
+ESTIMATORS = ("standard", "stl", "dreg")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective and its parameters.
+
+    Attributes:
+      name: "elbo" (K-sample ELBO), "iwae", "miwae" (m groups of K/m), "ciwae" (beta), "piwae" (inference
+        network on MIWAE(m, K/m), generative network on IWAE(K); Rainforth et al. 2018) or "vr" (alpha).
+      k: total number of samples K per example.
+      m: number of groups, for miwae and piwae.
+      beta: the ELBO's weight, for ciwae.
+      alpha: the Renyi order, for vr (-inf is VR-max).
+    """
+
+    name: str = "iwae"
+    k: int = 50
+    m: int = 1
+    beta: float = 0.5
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.name!r}; choose one of {', '.join(OBJECTIVES)}")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer number of samples; got k={self.k}")
+        if self.name in ("miwae", "piwae") and (not isinstance(self.m, int) or self.m < 1 or self.k % self.m):
+            raise ValueError(f"m must be a positive integer dividing k for {self.name}; got m={self.m}, k={self.k}")
+        if self.name == "ciwae" and not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1] for ciwae; got beta={self.beta}")
+        if self.name == "vr" and (math.isnan(self.alpha) or self.alpha == math.inf):
+            raise ValueError(f"alpha must be a real number or -inf for vr; got alpha={self.alpha}")
+
+    def bound(self, log_w: Tensor) -> Tensor:
+        """The bound the generative network is trained on, per example (PIWAE: IWAE_K)."""
+        if self.name in ("iwae", "piwae"):
+            return bounds.iwae(log_w)
+        if self.name == "elbo":
+            return bounds.elbo(log_w)
+        if self.name == "miwae":
+            return bounds.miwae(log_w, self.m)
+        if self.name == "ciwae":
+            return bounds.ciwae(log_w, self.beta)
+        return bounds.vr(log_w, self.alpha)
+
+    def weights(self, log_w: Tensor, inference: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(a, d): a_i = dL/d(log w_i) and the DReG weight d_i = a_i - d a_i / d(log w_i), shape (K, *batch).
+
+        L is the generative network's bound, or with ``inference`` the inference network's (they differ
+        for PIWAE only). d is None where the bound has no doubly reparameterized form (VR-max).
+        """
+        name, k = self.name, log_w.shape[0]
+        if name == "piwae":
+            name = "miwae" if inference else "iwae"
+        if name == "elbo" or (name == "vr" and self.alpha == 1.0):
+            a = torch.full_like(log_w, 1.0 / k)
+            return a, a
+        if name == "iwae":
+            w = torch.softmax(log_w, 0)
+            return w, w * w
+        if name == "miwae":
+            w = torch.softmax(bounds.group_samples(log_w, self.m), 0).transpose(0, 1).reshape(log_w.shape)
+            return w / self.m, w * w / self.m
+        if name == "ciwae":
+            w = torch.softmax(log_w, 0)
+            return self.beta / k + (1 - self.beta) * w, self.beta / k + (1 - self.beta) * w * w
+        if self.alpha == -math.inf:
+            return torch.nn.functional.one_hot(log_w.argmax(0), k).movedim(-1, 0).to(log_w.dtype), None
+        v = torch.softmax((1.0 - self.alpha) * log_w, 0)
+        return v, self.alpha * v + (1.0 - self.alpha) * v * v
+
+
+class Loss(NamedTuple):
+    """``loss``: a scalar whose gradient is the estimator's and whose value is minus the (mean or summed)
+    bound; ``bound``: the bound per example, shape (B,), detached; ``log_w``: shape (K, B), detached."""
+
+    loss: Tensor
+    bound: Tensor
+    log_w: Tensor
+
+
+def _scale_path_gradient(z: Tensor, ratio: Tensor) -> None:
+    """Multiply the gradient arriving at ``z`` (shape (K, B, ...)) by ``ratio`` (shape (K, B)) per sample."""
+    z.register_hook(lambda grad: grad * ratio.reshape(ratio.shape + (1,) * (grad.dim() - ratio.dim())))
+
+
+def loss(
+    model: DeepLatentModel,
+    x: Tensor,
+    objective: str | Objective = "iwae",
+    k: int = 50,
+    estimator: str = "dreg",
+    *,
+    m: int = 1,
+    beta: float = 0.5,
+    alpha: float = 0.5,
+    reduction: str = "mean",
+) -> Loss:
+    """The surrogate loss for ``objective`` on a batch ``x`` (B, D), with ``estimator``'s gradient.
+
+    Args:
+      model: a ``DeepLatentModel`` (or any module with its ``sample_posterior``, ``log_joint`` and
+        ``log_posterior``).
+      x: a batch of data, shape (B, D).
+      objective: an ``Objective`` or its name (then ``k``, ``m``, ``beta`` and ``alpha`` configure it).
+      estimator: "standard", "stl" or "dreg" (the inference network's gradient).
+      reduction: "mean" or "sum" of the per-example bounds (Burda et al. use the sum over a batch).
+
+    Returns:
+      ``Loss(loss, bound, log_w)``.
+    """
+    obj = objective if isinstance(objective, Objective) else Objective(objective, k, m, beta, alpha)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if estimator == "dreg" and obj.name == "vr" and obj.alpha == -math.inf:
+        raise ValueError("dreg has no form for the VR-max bound (alpha=-inf); use estimator 'standard' or 'stl'")
+
+    sample = model.sample_posterior(x, obj.k)
+    rescaled = (estimator == "dreg" and obj.name != "elbo") or obj.name == "piwae"
+    z = [z.view_as(z) for z in sample.z] if rescaled else sample.z
+    log_p = model.log_joint(x, z)
+    log_q = model.log_posterior(x, sample, stop_gradient=estimator != "standard")
+    log_w = (log_p - log_q).detach()
+
+    a, _ = obj.weights(log_w)
+    inference, dreg = obj.weights(log_w, inference=True)
+    path = dreg if estimator == "dreg" else inference
+    if rescaled:
+        ratio = torch.where(a > 0, path / a, torch.zeros_like(a))
+        for latent in z:
+            _scale_path_gradient(latent, ratio)
+    surrogate = (a * log_p - path * log_q).sum(0)
+    bound = obj.bound(log_w)
+    per_example = surrogate - surrogate.detach() + bound
+    return Loss(-(per_example.mean() if reduction == "mean" else per_example.sum()), bound, log_w)
