@@ -1,0 +1,123 @@
+"""Bounds against float64 references, at random and extreme log-weights, and their limits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+
+from iwae import bounds
+
+
+def reference(name: str, log_w: np.ndarray, param: float | int | None = None) -> np.ndarray:
+    """The bounds written directly from their definitions, in float64 numpy with scipy's logsumexp."""
+    k = log_w.shape[0]
+    if name == "elbo":
+        return log_w.mean(0)
+    if name == "iwae":
+        return logsumexp(log_w, 0) - np.log(k)
+    if name == "miwae":
+        groups = log_w.reshape(param, k // param, *log_w.shape[1:])
+        return (logsumexp(groups, 1) - np.log(k // param)).mean(0)
+    if name == "ciwae":
+        return param * reference("elbo", log_w) + (1 - param) * reference("iwae", log_w)
+    return (logsumexp((1 - param) * log_w, 0) - np.log(k)) / (1 - param)
+
+
+CASES = [("elbo", None), ("iwae", None), ("miwae", 4), ("ciwae", 0.3), ("vr", 0.5), ("vr", -2.0), ("vr", 3.0)]
+
+
+def call(name: str, log_w: torch.Tensor, param: float | int | None) -> torch.Tensor:
+    fn = getattr(bounds, name)
+    return fn(log_w) if param is None else fn(log_w, param)
+
+
+def log_weight_sets(dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shape = (20, 7)
+    return [
+        torch.randn(shape, generator=g, dtype=torch.float64) * 3 - 100,  # typical: a spread of a few nats
+        torch.empty(shape, dtype=torch.float64).uniform_(-1e5, 1e3, generator=g),  # spread over the whole range
+        torch.full(shape, -1e5, dtype=torch.float64) + torch.rand(shape, generator=g, dtype=torch.float64),
+        torch.full(shape, 1e3, dtype=torch.float64) - torch.rand(shape, generator=g, dtype=torch.float64),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("name", "param"), CASES)
+def test_bounds_match_float64_reference(name: str, param: float | int | None, dtype: torch.dtype) -> None:
+    eps = torch.finfo(dtype).eps
+    for log_w64 in log_weight_sets(dtype):
+        log_w = log_w64.to(dtype)
+        # The reference sees the same (rounded) inputs; the tolerance is a few ulps of the largest magnitude,
+        # amplified by 1/|1 - alpha| for the Renyi bound, which divides by it.
+        expected = reference(name, log_w.double().numpy(), param)
+        scale = 1 / abs(1 - param) if name == "vr" else 1.0
+        got = call(name, log_w, param)
+        assert got.dtype == dtype and got.shape == log_w.shape[1:]
+        tol = 8 * eps * max(1.0, float(log_w64.abs().max())) * scale
+        np.testing.assert_allclose(got.double().numpy(), expected, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("name", "param"), CASES)
+def test_gradients_finite_at_extremes(name: str, param: float | int | None, dtype: torch.dtype) -> None:
+    for log_w in log_weight_sets(dtype):
+        log_w = log_w.to(dtype).requires_grad_()
+        call(name, log_w, param).sum().backward()
+        assert torch.isfinite(log_w.grad).all()
+
+
+def test_special_cases_agree() -> None:
+    log_w = torch.randn(12, 5, dtype=torch.float64) * 4
+    torch.testing.assert_close(bounds.miwae(log_w, 1), bounds.iwae(log_w))
+    torch.testing.assert_close(bounds.miwae(log_w, 12), bounds.elbo(log_w))
+    torch.testing.assert_close(bounds.ciwae(log_w, 0.0), bounds.iwae(log_w))
+    torch.testing.assert_close(bounds.ciwae(log_w, 1.0), bounds.elbo(log_w))
+    torch.testing.assert_close(bounds.vr(log_w, 0.0), bounds.iwae(log_w))
+    torch.testing.assert_close(bounds.vr(log_w, 1.0), bounds.elbo(log_w))
+    assert torch.equal(bounds.vr(log_w, -math.inf), log_w.amax(0))
+    assert torch.equal(bounds.iwae(log_w[:1]), log_w[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vr_limits(dtype: torch.dtype) -> None:
+    """alpha -> 1 approaches the ELBO at rate (1 - alpha) Var(log w) / 2; alpha -> -inf approaches the max."""
+    log_w = (torch.randn(50, 6, dtype=torch.float64) * 2 - 300).to(dtype)
+    centred = log_w.double() - log_w.double().mean(0)
+    elbo, var = bounds.elbo(log_w).double(), centred.pow(2).mean(0)
+    for delta in (1e-1, 1e-2, 1e-3, -1e-2):
+        got = bounds.vr(log_w, 1 - delta).double()
+        # the next terms of the cumulant expansion, plus a few ulps of the log-weights' magnitude
+        slack = delta**2 * centred.abs().pow(3).mean(0) + 20 * torch.finfo(dtype).eps * log_w.abs().max()
+        assert ((got - elbo - delta * var / 2).abs() <= slack).all()
+    for alpha in (-1e3, -1e5):
+        gap = log_w.amax(0).double() - bounds.vr(log_w, alpha).double()
+        assert (gap >= -1e-3).all() and (gap <= math.log(50) / abs(1 - alpha) + 1e-3).all()
+
+
+def test_vr_is_non_increasing_in_alpha() -> None:
+    log_w = torch.randn(30, 8, dtype=torch.float64) * 3
+    alphas = [-math.inf, -10.0, -1.0, 0.0, 0.5, 0.99, 1.0, 2.0, 10.0]
+    values = torch.stack([bounds.vr(log_w, a) for a in alphas])
+    assert (values[1:] <= values[:-1] + 1e-12).all()
+
+
+def test_invalid_arguments_name_the_problem() -> None:
+    log_w = torch.zeros(6, 2)
+    with pytest.raises(ValueError, match="non-empty sample dimension"):
+        bounds.iwae(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="non-empty sample dimension"):
+        bounds.elbo(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="m must be a positive integer dividing"):
+        bounds.miwae(log_w, 4)
+    with pytest.raises(ValueError, match="m must be a positive integer dividing"):
+        bounds.miwae(log_w, 0)
+    with pytest.raises(ValueError, match="beta must lie in"):
+        bounds.ciwae(log_w, 1.5)
+    for alpha in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="alpha must be a real number"):
+            bounds.vr(log_w, alpha)

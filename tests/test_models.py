@@ -1,0 +1,131 @@
+"""The paper's architectures, the generic model with user modules, and the linear-Gaussian model's exact answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+from torch import nn
+from torch.distributions import Independent, Normal
+
+from iwae import bounds
+from iwae.models import BernoulliLayer, DeepLatentModel, GaussianLayer, LinearGaussian, StandardNormal, burda
+from iwae.objectives import loss
+
+
+def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def test_burda_one_layer_architecture() -> None:
+    model = burda(1)
+    assert linear_shapes(model.encoder) == [(784, 200), (200, 200), (200, 50), (200, 50)]
+    assert linear_shapes(model.decoder) == [(50, 200), (200, 200), (200, 784)]
+    leaves = {type(m) for m in model.modules() if not any(m.children())}
+    assert leaves == {nn.Linear, nn.Tanh, StandardNormal}
+
+
+def test_burda_two_layer_architecture() -> None:
+    model = burda(2)
+    q1, q2 = model.encoder
+    p_x, p_z1, prior = model.decoder
+    assert linear_shapes(q1) == [(784, 200), (200, 200), (200, 100), (200, 100)]
+    assert linear_shapes(q2) == [(100, 100), (100, 100), (100, 50), (100, 50)]
+    assert linear_shapes(p_z1) == [(50, 100), (100, 100), (100, 100), (100, 100)]
+    assert linear_shapes(p_x) == [(100, 200), (200, 200), (200, 784)]
+    assert isinstance(p_x, BernoulliLayer) and isinstance(p_z1, GaussianLayer) and isinstance(prior, StandardNormal)
+    assert prior.loc.shape == (50,)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_glorot_init_and_output_bias(layers: int) -> None:
+    mean = torch.rand(784) * 1.2 - 0.1  # includes values outside (0, 1) to exercise the clipping
+    model = burda(layers, train_mean=mean)
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            bound = math.sqrt(6 / (layer.in_features + layer.out_features))
+            assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+            if layer is not model.decoder[0].logits:
+                assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    p = mean.clamp(1e-3, 1 - 1e-3)
+    torch.testing.assert_close(torch.sigmoid(model.decoder[0].logits.bias), p, rtol=1e-4, atol=1e-6)
+
+
+def test_encoder_and_decoder_partition_the_parameters() -> None:
+    for model in (burda(1), burda(2), LinearGaussian(5, 3)):
+        enc = {id(p) for p in model.encoder.parameters()}
+        dec = {id(p) for p in model.decoder.parameters()}
+        assert not enc & dec and enc | dec == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_log_weights_shape_and_gradients(layers: int) -> None:
+    model = burda(layers, x_dim=20)
+    x = (torch.rand(3, 20) < 0.5).float()
+    log_w = model.log_weights(x, 7)
+    assert log_w.shape == (7, 3) and torch.isfinite(log_w).all()
+    log_w.sum().backward()
+    for part in (model.encoder, model.decoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="layers must be 1 or 2"):
+        burda(3)
+    with pytest.raises(ValueError, match="k must be a positive"):
+        burda(1, x_dim=4).log_weights(torch.zeros(2, 4), 0)
+    with pytest.raises(ValueError, match="one decoder layer per encoder layer"):
+        DeepLatentModel([GaussianLayer(4, [], 2)], [], StandardNormal(2))
+
+
+class ConvEncoder(nn.Module):
+    """A user's own encoder: any module returning a reparameterizable distribution over the latent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 2 * 6)
+
+    def forward(self, x: torch.Tensor) -> Independent:
+        loc, log_scale = self.head(torch.relu(self.conv(x.view(-1, 1, 8, 8))).flatten(1)).chunk(2, -1)
+        return Independent(Normal(loc, log_scale.exp()), 1)
+
+
+def test_user_modules_plug_in() -> None:
+    model = DeepLatentModel([ConvEncoder()], [BernoulliLayer(6, [32], 64)], StandardNormal(6))
+    x = (torch.rand(5, 64) < 0.4).float()
+    for estimator in ("standard", "stl", "dreg"):
+        model.zero_grad()
+        result = loss(model, x, "iwae", k=4, estimator=estimator)
+        result.loss.backward()
+        assert result.log_w.shape == (4, 5)
+        assert model.encoder[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_linear_gaussian_marginal_matches_scipy() -> None:
+    model = LinearGaussian(6, 3, sigma=0.7, generator=torch.Generator().manual_seed(1)).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    w, b = model.likelihood.linear.weight.detach(), model.likelihood.linear.bias.detach()
+    mu, var = model.decoder[1].mu.detach(), model.likelihood.log_sigma.detach().exp() ** 2
+    expected = multivariate_normal(mean=(w @ mu + b).numpy(), cov=(w @ w.T + var * torch.eye(6, dtype=torch.float64)).numpy()).logpdf(x)
+    torch.testing.assert_close(model.log_marginal(x).detach(), torch.as_tensor(expected), rtol=1e-12, atol=1e-10)
+
+
+def test_linear_gaussian_exact_posterior_makes_every_weight_exact() -> None:
+    """Bayes' rule: log p(x, z) - log p(z | x) = log p(x) for every z; with q = p(z | x) every log w_i is log p(x)."""
+    model = LinearGaussian(7, 3, sigma=0.5, generator=torch.Generator().manual_seed(2)).double()
+    x = torch.randn(5, 7, dtype=torch.float64) * 2
+    log_px = model.log_marginal(x).detach()
+    z = torch.randn(11, 5, 3, dtype=torch.float64)
+    joint = model.log_joint(x, [z]) - model.exact_posterior(x).log_prob(z)
+    torch.testing.assert_close(joint.detach(), log_px.expand(11, 5), rtol=0, atol=1e-10)
+
+    assert (model.log_weights(x, 3) - log_px).abs().max() > 1e-3  # random q is not the posterior
+    model.set_exact_posterior()
+    log_w = model.log_weights(x, 200).detach()
+    torch.testing.assert_close(log_w, log_px.expand(200, 5), rtol=0, atol=1e-10)
+    for value in (bounds.elbo(log_w), bounds.iwae(log_w), bounds.miwae(log_w, 8), bounds.ciwae(log_w, 0.3),
+                  bounds.vr(log_w, 0.5), bounds.vr(log_w, -math.inf)):
+        torch.testing.assert_close(value, log_px, rtol=0, atol=1e-10)
