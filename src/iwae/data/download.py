@@ -1,0 +1,75 @@
+"""Download one catalogued file: stream it to a temporary file beside the target, verify it, rename it.
+
+The target appears only once its checksum matches, so an interrupted, truncated or altered download never
+leaves a file that a later run could mistake for the real one. The base URL can be replaced by a mirror
+with the same layout as a data directory (``<mirror>/<folder>/<name>``) through ``IWAE_DATA_URL``.
+"""
+
+import http.client
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from iwae.data.catalogue import RemoteFile, file_digest
+from iwae.data.errors import DataError
+
+MIRROR_ENV = "IWAE_DATA_URL"
+_CHUNK = 1 << 16
+_TIMEOUT_S = 60
+
+
+def source_url(remote: RemoteFile) -> str:
+    """The URL a file is fetched from: ``$IWAE_DATA_URL/<folder>/<name>`` if set, else the canonical one."""
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        return f"{mirror.rstrip('/')}/{remote.folder}/{remote.name}"
+    return remote.url
+
+
+def fetch(remote: RemoteFile, target: Path, how_to_supply: str) -> Path:
+    """Download ``remote`` to ``target``, keeping it only if complete and its checksum matches.
+
+    Raises:
+        DataError: on an HTTP or network error, a connection closed before the announced length, or a
+            checksum mismatch; the partial download is deleted first.
+    """
+    url = source_url(remote)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{remote.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _stream(url, out, remote.name, how_to_supply)
+        actual = file_digest(tmp, remote.algorithm)
+        if actual != remote.digest:
+            raise DataError(
+                f"The download of {remote.name} from {url} has {remote.algorithm} {actual}, expected "
+                f"{remote.digest}, so it was not kept; {how_to_supply}."
+            )
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _stream(url: str, out: BinaryIO, label: str, how_to_supply: str) -> None:
+    """Copy the body at ``url`` into ``out`` with a progress bar; raise DataError if it arrives short."""
+    try:
+        with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+            received = 0
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}", disable=None) as bar:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as error:
+        raise DataError(f"Downloading {url} failed ({error}); {how_to_supply}.") from error
+    if total is not None and received != total:
+        raise DataError(f"Downloading {url} stopped after {received} of {total} bytes; {how_to_supply}.")

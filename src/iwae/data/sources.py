@@ -1,0 +1,60 @@
+"""Find a catalogued file on disk, or download it, and check it is the published one.
+
+Search order: the explicit ``data_dir``, the environment variable ``IWAE_DATA_DIR``, the per-user cache
+(``$XDG_CACHE_HOME/iwae``, else ``~/.cache/iwae``), then a download into that cache. In each directory a
+file may sit in its dataset's folder (``<dir>/mnist/train-images-idx3-ubyte.gz``) or directly in the
+directory; MNIST and Fashion-MNIST use the same file names, so only one of them can sit there directly.
+"""
+
+import os
+from pathlib import Path
+
+from iwae.data.catalogue import RemoteFile, file_digest
+from iwae.data.download import fetch
+from iwae.data.errors import DataError
+
+DATA_DIR_ENV = "IWAE_DATA_DIR"
+
+
+def cache_dir() -> Path:
+    """The per-user directory that downloads go to."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iwae"
+
+
+def search_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """The directories searched, in order: ``data_dir``, ``$IWAE_DATA_DIR``, the cache."""
+    env = os.environ.get(DATA_DIR_ENV)
+    dirs = [Path(d).expanduser() for d in (data_dir, env) if d]
+    return [*dirs, cache_dir()]
+
+
+def locate(remote: RemoteFile, data_dir: str | os.PathLike[str] | None, download: bool) -> Path:
+    """The path of a verified copy of ``remote``: the first one found, else a fresh download.
+
+    Raises:
+        DataError: if the file found has the wrong checksum, or none is found and downloading is off or
+            fails.
+    """
+    folders = [folder for d in search_dirs(data_dir) for folder in (d / remote.folder, d)]
+    for folder in folders:
+        path = folder / remote.name
+        if path.is_file():
+            _verify(path, remote)
+            return path
+    how_to_supply = (
+        f"{remote.name} was not found in {', '.join(map(str, folders))}; put it in one of those folders, "
+        f"or pass --data-dir or set {DATA_DIR_ENV} to a folder holding {remote.folder}/{remote.name}"
+    )
+    if not download:
+        raise DataError(f"Downloading is off and {how_to_supply}.")
+    return fetch(remote, cache_dir() / remote.folder / remote.name, how_to_supply)
+
+
+def _verify(path: Path, remote: RemoteFile) -> None:
+    actual = file_digest(path, remote.algorithm)
+    if actual != remote.digest:
+        raise DataError(
+            f"{path} has {remote.algorithm} {actual}, expected {remote.digest}, so it is not the published "
+            f"{remote.name} ({remote.url}); replace it with the published file, or delete it to download it "
+            "again."
+        )
