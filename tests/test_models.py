@@ -109,7 +109,8 @@ def test_linear_gaussian_marginal_matches_scipy() -> None:
     x = torch.randn(4, 6, dtype=torch.float64)
     w, b = model.likelihood.linear.weight.detach(), model.likelihood.linear.bias.detach()
     mu, var = model.decoder[1].mu.detach(), model.likelihood.log_sigma.detach().exp() ** 2
-    expected = multivariate_normal(mean=(w @ mu + b).numpy(), cov=(w @ w.T + var * torch.eye(6, dtype=torch.float64)).numpy()).logpdf(x)
+    cov = w @ w.T + var * torch.eye(6, dtype=torch.float64)
+    expected = multivariate_normal(mean=(w @ mu + b).numpy(), cov=cov.numpy()).logpdf(x)
     torch.testing.assert_close(model.log_marginal(x).detach(), torch.as_tensor(expected), rtol=1e-12, atol=1e-10)
 
 

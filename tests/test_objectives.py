@@ -1,0 +1,199 @@
+"""Objectives and gradient estimators against exact answers (linear-Gaussian) and slow references."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from iwae import bounds
+from iwae.models import DeepLatentModel, LinearGaussian, burda
+from iwae.objectives import ESTIMATORS, OBJECTIVES, Objective, loss
+
+PARAMS = {"m": 5, "beta": 0.3, "alpha": 0.5}
+
+
+def perturbed_linear_gaussian(seed: int = 0) -> LinearGaussian:
+    """A linear-Gaussian model whose q is near, but not at, the exact posterior (shifted mean, wider scale)."""
+    model = LinearGaussian(8, 4, sigma=0.8, generator=torch.Generator().manual_seed(seed)).double()
+    model.set_exact_posterior()
+    with torch.no_grad():
+        model.q.linear.bias.add_(0.3)
+        model.q.raw_scale_tril.diagonal().add_(math.log(1.3))
+    return model
+
+
+def flat_grad(params: list[Tensor]) -> Tensor:
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def estimator_gradients(model: DeepLatentModel, x: Tensor, seed: int, estimator: str, objective: str = "iwae",
+                        k: int = 50, **params: float) -> tuple[Tensor, Tensor]:
+    """(inference, generative) gradients of one draw, seeded so that estimators can be compared draw by draw."""
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=False)
+    loss(model, x, objective, k=k, estimator=estimator, **params).loss.backward()
+    return flat_grad(list(model.encoder.parameters())), flat_grad(list(model.decoder.parameters()))
+
+
+def test_iwae_increases_with_k_and_stays_below_log_px() -> None:
+    model = perturbed_linear_gaussian()
+    x = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    log_px = model.log_marginal(x).detach()
+    torch.manual_seed(0)
+    means, ses = [], []
+    for k in (1, 5, 50):
+        with torch.no_grad():
+            draws = bounds.iwae(model.log_weights(x.repeat(400, 1), k)).reshape(400, -1) - log_px
+        means.append(draws.mean())
+        ses.append(draws.mean(1).std() / 400**0.5)
+    for i in range(2):
+        assert means[i + 1] - means[i] > 3 * math.hypot(ses[i], ses[i + 1])
+    assert means[-1] < 0  # below log p(x), and for k = 1, 5 significantly so:
+    assert all(mean + 3 * se < 0 for mean, se in zip(means[:2], ses[:2], strict=True))
+
+
+def test_iwae_5000_within_three_standard_errors_of_log_px() -> None:
+    """The delta-method standard error of log mean w is std(w) / (sqrt(k) mean(w)), per example."""
+    model = perturbed_linear_gaussian(seed=4)
+    x = torch.randn(32, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        log_w = model.log_weights(x, 5000)
+        w = torch.exp(log_w - log_w.amax(0))
+        se = w.std(0) / (5000**0.5 * w.mean(0))
+        error = bounds.iwae(log_w) - model.log_marginal(x)
+    assert error.mean().abs() < 3 * se.pow(2).sum().sqrt() / len(se)
+    assert (error.abs() < 5 * se).all()
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_exact_posterior_zeroes_stl_and_dreg_inference_gradients(objective: str) -> None:
+    model = LinearGaussian(6, 3, generator=torch.Generator().manual_seed(6)).double()
+    model.set_exact_posterior()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for seed in range(3):
+        for estimator in ESTIMATORS:
+            if objective == "vr" and estimator == "dreg" and PARAMS["alpha"] == -math.inf:
+                continue
+            inference, generative = estimator_gradients(model, x, seed, estimator, objective, k=10, **PARAMS)
+            if estimator == "standard":
+                assert inference.abs().max() > 1e-3
+            else:
+                assert inference.abs().max() < 1e-12
+            assert generative.abs().max() > 1e-3
+
+
+def group_gradients(model: DeepLatentModel, x: Tensor, replicas: int, groups: int, estimators: tuple[str, ...],
+                    objective: str = "iwae", k: int = 50, **params: float) -> dict[str, Tensor]:
+    """Inference-network gradients, shape (groups, P): each the mean over ``replicas`` independent draws
+    (x repeated in the batch), the same draws for every estimator, so the estimators can be compared paired."""
+    batch = x.repeat(replicas, 1)
+    return {e: torch.stack([estimator_gradients(model, batch, g, e, objective, k, **params)[0] for g in range(groups)])
+            for e in estimators}
+
+
+def paired_z_scores(a: Tensor, b: Tensor) -> Tensor:
+    d = a - b
+    return d.mean(0) / (d.std(0) / len(d) ** 0.5).clamp_min(1e-12)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_dreg_is_unbiased_and_has_lower_variance_on_burda_models(layers: int) -> None:
+    """Paired over draws: standard - dreg has mean zero in every direction; standard - stl does not (1 layer)."""
+    torch.manual_seed(0)
+    model = burda(layers)
+    x = (torch.rand(1, 784) < 0.2).float()
+    grads = group_gradients(model, x, replicas=10, groups=40, estimators=ESTIMATORS)
+    directions = torch.randn(grads["standard"].shape[1], 8, generator=torch.Generator().manual_seed(1))
+    projected = {e: g @ directions for e, g in grads.items()}
+
+    assert paired_z_scores(projected["standard"], projected["dreg"]).abs().max() < 4
+    if layers == 1:  # the test has the power to see a biased estimator: STL is biased for the IWAE bound
+        assert paired_z_scores(projected["standard"], projected["stl"]).abs().max() > 4
+    assert grads["dreg"].var(0).sum() < 0.9 * grads["standard"].var(0).sum()
+
+
+@pytest.mark.parametrize(
+    ("objective", "params"),
+    [("iwae", {}), ("miwae", {"m": 5}), ("ciwae", {"beta": 0.3}), ("piwae", {"m": 5}), ("vr", {"alpha": 0.5}),
+     ("vr", {"alpha": -1.0}), ("vr", {"alpha": 2.0}), ("elbo", {})],
+)
+def test_dreg_matches_standard_in_expectation_for_every_objective(objective: str, params: dict) -> None:
+    model = perturbed_linear_gaussian(seed=7)
+    with torch.no_grad():
+        model.q.raw_scale_tril.diagonal().add_(0.4)  # a poorer q, so the weights differ appreciably
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    grads = group_gradients(model, x, 10, 160, ("standard", "dreg"), objective, k=10, **params)
+    assert paired_z_scores(grads["standard"], grads["dreg"]).abs().max() < 4.5  # over 55 inference parameters
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_generative_gradient_is_the_same_for_every_estimator(objective: str) -> None:
+    model = burda(2, x_dim=30).double()
+    x = (torch.rand(3, 30) < 0.3).double()
+    reference = estimator_gradients(model, x, 0, "standard", objective, k=10, **PARAMS)[1]
+    for estimator in ("stl", "dreg"):
+        generative = estimator_gradients(model, x, 0, estimator, objective, k=10, **PARAMS)[1]
+        torch.testing.assert_close(generative, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_single_pass_dreg_equals_slow_reference_on_two_layer_model() -> None:
+    """Reference: dlog w_i/dz_i from one autograd pass over leaf copies of z with a frozen copy of q,
+    then sum_i w~_i^2 dlog w_i/dz_i dz_i/dphi through the sampling path, and sum_i w~_i dlog w_i/dtheta."""
+    torch.manual_seed(0)
+    model = burda(2, x_dim=40).double()
+    x = (torch.rand(3, 40) < 0.3).double()
+    k = 9
+    inference, generative = estimator_gradients(model, x, 11, "dreg", k=k)
+
+    torch.manual_seed(11)
+    sample = model.sample_posterior(x, k)
+    frozen_q = copy.deepcopy(model.encoder).requires_grad_(False)
+    leaves = [z.detach().requires_grad_() for z in sample.z]
+    log_q = frozen_q[0](x).log_prob(leaves[0]) + frozen_q[1](leaves[0]).log_prob(leaves[1])
+    log_w = model.log_joint(x, leaves) - log_q
+    w = torch.softmax(log_w.detach(), 0)
+    dlogw_dz = torch.autograd.grad(log_w.sum(), leaves, retain_graph=True)
+    decoder_params = list(model.decoder.parameters())
+    expected_generative = torch.autograd.grad((w * log_w).sum(), decoder_params)
+    path = sum(((w**2)[..., None] * g * z).sum() for g, z in zip(dlogw_dz, sample.z, strict=True))
+    expected_inference = torch.autograd.grad(path, list(model.encoder.parameters()))
+
+    # the loss is minus the batch mean
+    torch.testing.assert_close(inference, -torch.cat([g.flatten() for g in expected_inference]) / 3)
+    torch.testing.assert_close(generative, -torch.cat([g.flatten() for g in expected_generative]) / 3)
+
+
+def test_loss_value_is_minus_the_bound() -> None:
+    model = burda(1, x_dim=20)
+    x = (torch.rand(4, 20) < 0.5).float()
+    for objective in OBJECTIVES:
+        for estimator in ESTIMATORS:
+            for reduction, reduce in (("mean", torch.mean), ("sum", torch.sum)):
+                result = loss(model, x, objective, k=10, estimator=estimator, reduction=reduction, **PARAMS)
+                bound = Objective(objective, 10, **PARAMS).bound(result.log_w)
+                torch.testing.assert_close(result.bound, bound)
+                torch.testing.assert_close(result.loss.detach(), -reduce(bound))
+
+
+def test_refused_combinations_name_the_problem() -> None:
+    model = burda(1, x_dim=4)
+    x = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="dreg has no form for the VR-max bound"):
+        loss(model, x, "vr", k=5, estimator="dreg", alpha=-math.inf)
+    with pytest.raises(ValueError, match="unknown estimator 'reinforce'"):
+        loss(model, x, "iwae", k=5, estimator="reinforce")
+    with pytest.raises(ValueError, match="unknown objective 'iwea'"):
+        loss(model, x, "iwea", k=5)
+    with pytest.raises(ValueError, match="m must be a positive integer dividing k"):
+        loss(model, x, "piwae", k=10, m=3)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        loss(model, x, "iwae", k=0)
+    with pytest.raises(ValueError, match="beta must lie in"):
+        loss(model, x, "ciwae", k=4, beta=-0.1)
+    for estimator in ("standard", "stl"):  # VR-max itself is fine
+        loss(model, x, "vr", k=5, estimator=estimator, alpha=-math.inf).loss.backward()
