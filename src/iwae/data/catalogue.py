@@ -36,35 +36,56 @@ class RemoteFile:
 FILES: dict[str, dict[str, RemoteFile]] = {
     "mnist": {
         "train": RemoteFile(
-            "mnist", "train-images-idx3-ubyte.gz", _MNIST_URL, "sha256",
+            "mnist",
+            "train-images-idx3-ubyte.gz",
+            _MNIST_URL,
+            "sha256",
             "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
         ),
         "test": RemoteFile(
-            "mnist", "t10k-images-idx3-ubyte.gz", _MNIST_URL, "sha256",
+            "mnist",
+            "t10k-images-idx3-ubyte.gz",
+            _MNIST_URL,
+            "sha256",
             "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
         ),
     },
     "fashion-mnist": {
         "train": RemoteFile(
-            "fashion_mnist", "train-images-idx3-ubyte.gz", _FASHION_URL, "sha256",
+            "fashion_mnist",
+            "train-images-idx3-ubyte.gz",
+            _FASHION_URL,
+            "sha256",
             "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
         ),
         "test": RemoteFile(
-            "fashion_mnist", "t10k-images-idx3-ubyte.gz", _FASHION_URL, "sha256",
+            "fashion_mnist",
+            "t10k-images-idx3-ubyte.gz",
+            _FASHION_URL,
+            "sha256",
             "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
         ),
     },
     "binarized-mnist": {
         "train": RemoteFile(
-            "binarized_mnist", "binarized_mnist_train.amat", _LAROCHELLE_URL, "sha256",
+            "binarized_mnist",
+            "binarized_mnist_train.amat",
+            _LAROCHELLE_URL,
+            "sha256",
             "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
         ),
         "valid": RemoteFile(
-            "binarized_mnist", "binarized_mnist_valid.amat", _LAROCHELLE_URL, "sha256",
+            "binarized_mnist",
+            "binarized_mnist_valid.amat",
+            _LAROCHELLE_URL,
+            "sha256",
             "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2",
         ),
         "test": RemoteFile(
-            "binarized_mnist", "binarized_mnist_test.amat", _LAROCHELLE_URL, "sha256",
+            "binarized_mnist",
+            "binarized_mnist_test.amat",
+            _LAROCHELLE_URL,
+            "sha256",
             "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c",
         ),
     },
