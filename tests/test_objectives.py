@@ -197,3 +197,27 @@ def test_refused_combinations_name_the_problem() -> None:
         loss(model, x, "ciwae", k=4, beta=-0.1)
     for estimator in ("standard", "stl"):  # VR-max itself is fine
         loss(model, x, "vr", k=5, estimator=estimator, alpha=-math.inf).loss.backward()
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_standard_estimator_is_the_plain_gradient_of_the_bound(objective: str) -> None:
+    model = burda(2, x_dim=30).double()
+    x = (torch.rand(3, 30) < 0.3).double()
+    inference, generative = estimator_gradients(model, x, 0, "standard", objective, k=10, **PARAMS)
+    torch.manual_seed(0)
+    model.zero_grad()
+    log_w = model.log_weights(x, 10)
+    inference_bound = Objective("miwae" if objective == "piwae" else objective, 10, **PARAMS).bound(log_w)
+    (-inference_bound.mean()).backward()
+    torch.testing.assert_close(inference, flat_grad(list(model.encoder.parameters())), rtol=1e-10, atol=1e-12)
+    if objective != "piwae":
+        torch.testing.assert_close(generative, flat_grad(list(model.decoder.parameters())), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_piwae_trains_inference_on_miwae_and_generative_on_iwae(estimator: str) -> None:
+    model = burda(2, x_dim=30).double()
+    x = (torch.rand(3, 30) < 0.3).double()
+    inference, generative = estimator_gradients(model, x, 0, estimator, "piwae", k=12, m=3)
+    torch.testing.assert_close(inference, estimator_gradients(model, x, 0, estimator, "miwae", k=12, m=3)[0])
+    torch.testing.assert_close(generative, estimator_gradients(model, x, 0, estimator, "iwae", k=12)[1])

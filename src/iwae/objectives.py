@@ -21,6 +21,8 @@ any number of stochastic layers; STL and DReG re-evaluate q(z_l | z_{l-1}) for l
 parameters in the forward pass, and nothing else.
 
 Requires: a reparameterizable q (``rsample``) for every estimator.
+Limitation: the rescaling divides by a_i, so for PIWAE a group whose share of the total weight underflows
+the dtype (below about 1e-38 in float32) passes no path gradient to the inference network.
 """
 
 from __future__ import annotations
