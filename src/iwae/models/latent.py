@@ -56,8 +56,13 @@ class DeepLatentModel(nn.Module):
         if k < 1:
             raise ValueError(f"k must be a positive number of samples; got k={k}")
         h, zs, qs = x, [], []
-        for layer in self.encoder:
+        for level, layer in enumerate(self.encoder):
             q = layer(h)
+            if not q.has_rsample:
+                raise ValueError(
+                    f"encoder layer {level} returns a {type(q).__name__}, which cannot be reparameterized "
+                    "(no rsample); the bounds' gradients here need a reparameterizable q such as a Normal"
+                )
             h = q.rsample((k,)) if h is x else q.rsample()
             zs.append(h)
             qs.append(q)
