@@ -1,6 +1,168 @@
-"""The ``iwae`` command line."""
+"""The ``iwae`` command line: ``train``, ``evaluate`` and ``sample``, each a thin layer over the library.
+
+Mistakes a user can fix (options, data, run directories, checkpoints) are reported as one line,
+``iwae: error: <problem>; <fix>``, with exit status 2 and no traceback. A training run stopped by SIGINT
+or SIGTERM checkpoints first and exits with 128 + the signal's number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+from iwae import __version__, evaluate, figures, rundir, train
+from iwae.objectives import ESTIMATORS, OBJECTIVES
+
+_DEFAULTS = {f.name: f.default for f in fields(train.TrainConfig) if f.default is not MISSING}
+
+
+class UsageError(ValueError):
+    """A command line that argparse cannot parse."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see {self.prog} --help")
+
+
+def _option(group: argparse._ActionGroup, flag: str, type_: type, help_: str, dest: str | None = None) -> None:
+    """A training option that is absent from the parsed namespace unless given, so that a resumed run
+    can tell what was given again; its help shows ``TrainConfig``'s default."""
+    dest = dest or flag.lstrip("-").replace("-", "_")
+    default = _DEFAULTS.get(dest)
+    shown = f" (default: {default})" if default is not None else ""
+    group.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, help=help_ + shown)
+
+
+def _train_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train", help="train a model, checkpointing as it goes, then evaluate it and draw its figures",
+        description="Train a model into a new run directory (--out), or continue one (--resume).",
+    )
+    where = parser.add_argument_group("run directory")
+    where.add_argument("--out", type=Path, help="a new run directory (it must not exist, or be empty)")
+    where.add_argument("--resume", type=Path, help="continue the run in this directory from its checkpoint")
+    group = parser.add_argument_group("data")
+    _option(group, "--dataset", str, "a dataset name (mnist, binarized-mnist, omniglot, fashion-mnist, digits) "
+            "or the path of a .npy/.npz file of values in [0, 1]")
+    _option(group, "--data-split", str, "paper (the paper's train/test) or code (the official code's held-out split)")
+    _option(group, "--data-dir", str, "where to look for dataset files (also $IWAE_DATA_DIR)")
+    group = parser.add_argument_group("model and objective")
+    _option(group, "--layers", int, "stochastic layers of the paper's architecture: 1 or 2")
+    _option(group, "--objective", str, f"the bound trained on: {', '.join(OBJECTIVES)}")
+    _option(group, "--k", int, "samples per example")
+    _option(group, "--m", int, "groups of samples, for miwae and piwae (must divide k)")
+    _option(group, "--beta", float, "the ELBO's weight, for ciwae")
+    _option(group, "--alpha", float, "the Renyi order, for vr (write --alpha=-inf for VR-max)")
+    _option(group, "--estimator", str, f"the inference network's gradient: {', '.join(ESTIMATORS)}")
+    group = parser.add_argument_group("optimisation")
+    _option(group, "--schedule", str, "constant (with --epochs and --lr) or burda (3^i epochs at "
+            "1e-3 * 10^(-i/7), i = 0..7)")
+    _option(group, "--epochs", int, "epochs, for the constant schedule")
+    _option(group, "--lr", float, "learning rate, for the constant schedule (default: 0.001)")
+    _option(group, "--schedule-scale", float, "multiply each burda stage's epochs by this (e.g. 0.01 for a short run)")
+    _option(group, "--batch-size", int, "examples per minibatch")
+    _option(group, "--beta1", float, "Adam's beta1")
+    _option(group, "--beta2", float, "Adam's beta2")
+    _option(group, "--adam-eps", float, "Adam's epsilon")
+    _option(group, "--seed", int, "seed of initialisation, sampling, shuffling and binarization")
+    group = parser.add_argument_group("running")
+    _option(group, "--eval-k", int, "samples per example of the final evaluation (0 skips it)")
+    _option(group, "--monitor-examples", int, "test examples on which each epoch's test bound is computed")
+    _option(group, "--checkpoint-every", float, "also checkpoint every this many seconds within an epoch",
+            dest="checkpoint_every_s")
+    _option(group, "--device", str, "cpu, cuda, or auto (a GPU if there is one)")
+
+
+def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="estimate a run's NLL with k importance samples; write eval.json",
+        description="Evaluate a run's latest checkpoint: NLL = mean over examples of -log (1/k) sum_i w_i, the "
+        "bounds L_1, L_5, L_50 and L_k, the effective sample size and the active units.",
+    )
+    parser.add_argument("run", type=Path, help="a run directory written by iwae train")
+    parser.add_argument("--k", type=int, default=5000, help="importance samples per example (default: 5000)")
+    parser.add_argument("--split", default="test", help="test, train or valid (default: test)")
+    parser.add_argument("--dataset", help="evaluate on this dataset name or .npy/.npz file instead of the run's")
+    parser.add_argument("--data-dir", help="where to look for dataset files (default: the run's)")
+    parser.add_argument("--examples", type=int, help="evaluate on the first N examples of the split only")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    parser.add_argument("--chunk-size", type=int, default=500, help="samples per pass (default: 500)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per pass (default: 32)")
+
+
+def _sample_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "sample", help="draw a run's figures: samples, reconstructions, training curves, bound against k",
+        description=f"Draw the figures of a run into RUN/{rundir.FIGURES}/ from its checkpoint, metrics and "
+        "evaluation.",
+    )
+    parser.add_argument("run", type=Path, help="a run directory written by iwae train")
+    parser.add_argument("--n", type=int, default=100, help="number of model samples (default: 100)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="iwae", description="Importance-weighted autoencoders: train, evaluate, sample.")
+    parser.add_argument("--version", action="version", version=f"iwae {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _train_parser(commands)
+    _evaluate_parser(commands)
+    _sample_parser(commands)
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
+    given = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
+    if (args.out is None) == (args.resume is None):
+        raise UsageError("give --out DIR to start a new run, or --resume DIR to continue one (not both)")
+    if args.resume is not None:
+        result = train.resume(args.resume, given)
+        run_dir = args.resume
+    else:
+        result = train.train(train.TrainConfig(**given), args.out)
+        run_dir = args.out
+    if result is not None:
+        print(evaluate.format_table(result))
+    print(f"run directory: {run_dir}   figures: {run_dir / rundir.FIGURES}/")
+    return result
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    result = evaluate.evaluate_run(
+        args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
+        device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
+    )
+    print(evaluate.format_table(result))
+    print(f"written to {evaluate.eval_path(args.run, args.split, args.dataset)}")
+
+
+def _run_sample(args: argparse.Namespace) -> None:
+    for path in figures.make_figures(args.run, device=args.device, seed=args.seed, n=args.n):
+        print(path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("iwae: commands arrive with the training issue")
+    """Run the command line; return the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample}[args.command](args)
+    except train.Interrupted as stop:
+        print(f"iwae: {stop}", file=sys.stderr)
+        return 128 + stop.signal
+    except KeyboardInterrupt:
+        print("iwae: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError) as error:
+        print(f"iwae: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Checkpoints: everything a training run needs to continue exactly where it stopped, in one file.
+
+A checkpoint is a dict saved with ``torch.save`` and written atomically (``rundir.write_atomic``):
+
+    format      CHECKPOINT_FORMAT
+    config      the resolved training configuration, plain values
+    x_dim       the data dimension the model was built for
+    model       model.state_dict()
+    optimizer   optimizer.state_dict()
+    epoch       epochs finished
+    step        minibatches finished within the current epoch (0 at an epoch boundary)
+    batches     the current epoch's minibatch indices (None at an epoch boundary)
+    bound_sum   the sum of the training bound over the current epoch's finished minibatches
+    epoch_time_s, wall_time_s   seconds spent in the current epoch's minibatches, and in the whole run
+    rng         the states of torch's global generator (CPU, and CUDA on a GPU) used by ``rsample``, and
+                of the data generator that draws permutations and binarizations
+
+Restoring all of it replays the same random streams from the same position, so on a CPU a resumed run
+ends with bit-for-bit the parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from iwae.models import DeepLatentModel, burda
+from iwae.rundir import CHECKPOINT, write_atomic
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or not one of ours; the message names the file and the fix."""
+
+
+def save(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (see the module docstring) to RUN/checkpoint.pt atomically."""
+    write_atomic(run_dir / CHECKPOINT, lambda file: torch.save({"format": CHECKPOINT_FORMAT, **state}, file))
+
+
+def load(run_dir: Path) -> dict[str, Any]:
+    """The checkpoint in ``run_dir``, with every tensor on the CPU.
+
+    Raises:
+        CheckpointError: if there is no checkpoint, or it cannot be read (truncated, corrupt, or not
+            written by ``save``).
+    """
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        reason = "the directory does not exist" if not run_dir.is_dir() else f"it holds no {CHECKPOINT}"
+        raise CheckpointError(
+            f"no checkpoint in {run_dir} ({reason}); give the directory of a run started with iwae train --out"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load reports damage as any of a dozen exception types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"{path} is corrupt or not a checkpoint ({type(error).__name__}: {first_line[:120]}); "
+            "restore it from a copy, or start a new run with a new --out"
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not an iwae checkpoint of format {CHECKPOINT_FORMAT}; start a new run with a new --out"
+        )
+    return state
+
+
+def rng_state(data_generator: torch.Generator) -> dict[str, Any]:
+    """The states of the global CPU generator, the CUDA generator of ``data_generator``'s device if it is
+    a GPU, and ``data_generator`` itself."""
+    state = {"cpu": torch.get_rng_state(), "data": data_generator.get_state()}
+    if data_generator.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(data_generator.device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], data_generator: torch.Generator) -> None:
+    """Restore the generator states saved by ``rng_state``."""
+    torch.set_rng_state(state["cpu"])
+    data_generator.set_state(state["data"])
+    if data_generator.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], data_generator.device)
+
+
+def build_model(config: dict[str, Any], x_dim: int, train_mean: Tensor | None = None) -> DeepLatentModel:
+    """The freshly initialised model a configuration describes, for data of dimension ``x_dim`` (with its
+    output bias set from the training mean ``train_mean`` if given)."""
+    return burda(config["layers"], x_dim, train_mean=train_mean)
+
+
+def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], DeepLatentModel]:
+    """A run's configuration and its model with the latest checkpoint's parameters, on ``device``."""
+    state = load(run_dir)
+    model = build_model(state["config"], state["x_dim"])
+    model.load_state_dict(state["model"])
+    return state["config"], model.to(device)

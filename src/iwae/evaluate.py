@@ -1,0 +1,270 @@
+"""Evaluation: the importance-sampled log-likelihood and the diagnostics of Burda et al. (2016), section 5.
+
+    log p(x) ~= log (1/k) sum_{i=1..k} w_i,    w_i = p(x, z_i) / q(z_i | x),  z_i ~ q(z | x),
+
+with k = 5000 for the test NLL. It is the IWAE bound L_k, a consistent estimate of log p(x) whose bias
+vanishes as k grows. The k samples are drawn in chunks and combined by a running logsumexp, so peak memory
+depends on the chunk size and the number of examples per pass, never on k. From the same samples:
+
+    L_g for g in {1, 5, 50} (g dividing k): the mean of IWAE_g over the k/g disjoint groups of g samples,
+        an unbiased estimate of L_g (L_1 is the ELBO);
+    the effective sample size (sum_i w_i)^2 / sum_i w_i^2, between 1 and k;
+
+and, from q's means on the first 500 training examples, the active units: a unit u of layer l is active
+when Var_x(E_q[u | x]) > 0.01, the mean of layer l taken given a z_{l-1} sampled from q.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from iwae import bounds, checkpoint, data, rundir
+from iwae.device import resolve_device
+from iwae.models import DeepLatentModel
+from iwae.objectives import Objective
+
+GROUP_SIZES = (1, 5, 50)
+ACTIVE_UNIT_EXAMPLES = 500
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the body with torch's global generator (and the GPU's, on ``device``) seeded with ``seed``,
+    restoring the generators' states afterwards, so that evaluating never perturbs a training run."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+class WeightStatistics(NamedTuple):
+    """Per-example statistics of k importance weights, each of shape (B,).
+
+    ``log_likelihood``: log (1/k) sum_i w_i. ``bounds``: for each group size g, the mean of IWAE_g over the
+    disjoint groups of g samples (g = k gives ``log_likelihood``). ``ess``: (sum_i w_i)^2 / sum_i w_i^2.
+    """
+
+    log_likelihood: Tensor
+    bounds: dict[int, Tensor]
+    ess: Tensor
+
+
+@torch.no_grad()
+def importance_statistics(
+    model: DeepLatentModel,
+    x: Tensor,
+    k: int = 5000,
+    *,
+    chunk_size: int = 500,
+    batch_size: int = 32,
+    group_sizes: tuple[int, ...] = GROUP_SIZES,
+    progress: bool = False,
+) -> WeightStatistics:
+    """Statistics of k importance weights per example of ``x`` (B, D), drawn ``chunk_size`` at a time for
+    ``batch_size`` examples at a time.
+
+    Peak memory is that of one ``model.log_weights`` call on ``batch_size`` examples and ``chunk_size``
+    samples, whatever k and B. Group size g is reported when it divides both k and min(chunk_size, k), so
+    no group straddles two chunks.
+
+    Returns:
+      ``WeightStatistics`` in float64 on ``x``'s device, the bounds keyed by the g in ``group_sizes`` that
+      qualify, and by k.
+    """
+    if k < 1 or chunk_size < 1 or batch_size < 1:
+        raise ValueError(f"k, chunk_size and batch_size must be positive; got {k}, {chunk_size}, {batch_size}")
+    chunk_size = min(chunk_size, k)
+    groups = [g for g in group_sizes if g < k and k % g == 0 and chunk_size % g == 0]
+    log_lik: list[Tensor] = []
+    log_ess: list[Tensor] = []
+    grouped: dict[int, list[Tensor]] = {g: [] for g in groups}
+    with tqdm(total=len(x), desc=f"evaluating k={k}", unit="example", disable=None if progress else True) as bar:
+        for batch in x.split(batch_size):
+            # float64 accumulators: sums over thousands of samples keep their precision for float32 models
+            lse = torch.full(batch.shape[:1], -math.inf, dtype=torch.float64, device=batch.device)
+            lse_sq = lse.clone()
+            group_sums = {g: torch.zeros_like(lse) for g in groups}
+            for start in range(0, k, chunk_size):
+                c = min(chunk_size, k - start)
+                log_w = model.log_weights(batch, c)  # (c, batch)
+                lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+                lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
+                for g in groups:
+                    group_sums[g] += bounds.miwae(log_w, c // g) * (c // g)  # the sum of IWAE_g over c/g groups
+            log_lik.append(lse - math.log(k))
+            log_ess.append(2 * lse - lse_sq)
+            for g in groups:
+                grouped[g].append(group_sums[g] / (k // g))
+            bar.update(len(batch))
+    ll = torch.cat(log_lik)
+    return WeightStatistics(ll, {**{g: torch.cat(v) for g, v in grouped.items()}, k: ll}, torch.cat(log_ess).exp())
+
+
+def log_likelihood(
+    model: DeepLatentModel,
+    x: Tensor,
+    k: int = 5000,
+    *,
+    chunk_size: int = 500,
+    batch_size: int = 32,
+    seed: int | None = None,
+) -> Tensor:
+    """The importance-sampled estimate of log p(x) with k samples, per example: shape (B,).
+
+    log (1/k) sum_i w_i, computed under ``torch.no_grad`` in chunks of ``chunk_size`` samples for
+    ``batch_size`` examples at a time, so that peak memory does not grow with k. With ``seed``, the
+    samples come from a generator seeded with it and torch's global generator is left as it was.
+    """
+    with seeded(seed, x.device) if seed is not None else nullcontext():
+        return importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size).log_likelihood
+
+
+@torch.no_grad()
+def objective_bound(model: DeepLatentModel, x: Tensor, objective: Objective, max_rows: int = 16384) -> Tensor:
+    """The objective's bound at its own k per example of ``x``: shape (B,), in passes of at most about
+    ``max_rows`` (sample, example) pairs."""
+    per_pass = max(1, max_rows // objective.k)
+    return torch.cat([objective.bound(model.log_weights(batch, objective.k)) for batch in x.split(per_pass)])
+
+
+@torch.no_grad()
+def active_units(model: DeepLatentModel, x: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> list[int]:
+    """The number of active units of each stochastic layer on the examples ``x`` (Burda et al. 2016).
+
+    A unit is active when the population variance over ``x`` of its posterior mean exceeds ``threshold``;
+    for layer l >= 2 the mean is that of q(z_l | z_{l-1}) at one z_{l-1} sampled from q.
+    """
+    counts, h = [], x
+    for layer in model.encoder:
+        q = layer(h)
+        counts.append(int((q.mean.var(0, unbiased=False) > threshold).sum()))
+        h = q.sample()
+    return counts
+
+
+def split_examples(dataset: data.Dataset, split: str, seed: int) -> Tensor:
+    """The binary examples of a split: ``test``/``valid`` as loaded (binarized once with a fixed seed for
+    dynamic data), ``train`` binarized once with a generator seeded with ``seed`` if dynamic."""
+    if split == "train":
+        if dataset.binarization == "static":
+            return dataset.train
+        return data.binarize(dataset.train, torch.Generator(dataset.train.device).manual_seed(seed))
+    if split == "test":
+        return dataset.test
+    if split == "valid" and dataset.valid is not None:
+        return dataset.valid
+    raise ValueError(f"split {split!r} is not available for {dataset.name}; choose train or test")
+
+
+def eval_path(run_dir: Path, split: str, dataset: str | None) -> Path:
+    """RUN/eval.json for the run's own test set; RUN/eval-<split>.json or RUN/eval-<data>-<split>.json else."""
+    if dataset is None:
+        return run_dir / (rundir.EVAL if split == "test" else f"eval-{split}.json")
+    return run_dir / f"eval-{Path(dataset).stem}-{split}.json"
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    k: int = 5000,
+    split: str = "test",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    examples: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    chunk_size: int = 500,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a run's latest checkpoint and write the result as JSON in the run directory.
+
+    Args:
+      run_dir: a directory written by ``iwae train``.
+      k: importance samples per example.
+      split: "test", "train" or "valid".
+      dataset: a dataset name or .npy/.npz path to evaluate on instead of the run's own data.
+      data_dir: where to find the dataset's files (default: the run's setting).
+      examples: evaluate on the first ``examples`` examples of the split only.
+      device: "cpu", "cuda" or "auto".
+      seed: seeds the samples (and the binarization of a dynamic training split).
+      chunk_size, batch_size: samples and examples per pass (memory ~ their product).
+      progress: show a progress bar (on a terminal).
+
+    Returns:
+      The result also written to ``eval_path(run_dir, split, dataset)``: ``nll`` and ``nll_se`` (mean and
+      standard error over examples of -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g
+      keyed by g), ``ess``, ``active_units`` (one count per stochastic layer), and what was evaluated.
+    """
+    start = time.perf_counter()
+    torch_device = resolve_device(device)
+    state = checkpoint.load(run_dir)
+    config = state["config"]
+    model = checkpoint.build_model(config, state["x_dim"]).to(torch_device)
+    model.load_state_dict(state["model"])
+    split_protocol = config["data_split"] if dataset is None else "paper"
+    loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
+    loaded = loaded.to(torch_device)
+    x = split_examples(loaded, split, seed)[:examples]
+    if x.shape[1] != state["x_dim"]:
+        raise ValueError(
+            f"{loaded.name} has {x.shape[1]} values per example but the model in {run_dir} was trained on "
+            f"{state['x_dim']}; evaluate it on data of the same dimension"
+        )
+    with seeded(seed, torch_device):
+        stats = importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size, progress=progress)
+        active = active_units(model, split_examples(loaded, "train", seed)[:ACTIVE_UNIT_EXAMPLES])
+    nll = -stats.log_likelihood.double().cpu()
+    n = len(nll)
+    result = {
+        "run": str(run_dir),
+        "dataset": loaded.name,
+        "split": split,
+        "examples": n,
+        "epoch": state["epoch"],
+        "k": k,
+        "seed": seed,
+        "nll": nll.mean().item(),
+        "nll_se": nll.std().item() / math.sqrt(n) if n > 1 else math.nan,
+        "bounds": {str(g): b.double().mean().item() for g, b in stats.bounds.items()},
+        "bounds_se": {
+            str(g): b.double().std().item() / math.sqrt(n) if n > 1 else math.nan for g, b in stats.bounds.items()
+        },
+        "ess": stats.ess.double().mean().item(),
+        "active_units": active,
+        "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
+        "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
+        "time_s": round(time.perf_counter() - start, 2),
+    }
+    rundir.write_json(eval_path(run_dir, split, dataset), result)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The evaluation result as a small text table."""
+    k = result["k"]
+    rows = [
+        ("data", f"{result['dataset']} {result['split']}, {result['examples']} examples"),
+        ("checkpoint", f"{result['run']} after epoch {result['epoch']}"),
+        (f"NLL (k={k})", f"{result['nll']:.2f} +- {result['nll_se']:.2f} nats (standard error over examples)"),
+    ]
+    rows += [
+        (f"L_{g}", f"{value:.2f} +- {result['bounds_se'][g]:.2f}")
+        for g, value in sorted(result["bounds"].items(), key=lambda item: int(item[0]))
+    ]
+    rows += [
+        ("ESS", f"{result['ess']:.1f} of {k}"),
+        ("active units", " + ".join(map(str, result["active_units"])) + f" (of {result['active_units_examples']} "
+         f"training examples, threshold {result['active_units_threshold']})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,0 +1,132 @@
+"""A run's figures, as PNG files in RUN/figures/:
+
+    samples.png          x ~ p(x | z_1) means for z drawn from the prior, top layer down
+    reconstructions.png  test examples beside the means of p(x | z_1) at z_1 = E_q[z_1 | x]
+    training.png         train and test bounds, and the learning rate, per epoch (from metrics.jsonl)
+    bound_vs_k.png       the bounds L_k against k from the last evaluation (from eval.json)
+
+Drawn with matplotlib's object-oriented API, which renders to PNG without a display or pyplot state.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from iwae import checkpoint, data, evaluate, rundir
+from iwae.device import resolve_device
+from iwae.models import DeepLatentModel
+
+
+@torch.no_grad()
+def prior_samples(model: DeepLatentModel, n: int) -> Tensor:
+    """The means of p(x | z_1) for n ancestral draws z_L ~ p(z_L), ..., z_1 ~ p(z_1 | z_2): shape (n, D)."""
+    *conditionals, prior = model.decoder
+    z = prior().sample((n,))
+    for layer in reversed(conditionals[1:]):
+        z = layer(z).sample()
+    return conditionals[0](z).mean
+
+
+@torch.no_grad()
+def reconstructions(model: DeepLatentModel, x: Tensor) -> Tensor:
+    """The means of p(x | z_1) at q's mean z_1 = E_q[z_1 | x], for a batch x (B, D): shape (B, D)."""
+    return model.decoder[0](model.encoder[0](x).mean).mean
+
+
+def image_shape(dim: int, shape: tuple[int, int] | None) -> tuple[int, int]:
+    """The (height, width) to draw a D-vector as: ``shape`` if known, a square if D is one, else one row."""
+    if shape is not None:
+        return shape
+    side = math.isqrt(dim)
+    return (side, side) if side * side == dim else (1, dim)
+
+
+def image_grid(images: Tensor, shape: tuple[int, int], columns: int) -> np.ndarray:
+    """Images (N, D) tiled into one array, ``columns`` per row, separated by 1-pixel lines of value 0.5."""
+    height, width = shape
+    rows = math.ceil(len(images) / columns)
+    grid = np.full((rows * (height + 1) + 1, columns * (width + 1) + 1), 0.5, dtype=np.float32)
+    for i, image in enumerate(images.detach().cpu().float().numpy()):
+        r, c = divmod(i, columns)
+        grid[1 + r * (height + 1):(r + 1) * (height + 1), 1 + c * (width + 1):(c + 1) * (width + 1)] = (
+            image.reshape(height, width))
+    return grid
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    rundir.write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=120))
+    return path
+
+
+def plot_images(path: Path, panels: dict[str, np.ndarray]) -> Path:
+    """One or more image grids side by side, titled by the keys of ``panels``."""
+    fig = Figure(figsize=(4.2 * len(panels), 4.4))
+    for i, (title, grid) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto" if grid.shape[0] < 8
+                  else "equal")
+        ax.set_title(title)
+        ax.set_axis_off()
+    return _save(fig, path)
+
+
+def plot_training(path: Path, metrics: list[dict[str, Any]]) -> Path:
+    """Train and test bounds per epoch, and the learning rate, from a run's metrics."""
+    epochs = [record["epoch"] for record in metrics]
+    fig = Figure(figsize=(9, 3.6))
+    ax = fig.add_subplot(1, 2, 1)
+    ax.plot(epochs, [record["train_bound"] for record in metrics], label="train (minibatches)")
+    ax.plot(epochs, [record["test_bound"] for record in metrics], label="test (fixed subset)")
+    ax.set(xlabel="epoch", ylabel="bound (nats)", title="training objective")
+    ax.legend()
+    ax = fig.add_subplot(1, 2, 2)
+    ax.plot(epochs, [record["lr"] for record in metrics], drawstyle="steps-post")
+    ax.set(xlabel="epoch", ylabel="learning rate", yscale="log", title="schedule")
+    return _save(fig, path)
+
+
+def plot_bound_vs_k(path: Path, result: dict[str, Any]) -> Path:
+    """The bounds L_k (mean over examples, with standard errors) against k from an evaluation result."""
+    ks = sorted(result["bounds"], key=int)
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.errorbar([int(k) for k in ks], [result["bounds"][k] for k in ks], yerr=[result["bounds_se"][k] for k in ks],
+                marker="o", capsize=3)
+    ax.set(xscale="log", xlabel="k", ylabel="L_k (nats)",
+           title=f"{result['dataset']} {result['split']}: NLL {result['nll']:.2f} at k={result['k']}")
+    return _save(fig, path)
+
+
+def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int = 0, n: int = 100) -> list[Path]:
+    """Draw a run's figures from its checkpoint, metrics and evaluation; return the files written."""
+    torch_device = resolve_device(str(device))
+    config, model = checkpoint.load_model(run_dir, torch_device)
+    dataset = data.load(config["dataset"], config["data_dir"], split=config["data_split"])
+    shape = image_shape(dataset.test.shape[1], dataset.image_shape)
+    columns = 10 if shape[0] > 1 else 1
+    out = run_dir / rundir.FIGURES
+    out.mkdir(exist_ok=True)
+    with evaluate.seeded(seed, torch_device):
+        samples = prior_samples(model, n)
+    x = dataset.test[:n // 2].to(torch_device)
+    written = [
+        plot_images(out / "samples.png", {"samples (Bernoulli means)": image_grid(samples, shape, columns)}),
+        plot_images(out / "reconstructions.png", {
+            "test data": image_grid(x, shape, columns // 2 or 1),
+            "reconstruction": image_grid(reconstructions(model, x), shape, columns // 2 or 1),
+        }),
+    ]
+    metrics = rundir.read_metrics(run_dir)
+    if metrics:
+        written.append(plot_training(out / "training.png", metrics))
+    if (run_dir / rundir.EVAL).is_file():
+        written.append(plot_bound_vs_k(out / "bound_vs_k.png", rundir.read_json(run_dir / rundir.EVAL)))
+    return written

@@ -1,0 +1,117 @@
+"""The files of a run directory, and writing them so that a kill at any moment leaves a readable copy.
+
+    RUN/config.json       the resolved training configuration (written once, at the start)
+    RUN/checkpoint.pt     the latest checkpoint (see ``iwae.checkpoint``)
+    RUN/metrics.jsonl     one JSON object per finished epoch
+    RUN/eval.json         the final evaluation on the test set (``iwae.evaluate``)
+    RUN/figures/*.png     samples, reconstructions, training curves, bound against k (``iwae.figures``)
+
+Every whole-file write goes to a temporary file beside the target, is flushed to disk, and is then renamed
+over the target: ``os.replace`` is atomic on POSIX, so readers see the old file or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+EVAL = "eval.json"
+FIGURES = "figures"
+
+
+class RunDirError(ValueError):
+    """A run directory cannot be created or written; the message names the directory and the fix."""
+
+
+def create(run_dir: Path) -> Path:
+    """Create a new, empty run directory (and its parents); an existing empty directory is accepted.
+
+    Raises:
+        RunDirError: if ``run_dir`` already holds files (it is never overwritten), or cannot be created
+            or written.
+    """
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise RunDirError(
+            f"run directory {run_dir} already exists and is not empty; choose a new --out, "
+            f"or continue that run with: iwae train --resume {run_dir}"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(
+            f"cannot create or write the run directory {run_dir} ({error.strerror or error}); "
+            "choose an --out in a writable directory"
+        ) from error
+    return run_dir
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(file)`` into ``path.tmp``, fsync it, and rename it over ``path``.
+
+    A kill mid-write leaves ``path`` as it was (and a stale ``path.tmp``, which the next write truncates).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as indented JSON, atomically."""
+    text = json.dumps(value, indent=2) + "\n"
+    write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; a missing or unreadable file raises RunDirError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise RunDirError(f"{path} does not exist; is {path.parent} a run directory made by iwae train?") from error
+    except (OSError, ValueError) as error:
+        raise RunDirError(f"{path} is not readable JSON ({error}); restore it or re-create it") from error
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch metrics of a run, in order; an incomplete last line (a kill mid-write) is skipped."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one epoch's metrics as a JSON line and flush it to disk."""
+    with (run_dir / METRICS).open("a") as file:
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def truncate_metrics(run_dir: Path, epochs: int) -> None:
+    """Keep only the metrics of the first ``epochs`` epochs: those a resumed run does not repeat."""
+    kept = [record for record in read_metrics(run_dir) if record["epoch"] <= epochs]
+    text = "".join(json.dumps(record) + "\n" for record in kept)
+    write_atomic(run_dir / METRICS, lambda file: file.write(text.encode()))

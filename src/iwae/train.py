@@ -1,0 +1,342 @@
+"""Training: the protocol of Burda, Grosse & Salakhutdinov (2016) as one loop, with exact resume.
+
+Adam (beta1 0.9, beta2 0.999, eps 1e-4) on minibatches of 20, following the gradient of the per-batch sum
+of the bound, with the schedule of 3^i epochs at learning rate 1e-3 * 10^(-i/7) for i = 0..7 (3280
+epochs), or a constant rate for a given number of epochs. Dynamic data is binarized afresh for every
+minibatch.
+
+The whole training set lives on the device as one tensor; a minibatch is a gather plus a Bernoulli draw
+there, the epoch's permutation comes from a seeded ``torch.Generator``, and the bound is summed on the
+device and read once per epoch, so a step never waits for the host. After every epoch (and every
+``checkpoint_every_s`` seconds, and on SIGINT/SIGTERM after the current step) the run's full state is
+checkpointed atomically, so that ``resume`` continues it to bit-for-bit the same parameters (on a CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from iwae import checkpoint, data, evaluate, figures, rundir
+from iwae.device import resolve_device
+from iwae.objectives import ESTIMATORS, Objective, loss
+
+SCHEDULES = ("constant", "burda")
+# Settings that do not change the trajectory, so a resumed run may use new values.
+RUNTIME_KEYS = ("device", "data_dir", "checkpoint_every_s")
+
+
+@dataclass
+class TrainConfig:
+    """A training run, as plain values (saved in config.json and in every checkpoint).
+
+    ``epochs`` and ``lr`` are resolved from the schedule: "burda" fixes both (``schedule_scale`` multiplies
+    each stage's 3^i epochs, rounded, at least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3).
+    ``eval_k`` = 0 skips the final evaluation; ``monitor_examples`` is the size of the fixed test subset on
+    which each epoch's test bound is computed.
+    """
+
+    dataset: str = "digits"
+    data_split: str = "paper"
+    layers: int = 1
+    objective: str = "iwae"
+    k: int = 50
+    m: int = 1
+    beta: float = 0.5
+    alpha: float = 0.5
+    estimator: str = "dreg"
+    schedule: str = "constant"
+    epochs: int | None = None
+    lr: float | None = None
+    schedule_scale: float = 1.0
+    batch_size: int = 20
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-4
+    seed: int = 0
+    eval_k: int = 5000
+    monitor_examples: int = 1000
+    checkpoint_every_s: float = 600.0
+    device: str = "auto"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        objective = self.objective_spec()  # validates the objective's name, k, m, beta and alpha
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if self.estimator == "dreg" and objective.weights(torch.zeros(self.k, 1), inference=True)[1] is None:
+            raise ValueError(f"the {self.objective} bound with alpha={self.alpha} has no DReG estimator; "
+                             "use --estimator standard or stl")
+        if self.layers not in (1, 2):
+            raise ValueError(f"layers must be 1 or 2 (the paper's architectures); got {self.layers}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.schedule == "burda":
+            if not self.schedule_scale > 0:
+                raise ValueError(f"schedule_scale must be positive; got {self.schedule_scale}")
+            total = sum(epochs for epochs, _ in burda_schedule(self.schedule_scale))
+            if self.epochs not in (None, total) or self.lr is not None:
+                raise ValueError("--epochs and --lr do not apply to --schedule burda, which fixes both; "
+                                 "shorten it with --schedule-scale instead")
+            self.epochs = total
+        else:
+            if self.epochs is None:
+                raise ValueError("give the number of epochs with --epochs N, or use --schedule burda")
+            self.lr = 1e-3 if self.lr is None else self.lr
+            if not self.lr > 0:
+                raise ValueError(f"lr must be positive; got {self.lr}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("eval_k", 0), ("monitor_examples", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be positive; got {self.adam_eps}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must lie in [0, 1); got {self.beta1}, {self.beta2}")
+        if not self.checkpoint_every_s >= 0:
+            raise ValueError(f"checkpoint_every_s must be >= 0; got {self.checkpoint_every_s}")
+        if self.data_split not in ("paper", "code"):
+            raise ValueError(f"unknown data split {self.data_split!r}; choose paper or code")
+
+    def objective_spec(self) -> Objective:
+        return Objective(self.objective, self.k, self.m, self.beta, self.alpha)
+
+
+def burda_schedule(scale: float = 1.0) -> list[tuple[int, float]]:
+    """The paper's (epochs, learning rate) stages: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7, with each
+    stage's epochs multiplied by ``scale`` (rounded, at least 1) for shorter runs."""
+    return [(max(1, round(3**i * scale)), 1e-3 * 10 ** (-i / 7)) for i in range(8)]
+
+
+def schedule(config: TrainConfig) -> list[tuple[int, float]]:
+    """The run's (epochs, learning rate) stages."""
+    return burda_schedule(config.schedule_scale) if config.schedule == "burda" else [(config.epochs, config.lr)]
+
+
+def learning_rate(stages: list[tuple[int, float]], epoch: int) -> tuple[int, float]:
+    """(stage index, learning rate) of the 0-based ``epoch``."""
+    for stage, (epochs, lr) in enumerate(stages):
+        if epoch < epochs:
+            return stage, lr
+        epoch -= epochs
+    raise ValueError(f"epoch {epoch} lies beyond the schedule")
+
+
+class Interrupted(Exception):
+    """Training stopped on ``signal`` after writing a checkpoint; the message says how to continue."""
+
+    def __init__(self, message: str, sig: signal.Signals) -> None:
+        super().__init__(message)
+        self.signal = sig
+
+
+class _StopOnSignal:
+    """Within the block, the first SIGINT or SIGTERM only records itself, so the loop can finish its step
+    and write a checkpoint; a second one acts as it would have (KeyboardInterrupt, or termination)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> _StopOnSignal:
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+def _seeds(seed: int) -> tuple[int, int]:
+    """Independent seeds for torch's global generator (initialisation, ``rsample``) and the data generator."""
+    model_seq, data_seq = np.random.SeedSequence(seed).spawn(2)
+    return int(model_seq.generate_state(1)[0]), int(data_seq.generate_state(1)[0])
+
+
+def _load_data(config: TrainConfig, device: torch.device) -> data.Dataset:
+    dataset = data.load(config.dataset, config.data_dir, split=config.data_split).to(device)
+    if config.batch_size > len(dataset.train):
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(dataset.train)} training examples of "
+                         f"{config.dataset}; choose a smaller --batch-size")
+    return dataset
+
+
+def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> dict[str, Any] | None:
+    """Train a new run in ``run_dir`` (which must not exist, or be empty) and evaluate it.
+
+    Returns:
+      The final evaluation (see ``evaluate.evaluate_run``), or None if ``config.eval_k`` is 0.
+
+    Raises:
+      ValueError (DataError, RunDirError): for an unusable dataset or run directory, before anything is
+        written; ``Interrupted`` after checkpointing on SIGINT/SIGTERM.
+    """
+    device = resolve_device(config.device)
+    config = replace(config, device=str(device))
+    dataset = _load_data(config, device)
+    with _StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
+        rundir.create(run_dir)
+        rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
+        model_seed, data_seed = _seeds(config.seed)
+        torch.manual_seed(model_seed)
+        model = checkpoint.build_model(asdict(config), dataset.train.shape[1], train_mean=dataset.train.mean(0))
+        generator = torch.Generator(device).manual_seed(data_seed)
+        state = {
+            "config": asdict(config), "x_dim": dataset.train.shape[1], "model": model.state_dict(),
+            "optimizer": None, "epoch": 0, "step": 0, "batches": None, "bound_sum": 0.0, "epoch_time_s": 0.0,
+            "wall_time_s": 0.0, "rng": checkpoint.rng_state(generator),
+        }
+        checkpoint.save(run_dir, state)
+        _fit(config, run_dir, dataset, state, stop, progress)
+    return _finish(config, run_dir, device, progress)
+
+
+def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bool | None = None
+           ) -> dict[str, Any] | None:
+    """Continue the run in ``run_dir`` from its checkpoint, and evaluate it when it finishes.
+
+    Args:
+      changes: settings given again; each must equal the saved one, except those in ``RUNTIME_KEYS``.
+
+    Raises:
+      CheckpointError: for a missing or unreadable checkpoint. ValueError: naming every setting in
+        ``changes`` that differs from the run's.
+    """
+    state = checkpoint.load(run_dir)
+    saved, changes = state["config"], changes or {}
+    differing = [key for key, value in changes.items() if key not in RUNTIME_KEYS and saved.get(key) != value]
+    if differing:
+        listed = ", ".join(f"{key} (run: {saved.get(key)!r}, given: {changes[key]!r})" for key in differing)
+        raise ValueError(f"cannot resume {run_dir} with a different configuration: {listed}; drop those options "
+                         "to continue the run as it was, or start a new run with a new --out")
+    config = TrainConfig(**{**saved, **{key: value for key, value in changes.items() if key in RUNTIME_KEYS}})
+    dataset = _load_data(config, resolve_device(config.device))
+    if state["epoch"] == config.epochs and (run_dir / rundir.EVAL).is_file():
+        print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
+        return rundir.read_json(run_dir / rundir.EVAL)
+    with _StopOnSignal() as stop:
+        rundir.truncate_metrics(run_dir, state["epoch"])
+        _fit(config, run_dir, dataset, state, stop, progress)
+    return _finish(config, run_dir, dataset.train.device, progress)
+
+
+def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[str, Any], stop: _StopOnSignal,
+         progress: bool | None) -> None:
+    """The training loop, from the position in ``state`` to the end of the schedule."""
+    device = dataset.train.device
+    objective, stages = config.objective_spec(), schedule(config)
+    model = checkpoint.build_model(asdict(config), state["x_dim"]).to(device)
+    model.load_state_dict(state["model"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=stages[0][1], betas=(config.beta1, config.beta2),
+                                 eps=config.adam_eps)
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    generator = torch.Generator(device)
+    checkpoint.set_rng_state(state["rng"], generator)
+
+    epoch, step, batches = state["epoch"], state["step"], state["batches"]
+    batches = None if batches is None else batches.to(device)
+    bound_sum = torch.as_tensor(state["bound_sum"], dtype=torch.float64, device=device)
+    steps_per_epoch, monitor = len(dataset.train) // config.batch_size, dataset.test[: config.monitor_examples]
+    session_start, wall_time_base = time.perf_counter(), state["wall_time_s"]
+    epoch_start = time.perf_counter() - state["epoch_time_s"]
+
+    def save() -> None:
+        checkpoint.save(run_dir, {
+            "config": asdict(config), "x_dim": state["x_dim"], "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "batches": batches if step else None,
+            "bound_sum": bound_sum, "epoch_time_s": time.perf_counter() - epoch_start if step else 0.0,
+            "wall_time_s": wall_time_base + time.perf_counter() - session_start,
+            "rng": checkpoint.rng_state(generator),
+        })
+
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + step, unit="step",
+               disable=None if progress is None else not progress, dynamic_ncols=True, desc=f"train {run_dir.name}")
+    next_checkpoint = time.monotonic() + config.checkpoint_every_s
+    last_bound = math.nan
+    with bar:
+        while epoch < config.epochs:
+            stage, lr = learning_rate(stages, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} stage {stage + 1}/{len(stages)} "
+                                f"bound {last_bound:.2f}", refresh=False)
+            if batches is None:
+                batches = data.epoch_batches(len(dataset.train), config.batch_size, generator)
+                bound_sum = torch.zeros((), dtype=torch.float64, device=device)
+                epoch_start = time.perf_counter()
+            while step < steps_per_epoch:
+                x = dataset.minibatch(batches[step], generator)
+                out = loss(model, x, objective, estimator=config.estimator, reduction="sum")
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                bound_sum += out.bound.sum()
+                step += 1
+                bar.update()
+                if stop.received or time.monotonic() >= next_checkpoint:
+                    save()
+                    next_checkpoint = time.monotonic() + config.checkpoint_every_s
+                    if stop.received:
+                        raise Interrupted(
+                            f"training stopped by {stop.received.name} in epoch {epoch + 1}/{config.epochs} after "
+                            f"step {step}/{steps_per_epoch}; checkpoint saved; continue with: "
+                            f"iwae train --resume {run_dir}", stop.received,
+                        )
+
+            epoch_time = time.perf_counter() - epoch_start
+            last_bound = bound_sum.item() / (steps_per_epoch * config.batch_size)
+            if not math.isfinite(last_bound):
+                raise FloatingPointError(
+                    f"the training bound became {last_bound} in epoch {epoch + 1}; the last good checkpoint is "
+                    f"in {run_dir}; start a new run with a smaller learning rate"
+                )
+            with evaluate.seeded(config.seed, device):
+                test_bound = evaluate.objective_bound(model, monitor, objective).mean().item()
+            epoch, step, batches = epoch + 1, 0, None
+            record = {
+                "epoch": epoch, "stage": stage + 1, "lr": lr, "train_bound": last_bound, "test_bound": test_bound,
+                "examples_per_s": steps_per_epoch * config.batch_size / epoch_time, "epoch_time_s": epoch_time,
+                "wall_time_s": wall_time_base + time.perf_counter() - session_start,
+            }
+            rundir.append_metrics(run_dir, record)
+            save()
+            next_checkpoint = time.monotonic() + config.checkpoint_every_s
+            if bar.disable:
+                print(f"epoch {epoch}/{config.epochs} stage {stage + 1} lr {lr:.2e} train bound {last_bound:.2f} "
+                      f"test bound {test_bound:.2f} {record['examples_per_s']:.0f} examples/s", file=sys.stderr)
+
+    if stop.received:
+        raise Interrupted(f"training stopped by {stop.received.name} after the last epoch, before the evaluation; "
+                          f"checkpoint saved; finish with: iwae train --resume {run_dir}", stop.received)
+
+
+def _finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: bool | None
+            ) -> dict[str, Any] | None:
+    """The final evaluation (unless ``eval_k`` is 0) and the figures of a trained run."""
+    result = None
+    if config.eval_k:
+        result = evaluate.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
+                                       progress=progress is not False)
+    figures.make_figures(run_dir, device=device)
+    return result

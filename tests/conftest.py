@@ -1,0 +1,16 @@
+"""Fixtures shared by the trainer, evaluator and command-line tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The path of a small grey-level dataset (so dynamically binarized): an .npz file with 64 training and
+    16 test examples of 16 values in [0, 1]."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, train=rng.random((64, 16), dtype=np.float32), test=rng.random((16, 16), dtype=np.float32))
+    return str(path)

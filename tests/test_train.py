@@ -1,0 +1,254 @@
+"""The trainer: schedule, configuration checks, the run directory, and exact resume, in-process and of the
+real command (a run stopped by SIGINT, and runs killed by SIGKILL at random moments, between and during
+checkpoint writes, continue to the parameters of an uninterrupted run, bit for bit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from iwae import checkpoint, rundir, train
+from iwae.train import TrainConfig
+
+
+def tiny_config(dataset: str, **overrides: object) -> TrainConfig:
+    """A run of 3 epochs of 8 minibatches of 8 examples, k=4, no final evaluation."""
+    settings = {"dataset": dataset, "epochs": 3, "batch_size": 8, "k": 4, "eval_k": 0, "monitor_examples": 8,
+                "device": "cpu", **overrides}
+    return TrainConfig(**settings)
+
+
+def assert_same_parameters(a: Path, b: Path) -> None:
+    first, second = checkpoint.load(a), checkpoint.load(b)
+    assert first["epoch"] == second["epoch"]
+    assert first["model"].keys() == second["model"].keys()
+    for name, tensor in first["model"].items():
+        assert torch.equal(tensor, second["model"][name]), name
+    for index, moments in first["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(value, second["optimizer"]["state"][index][key]), (index, key)
+
+
+def test_burda_schedule_is_the_papers() -> None:
+    stages = train.burda_schedule()
+    assert [epochs for epochs, _ in stages] == [3**i for i in range(8)]
+    assert sum(epochs for epochs, _ in stages) == 3280
+    assert stages[0][1] == pytest.approx(1e-3) and stages[-1][1] == pytest.approx(1e-4)
+    assert [epochs for epochs, _ in train.burda_schedule(0.01)] == [1, 1, 1, 1, 1, 2, 7, 22]
+
+
+def test_learning_rate_follows_the_stages() -> None:
+    stages = train.burda_schedule()
+    assert train.learning_rate(stages, 0) == (0, pytest.approx(1e-3))
+    assert train.learning_rate(stages, 1)[0] == 1
+    assert train.learning_rate(stages, 3)[0] == 1
+    assert train.learning_rate(stages, 4)[0] == 2
+    assert train.learning_rate(stages, 3279) == (7, pytest.approx(1e-4))
+    with pytest.raises(ValueError, match="beyond"):
+        train.learning_rate(stages, 3280)
+
+
+def test_config_resolves_the_schedule_and_survives_a_round_trip() -> None:
+    burda = TrainConfig(schedule="burda", schedule_scale=0.01)
+    assert burda.epochs == 36 and burda.lr is None
+    constant = TrainConfig(epochs=5)
+    assert constant.lr == 1e-3
+    for config in (burda, constant):
+        assert TrainConfig(**json.loads(json.dumps(asdict(config)))) == config
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"objective": "nope"}, "unknown objective 'nope'"),
+        ({"estimator": "nope"}, "unknown estimator 'nope'"),
+        ({"k": 0}, "k must be a positive integer"),
+        ({"objective": "miwae", "k": 10, "m": 3}, "m must be a positive integer dividing k"),
+        ({"objective": "vr", "alpha": float("-inf")}, "no DReG estimator"),
+        ({"layers": 3}, "layers must be 1 or 2"),
+        ({"schedule": "cosine"}, "unknown schedule"),
+        ({"schedule": "burda", "epochs": 5}, "do not apply to --schedule burda"),
+        ({"epochs": None}, "give the number of epochs"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"lr": -1.0}, "lr must be positive"),
+        ({"beta2": 1.0}, "beta1 and beta2"),
+    ],
+)
+def test_config_rejects_bad_settings(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"epochs": 1, **settings})
+
+
+def test_a_run_writes_config_metrics_checkpoint_evaluation_and_figures(tiny_dataset: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = train.train(tiny_config(tiny_dataset, epochs=2, eval_k=20), run, progress=False)
+    assert json.loads((run / rundir.CONFIG).read_text())["device"] == "cpu"
+    metrics = rundir.read_metrics(run)
+    assert [record["epoch"] for record in metrics] == [1, 2]
+    for record in metrics:
+        assert record["examples_per_s"] > 0 and record["lr"] == 1e-3
+        assert record["train_bound"] < 0 and record["test_bound"] < 0 and record["wall_time_s"] > 0
+    assert checkpoint.load(run)["epoch"] == 2
+    saved = json.loads((run / rundir.EVAL).read_text())
+    assert result == saved
+    assert saved["k"] == 20 and saved["examples"] == 16 and len(saved["active_units"]) == 1
+    assert saved["nll"] > 0 and saved["nll_se"] > 0 and set(saved["bounds"]) == {"1", "5", "20"}
+    figures = {path.name for path in (run / rundir.FIGURES).iterdir()}
+    assert figures == {"samples.png", "reconstructions.png", "training.png", "bound_vs_k.png"}
+
+
+def interrupt_at_call(monkeypatch: pytest.MonkeyPatch, call: int, sig: signal.Signals) -> None:
+    """Make the trainer receive ``sig`` during its ``call``-th loss evaluation (1-based)."""
+    calls = 0
+    original = train.loss
+
+    def loss(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            signal.raise_signal(sig)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "loss", loss)
+
+
+@pytest.mark.parametrize(("call", "sig"), [(13, signal.SIGINT), (8, signal.SIGTERM), (1, signal.SIGINT)])
+def test_interrupt_then_resume_matches_an_uninterrupted_run(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: int, sig: signal.Signals
+) -> None:
+    train.train(tiny_config(tiny_dataset), tmp_path / "reference", progress=False)
+    run = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, call, sig)
+        with pytest.raises(train.Interrupted, match=f"iwae train --resume {run}") as stopped:
+            train.train(tiny_config(tiny_dataset), run, progress=False)
+    assert stopped.value.signal == sig
+    position = checkpoint.load(run)
+    assert position["epoch"] * 8 + position["step"] == call  # stopped right after the step it was signalled in
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    train.resume(run, progress=False)
+    assert_same_parameters(tmp_path / "reference", run)
+    assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
+
+
+def test_resume_refuses_a_different_configuration(tiny_dataset: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
+    with pytest.raises(ValueError, match=r"different configuration: k \(run: 4, given: 5\), objective"):
+        train.resume(run, {"k": 5, "objective": "elbo", "batch_size": 8}, progress=False)
+    train.resume(run, {"k": 4, "device": "cpu", "checkpoint_every_s": 1.0}, progress=False)  # same, or runtime
+
+
+def test_resume_after_the_last_epoch_only_evaluates(tiny_dataset: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train.train(tiny_config(tiny_dataset, epochs=1, eval_k=10), run, progress=False)
+    (run / rundir.EVAL).unlink()
+    before = checkpoint.load(run)
+    result = train.resume(run, progress=False)
+    assert result is not None and result["k"] == 10 and (run / rundir.EVAL).is_file()
+    assert torch.equal(before["model"]["encoder.0.mean.weight"], checkpoint.load(run)["model"]["encoder.0.mean.weight"])
+
+
+def test_a_fresh_run_never_overwrites_an_existing_one(tiny_dataset: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
+    saved = (run / rundir.CHECKPOINT).read_bytes()
+    with pytest.raises(rundir.RunDirError, match="already exists"):
+        train.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
+    assert (run / rundir.CHECKPOINT).read_bytes() == saved
+
+
+# The real command in subprocesses.
+
+# Tiny models train fastest on one thread, and a busy machine slows multi-threaded small kernels badly.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+EPOCHS = 40  # of 8 steps each
+
+
+def train_command(dataset: str, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "iwae.cli", "train", "--dataset", dataset, "--epochs", str(EPOCHS), "--batch-size", "8",
+        "--k", "4", "--eval-k", "0", "--monitor-examples", "8", "--device", "cpu", *args,
+    ]
+
+
+def resume_command(run: Path) -> list[str]:
+    return [sys.executable, "-m", "iwae.cli", "train", "--resume", str(run)]
+
+
+def run_to_completion(command: list[str]) -> None:
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def wait_for_checkpoint(run: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until ``process`` has written a checkpoint (a new one, if the run had one already)."""
+    path = run / rundir.CHECKPOINT
+    before = path.stat().st_mtime_ns if path.exists() else None
+    deadline = time.monotonic() + timeout
+    while not path.exists() or path.stat().st_mtime_ns == before:
+        assert process.poll() is None, "the run ended before writing a checkpoint"
+        assert time.monotonic() < deadline, f"no new {path} after {timeout} s"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    run_to_completion(train_command(tiny_dataset, "--out", str(run)))
+    return run
+
+
+def test_sigint_checkpoints_and_resume_is_exact(tiny_dataset: str, reference: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    process = subprocess.Popen(train_command(tiny_dataset, "--out", str(run)), env=ENV, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)
+    wait_for_checkpoint(run, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr
+    assert f"checkpoint saved; continue with: iwae train --resume {run}" in stderr
+    state = checkpoint.load(run)
+    assert 0 < state["epoch"] * 8 + state["step"] < EPOCHS * 8
+    run_to_completion(resume_command(run))
+    assert_same_parameters(reference, run)
+    assert [record["epoch"] for record in rundir.read_metrics(run)] == list(range(1, EPOCHS + 1))
+
+
+def test_sigkill_at_random_moments_leaves_a_checkpoint_to_resume_exactly(
+    tiny_dataset: str, reference: Path, tmp_path: Path
+) -> None:
+    # A checkpoint after every step makes writes a large share of the run, so that random kills land both
+    # inside writes (their temporary file is left behind) and between them.
+    run, rng = tmp_path / "run", random.Random(0)
+    command = train_command(tiny_dataset, "--out", str(run), "--checkpoint-every", "0")
+    kills = {"during a write": 0, "between writes": 0}
+    for _ in range(12):
+        process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_checkpoint(run, process)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if process.poll() is not None:
+            break  # it finished before the kill
+        process.kill()
+        process.wait()
+        tmp = run / (rundir.CHECKPOINT + ".tmp")
+        kills["during a write" if tmp.exists() else "between writes"] += 1
+        checkpoint.load(run)  # always a complete checkpoint
+        command = resume_command(run)
+        if min(kills.values()) >= 1 and sum(kills.values()) >= 4:
+            break
+    assert min(kills.values()) >= 1, kills
+    run_to_completion(resume_command(run))
+    assert_same_parameters(reference, run)
+    assert [record["epoch"] for record in rundir.read_metrics(run)] == list(range(1, EPOCHS + 1))
