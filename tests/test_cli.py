@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from iwae import rundir
@@ -44,6 +45,18 @@ def test_train_evaluate_and_sample(finished_run: Path, capsys: pytest.CaptureFix
     assert result["k"] == 20 and result["split"] == "train" and set(result["bounds"]) == {"1", "5", "20"}
     assert main(["sample", str(finished_run), "--n", "16", "--device", "cpu"]) == 0
     assert len(capsys.readouterr().out.split()) == 4
+
+
+def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vectors = tmp_path / "vectors.npy"
+    np.save(vectors, np.random.default_rng(3).random((40, 10)))  # D = 10: drawn as rows of 10 values
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", str(vectors), *TINY, "--eval-k", "0", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--device", "cpu"]) == 0
+    assert [Path(line).name for line in capsys.readouterr().out.split()] == [
+        "samples.png", "reconstructions.png", "training.png"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -106,6 +119,19 @@ def test_corrupt_checkpoint(damage: str, command: list[str], finished_run: Path,
     (run / rundir.CHECKPOINT).write_bytes(b"not a checkpoint" if damage == "garbage" else saved[: len(saved) // 2])
     line = one_line_error(capsys, [*command, str(run)])
     assert f"{run / rundir.CHECKPOINT} is corrupt or not a checkpoint" in line
+
+
+def test_evaluate_on_the_users_own_data(finished_run: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    own = tmp_path / "own.npy"
+    np.save(own, np.random.default_rng(2).random((10, 16)) < 0.5)
+    assert main(["evaluate", str(finished_run), "--dataset", str(own), "--k", "5", "--device", "cpu"]) == 0
+    result = json.loads((finished_run / "eval-own-test.json").read_text())
+    assert result["dataset"] == str(own) and result["examples"] == 1  # .npy without a test split: 10% held out
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((10, 9)))
+    line = one_line_error(capsys, ["evaluate", str(finished_run), "--dataset", str(wrong), "--device", "cpu"])
+    assert "has 9 values per example but the model" in line and "was trained on 16" in line
 
 
 def test_unavailable_split(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,7 +36,7 @@ def test_nll_matches_closed_form_within_three_standard_errors() -> None:
     # An imperfect q: the estimate is random, and its error per example is independent across examples, so
     # the mean error is compared with the standard error estimated from the per-example errors themselves.
     model, x = linear_gaussian(0.3)
-    error = (evaluate.log_likelihood(model, x, k=5000, seed=1) - model.log_marginal(x)).detach()
+    error = (evaluate.log_likelihood(model, x, k=5000, batch_size=200, seed=1) - model.log_marginal(x)).detach()
     standard_error = error.std().item() / math.sqrt(len(error))
     assert standard_error > 0
     assert abs(error.mean().item()) < 3 * standard_error
@@ -45,7 +45,7 @@ def test_nll_matches_closed_form_within_three_standard_errors() -> None:
 def test_group_bounds_increase_with_k_towards_the_marginal() -> None:
     model, x = linear_gaussian(0.3)
     with evaluate.seeded(2, x.device):
-        stats = evaluate.importance_statistics(model, x, k=5000)
+        stats = evaluate.importance_statistics(model, x, k=5000, batch_size=200)
     assert sorted(stats.bounds) == [1, 5, 50, 5000]
     means = [stats.bounds[g].mean().item() for g in (1, 5, 50, 5000)]
     assert means == sorted(means)

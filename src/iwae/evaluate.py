@@ -205,6 +205,8 @@ def evaluate_run(
       standard error over examples of -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g
       keyed by g), ``ess``, ``active_units`` (one count per stochastic layer), and what was evaluated.
     """
+    if examples is not None and examples < 1:
+        raise ValueError(f"examples must be a positive number; got {examples}")
     start = time.perf_counter()
     torch_device = resolve_device(device)
     state = checkpoint.load(run_dir)

@@ -49,14 +49,16 @@ def image_shape(dim: int, shape: tuple[int, int] | None) -> tuple[int, int]:
 
 
 def image_grid(images: Tensor, shape: tuple[int, int], columns: int) -> np.ndarray:
-    """Images (N, D) tiled into one array, ``columns`` per row, separated by 1-pixel lines of value 0.5."""
+    """Images (N, D) tiled into one array, ``columns`` per row, separated by 1-pixel lines of value 0.5
+    (rows of height 1, vectors drawn as strips, are stacked without separators, as a heat map)."""
     height, width = shape
+    pad = 1 if height > 1 else 0
     rows = math.ceil(len(images) / columns)
-    grid = np.full((rows * (height + 1) + 1, columns * (width + 1) + 1), 0.5, dtype=np.float32)
+    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad), 0.5, dtype=np.float32)
     for i, image in enumerate(images.detach().cpu().float().numpy()):
         r, c = divmod(i, columns)
-        grid[1 + r * (height + 1):(r + 1) * (height + 1), 1 + c * (width + 1):(c + 1) * (width + 1)] = (
-            image.reshape(height, width))
+        top, left = pad + r * (height + pad), pad + c * (width + pad)
+        grid[top:top + height, left:left + width] = image.reshape(height, width)
     return grid
 
 
@@ -68,11 +70,11 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def plot_images(path: Path, panels: dict[str, np.ndarray]) -> Path:
     """One or more image grids side by side, titled by the keys of ``panels``."""
-    fig = Figure(figsize=(4.2 * len(panels), 4.4))
+    widths = [min(12.0, max(3.0, 4.0 * grid.shape[1] / grid.shape[0])) for grid in panels.values()]  # 4 in high
+    fig = Figure(figsize=(sum(widths) + 0.3 * len(panels), 4.4))
     for i, (title, grid) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto" if grid.shape[0] < 8
-                  else "equal")
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
         ax.set_title(title)
         ax.set_axis_off()
     return _save(fig, path)
@@ -106,7 +108,10 @@ def plot_bound_vs_k(path: Path, result: dict[str, Any]) -> Path:
 
 
 def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int = 0, n: int = 100) -> list[Path]:
-    """Draw a run's figures from its checkpoint, metrics and evaluation; return the files written."""
+    """Draw a run's figures from its checkpoint, metrics and evaluation (``n`` model samples, ``n // 2``
+    reconstructions); return the files written."""
+    if n < 2:
+        raise ValueError(f"the number of samples must be at least 2; got {n}")
     torch_device = resolve_device(str(device))
     config, model = checkpoint.load_model(run_dir, torch_device)
     dataset = data.load(config["dataset"], config["data_dir"], split=config["data_split"])

@@ -33,8 +33,9 @@ from iwae.device import resolve_device
 from iwae.objectives import ESTIMATORS, Objective, loss
 
 SCHEDULES = ("constant", "burda")
-# Settings that do not change the trajectory, so a resumed run may use new values.
-RUNTIME_KEYS = ("device", "data_dir", "checkpoint_every_s")
+# Settings that do not change the trajectory, so a resumed run may use new values. (The device is not one:
+# CPU and GPU generators have different states, so a run continues on the kind of device it started on.)
+RUNTIME_KEYS = ("data_dir", "checkpoint_every_s")
 
 
 @dataclass
@@ -110,6 +111,7 @@ class TrainConfig:
             raise ValueError(f"unknown data split {self.data_split!r}; choose paper or code")
 
     def objective_spec(self) -> Objective:
+        """The training objective these settings describe."""
         return Objective(self.objective, self.k, self.m, self.beta, self.alpha)
 
 
@@ -223,7 +225,9 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
         ``changes`` that differs from the run's.
     """
     state = checkpoint.load(run_dir)
-    saved, changes = state["config"], changes or {}
+    saved, changes = state["config"], dict(changes or {})
+    if "device" in changes:
+        changes["device"] = str(resolve_device(changes["device"]))  # compared as resolved, like the saved one
     differing = [key for key, value in changes.items() if key not in RUNTIME_KEYS and saved.get(key) != value]
     if differing:
         listed = ", ".join(f"{key} (run: {saved.get(key)!r}, given: {changes[key]!r})" for key in differing)
@@ -279,8 +283,9 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
             stage, lr = learning_rate(stages, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} stage {stage + 1}/{len(stages)} "
-                                f"bound {last_bound:.2f}", refresh=False)
+            bound = "-" if math.isnan(last_bound) else f"{last_bound:.2f}"  # known once per epoch
+            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} stage {stage + 1}/{len(stages)} lr {lr:.1e} "
+                                f"train bound {bound}", refresh=False)
             if batches is None:
                 batches = data.epoch_batches(len(dataset.train), config.batch_size, generator)
                 bound_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -1,0 +1,117 @@
+"""Peak memory of the k=5000 log-likelihood evaluation on the MNIST test set (target: under 1 GB).
+
+Each measurement runs in a fresh subprocess that loads the 10,000 test images (binarized once, from
+IWAE_DATA_DIR; random binary stand-ins of the same shape when the files are not there), builds the paper's
+model and runs ``iwae.evaluate.importance_statistics`` with its default chunk (500 samples) and batch (32
+examples) sizes. On a CPU it reports the peak resident memory of the process during the evaluation (Linux:
+the high-water mark VmHWM, reset just before through /proc/self/clear_refs) and its increase over the
+resident memory just before; on a GPU, ``torch.cuda.max_memory_allocated`` and its increase.
+
+Evaluation is batched over examples as well as samples, so peak memory depends on neither k nor the
+number of examples: ``--examples N`` measures on the first N images only (the full 10,000 x 5000 samples
+take long on a small CPU) and says so; ``--k`` shows that a smaller k needs the same memory.
+
+    python benchmarks/evaluate_memory.py [--examples 10000] [--k 5000] [--layers 1 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from iwae import data, evaluate
+from iwae.device import resolve_device
+from iwae.models import burda
+
+TARGET_BYTES = 1 << 30
+
+
+def memory_status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current resident memory (Linux 4.0+)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def measure(test_file: Path, layers: int, k: int, examples: int, device_name: str) -> dict[str, float]:
+    """One measurement in this process: the peak memory (bytes) during the evaluation, its increase over the
+    memory in use before, and the time taken."""
+    device = resolve_device(device_name)
+    x = torch.load(test_file)[:examples].to(device)
+    torch.manual_seed(0)
+    model = burda(layers, x.shape[1], train_mean=x.mean(0)).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        reset_peak_rss()
+        baseline = memory_status("VmRSS")
+    start = time.perf_counter()
+    evaluate.importance_statistics(model, x, k)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = memory_status("VmHWM")
+    return {"peak": peak, "increase": peak - baseline, "seconds": time.perf_counter() - start}
+
+
+def mnist_test_images() -> tuple[torch.Tensor, str]:
+    if os.environ.get("IWAE_DATA_DIR"):
+        return data.load("mnist", download=False).test, "MNIST test set"
+    generator = torch.Generator().manual_seed(0)
+    return (torch.rand(10_000, 784, generator=generator) < 0.13).float(), "random binary stand-in of MNIST's shape"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=10_000)
+    parser.add_argument("--k", type=int, default=5000)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--child", nargs=2, metavar=("TEST_FILE", "LAYERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(Path(args.child[0]), int(args.child[1]), args.k, args.examples, args.device)))
+        return
+
+    images, source = mnist_test_images()
+    examples = min(args.examples, len(images))
+    subset = "all" if examples == len(images) else f"the first {examples} of"
+    print(f"evaluating k={args.k} on {subset} {len(images)} images ({source}), device {args.device}")
+    if examples < len(images):
+        print("(a subset: peak memory does not depend on the number of examples, which are evaluated 32 at a time)")
+    with tempfile.TemporaryDirectory() as tmp:
+        test_file = Path(tmp) / "test.pt"
+        torch.save(images, test_file)
+        within = True
+        for layers in args.layers:
+            command = [sys.executable, __file__, "--child", str(test_file), str(layers), "--k", str(args.k),
+                       "--examples", str(examples), "--device", args.device]
+            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            within &= result["peak"] < TARGET_BYTES
+            what = "allocated on the GPU" if args.device.startswith("cuda") else "resident memory of the process"
+            print(f"{layers} stochastic layer(s): peak {result['peak'] / 2**20:.0f} MiB {what} "
+                  f"(+{result['increase'] / 2**20:.0f} MiB during the evaluation), {result['seconds']:.1f} s, "
+                  f"{examples * args.k / result['seconds']:.0f} samples/s")
+    print(f"target: under {TARGET_BYTES / 2**30:.0f} GiB: {'met' if within else 'NOT met'}")
+    sys.exit(0 if within else 1)
+
+
+if __name__ == "__main__":
+    main()
