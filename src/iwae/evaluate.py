@@ -151,17 +151,19 @@ def active_units(model: DeepLatentModel, x: Tensor, threshold: float = ACTIVE_UN
     return counts
 
 
-def split_examples(dataset: data.Dataset, split: str, seed: int) -> Tensor:
-    """The binary examples of a split: ``test``/``valid`` as loaded (binarized once with a fixed seed for
-    dynamic data), ``train`` binarized once with a generator seeded with ``seed`` if dynamic."""
+def split_examples(dataset: data.Dataset, split: str, seed: int, limit: int | None = None) -> Tensor:
+    """The first ``limit`` (default: all) binary examples of a split: ``test``/``valid`` as loaded (binarized
+    once with a fixed seed for dynamic data), ``train`` binarized here with a generator seeded with ``seed``
+    if dynamic."""
     if split == "train":
+        x = dataset.train[:limit]
         if dataset.binarization == "static":
-            return dataset.train
-        return data.binarize(dataset.train, torch.Generator(dataset.train.device).manual_seed(seed))
+            return x
+        return data.binarize(x, torch.Generator(x.device).manual_seed(seed))
     if split == "test":
-        return dataset.test
+        return dataset.test[:limit]
     if split == "valid" and dataset.valid is not None:
-        return dataset.valid
+        return dataset.valid[:limit]
     raise ValueError(f"split {split!r} is not available for {dataset.name}; choose train or test")
 
 
@@ -216,7 +218,7 @@ def evaluate_run(
     split_protocol = config["data_split"] if dataset is None else "paper"
     loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
     loaded = loaded.to(torch_device)
-    x = split_examples(loaded, split, seed)[:examples]
+    x = split_examples(loaded, split, seed, examples)
     if x.shape[1] != state["x_dim"]:
         raise ValueError(
             f"{loaded.name} has {x.shape[1]} values per example but the model in {run_dir} was trained on "
@@ -224,7 +226,7 @@ def evaluate_run(
         )
     with seeded(seed, torch_device):
         stats = importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size, progress=progress)
-        active = active_units(model, split_examples(loaded, "train", seed)[:ACTIVE_UNIT_EXAMPLES])
+        active = active_units(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
     nll = -stats.log_likelihood.double().cpu()
     n = len(nll)
     result = {

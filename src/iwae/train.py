@@ -210,6 +210,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
         }
         checkpoint.save(run_dir, state)
         _fit(config, run_dir, dataset, state, stop, progress)
+    del dataset  # the evaluation loads what it needs: never hold two copies of the data
     return _finish(config, run_dir, device, progress)
 
 
@@ -234,14 +235,16 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
         raise ValueError(f"cannot resume {run_dir} with a different configuration: {listed}; drop those options "
                          "to continue the run as it was, or start a new run with a new --out")
     config = TrainConfig(**{**saved, **{key: value for key, value in changes.items() if key in RUNTIME_KEYS}})
-    dataset = _load_data(config, resolve_device(config.device))
     if state["epoch"] == config.epochs and (run_dir / rundir.EVAL).is_file():
         print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
         return rundir.read_json(run_dir / rundir.EVAL)
+    device = resolve_device(config.device)
+    dataset = _load_data(config, device)
     with _StopOnSignal() as stop:
         rundir.truncate_metrics(run_dir, state["epoch"])
         _fit(config, run_dir, dataset, state, stop, progress)
-    return _finish(config, run_dir, dataset.train.device, progress)
+    del dataset  # the evaluation loads what it needs: never hold two copies of the data
+    return _finish(config, run_dir, device, progress)
 
 
 def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[str, Any], stop: _StopOnSignal,
