@@ -94,8 +94,8 @@ def build_model(config: dict[str, Any], x_dim: int, train_mean: Tensor | None = 
 
 
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], DeepLatentModel]:
-    """A run's configuration and its model with the latest checkpoint's parameters, on ``device``."""
+    """A run's latest checkpoint (see ``load``) and its model with the checkpoint's parameters, on ``device``."""
     state = load(run_dir)
     model = build_model(state["config"], state["x_dim"])
     model.load_state_dict(state["model"])
-    return state["config"], model.to(device)
+    return state, model.to(device)

@@ -28,13 +28,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see {self.prog} --help")
 
 
-def _option(group: argparse._ActionGroup, flag: str, type_: type, help_: str, dest: str | None = None) -> None:
+def _option(group: argparse._ActionGroup, flag: str, type_: type, help_: str, dest: str | None = None,
+            metavar: str | None = None) -> None:
     """A training option that is absent from the parsed namespace unless given, so that a resumed run
     can tell what was given again; its help shows ``TrainConfig``'s default."""
     dest = dest or flag.lstrip("-").replace("-", "_")
     default = _DEFAULTS.get(dest)
     shown = f" (default: {default})" if default is not None else ""
-    group.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, help=help_ + shown)
+    metavar = metavar or {int: "N", float: "X", str: "NAME"}[type_]
+    group.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, metavar=metavar, help=help_ + shown)
 
 
 def _train_parser(commands: argparse._SubParsersAction) -> None:
@@ -43,18 +45,18 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
         description="Train a model into a new run directory (--out), or continue one (--resume).",
     )
     where = parser.add_argument_group("run directory")
-    where.add_argument("--out", type=Path, help="a new run directory (it must not exist, or be empty)")
-    where.add_argument("--resume", type=Path, help="continue the run in this directory from its checkpoint")
+    where.add_argument("--out", type=Path, metavar="DIR", help="a new run directory (it must not exist, or be empty)")
+    where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
     group = parser.add_argument_group("data")
     _option(group, "--dataset", str, "a dataset name (mnist, binarized-mnist, omniglot, fashion-mnist, digits) "
-            "or the path of a .npy/.npz file of values in [0, 1]")
+            "or the path of a .npy/.npz file of values in [0, 1]", metavar="NAME_OR_PATH")
     _option(group, "--data-split", str, "paper (the paper's train/test) or code (the official code's held-out split)")
-    _option(group, "--data-dir", str, "where to look for dataset files (also $IWAE_DATA_DIR)")
+    _option(group, "--data-dir", str, "where to look for dataset files (also $IWAE_DATA_DIR)", metavar="DIR")
     group = parser.add_argument_group("model and objective")
     _option(group, "--layers", int, "stochastic layers of the paper's architecture: 1 or 2")
     _option(group, "--objective", str, f"the bound trained on: {', '.join(OBJECTIVES)}")
-    _option(group, "--k", int, "samples per example")
-    _option(group, "--m", int, "groups of samples, for miwae and piwae (must divide k)")
+    _option(group, "--k", int, "samples per example", metavar="K")
+    _option(group, "--m", int, "groups of samples, for miwae and piwae (must divide k)", metavar="M")
     _option(group, "--beta", float, "the ELBO's weight, for ciwae")
     _option(group, "--alpha", float, "the Renyi order, for vr (write --alpha=-inf for VR-max)")
     _option(group, "--estimator", str, f"the inference network's gradient: {', '.join(ESTIMATORS)}")
@@ -62,7 +64,7 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--schedule", str, "constant (with --epochs and --lr) or burda (3^i epochs at "
             "1e-3 * 10^(-i/7), i = 0..7)")
     _option(group, "--epochs", int, "epochs, for the constant schedule")
-    _option(group, "--lr", float, "learning rate, for the constant schedule (default: 0.001)")
+    _option(group, "--lr", float, "learning rate, for the constant schedule (default: 0.001)", metavar="LR")
     _option(group, "--schedule-scale", float, "multiply each burda stage's epochs by this (e.g. 0.01 for a short run)")
     _option(group, "--batch-size", int, "examples per minibatch")
     _option(group, "--beta1", float, "Adam's beta1")
@@ -73,7 +75,7 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--eval-k", int, "samples per example of the final evaluation (0 skips it)")
     _option(group, "--monitor-examples", int, "test examples on which each epoch's test bound is computed")
     _option(group, "--checkpoint-every", float, "also checkpoint every this many seconds within an epoch",
-            dest="checkpoint_every_s")
+            dest="checkpoint_every_s", metavar="SECONDS")
     _option(group, "--device", str, "cpu, cuda, or auto (a GPU if there is one)")
 
 
@@ -84,15 +86,16 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
         "bounds L_1, L_5, L_50 and L_k, the effective sample size and the active units.",
     )
     parser.add_argument("run", type=Path, help="a run directory written by iwae train")
-    parser.add_argument("--k", type=int, default=5000, help="importance samples per example (default: 5000)")
-    parser.add_argument("--split", default="test", help="test, train or valid (default: test)")
-    parser.add_argument("--dataset", help="evaluate on this dataset name or .npy/.npz file instead of the run's")
-    parser.add_argument("--data-dir", help="where to look for dataset files (default: the run's)")
-    parser.add_argument("--examples", type=int, help="evaluate on the first N examples of the split only")
+    parser.add_argument("--k", type=int, default=5000, metavar="K", help="samples per example (default: 5000)")
+    parser.add_argument("--split", default="test", metavar="SPLIT", help="test, train or valid (default: test)")
+    parser.add_argument("--dataset", metavar="NAME_OR_PATH",
+                        help="evaluate on this dataset name or .npy/.npz file instead of the run's")
+    parser.add_argument("--data-dir", metavar="DIR", help="where to look for dataset files (default: the run's)")
+    parser.add_argument("--examples", type=int, metavar="N", help="evaluate on the first N examples of the split only")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
-    parser.add_argument("--chunk-size", type=int, default=500, help="samples per pass (default: 500)")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per pass (default: 32)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
+    parser.add_argument("--chunk-size", type=int, default=500, metavar="N", help="samples per pass (default: 500)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per pass (default: 32)")
 
 
 def _sample_parser(commands: argparse._SubParsersAction) -> None:
@@ -102,8 +105,8 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
         "evaluation.",
     )
     parser.add_argument("run", type=Path, help="a run directory written by iwae train")
-    parser.add_argument("--n", type=int, default=100, help="number of model samples (default: 100)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default: 0)")
+    parser.add_argument("--n", type=int, default=100, metavar="N", help="number of model samples (default: 100)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
 
 

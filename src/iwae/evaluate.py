@@ -211,10 +211,8 @@ def evaluate_run(
         raise ValueError(f"examples must be a positive number; got {examples}")
     start = time.perf_counter()
     torch_device = resolve_device(device)
-    state = checkpoint.load(run_dir)
+    state, model = checkpoint.load_model(run_dir, torch_device)
     config = state["config"]
-    model = checkpoint.build_model(config, state["x_dim"]).to(torch_device)
-    model.load_state_dict(state["model"])
     split_protocol = config["data_split"] if dataset is None else "paper"
     loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
     loaded = loaded.to(torch_device)
@@ -227,7 +225,7 @@ def evaluate_run(
     with seeded(seed, torch_device):
         stats = importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size, progress=progress)
         active = active_units(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
-    nll = -stats.log_likelihood.double().cpu()
+    nll = -stats.log_likelihood.cpu()
     n = len(nll)
     result = {
         "run": str(run_dir),
@@ -239,11 +237,9 @@ def evaluate_run(
         "seed": seed,
         "nll": nll.mean().item(),
         "nll_se": nll.std().item() / math.sqrt(n) if n > 1 else math.nan,
-        "bounds": {str(g): b.double().mean().item() for g, b in stats.bounds.items()},
-        "bounds_se": {
-            str(g): b.double().std().item() / math.sqrt(n) if n > 1 else math.nan for g, b in stats.bounds.items()
-        },
-        "ess": stats.ess.double().mean().item(),
+        "bounds": {str(g): b.mean().item() for g, b in stats.bounds.items()},
+        "bounds_se": {str(g): b.std().item() / math.sqrt(n) if n > 1 else math.nan for g, b in stats.bounds.items()},
+        "ess": stats.ess.mean().item(),
         "active_units": active,
         "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
         "active_units_threshold": ACTIVE_UNIT_THRESHOLD,

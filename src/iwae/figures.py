@@ -113,7 +113,8 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
     if n < 2:
         raise ValueError(f"the number of samples must be at least 2; got {n}")
     torch_device = resolve_device(str(device))
-    config, model = checkpoint.load_model(run_dir, torch_device)
+    state, model = checkpoint.load_model(run_dir, torch_device)
+    config = state["config"]
     dataset = data.load(config["dataset"], config["data_dir"], split=config["data_split"])
     shape = image_shape(dataset.test.shape[1], dataset.image_shape)
     columns = 10 if shape[0] > 1 else 1
