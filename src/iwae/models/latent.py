@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,13 +17,13 @@ from torch.distributions import Distribution
 from torch.func import functional_call
 
 
+@dataclass
 class LatentSample:
     """K reparameterized draws from q for a batch: ``z[l]`` has shape (K, B, d_l), and ``q[l]`` is the
     distribution q(z_l | z_{l-1}) each was drawn from (with the encoder's parameters attached)."""
 
-    def __init__(self, z: list[Tensor], q: list[Distribution]) -> None:
-        self.z = z
-        self.q = q
+    z: list[Tensor]
+    q: list[Distribution]
 
 
 class DeepLatentModel(nn.Module):
@@ -46,10 +47,6 @@ class DeepLatentModel(nn.Module):
             )
         self.encoder = nn.ModuleList(encoder)
         self.decoder = nn.ModuleList([*decoder, prior])
-
-    @property
-    def num_stochastic_layers(self) -> int:
-        return len(self.encoder)
 
     def sample_posterior(self, x: Tensor, k: int) -> LatentSample:
         """Draw k reparameterized samples of z_1..z_L from q(z | x) for a batch x of shape (B, D)."""
