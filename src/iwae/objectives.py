@@ -84,6 +84,14 @@ class Objective:
             return bounds.ciwae(log_w, self.beta)
         return bounds.vr(log_w, self.alpha)
 
+    def check_estimator(self, estimator: str) -> None:
+        """Raise ValueError unless ``estimator`` names an estimator defined for this objective."""
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if estimator == "dreg" and self.name == "vr" and self.alpha == -math.inf:
+            raise ValueError("dreg has no form for the VR-max bound (vr with alpha=-inf), so it has no DReG "
+                             "estimator; use estimator standard or stl")
+
     def weights(self, log_w: Tensor, inference: bool = False) -> tuple[Tensor, Tensor | None]:
         """(a, d): a_i = dL/d(log w_i) and the DReG weight d_i = a_i - d a_i / d(log w_i), shape (K, *batch).
 
@@ -151,12 +159,9 @@ def loss(
       ``Loss(loss, bound, log_w)``.
     """
     obj = objective if isinstance(objective, Objective) else Objective(objective, k, m, beta, alpha)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    obj.check_estimator(estimator)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
-    if estimator == "dreg" and obj.name == "vr" and obj.alpha == -math.inf:
-        raise ValueError("dreg has no form for the VR-max bound (alpha=-inf); use estimator 'standard' or 'stl'")
 
     sample = model.sample_posterior(x, obj.k)
     rescaled = (estimator == "dreg" and obj.name != "elbo") or obj.name == "piwae"
@@ -165,8 +170,8 @@ def loss(
     log_q = model.log_posterior(x, sample, stop_gradient=estimator != "standard")
     log_w = (log_p - log_q).detach()
 
-    a, _ = obj.weights(log_w)
     inference, dreg = obj.weights(log_w, inference=True)
+    a = obj.weights(log_w)[0] if obj.name == "piwae" else inference  # the two bounds differ for PIWAE only
     path = dreg if estimator == "dreg" else inference
     if rescaled:
         ratio = torch.where(a > 0, path / a, torch.zeros_like(a))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from iwae import checkpoint, data, evaluate, figures, rundir
 from iwae.device import resolve_device
-from iwae.objectives import ESTIMATORS, Objective, loss
+from iwae.objectives import Objective, loss
 
 SCHEDULES = ("constant", "burda")
 # Settings that do not change the trajectory, so a resumed run may use new values. (The device is not one:
@@ -73,12 +73,8 @@ class TrainConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        objective = self.objective_spec()  # validates the objective's name, k, m, beta and alpha
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if self.estimator == "dreg" and objective.weights(torch.zeros(self.k, 1), inference=True)[1] is None:
-            raise ValueError(f"the {self.objective} bound with alpha={self.alpha} has no DReG estimator; "
-                             "use --estimator standard or stl")
+        # validates the objective's name, k, m, beta and alpha, and the estimator for it
+        self.objective_spec().check_estimator(self.estimator)
         if self.layers not in (1, 2):
             raise ValueError(f"layers must be 1 or 2 (the paper's architectures); got {self.layers}")
         if self.schedule not in SCHEDULES:
