@@ -68,6 +68,8 @@ class TrainStep:
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
         self.bound_sum = torch.zeros((), dtype=torch.float64, device=device)
         group, state = optimizer.param_groups[0], optimizer.state
+        self._hyper = {"beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"],
+                       "capturable": group["capturable"]}  # read once: the compiled step guards on no dict
         for p in self.params:  # Adam's state as its own first step would create it
             if not state[p]:
                 step = torch.zeros((), device=p.device) if group["capturable"] else torch.tensor(0.0)
@@ -120,7 +122,9 @@ class TrainStep:
 
     def _adam(self, grads: list[Tensor]) -> None:
         """torch.optim.Adam's update of the parameters, on its own state."""
-        group, moments = self.optimizer.param_groups[0], [self.optimizer.state[p] for p in self.params]
+        moments = [self.optimizer.state[p] for p in self.params]
+        # compiled: the lr tensor, so the schedule needs no recompilation; eager: the float, as torch.optim.Adam
+        lr = self.lr if torch.compiler.is_compiling() else self.optimizer.param_groups[0]["lr"]
         adam(self.params, grads, [s["exp_avg"] for s in moments], [s["exp_avg_sq"] for s in moments], [],
-             [s["step"] for s in moments], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
-             lr=self.lr, weight_decay=0.0, eps=group["eps"], maximize=False, capturable=group["capturable"])
+             [s["step"] for s in moments], amsgrad=False, lr=lr, weight_decay=0.0, maximize=False,
+             **self._hyper)
