@@ -26,14 +26,18 @@ squares with weights (SNR / se)^2, and its standard error is sqrt(1 / sum_i w_i 
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from iwae import figures, rundir
 from iwae.evaluate import seeded
 from iwae.objectives import ESTIMATORS, Objective, loss
 
@@ -151,15 +155,20 @@ def fit_slope(ks: Sequence[float], snr: Sequence[float], se: Sequence[float]) ->
     return Slope(sxy / sxx, 1.0 / math.sqrt(sxx), len(kept))
 
 
-def _check(objective: Objective, estimators: Sequence[str], ks: Sequence[int], draws: int) -> None:
+def check_settings(objective: str | Objective, estimators: Sequence[str], ks: Sequence[int], draws: int, *,
+                   m: int = 1, beta: float = 0.5) -> Objective:
+    """The objective (K to be replaced by each of ``ks``), after checking every argument of ``gradient_snr``;
+    ValueError naming the first problem and its fix."""
+    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"the K grid must be positive integers; got {list(ks)}")
+    objective = objective if isinstance(objective, Objective) else Objective(objective, max(m, 1), m, beta)
     if objective.name not in GRADIENT_OBJECTIVES:
-        raise ValueError(f"objective {objective.name!r} is not diagnosed; choose one of {', '.join(GRADIENT_OBJECTIVES)}")
+        raise ValueError(f"objective {objective.name!r} is not diagnosed (its gradient is the ELBO's or has no "
+                         f"SNR law); choose one of {', '.join(GRADIENT_OBJECTIVES)}")
     if not estimators:
         raise ValueError("no estimators given; choose from " + ", ".join(ESTIMATORS))
     for estimator in estimators:
         objective.check_estimator(estimator)
-    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
-        raise ValueError(f"the K grid must be positive integers; got {list(ks)}")
     if objective.name in ("miwae", "piwae"):
         bad = [k for k in ks if k % objective.m]
         if bad:
@@ -167,6 +176,7 @@ def _check(objective: Objective, estimators: Sequence[str], ks: Sequence[int], d
                              f"{', '.join(map(str, bad))}; use multiples of m")
     if not isinstance(draws, int) or draws < 2:
         raise ValueError(f"draws must be an integer of at least 2 (a standard deviation needs two); got {draws}")
+    return objective
 
 
 def _flat_grad(params: list[nn.Parameter]) -> Tensor:
@@ -206,8 +216,7 @@ def gradient_snr(
       ``SNRResult`` with one ``SNRPoint`` per estimator, network and K, and the slopes against K.
     """
     estimators, ks = list(estimators), sorted(set(ks))
-    base = objective if isinstance(objective, Objective) else Objective(objective, max(m, 1), m, beta)
-    _check(base, estimators, ks, draws)
+    base = check_settings(objective, estimators, ks, draws, m=m, beta=beta)
     params = {"inference": list(model.encoder.parameters()), "generative": list(model.decoder.parameters())}
     points: list[SNRPoint] = []
     settings = [(estimator, k) for estimator in estimators for k in ks]
@@ -251,3 +260,39 @@ def gradient_snr(
         for estimator in estimators
     }
     return SNRResult(base.name, draws, points, slopes)
+
+
+def slopes_json(results: Sequence[SNRResult]) -> tuple[dict, dict]:
+    """({objective: {estimator: {network: slope}}}, the same with the slopes' standard errors)."""
+    slopes = {r.objective: {e: {n: s.slope for n, s in d.items()} for e, d in r.slopes.items()} for r in results}
+    ses = {r.objective: {e: {n: s.se for n, s in d.items()} for e, d in r.slopes.items()} for r in results}
+    return slopes, ses
+
+
+def write_results(results: Sequence[SNRResult], out: Path, title: str) -> list[Path]:
+    """Write ``out``/snr.csv (``CSV_COLUMNS``), slopes.json, slopes_se.json and snr.png; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(point.row() for result in results for point in result.points)
+    rundir.write_atomic(out / "snr.csv", lambda file: file.write(text.getvalue().encode()))
+    slopes, ses = slopes_json(results)
+    rundir.write_json(out / "slopes.json", slopes)
+    rundir.write_json(out / "slopes_se.json", ses)
+    plot = figures.plot_snr(out / "snr.png", results, title)
+    return [out / "snr.csv", out / "slopes.json", out / "slopes_se.json", plot]
+
+
+def format_table(results: Sequence[SNRResult]) -> str:
+    """The points and slopes as a text table."""
+    lines = [f"{'objective':<9} {'estimator':<9} {'network':<10} {'k':>5} {'m':>3} {'snr':>10} {'+-se':>8} "
+             f"{'mean param snr':>14} {'|mean|':>10} {'std':>10}"]
+    for result in results:
+        lines += [f"{p.objective:<9} {p.estimator:<9} {p.network:<10} {p.k:>5} {p.m:>3} {p.snr:>10.4g} "
+                  f"{p.snr_se:>8.2g} {p.mean_parameter_snr:>14.4g} {p.mean_norm:>10.4g} {p.std_norm:>10.4g}"
+                  for p in result.points]
+    lines.append(f"slope of log SNR against log K (+- standard error; {results[0].draws} draws per pass):")
+    lines += [f"  {r.objective:<9} {e:<9} {n:<10} {s.slope:+.3f} +- {s.se:.3f}"
+              for r in results for e, d in r.slopes.items() for n, s in d.items()]
+    return "\n".join(lines)
