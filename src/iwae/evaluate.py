@@ -205,7 +205,8 @@ def evaluate_run(
     Returns:
       The result also written to ``eval_path(run_dir, split, dataset)``: ``nll`` and ``nll_se`` (mean and
       standard error over examples of -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g
-      keyed by g), ``ess``, ``active_units`` (one count per stochastic layer), and what was evaluated.
+      keyed by g), ``ess`` and ``ess_per_k`` (the mean ESS over examples, and that divided by k: 1 when q
+      is the posterior), ``active_units`` (one count per stochastic layer), and what was evaluated.
     """
     if examples is not None and examples < 1:
         raise ValueError(f"examples must be a positive number; got {examples}")
@@ -240,6 +241,7 @@ def evaluate_run(
         "bounds": {str(g): b.mean().item() for g, b in stats.bounds.items()},
         "bounds_se": {str(g): b.std().item() / math.sqrt(n) if n > 1 else math.nan for g, b in stats.bounds.items()},
         "ess": stats.ess.mean().item(),
+        "ess_per_k": stats.ess.mean().item() / k,
         "active_units": active,
         "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
         "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
@@ -263,6 +265,7 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     rows += [
         ("ESS", f"{result['ess']:.1f} of {k}"),
+        ("ESS/k", f"{result['ess_per_k']:.4f} (1 when q is the posterior)"),
         ("active units", " + ".join(map(str, result["active_units"])) + f" (of {result['active_units_examples']} "
          f"training examples, threshold {result['active_units_threshold']})"),
     ]
