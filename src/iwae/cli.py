@@ -102,6 +102,9 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--chunk-size", type=int, default=500, metavar="N", help="samples per pass (default: 500)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per pass (default: 32)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the evaluation passes (torch.compile), or not; default: compile evaluations of "
+                        f"at least {evaluate.AUTO_COMPILE_SAMPLES:,} samples (examples times k)")
 
 
 def _sample_parser(commands: argparse._SubParsersAction) -> None:
@@ -183,6 +186,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     result = evaluate.evaluate_run(
         args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
+        compile=args.compile,
     )
     print(evaluate.format_table(result))
     print(f"written to {evaluate.eval_path(args.run, args.split, args.dataset)}")
