@@ -41,3 +41,16 @@ def test_gradients_agree_on_both_paths(layers: int) -> None:
             grads[path] = torch.autograd.grad(out.loss, list(model.parameters()))
     for a, b in zip(grads[gemm.DEFAULT], grads[gemm.ONEDNN], strict=True):
         assert (a - b).abs().max() <= 1e-4 * a.abs().max().clamp_min(1e-3)
+
+
+def test_a_named_path_is_used_and_an_unknown_one_refused() -> None:
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        assert gemm.fastest_fp32_matmul("cpu", gemm.DEFAULT) == gemm.DEFAULT
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert gemm.fastest_fp32_matmul("cpu", gemm.ONEDNN) == gemm.ONEDNN
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        with pytest.raises(ValueError, match="unknown matrix-multiply path 'mkl'"):
+            gemm.fastest_fp32_matmul("cpu", "mkl")
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before

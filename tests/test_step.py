@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import assert_same_parameters, tiny_config
+from test_train import assert_same_parameters, interrupt_at_call, tiny_config
 
-from iwae import checkpoint, train
+from iwae import checkpoint, gemm, train
 from iwae.models import LinearGaussian, burda
 from iwae.objectives import ESTIMATORS, OBJECTIVES, Objective
 from iwae.step import TrainStep, make_adam
@@ -193,3 +193,19 @@ def test_capturable_update_equals_the_plain_one() -> None:
         step(x)
     assert step.compiled
     assert_parameters_close(plain, capturable, grads)
+
+
+def test_a_run_resumes_on_its_recorded_matmul_path(tiny_dataset: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed process that would measure another path as the fastest still continues on the run's own."""
+    config = tiny_config(tiny_dataset, epochs=2)
+    monkeypatch.setattr(gemm, "_chosen", {"cpu": gemm.ONEDNN})  # as if this process had measured oneDNN fastest
+    train.train(config, tmp_path / "reference", progress=False)
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, 11, signal.SIGINT)
+        with pytest.raises(train.Interrupted):
+            train.train(config, tmp_path / "run", progress=False)
+    assert checkpoint.load(tmp_path / "run")["config"]["matmul"] == gemm.ONEDNN
+    monkeypatch.setattr(gemm, "_chosen", {"cpu": gemm.DEFAULT})  # a new process measures the default faster
+    train.resume(tmp_path / "run", progress=False)
+    assert_same_parameters(tmp_path / "reference", tmp_path / "run")

@@ -73,19 +73,25 @@ def measure(rows: int = 1000, inner: int = 200, cols: int = 784, rounds: int = 5
     return result
 
 
-def fastest_fp32_matmul(device: torch.device | str = "cpu") -> str:
-    """Switch float32 matrix multiplies on ``device`` to the fastest accurate path, once per process; return its
-    name ("onednn" or "default"). The switch is torch's global setting, so it holds for the whole process."""
+def fastest_fp32_matmul(device: torch.device | str = "cpu", path: str | None = None) -> str:
+    """Switch float32 matrix multiplies on ``device`` to ``path`` ("onednn" or "default") or, if None, to the
+    fastest accurate path, measured once per process; return the path used. The switch is torch's global
+    setting, so it holds for the whole process. (A run records the path, so that it resumes on the same one.)
+    """
+    if path not in (None, DEFAULT, ONEDNN):
+        raise ValueError(f"unknown matrix-multiply path {path!r}; choose {DEFAULT} or {ONEDNN}")
     device = torch.device(device)
     if not _onednn_available(device):
         return DEFAULT
-    if "cpu" not in _chosen:
-        result = measure()
-        accurate = result[ONEDNN]["error"] <= ACCURACY_FACTOR * max(result[DEFAULT]["error"], 1e-7)
-        faster = result[ONEDNN]["seconds"] < 0.95 * result[DEFAULT]["seconds"]
-        _chosen["cpu"] = ONEDNN if accurate and faster else DEFAULT
-    _set_path(_chosen["cpu"])
-    return _chosen["cpu"]
+    if path is None:
+        if "cpu" not in _chosen:
+            result = measure()
+            accurate = result[ONEDNN]["error"] <= ACCURACY_FACTOR * max(result[DEFAULT]["error"], 1e-7)
+            faster = result[ONEDNN]["seconds"] < 0.95 * result[DEFAULT]["seconds"]
+            _chosen["cpu"] = ONEDNN if accurate and faster else DEFAULT
+        path = _chosen["cpu"]
+    _set_path(path)
+    return path
 
 
 @contextmanager

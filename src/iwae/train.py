@@ -53,7 +53,8 @@ class TrainConfig:
     ``eval_k`` = 0 skips the final evaluation; ``monitor_examples`` is the size of the fixed test subset on
     which each epoch's test bound is computed. ``compile``: True compiles the training step into one program
     (``iwae.step``), False runs it eagerly, None decides by the run's length (``AUTO_COMPILE_STEPS``); the
-    two modes differ by float rounding only, and a run records the mode it used.
+    two modes differ by float rounding only, and a run records the mode it used. ``matmul``: the float32
+    matrix-multiply path (``iwae.gemm``), None for the fastest one here; a run records the path it used.
     """
 
     dataset: str = "digits"
@@ -80,6 +81,7 @@ class TrainConfig:
     device: str = "auto"
     data_dir: str | None = None
     compile: bool | None = None
+    matmul: str | None = None
 
     def __post_init__(self) -> None:
         # validates the objective's name, k, m, beta and alpha, and the estimator for it
@@ -207,6 +209,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     dataset = _load_data(config, device)
     if config.compile is None:
         config = replace(config, compile=config.steps(len(dataset.train)) >= AUTO_COMPILE_STEPS)
+    config = replace(config, matmul=gemm.fastest_fp32_matmul(device, config.matmul))
     with _StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
         rundir.create(run_dir)
         rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
@@ -268,7 +271,7 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
     optimizer = make_adam(model, stages[0][1], (config.beta1, config.beta2), config.adam_eps)
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
-    gemm.fastest_fp32_matmul(device)
+    gemm.fastest_fp32_matmul(device, config.matmul)  # the run's own path, so that it resumes bit for bit
     train_step = TrainStep(model, optimizer, objective, config.estimator, compile=bool(config.compile))
     generator = torch.Generator(device)
     checkpoint.set_rng_state(state["rng"], generator)
