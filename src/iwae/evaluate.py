@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,22 +27,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from iwae import bounds, checkpoint, data, rundir
-from iwae.device import resolve_device
+from iwae.ais import ais_log_likelihood as ais_log_likelihood
+from iwae.device import resolve_device, seeded
 from iwae.models import DeepLatentModel
 from iwae.objectives import Objective
 
 GROUP_SIZES = (1, 5, 50)
 ACTIVE_UNIT_EXAMPLES = 500
 ACTIVE_UNIT_THRESHOLD = 0.01
-
-
-@contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the body with torch's global generator (and the GPU's, on ``device``) seeded with ``seed``,
-    restoring the generators' states afterwards, so that evaluating never perturbs a training run."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 class WeightStatistics(NamedTuple):
