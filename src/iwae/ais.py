@@ -289,7 +289,8 @@ def anneal(
     return log_w, acceptance, trace
 
 
-def _check(steps: int, chains: int, leapfrog: int, start: str) -> None:
+def check_settings(steps: int, chains: int, leapfrog: int, start: str) -> None:
+    """Raise ValueError naming the first setting that AIS cannot run with."""
     for name, value in (("steps", steps), ("chains", chains), ("leapfrog", leapfrog)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {name}={value}")
@@ -343,7 +344,7 @@ def ais_log_likelihood(
     whatever ``steps`` and ``leapfrog``. With ``seed``, the draws come from a generator seeded with it and
     torch's global generator is left as it was.
     """
-    _check(steps, chains, leapfrog, start)
+    check_settings(steps, chains, leapfrog, start)
     betas = sigmoid_schedule(steps)
     batches = x.split(batch_size)
     runs = []
@@ -379,7 +380,7 @@ def bdmc(
     reversed (a stochastic upper bound). Both use the step sizes of one forward pilot run, which is independent
     of z given x, as the backward run's unbiasedness requires. Arguments as for ``ais_log_likelihood``.
     """
-    _check(steps, chains, leapfrog, start)
+    check_settings(steps, chains, leapfrog, start)
     if n < 1:
         raise ValueError(f"the number of simulated examples must be positive; got {n}")
     betas = sigmoid_schedule(steps)

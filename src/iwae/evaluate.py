@@ -165,6 +165,29 @@ def eval_path(run_dir: Path, split: str, dataset: str | None) -> Path:
     return run_dir / f"eval-{Path(dataset).stem}-{split}.json"
 
 
+def load_examples(
+    run_dir: Path, *, split: str, dataset: str | None, data_dir: str | None, examples: int | None, device: str,
+    seed: int,
+) -> tuple[dict[str, Any], DeepLatentModel, data.Dataset, Tensor]:
+    """A run's checkpoint state and model on ``device``, the data it is evaluated on (its own, or ``dataset``),
+    and the first ``examples`` (default: all) binary examples of ``split`` (see ``split_examples``)."""
+    if examples is not None and examples < 1:
+        raise ValueError(f"examples must be a positive number; got {examples}")
+    torch_device = resolve_device(device)
+    state, model = checkpoint.load_model(run_dir, torch_device)
+    config = state["config"]
+    split_protocol = config["data_split"] if dataset is None else "paper"
+    loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
+    loaded = loaded.to(torch_device)
+    x = split_examples(loaded, split, seed, examples)
+    if x.shape[1] != state["x_dim"]:
+        raise ValueError(
+            f"{loaded.name} has {x.shape[1]} values per example but the model in {run_dir} was trained on "
+            f"{state['x_dim']}; evaluate it on data of the same dimension"
+        )
+    return state, model, loaded, x
+
+
 def evaluate_run(
     run_dir: Path,
     *,
@@ -198,21 +221,10 @@ def evaluate_run(
       standard error over examples of -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g
       keyed by g), ``ess``, ``active_units`` (one count per stochastic layer), and what was evaluated.
     """
-    if examples is not None and examples < 1:
-        raise ValueError(f"examples must be a positive number; got {examples}")
     start = time.perf_counter()
-    torch_device = resolve_device(device)
-    state, model = checkpoint.load_model(run_dir, torch_device)
-    config = state["config"]
-    split_protocol = config["data_split"] if dataset is None else "paper"
-    loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
-    loaded = loaded.to(torch_device)
-    x = split_examples(loaded, split, seed, examples)
-    if x.shape[1] != state["x_dim"]:
-        raise ValueError(
-            f"{loaded.name} has {x.shape[1]} values per example but the model in {run_dir} was trained on "
-            f"{state['x_dim']}; evaluate it on data of the same dimension"
-        )
+    state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
+                                            examples=examples, device=device, seed=seed)
+    torch_device = x.device
     with seeded(seed, torch_device):
         stats = importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size, progress=progress)
         active = active_units(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
