@@ -126,8 +126,6 @@ class Path:
     """The geometric path from p_0 to p(x, z) for one batch x (B, D), on latents z flattened into one
     (C, B, sum_l d_l) tensor.
 
-    ``log_start(z)`` is log p_0(z) and ``log_ratio(z)`` is log p(x, z) - log p_0(z), each of shape (C, B);
-    for the prior start the ratio is log p(x | z_1) itself.
     """
 
     def __init__(self, model: DeepLatentModel, x: Tensor, start: Start, dims: list[int]) -> None:
@@ -153,15 +151,13 @@ class Path:
             given = value
         return log_q
 
-    def log_start(self, z: Tensor) -> Tensor:
-        latents = self.split(z)
-        return self.log_prior(latents) if self.start == "prior" else self.log_encoder(latents)
-
-    def log_ratio(self, z: Tensor) -> Tensor:
+    def terms(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """log p_0(z) and log p(x, z) - log p_0(z), each (C, B); for the prior start the second is log p(x | z_1)."""
         latents = self.split(z)
         if self.start == "prior":
-            return self.model.decoder[0](latents[0]).log_prob(self.x)
-        return self.model.log_joint(self.x, latents) - self.log_encoder(latents)
+            return self.log_prior(latents), self.model.decoder[0](latents[0]).log_prob(self.x)
+        log_q = self.log_encoder(latents)
+        return log_q, self.model.log_joint(self.x, latents) - log_q
 
     def sample_start(self, chains: int) -> Tensor:
         """z ~ p_0, shape (C, B, sum_l d_l)."""
@@ -198,8 +194,8 @@ class _State(NamedTuple):
 def _evaluate(path: Path, z: Tensor) -> _State:
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        log_start, log_ratio = path.log_start(z), path.log_ratio(z)
-        (grad_start,) = torch.autograd.grad(log_start.sum(), z)
+        log_start, log_ratio = path.terms(z)
+        (grad_start,) = torch.autograd.grad(log_start.sum(), z, retain_graph=True)
         (grad_ratio,) = torch.autograd.grad(log_ratio.sum(), z)
     return _State(z.detach(), log_start.detach(), log_ratio.detach(), grad_start, grad_ratio)
 
