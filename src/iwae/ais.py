@@ -105,28 +105,29 @@ def sigmoid_schedule(steps: int, radius: float = SIGMOID_RADIUS) -> Tensor:
     return (s - s[0]) / (s[-1] - s[0])
 
 
-def _is_real(support: constraints.Constraint) -> bool:
-    """Whether a distribution's support is all of R^d (HMC needs an unconstrained, continuous space)."""
+def _base_support(support: constraints.Constraint) -> constraints.Constraint:
     while isinstance(support, constraints.independent):
         support = support.base_constraint
-    return isinstance(support, type(constraints.real))
+    return support
 
 
 def _continuous(distribution: Distribution, name: str) -> Distribution:
-    if not _is_real(distribution.support):
+    """``distribution`` if its support is all of R^d (HMC moves in an unconstrained continuous space), else
+    a ValueError naming the layer."""
+    support = _base_support(distribution.support)
+    if not isinstance(support, type(constraints.real)):
+        kind = type(getattr(distribution, "base_dist", distribution)).__name__
         raise ValueError(
-            f"AIS needs continuous latents on all of R^d, but {name} is a {type(distribution).__name__} with "
-            f"support {distribution.support}; use a model with Gaussian-like latent layers, or the importance-"
-            "sampled estimate (--method is)"
+            f"AIS needs continuous latents on all of R^d, but {name} is a {kind} with support "
+            f"{type(support).__name__.strip('_').lower()}; use a model with Gaussian latent layers, or the "
+            "importance-sampled estimate (--method is)"
         )
     return distribution
 
 
 class Path:
     """The geometric path from p_0 to p(x, z) for one batch x (B, D), on latents z flattened into one
-    (C, B, sum_l d_l) tensor.
-
-    """
+    (C, B, sum_l d_l) tensor."""
 
     def __init__(self, model: DeepLatentModel, x: Tensor, start: Start, dims: list[int]) -> None:
         self.model, self.x, self.start, self.dims = model, x, start, dims
@@ -303,6 +304,14 @@ def _result(runs: list[tuple[Tensor, Tensor, StepSizes]], sign: float = 1.0) -> 
     lse = torch.logsumexp(log_w, 0)
     ess = (2 * lse - torch.logsumexp(2 * log_w, 0)).exp()
     return AISResult(sign * (lse - math.log(len(log_w))), acceptance, ess, log_w, step_size)
+
+
+def check_model(model: DeepLatentModel, x: Tensor, start: Start) -> None:
+    """Raise ValueError if AIS cannot run on ``model`` from ``start`` (a latent layer that is not continuous),
+    by evaluating the path once at a draw from the start for the first example of ``x``."""
+    with torch.no_grad():
+        path = Path(model, x[:1], start, _latent_dims(model))
+        path.terms(path.sample_start(1))
 
 
 def _latent_dims(model: DeepLatentModel) -> list[int]:

@@ -79,6 +79,7 @@ def evaluate_ais(
         ais.check_settings(value, chains, leapfrog, start)
     state, model, loaded, x = evaluate.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                                      examples=examples, device=device, seed=seed)
+    ais.check_model(model, x, start)
     with seeded(seed, x.device):
         stats = evaluate.importance_statistics(model, x, k, batch_size=batch_size, progress=progress)
     sweep, result = [], None
