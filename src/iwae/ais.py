@@ -193,6 +193,7 @@ class _State(NamedTuple):
 
 
 def _evaluate(path: Path, z: Tensor) -> _State:
+    """The path's two terms at ``z`` and their gradients with respect to ``z``, detached (no graph is kept)."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         log_start, log_ratio = path.terms(z)
