@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from iwae import __version__, checkpoint, data, diagnostics, evaluate, figures, rundir, train
+from iwae import __version__, checkpoint, data, diagnostics, evaluate, evaluate_ais, figures, rundir, train
 from iwae.device import resolve_device
 from iwae.models import GaussianToy
 from iwae.objectives import ESTIMATORS, OBJECTIVES
@@ -87,7 +87,7 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "evaluate", help="estimate a run's NLL with k importance samples; write eval.json",
+        "evaluate", help="estimate a run's NLL with k importance samples (eval.json), or with AIS or BDMC",
         description="Evaluate a run's latest checkpoint: NLL = mean over examples of -log (1/k) sum_i w_i, the "
         "bounds L_1, L_5, L_50 and L_k, the effective sample size and the active units.",
     )
@@ -97,7 +97,8 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", metavar="NAME_OR_PATH",
                         help="evaluate on this dataset name or .npy/.npz file instead of the run's")
     parser.add_argument("--data-dir", metavar="DIR", help="where to look for dataset files (default: the run's)")
-    parser.add_argument("--examples", type=int, metavar="N", help="evaluate on the first N examples of the split only")
+    parser.add_argument("--examples", type=int, metavar="N", help="evaluate on the first N examples of the split "
+                        "only (default: all for is; 100 for ais; bdmc simulates N examples, default 100)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--chunk-size", type=int, default=500, metavar="N", help="samples per pass (default: 500)")
@@ -105,6 +106,18 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the evaluation passes (torch.compile), or not; default: compile evaluations of "
                         f"at least {evaluate.AUTO_COMPILE_SAMPLES:,} samples (examples times k)")
+    gold = parser.add_argument_group("annealed importance sampling (--method ais or bdmc)")
+    gold.add_argument("--method", choices=("is", "ais", "bdmc"), default="is",
+                      help="is: importance sampling (eval.json); ais: AIS and IS on the same examples "
+                      f"({evaluate_ais.AIS_FILE}); bdmc: bidirectional Monte Carlo on data simulated from the model "
+                      f"({evaluate_ais.BDMC_FILE}) (default: is)")
+    gold.add_argument("--ais-steps", type=int, nargs="+", default=[1000], metavar="N",
+                      help="intermediate distributions; several values for ais draw the estimate against them "
+                      "(the largest is reported) (default: 1000)")
+    gold.add_argument("--chains", type=int, default=16, metavar="C", help="AIS chains per example (default: 16)")
+    gold.add_argument("--leapfrog", type=int, default=10, metavar="L", help="leapfrog steps per HMC move (default: 10)")
+    gold.add_argument("--start", choices=("prior", "encoder"), default="prior",
+                      help="AIS starts from the prior or from q(z|x) (default: prior)")
 
 
 def _sample_parser(commands: argparse._SubParsersAction) -> None:
@@ -182,7 +195,25 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     return result
 
 
+def _run_evaluate_ais(args: argparse.Namespace) -> None:
+    settings = dict(chains=args.chains, leapfrog=args.leapfrog, start=args.start, k=args.k,
+                    examples=args.examples or evaluate_ais.DEFAULT_EXAMPLES, device=args.device, seed=args.seed,
+                    batch_size=args.batch_size, progress=True)
+    if args.method == "ais":
+        result = evaluate_ais.evaluate_ais(args.run, steps=args.ais_steps, split=args.split, dataset=args.dataset,
+                                           data_dir=args.data_dir, **settings)
+    elif len(args.ais_steps) > 1:
+        raise UsageError("bdmc runs one number of --ais-steps; give one value")
+    else:
+        result = evaluate_ais.evaluate_bdmc(args.run, steps=args.ais_steps[0], **settings)
+    print(evaluate_ais.format_table(result))
+    print(f"written to {args.run / (evaluate_ais.AIS_FILE if args.method == 'ais' else evaluate_ais.BDMC_FILE)}")
+
+
 def _run_evaluate(args: argparse.Namespace) -> None:
+    if args.method != "is":
+        _run_evaluate_ais(args)
+        return
     result = evaluate.evaluate_run(
         args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,

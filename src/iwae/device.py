@@ -1,6 +1,10 @@
-"""The device a command runs on: ``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (a GPU when there is one)."""
+"""The device a command runs on: ``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (a GPU when there is one), and
+seeding its random generators for one computation."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -22,3 +26,12 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
     return device
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the body with torch's global generator (and the GPU's, on ``device``) seeded with ``seed``,
+    restoring the generators' states afterwards, so that evaluating never perturbs a training run."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

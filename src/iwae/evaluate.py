@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,8 +27,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from iwae import bounds, checkpoint, data, gemm, rundir
+from iwae.ais import ais_log_likelihood as ais_log_likelihood
 from iwae.compiled import Compiled
-from iwae.device import resolve_device
+from iwae.device import resolve_device, seeded
 from iwae.models import DeepLatentModel
 from iwae.objectives import Objective
 
@@ -38,15 +38,6 @@ ACTIVE_UNIT_EXAMPLES = 500
 ACTIVE_UNIT_THRESHOLD = 0.01
 # evaluate_run compiles evaluations of at least this many samples (examples times k) unless told otherwise
 AUTO_COMPILE_SAMPLES = 5_000_000
-
-
-@contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the body with torch's global generator (and the GPU's, on ``device``) seeded with ``seed``,
-    restoring the generators' states afterwards, so that evaluating never perturbs a training run."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 class WeightStatistics(NamedTuple):
@@ -186,6 +177,29 @@ def eval_path(run_dir: Path, split: str, dataset: str | None) -> Path:
     return run_dir / f"eval-{Path(dataset).stem}-{split}.json"
 
 
+def load_examples(
+    run_dir: Path, *, split: str, dataset: str | None, data_dir: str | None, examples: int | None, device: str,
+    seed: int,
+) -> tuple[dict[str, Any], DeepLatentModel, data.Dataset, Tensor]:
+    """A run's checkpoint state and model on ``device``, the data it is evaluated on (its own, or ``dataset``),
+    and the first ``examples`` (default: all) binary examples of ``split`` (see ``split_examples``)."""
+    if examples is not None and examples < 1:
+        raise ValueError(f"examples must be a positive number; got {examples}")
+    torch_device = resolve_device(device)
+    state, model = checkpoint.load_model(run_dir, torch_device)
+    config = state["config"]
+    split_protocol = config["data_split"] if dataset is None else "paper"
+    loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
+    loaded = loaded.to(torch_device)
+    x = split_examples(loaded, split, seed, examples)
+    if x.shape[1] != state["x_dim"]:
+        raise ValueError(
+            f"{loaded.name} has {x.shape[1]} values per example but the model in {run_dir} was trained on "
+            f"{state['x_dim']}; evaluate it on data of the same dimension"
+        )
+    return state, model, loaded, x
+
+
 def evaluate_run(
     run_dir: Path,
     *,
@@ -223,21 +237,10 @@ def evaluate_run(
       keyed by g), ``ess`` and ``ess_per_k`` (the mean ESS over examples, and that divided by k: 1 when q
       is the posterior), ``active_units`` (one count per stochastic layer), and what was evaluated.
     """
-    if examples is not None and examples < 1:
-        raise ValueError(f"examples must be a positive number; got {examples}")
     start = time.perf_counter()
-    torch_device = resolve_device(device)
-    state, model = checkpoint.load_model(run_dir, torch_device)
-    config = state["config"]
-    split_protocol = config["data_split"] if dataset is None else "paper"
-    loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
-    loaded = loaded.to(torch_device)
-    x = split_examples(loaded, split, seed, examples)
-    if x.shape[1] != state["x_dim"]:
-        raise ValueError(
-            f"{loaded.name} has {x.shape[1]} values per example but the model in {run_dir} was trained on "
-            f"{state['x_dim']}; evaluate it on data of the same dimension"
-        )
+    state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
+                                            examples=examples, device=device, seed=seed)
+    torch_device = x.device
     if compile is None:
         compile = len(x) * k >= AUTO_COMPILE_SAMPLES
     gemm.fastest_fp32_matmul(torch_device)

@@ -4,6 +4,7 @@
     reconstructions.png  test examples beside the means of p(x | z_1) at z_1 = E_q[z_1 | x]
     training.png         train and test bounds, and the learning rate, per epoch (from metrics.jsonl)
     bound_vs_k.png       the bounds L_k against k from the last evaluation (from eval.json)
+    ais_vs_steps.png     the AIS estimate against the number of steps, and IS against k (``iwae.evaluate_ais``)
 
 and ``plot_snr``, the gradient signal-to-noise ratios of ``iwae diagnose snr``.
 
@@ -107,6 +108,29 @@ def plot_bound_vs_k(path: Path, result: dict[str, Any]) -> Path:
                 marker="o", capsize=3)
     ax.set(xscale="log", xlabel="k", ylabel="L_k (nats)",
            title=f"{result['dataset']} {result['split']}: NLL {result['nll']:.2f} at k={result['k']}")
+    return _save(fig, path)
+
+
+def plot_ais_vs_steps(path: Path, result: dict[str, Any]) -> Path:
+    """The AIS estimate of log p(x) against the number of steps, beside the importance-sampled bounds L_k
+    against k, on the same examples (means with standard errors, from an ``eval_ais.json`` result)."""
+    fig = Figure(figsize=(9, 3.6))
+    ais_ax = fig.add_subplot(1, 2, 1)
+    sweep = result["sweep"]
+    ais_ax.errorbar([s["steps"] for s in sweep], [-s["nll"] for s in sweep], yerr=[s["nll_se"] for s in sweep],
+                    marker="o", capsize=3, label=f"AIS, {result['chains']} chains")
+    ais_ax.set(xscale="log", xlabel="AIS steps", ylabel="log p(x) estimate (nats)",
+               title=f"AIS ({result['start']} start, {result['leapfrog']} leapfrog)")
+    is_ax = fig.add_subplot(1, 2, 2, sharey=ais_ax)
+    ks = sorted(result["is_bounds"], key=int)
+    is_ax.errorbar([int(k) for k in ks], [result["is_bounds"][k] for k in ks],
+                   yerr=[result["is_bounds_se"][k] for k in ks], marker="s", capsize=3, color="C1", label="IS, L_k")
+    is_ax.set(xscale="log", xlabel="importance samples k", title="importance sampling")
+    for ax in (ais_ax, is_ax):
+        ax.axhline(-result["nll"], color="C0", linestyle="--", linewidth=1,
+                   label=f"AIS, {result['steps']} steps: {-result['nll']:.2f}")
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{result['dataset']} {result['split']}, {result['examples']} examples")
     return _save(fig, path)
 
 

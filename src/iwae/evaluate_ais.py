@@ -1,0 +1,189 @@
+"""Evaluating a run with annealed importance sampling (``iwae evaluate RUN --method ais|bdmc``).
+
+    RUN/eval_ais.json              AIS on the first N examples of a split, beside the k-sample importance-
+                                   sampled estimate on the same examples
+    RUN/eval_bdmc.json             BDMC on N examples simulated from the model: forward and backward AIS
+    RUN/figures/ais_vs_steps.png   the AIS estimate against the number of steps, and IS against k
+
+The machinery is ``iwae.ais``; this module loads the run, runs it, and writes the results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from iwae import ais, checkpoint, evaluate, figures, rundir
+from iwae.device import resolve_device, seeded
+
+AIS_FILE = "eval_ais.json"
+BDMC_FILE = "eval_bdmc.json"
+FIGURE = "ais_vs_steps.png"
+DEFAULT_EXAMPLES = 100
+
+
+def _mean_se(values: Tensor) -> tuple[float, float]:
+    """The mean of per-example values and its standard error."""
+    values = values.double().cpu()
+    n = len(values)
+    return values.mean().item(), values.std().item() / math.sqrt(n) if n > 1 else math.nan
+
+
+def _settings(steps: int, chains: int, leapfrog: int, start: str) -> dict[str, Any]:
+    return {"steps": steps, "chains": chains, "leapfrog": leapfrog, "start": start,
+            "schedule": f"sigmoid, radius {ais.SIGMOID_RADIUS}", "pilot_steps": min(steps, ais.PILOT_STEPS)}
+
+
+def _diagnostics(result: ais.AISResult) -> dict[str, float]:
+    return {"acceptance": result.acceptance.mean().item(), "ess": result.ess.mean().item(),
+            "step_size": result.step_size.mean().item()}
+
+
+def evaluate_ais(
+    run_dir: Path,
+    *,
+    steps: Sequence[int] = (1000,),
+    chains: int = 16,
+    leapfrog: int = 10,
+    start: ais.Start = "prior",
+    k: int = 5000,
+    split: str = "test",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    examples: int | None = DEFAULT_EXAMPLES,
+    device: str = "auto",
+    seed: int = 0,
+    batch_size: int = 100,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """AIS and the k-sample importance-sampled estimate of log p(x) on the same examples of a run's data.
+
+    AIS runs once for each number of steps in ``steps``; the largest gives the reported ``nll``, and all of
+    them, with the IS bounds L_1, L_5, L_50, L_k, go into RUN/figures/ais_vs_steps.png.
+
+    Returns:
+      The result also written to RUN/eval_ais.json: ``nll`` and ``nll_se`` (mean and standard error over
+      examples of -log (1/C) sum_c w_c), ``steps``, ``chains``, ``leapfrog``, ``start``, ``schedule``, the
+      chains' mean ``acceptance``, ``ess`` and ``step_size``; ``is_nll``, ``is_nll_se`` and ``k`` for the
+      importance-sampled estimate, ``is_minus_ais`` (IS NLL minus AIS NLL, positive when AIS finds more mass)
+      with its paired standard error; ``sweep`` (one entry per number of steps); ``time_s`` and
+      ``time_per_example_s`` of the AIS runs.
+    """
+    steps = sorted(set(steps))
+    for value in steps:
+        ais.check_settings(value, chains, leapfrog, start)
+    state, model, loaded, x = evaluate.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
+                                                     examples=examples, device=device, seed=seed)
+    ais.check_model(model, x, start)
+    with seeded(seed, x.device):
+        stats = evaluate.importance_statistics(model, x, k, batch_size=batch_size, progress=progress)
+    sweep, result = [], None
+    for value in steps:
+        began = time.perf_counter()
+        result = ais.ais_log_likelihood(model, x, steps=value, chains=chains, leapfrog=leapfrog, start=start,
+                                        seed=seed, batch_size=batch_size, progress=progress)
+        nll, nll_se = _mean_se(-result.log_likelihood)
+        elapsed = time.perf_counter() - began
+        sweep.append({"steps": value, "nll": nll, "nll_se": nll_se, "time_s": round(elapsed, 2),
+                      **_diagnostics(result)})
+    is_nll, is_nll_se = _mean_se(-stats.log_likelihood)
+    difference, difference_se = _mean_se(result.log_likelihood - stats.log_likelihood)
+    out = {
+        "run": str(run_dir), "dataset": loaded.name, "split": split, "examples": len(x), "epoch": state["epoch"],
+        "seed": seed, "method": "ais", **_settings(steps[-1], chains, leapfrog, start),
+        "nll": sweep[-1]["nll"], "nll_se": sweep[-1]["nll_se"], **_diagnostics(result),
+        "k": k, "is_nll": is_nll, "is_nll_se": is_nll_se,
+        "is_bounds": {str(g): _mean_se(b)[0] for g, b in stats.bounds.items()},
+        "is_bounds_se": {str(g): _mean_se(b)[1] for g, b in stats.bounds.items()},
+        "is_minus_ais": difference, "is_minus_ais_se": difference_se,
+        "sweep": sweep, "time_s": sweep[-1]["time_s"], "time_per_example_s": sweep[-1]["time_s"] / len(x),
+        "device": str(x.device),
+    }
+    rundir.write_json(run_dir / AIS_FILE, out)
+    (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
+    figures.plot_ais_vs_steps(run_dir / rundir.FIGURES / FIGURE, out)
+    return out
+
+
+def evaluate_bdmc(
+    run_dir: Path,
+    *,
+    steps: int = 1000,
+    chains: int = 16,
+    leapfrog: int = 10,
+    start: ais.Start = "prior",
+    k: int = 5000,
+    examples: int | None = DEFAULT_EXAMPLES,
+    device: str = "auto",
+    seed: int = 0,
+    batch_size: int = 100,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Bidirectional Monte Carlo on ``examples`` examples simulated from a run's model.
+
+    Returns:
+      The result also written to RUN/eval_bdmc.json: ``log_p_lower`` and ``log_p_upper`` (means over the
+      simulated examples of the forward and backward AIS bounds, each with ``_se``), ``gap`` and ``gap_se``
+      (their difference, paired), ``nll`` and ``nll_se`` (the forward estimate as an NLL), the settings, the
+      forward and backward chains' diagnostics, the k-sample IS estimate on the same simulated examples
+      (``is_nll``, ``is_nll_se``), and ``time_s``, ``time_per_example_s``.
+    """
+    ais.check_settings(steps, chains, leapfrog, start)
+    examples = DEFAULT_EXAMPLES if examples is None else examples
+    state, model = checkpoint.load_model(run_dir, resolve_device(device))
+    began = time.perf_counter()
+    result = ais.bdmc(model, examples, steps=steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
+                      batch_size=batch_size, progress=progress)
+    elapsed = time.perf_counter() - began
+    with seeded(seed, result.x.device):
+        is_log_likelihood = evaluate.importance_statistics(model, result.x, k, batch_size=batch_size).log_likelihood
+    lower, lower_se = _mean_se(result.forward.log_likelihood)
+    upper, upper_se = _mean_se(result.backward.log_likelihood)
+    gap, gap_se = _mean_se(result.gap)
+    is_nll, is_nll_se = _mean_se(-is_log_likelihood)
+    out = {
+        "run": str(run_dir), "data": "simulated from the model", "examples": examples, "epoch": state["epoch"],
+        "seed": seed, "method": "bdmc", **_settings(steps, chains, leapfrog, start),
+        "nll": -lower, "nll_se": lower_se, "log_p_lower": lower, "log_p_lower_se": lower_se,
+        "log_p_upper": upper, "log_p_upper_se": upper_se, "gap": gap, "gap_se": gap_se,
+        "forward": _diagnostics(result.forward), "backward": _diagnostics(result.backward),
+        "k": k, "is_nll": is_nll, "is_nll_se": is_nll_se,
+        "time_s": round(elapsed, 2), "time_per_example_s": elapsed / examples, "device": str(result.x.device),
+    }
+    rundir.write_json(run_dir / BDMC_FILE, out)
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """An AIS or BDMC result as a small text table beside the importance-sampled estimate."""
+    setting = (f"{result['steps']} steps x {result['chains']} chains, {result['leapfrog']} leapfrog steps, "
+               f"{result['start']} start")
+    if result["method"] == "ais":
+        rows = [
+            ("data", f"{result['dataset']} {result['split']}, {result['examples']} examples"),
+            (f"NLL, IS k={result['k']}", f"{result['is_nll']:.2f} +- {result['is_nll_se']:.2f} nats"),
+            ("NLL, AIS", f"{result['nll']:.2f} +- {result['nll_se']:.2f} nats ({setting})"),
+            ("IS - AIS", f"{result['is_minus_ais']:.2f} +- {result['is_minus_ais_se']:.2f} nats (paired)"),
+            *((f"  AIS {s['steps']} steps", f"{s['nll']:.2f} +- {s['nll_se']:.2f}  ({s['time_s']:.0f} s)")
+              for s in result["sweep"][:-1]),
+            ("acceptance, ESS", f"{result['acceptance']:.2f}, {result['ess']:.1f} of {result['chains']}"),
+        ]
+    else:
+        rows = [
+            ("data", f"{result['examples']} examples simulated from the model"),
+            ("log p(x) >=", f"{result['log_p_lower']:.2f} +- {result['log_p_lower_se']:.2f} (forward AIS, {setting})"),
+            ("log p(x) <=", f"{result['log_p_upper']:.2f} +- {result['log_p_upper_se']:.2f} (backward AIS)"),
+            ("BDMC gap", f"{result['gap']:.2f} +- {result['gap_se']:.2f} nats"),
+            (f"NLL, IS k={result['k']}", f"{result['is_nll']:.2f} +- {result['is_nll_se']:.2f} nats"),
+            ("acceptance", f"{result['forward']['acceptance']:.2f} forward, {result['backward']['acceptance']:.2f} "
+             "backward"),
+        ]
+    rows.append(("time", f"{result['time_s']:.0f} s, {result['time_per_example_s']:.2f} s per example "
+                 f"on {result['device']}"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,0 +1,164 @@
+"""AIS and BDMC against closed forms: linear-Gaussian models with one and two stochastic layers.
+
+Tolerances are Monte Carlo standard errors: each example's AIS error is independent of the others', so the
+mean error over B examples is compared with the standard error estimated from the per-example errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Bernoulli, Independent, MultivariateNormal
+
+from iwae import ais
+from iwae.evaluate import ais_log_likelihood
+from iwae.models import DeepLatentModel, LinearGaussian
+from iwae.models.linear_gaussian import AffineGaussianEncoder, GaussianPrior, LinearGaussianLikelihood
+
+
+def model_and_data(n: int = 50) -> tuple[LinearGaussian, torch.Tensor, torch.Tensor]:
+    """A float64 linear-Gaussian model (10-dim x, 3-dim z, noise 0.3, so that the posterior is much narrower
+    than the prior), n examples drawn from it, and their exact log p(x)."""
+    g = torch.Generator().manual_seed(0)
+    model = LinearGaussian(10, 3, sigma=0.3, generator=g).double()
+    with torch.no_grad():
+        z = model.decoder[1].mu + torch.randn(n, 3, generator=g, dtype=torch.float64)
+        x = model.likelihood(z).mean + 0.3 * torch.randn(n, 10, generator=g, dtype=torch.float64)
+    return model, x, model.log_marginal(x).detach()
+
+
+def mean_and_se(error: torch.Tensor) -> tuple[float, float]:
+    return error.mean().item(), error.std().item() / math.sqrt(len(error))
+
+
+def test_ais_error_shrinks_as_steps_grow_to_within_three_standard_errors_at_100_steps() -> None:
+    # 16 chains, 5 leapfrog steps from the prior; at 100 steps (the documented setting for this model) the
+    # mean error is within 3 standard errors of zero, and with fewer it is clearly negative (a lower bound).
+    model, x, exact = model_and_data()
+    results = [ais_log_likelihood(model, x, steps=steps, chains=16, leapfrog=5, start="prior", seed=2)
+               for steps in (10, 30, 100)]
+    errors = [result.log_likelihood - exact for result in results]
+    rms = [error.square().mean().sqrt().item() for error in errors]
+    assert rms[0] > rms[1] > rms[2]
+    mean, se = mean_and_se(errors[0])
+    assert mean < -3 * se
+    mean, se = mean_and_se(errors[2])
+    assert se > 0
+    assert abs(mean) < 3 * se
+    result = results[2]
+    assert result.log_likelihood.shape == (50,)
+    assert result.acceptance.shape == result.log_weights.shape == result.step_size.shape == (16, 50)
+    assert 0.5 < result.acceptance.mean().item() < 0.85  # the pilot's step sizes give about 0.65
+    assert bool(((result.ess >= 1) & (result.ess <= 16 + 1e-9)).all())
+
+
+def test_encoder_start_at_the_exact_posterior_is_exact_and_a_good_q_needs_fewer_steps() -> None:
+    model, x, exact = model_and_data()
+    model.set_exact_posterior()
+    # q = p(z | x): every intermediate density is the posterior and every weight is p(x)
+    result = ais_log_likelihood(model, x, steps=3, chains=4, leapfrog=2, start="encoder", seed=3)
+    torch.testing.assert_close(result.log_likelihood, exact, rtol=0, atol=1e-9)
+    with torch.no_grad():
+        model.q.linear.bias.add_(0.1)
+    rms = {start: (ais_log_likelihood(model, x, steps=10, chains=16, leapfrog=5, start=start, seed=4).log_likelihood
+                   - exact).square().mean().sqrt().item() for start in ("prior", "encoder")}
+    assert rms["encoder"] < rms["prior"] / 3
+
+
+def two_layer_linear_gaussian() -> tuple[DeepLatentModel, torch.Tensor, torch.Tensor]:
+    """p(z2) = N(mu, I), p(z1 | z2) = N(W2 z2 + b2, s2^2 I), p(x | z1) = N(W1 z1 + b1, s1^2 I), with
+    q(z1 | x) = q(z2 | z1) = N(0, I) (affine Gaussian layers at zero); 40 examples drawn from the model and
+    their exact log p(x)."""
+    g = torch.Generator().manual_seed(5)
+    decoder = [LinearGaussianLikelihood(3, 6), LinearGaussianLikelihood(2, 3)]
+    model = DeepLatentModel([AffineGaussianEncoder(6, 3), AffineGaussianEncoder(3, 2)], decoder, GaussianPrior(2))
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.7)
+        for layer in model.encoder:
+            layer.linear.weight.zero_()
+            layer.linear.bias.zero_()
+            layer.raw_scale_tril.zero_()
+        decoder[0].log_sigma.fill_(math.log(0.3))
+        decoder[1].log_sigma.fill_(math.log(0.5))
+        z = ais.sample_prior(model, (40,))
+        x = decoder[0](z[0]).sample()
+    (w1, b1), (w2, b2) = [(layer.linear.weight, layer.linear.bias) for layer in decoder]
+    s1, s2 = (layer.log_sigma.exp() for layer in decoder)
+    mean = w1 @ (w2 @ model.decoder[2].mu + b2) + b1
+    eye = torch.eye(6, dtype=torch.float64)
+    cov = w1 @ (w2 @ w2.T + s2**2 * eye[:3, :3]) @ w1.T + s1**2 * eye
+    return model, x, MultivariateNormal(mean, cov).log_prob(x).detach()
+
+
+@pytest.mark.parametrize("start", ["prior", "encoder"])
+def test_two_stochastic_layers_are_annealed_jointly(start: str) -> None:
+    model, x, exact = two_layer_linear_gaussian()
+    result = ais_log_likelihood(model, x, steps=100, chains=16, leapfrog=5, start=start, seed=6)
+    mean, se = mean_and_se(result.log_likelihood - exact)
+    assert abs(mean) < 3 * se
+
+
+def test_bdmc_brackets_the_exact_marginal_and_its_gap_shrinks() -> None:
+    model, _, _ = model_and_data()
+    gaps = []
+    for steps in (10, 100):
+        result = ais.bdmc(model, 50, steps=steps, chains=8, leapfrog=5, seed=7)
+        exact = model.log_marginal(result.x).detach()
+        below, below_se = mean_and_se(result.forward.log_likelihood - exact)
+        above, above_se = mean_and_se(result.backward.log_likelihood - exact)
+        assert below < 3 * below_se and above > -3 * above_se  # bounds in expectation
+        if steps == 10:
+            assert below < -3 * below_se and above > 3 * above_se  # and clearly apart with few steps
+        gaps.append(result.gap.mean().item())
+    assert gaps[0] > 3 * gaps[1] > 0
+
+
+def test_seed_reproduces_and_leaves_the_global_generator_alone() -> None:
+    model, x, _ = model_and_data(5)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    first = ais_log_likelihood(model, x, steps=5, chains=2, leapfrog=2, seed=8).log_likelihood
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+    again = ais_log_likelihood(model, x, steps=5, chains=2, leapfrog=2, seed=8).log_likelihood
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_schedule_is_sigmoidal_from_zero_to_one() -> None:
+    betas = ais.sigmoid_schedule(100)
+    assert betas[0] == 0 and betas[-1] == 1 and bool((betas.diff() > 0).all())
+    assert betas[1] < betas[50] - betas[49]  # denser at the ends than in the middle
+    torch.testing.assert_close(ais.sigmoid_schedule(1), torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+class CoinPrior(nn.Module):
+    def forward(self) -> Independent:
+        return Independent(Bernoulli(probs=torch.full((3,), 0.5)), 1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"chains": 0}, "chains must be a positive integer"),
+        ({"leapfrog": -1}, "leapfrog must be a positive integer"),
+        ({"start": "posterior"}, "start must be one of prior, encoder"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(settings: dict, message: str) -> None:
+    model, x, _ = model_and_data(2)
+    with pytest.raises(ValueError, match=message) as error:
+        ais_log_likelihood(model, x, **{"steps": 2, "chains": 2, "leapfrog": 2, **settings})
+    assert "\n" not in str(error.value)
+
+
+def test_discrete_latents_are_refused_in_one_line() -> None:
+    model = DeepLatentModel([AffineGaussianEncoder(4, 3)], [LinearGaussianLikelihood(3, 4)], CoinPrior())
+    with pytest.raises(ValueError, match="AIS needs continuous latents") as error:
+        ais_log_likelihood(model, torch.zeros(2, 4), steps=2, chains=2, leapfrog=2)
+    assert "\n" not in str(error.value)

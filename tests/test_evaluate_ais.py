@@ -1,0 +1,61 @@
+"""``iwae evaluate RUN --method ais|bdmc``: the files and keys written, the figure, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from iwae import evaluate_ais, rundir
+from iwae.cli import main
+
+FAST = ["--chains", "2", "--leapfrog", "2", "--k", "10", "--examples", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", "--dataset", tiny_dataset, "--epochs", "1", "--batch-size", "8", "--k", "4",
+                 "--monitor-examples", "8", "--eval-k", "0", "--device", "cpu", "--out", str(path)]) == 0
+    return path
+
+
+def test_ais_writes_its_estimate_beside_importance_sampling(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "3", "6", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "NLL, AIS" in out and "NLL, IS k=10" in out and "IS - AIS" in out
+    result = json.loads((run / evaluate_ais.AIS_FILE).read_text())
+    assert result["steps"] == 6 and result["chains"] == 2 and result["examples"] == 3 and result["k"] == 10
+    assert [entry["steps"] for entry in result["sweep"]] == [3, 6]
+    assert result["nll"] == result["sweep"][-1]["nll"]
+    assert result["is_minus_ais"] == pytest.approx(result["is_nll"] - result["nll"])
+    for key in ("nll_se", "is_nll", "is_nll_se", "time_s", "acceptance", "ess"):
+        assert result[key] == result[key]  # present and not NaN
+    assert (run / rundir.FIGURES / evaluate_ais.FIGURE).stat().st_size > 0
+
+
+def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(run), "--method", "bdmc", "--ais-steps", "4", *FAST]) == 0
+    assert "BDMC gap" in capsys.readouterr().out
+    result = json.loads((run / evaluate_ais.BDMC_FILE).read_text())
+    assert result["gap"] == pytest.approx(result["log_p_upper"] - result["log_p_lower"])
+    assert result["nll"] == -result["log_p_lower"] and result["steps"] == 4 and result["examples"] == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--method", "ais", "--ais-steps", "0"], "steps must be a positive integer"),
+        (["--method", "bdmc", "--chains", "0"], "chains must be a positive integer"),
+        (["--method", "bdmc", "--ais-steps", "2", "4"], "bdmc runs one number of --ais-steps"),
+    ],
+)
+def test_bad_settings_get_one_line_and_write_nothing(options: list[str], message: str, run: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    assert main(["evaluate", str(run), *options, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iwae: error: ") and message in err[0]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
