@@ -53,6 +53,9 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--data-split", str, "paper (the paper's train/test) or code (the official code's held-out split)")
     _option(group, "--data-dir", str, "where to look for dataset files (also $IWAE_DATA_DIR)", metavar="DIR")
     group = parser.add_argument_group("model and objective")
+    _option(group, "--model", str, "burda (the paper's architecture, with --layers) or sbn-H1-...-HL, a sigmoid "
+            "belief network of binary layers of H1..HL units, bottom-up (e.g. sbn-200-200-200; --estimator vimco "
+            "or rws)", metavar="NAME")
     _option(group, "--layers", int, "stochastic layers of the paper's architecture: 1 or 2")
     _option(group, "--objective", str, f"the bound trained on: {', '.join(OBJECTIVES)}")
     _option(group, "--k", int, "samples per example", metavar="K")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from iwae import checkpoint, data, evaluate, figures, rundir
 from iwae.device import resolve_device
+from iwae.models import sbn_widths
 from iwae.objectives import Objective, loss
 
 SCHEDULES = ("constant", "burda")
@@ -42,14 +43,17 @@ RUNTIME_KEYS = ("data_dir", "checkpoint_every_s")
 class TrainConfig:
     """A training run, as plain values (saved in config.json and in every checkpoint).
 
-    ``epochs`` and ``lr`` are resolved from the schedule: "burda" fixes both (``schedule_scale`` multiplies
-    each stage's 3^i epochs, rounded, at least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3).
-    ``eval_k`` = 0 skips the final evaluation; ``monitor_examples`` is the size of the fixed test subset on
-    which each epoch's test bound is computed.
+    ``model`` is "burda" (the paper's architecture with ``layers`` stochastic layers) or a sigmoid belief
+    network "sbn-H1-...-HL" (binary latents: ``estimator`` vimco or rws). ``epochs`` and ``lr`` are resolved
+    from the schedule: "burda" fixes both (``schedule_scale`` multiplies each stage's 3^i epochs, rounded, at
+    least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3). ``eval_k`` = 0 skips the final
+    evaluation; ``monitor_examples`` is the size of the fixed test subset on which each epoch's test bound
+    is computed.
     """
 
     dataset: str = "digits"
     data_split: str = "paper"
+    model: str = "burda"
     layers: int = 1
     objective: str = "iwae"
     k: int = 50
@@ -73,8 +77,10 @@ class TrainConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        # validates the objective's name, k, m, beta and alpha, and the estimator for it
-        self.objective_spec().check_estimator(self.estimator)
+        if self.model != "burda":
+            sbn_widths(self.model)  # validates the name
+        # validates the objective's name, k, m, beta and alpha, and the estimator for it and the model's q
+        self.objective_spec().check_estimator(self.estimator, reparameterized=self.model == "burda")
         if self.layers not in (1, 2):
             raise ValueError(f"layers must be 1 or 2 (the paper's architectures); got {self.layers}")
         if self.schedule not in SCHEDULES:

@@ -1,19 +1,25 @@
-"""Models: conditional layers, the generic deep latent model, the paper's architectures, and a
-linear-Gaussian model with exact answers."""
+"""Models: conditional layers, the generic deep latent model, the paper's architectures, sigmoid belief
+networks (discrete latents), and a linear-Gaussian model with exact answers."""
 
 from iwae.models.burda import burda
+from iwae.models.discrete import BernoulliPrior, CategoricalLayer, OneHotGroups, sbn, sbn_widths
 from iwae.models.latent import DeepLatentModel, LatentSample
 from iwae.models.layers import BernoulliLayer, GaussianLayer, StandardNormal, glorot_init_, mlp
 from iwae.models.linear_gaussian import LinearGaussian
 
 __all__ = [
     "BernoulliLayer",
+    "BernoulliPrior",
+    "CategoricalLayer",
     "DeepLatentModel",
     "GaussianLayer",
     "LatentSample",
     "LinearGaussian",
+    "OneHotGroups",
     "StandardNormal",
     "burda",
     "glorot_init_",
     "mlp",
+    "sbn",
+    "sbn_widths",
 ]
