@@ -2,7 +2,15 @@
 networks (discrete latents), and a linear-Gaussian model with exact answers."""
 
 from iwae.models.burda import burda
-from iwae.models.discrete import BernoulliPrior, CategoricalLayer, OneHotGroups, sbn, sbn_widths
+from iwae.models.discrete import (
+    BernoulliPrior,
+    CategoricalLayer,
+    OneHotGroups,
+    enumerate_values,
+    sbn,
+    sbn_widths,
+    value_count,
+)
 from iwae.models.latent import DeepLatentModel, LatentSample
 from iwae.models.layers import BernoulliLayer, GaussianLayer, StandardNormal, glorot_init_, mlp
 from iwae.models.linear_gaussian import LinearGaussian
@@ -18,8 +26,10 @@ __all__ = [
     "OneHotGroups",
     "StandardNormal",
     "burda",
+    "enumerate_values",
     "glorot_init_",
     "mlp",
     "sbn",
     "sbn_widths",
+    "value_count",
 ]

@@ -87,6 +87,33 @@ class CategoricalLayer(nn.Module):
         return OneHotGroups(self.net.logits(self.net.body(h)), self.categories)
 
 
+def value_count(dist: Distribution) -> int:
+    """The number of values of a discrete latent layer's distribution: 2^d for d Bernoulli units
+    (``Independent(Bernoulli, 1)``), categories^groups for ``OneHotGroups``.
+
+    Raises:
+      ValueError: for any other distribution (continuous latents have no finite set of values).
+    """
+    if isinstance(dist, OneHotGroups):
+        return dist.categories ** (dist.event_shape[0] // dist.categories)
+    if isinstance(dist, Independent) and isinstance(dist.base_dist, Bernoulli) and len(dist.event_shape) == 1:
+        return 2 ** dist.event_shape[0]
+    kind = type(dist).__name__ + (f"({type(dist.base_dist).__name__})" if isinstance(dist, Independent) else "")
+    raise ValueError(f"a latent layer's distribution is {kind}, which has no finite set of values; enumerating "
+                     "the latents needs Bernoulli or one-hot categorical layers")
+
+
+def enumerate_values(dist: Distribution) -> Tensor:
+    """Every value of a discrete latent layer's distribution (see ``value_count``): shape (count, d), in the
+    distribution's dtype; binary vectors in the order of the integers they write (first unit lowest)."""
+    if isinstance(dist, OneHotGroups):
+        return dist.enumerate_support()
+    value_count(dist)  # raises for anything but Bernoulli units
+    d, probs = dist.event_shape[0], dist.base_dist.probs
+    bits = torch.arange(2**d, device=probs.device).unsqueeze(-1) >> torch.arange(d, device=probs.device)
+    return (bits & 1).to(probs.dtype)
+
+
 def sbn_widths(name: str) -> list[int]:
     """The stochastic layers' widths, bottom-up, of a model name such as ``sbn-200-200-200``."""
     if not _SBN_NAME.fullmatch(name):
