@@ -178,7 +178,7 @@ def loss(
     if estimator in score_function.ESTIMATORS:
         sample = model.sample_posterior(x, obj.k, detach=True)
         log_p, log_q = model.log_joint(x, sample.z), model.log_posterior(x, sample)
-        surrogate = getattr(score_function, estimator)(log_p, log_q)
+        surrogate = score_function.SURROGATES[estimator](log_p, log_q)
         log_w = (log_p - log_q).detach()
         bound = obj.bound(log_w)
         per_example = surrogate - surrogate.detach() + bound

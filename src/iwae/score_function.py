@@ -36,8 +36,6 @@ from torch import Tensor
 
 from iwae import bounds
 
-ESTIMATORS = ("vimco", "rws")
-
 
 def vimco(log_p: Tensor, log_q: Tensor) -> Tensor:
     """The VIMCO surrogate per example (see the module docstring), shape ``batch``.
@@ -67,3 +65,8 @@ def rws(log_p: Tensor, log_q: Tensor) -> Tensor:
     ``batch``; arguments as for ``vimco``."""
     weights = torch.softmax((log_p - log_q).detach(), 0)
     return (weights * (log_p + log_q)).sum(0)
+
+
+# the surrogate of each estimator, by the name ``objectives.loss`` takes
+SURROGATES = {"vimco": vimco, "rws": rws}
+ESTIMATORS = tuple(SURROGATES)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent, OneHotCategorical, constraints
 
 from iwae.models.latent import DeepLatentModel
-from iwae.models.layers import BernoulliLayer, glorot_init_
+from iwae.models.layers import BernoulliLayer, glorot_init_, mlp
 
 _SBN_NAME = re.compile(r"sbn(-[1-9][0-9]*)+")
 
@@ -80,11 +80,12 @@ class CategoricalLayer(nn.Module):
 
     def __init__(self, in_dim: int, hidden: Sequence[int], groups: int, categories: int) -> None:
         super().__init__()
-        self.net = BernoulliLayer(in_dim, hidden, groups * categories)
+        self.body = mlp(in_dim, hidden)
+        self.logits = nn.Linear(hidden[-1] if hidden else in_dim, groups * categories)
         self.categories = categories
 
     def forward(self, h: Tensor) -> Distribution:
-        return OneHotGroups(self.net.logits(self.net.body(h)), self.categories)
+        return OneHotGroups(self.logits(self.body(h)), self.categories)
 
 
 def value_count(dist: Distribution) -> int:
