@@ -111,11 +111,16 @@ def test_exact_marginal_sums_to_one_over_every_x() -> None:
     torch.testing.assert_close(exact_log_likelihood(two_layers, x).exp().sum().item(), 1.0, rtol=0, atol=1e-12)
     # passes of a few configurations at a time give the same numbers
     torch.testing.assert_close(exact_log_likelihood(two_layers, x, max_rows=7), exact_log_likelihood(two_layers, x))
-    categorical = DeepLatentModel([CategoricalLayer(5, (), 2, 3)], [BernoulliLayer(6, (), 5)], BernoulliPrior(6))
+    # z_1: two one-hot groups of 3 categories (9 values) given z_2: two binary units
+    categorical = DeepLatentModel([CategoricalLayer(5, (), 2, 3), BernoulliLayer(6, (), 2)],
+                                  [BernoulliLayer(6, (), 5), CategoricalLayer(2, (), 2, 3)], BernoulliPrior(2))
     with torch.no_grad():
-        categorical.decoder[1].logits.normal_()
+        categorical.decoder[2].logits.normal_()
     total = exact_log_likelihood(categorical.double(), x).exp().sum().item()
     torch.testing.assert_close(total, 1.0, rtol=0, atol=1e-12)
+    result = loss(categorical, x, "iwae", k=3, estimator="vimco")  # trains with a score-function estimator
+    result.loss.backward()
+    assert categorical.encoder[0].logits.weight.grad.abs().sum() > 0
 
 
 def test_exact_marginal_of_one_unit_is_its_mixture() -> None:
