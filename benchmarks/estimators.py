@@ -16,7 +16,8 @@ import time
 import torch
 
 from iwae.models import burda
-from iwae.objectives import ESTIMATORS, loss
+from iwae.objectives import REPARAMETERIZED_ESTIMATORS as ESTIMATORS
+from iwae.objectives import loss
 
 
 def main() -> None:

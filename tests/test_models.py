@@ -76,9 +76,6 @@ def test_bad_arguments() -> None:
         burda(3)
     with pytest.raises(ValueError, match="k must be a positive"):
         burda(1, x_dim=4).log_weights(torch.zeros(2, 4), 0)
-    discrete = DeepLatentModel([BernoulliLayer(4, [], 2)], [BernoulliLayer(2, [], 4)], StandardNormal(2))
-    with pytest.raises(ValueError, match="cannot be reparameterized"):
-        discrete.log_weights(torch.zeros(2, 4), 3)
     with pytest.raises(ValueError, match="one decoder layer per encoder layer"):
         DeepLatentModel([GaussianLayer(4, [], 2)], [], StandardNormal(2))
 

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from iwae import bounds
 from iwae.models import DeepLatentModel, LinearGaussian, burda
-from iwae.objectives import ESTIMATORS, OBJECTIVES, Objective, loss
+from iwae.objectives import OBJECTIVES, Objective, loss
+from iwae.objectives import REPARAMETERIZED_ESTIMATORS as ESTIMATORS
 
 PARAMS = {"m": 5, "beta": 0.3, "alpha": 0.5}
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from iwae.models import DeepLatentModel, burda
+from iwae.models import DeepLatentModel, burda, sbn, sbn_widths
 from iwae.rundir import CHECKPOINT, write_atomic
 
 CHECKPOINT_FORMAT = 1
@@ -89,8 +89,12 @@ def set_rng_state(state: dict[str, Any], data_generator: torch.Generator) -> Non
 
 def build_model(config: dict[str, Any], x_dim: int, train_mean: Tensor | None = None) -> DeepLatentModel:
     """The freshly initialised model a configuration describes, for data of dimension ``x_dim`` (with its
-    output bias set from the training mean ``train_mean`` if given)."""
-    return burda(config["layers"], x_dim, train_mean=train_mean)
+    output bias set from the training mean ``train_mean`` if given): ``config["model"]`` is "burda" (the
+    paper's architecture with ``config["layers"]``; also when absent) or a sigmoid belief network "sbn-H1-..."."""
+    name = config.get("model", "burda")
+    if name == "burda":
+        return burda(config["layers"], x_dim, train_mean=train_mean)
+    return sbn(sbn_widths(name), x_dim, train_mean=train_mean)
 
 
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], DeepLatentModel]:

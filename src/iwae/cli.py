@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from iwae import __version__, checkpoint, data, diagnostics, evaluate, evaluate_ais, figures, rundir, train
 from iwae.device import resolve_device
 from iwae.models import GaussianToy
-from iwae.objectives import ESTIMATORS, OBJECTIVES
+from iwae.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS
 
 _DEFAULTS = {f.name: f.default for f in fields(train.TrainConfig) if f.default is not MISSING}
 
@@ -56,6 +56,9 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--data-split", str, "paper (the paper's train/test) or code (the official code's held-out split)")
     _option(group, "--data-dir", str, "where to look for dataset files (also $IWAE_DATA_DIR)", metavar="DIR")
     group = parser.add_argument_group("model and objective")
+    _option(group, "--model", str, "burda (the paper's architecture, with --layers) or sbn-H1-...-HL, a sigmoid "
+            "belief network of binary layers of H1..HL units, bottom-up (e.g. sbn-200-200-200; --estimator vimco "
+            "or rws)", metavar="NAME")
     _option(group, "--layers", int, "stochastic layers of the paper's architecture: 1 or 2")
     _option(group, "--objective", str, f"the bound trained on: {', '.join(OBJECTIVES)}")
     _option(group, "--k", int, "samples per example", metavar="K")
@@ -153,8 +156,8 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     snr.add_argument("--toy", action="store_true", help="use the built-in Gaussian toy (D=20) near its optimum")
     snr.add_argument("--objectives", default="iwae", metavar="LIST",
                      help=f"comma-separated, from {', '.join(diagnostics.GRADIENT_OBJECTIVES)} (default: iwae)")
-    snr.add_argument("--estimators", default=",".join(ESTIMATORS), metavar="LIST",
-                     help=f"comma-separated, from {', '.join(ESTIMATORS)} (default: all)")
+    snr.add_argument("--estimators", default=",".join(REPARAMETERIZED_ESTIMATORS), metavar="LIST",
+                     help=f"comma-separated, from {', '.join(REPARAMETERIZED_ESTIMATORS)} (default: all)")
     snr.add_argument("--k", type=_int_list, default=[1, 10, 100, 1000], metavar="LIST",
                      help="the grid of K, total samples per example (default: 1,10,100,1000)")
     snr.add_argument("--m", type=int, default=1, metavar="M", help="groups, for miwae and piwae (must divide every K)")

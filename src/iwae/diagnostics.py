@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from iwae import figures, rundir
 from iwae.evaluate import seeded
-from iwae.objectives import ESTIMATORS, Objective, loss
+from iwae.objectives import REPARAMETERIZED_ESTIMATORS, Objective, loss
 
 NETWORKS = ("inference", "generative")
 GRADIENT_OBJECTIVES = ("iwae", "miwae", "ciwae", "piwae")
@@ -166,7 +166,7 @@ def check_settings(objective: str | Objective, estimators: Sequence[str], ks: Se
         raise ValueError(f"objective {objective.name!r} is not diagnosed (its gradient is the ELBO's or has no "
                          f"SNR law); choose one of {', '.join(GRADIENT_OBJECTIVES)}")
     if not estimators:
-        raise ValueError("no estimators given; choose from " + ", ".join(ESTIMATORS))
+        raise ValueError("no estimators given; choose from " + ", ".join(REPARAMETERIZED_ESTIMATORS))
     for estimator in estimators:
         objective.check_estimator(estimator)
     if objective.name in ("miwae", "piwae"):
@@ -187,7 +187,7 @@ def gradient_snr(
     model: nn.Module,
     x: Tensor,
     objective: str | Objective = "iwae",
-    estimators: Iterable[str] = ESTIMATORS,
+    estimators: Iterable[str] = REPARAMETERIZED_ESTIMATORS,
     ks: Iterable[int] = (1, 10, 100, 1000),
     draws: int = 100,
     *,

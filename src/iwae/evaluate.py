@@ -11,7 +11,11 @@ depends on the chunk size and the number of examples per pass, never on k. From 
     the effective sample size (sum_i w_i)^2 / sum_i w_i^2, between 1 and k;
 
 and, from q's means on the first 500 training examples, the active units: a unit u of layer l is active
-when Var_x(E_q[u | x]) > 0.01, the mean of layer l taken given a z_{l-1} sampled from q.
+when Var_x(E_q[u | x]) > 0.01, the mean of layer l taken given a z_{l-1} sampled from q (for a binary unit,
+the variance of its probability of being on).
+
+For discrete latents with few joint values (sigmoid belief networks of up to about 20 units in all),
+``exact_log_likelihood`` gives log p(x) = log sum_z p(x, z) itself, summed over every configuration of z.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from iwae import bounds, checkpoint, data, gemm, rundir
 from iwae.ais import ais_log_likelihood as ais_log_likelihood
 from iwae.compiled import Compiled
 from iwae.device import resolve_device, seeded
-from iwae.models import DeepLatentModel
+from iwae.models import DeepLatentModel, enumerate_values, value_count
 from iwae.objectives import Objective
 
 GROUP_SIZES = (1, 5, 50)
@@ -38,6 +42,7 @@ ACTIVE_UNIT_EXAMPLES = 500
 ACTIVE_UNIT_THRESHOLD = 0.01
 # evaluate_run compiles evaluations of at least this many samples (examples times k) unless told otherwise
 AUTO_COMPILE_SAMPLES = 5_000_000
+MAX_STATES = 2**20
 
 
 class WeightStatistics(NamedTuple):
@@ -129,6 +134,44 @@ def log_likelihood(
     """
     with seeded(seed, x.device) if seed is not None else nullcontext():
         return importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size).log_likelihood
+
+
+def exact_log_likelihood(model: DeepLatentModel, x: Tensor, *, max_states: int = MAX_STATES,
+                         max_rows: int = 2**16) -> Tensor:
+    """The exact log p(x) = log sum_z p(x, z_1..z_L) per example of ``x`` (B, D), shape (B,), by summing
+    over every joint configuration of discrete latents (Bernoulli units, one-hot categorical groups).
+
+    The configurations are taken in passes of at most about ``max_rows`` (configuration, example) pairs
+    and combined by a running logsumexp; q plays no part. Differentiable in p's parameters.
+
+    Raises:
+      ValueError: if a latent layer is not discrete, or there are more than ``max_states`` joint
+        configurations (use ``log_likelihood``, the importance-sampled estimate, for such models).
+    """
+    *conditionals, prior = model.decoder
+    layers = [prior()]  # p(z_L), then p(z_l | z_{l+1}) at z_{l+1} = 0, top-down: only their kinds and shapes
+    for layer in reversed(conditionals[1:]):
+        layers.insert(0, layer(torch.zeros(layers[0].event_shape, dtype=x.dtype, device=x.device)))
+    try:
+        counts = [value_count(dist) for dist in layers]
+    except ValueError as error:
+        raise ValueError(f"{error}; estimate log p(x) with log_likelihood (importance sampling) instead") from None
+    total = math.prod(counts)
+    if total > max_states:
+        raise ValueError(f"the model's latents have about 2^{math.log2(total):.0f} joint configurations, more "
+                         f"than max_states={max_states} to sum over; estimate log p(x) with log_likelihood "
+                         "(importance sampling) instead")
+    values = [enumerate_values(dist).to(x.dtype) for dist in layers]
+    per_pass = max(1, max_rows // len(x))
+    result = torch.full(x.shape[:1], -math.inf, dtype=x.dtype, device=x.device)
+    for start in range(0, total, per_pass):
+        index = torch.arange(start, min(start + per_pass, total), device=x.device)
+        z = []
+        for count, value in zip(counts, values, strict=True):  # mixed radix: layer 1 varies fastest
+            z.append(value[index % count].unsqueeze(1).expand(-1, len(x), -1))
+            index = index // count
+        result = torch.logaddexp(result, torch.logsumexp(model.log_joint(x, z), 0))
+    return result
 
 
 @torch.no_grad()

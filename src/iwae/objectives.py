@@ -20,7 +20,9 @@ path gradient d log p/dz_i by their ratio. So each estimator costs one forward a
 any number of stochastic layers; STL and DReG re-evaluate q(z_l | z_{l-1}) for l >= 2 with frozen
 parameters in the forward pass, and nothing else.
 
-Requires: a reparameterizable q (``rsample``) for every estimator.
+Requires: a reparameterizable q (``rsample``) for these three estimators. For a q that cannot be
+reparameterized (discrete latents) the score-function estimators ``vimco`` and ``rws`` of
+``iwae.score_function`` train the IWAE bound; ``loss`` dispatches to them.
 Limitation: the rescaling divides by a_i, so for PIWAE a group whose share of the total weight underflows
 the dtype (below about 1e-38 in float32) passes no path gradient to the inference network.
 """
@@ -34,11 +36,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from iwae import bounds
+from iwae import bounds, score_function
 from iwae.models.latent import DeepLatentModel
 
 OBJECTIVES = ("elbo", "iwae", "miwae", "ciwae", "piwae", "vr")
-ESTIMATORS = ("standard", "stl", "dreg")
+REPARAMETERIZED_ESTIMATORS = ("standard", "stl", "dreg")
+ESTIMATORS = REPARAMETERIZED_ESTIMATORS + score_function.ESTIMATORS
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,19 @@ class Objective:
             return bounds.ciwae(log_w, self.beta)
         return bounds.vr(log_w, self.alpha)
 
-    def check_estimator(self, estimator: str) -> None:
-        """Raise ValueError unless ``estimator`` names an estimator defined for this objective."""
+    def check_estimator(self, estimator: str, reparameterized: bool = True) -> None:
+        """Raise ValueError unless ``estimator`` names an estimator defined for this objective and for a q
+        that is (``reparameterized``) or is not (discrete latents) reparameterizable."""
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if estimator in score_function.ESTIMATORS:
+            if self.name != "iwae":
+                raise ValueError(f"{estimator} is defined for the iwae objective only; use objective iwae")
+            if estimator == "vimco" and self.k < 2:
+                raise ValueError(f"vimco needs k >= 2 samples for its leave-one-out baseline; got k={self.k}")
+        elif not reparameterized:
+            raise ValueError(f"estimator {estimator} needs a reparameterizable q (rsample), and this model's q "
+                             "has discrete latents; use estimator vimco or rws")
         if estimator == "dreg" and self.name == "vr" and self.alpha == -math.inf:
             raise ValueError("dreg has no form for the VR-max bound (vr with alpha=-inf), so it has no DReG "
                              "estimator; use estimator standard or stl")
@@ -152,7 +164,8 @@ def loss(
         ``log_posterior``).
       x: a batch of data, shape (B, D).
       objective: an ``Objective`` or its name (then ``k``, ``m``, ``beta`` and ``alpha`` configure it).
-      estimator: "standard", "stl" or "dreg" (the inference network's gradient).
+      estimator: "standard", "stl" or "dreg" (the inference network's gradient), or for a q that cannot be
+        reparameterized, "vimco" or "rws" (see ``iwae.score_function``; objective iwae only).
       reduction: "mean" or "sum" of the per-example bounds (Burda et al. use the sum over a batch).
 
     Returns:
@@ -162,8 +175,17 @@ def loss(
     obj.check_estimator(estimator)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if estimator in score_function.ESTIMATORS:
+        sample = model.sample_posterior(x, obj.k, detach=True)
+        log_p, log_q = model.log_joint(x, sample.z), model.log_posterior(x, sample)
+        surrogate = score_function.SURROGATES[estimator](log_p, log_q)
+        log_w = (log_p - log_q).detach()
+        bound = obj.bound(log_w)
+        per_example = surrogate - surrogate.detach() + bound
+        return Loss(-(per_example.mean() if reduction == "mean" else per_example.sum()), bound, log_w)
 
     sample = model.sample_posterior(x, obj.k)
+    obj.check_estimator(estimator, sample.reparameterized)
     rescaled = (estimator == "dreg" and obj.name != "elbo") or obj.name == "piwae"
     z = [z.view_as(z) for z in sample.z] if rescaled else sample.z
     log_p = model.log_joint(x, z)

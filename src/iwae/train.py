@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from iwae import checkpoint, data, evaluate, figures, gemm, rundir
 from iwae.device import resolve_device
+from iwae.models import sbn_widths
 from iwae.objectives import Objective
 from iwae.step import TrainStep, make_adam
 
@@ -48,10 +49,12 @@ REPORT_EVERY = 16
 class TrainConfig:
     """A training run, as plain values (saved in config.json and in every checkpoint).
 
-    ``epochs`` and ``lr`` are resolved from the schedule: "burda" fixes both (``schedule_scale`` multiplies
-    each stage's 3^i epochs, rounded, at least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3).
-    ``eval_k`` = 0 skips the final evaluation; ``monitor_examples`` is the size of the fixed test subset on
-    which each epoch's test bound is computed. ``compile``: True compiles the training step into one program
+    ``model`` is "burda" (the paper's architecture with ``layers`` stochastic layers) or a sigmoid belief
+    network "sbn-H1-...-HL" (binary latents: ``estimator`` vimco or rws). ``epochs`` and ``lr`` are resolved
+    from the schedule: "burda" fixes both (``schedule_scale`` multiplies each stage's 3^i epochs, rounded, at
+    least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3). ``eval_k`` = 0 skips the final
+    evaluation; ``monitor_examples`` is the size of the fixed test subset on which each epoch's test bound
+    is computed. ``compile``: True compiles the training step into one program
     (``iwae.step``), False runs it eagerly, None decides by the run's length (``AUTO_COMPILE_STEPS``); the
     two modes differ by float rounding only, and a run records the mode it used. ``matmul``: the float32
     matrix-multiply path (``iwae.gemm``), None for the fastest one here; a run records the path it used.
@@ -59,6 +62,7 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_split: str = "paper"
+    model: str = "burda"
     layers: int = 1
     objective: str = "iwae"
     k: int = 50
@@ -84,8 +88,10 @@ class TrainConfig:
     matmul: str | None = None
 
     def __post_init__(self) -> None:
-        # validates the objective's name, k, m, beta and alpha, and the estimator for it
-        self.objective_spec().check_estimator(self.estimator)
+        if self.model != "burda":
+            sbn_widths(self.model)  # validates the name
+        # validates the objective's name, k, m, beta and alpha, and the estimator for it and the model's q
+        self.objective_spec().check_estimator(self.estimator, reparameterized=self.model == "burda")
         if self.layers not in (1, 2):
             raise ValueError(f"layers must be 1 or 2 (the paper's architectures); got {self.layers}")
         if self.schedule not in SCHEDULES:

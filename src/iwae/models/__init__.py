@@ -1,7 +1,17 @@
-"""Models: conditional layers, the generic deep latent model, the paper's architectures, and a
-linear-Gaussian model and the Gaussian toy of Rainforth et al. (2018) with exact answers."""
+"""Models: conditional layers, the generic deep latent model, the paper's architectures, sigmoid belief
+networks (discrete latents), and a linear-Gaussian model and the Gaussian toy of Rainforth et al. (2018)
+with exact answers."""
 
 from iwae.models.burda import burda
+from iwae.models.discrete import (
+    BernoulliPrior,
+    CategoricalLayer,
+    OneHotGroups,
+    enumerate_values,
+    sbn,
+    sbn_widths,
+    value_count,
+)
 from iwae.models.gaussian_toy import GaussianToy
 from iwae.models.latent import DeepLatentModel, LatentSample
 from iwae.models.layers import BernoulliLayer, GaussianLayer, StandardNormal, glorot_init_, mlp
@@ -9,13 +19,20 @@ from iwae.models.linear_gaussian import LinearGaussian
 
 __all__ = [
     "BernoulliLayer",
+    "BernoulliPrior",
+    "CategoricalLayer",
     "DeepLatentModel",
     "GaussianLayer",
     "GaussianToy",
     "LatentSample",
     "LinearGaussian",
+    "OneHotGroups",
     "StandardNormal",
     "burda",
+    "enumerate_values",
     "glorot_init_",
     "mlp",
+    "sbn",
+    "sbn_widths",
+    "value_count",
 ]

@@ -19,19 +19,23 @@ from torch.func import functional_call
 
 @dataclass
 class LatentSample:
-    """K reparameterized draws from q for a batch: ``z[l]`` has shape (K, B, d_l), and ``q[l]`` is the
-    distribution q(z_l | z_{l-1}) each was drawn from (with the encoder's parameters attached)."""
+    """K draws from q for a batch: ``z[l]`` has shape (K, B, d_l), and ``q[l]`` is the distribution
+    q(z_l | z_{l-1}) each was drawn from (with the encoder's parameters attached). ``reparameterized``: every
+    z_l was drawn with ``rsample`` (so it carries a gradient path to q's parameters); otherwise the draws of
+    the non-reparameterizable layers (e.g. Bernoulli) are constants."""
 
     z: list[Tensor]
     q: list[Distribution]
+    reparameterized: bool = True
 
 
 class DeepLatentModel(nn.Module):
     """A latent-variable model from conditional layers that return ``torch.distributions`` objects.
 
     Args:
-      encoder: q's layers, bottom-up: ``encoder[l](z_l)`` is q(z_{l+1} | z_l), with z_0 = x. Each must
-        return a reparameterizable distribution (``has_rsample``) with event shape (d_{l+1},).
+      encoder: q's layers, bottom-up: ``encoder[l](z_l)`` is q(z_{l+1} | z_l), with z_0 = x. Each returns a
+        distribution with event shape (d_{l+1},): reparameterizable (``has_rsample``) for the standard, STL
+        and DReG estimators, or any (e.g. Bernoulli) for the score-function estimators VIMCO and RWS.
       decoder: p's conditional layers, bottom-up: ``decoder[l](z_{l+1})`` is p(z_l | z_{l+1}), with z_0 = x.
       prior: a module called with no input that returns p(z_L).
 
@@ -48,22 +52,21 @@ class DeepLatentModel(nn.Module):
         self.encoder = nn.ModuleList(encoder)
         self.decoder = nn.ModuleList([*decoder, prior])
 
-    def sample_posterior(self, x: Tensor, k: int) -> LatentSample:
-        """Draw k reparameterized samples of z_1..z_L from q(z | x) for a batch x of shape (B, D)."""
+    def sample_posterior(self, x: Tensor, k: int, detach: bool = False) -> LatentSample:
+        """Draw k samples of z_1..z_L from q(z | x) for a batch x of shape (B, D): with ``rsample`` where q's
+        layer has it, else with ``sample`` (no gradient path; see ``LatentSample.reparameterized``). With
+        ``detach`` every z_l is a constant (as score-function estimators need), and so is the input of
+        q(z_{l+1} | z_l)."""
         if k < 1:
             raise ValueError(f"k must be a positive number of samples; got k={k}")
         h, zs, qs = x, [], []
-        for level, layer in enumerate(self.encoder):
+        for layer in self.encoder:
             q = layer(h)
-            if not q.has_rsample:
-                raise ValueError(
-                    f"encoder layer {level} returns a {type(q).__name__}, which cannot be reparameterized "
-                    "(no rsample); the bounds' gradients here need a reparameterizable q such as a Normal"
-                )
-            h = q.rsample((k,)) if h is x else q.rsample()
+            draw = q.rsample if q.has_rsample and not detach else q.sample
+            h = draw((k,)) if h is x else draw()
             zs.append(h)
             qs.append(q)
-        return LatentSample(zs, qs)
+        return LatentSample(zs, qs, all(q.has_rsample for q in qs) and not detach)
 
     def log_joint(self, x: Tensor, z: Sequence[Tensor]) -> Tensor:
         """log p(x, z_1..z_L), shape (K, B), for latents of shape (K, B, d_l)."""
@@ -89,7 +92,7 @@ class DeepLatentModel(nn.Module):
         return log_q
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
-        """log w_i = log p(x, z_i) - log q(z_i | x) for k reparameterized z_i ~ q(z | x); shape (k, B)."""
+        """log w_i = log p(x, z_i) - log q(z_i | x) for k draws z_i ~ q(z | x); shape (k, B)."""
         sample = self.sample_posterior(x, k)
         return self.log_joint(x, sample.z) - self.log_posterior(x, sample)
 
