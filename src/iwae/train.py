@@ -82,6 +82,7 @@ class TrainConfig:
     data_dir: str | None = None
     compile: bool | None = None
     matmul: str | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         # validates the objective's name, k, m, beta and alpha, and the estimator for it
@@ -186,6 +187,16 @@ def _seeds(seed: int) -> tuple[int, int]:
     return int(model_seq.generate_state(1)[0]), int(data_seq.generate_state(1)[0])
 
 
+def _initial_parameters(config: TrainConfig, source: Path, x_dim: int) -> dict[str, torch.Tensor]:
+    """The parameters of the run in ``source``, checked to fit ``config``'s model."""
+    state = checkpoint.load(source)
+    if state["config"]["layers"] != config.layers or state["x_dim"] != x_dim:
+        raise ValueError(f"cannot start from {source}: its model has {state['config']['layers']} stochastic layers "
+                         f"for data of dimension {state['x_dim']}, this run {config.layers} for {x_dim}; give "
+                         "--init-from a run of the same architecture and data")
+    return state["model"]
+
+
 def _load_data(config: TrainConfig, device: torch.device) -> data.Dataset:
     dataset = data.load(config.dataset, config.data_dir, split=config.data_split).to(device)
     if config.batch_size > len(dataset.train):
@@ -216,6 +227,8 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
         model_seed, data_seed = _seeds(config.seed)
         torch.manual_seed(model_seed)
         model = checkpoint.build_model(asdict(config), dataset.train.shape[1], train_mean=dataset.train.mean(0))
+        if config.init_from is not None:
+            model.load_state_dict(_initial_parameters(config, Path(config.init_from), dataset.train.shape[1]))
         generator = torch.Generator(device).manual_seed(data_seed)
         state = {
             "config": asdict(config), "x_dim": dataset.train.shape[1], "model": model.state_dict(),
