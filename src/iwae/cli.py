@@ -9,12 +9,25 @@ or SIGTERM checkpoints first and exits with 128 + the signal's number.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from iwae import __version__, checkpoint, data, diagnostics, evaluate, evaluate_ais, figures, reproduce, rundir, train
+from iwae import (
+    __version__,
+    checkpoint,
+    data,
+    diagnostics,
+    evaluate,
+    evaluate_ais,
+    figures,
+    reproduce,
+    rundir,
+    stacked,
+    train,
+)
 from iwae.device import resolve_device
 from iwae.models import GaussianToy
 from iwae.objectives import ESTIMATORS, OBJECTIVES
@@ -50,6 +63,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     where = parser.add_argument_group("run directory")
     where.add_argument("--out", type=Path, metavar="DIR", help="a new run directory (it must not exist, or be empty)")
     where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
+    where.add_argument("--seeds", type=int, metavar="S", help="train seeds --seed .. --seed + S - 1 together as one "
+                       "vectorized model, into DIR/seed-<s> (each an ordinary run directory)")
     group = parser.add_argument_group("data")
     _option(group, "--dataset", str, "a dataset name (mnist, binarized-mnist, omniglot, fashion-mnist, digits) "
             "or the path of a .npy/.npz file of values in [0, 1]", metavar="NAME_OR_PATH")
@@ -203,6 +218,8 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     given = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
     if (args.out is None) == (args.resume is None):
         raise UsageError("give --out DIR to start a new run, or --resume DIR to continue one (not both)")
+    if args.seeds is not None or (args.resume is not None and stacked.is_stacked(args.resume)):
+        return _run_train_stacked(args, given)
     if args.resume is not None:
         result = train.resume(args.resume, given)
         run_dir = args.resume
@@ -213,6 +230,25 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
         print(evaluate.format_table(result))
     print(f"run directory: {run_dir}   figures: {run_dir / rundir.FIGURES}/")
     return result
+
+
+def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
+    if args.resume is not None:
+        if set(given) - set(train.RUNTIME_KEYS) or args.seeds is not None:
+            raise UsageError(f"{args.resume} is a stacked run; resume it with --resume {args.resume} alone")
+        results = stacked.resume_stacked(args.resume)
+        out = args.resume
+    else:
+        if args.seeds < 1:
+            raise UsageError(f"--seeds must be a positive number of seeds; got {args.seeds}")
+        config = train.TrainConfig(**given)
+        configs = [dataclasses.replace(config, seed=config.seed + s) for s in range(args.seeds)]
+        results = stacked.train_stacked(configs, args.out)
+        out = args.out
+    for seed, result in zip(rundir.read_json(out / stacked.STACK)["seeds"], results, strict=True):
+        if result is not None:
+            print(f"seed-{seed}: NLL {result['nll']:.2f} +- {result['nll_se']:.2f} nats (k={result['k']})")
+    print(f"run directories: {out}/seed-*")
 
 
 def _run_evaluate_ais(args: argparse.Namespace) -> None:
