@@ -1,8 +1,9 @@
 """The papers' tables as grids of training runs, and a report of the results beside the published numbers.
 
 ``run_table(table, out)`` trains every cell of a table (``GRIDS``) for each seed into an ordinary run directory
-``OUT/<cell>/seed-<s>`` (``iwae evaluate`` and ``iwae sample`` work on each), skipping finished runs and resuming
-unfinished ones from their checkpoints, and writes
+``OUT/<cell>/seed-<s>`` (``iwae evaluate`` and ``iwae sample`` work on each), the seeds of a cell trained together
+as one stacked model (``iwae.stacked``), skipping finished cells and resuming unfinished ones from their
+checkpoints, and writes
 
     OUT/report.md     the table: per cell our test NLL (mean +- sd over seeds, and each seed's), active units, the
                       published value and our difference from it, the protocol used, device, wall time, steps/s,
@@ -31,7 +32,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from iwae import data, rundir, train
+from iwae import data, rundir, stacked, train
 from iwae.published import PUBLISHED, Published, burda_cell
 from iwae.train import TrainConfig
 
@@ -182,16 +183,15 @@ def is_finished(path: Path) -> bool:
     return bool(metrics) and metrics[-1]["epoch"] == rundir.read_json(path / rundir.CONFIG)["epochs"]
 
 
-def run_cell_seed(config: TrainConfig, path: Path, *, progress: bool | None = None) -> str:
-    """Bring one run to its end: "skipped" if finished, "resumed" from its checkpoint, or "trained" anew."""
-    if is_finished(path):
+def run_cell(configs: list[TrainConfig], path: Path, *, progress: bool | None = None) -> str:
+    """Bring a cell's seeds, trained together as one stacked run in ``path`` (``iwae.stacked``), to their end:
+    "skipped" if every seed finished, "resumed" from their checkpoints, or "trained" anew."""
+    if all(is_finished(path / f"seed-{config.seed}") for config in configs):
         return "skipped"
-    if (path / rundir.CHECKPOINT).is_file():
-        train.resume(path, {"device": config.device, "data_dir": config.data_dir}, progress=progress)
+    if stacked.is_stacked(path):
+        stacked.resume_stacked(path, progress=progress)
         return "resumed"
-    if path.is_dir() and {p.name for p in path.iterdir()} <= {rundir.CONFIG}:
-        (path / rundir.CONFIG).unlink(missing_ok=True)  # killed before its first checkpoint: start it again
-    train.train(config, path, progress=progress)
+    stacked.train_stacked(configs, path, progress=progress)
     return "trained"
 
 
@@ -214,9 +214,8 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
         if cell.settings["dataset"] in missing:
             say(f"{cell.name}: skipped, data missing")
             continue
-        for seed, config in enumerate(configs[cell.name]):
-            what = run_cell_seed(config, run_dir(out, cell.name, seed), progress=progress)
-            say(f"{cell.name} seed {seed}: {what}")
+        what = run_cell(configs[cell.name], out / cell.name, progress=progress)
+        say(f"{cell.name}: {what} ({options.seeds} seeds stacked)")
     return write_report(table, out, cells, options, missing)
 
 
