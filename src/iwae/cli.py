@@ -9,12 +9,25 @@ or SIGTERM checkpoints first and exits with 128 + the signal's number.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from iwae import __version__, checkpoint, data, diagnostics, evaluate, evaluate_ais, figures, rundir, train
+from iwae import (
+    __version__,
+    checkpoint,
+    data,
+    diagnostics,
+    evaluate,
+    evaluate_ais,
+    figures,
+    reproduce,
+    rundir,
+    stacked,
+    train,
+)
 from iwae.device import resolve_device
 from iwae.models import GaussianToy
 from iwae.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS
@@ -50,6 +63,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     where = parser.add_argument_group("run directory")
     where.add_argument("--out", type=Path, metavar="DIR", help="a new run directory (it must not exist, or be empty)")
     where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
+    where.add_argument("--seeds", type=int, metavar="S", help="train seeds --seed .. --seed + S - 1 together as one "
+                       "vectorized model, into DIR/seed-<s> (each an ordinary run directory)")
     group = parser.add_argument_group("data")
     _option(group, "--dataset", str, "a dataset name (mnist, binarized-mnist, omniglot, fashion-mnist, digits) "
             "or the path of a .npy/.npz file of values in [0, 1]", metavar="NAME_OR_PATH")
@@ -77,6 +92,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--beta2", float, "Adam's beta2")
     _option(group, "--adam-eps", float, "Adam's epsilon")
     _option(group, "--seed", int, "seed of initialisation, sampling, shuffling and binarization")
+    _option(group, "--init-from", str, "start from the parameters of the finished run in DIR (fresh optimizer)",
+            metavar="DIR")
     group = parser.add_argument_group("running")
     _option(group, "--eval-k", int, "samples per example of the final evaluation (0 skips it)")
     _option(group, "--monitor-examples", int, "test examples on which each epoch's test bound is computed")
@@ -171,6 +188,23 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     snr.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the results")
 
 
+def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "reproduce", help="train a paper's table as a grid of runs and report it beside the published numbers",
+        description="Train every cell of TABLE for each seed into OUT/<cell>/seed-<s> (finished runs are skipped, "
+        "unfinished ones resumed), then write OUT/report.md, OUT/report.csv and OUT/curves.png.",
+    )
+    parser.add_argument("table", metavar="TABLE", help=f"one of {', '.join(reproduce.GRIDS)}")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where the runs and reports go (default: TABLE)")
+    parser.add_argument("--budget", type=float, default=1.0, metavar="FRACTION",
+                        help="scale every stage of the paper's 3280-epoch schedule by this (default: 1)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="S", help="seeds 0..S-1 of every cell (default: 1)")
+    parser.add_argument("--eval-k", type=int, default=5000, metavar="K",
+                        help="samples per test example of each run's final evaluation (default: 5000)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--data-dir", metavar="DIR", help="where to look for dataset files (also $IWAE_DATA_DIR)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iwae", description="Importance-weighted autoencoders: train, evaluate, sample.")
     parser.add_argument("--version", action="version", version=f"iwae {__version__}")
@@ -179,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(commands)
     _sample_parser(commands)
     _diagnose_parser(commands)
+    _reproduce_parser(commands)
     return parser
 
 
@@ -186,6 +221,8 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     given = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
     if (args.out is None) == (args.resume is None):
         raise UsageError("give --out DIR to start a new run, or --resume DIR to continue one (not both)")
+    if args.seeds is not None or (args.resume is not None and stacked.is_stacked(args.resume)):
+        return _run_train_stacked(args, given)
     if args.resume is not None:
         result = train.resume(args.resume, given)
         run_dir = args.resume
@@ -196,6 +233,25 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
         print(evaluate.format_table(result))
     print(f"run directory: {run_dir}   figures: {run_dir / rundir.FIGURES}/")
     return result
+
+
+def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
+    if args.resume is not None:
+        if set(given) - set(train.RUNTIME_KEYS) or args.seeds is not None:
+            raise UsageError(f"{args.resume} is a stacked run; resume it with --resume {args.resume} alone")
+        results = stacked.resume_stacked(args.resume)
+        out = args.resume
+    else:
+        if args.seeds < 1:
+            raise UsageError(f"--seeds must be a positive number of seeds; got {args.seeds}")
+        config = train.TrainConfig(**given)
+        configs = [dataclasses.replace(config, seed=config.seed + s) for s in range(args.seeds)]
+        results = stacked.train_stacked(configs, args.out)
+        out = args.out
+    for seed, result in zip(rundir.read_json(out / stacked.STACK)["seeds"], results, strict=True):
+        if result is not None:
+            print(f"seed-{seed}: NLL {result['nll']:.2f} +- {result['nll_se']:.2f} nats (k={result['k']})")
+    print(f"run directories: {out}/seed-*")
 
 
 def _run_evaluate_ais(args: argparse.Namespace) -> None:
@@ -260,11 +316,20 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _run_reproduce(args: argparse.Namespace) -> None:
+    options = reproduce.Options(budget=args.budget, seeds=args.seeds, eval_k=args.eval_k, device=args.device,
+                                data_dir=args.data_dir)
+    paths = reproduce.run_table(args.table, args.out or Path(args.table), options)
+    for path in paths.values():
+        print(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose}[
+        {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
+         "reproduce": _run_reproduce}[
             args.command](args)
     except train.Interrupted as stop:
         print(f"iwae: {stop}", file=sys.stderr)

@@ -40,7 +40,8 @@ def make_adam(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps
 
 class TrainStep:
     """``step(x)`` takes one Adam step on the minibatch ``x`` (B, D) and adds the batch's summed bound to
-    ``step.bound_sum`` (a float64 device tensor); nothing in it waits for the host.
+    ``step.bound_sum`` (a float64 device tensor); nothing in it waits for the host. For a model stacking
+    several seeds (``iwae.stacked``), ``x`` is (S, B, D) and ``bound_sum`` has shape ``bound_shape`` = (S,).
 
     Args:
       model: the model whose parameters ``optimizer`` updates.
@@ -53,7 +54,8 @@ class TrainStep:
     """
 
     def __init__(self, model: DeepLatentModel, optimizer: torch.optim.Adam, objective: Objective, estimator: str,
-                 *, compile: bool | str | Callable[..., object] = False, reduction: str = "sum") -> None:
+                 *, compile: bool | str | Callable[..., object] = False, reduction: str = "sum",
+                 bound_shape: tuple[int, ...] = ()) -> None:
         objective.check_estimator(estimator)
         if len(optimizer.param_groups) != 1:
             raise ValueError("TrainStep needs an Adam optimizer with one parameter group")
@@ -62,7 +64,7 @@ class TrainStep:
         self.params = list(optimizer.param_groups[0]["params"])
         device = self.params[0].device
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
-        self.bound_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.bound_sum = torch.zeros(bound_shape, dtype=torch.float64, device=device)
         group, state = optimizer.param_groups[0], optimizer.state
         self._hyper = {"beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"],
                        "capturable": group["capturable"]}  # read once: the compiled step guards on no dict
@@ -104,7 +106,7 @@ class TrainStep:
         grads = torch.autograd.grad(out.loss, self.params)
         with torch.no_grad():
             self._adam(list(grads))
-            self.bound_sum += out.bound.sum()
+            self.bound_sum += out.bound.sum(-1)
 
     def _adam(self, grads: list[Tensor]) -> None:
         """torch.optim.Adam's update of the parameters, on its own state."""

@@ -86,6 +86,7 @@ class TrainConfig:
     data_dir: str | None = None
     compile: bool | None = None
     matmul: str | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.model != "burda":
@@ -192,6 +193,32 @@ def _seeds(seed: int) -> tuple[int, int]:
     return int(model_seq.generate_state(1)[0]), int(data_seq.generate_state(1)[0])
 
 
+def initial_state(config: TrainConfig, dataset: data.Dataset) -> dict[str, Any]:
+    """The checkpoint state of a new run (see ``iwae.checkpoint``): the model initialised from the run's seed
+    (or ``init_from``), and the states of the generators it continues with."""
+    model_seed, data_seed = _seeds(config.seed)
+    torch.manual_seed(model_seed)
+    model = checkpoint.build_model(asdict(config), dataset.train.shape[1], train_mean=dataset.train.mean(0))
+    if config.init_from is not None:
+        model.load_state_dict(_initial_parameters(config, Path(config.init_from), dataset.train.shape[1]))
+    generator = torch.Generator(dataset.train.device).manual_seed(data_seed)
+    return {
+        "config": asdict(config), "x_dim": dataset.train.shape[1], "model": model.state_dict(),
+        "optimizer": None, "epoch": 0, "step": 0, "batches": None, "bound_sum": 0.0, "epoch_time_s": 0.0,
+        "wall_time_s": 0.0, "rng": checkpoint.rng_state(generator),
+    }
+
+
+def _initial_parameters(config: TrainConfig, source: Path, x_dim: int) -> dict[str, torch.Tensor]:
+    """The parameters of the run in ``source``, checked to fit ``config``'s model."""
+    state = checkpoint.load(source)
+    if state["config"]["layers"] != config.layers or state["x_dim"] != x_dim:
+        raise ValueError(f"cannot start from {source}: its model has {state['config']['layers']} stochastic layers "
+                         f"for data of dimension {state['x_dim']}, this run {config.layers} for {x_dim}; give "
+                         "--init-from a run of the same architecture and data")
+    return state["model"]
+
+
 def _load_data(config: TrainConfig, device: torch.device) -> data.Dataset:
     dataset = data.load(config.dataset, config.data_dir, split=config.data_split).to(device)
     if config.batch_size > len(dataset.train):
@@ -219,15 +246,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     with _StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
         rundir.create(run_dir)
         rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
-        model_seed, data_seed = _seeds(config.seed)
-        torch.manual_seed(model_seed)
-        model = checkpoint.build_model(asdict(config), dataset.train.shape[1], train_mean=dataset.train.mean(0))
-        generator = torch.Generator(device).manual_seed(data_seed)
-        state = {
-            "config": asdict(config), "x_dim": dataset.train.shape[1], "model": model.state_dict(),
-            "optimizer": None, "epoch": 0, "step": 0, "batches": None, "bound_sum": 0.0, "epoch_time_s": 0.0,
-            "wall_time_s": 0.0, "rng": checkpoint.rng_state(generator),
-        }
+        state = initial_state(config, dataset)
         checkpoint.save(run_dir, state)
         _fit(config, run_dir, dataset, state, stop, progress)
     del dataset  # the evaluation loads what it needs: never hold two copies of the data

@@ -1,0 +1,394 @@
+"""The papers' tables as grids of training runs, and a report of the results beside the published numbers.
+
+``run_table(table, out)`` trains every cell of a table (``GRIDS``) for each seed into an ordinary run directory
+``OUT/<cell>/seed-<s>`` (``iwae evaluate`` and ``iwae sample`` work on each), the seeds of a cell trained together
+as one stacked model (``iwae.stacked``), skipping finished cells and resuming unfinished ones from their
+checkpoints, and writes
+
+    OUT/report.md     the table: per cell our test NLL (mean +- sd over seeds, and each seed's), active units, the
+                      published value and our difference from it, the protocol used, device, wall time, steps/s,
+                      and the command that trains the cell; cells whose data is missing, with the reason
+    OUT/report.csv    the same, one row per cell
+    OUT/curves.png    the test bound (on the monitor subset) against epoch for every cell and seed
+
+The schedule is the paper's (3^i epochs at 1e-3 * 10^(-i/7), i = 0..7: 3280 epochs) with every stage's epochs
+multiplied by ``budget``; a report made under a budget below 1 says so in its title and in every row. Burda et
+al.'s table 2 continues a trained run with the other objective for 3^7 epochs (times ``budget``) at 1e-4: its
+cells start from the parameters of a base cell's run of the same seed (``TrainConfig.init_from``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shlex
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from iwae import data, rundir, stacked, train
+from iwae.published import PUBLISHED, Published, burda_cell
+from iwae.train import TrainConfig
+
+PAPER_EPOCHS = 3280
+CONTINUATION_EPOCHS, CONTINUATION_LR = 3**7, 1e-4  # Burda et al. table 2
+BASE = {"schedule": "burda", "estimator": "standard", "batch_size": 20, "data_split": "paper"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a table: the training settings shared by its seeds (``TrainConfig`` fields, without seed,
+    schedule scale, evaluation or device), and for a continued run the cell whose run of the same seed it
+    starts from."""
+
+    name: str
+    settings: dict[str, Any] = field(hash=False)
+    init_from: str | None = None
+
+
+def _burda_grid(datasets: tuple[str, ...]) -> list[Cell]:
+    return [
+        Cell(burda_cell(dataset, layers, name, k),
+             {**BASE, "dataset": dataset, "layers": layers, "objective": objective, "k": k})
+        for dataset in datasets for layers in (1, 2) for name, objective in (("vae", "elbo"), ("iwae", "iwae"))
+        for k in (1, 5, 50)
+    ]
+
+
+def _table2() -> list[Cell]:
+    vae, iwae = burda_cell("mnist", 1, "vae", 1), burda_cell("mnist", 1, "iwae", 50)
+    base = {**BASE, "dataset": "mnist", "layers": 1}
+    continued = {**base, "schedule": "constant", "lr": CONTINUATION_LR}
+    return [
+        Cell(vae, {**base, "objective": "elbo", "k": 1}),
+        Cell(iwae, {**base, "objective": "iwae", "k": 50}),
+        Cell("vae-k1-to-iwae-k50", {**continued, "objective": "iwae", "k": 50}, init_from=vae),
+        Cell("iwae-k50-to-vae-k1", {**continued, "objective": "elbo", "k": 1}, init_from=iwae),
+    ]
+
+
+def _rainforth() -> list[Cell]:
+    base = {**BASE, "dataset": "mnist", "layers": 1}
+    return [
+        Cell("iwae", {**base, "objective": "iwae", "k": 64}),
+        Cell("piwae", {**base, "objective": "piwae", "k": 64, "m": 8}),
+        Cell("miwae", {**base, "objective": "miwae", "k": 64, "m": 8}),
+        Cell("ciwae", {**base, "objective": "ciwae", "k": 64, "beta": 0.5}),
+        Cell("vae", {**base, "objective": "elbo", "k": 64}),
+    ]
+
+
+def _dreg() -> list[Cell]:
+    base = {**BASE, "dataset": "mnist", "layers": 1, "objective": "iwae"}
+    return [Cell(f"{estimator}-k{k}", {**base, "estimator": estimator, "k": k})
+            for estimator in ("standard", "stl", "dreg") for k in (1, 5, 50)]
+
+
+GRIDS: dict[str, Callable[[], list[Cell]]] = {
+    "burda-table1": lambda: _burda_grid(("mnist", "omniglot")),
+    "burda-table2": _table2,
+    "burda-table3": lambda: _burda_grid(("binarized-mnist",)),
+    "rainforth-table1": _rainforth,
+    "dreg": _dreg,
+}
+TITLES = {
+    "burda-table1": "Burda et al. 2016, table 1: VAE and IWAE, dynamically binarized MNIST and Omniglot",
+    "burda-table2": "Burda et al. 2016, table 2: training continued with the other objective (1 layer, MNIST)",
+    "burda-table3": "Burda et al. 2016, table 3: VAE and IWAE on fixed-binarization MNIST",
+    "rainforth-table1": "Rainforth et al. 2018, table 1: objectives at a budget of M*K = 64 (1 layer, MNIST)",
+    "dreg": "IWAE with the standard, STL and DReG gradient estimators (1 layer, MNIST)",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a table is run: ``budget`` scales the schedule's epochs, ``seeds`` runs seeds 0..seeds-1, ``eval_k``
+    samples per test example of the final evaluation; ``device`` and ``data_dir`` as for ``iwae train``."""
+
+    budget: float = 1.0
+    seeds: int = 1
+    eval_k: int = 5000
+    device: str = "auto"
+    data_dir: str | None = None
+
+
+def check(table: str, options: Options) -> None:
+    """Raise ValueError naming the problem and the fix for an unknown table or unusable options."""
+    if table not in GRIDS:
+        raise ValueError(f"unknown table {table!r}; choose one of {', '.join(GRIDS)}")
+    if not (isinstance(options.budget, float | int) and math.isfinite(options.budget) and options.budget > 0):
+        raise ValueError(f"--budget must be a positive fraction of the paper's schedule (e.g. 0.01); "
+                         f"got {options.budget}")
+    if not isinstance(options.seeds, int) or options.seeds < 1:
+        raise ValueError(f"--seeds must be a positive number of seeds; got {options.seeds}")
+    if not isinstance(options.eval_k, int) or options.eval_k < 1:
+        raise ValueError(f"--eval-k must be a positive number of samples; got {options.eval_k}")
+
+
+def cell_config(cell: Cell, seed: int, options: Options, out: Path) -> TrainConfig:
+    """The training configuration of one seed of a cell under ``options``, with runs in ``out``."""
+    settings = dict(cell.settings)
+    if settings["schedule"] == "burda":
+        settings["schedule_scale"] = options.budget
+    else:
+        settings["epochs"] = max(1, round(CONTINUATION_EPOCHS * options.budget))
+    init_from = None if cell.init_from is None else str(run_dir(out, cell.init_from, seed))
+    return TrainConfig(**settings, seed=seed, eval_k=options.eval_k, device=options.device,
+                       data_dir=options.data_dir, init_from=init_from)
+
+
+def run_dir(out: Path, cell: str, seed: int) -> Path:
+    """The run directory of one seed of a cell: OUT/<cell>/seed-<seed>."""
+    return out / cell / f"seed-{seed}"
+
+
+def command(table: str, cell: Cell, config: TrainConfig, out: Path, seeds: int) -> str:
+    """The shell command that trains every seed of ``cell`` as ``run_table`` does."""
+    defaults = TrainConfig(epochs=1)
+    flags = []
+    for key, value in asdict(config).items():
+        if key in ("seed", "device", "data_dir", "init_from", "compile", "matmul") or value is None:
+            continue
+        if config.schedule == "burda" and key in ("epochs", "lr"):
+            continue  # fixed by the schedule
+        if value != getattr(defaults, key) or key in ("dataset", "objective", "k", "estimator"):
+            flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+    if cell.init_from is not None:
+        flags.append(f"--init-from {shlex.quote(str(out / cell.init_from))}/seed-$s")
+    seed_list = " ".join(str(s) for s in range(seeds))
+    return (f"for s in {seed_list}; do iwae train --out {shlex.quote(str(out / cell.name))}/seed-$s --seed $s "
+            + " ".join(flags) + "; done")
+
+
+def missing_data(dataset: str, data_dir: str | None) -> str | None:
+    """Why ``dataset`` cannot be loaded here (the loader's message), or None if it can."""
+    try:
+        data.load(dataset, data_dir)
+    except data.DataError as error:
+        return " ".join(str(error).split())
+    return None
+
+
+def is_finished(path: Path) -> bool:
+    """Whether the run in ``path`` trained all its epochs and was evaluated."""
+    if not (path / rundir.EVAL).is_file() or not (path / rundir.CONFIG).is_file():
+        return False
+    metrics = rundir.read_metrics(path)
+    return bool(metrics) and metrics[-1]["epoch"] == rundir.read_json(path / rundir.CONFIG)["epochs"]
+
+
+def run_cell(configs: list[TrainConfig], path: Path, *, progress: bool | None = None) -> str:
+    """Bring a cell's seeds, trained together as one stacked run in ``path`` (``iwae.stacked``), to their end:
+    "skipped" if every seed finished, "resumed" from their checkpoints, or "trained" anew."""
+    if all(is_finished(path / f"seed-{config.seed}") for config in configs):
+        return "skipped"
+    if stacked.is_stacked(path):
+        stacked.resume_stacked(path, progress=progress)
+        return "resumed"
+    stacked.train_stacked(configs, path, progress=progress)
+    return "trained"
+
+
+def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | None = None,
+              progress: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Run the grid of ``table`` (or the given ``cells``) into ``out``, then write its report.
+
+    Every setting is checked before anything is trained. Returns the paths of the report files.
+    """
+    check(table, options)
+    cells = GRIDS[table]() if cells is None else cells
+    say = log or (lambda line: print(f"iwae: {line}", file=sys.stderr))
+    missing = {}
+    for dataset in sorted({cell.settings["dataset"] for cell in cells}):
+        reason = missing_data(dataset, options.data_dir)
+        if reason is not None:
+            missing[dataset] = reason
+    configs = {cell.name: [cell_config(cell, s, options, out) for s in range(options.seeds)] for cell in cells}
+    for cell in cells:  # a continued cell runs after the cell it starts from (the grids list them in order)
+        if cell.settings["dataset"] in missing:
+            say(f"{cell.name}: skipped, data missing")
+            continue
+        what = run_cell(configs[cell.name], out / cell.name, progress=progress)
+        say(f"{cell.name}: {what} ({options.seeds} seeds stacked)")
+    return write_report(table, out, cells, options, missing)
+
+
+@dataclass
+class CellResult:
+    """What the report says about one cell."""
+
+    cell: str
+    seeds: list[int]
+    nll: list[float | None]
+    active_units: list[str | None]
+    epochs: int | None
+    device: str
+    wall_time_s: float
+    steps_per_s: float | None
+    curves: dict[int, list[tuple[int, float]]]
+    missing: str | None = None
+
+
+def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResult:
+    """The results of a cell's runs as far as they got (an unfinished seed has no NLL)."""
+    result = CellResult(cell.name, list(range(seeds)), [], [], None, "", 0.0, None, {}, missing)
+    rates: list[float] = []
+    for seed in range(seeds):
+        path = run_dir(out, cell.name, seed)
+        metrics = rundir.read_metrics(path)
+        evaluation = rundir.read_json(path / rundir.EVAL) if is_finished(path) else None
+        result.nll.append(None if evaluation is None else evaluation["nll"])
+        result.active_units.append(None if evaluation is None else "+".join(map(str, evaluation["active_units"])))
+        if (path / rundir.CONFIG).is_file():
+            config = rundir.read_json(path / rundir.CONFIG)
+            result.epochs, result.device = config["epochs"], config["device"]
+            batch = config["batch_size"]
+            if metrics:
+                steps = sum(m["examples_per_s"] * m["epoch_time_s"] / batch for m in metrics)
+                seconds = sum(m["epoch_time_s"] for m in metrics)
+                rates.append(steps / seconds)
+                result.wall_time_s += metrics[-1]["wall_time_s"]
+        result.curves[seed] = [(m["epoch"], m["test_bound"]) for m in metrics]
+    result.steps_per_s = statistics.fmean(rates) if rates else None
+    return result
+
+
+def summary(values: list[float | None]) -> tuple[float | None, float | None]:
+    """(mean, sample sd) of the finished seeds' values; sd is None for fewer than two."""
+    done = [v for v in values if v is not None]
+    if not done:
+        return None, None
+    return statistics.fmean(done), statistics.stdev(done) if len(done) > 1 else None
+
+
+COLUMNS = ("cell", "nll_mean", "nll_sd", "nll_per_seed", "active_units", "published_nll", "published_sd",
+           "difference", "published_active_units", "epochs", "budget", "eval_k", "device", "wall_time_s",
+           "steps_per_s", "status", "command", "source")
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def rows(table: str, out: Path, cells: list[Cell], options: Options, missing: dict[str, str]
+         ) -> tuple[list[dict[str, str]], list[CellResult]]:
+    """One report row per cell (values as text, keyed by ``COLUMNS``) and the cells' results."""
+    published = PUBLISHED[table]
+    table_rows, results = [], []
+    for cell in cells:
+        reason = missing.get(cell.settings["dataset"])
+        result = collect(out, cell, options.seeds, None if reason is None else
+                         f"data missing: {cell.settings['dataset']}: {reason}")
+        results.append(result)
+        mean, sd = summary(result.nll)
+        paper: Published | None = published.get(cell.name)
+        done = sum(v is not None for v in result.nll)
+        status = result.missing or ("done" if done == options.seeds else f"{done} of {options.seeds} seeds done")
+        config = cell_config(cell, 0, options, out)
+        table_rows.append({
+            "cell": cell.name,
+            "nll_mean": _number(mean), "nll_sd": _number(sd),
+            "nll_per_seed": " ".join("-" if v is None else f"{v:.2f}" for v in result.nll),
+            "active_units": " ".join("-" if a is None else a for a in result.active_units),
+            "published_nll": _number(paper.nll if paper else None),
+            "published_sd": _number(paper.sd if paper else None),
+            "difference": _number(mean - paper.nll if paper and mean is not None else None),
+            "published_active_units": (paper.active_units or "") if paper else "",
+            "epochs": str(config.epochs), "budget": f"{options.budget:g}", "eval_k": str(options.eval_k),
+            "device": result.device, "wall_time_s": f"{result.wall_time_s:.0f}",
+            "steps_per_s": _number(result.steps_per_s, 1), "status": status,
+            "command": command(table, cell, config, out, options.seeds),
+            "source": paper.source if paper else "",
+        })
+    return table_rows, results
+
+
+def title(table: str, options: Options) -> str:
+    """The report's title, which states a reduced budget."""
+    text = TITLES[table]
+    if options.budget != 1:
+        epochs = sum(e for e, _ in train.burda_schedule(options.budget))
+        text += (f" — REDUCED BUDGET {options.budget:g} of the paper's schedule ({epochs} of {PAPER_EPOCHS} "
+                 "epochs)")
+    return text
+
+
+def write_report(table: str, out: Path, cells: list[Cell], options: Options, missing: dict[str, str]
+                 ) -> dict[str, Path]:
+    """Write OUT/report.md, OUT/report.csv and OUT/curves.png from the runs as they are; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    table_rows, results = rows(table, out, cells, options, missing)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table_rows)
+    paths = {"csv": out / "report.csv", "md": out / "report.md", "png": out / "curves.png"}
+    text = buffer.getvalue()
+    rundir.write_atomic(paths["csv"], lambda file: file.write(text.encode()))
+    markdown = render_markdown(table, options, table_rows, missing)
+    rundir.write_atomic(paths["md"], lambda file: file.write(markdown.encode()))
+    plot_curves(paths["png"], title(table, options), results)
+    return paths
+
+
+def render_markdown(table: str, options: Options, table_rows: list[dict[str, str]], missing: dict[str, str]) -> str:
+    """The report as Markdown: title, how it was made, the table, the missing data, the commands."""
+    made_by = f"iwae reproduce {table} --budget {options.budget:g} --seeds {options.seeds} --eval-k {options.eval_k}"
+    lines = [
+        f"# {title(table, options)}", "",
+        f"Made by `{made_by}`. Test NLL in nats (lower is better): mean +- sd over seeds, estimated with "
+        f"k = {options.eval_k} importance samples per test example; difference = ours - published. Budget "
+        f"{options.budget:g}: every stage of the paper's schedule (3^i epochs at 1e-3 * 10^(-i/7), i = 0..7) "
+        "is scaled by it.", "",
+        "| cell | NLL | per seed | AU | published | diff | published AU | epochs | budget | device | wall s | "
+        "steps/s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table_rows:
+        nll = row["nll_mean"] + (f" +- {row['nll_sd']}" if row["nll_sd"] else "")
+        paper = row["published_nll"] + (f" +- {row['published_sd']}" if row["published_sd"] else "")
+        lines.append("| " + " | ".join([
+            row["cell"], nll or "-", row["nll_per_seed"], row["active_units"], paper or "-", row["difference"] or "-",
+            row["published_active_units"] or "-", row["epochs"], row["budget"], row["device"] or "-",
+            row["wall_time_s"], row["steps_per_s"] or "-", row["status"],
+        ]) + " |")
+    if missing:
+        lines += ["", "## Missing", ""]
+        lines += [f"- {dataset}: {reason}" for dataset, reason in sorted(missing.items())]
+    lines += ["", "## Commands", ""]
+    lines += [f"- {row['cell']}: `{row['command']}`" for row in table_rows]
+    sources = sorted({row["source"] for row in table_rows if row["source"]})
+    lines += ["", "## Sources", ""] + [f"- {source}" for source in sources]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: Path, heading: str, results: list[CellResult]) -> Path:
+    """The test bound against epoch, one panel per cell, one line per seed."""
+    columns = min(4, max(1, len(results)))
+    rows_ = math.ceil(len(results) / columns)
+    fig = Figure(figsize=(3.2 * columns, 2.6 * rows_ + 0.6), layout="constrained")
+    fig.suptitle(heading, fontsize=9)
+    for index, result in enumerate(results):
+        ax = fig.add_subplot(rows_, columns, index + 1)
+        ax.set_title(result.cell, fontsize=8)
+        for seed, curve in result.curves.items():
+            if curve:
+                epochs, bound = zip(*curve, strict=True)
+                ax.plot(epochs, bound, label=f"seed {seed}", linewidth=1)
+        if result.missing:
+            ax.text(0.5, 0.5, "data missing", ha="center", va="center", transform=ax.transAxes)
+        elif any(result.curves.values()):
+            ax.set_xscale("log")
+            ax.legend(fontsize=6)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.set_ylabel("test bound (nats)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    rundir.write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=90))
+    return path
+

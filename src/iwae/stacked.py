@@ -1,0 +1,303 @@
+"""S seeds of one configuration trained together as one vectorized model, each as it would train alone.
+
+The stacked model is the paper's model with every ``nn.Linear`` replaced by a ``StackedLinear`` holding the S
+seeds' weights (S, out, in), applied as one batched matrix multiply; a minibatch is (S, B, D), latents are
+(K, S, B, d), and the loss is the sum over seeds of each seed's summed bound, so its gradient with respect to
+seed s's parameters is seed s's own gradient, and Adam (elementwise) takes each seed's own step.
+
+Each seed draws its random numbers as ``iwae train --seed s`` alone does: its initialisation from torch's
+global generator seeded with its model seed, its permutations and binarizations from its own data generator,
+and its ``rsample`` noise from its own generator that continues the global generator's stream after its
+initialisation. So seed s follows the lone run's trajectory, up to the float rounding of batched matrix
+multiplies.
+
+A stacked run in DIR is S ordinary run directories DIR/seed-<s> (``iwae evaluate``, ``iwae sample`` and even
+``iwae train --resume`` work on each) and DIR/stack.json, the commit record of their checkpoints: a checkpoint
+is written as every seed's RUN/checkpoint.next, then stack.json names the position, then each file is renamed
+to RUN/checkpoint.pt; a resume first completes or discards an interrupted commit, so every seed continues from
+the same position and a stacked run resumes to bit-for-bit the parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, Normal
+
+from iwae import checkpoint, data, evaluate, gemm, rundir, train
+from iwae.device import resolve_device
+from iwae.models import DeepLatentModel, GaussianLayer
+from iwae.step import TrainStep, make_adam
+from iwae.train import TrainConfig
+
+STACK = "stack.json"
+NEXT = "checkpoint.next"
+# Settings in which the seeds of a stack may differ.
+PER_SEED = ("seed", "init_from")
+
+
+class StackedLinear(nn.Module):
+    """S linear layers applied to their own slices: input (..., S, N, in) to output (..., S, N, out)."""
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
+
+    def forward(self, h: Tensor) -> Tensor:
+        s, n, width = h.shape[-3:]
+        flat = h.movedim(-3, 0).reshape(s, -1, width)  # one (rows, in) @ (in, out) product per seed
+        out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
+        return out.reshape(s, *h.shape[:-3], n, -1).movedim(0, -3)
+
+
+class SeedNoise:
+    """Standard normal draws of shape (..., S, N, d), seed s's slice drawn from its own generator exactly as
+    ``Normal.rsample`` draws a lone run's (..., N, d) from torch's global generator."""
+
+    def __init__(self, generators: list[torch.Generator]) -> None:
+        self.generators = generators
+
+    def __call__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        one = shape[:-3] + shape[-2:]
+        return torch.stack([torch.empty(one, dtype=dtype, device=device).normal_(generator=g)
+                            for g in self.generators], dim=-3)
+
+
+class _SeedwiseNormal(Normal):
+    def __init__(self, loc: Tensor, scale: Tensor, noise: SeedNoise) -> None:
+        super().__init__(loc, scale, validate_args=False)
+        self.noise = noise
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        eps = self.noise(self._extended_shape(torch.Size(sample_shape)), self.loc.dtype, self.loc.device)
+        return self.loc + eps * self.scale
+
+
+class _SeedwiseGaussianLayer(GaussianLayer):
+    """A Gaussian encoder layer whose reparameterized draws come from each seed's own generator."""
+
+    def __init__(self, layer: GaussianLayer, noise: SeedNoise) -> None:
+        nn.Module.__init__(self)
+        self.body, self.mean, self.log_std = layer.body, layer.mean, layer.log_std
+        self.noise = noise
+
+    def forward(self, h: Tensor) -> Distribution:
+        normal = super().forward(h).base_dist
+        return Independent(_SeedwiseNormal(normal.loc, normal.scale, self.noise), 1)
+
+
+def stack_models(models: list[DeepLatentModel], noise: SeedNoise) -> DeepLatentModel:
+    """One model holding the parameters of ``models`` (same architecture), with the same parameter names."""
+    stacked = copy.deepcopy(models[0])
+    for name, module in list(stacked.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(stacked.get_submodule(parent), attr, StackedLinear([m.get_submodule(name) for m in models]))
+    for index, layer in enumerate(stacked.encoder):
+        if not isinstance(layer, GaussianLayer):
+            raise ValueError(f"stacked seeds need Gaussian encoder layers; layer {index} is {type(layer).__name__}")
+        stacked.encoder[index] = _SeedwiseGaussianLayer(layer, noise)
+    return stacked
+
+
+def stacked_names(model: DeepLatentModel) -> set[str]:
+    """The names of the parameters that carry a leading seed dimension."""
+    return {f"{name}.{p}" if name else p for name, module in model.named_modules()
+            if isinstance(module, StackedLinear) for p in ("weight", "bias")}
+
+
+def seed_state(stacked: DeepLatentModel, optimizer: torch.optim.Adam, s: int) -> tuple[dict, dict]:
+    """Seed s's model and optimizer state dicts, as its lone run would save them."""
+    names = stacked_names(stacked)
+    model = {k: (v[s] if k in names else v).clone() for k, v in stacked.state_dict().items()}
+    saved = optimizer.state_dict()
+    state = {i: {k: (v[s].clone() if k != "step" else v.clone()) for k, v in moments.items()}
+             for i, moments in saved["state"].items()}
+    return model, {"state": state, "param_groups": saved["param_groups"]}
+
+
+def _stack_optimizer(states: list[dict]) -> dict:
+    first = states[0]
+    state = {i: {k: (v if k == "step" else torch.stack([st["state"][i][k] for st in states]))
+                 for k, v in moments.items()} for i, moments in first["state"].items()}
+    return {"state": state, "param_groups": first["param_groups"]}
+
+
+def check_configs(configs: list[TrainConfig]) -> None:
+    """Raise ValueError unless ``configs`` differ in their seeds (distinct) and initialisations only."""
+    if not configs:
+        raise ValueError("a stack needs at least one seed; give --seeds S with S >= 1")
+    common = [{k: v for k, v in asdict(c).items() if k not in PER_SEED} for c in configs]
+    if any(c != common[0] for c in common) or len({c.seed for c in configs}) != len(configs):
+        raise ValueError("the seeds of a stack must share every setting but the seed and --init-from")
+
+
+
+def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | None = None) -> list[dict | None]:
+    """Train one run per configuration (same settings, distinct seeds) together into OUT/seed-<seed>, and
+    evaluate each; returns the evaluations (None where ``eval_k`` is 0)."""
+    check_configs(configs)
+    device = resolve_device(configs[0].device)
+    matmul = gemm.fastest_fp32_matmul(device, configs[0].matmul)
+    configs = [replace(c, device=str(device), compile=False, matmul=matmul) for c in configs]
+    dataset = train._load_data(configs[0], device)
+    with train._StopOnSignal() as stop:
+        rundir.create(out)
+        dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
+        for config, path in zip(configs, dirs, strict=True):
+            rundir.write_json(path / rundir.CONFIG, asdict(config))
+        states = [train.initial_state(c, dataset) for c in configs]
+        _commit(out, dirs, states)
+        _fit(configs, out, dirs, dataset, states, stop)
+    del dataset
+    return [train._finish(c, d, device, progress) for c, d in zip(configs, dirs, strict=True)]
+
+
+def is_stacked(path: Path) -> bool:
+    """Whether ``path`` holds a stacked run."""
+    return (path / STACK).is_file()
+
+
+def resume_stacked(out: Path, *, progress: bool | None = None) -> list[dict | None]:
+    """Continue the stacked run in ``out`` from its last committed checkpoint, and evaluate each seed."""
+    record = rundir.read_json(out / STACK)
+    dirs = [out / f"seed-{s}" for s in record["seeds"]]
+    for path in dirs:  # complete (or discard) an interrupted commit
+        pending = path / NEXT
+        if pending.is_file():
+            state = torch.load(pending, map_location="cpu", weights_only=True)
+            if (state["epoch"], state["step"]) == (record["epoch"], record["step"]):
+                os.replace(pending, path / rundir.CHECKPOINT)
+            else:
+                pending.unlink()
+    states = [checkpoint.load(path) for path in dirs]
+    configs = [TrainConfig(**state["config"]) for state in states]
+    device = resolve_device(configs[0].device)
+    if all(s["epoch"] == c.epochs for s, c in zip(states, configs, strict=True)) and all(
+            (d / rundir.EVAL).is_file() or not c.eval_k for d, c in zip(dirs, configs, strict=True)):
+        print(f"iwae: {out} finished all {configs[0].epochs} epochs already", file=sys.stderr)
+        return [rundir.read_json(d / rundir.EVAL) if c.eval_k else None for d, c in zip(dirs, configs, strict=True)]
+    dataset = train._load_data(configs[0], device)
+    with train._StopOnSignal() as stop:
+        for path, state in zip(dirs, states, strict=True):
+            rundir.truncate_metrics(path, state["epoch"])
+        _fit(configs, out, dirs, dataset, states, stop)
+    del dataset
+    return [train._finish(c, d, device, progress) for c, d in zip(configs, dirs, strict=True)]
+
+
+def _commit(out: Path, dirs: list[Path], states: list[dict[str, Any]]) -> None:
+    """Write every seed's checkpoint as one commit (see the module docstring)."""
+    for path, state in zip(dirs, states, strict=True):
+        rundir.write_atomic(path / NEXT, lambda file, st=state: torch.save(
+            {"format": checkpoint.CHECKPOINT_FORMAT, **st}, file))
+    seeds = [state["config"]["seed"] for state in states]
+    rundir.write_json(out / STACK, {"seeds": seeds, "epoch": states[0]["epoch"], "step": states[0]["step"]})
+    for path in dirs:
+        os.replace(path / NEXT, path / rundir.CHECKPOINT)
+
+
+def _fit(configs: list[TrainConfig], out: Path, dirs: list[Path], dataset: data.Dataset,
+         states: list[dict[str, Any]], stop: Any) -> None:
+    """The training loop of ``train._fit`` for S seeds at once, from the seeds' common position."""
+    config, seeds, device = configs[0], len(configs), dataset.train.device
+    if len({(s["epoch"], s["step"]) for s in states}) != 1:
+        raise ValueError(f"the seeds of {out} are at different positions; resume each with iwae train --resume")
+    objective, stages = config.objective_spec(), train.schedule(config)
+    models = []
+    for state in states:
+        model = checkpoint.build_model(asdict(config), state["x_dim"]).to(device)
+        model.load_state_dict(state["model"])
+        models.append(model)
+    rsample_generators = [torch.Generator(device) for _ in states]
+    data_generators = [torch.Generator(device) for _ in states]
+    for state, noise_g, data_g in zip(states, rsample_generators, data_generators, strict=True):
+        noise_g.set_state(state["rng"]["cuda" if device.type == "cuda" else "cpu"])
+        data_g.set_state(state["rng"]["data"])
+    stacked = stack_models(models, SeedNoise(rsample_generators))
+    lone = models[0]  # a lone model to evaluate each seed's monitor bound on
+    optimizer = make_adam(stacked, stages[0][1], (config.beta1, config.beta2), config.adam_eps)
+    if states[0]["optimizer"] is not None:
+        optimizer.load_state_dict(_stack_optimizer([s["optimizer"] for s in states]))
+    gemm.fastest_fp32_matmul(device, config.matmul)
+    train_step = TrainStep(stacked, optimizer, objective, config.estimator, bound_shape=(seeds,))
+    epoch, step = states[0]["epoch"], states[0]["step"]
+    batches = None if states[0]["batches"] is None else torch.stack([s["batches"] for s in states]).to(device)
+    bound_sum = train_step.bound_sum
+    bound_sum.copy_(torch.tensor([float(s["bound_sum"]) for s in states], dtype=torch.float64))
+    steps_per_epoch, monitor = len(dataset.train) // config.batch_size, dataset.test[: config.monitor_examples]
+    session_start, wall_base = time.perf_counter(), states[0]["wall_time_s"]
+    epoch_start = time.perf_counter() - states[0]["epoch_time_s"]
+
+    def save() -> None:
+        seed_states = []
+        for s, (state, noise_g, data_g) in enumerate(zip(states, rsample_generators, data_generators, strict=True)):
+            model_state, optimizer_state = seed_state(stacked, optimizer, s)
+            rng = {"cpu": noise_g.get_state(), "data": data_g.get_state()} if device.type == "cpu" else {
+                "cpu": torch.get_rng_state(), "cuda": noise_g.get_state(), "data": data_g.get_state()}
+            seed_states.append({
+                "config": asdict(configs[s]), "x_dim": state["x_dim"], "model": model_state,
+                "optimizer": optimizer_state, "epoch": epoch, "step": step,
+                "batches": batches[s] if step else None, "bound_sum": bound_sum[s].item(),
+                "epoch_time_s": time.perf_counter() - epoch_start if step else 0.0,
+                "wall_time_s": wall_base + time.perf_counter() - session_start, "rng": rng,
+            })
+        _commit(out, dirs, seed_states)
+
+    next_checkpoint = time.monotonic() + config.checkpoint_every_s
+    while epoch < config.epochs:
+        stage, lr = train.learning_rate(stages, epoch)
+        train_step.set_lr(lr)
+        if batches is None:
+            batches = torch.stack([data.epoch_batches(len(dataset.train), config.batch_size, g)
+                                   for g in data_generators])
+            bound_sum.zero_()
+            epoch_start = time.perf_counter()
+        while step < steps_per_epoch:
+            x = torch.stack([dataset.minibatch(batches[s, step], g) for s, g in enumerate(data_generators)])
+            train_step(x)
+            step += 1
+            if step % train.REPORT_EVERY and step < steps_per_epoch and not stop.received:
+                continue
+            if stop.received or time.monotonic() >= next_checkpoint:
+                save()
+                next_checkpoint = time.monotonic() + config.checkpoint_every_s
+                if stop.received:
+                    raise train.Interrupted(
+                        f"training stopped by {stop.received.name} in epoch {epoch + 1}/{config.epochs} after step "
+                        f"{step}/{steps_per_epoch}; checkpoint saved; continue with: iwae train --resume {out}",
+                        stop.received)
+        epoch_time = time.perf_counter() - epoch_start
+        bounds = (bound_sum / (steps_per_epoch * config.batch_size)).tolist()
+        if not all(math.isfinite(b) for b in bounds):
+            raise FloatingPointError(f"the training bound became {bounds} in epoch {epoch + 1}; the last good "
+                                     f"checkpoint is in {out}; start a new run with a smaller learning rate")
+        epoch, step, batches = epoch + 1, 0, None
+        for s, (path, seed_config) in enumerate(zip(dirs, configs, strict=True)):
+            lone.load_state_dict(seed_state(stacked, optimizer, s)[0])
+            with evaluate.seeded(seed_config.seed, device):
+                test_bound = evaluate.objective_bound(lone, monitor, objective).mean().item()
+            rundir.append_metrics(path, {
+                "epoch": epoch, "stage": stage + 1, "lr": lr, "train_bound": bounds[s], "test_bound": test_bound,
+                "examples_per_s": steps_per_epoch * config.batch_size / epoch_time, "epoch_time_s": epoch_time,
+                "wall_time_s": wall_base + time.perf_counter() - session_start, "stacked_seeds": seeds,
+            })
+        save()
+        next_checkpoint = time.monotonic() + config.checkpoint_every_s
+        print(f"epoch {epoch}/{config.epochs} stage {stage + 1} lr {lr:.2e} train bounds "
+              f"{' '.join(f'{b:.2f}' for b in bounds)} {seeds * steps_per_epoch * config.batch_size / epoch_time:.0f} "
+              "examples/s", file=sys.stderr)
+    if stop.received:
+        raise train.Interrupted(f"training stopped by {stop.received.name} after the last epoch, before the "
+                                f"evaluation; checkpoint saved; finish with: iwae train --resume {out}",
+                                stop.received)

@@ -1,0 +1,162 @@
+"""Grids of runs and their reports (``iwae.reproduce``), on a tiny grid over the tiny dataset: finished runs are
+skipped, unfinished ones resumed to the parameters of an uninterrupted run, continued cells start from their base
+cell's parameters, and the report holds our numbers beside the published ones, missing data listed."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from iwae import checkpoint, cli, reproduce, rundir, train
+from iwae.published import PUBLISHED
+from iwae.reproduce import Cell, Options
+
+TABLE = "burda-table2"
+OPTIONS = Options(budget=0.001, seeds=2, eval_k=10, device="cpu")  # stages of 1 epoch (2 the last): 9 epochs
+
+
+def tiny_grid(dataset: str) -> list[Cell]:
+    """Table 2's cells on the tiny dataset (batches of 8, k of 2), the last one on data that is missing."""
+    base = {**reproduce.BASE, "dataset": dataset, "layers": 1, "batch_size": 8, "monitor_examples": 8}
+    continued = {**base, "schedule": "constant", "lr": 1e-4}
+    return [
+        Cell("mnist-l1-vae-k1", {**base, "objective": "elbo", "k": 1}),
+        Cell("mnist-l1-iwae-k50", {**base, "objective": "iwae", "k": 2}),
+        Cell("vae-k1-to-iwae-k50", {**continued, "objective": "iwae", "k": 2}, init_from="mnist-l1-vae-k1"),
+        Cell("iwae-k50-to-vae-k1", {**continued, "dataset": "/nonexistent/absent.npz", "objective": "elbo", "k": 1},
+             init_from="mnist-l1-iwae-k50"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A tiny table run to the end, and its log."""
+    out, log = tmp_path_factory.mktemp("grid"), []
+    reproduce.run_table(TABLE, out, OPTIONS, cells=tiny_grid(tiny_dataset), progress=False, log=log.append)
+    return out, log
+
+
+def test_grid_trains_every_seed_of_every_cell_with_data(finished: tuple[Path, list[str]]) -> None:
+    out, log = finished
+    assert log[:3] == [f"{cell}: trained (2 seeds stacked)" for cell in
+                       ("mnist-l1-vae-k1", "mnist-l1-iwae-k50", "vae-k1-to-iwae-k50")]
+    assert log[3] == "iwae-k50-to-vae-k1: skipped, data missing"
+    config = rundir.read_json(reproduce.run_dir(out, "mnist-l1-vae-k1", 1) / rundir.CONFIG)
+    assert (config["seed"], config["epochs"], config["schedule_scale"], config["eval_k"]) == (1, 9, 0.001, 10)
+    continued = rundir.read_json(reproduce.run_dir(out, "vae-k1-to-iwae-k50", 1) / rundir.CONFIG)
+    assert continued["init_from"] == str(reproduce.run_dir(out, "mnist-l1-vae-k1", 1))
+    assert (continued["epochs"], continued["lr"]) == (2, 1e-4)  # round(3^7 * 0.001) epochs at 1e-4
+
+
+def test_finished_runs_are_skipped(finished: tuple[Path, list[str]], tiny_dataset: str) -> None:
+    out, _ = finished
+    stamps = {path: path.stat().st_mtime_ns for path in out.rglob(rundir.CHECKPOINT)}
+    log: list[str] = []
+    reproduce.run_table(TABLE, out, OPTIONS, cells=tiny_grid(tiny_dataset), progress=False, log=log.append)
+    assert all(line.endswith(": skipped (2 seeds stacked)") for line in log[:3])
+    assert stamps == {path: path.stat().st_mtime_ns for path in out.rglob(rundir.CHECKPOINT)}
+
+
+def test_an_unfinished_run_resumes_to_the_uninterrupted_parameters(
+    finished: tuple[Path, list[str]], tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reference, _ = finished
+    cells = tiny_grid(tiny_dataset)[:1]
+    appended, append = [], rundir.append_metrics
+
+    def fail_in_epoch_3(run_dir: Path, record: dict) -> None:  # a crash in epoch 3's metrics, before its checkpoint
+        append(run_dir, record)
+        appended.append(record)
+        if len(appended) == 5:  # seed 0's third epoch
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(rundir, "append_metrics", fail_in_epoch_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        reproduce.run_table(TABLE, tmp_path, OPTIONS, cells=cells, progress=False, log=lambda line: None)
+    monkeypatch.undo()
+    path = reproduce.run_dir(tmp_path, cells[0].name, 0)
+    assert checkpoint.load(path)["epoch"] == 2
+    log: list[str] = []
+    reproduce.run_table(TABLE, tmp_path, OPTIONS, cells=cells, progress=False, log=log.append)
+    assert log == [f"{cells[0].name}: resumed (2 seeds stacked)"]
+    for seed in (0, 1):
+        ours, theirs = (checkpoint.load(reproduce.run_dir(root, cells[0].name, seed)) for root in (tmp_path, reference))
+        assert all(torch.equal(ours["model"][name], theirs["model"][name]) for name in theirs["model"])
+    assert [m["epoch"] for m in rundir.read_metrics(path)] == list(range(1, 10))
+
+
+def test_report_holds_our_numbers_beside_the_published_ones(finished: tuple[Path, list[str]]) -> None:
+    out, _ = finished
+    with (out / "report.csv").open() as file:
+        table = {row["cell"]: row for row in csv.DictReader(file)}
+    assert list(table) == ["mnist-l1-vae-k1", "mnist-l1-iwae-k50", "vae-k1-to-iwae-k50", "iwae-k50-to-vae-k1"]
+    assert list(next(iter(table.values()))) == list(reproduce.COLUMNS)
+    for cell in list(table)[:3]:
+        row = table[cell]
+        nll = [rundir.read_json(reproduce.run_dir(out, cell, s) / rundir.EVAL)["nll"] for s in (0, 1)]
+        published = PUBLISHED[TABLE][cell].nll
+        assert float(row["nll_mean"]) == pytest.approx(statistics.fmean(nll), abs=0.006)
+        assert float(row["nll_sd"]) == pytest.approx(statistics.stdev(nll), abs=0.006)
+        assert row["nll_per_seed"] == " ".join(f"{v:.2f}" for v in nll)
+        assert float(row["published_nll"]) == published
+        assert float(row["difference"]) == pytest.approx(statistics.fmean(nll) - published, abs=0.006)
+        assert row["published_active_units"] == PUBLISHED[TABLE][cell].active_units
+        assert len(row["active_units"].split()) == 2 and row["status"] == "done" and row["device"] == "cpu"
+        assert float(row["steps_per_s"]) > 0 and row["budget"] == "0.001"
+        assert row["command"].startswith("for s in 0 1; do iwae train --out ")
+    assert table["vae-k1-to-iwae-k50"]["epochs"] == "2" and "--init-from" in table["vae-k1-to-iwae-k50"]["command"]
+    missing = table["iwae-k50-to-vae-k1"]
+    assert missing["status"].startswith("data missing: /nonexistent/absent.npz")
+    assert missing["nll_mean"] == "" and missing["difference"] == "" and missing["published_nll"] == "86.02"
+
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# Burda et al. 2016, table 2") and "REDUCED BUDGET 0.001" in markdown.splitlines()[0]
+    body = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(body) == 4 and all(" | 0.001 | " in line for line in body)  # the budget stated in every row
+    assert "## Missing" in markdown and "- /nonexistent/absent.npz: " in markdown
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_continued_run_starts_from_the_base_runs_parameters(finished: tuple[Path, list[str]], tiny_dataset: str,
+                                                            tmp_path: Path) -> None:
+    out, _ = finished
+    base = reproduce.run_dir(out, "mnist-l1-vae-k1", 0)
+    config = train.TrainConfig(dataset=tiny_dataset, epochs=1, lr=1e-30, batch_size=8, k=1, objective="elbo",
+                               estimator="standard", eval_k=0, monitor_examples=8, device="cpu", init_from=str(base))
+    train.train(config, tmp_path / "run", progress=False)
+    start, end = checkpoint.load(base)["model"], checkpoint.load(tmp_path / "run")["model"]
+    assert all(torch.equal(start[name], end[name]) for name in start)  # a step of 1e-30 changes nothing
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["reproduce", "burda-table9"], "unknown table 'burda-table9'; choose one of burda-table1"),
+    (["reproduce", "dreg", "--budget", "0"], "--budget must be a positive fraction"),
+    (["reproduce", "dreg", "--budget", "-0.5"], "--budget must be a positive fraction"),
+    (["reproduce", "dreg", "--budget", "nan"], "--budget must be a positive fraction"),
+    (["reproduce", "dreg", "--seeds", "0"], "--seeds must be a positive number"),
+    (["reproduce", "dreg", "--eval-k", "0"], "--eval-k must be a positive number"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(argv: list[str], message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert cli.main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"iwae: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_every_table_has_a_grid_with_published_values_for_its_cells() -> None:
+    for table, grid in reproduce.GRIDS.items():
+        cells = grid()
+        names = [cell.name for cell in cells]
+        assert len(set(names)) == len(names)
+        with_paper = [name for name in names if name in PUBLISHED[table]]
+        assert set(PUBLISHED[table]) <= set(names), table
+        assert with_paper, table
+        for cell in cells:  # every cell is a valid configuration at a reduced budget
+            reproduce.cell_config(cell, 0, Options(budget=0.01), Path("out"))
+    assert len(reproduce.GRIDS["burda-table1"]()) == 24 and len(reproduce.GRIDS["dreg"]()) == 9

@@ -1,0 +1,114 @@
+"""Stacked seeds (``iwae.stacked``): each seed of a stacked run follows its lone run's trajectory, a stacked run
+killed at random moments (inside and between its checkpoint commits) resumes to the parameters of an
+uninterrupted one bit for bit, and every seed's directory is an ordinary run."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from iwae import checkpoint, cli, evaluate, rundir, stacked, train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def config(dataset: str, seed: int, **overrides: object) -> train.TrainConfig:
+    settings = {"dataset": dataset, "epochs": 13, "batch_size": 8, "k": 4, "eval_k": 0, "monitor_examples": 8,
+                "device": "cpu", "seed": seed, **overrides}
+    return train.TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("settings", [
+    {"objective": "iwae", "estimator": "dreg"},
+    {"objective": "piwae", "m": 2, "estimator": "standard", "layers": 2},
+])
+def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, settings: dict) -> None:
+    # 13 epochs of 8 steps: 104 Adam steps. Batched and unbatched matrix multiplies round differently, so the
+    # parameters (of size ~0.25) agree to float32 tolerance, not bit for bit (measured: at most 3.4e-6).
+    configs = [config(tiny_dataset, seed, **settings) for seed in (0, 3)]
+    stacked.train_stacked(configs, tmp_path / "stack", progress=False)
+    for lone in configs:
+        train.train(lone, tmp_path / f"lone-{lone.seed}", progress=False)
+        ours = checkpoint.load(tmp_path / "stack" / f"seed-{lone.seed}")
+        theirs = checkpoint.load(tmp_path / f"lone-{lone.seed}")
+        assert ours["epoch"] == theirs["epoch"] == 13
+        for name, value in theirs["model"].items():
+            torch.testing.assert_close(ours["model"][name], value, rtol=0, atol=2e-5)
+        # the seeds' generators are where the lone run's are: the same draws follow
+        for key in ("cpu", "data"):
+            assert torch.equal(ours["rng"][key], theirs["rng"][key])
+        bounds = [m["test_bound"] for m in rundir.read_metrics(tmp_path / f"lone-{lone.seed}")]
+        stacked_bounds = [m["test_bound"] for m in rundir.read_metrics(tmp_path / "stack" / f"seed-{lone.seed}")]
+        assert stacked_bounds == pytest.approx(bounds, abs=1e-3)
+
+
+def test_a_seed_directory_is_an_ordinary_run(tiny_dataset: str, tmp_path: Path) -> None:
+    configs = [config(tiny_dataset, seed, epochs=1) for seed in (0, 1)]
+    stacked.train_stacked(configs, tmp_path / "stack", progress=False)
+    result = evaluate.evaluate_run(tmp_path / "stack" / "seed-1", k=10, device="cpu")
+    assert result["epoch"] == 1 and len(result["active_units"]) == 1
+    assert rundir.read_json(tmp_path / "stack" / stacked.STACK) == {"seeds": [0, 1], "epoch": 1, "step": 0}
+
+
+def test_stack_of_different_settings_is_refused(tiny_dataset: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="share every setting but the seed"):
+        stacked.train_stacked([config(tiny_dataset, 0), config(tiny_dataset, 1, k=2)], tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_bad_seeds_is_one_line(tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["train", "--dataset", tiny_dataset, "--epochs", "1", "--seeds", "0", "--out",
+                     str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.startswith("iwae: error: --seeds must be a positive number of seeds; got 0")
+    assert not (tmp_path / "s").exists()
+
+
+EPOCHS = 30
+
+
+def command(dataset: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "iwae.cli", "train", "--dataset", dataset, "--epochs", str(EPOCHS), "--batch-size",
+            "8", "--k", "4", "--eval-k", "0", "--monitor-examples", "8", "--device", "cpu", "--seeds", "2",
+            "--checkpoint-every", "0", "--out", str(out)]
+
+
+def test_stacked_run_killed_at_random_moments_resumes_exactly(tiny_dataset: str, tmp_path: Path) -> None:
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    done = subprocess.run(command(tiny_dataset, reference), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rng, kills, args = random.Random(0), 0, command(tiny_dataset, run)
+    pending = run / "seed-0" / stacked.NEXT
+    for attempt in range(8):
+        process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (run / stacked.STACK).exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if attempt % 2:  # inside a commit
+            while not pending.exists() and process.poll() is None:
+                pass
+        else:
+            time.sleep(rng.uniform(0.0, 0.5))
+        if process.poll() is not None:
+            break
+        process.kill()
+        process.wait()
+        kills += 1
+        args = [sys.executable, "-m", "iwae.cli", "train", "--resume", str(run)]
+    assert kills >= 2
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for seed in (0, 1):
+        ours, theirs = (checkpoint.load(root / f"seed-{seed}") for root in (run, reference))
+        assert ours["epoch"] == EPOCHS
+        assert all(torch.equal(ours["model"][name], theirs["model"][name]) for name in theirs["model"])
+        for index, moments in theirs["optimizer"]["state"].items():
+            assert all(torch.equal(value, ours["optimizer"]["state"][index][key]) for key, value in moments.items())
+        epochs = [m["epoch"] for m in rundir.read_metrics(run / f"seed-{seed}")]
+        assert epochs == list(range(1, EPOCHS + 1))
