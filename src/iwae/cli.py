@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from iwae import __version__, evaluate, figures, rundir, train
 from iwae.objectives import ESTIMATORS, OBJECTIVES
+from iwae.settings import SettingError
 
 _DEFAULTS = {f.name: f.default for f in fields(train.TrainConfig) if f.default is not MISSING}
 
@@ -81,9 +82,12 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "evaluate", help="estimate a run's NLL with k importance samples; write eval.json",
+        "evaluate", help="estimate a run's NLL with k importance samples; write eval*.json",
         description="Evaluate a run's latest checkpoint: NLL = mean over examples of -log (1/k) sum_i w_i, the "
-        "bounds L_1, L_5, L_50 and L_k, the effective sample size and the active units.",
+        "bounds L_1, L_5, L_50 and L_k, the effective sample size and the active units. The run's own evaluation "
+        "(its test split, every example, seed 0, the k of its training's final evaluation, else 5000) is written "
+        "to RUN/eval.json; any other setting to a file named after it, e.g. RUN/eval-test-k10-n50.json, so no "
+        "evaluation replaces another.",
     )
     parser.add_argument("run", type=Path, help="a run directory written by iwae train")
     parser.add_argument("--k", type=int, default=5000, metavar="K", help="samples per example (default: 5000)")
@@ -117,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(commands)
     _evaluate_parser(commands)
     _sample_parser(commands)
+    for command in commands.choices.values():  # each setting's option, to name it in error messages
+        command.set_defaults(options={a.dest: a.option_strings[0] for a in command._actions if a.option_strings})
     return parser
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     given = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
-    if (args.out is None) == (args.resume is None):
-        raise UsageError("give --out DIR to start a new run, or --resume DIR to continue one (not both)")
+    if args.out is not None and args.resume is not None:
+        raise UsageError("give --out DIR or --resume DIR, not both: --out starts a new run, --resume continues one")
+    if args.out is None and args.resume is None:
+        raise UsageError("give --out DIR to start a new run, or --resume DIR to continue one")
     if args.resume is not None:
         result = train.resume(args.resume, given)
         run_dir = args.resume
@@ -142,7 +150,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
     )
     print(evaluate.format_table(result))
-    print(f"written to {evaluate.eval_path(args.run, args.split, args.dataset)}")
+    path = evaluate.eval_path(args.run, args.split, args.dataset, k=args.k, examples=args.examples, seed=args.seed)
+    print(f"written to {path}")
 
 
 def _run_sample(args: argparse.Namespace) -> None:
@@ -152,8 +161,10 @@ def _run_sample(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    options: dict[str, str] = {}
     try:
         args = build_parser().parse_args(argv)
+        options = args.options
         {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample}[args.command](args)
     except train.Interrupted as stop:
         print(f"iwae: {stop}", file=sys.stderr)
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         print("iwae: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, FloatingPointError) as error:
-        print(f"iwae: error: {' '.join(str(error).split())}", file=sys.stderr)
+        message = error.message(lambda name: options.get(name, name)) if isinstance(error, SettingError) else error
+        print(f"iwae: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
     return 0
 
