@@ -41,7 +41,7 @@ def test_train_evaluate_and_sample(finished_run: Path, capsys: pytest.CaptureFix
     assert main(["evaluate", str(finished_run), "--k", "20", "--split", "train", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "NLL (k=20)" in out and "active units" in out
-    result = json.loads((finished_run / "eval-train.json").read_text())
+    result = json.loads((finished_run / "eval-train-k20.json").read_text())
     assert result["k"] == 20 and result["split"] == "train" and set(result["bounds"]) == {"1", "5", "20"}
     assert main(["sample", str(finished_run), "--n", "16", "--device", "cpu"]) == 0
     assert len(capsys.readouterr().out.split()) == 4
@@ -65,8 +65,8 @@ def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pyte
         (["--dataset", "nope"], "Dataset 'nope' is unknown; choose one of"),
         (["--objective", "nope"], "unknown objective 'nope'; choose one of elbo, iwae"),
         (["--estimator", "nope"], "unknown estimator 'nope'; choose one of standard, stl, dreg"),
-        (["--k", "0"], "k must be a positive integer number of samples; got k=0"),
-        (["--objective", "miwae", "--k", "10", "--m", "3"], "m must be a positive integer dividing k"),
+        (["--k", "0"], "--k must be a positive integer number of samples; got --k=0"),
+        (["--objective", "miwae", "--k", "10", "--m", "3"], "--m must be a positive integer dividing --k"),
         (["--schedule", "burda"], "--epochs and --lr do not apply to --schedule burda"),
         (["--k", "many"], "argument --k: invalid int value: 'many'; see iwae train --help"),
         (["--device", "tpu"], "unknown device 'tpu'"),
@@ -126,7 +126,7 @@ def test_evaluate_on_the_users_own_data(finished_run: Path, tmp_path: Path,
     own = tmp_path / "own.npy"
     np.save(own, np.random.default_rng(2).random((10, 16)) < 0.5)
     assert main(["evaluate", str(finished_run), "--dataset", str(own), "--k", "5", "--device", "cpu"]) == 0
-    result = json.loads((finished_run / "eval-own-test.json").read_text())
+    result = json.loads((finished_run / "eval-own-test-k5.json").read_text())
     assert result["dataset"] == str(own) and result["examples"] == 1  # .npy without a test split: 10% held out
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((10, 9)))
