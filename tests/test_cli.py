@@ -44,11 +44,26 @@ def test_train_evaluate_and_sample(finished_run: Path, capsys: pytest.CaptureFix
     assert json.loads((finished_run / rundir.EVAL).read_text())["k"] == 10
     assert main(["evaluate", str(finished_run), "--k", "20", "--split", "train", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "NLL (k=20)" in out and "active units" in out
+    assert "NLL (k=20)" in out
+    assert re.search(r"^active units +\d+ of 50 units \(variance of the posterior mean", out, re.M)
     result = json.loads((finished_run / "eval-train-k20.json").read_text())
     assert result["k"] == 20 and result["split"] == "train" and set(result["bounds"]) == {"1", "5", "20"}
     assert main(["sample", str(finished_run), "--n", "16", "--device", "cpu"]) == 0
     assert len(capsys.readouterr().out.split()) == 4
+
+
+def test_fewer_images_than_columns_leave_no_empty_tiles() -> None:
+    grid = figures.image_grid(torch.ones(7, 16), (4, 4), columns=10)
+    assert grid.shape == (1 + 4 + 1, 1 + 7 * (4 + 1))
+    assert figures.image_grid(torch.ones(17, 16), (4, 4), columns=10).shape == (1 + 2 * 5, 1 + 10 * 5)
+
+
+def test_bound_vs_k_labels_its_error_bars(finished_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or path)
+    figures.plot_bound_vs_k(finished_run / "unused.png", json.loads((finished_run / rundir.EVAL).read_text()))
+    (legend,) = [ax.get_legend() for ax in saved[0].axes]
+    assert [text.get_text() for text in legend.get_texts()] == ["mean over 16 examples\nerror bars: ±1 standard error"]
 
 
 def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
