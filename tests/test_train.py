@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from iwae import checkpoint, evaluate, rundir, train
+from iwae import step as train_step
 from iwae.train import TrainConfig
 
 
@@ -114,7 +115,7 @@ def test_a_run_writes_config_metrics_checkpoint_evaluation_and_figures(tiny_data
 def interrupt_at_call(monkeypatch: pytest.MonkeyPatch, call: int, sig: signal.Signals) -> None:
     """Make the trainer receive ``sig`` during its ``call``-th loss evaluation (1-based)."""
     calls = 0
-    original = train.loss
+    original = train_step.loss
 
     def loss(*args: object, **kwargs: object) -> object:
         nonlocal calls
@@ -123,7 +124,7 @@ def interrupt_at_call(monkeypatch: pytest.MonkeyPatch, call: int, sig: signal.Si
             signal.raise_signal(sig)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "loss", loss)
+    monkeypatch.setattr(train_step, "loss", loss)
 
 
 @pytest.mark.parametrize(("call", "sig"), [(13, signal.SIGINT), (8, signal.SIGTERM), (1, signal.SIGINT)])

@@ -78,6 +78,9 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--checkpoint-every", float, "also checkpoint every this many seconds within an epoch",
             dest="checkpoint_every_s", metavar="SECONDS")
     _option(group, "--device", str, "cpu, cuda, or auto (a GPU if there is one)")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                       help="compile the training step into one program (torch.compile; a CUDA graph on a GPU), or "
+                       f"not; default: compile runs of at least {train.AUTO_COMPILE_STEPS:,} steps")
 
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:

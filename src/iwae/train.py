@@ -30,13 +30,19 @@ from tqdm import tqdm
 
 from iwae import checkpoint, data, evaluate, figures, memory, rundir
 from iwae.device import resolve_device
-from iwae.objectives import Objective, loss
+from iwae.objectives import Objective
 from iwae.settings import SettingError, check_integer, check_positive, check_seed
+from iwae.step import TrainStep, make_adam
 
 SCHEDULES = ("constant", "burda")
 # Settings that do not change the trajectory, so a resumed run may use new values. (The device is not one:
 # CPU and GPU generators have different states, so a run continues on the kind of device it started on.)
-RUNTIME_KEYS = ("data_dir", "checkpoint_every_s")
+RUNTIME_KEYS = ("data_dir", "checkpoint_every_s", "compile")
+# compile=None (auto) compiles runs of at least this many steps: compiling costs tens of seconds on a CPU, which
+# only a long run wins back, so a short run is never slower than eager.
+AUTO_COMPILE_STEPS = 100_000
+# The progress bar and the checkpoint clock are looked at every this many steps (a signal after every step).
+REPORT_EVERY = 16
 
 
 @dataclass
@@ -46,7 +52,9 @@ class TrainConfig:
     ``epochs`` and ``lr`` are resolved from the schedule: "burda" fixes both (``schedule_scale`` multiplies
     each stage's 3^i epochs, rounded, at least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3).
     ``eval_k`` = 0 skips the final evaluation; ``monitor_examples`` is the size of the fixed test subset on
-    which each epoch's test bound is computed.
+    which each epoch's test bound is computed. ``compile``: True compiles the training step into one program
+    (``iwae.step``), False runs it eagerly, None decides by the run's length (``AUTO_COMPILE_STEPS``); the
+    two modes differ by float rounding only, and a run records the mode it used.
     """
 
     dataset: str = "digits"
@@ -72,6 +80,7 @@ class TrainConfig:
     checkpoint_every_s: float = 600.0
     device: str = "auto"
     data_dir: str | None = None
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         # validates the objective's name, k, m, beta and alpha, and the estimator for it
@@ -106,6 +115,10 @@ class TrainConfig:
                                value=self.checkpoint_every_s)
         if self.data_split not in ("paper", "code"):
             raise SettingError("unknown {0} {value!r}; choose paper or code", ("data_split",), value=self.data_split)
+
+    def steps(self, train_examples: int) -> int:
+        """The number of training steps of the whole run on ``train_examples`` examples."""
+        return self.epochs * (train_examples // self.batch_size)
 
     def objective_spec(self) -> Objective:
         """The training objective these settings describe."""
@@ -206,6 +219,8 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     config = replace(config, device=str(device))
     dataset = _load_data(config, device)
     check_memory(config, dataset.train.shape[1], device)
+    if config.compile is None:
+        config = replace(config, compile=config.steps(len(dataset.train)) >= AUTO_COMPILE_STEPS)
     with _StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
         rundir.create(run_dir)
         rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
@@ -265,16 +280,17 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
     objective, stages = config.objective_spec(), schedule(config)
     model = checkpoint.build_model(asdict(config), state["x_dim"]).to(device)
     model.load_state_dict(state["model"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=stages[0][1], betas=(config.beta1, config.beta2),
-                                 eps=config.adam_eps)
+    optimizer = make_adam(model, stages[0][1], (config.beta1, config.beta2), config.adam_eps)
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
+    train_step = TrainStep(model, optimizer, objective, config.estimator, compile=bool(config.compile))
     generator = torch.Generator(device)
     checkpoint.set_rng_state(state["rng"], generator)
 
     epoch, step, batches = state["epoch"], state["step"], state["batches"]
     batches = None if batches is None else batches.to(device)
-    bound_sum = torch.as_tensor(state["bound_sum"], dtype=torch.float64, device=device)
+    bound_sum = train_step.bound_sum  # the step adds each minibatch's summed bound to it
+    bound_sum.fill_(float(state["bound_sum"]))
     steps_per_epoch, monitor = len(dataset.train) // config.batch_size, dataset.test[: config.monitor_examples]
     session_start, wall_time_base = time.perf_counter(), state["wall_time_s"]
     epoch_start = time.perf_counter() - state["epoch_time_s"]
@@ -295,24 +311,20 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
     with bar:
         while epoch < config.epochs:
             stage, lr = learning_rate(stages, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            train_step.set_lr(lr)
             bound = "-" if math.isnan(last_bound) else f"{last_bound:.2f}"  # known once per epoch
             bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} stage {stage + 1}/{len(stages)} lr {lr:.1e} "
                                 f"train bound {bound}", refresh=False)
             if batches is None:
                 batches = data.epoch_batches(len(dataset.train), config.batch_size, generator)
-                bound_sum = torch.zeros((), dtype=torch.float64, device=device)
+                bound_sum.zero_()
                 epoch_start = time.perf_counter()
             while step < steps_per_epoch:
-                x = dataset.minibatch(batches[step], generator)
-                out = loss(model, x, objective, estimator=config.estimator, reduction="sum")
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                optimizer.step()
-                bound_sum += out.bound.sum()
+                train_step(dataset.minibatch(batches[step], generator))
                 step += 1
-                bar.update()
+                if step % REPORT_EVERY and step < steps_per_epoch and not stop.received:
+                    continue
+                bar.update(epoch * steps_per_epoch + step - bar.n)
                 if stop.received or time.monotonic() >= next_checkpoint:
                     save()
                     next_checkpoint = time.monotonic() + config.checkpoint_every_s

@@ -1,0 +1,126 @@
+"""The training step as one program: the estimator's gradient and Adam's update, compiled with torch.compile.
+
+One step on a minibatch x is
+
+    g = grad_params loss(model, x, objective, estimator)        (iwae.objectives.loss: every bound and estimator,
+                                                                 DReG's and PIWAE's path-gradient rescaling included)
+    params, m, v = Adam(params, g, m, v, lr)                    (torch.optim.adam.adam on a torch.optim.Adam's state)
+    bound_sum += sum_b bound(x_b)
+
+written as one function that ``torch.compile(fullgraph=True)`` turns into a single program (forward, backward
+and update; ``torch._dynamo.config.trace_autograd_ops`` lets it trace ``torch.autograd.grad``). The eager step
+runs the same function uncompiled, so the two differ by float rounding only: the compiled program draws its
+random numbers with torch's own generators (inductor's ``fallback_random``), in the same order as eager, and
+the optimizer's state is that of a ``torch.optim.Adam``, so checkpoints are the same in both modes. The
+learning rate is a tensor the step reads, so a schedule changes it without recompiling.
+
+On a GPU, ``mode="reduce-overhead"`` captures the compiled step in a CUDA graph: the optimizer is then
+``capturable`` (its step counts live on the device), the learning rate is a device tensor updated in place,
+and the random draws are graph-safe (torch's CUDA generator, whose state the checkpoints save).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam
+
+from iwae.models.latent import DeepLatentModel
+from iwae.objectives import Objective, loss
+
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def make_adam(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Adam:
+    """The Adam optimizer of a training run: ``capturable`` on a GPU, so that its update can live in a CUDA graph."""
+    device = next(model.parameters()).device
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps, capturable=device.type == "cuda")
+
+
+class TrainStep:
+    """``step(x)`` takes one Adam step on the minibatch ``x`` (B, D) and adds the batch's summed bound to
+    ``step.bound_sum`` (a float64 device tensor); nothing in it waits for the host.
+
+    Args:
+      model: the model whose parameters ``optimizer`` updates.
+      optimizer: a ``torch.optim.Adam`` over ``model.parameters()`` in one group (its state dict is what
+        checkpoints save; ``make_adam`` makes one).
+      objective, estimator: as for ``objectives.loss``; the gradient is that of the per-batch sum
+        (``reduction``) of the bound.
+      compile: False for eager; True to compile with inductor; or the name of another ``torch.compile``
+        backend. A compiled step that fails to compile warns in one line and runs eagerly.
+    """
+
+    def __init__(self, model: DeepLatentModel, optimizer: torch.optim.Adam, objective: Objective, estimator: str,
+                 *, compile: bool | str = False, reduction: str = "sum") -> None:
+        objective.check_estimator(estimator)
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("TrainStep needs an Adam optimizer with one parameter group")
+        self.model, self.optimizer, self.objective, self.estimator = model, optimizer, objective, estimator
+        self.reduction = reduction
+        self.params = list(optimizer.param_groups[0]["params"])
+        device = self.params[0].device
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
+        self.bound_sum = torch.zeros((), dtype=torch.float64, device=device)
+        group, state = optimizer.param_groups[0], optimizer.state
+        for p in self.params:  # Adam's state as its own first step would create it
+            if not state[p]:
+                step = torch.zeros((), device=p.device) if group["capturable"] else torch.tensor(0.0)
+                state[p].update(step=step, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        self.compile_seconds: float | None = None
+        self.compiled = bool(compile)
+        self._run: Callable[[Tensor], None] = self._step
+        if compile:
+            backend = "inductor" if compile is True else compile
+            options = None
+            if backend == "inductor":  # eager's random draws; on a GPU, the step as a CUDA graph
+                options = {"fallback_random": True, "triton.cudagraphs": device.type == "cuda"}
+            if device.type == "cuda":  # tensors a CUDA graph updates in place keep their addresses
+                for t in [self.lr, self.bound_sum, *(v for p in self.params for v in state[p].values())]:
+                    torch._dynamo.mark_static_address(t)
+            self._run = torch.compile(self._step, fullgraph=True, backend=backend, options=options)
+
+    def set_lr(self, lr: float) -> None:
+        """Use learning rate ``lr`` from the next step on (in place: no recompilation, no new CUDA graph)."""
+        self.lr.fill_(lr)
+        self.optimizer.param_groups[0]["lr"] = lr
+
+    def __call__(self, x: Tensor) -> None:
+        if not self.compiled:
+            self._step(x)
+            return
+        start = time.perf_counter()
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):  # autograd.grad inside the graph
+                self._run(x)
+        except Exception as error:  # any failure of tracing or code generation: the step still runs, eagerly
+            if self.compile_seconds is not None:
+                raise
+            reason = " ".join(str(error).split())[:200]
+            warnings.warn(f"iwae: compiling the training step failed ({type(error).__name__}: {reason}); "
+                          "training eagerly instead", RuntimeWarning, stacklevel=2)
+            self.compiled = False
+            self._step(x)
+            return
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - start
+            print(f"iwae: compiled the training step in {self.compile_seconds:.1f} s", file=sys.stderr)
+
+    def _step(self, x: Tensor) -> None:
+        out = loss(self.model, x, self.objective, estimator=self.estimator, reduction=self.reduction)
+        grads = torch.autograd.grad(out.loss, self.params)
+        with torch.no_grad():
+            self._adam(list(grads))
+            self.bound_sum += out.bound.sum()
+
+    def _adam(self, grads: list[Tensor]) -> None:
+        """torch.optim.Adam's update of the parameters, on its own state."""
+        group, moments = self.optimizer.param_groups[0], [self.optimizer.state[p] for p in self.params]
+        adam(self.params, grads, [s["exp_avg"] for s in moments], [s["exp_avg_sq"] for s in moments], [],
+             [s["step"] for s in moments], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+             lr=self.lr, weight_decay=0.0, eps=group["eps"], maximize=False, capturable=group["capturable"])
