@@ -1,4 +1,5 @@
-"""The ``iwae`` command line: ``train``, ``evaluate`` and ``sample``, each a thin layer over the library.
+"""The ``iwae`` command line: ``train``, ``evaluate``, ``sample`` and ``diagnose``, each a thin layer over the
+library.
 
 Mistakes a user can fix (options, data, run directories, checkpoints) are reported as one line,
 ``iwae: error: <problem>; <fix>``, with exit status 2 and no traceback. A training run stopped by SIGINT
@@ -13,7 +14,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from iwae import __version__, evaluate, figures, rundir, train
+from iwae import __version__, checkpoint, data, diagnostics, evaluate, figures, rundir, train
+from iwae.device import resolve_device
+from iwae.models import GaussianToy
 from iwae.objectives import ESTIMATORS, OBJECTIVES
 from iwae.settings import SettingError
 
@@ -103,6 +106,9 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--chunk-size", type=int, default=500, metavar="N", help="samples per pass (default: 500)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per pass (default: 32)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the evaluation passes (torch.compile), or not; default: compile evaluations of "
+                        f"at least {evaluate.AUTO_COMPILE_SAMPLES:,} samples (examples times k)")
 
 
 def _sample_parser(commands: argparse._SubParsersAction) -> None:
@@ -117,6 +123,42 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,10,100; got {text!r}") from None
+
+
+def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("diagnose", help="gradient diagnostics: iwae diagnose snr ...",
+                                 description="Diagnostics of a model's gradient estimators.")
+    which = parser.add_subparsers(dest="diagnostic", metavar="DIAGNOSTIC", required=True)
+    snr = which.add_parser(
+        "snr", help="gradient signal-to-noise ratio of each estimator against K: snr.csv, slopes.json, snr.png",
+        description="Measure the gradient SNR of the inference and generative networks for each objective, "
+        "estimator and K, on a batch of a run's training data at its checkpoint (RUN) or on the Gaussian toy of "
+        "Rainforth et al. 2018 (--toy), and fit the slope of log SNR against log K.",
+    )
+    snr.add_argument("run", type=Path, nargs="?", help="a run directory written by iwae train")
+    snr.add_argument("--toy", action="store_true", help="use the built-in Gaussian toy (D=20) near its optimum")
+    snr.add_argument("--objectives", default="iwae", metavar="LIST",
+                     help=f"comma-separated, from {', '.join(diagnostics.GRADIENT_OBJECTIVES)} (default: iwae)")
+    snr.add_argument("--estimators", default=",".join(ESTIMATORS), metavar="LIST",
+                     help=f"comma-separated, from {', '.join(ESTIMATORS)} (default: all)")
+    snr.add_argument("--k", type=_int_list, default=[1, 10, 100, 1000], metavar="LIST",
+                     help="the grid of K, total samples per example (default: 1,10,100,1000)")
+    snr.add_argument("--m", type=int, default=1, metavar="M", help="groups, for miwae and piwae (must divide every K)")
+    snr.add_argument("--beta", type=float, default=0.5, help="the ELBO's weight, for ciwae (default: 0.5)")
+    snr.add_argument("--draws", type=int, default=100, metavar="N",
+                     help="gradient draws per pass; each setting costs 2N backward passes (default: 100)")
+    snr.add_argument("--examples", type=int, metavar="N",
+                     help="the batch size (default: the run's batch size; 256 for the toy)")
+    snr.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the batch and samples (default: 0)")
+    snr.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    snr.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the results")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iwae", description="Importance-weighted autoencoders: train, evaluate, sample.")
     parser.add_argument("--version", action="version", version=f"iwae {__version__}")
@@ -124,9 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(commands)
     _evaluate_parser(commands)
     _sample_parser(commands)
-    for command in commands.choices.values():  # each setting's option, to name it in error messages
-        command.set_defaults(options={a.dest: a.option_strings[0] for a in command._actions if a.option_strings})
+    _diagnose_parser(commands)
+    _name_options(parser)
     return parser
+
+
+def _name_options(parser: argparse.ArgumentParser) -> None:
+    """Give each (sub)command's parsed arguments ``options``: the option of each setting, as the user types it,
+    to name it in error messages."""
+    parser.set_defaults(options={a.dest: a.option_strings[0] for a in parser._actions if a.option_strings})
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _name_options(command)
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -151,6 +203,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     result = evaluate.evaluate_run(
         args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
+        compile=args.compile,
     )
     print(evaluate.format_table(result))
     path = evaluate.eval_path(args.run, args.split, args.dataset, k=args.k, examples=args.examples, seed=args.seed)
@@ -162,13 +215,43 @@ def _run_sample(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _run_diagnose(args: argparse.Namespace) -> None:
+    if (args.run is None) == (not args.toy):
+        raise UsageError("give a run directory RUN, or --toy for the built-in Gaussian toy (not both)")
+    if args.examples is not None and args.examples < 1:
+        raise UsageError(f"--examples must be a positive number; got {args.examples}")
+    objectives = args.objectives.split(",")
+    estimators = args.estimators.split(",")
+    for objective in objectives:  # every setting is checked before any work is done
+        diagnostics.check_settings(objective, estimators, args.k, args.draws, m=args.m, beta=args.beta)
+    if args.toy:
+        x = GaussianToy.sample_data(args.examples or 256, seed=args.seed)
+        model, title = GaussianToy.near_optimum(x, seed=args.seed), "Gaussian toy"
+    else:
+        device = resolve_device(args.device)
+        state, model = checkpoint.load_model(args.run, device)
+        config = state["config"]
+        loaded = data.load(config["dataset"], config["data_dir"], split=config["data_split"]).to(device)
+        x = evaluate.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
+        title = f"{args.run.name} (epoch {state['epoch']})"
+    results = [
+        diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=args.m, beta=args.beta,
+                                 seed=args.seed, progress=True)
+        for objective in objectives
+    ]
+    print(diagnostics.format_table(results))
+    for path in diagnostics.write_results(results, args.out, title):
+        print(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     options: dict[str, str] = {}
     try:
         args = build_parser().parse_args(argv)
         options = args.options
-        {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample}[args.command](args)
+        {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose}[
+            args.command](args)
     except train.Interrupted as stop:
         print(f"iwae: {stop}", file=sys.stderr)
         return 128 + stop.signal

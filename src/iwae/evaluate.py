@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from iwae import bounds, checkpoint, data, memory, rundir
+from iwae import bounds, checkpoint, data, gemm, memory, rundir
+from iwae.compiled import Compiled
 from iwae.device import resolve_device
 from iwae.models import DeepLatentModel
 from iwae.objectives import Objective
@@ -38,6 +39,8 @@ SPLITS = ("test", "train", "valid")
 GROUP_SIZES = (1, 5, 50)
 ACTIVE_UNIT_EXAMPLES = 500
 ACTIVE_UNIT_THRESHOLD = 0.01
+# evaluate_run compiles evaluations of at least this many samples (examples times k) unless told otherwise
+AUTO_COMPILE_SAMPLES = 5_000_000
 
 
 @contextmanager
@@ -71,13 +74,16 @@ def importance_statistics(
     batch_size: int = 32,
     group_sizes: tuple[int, ...] = GROUP_SIZES,
     progress: bool = False,
+    compile: bool = False,
 ) -> WeightStatistics:
     """Statistics of k importance weights per example of ``x`` (B, D), drawn ``chunk_size`` at a time for
     ``batch_size`` examples at a time.
 
     Peak memory is that of one ``model.log_weights`` call on ``batch_size`` examples and ``chunk_size``
     samples, whatever k and B. Group size g is reported when it divides both k and min(chunk_size, k), so
-    no group straddles two chunks.
+    no group straddles two chunks. The last batch is padded (with its first example) to ``batch_size``, so every
+    pass has one shape; with ``compile`` the passes run as one program compiled by torch.compile, drawing
+    the same random numbers as the eager passes.
 
     Returns:
       ``WeightStatistics`` in float64 on ``x``'s device, the bounds keyed by the g in ``group_sizes`` that
@@ -90,15 +96,21 @@ def importance_statistics(
     log_lik: list[Tensor] = []
     log_ess: list[Tensor] = []
     grouped: dict[int, list[Tensor]] = {g: [] for g in groups}
+    batch_size = min(batch_size, len(x))
+    log_weights = model.log_weights
+    if compile:
+        log_weights = Compiled(model.log_weights, "the evaluator", options={"fallback_random": True})
     with tqdm(total=len(x), desc=f"evaluating k={k}", unit="example", disable=None if progress else True) as bar:
         for batch in x.split(batch_size):
+            n = len(batch)
+            batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
             # float64 accumulators: sums over thousands of samples keep their precision for float32 models
-            lse = torch.full(batch.shape[:1], -math.inf, dtype=torch.float64, device=batch.device)
+            lse = torch.full((n,), -math.inf, dtype=torch.float64, device=batch.device)
             lse_sq = lse.clone()
             group_sums = {g: torch.zeros_like(lse) for g in groups}
             for start in range(0, k, chunk_size):
                 c = min(chunk_size, k - start)
-                log_w = model.log_weights(batch, c)  # (c, batch)
+                log_w = log_weights(batch, c)[:, :n]  # (c, n)
                 lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
                 lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
                 for g in groups:
@@ -107,7 +119,7 @@ def importance_statistics(
             log_ess.append(2 * lse - lse_sq)
             for g in groups:
                 grouped[g].append(group_sums[g] / (k // g))
-            bar.update(len(batch))
+            bar.update(n)
     ll = torch.cat(log_lik)
     return WeightStatistics(ll, {**{g: torch.cat(v) for g, v in grouped.items()}, k: ll}, torch.cat(log_ess).exp())
 
@@ -213,6 +225,7 @@ def evaluate_run(
     chunk_size: int = 500,
     batch_size: int = 32,
     progress: bool = False,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint and write the result as JSON in the run directory.
 
@@ -227,12 +240,15 @@ def evaluate_run(
       seed: seeds the samples (and the binarization of a dynamic training split).
       chunk_size, batch_size: samples and examples per pass (memory ~ their product).
       progress: show a progress bar (on a terminal).
+      compile: compile the evaluation passes (``importance_statistics``); None compiles evaluations of at
+        least ``AUTO_COMPILE_SAMPLES`` samples in all, where the compile time is won back.
 
     Returns:
       The result also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``
       (a file per setting): ``nll`` and ``nll_se`` (mean and standard error over examples of
-      -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g keyed by g), ``ess``, ``active_units``
-      (one count per stochastic layer, of ``latent_units``), and what was evaluated.
+      -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g keyed by g), ``ess`` and ``ess_per_k``
+      (the mean ESS over examples, and that divided by k: 1 when q is the posterior), ``active_units`` (one
+      count per stochastic layer, of ``latent_units``), and what was evaluated.
 
     Raises:
       SettingError: for a bad setting, or passes too large for the memory available, before any work.
@@ -261,8 +277,12 @@ def evaluate_run(
             f"{loaded.name} has {x.shape[1]} values per example but the model in {run_dir} was trained on "
             f"{state['x_dim']}; evaluate it on data of the same dimension"
         )
+    if compile is None:
+        compile = len(x) * k >= AUTO_COMPILE_SAMPLES
+    gemm.fastest_fp32_matmul(torch_device)
     with seeded(seed, torch_device):
-        stats = importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size, progress=progress)
+        stats = importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size, progress=progress,
+                                      compile=compile)
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
     nll = -stats.log_likelihood.cpu()
     n = len(nll)
@@ -279,6 +299,7 @@ def evaluate_run(
         "bounds": {str(g): b.mean().item() for g, b in stats.bounds.items()},
         "bounds_se": {str(g): b.std().item() / math.sqrt(n) if n > 1 else math.nan for g, b in stats.bounds.items()},
         "ess": stats.ess.mean().item(),
+        "ess_per_k": stats.ess.mean().item() / k,
         "active_units": [int((v > ACTIVE_UNIT_THRESHOLD).sum()) for v in variances],
         "latent_units": [len(v) for v in variances],
         "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
@@ -311,6 +332,7 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     rows += [
         ("ESS", f"{result['ess']:.1f} of {k}"),
+        ("ESS/k", f"{result['ess_per_k']:.4f} (1 when q is the posterior)"),
         ("active units", f"{_active_units_of(result)} (variance of the posterior mean over "
          f"{result['active_units_examples']} training examples > {result['active_units_threshold']})"),
     ]

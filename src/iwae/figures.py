@@ -5,12 +5,15 @@
     training.png         train and test bounds, and the learning rate, per epoch (from metrics.jsonl)
     bound_vs_k.png       the bounds L_k against k from the run's own evaluation (RUN/eval.json)
 
+and ``plot_snr``, the gradient signal-to-noise ratios of ``iwae diagnose snr``.
+
 Drawn with matplotlib's object-oriented API, which renders to PNG without a display or pyplot state.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +146,22 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
     if own_evaluation.is_file():
         written.append(plot_bound_vs_k(out / "bound_vs_k.png", rundir.read_json(own_evaluation)))
     return written
+
+
+def plot_snr(path: Path, results: Sequence[Any], title: str) -> Path:
+    """Gradient SNR against K on log-log axes (``iwae.diagnostics.SNRResult`` s): one panel per objective,
+    one line per estimator and network, with standard-error bars and the fitted slopes in the legend."""
+    fig = Figure(figsize=(5.2 * len(results), 4.2))
+    for i, result in enumerate(results):
+        ax = fig.add_subplot(1, len(results), i + 1)
+        for estimator, by_network in result.slopes.items():
+            for network, slope in by_network.items():
+                points = [p for p in result.points if p.estimator == estimator and p.network == network]
+                ax.errorbar([p.k for p in points], [p.snr for p in points], yerr=[p.snr_se for p in points],
+                            marker="o" if network == "inference" else "s", capsize=3,
+                            linestyle="-" if network == "inference" else "--",
+                            label=f"{estimator}, {network} (slope {slope.slope:+.2f} ± {slope.se:.2f})")
+        ax.set(xscale="log", yscale="log", xlabel="K (samples per example)", ylabel="gradient SNR",
+               title=f"{title}: {result.objective}")
+        ax.legend(fontsize=7)
+    return _save(fig, path)

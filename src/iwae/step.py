@@ -21,19 +21,15 @@ and the random draws are graph-safe (torch's CUDA generator, whose state the che
 
 from __future__ import annotations
 
-import sys
-import time
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+from iwae.compiled import Compiled
 from iwae.models.latent import DeepLatentModel
 from iwae.objectives import Objective, loss
-
-COMPILE_MODES = ("auto", "on", "off")
 
 
 def make_adam(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Adam:
@@ -52,12 +48,12 @@ class TrainStep:
         checkpoints save; ``make_adam`` makes one).
       objective, estimator: as for ``objectives.loss``; the gradient is that of the per-batch sum
         (``reduction``) of the bound.
-      compile: False for eager; True to compile with inductor; or the name of another ``torch.compile``
-        backend. A compiled step that fails to compile warns in one line and runs eagerly.
+      compile: False for eager; True to compile with inductor; or another ``torch.compile`` backend (its
+        name or callable). A step that fails to compile warns in one line and runs eagerly.
     """
 
     def __init__(self, model: DeepLatentModel, optimizer: torch.optim.Adam, objective: Objective, estimator: str,
-                 *, compile: bool | str = False, reduction: str = "sum") -> None:
+                 *, compile: bool | str | Callable[..., object] = False, reduction: str = "sum") -> None:
         objective.check_estimator(estimator)
         if len(optimizer.param_groups) != 1:
             raise ValueError("TrainStep needs an Adam optimizer with one parameter group")
@@ -68,22 +64,32 @@ class TrainStep:
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
         self.bound_sum = torch.zeros((), dtype=torch.float64, device=device)
         group, state = optimizer.param_groups[0], optimizer.state
+        self._hyper = {"beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"],
+                       "capturable": group["capturable"]}  # read once: the compiled step guards on no dict
         for p in self.params:  # Adam's state as its own first step would create it
             if not state[p]:
                 step = torch.zeros((), device=p.device) if group["capturable"] else torch.tensor(0.0)
                 state[p].update(step=step, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        self.compile_seconds: float | None = None
-        self.compiled = bool(compile)
         self._run: Callable[[Tensor], None] = self._step
         if compile:
             backend = "inductor" if compile is True else compile
-            options = None
-            if backend == "inductor":  # eager's random draws; on a GPU, the step as a CUDA graph
-                options = {"fallback_random": True, "triton.cudagraphs": device.type == "cuda"}
             if device.type == "cuda":  # tensors a CUDA graph updates in place keep their addresses
                 for t in [self.lr, self.bound_sum, *(v for p in self.params for v in state[p].values())]:
                     torch._dynamo.mark_static_address(t)
-            self._run = torch.compile(self._step, fullgraph=True, backend=backend, options=options)
+            # eager's random draws; on a GPU, the step as a CUDA graph; autograd.grad traced into the graph
+            self._run = Compiled(self._step, "the training step", backend=backend,
+                                 options={"fallback_random": True, "triton.cudagraphs": device.type == "cuda"},
+                                 dynamo_config={"trace_autograd_ops": True})
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs compiled (False after a failed compilation fell back to eager)."""
+        return isinstance(self._run, Compiled) and self._run.compiled
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """Seconds the compilation took (None before the first step, or when not compiled)."""
+        return self._run.seconds if isinstance(self._run, Compiled) else None
 
     def set_lr(self, lr: float) -> None:
         """Use learning rate ``lr`` from the next step on (in place: no recompilation, no new CUDA graph)."""
@@ -91,25 +97,7 @@ class TrainStep:
         self.optimizer.param_groups[0]["lr"] = lr
 
     def __call__(self, x: Tensor) -> None:
-        if not self.compiled:
-            self._step(x)
-            return
-        start = time.perf_counter()
-        try:
-            with torch._dynamo.config.patch(trace_autograd_ops=True):  # autograd.grad inside the graph
-                self._run(x)
-        except Exception as error:  # any failure of tracing or code generation: the step still runs, eagerly
-            if self.compile_seconds is not None:
-                raise
-            reason = " ".join(str(error).split())[:200]
-            warnings.warn(f"iwae: compiling the training step failed ({type(error).__name__}: {reason}); "
-                          "training eagerly instead", RuntimeWarning, stacklevel=2)
-            self.compiled = False
-            self._step(x)
-            return
-        if self.compile_seconds is None:
-            self.compile_seconds = time.perf_counter() - start
-            print(f"iwae: compiled the training step in {self.compile_seconds:.1f} s", file=sys.stderr)
+        self._run(x)
 
     def _step(self, x: Tensor) -> None:
         out = loss(self.model, x, self.objective, estimator=self.estimator, reduction=self.reduction)
@@ -120,7 +108,9 @@ class TrainStep:
 
     def _adam(self, grads: list[Tensor]) -> None:
         """torch.optim.Adam's update of the parameters, on its own state."""
-        group, moments = self.optimizer.param_groups[0], [self.optimizer.state[p] for p in self.params]
+        moments = [self.optimizer.state[p] for p in self.params]
+        # compiled: the lr tensor, so the schedule needs no recompilation; eager: the float, as torch.optim.Adam
+        lr = self.lr if torch.compiler.is_compiling() else self.optimizer.param_groups[0]["lr"]
         adam(self.params, grads, [s["exp_avg"] for s in moments], [s["exp_avg_sq"] for s in moments], [],
-             [s["step"] for s in moments], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
-             lr=self.lr, weight_decay=0.0, eps=group["eps"], maximize=False, capturable=group["capturable"])
+             [s["step"] for s in moments], amsgrad=False, lr=lr, weight_decay=0.0, maximize=False,
+             **self._hyper)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from iwae import checkpoint, data, evaluate, figures, memory, rundir
+from iwae import checkpoint, data, evaluate, figures, gemm, memory, rundir
 from iwae.device import resolve_device
 from iwae.objectives import Objective
 from iwae.settings import SettingError, check_integer, check_positive, check_seed
@@ -283,6 +283,7 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
     optimizer = make_adam(model, stages[0][1], (config.beta1, config.beta2), config.adam_eps)
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
+    gemm.fastest_fp32_matmul(device)
     train_step = TrainStep(model, optimizer, objective, config.estimator, compile=bool(config.compile))
     generator = torch.Generator(device)
     checkpoint.set_rng_state(state["rng"], generator)

@@ -1,0 +1,195 @@
+"""The training step: compiled and eager steps agree (losses, gradients, updated parameters) for every objective
+and estimator, a failed compilation falls back to eager, and a compiled run resumes bit for bit.
+
+Most cases compile with the ``aot_eager`` backend: the same single graph that dynamo traces (forward,
+``torch.autograd.grad`` with DReG's hooks, Adam) run through AOT autograd, without inductor's C++ code
+generation, which is exercised on its own cases below.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import assert_same_parameters, tiny_config
+
+from iwae import checkpoint, train
+from iwae.models import LinearGaussian, burda
+from iwae.objectives import ESTIMATORS, OBJECTIVES, Objective
+from iwae.step import TrainStep, make_adam
+
+PARAMS = {"elbo": {}, "iwae": {}, "miwae": {"m": 2}, "ciwae": {"beta": 0.3}, "piwae": {"m": 2}, "vr": {"alpha": 0.5}}
+EVERY = [(o, e) for o in OBJECTIVES for e in ESTIMATORS]
+# the estimators that rescale path gradients (DReG, PIWAE) and one that does not, on the paper's models
+BURDA_CASES = [(1, "iwae", "dreg"), (1, "piwae", "dreg"), (1, "iwae", "stl"), (2, "iwae", "dreg")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    torch._dynamo.reset()  # each case compiles anew, never against another case's cache
+
+
+def run_steps(model: torch.nn.Module, x: torch.Tensor, objective: Objective, estimator: str,
+              compile: bool | str, steps: int = 2) -> tuple[torch.nn.Module, TrainStep, list[torch.Tensor]]:
+    """``steps`` steps from a copy of ``model`` with fixed seeds; also returns the first step's gradients."""
+    model = copy.deepcopy(model)
+    step = TrainStep(model, make_adam(model, 1e-3, (0.9, 0.999), 1e-4), objective, estimator, compile=compile)
+    grads = []
+    for i in range(steps):
+        torch.manual_seed(100 + i)
+        step(x)
+        if i == 0:  # after Adam's first step, exp_avg = (1 - beta1) * gradient
+            grads = [step.optimizer.state[p]["exp_avg"] / 0.1 for p in step.params]
+    return model, step, grads
+
+
+def assert_close_in_float32(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Equal up to float32 rounding accumulated over a few thousand operations: 1e-4 of the tensor's scale."""
+    scale = max(a.abs().max().item(), 1e-3)
+    assert (a - b).abs().max().item() <= 1e-4 * scale, what
+
+
+def assert_steps_agree(model: torch.nn.Module, x: torch.Tensor, objective: str, estimator: str, k: int,
+                       backend: str) -> None:
+    spec = Objective(objective, k, **PARAMS[objective])
+    eager, eager_step, eager_grads = run_steps(model, x, spec, estimator, compile=False)
+    compiled, compiled_step, compiled_grads = run_steps(model, x, spec, estimator, compile=backend)
+    assert compiled_step.compiled and compiled_step.compile_seconds is not None
+    assert compiled_step.bound_sum.item() == pytest.approx(eager_step.bound_sum.item(), rel=1e-5)
+    for name, a, b in zip(dict(model.named_parameters()), eager_grads, compiled_grads, strict=True):
+        assert_close_in_float32(a, b, f"gradient of {name}")
+    assert_parameters_close(eager, compiled, eager_grads)
+
+
+def assert_parameters_close(a: torch.nn.Module, b: torch.nn.Module, grads: list[torch.Tensor]) -> None:
+    """Parameters after Adam steps from gradients equal up to float32 rounding (1e-4 of their scale): Adam
+    amplifies a gradient's rounding by at most lr / eps = 10."""
+    tolerance = 1e-6 + 10 * 1e-4 * max(g.abs().max().item() for g in grads)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert (p - q).abs().max().item() <= tolerance, name
+
+
+@pytest.mark.parametrize(("objective", "estimator"), EVERY)
+def test_compiled_step_equals_eager_on_linear_gaussian(objective: str, estimator: str) -> None:
+    torch.manual_seed(0)
+    model = LinearGaussian(6, 3)
+    assert_steps_agree(model, torch.randn(5, 6), objective, estimator, k=4, backend="aot_eager")
+
+
+@pytest.mark.parametrize(("layers", "objective", "estimator"), BURDA_CASES)
+def test_compiled_step_equals_eager_on_burda_models(layers: int, objective: str, estimator: str) -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(4, 784) < 0.3).float()
+    assert_steps_agree(burda(layers, train_mean=x.mean(0)), x, objective, estimator, k=4, backend="aot_eager")
+
+
+def test_inductor_step_equals_eager() -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(4, 784) < 0.3).float()
+    assert_steps_agree(burda(1, train_mean=x.mean(0)), x, "iwae", "dreg", k=4, backend="inductor")
+
+
+def test_a_failed_compilation_warns_once_and_trains_eagerly() -> None:
+    def broken_backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> None:
+        raise RuntimeError("no compiler here")
+
+    torch.manual_seed(0)
+    model, x, spec = LinearGaussian(4, 2), torch.randn(3, 4), Objective("iwae", 3)
+    eager, _, _ = run_steps(model, x, spec, "dreg", compile=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallen, fallen_step, _ = run_steps(model, x, spec, "dreg", compile=broken_backend)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no compiler here" in messages[0] and "eagerly" in messages[0]
+    assert not fallen_step.compiled
+    for a, b in zip(eager.parameters(), fallen.parameters(), strict=True):
+        assert torch.equal(a, b)  # the eager fallback is the eager step itself
+
+
+def test_the_learning_rate_changes_without_recompiling() -> None:
+    torch.manual_seed(0)
+    model, x = LinearGaussian(4, 2), torch.randn(3, 4)
+    step = TrainStep(model, make_adam(model, 1e-3, (0.9, 0.999), 1e-4), Objective("iwae", 3), "dreg",
+                     compile="aot_eager")
+    step(x)
+    counts = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for lr in (5e-4, 1e-4, 3e-5):
+        step.set_lr(lr)
+        step(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == counts
+    assert step.optimizer.param_groups[0]["lr"] == 3e-5 and step.lr.item() == pytest.approx(3e-5)
+
+
+def test_adam_state_is_torch_adams(tmp_path: Path) -> None:
+    """The step's update is torch.optim.Adam's, on the same state: an optimizer can be saved and reloaded."""
+    torch.manual_seed(0)
+    x = (torch.rand(4, 784) < 0.3).float()
+    model = burda(1, train_mean=x.mean(0))
+    reference = copy.deepcopy(model)
+    ours = TrainStep(model, make_adam(model, 1e-3, (0.9, 0.999), 1e-4), Objective("iwae", 3), "standard")
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=1e-4)
+    from iwae.objectives import loss
+
+    for i in range(3):
+        torch.manual_seed(i)
+        ours(x)
+        torch.manual_seed(i)
+        adam.zero_grad()
+        loss(reference, x, Objective("iwae", 3), estimator="standard", reduction="sum").loss.backward()
+        adam.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert adam.state_dict()["state"].keys() == ours.optimizer.state_dict()["state"].keys()
+
+
+def test_auto_compiles_long_runs_only(tiny_dataset: str, tmp_path: Path) -> None:
+    config = tiny_config(tiny_dataset, epochs=1)
+    assert config.compile is None and config.steps(64) < train.AUTO_COMPILE_STEPS
+    train.train(config, tmp_path / "run", progress=False)
+    assert checkpoint.load(tmp_path / "run")["config"]["compile"] is False  # resolved and recorded
+
+
+def test_a_compiled_run_resumes_bit_for_bit(tiny_dataset: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_config(tiny_dataset, compile=True, epochs=2)
+    train.train(config, tmp_path / "reference", progress=False)
+    run, calls, original = tmp_path / "interrupted", 0, TrainStep.__call__
+
+    def interrupted_call(self: TrainStep, x: torch.Tensor) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 11:  # SIGINT during the 11th step (outside the compiled program, which has no Python in it)
+            signal.raise_signal(signal.SIGINT)
+        original(self, x)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainStep, "__call__", interrupted_call)
+        with pytest.raises(train.Interrupted):
+            train.train(config, run, progress=False)
+    assert checkpoint.load(run)["step"] == 3  # epoch 2, after its 3rd step
+    torch._dynamo.reset()
+    train.resume(run, progress=False)
+    assert checkpoint.load(run)["config"]["compile"] is True
+    assert_same_parameters(tmp_path / "reference", run)
+
+
+def test_capturable_update_equals_the_plain_one() -> None:
+    """The GPU's step (capturable Adam: step counts and bias corrections as tensors, the learning rate a tensor)
+    computes the same update as the CPU's. Capturable Adam refuses to run eagerly on a CPU, but compiled it
+    runs anywhere, so its arithmetic is checked here."""
+    torch.manual_seed(0)
+    x = (torch.rand(4, 784) < 0.3).float()
+    model = burda(1, train_mean=x.mean(0))
+    plain, _, grads = run_steps(model, x, Objective("iwae", 3), "dreg", compile=False, steps=3)
+    capturable = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(capturable.parameters(), lr=1e-3, eps=1e-4, capturable=True)
+    step = TrainStep(capturable, optimizer, Objective("iwae", 3), "dreg", compile="aot_eager")
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        step(x)
+    assert step.compiled
+    assert_parameters_close(plain, capturable, grads)
