@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from iwae.data import datasets
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -14,3 +16,9 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("data") / "tiny.npz"
     np.savez(path, train=rng.random((64, 16), dtype=np.float32), test=rng.random((16, 16), dtype=np.float32))
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def fresh_data_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a fresh process would: no "reading <dataset> from ..." line printed yet."""
+    monkeypatch.setattr(datasets, "_REPORTED", set())

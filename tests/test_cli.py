@@ -4,14 +4,18 @@ leave existing runs untouched."""
 from __future__ import annotations
 
 import json
+import re
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from iwae import rundir
+from iwae import evaluate, figures, rundir
 from iwae.cli import main
 
 TINY = ["--epochs", "1", "--batch-size", "8", "--k", "4", "--monitor-examples", "8", "--device", "cpu"]
@@ -40,11 +44,26 @@ def test_train_evaluate_and_sample(finished_run: Path, capsys: pytest.CaptureFix
     assert json.loads((finished_run / rundir.EVAL).read_text())["k"] == 10
     assert main(["evaluate", str(finished_run), "--k", "20", "--split", "train", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "NLL (k=20)" in out and "active units" in out
-    result = json.loads((finished_run / "eval-train.json").read_text())
+    assert "NLL (k=20)" in out
+    assert re.search(r"^active units +\d+ of 50 units \(variance of the posterior mean", out, re.M)
+    result = json.loads((finished_run / "eval-train-k20.json").read_text())
     assert result["k"] == 20 and result["split"] == "train" and set(result["bounds"]) == {"1", "5", "20"}
     assert main(["sample", str(finished_run), "--n", "16", "--device", "cpu"]) == 0
     assert len(capsys.readouterr().out.split()) == 4
+
+
+def test_fewer_images_than_columns_leave_no_empty_tiles() -> None:
+    grid = figures.image_grid(torch.ones(7, 16), (4, 4), columns=10)
+    assert grid.shape == (1 + 4 + 1, 1 + 7 * (4 + 1))
+    assert figures.image_grid(torch.ones(17, 16), (4, 4), columns=10).shape == (1 + 2 * 5, 1 + 10 * 5)
+
+
+def test_bound_vs_k_labels_its_error_bars(finished_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or path)
+    figures.plot_bound_vs_k(finished_run / "unused.png", json.loads((finished_run / rundir.EVAL).read_text()))
+    (legend,) = [ax.get_legend() for ax in saved[0].axes]
+    assert [text.get_text() for text in legend.get_texts()] == ["mean over 16 examples\nerror bars: ±1 standard error"]
 
 
 def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,10 +82,10 @@ def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pyte
     ("options", "message"),
     [
         (["--dataset", "nope"], "Dataset 'nope' is unknown; choose one of"),
-        (["--objective", "nope"], "unknown objective 'nope'; choose one of elbo, iwae"),
-        (["--estimator", "nope"], "unknown estimator 'nope'; choose one of standard, stl, dreg"),
-        (["--k", "0"], "k must be a positive integer number of samples; got k=0"),
-        (["--objective", "miwae", "--k", "10", "--m", "3"], "m must be a positive integer dividing k"),
+        (["--objective", "nope"], "unknown --objective 'nope'; choose one of elbo, iwae"),
+        (["--estimator", "nope"], "unknown --estimator 'nope'; choose one of standard, stl, dreg"),
+        (["--k", "0"], "--k must be a positive integer number of samples; got --k=0"),
+        (["--objective", "miwae", "--k", "10", "--m", "3"], "--m must be a positive integer dividing --k"),
         (["--schedule", "burda"], "--epochs and --lr do not apply to --schedule burda"),
         (["--k", "many"], "argument --k: invalid int value: 'many'; see iwae train --help"),
         (["--device", "tpu"], "unknown device 'tpu'"),
@@ -82,7 +101,69 @@ def test_bad_training_options(
 
 
 def test_out_or_resume_is_required(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "give --out DIR to start a new run, or --resume DIR" in one_line_error(capsys, ["train", *TINY])
+    assert one_line_error(capsys, ["train", *TINY]) == (
+        "iwae: error: give --out DIR to start a new run, or --resume DIR to continue one"
+    )
+    line = one_line_error(capsys, ["train", *TINY, "--out", "a", "--resume", "b"])
+    assert "give --out DIR or --resume DIR, not both" in line
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1; got -1"),
+        (["--seed", "99999999999999999999999"], "--seed must be an integer from 0 to 2**63 - 1"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0 seconds"),
+        (["--schedule", "burda", "--epochs", "5", "--schedule-scale", "0.01"],
+         "--epochs and --lr do not apply to --schedule burda, which fixes both; shorten it with --schedule-scale"),
+        (["--schedule", "burda", "--schedule-scale", "inf"], "--schedule-scale must be a finite number > 0"),
+        (["--eval-k", "-1"], "--eval-k must be an integer >= 0"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["--monitor-examples", "0"], "--monitor-examples must be an integer >= 1"),
+        (["--lr", "inf"], "--lr must be a finite number > 0"),
+        (["--adam-eps", "0"], "--adam-eps must be a finite number > 0"),
+        (["--beta2", "1"], "--beta2 must lie in [0, 1)"),
+        (["--objective", "ciwae", "--beta", "2"], "--beta must lie in [0, 1] for ciwae"),
+        (["--data-split", "nope"], "unknown --data-split 'nope'"),
+        (["--layers", "3"], "--layers must be 1 or 2"),
+    ],
+)
+def test_every_training_option_is_checked_before_anything_is_written_and_named_as_typed(
+    options: list[str], message: str, tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert message in one_line_error(capsys, ["train", "--dataset", tiny_dataset, *TINY, *options, "--out", str(run)])
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1; got -1"),
+        (["--seed", "99999999999999999999999"], "--seed must be an integer from 0 to 2**63 - 1"),
+        (["--k", "0"], "--k must be an integer >= 1; got 0"),
+        (["--examples", "0"], "--examples must be an integer >= 1; got 0"),
+        (["--chunk-size", "0"], "--chunk-size must be an integer >= 1"),
+        (["--batch-size", "-2"], "--batch-size must be an integer >= 1"),
+        (["--split", "nope"], "unknown --split 'nope'; choose one of test, train, valid"),
+        (["--split", "valid"], "--split 'valid' is not available"),
+    ],
+)
+def test_evaluation_options_are_named_as_typed_and_nothing_is_written(
+    options: list[str], message: str, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = sorted(path.name for path in finished_run.iterdir())
+    assert message in one_line_error(capsys, ["evaluate", str(finished_run), *options, "--device", "cpu"])
+    assert sorted(path.name for path in finished_run.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--n", "1"], "--n must be an integer >= 2; got 1"), (["--seed", "-5"], "--seed must be an integer from 0")],
+)
+def test_sample_options_are_named_as_typed(options: list[str], message: str, finished_run: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert message in one_line_error(capsys, ["sample", str(finished_run), *options, "--device", "cpu"])
 
 
 def test_unwritable_output_directory(tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -118,7 +199,84 @@ def test_corrupt_checkpoint(damage: str, command: list[str], finished_run: Path,
     saved = (finished_run / rundir.CHECKPOINT).read_bytes()
     (run / rundir.CHECKPOINT).write_bytes(b"not a checkpoint" if damage == "garbage" else saved[: len(saved) // 2])
     line = one_line_error(capsys, [*command, str(run)])
-    assert f"{run / rundir.CHECKPOINT} is corrupt or not a checkpoint" in line
+    assert f"{run / rundir.CHECKPOINT} is corrupt or not a checkpoint: its " in line
+    assert "are not a complete PyTorch archive (the file was cut short, or is some other file)" in line
+    assert line.endswith("restore it from a copy, or start a new run with a new --out")
+    assert "weights_only" not in line.lower() and "weights only" not in line.lower()
+
+
+def test_a_pytorch_file_that_is_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(torch.nn.Linear(2, 2), run / rundir.CHECKPOINT)  # a pickled module, not plain values
+    line = one_line_error(capsys, ["evaluate", str(run)])
+    assert "a PyTorch archive, but a damaged one or one holding objects other than tensors and plain values" in line
+    assert "weights_only" not in line.lower() and "weights only" not in line.lower()
+
+
+def test_an_evaluation_never_replaces_one_made_with_other_settings(
+    finished_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    own = finished_run / rundir.EVAL  # written by training's final evaluation, k=10
+    before = own.read_bytes()
+    assert main(["evaluate", str(finished_run), "--k", "3", "--examples", "5", "--device", "cpu"]) == 0
+    assert own.read_bytes() == before
+    quick = finished_run / "eval-test-k3-n5.json"
+    assert f"written to {quick}" in capsys.readouterr().out
+    assert json.loads(quick.read_text())["k"] == 3 and json.loads(quick.read_text())["examples"] == 5
+
+    drawn: list[int] = []
+    plot = figures.plot_bound_vs_k
+    monkeypatch.setattr(figures, "plot_bound_vs_k", lambda path, res: drawn.append(res["k"]) or plot(path, res))
+    assert main(["sample", str(finished_run), "--n", "4", "--device", "cpu"]) == 0
+    assert drawn == [10]  # bound_vs_k.png shows the run's own evaluation, not the quick one
+
+    assert main(["evaluate", str(finished_run), "--k", "10", "--device", "cpu"]) == 0  # the run's own setting again
+    assert json.loads(own.read_text())["k"] == 10 and f"written to {own}" in capsys.readouterr().out
+
+
+def test_each_evaluation_setting_has_its_own_file(finished_run: Path) -> None:
+    name = lambda *args, **kwargs: evaluate.eval_path(finished_run, *args, **kwargs).name  # noqa: E731
+    assert name() == name("test", None, k=10) == "eval.json"  # the run's own k: its training's --eval-k 10
+    assert name(k=5000) == "eval-test-k5000.json"
+    assert name("train") == "eval-train-k10.json"
+    assert name("test", "some/where/my.npz", k=7) == "eval-my-test-k7.json"
+    assert name(k=10, examples=50) == "eval-test-k10-n50.json"
+    assert name(k=10, seed=3) == "eval-test-k10-seed3.json"
+    settings = [dict(k=k, examples=n, seed=seed) for k in (10, 11) for n in (None, 5) for seed in (0, 1)]
+    names = {name(split, data, **kw) for split in ("test", "train") for data in (None, "x.npy") for kw in settings}
+    assert len(names) == 2 * 2 * len(settings)
+
+
+def test_a_run_too_large_for_memory_is_refused_at_once_with_nothing_written(tiny_dataset: str, tmp_path: Path) -> None:
+    """--k 2000000: a training step would need hundreds of GB. Run as a real process capped at 4 GB of address
+    space, so that a command that tried to allocate fails quickly instead of exhausting the machine."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "iwae.cli", "train", "--dataset", tiny_dataset, "--k", "2000000", "--epochs", "1",
+               "--device", "cpu", "--out", str(run)]
+    cap = 4 * 2**30
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+    assert time.perf_counter() - start < 60
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    expected = (r"iwae: error: training with --k 2000000 and --batch-size 20 needs about [\d.]+ [GT]B of memory, "
+                r"but [\d.]+ [KMGT]?B is available on cpu; use a smaller --k or --batch-size")
+    assert re.fullmatch(expected, line), line
+    assert not run.exists()
+
+
+def test_evaluation_and_sampling_too_large_for_memory_are_refused(finished_run: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted(path.name for path in finished_run.rglob("*"))
+    line = one_line_error(capsys, ["evaluate", str(finished_run), "--k", "10000000", "--chunk-size", "10000000",
+                                   "--batch-size", "100000", "--device", "cpu"])
+    assert "evaluating with --chunk-size 10000000 and --batch-size 100000 needs about" in line
+    assert line.endswith("use a smaller --chunk-size or --batch-size")
+    line = one_line_error(capsys, ["sample", str(finished_run), "--n", "10000000000", "--device", "cpu"])
+    assert "drawing --n 10000000000 samples needs about" in line and line.endswith("use a smaller --n")
+    assert sorted(path.name for path in finished_run.rglob("*")) == before
 
 
 def test_evaluate_on_the_users_own_data(finished_run: Path, tmp_path: Path,
@@ -126,7 +284,7 @@ def test_evaluate_on_the_users_own_data(finished_run: Path, tmp_path: Path,
     own = tmp_path / "own.npy"
     np.save(own, np.random.default_rng(2).random((10, 16)) < 0.5)
     assert main(["evaluate", str(finished_run), "--dataset", str(own), "--k", "5", "--device", "cpu"]) == 0
-    result = json.loads((finished_run / "eval-own-test.json").read_text())
+    result = json.loads((finished_run / "eval-own-test-k5.json").read_text())
     assert result["dataset"] == str(own) and result["examples"] == 1  # .npy without a test split: 10% held out
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((10, 9)))
@@ -144,6 +302,6 @@ def test_errors_reach_a_real_terminal_as_one_line(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "iwae: error: unknown objective 'nope'; choose one of elbo, iwae, miwae, ciwae, piwae, vr"
+        "iwae: error: unknown --objective 'nope'; choose one of elbo, iwae, miwae, ciwae, piwae, vr"
     ]
     assert not (tmp_path / "run").exists()

@@ -97,6 +97,12 @@ def test_mnist_code_split(mnist, shared_data, capsys):
     assert code.valid.shape == (400, 784) and _is_binary(code.valid)
 
 
+def test_the_folder_read_from_is_printed_once_per_process(shared_data, capsys):
+    for _ in range(3):  # as training, its evaluation and its figures do
+        load("mnist", shared_data, download=False)
+    assert capsys.readouterr().err == f"iwae: reading mnist from {shared_data / 'mnist'}\n"
+
+
 def test_fashion_mnist(shared_data):
     fashion = load("fashion-mnist", shared_data, download=False)
     raw_mean = _raw_idx_pixels(shared_data / "fashion_mnist/train-images-idx3-ubyte.gz").mean() / 255

@@ -236,14 +236,38 @@ def test_user_npz_problems(tmp_path):
     cases = {
         "keys.npz": "holds arrays ['a', 'b']",
         "widths.npz": "different widths",
-        "junk.npz": "not a readable",
-        "objects.npy": "not a readable",
+        "junk.npz": "is truncated or damaged (BadZipFile); write it again with numpy",
+        "objects.npy": "holds an array of Python objects (dtype object), not numbers; save a numeric array",
         "absent.npy": "does not exist",
     }
     for file, fragment in cases.items():
         with pytest.raises(DataError) as error:
             load(tmp_path / file)
         _one_line_naming(error, file, fragment)
+
+
+def test_user_files_that_are_not_numeric_arrays_are_named_in_our_words(tmp_path):
+    """Random bytes, a pickle, object arrays, a truncated file and stacked images: what is wrong and what to do,
+    never numpy's advice to load pickles."""
+    (tmp_path / "random.npy").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "pickled.npy").write_bytes(__import__("pickle").dumps(np.zeros((2, 2))))
+    np.savez(tmp_path / "objects.npz", train=np.array([None, 1.0], dtype=object))
+    np.save(tmp_path / "whole.npy", np.full((20, 8), 0.5))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "whole.npy").read_bytes()[:300])
+    np.save(tmp_path / "images.npy", np.zeros((5, 8, 8)))
+    cases = {
+        "random.npy": "is not an array file written by numpy (it starts with neither the .npy header nor the .npz",
+        "pickled.npy": "save the data with numpy.save (.npy) or numpy.savez (.npz)",
+        "objects.npz": "holds an array of Python objects (dtype object), not numbers",
+        "cut.npy": "is truncated or damaged",
+        "images.npy": "has shape (5, 8, 8); expected (N, D) with one example per row: flatten images with "
+        "x.reshape(len(x), -1)",
+    }
+    for file, fragment in cases.items():
+        with pytest.raises(DataError) as error:
+            load(tmp_path / file)
+        _one_line_naming(error, file, fragment)
+        assert "pickle" not in str(error.value).replace(file, "")
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0])

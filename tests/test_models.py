@@ -93,6 +93,24 @@ class ConvEncoder(nn.Module):
         return Independent(Normal(loc, log_scale.exp()), 1)
 
 
+def test_data_outside_the_decoders_support_warn_once(recwarn: pytest.WarningsRecorder) -> None:
+    """Grey levels given to a Bernoulli decoder: a warning from loss() and from log_weights(), one per model
+    (only its first batch is checked); binary data: none."""
+    torch.manual_seed(0)
+    grey, binary = torch.rand(4, 16), (torch.rand(4, 16) < 0.5).float()
+    model = burda(1, 16)
+    with pytest.warns(UserWarning, match=r"outside the support of p\(x \| z\), a Bernoulli .* binarize x first"):
+        loss(model, grey, "iwae", k=3)
+    loss(model, grey, "iwae", k=3)
+    with pytest.warns(UserWarning, match="outside the support"):
+        burda(2, 16).log_weights(grey, 3)
+    recwarn.clear()
+    fresh = burda(1, 16)
+    loss(fresh, binary, "iwae", k=3)
+    fresh.log_weights(binary, 3)
+    assert not recwarn.list
+
+
 def test_user_modules_plug_in() -> None:
     model = DeepLatentModel([ConvEncoder()], [BernoulliLayer(6, [32], 64)], StandardNormal(6))
     x = (torch.rand(5, 64) < 0.4).float()

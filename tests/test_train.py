@@ -78,11 +78,15 @@ def test_config_resolves_the_schedule_and_survives_a_round_trip() -> None:
         ({"objective": "vr", "alpha": float("-inf")}, "no DReG estimator"),
         ({"layers": 3}, "layers must be 1 or 2"),
         ({"schedule": "cosine"}, "unknown schedule"),
-        ({"schedule": "burda", "epochs": 5}, "do not apply to --schedule burda"),
+        ({"schedule": "burda", "epochs": 5}, "epochs and lr do not apply to schedule burda"),
         ({"epochs": None}, "give the number of epochs"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
-        ({"lr": -1.0}, "lr must be positive"),
-        ({"beta2": 1.0}, "beta1 and beta2"),
+        ({"lr": -1.0}, "lr must be a finite number > 0"),
+        ({"lr": float("inf")}, "lr must be a finite number > 0"),
+        ({"schedule": "burda", "schedule_scale": float("inf")}, "schedule_scale must be a finite number > 0"),
+        ({"beta2": 1.0}, r"beta2 must lie in \[0, 1\)"),
+        ({"seed": -1}, "seed must be an integer from 0 to 2\\*\\*63 - 1; got -1"),
+        ({"seed": 2**63}, "seed must be an integer from 0"),
     ],
 )
 def test_config_rejects_bad_settings(settings: dict, message: str) -> None:

@@ -21,6 +21,7 @@ ends with bit-for-bit the parameters of an uninterrupted one.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,18 @@ def load(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"no checkpoint in {run_dir} ({reason}); give the directory of a run started with iwae train --out"
         )
+    fix = "restore it from a copy, or start a new run with a new --out"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose index sits at the very end
+        raise CheckpointError(
+            f"{path} is corrupt or not a checkpoint: its {path.stat().st_size} bytes are not a complete PyTorch "
+            f"archive (the file was cut short, or is some other file); {fix}"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load reports damage as any of a dozen exception types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
-            f"{path} is corrupt or not a checkpoint ({type(error).__name__}: {first_line[:120]}); "
-            "restore it from a copy, or start a new run with a new --out"
+            f"{path} is corrupt or not a checkpoint: it is a PyTorch archive, but a damaged one or one holding "
+            f"objects other than tensors and plain values ({type(error).__name__}); {fix}"
         ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(

@@ -31,6 +31,7 @@ from iwae import (
 from iwae.device import resolve_device
 from iwae.models import GaussianToy
 from iwae.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS
+from iwae.settings import SettingError
 
 _DEFAULTS = {f.name: f.default for f in fields(train.TrainConfig) if f.default is not MISSING}
 
@@ -107,9 +108,12 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "evaluate", help="estimate a run's NLL with k importance samples (eval.json), or with AIS or BDMC",
+        "evaluate", help="estimate a run's NLL with k importance samples (eval*.json), or with AIS or BDMC",
         description="Evaluate a run's latest checkpoint: NLL = mean over examples of -log (1/k) sum_i w_i, the "
-        "bounds L_1, L_5, L_50 and L_k, the effective sample size and the active units.",
+        "bounds L_1, L_5, L_50 and L_k, the effective sample size and the active units. The run's own evaluation "
+        "(its test split, every example, seed 0, the k of its training's final evaluation, else 5000) is written "
+        "to RUN/eval.json; any other setting to a file named after it, e.g. RUN/eval-test-k10-n50.json, so no "
+        "evaluation replaces another.",
     )
     parser.add_argument("run", type=Path, help="a run directory written by iwae train")
     parser.add_argument("--k", type=int, default=5000, metavar="K", help="samples per example (default: 5000)")
@@ -214,13 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     _sample_parser(commands)
     _diagnose_parser(commands)
     _reproduce_parser(commands)
+    _name_options(parser)
     return parser
+
+
+def _name_options(parser: argparse.ArgumentParser) -> None:
+    """Give each (sub)command's parsed arguments ``options``: the option of each setting, as the user types it,
+    to name it in error messages."""
+    parser.set_defaults(options={a.dest: a.option_strings[0] for a in parser._actions if a.option_strings})
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _name_options(command)
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     given = {name: value for name, value in vars(args).items() if name in _DEFAULTS}
-    if (args.out is None) == (args.resume is None):
-        raise UsageError("give --out DIR to start a new run, or --resume DIR to continue one (not both)")
+    if args.out is not None and args.resume is not None:
+        raise UsageError("give --out DIR or --resume DIR, not both: --out starts a new run, --resume continues one")
+    if args.out is None and args.resume is None:
+        raise UsageError("give --out DIR to start a new run, or --resume DIR to continue one")
     if args.seeds is not None or (args.resume is not None and stacked.is_stacked(args.resume)):
         return _run_train_stacked(args, given)
     if args.resume is not None:
@@ -279,7 +296,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         compile=args.compile,
     )
     print(evaluate.format_table(result))
-    print(f"written to {evaluate.eval_path(args.run, args.split, args.dataset)}")
+    path = evaluate.eval_path(args.run, args.split, args.dataset, k=args.k, examples=args.examples, seed=args.seed)
+    print(f"written to {path}")
 
 
 def _run_sample(args: argparse.Namespace) -> None:
@@ -326,8 +344,10 @@ def _run_reproduce(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    options: dict[str, str] = {}
     try:
         args = build_parser().parse_args(argv)
+        options = args.options
         {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
          "reproduce": _run_reproduce}[
             args.command](args)
@@ -338,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         print("iwae: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, FloatingPointError) as error:
-        print(f"iwae: error: {' '.join(str(error).split())}", file=sys.stderr)
+        message = error.message(lambda name: options.get(name, name)) if isinstance(error, SettingError) else error
+        print(f"iwae: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -30,13 +30,16 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from iwae import bounds, checkpoint, data, gemm, rundir
+from iwae import bounds, checkpoint, data, gemm, memory, rundir
 from iwae.ais import ais_log_likelihood as ais_log_likelihood
 from iwae.compiled import Compiled
 from iwae.device import resolve_device, seeded
 from iwae.models import DeepLatentModel, enumerate_values, value_count
 from iwae.objectives import Objective
+from iwae.settings import SettingError, check_integer, check_seed
 
+DEFAULT_K = 5000
+SPLITS = ("test", "train", "valid")
 GROUP_SIZES = (1, 5, 50)
 ACTIVE_UNIT_EXAMPLES = 500
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -183,18 +186,21 @@ def objective_bound(model: DeepLatentModel, x: Tensor, objective: Objective, max
 
 
 @torch.no_grad()
-def active_units(model: DeepLatentModel, x: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> list[int]:
-    """The number of active units of each stochastic layer on the examples ``x`` (Burda et al. 2016).
-
-    A unit is active when the population variance over ``x`` of its posterior mean exceeds ``threshold``;
-    for layer l >= 2 the mean is that of q(z_l | z_{l-1}) at one z_{l-1} sampled from q.
-    """
-    counts, h = [], x
+def posterior_mean_variances(model: DeepLatentModel, x: Tensor) -> list[Tensor]:
+    """For each stochastic layer, the population variance over the examples ``x`` of each unit's posterior
+    mean, shape (d_l,); for layer l >= 2 the mean is that of q(z_l | z_{l-1}) at one z_{l-1} sampled from q."""
+    variances, h = [], x
     for layer in model.encoder:
         q = layer(h)
-        counts.append(int((q.mean.var(0, unbiased=False) > threshold).sum()))
+        variances.append(q.mean.var(0, unbiased=False))
         h = q.sample()
-    return counts
+    return variances
+
+
+def active_units(model: DeepLatentModel, x: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> list[int]:
+    """The number of active units of each stochastic layer on the examples ``x`` (Burda et al. 2016): units
+    whose posterior mean has a variance over ``x`` above ``threshold`` (see ``posterior_mean_variances``)."""
+    return [int((v > threshold).sum()) for v in posterior_mean_variances(model, x)]
 
 
 def split_examples(dataset: data.Dataset, split: str, seed: int, limit: int | None = None) -> Tensor:
@@ -210,14 +216,34 @@ def split_examples(dataset: data.Dataset, split: str, seed: int, limit: int | No
         return dataset.test[:limit]
     if split == "valid" and dataset.valid is not None:
         return dataset.valid[:limit]
-    raise ValueError(f"split {split!r} is not available for {dataset.name}; choose train or test")
+    raise SettingError("{0} {split!r} is not available for {name}; choose train or test", ("split",), split=split,
+                       name=dataset.name)
 
 
-def eval_path(run_dir: Path, split: str, dataset: str | None) -> Path:
-    """RUN/eval.json for the run's own test set; RUN/eval-<split>.json or RUN/eval-<data>-<split>.json else."""
-    if dataset is None:
-        return run_dir / (rundir.EVAL if split == "test" else f"eval-{split}.json")
-    return run_dir / f"eval-{Path(dataset).stem}-{split}.json"
+def own_k(run_dir: Path) -> int:
+    """The k of a run's own evaluation: that of the final evaluation of its training (``eval_k``), or
+    ``DEFAULT_K`` if the training skipped it."""
+    return rundir.read_json(run_dir / rundir.CONFIG).get("eval_k") or DEFAULT_K
+
+
+def eval_path(run_dir: Path, split: str = "test", dataset: str | None = None, *, k: int | None = None,
+              examples: int | None = None, seed: int = 0) -> Path:
+    """The file that holds the evaluation of a run with these settings: one file per setting, so that no
+    evaluation replaces one made with other settings.
+
+    RUN/eval.json is the run's own evaluation: its own test split, every example, seed 0, and k None or
+    ``own_k(run_dir)`` (what training's final evaluation writes, and ``iwae sample`` draws). Any other
+    setting goes to RUN/eval[-<data>]-<split>-k<k>[-n<examples>][-seed<seed>].json, <data> being the stem of
+    ``dataset``'s name or path.
+    """
+    if dataset is None and split == "test" and examples is None and seed == 0 and k in (None, own_k(run_dir)):
+        return run_dir / rundir.EVAL
+    k = own_k(run_dir) if k is None else k
+    parts = [Path(dataset).stem] if dataset is not None else []
+    parts += [split, f"k{k}"]
+    parts += [f"n{examples}"] if examples is not None else []
+    parts += [f"seed{seed}"] if seed != 0 else []
+    return run_dir / f"eval-{'-'.join(parts)}.json"
 
 
 def load_examples(
@@ -246,7 +272,7 @@ def load_examples(
 def evaluate_run(
     run_dir: Path,
     *,
-    k: int = 5000,
+    k: int = DEFAULT_K,
     split: str = "test",
     dataset: str | None = None,
     data_dir: str | None = None,
@@ -275,22 +301,37 @@ def evaluate_run(
         least ``AUTO_COMPILE_SAMPLES`` samples in all, where the compile time is won back.
 
     Returns:
-      The result also written to ``eval_path(run_dir, split, dataset)``: ``nll`` and ``nll_se`` (mean and
-      standard error over examples of -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g
-      keyed by g), ``ess`` and ``ess_per_k`` (the mean ESS over examples, and that divided by k: 1 when q
-      is the posterior), ``active_units`` (one count per stochastic layer), and what was evaluated.
+      The result also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``
+      (a file per setting): ``nll`` and ``nll_se`` (mean and standard error over examples of
+      -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g keyed by g), ``ess`` and ``ess_per_k``
+      (the mean ESS over examples, and that divided by k: 1 when q is the posterior), ``active_units`` (one
+      count per stochastic layer, of ``latent_units``), and what was evaluated.
+
+    Raises:
+      SettingError: for a bad setting, or passes too large for the memory available, before any work.
     """
+    for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
+        check_integer(value, name, 1)
+    if examples is not None:
+        check_integer(examples, "examples", 1)
+    check_seed(seed)
+    if split not in SPLITS:
+        raise SettingError("unknown {0} {split!r}; choose one of {known}", ("split",), split=split,
+                           known=", ".join(SPLITS))
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed)
     torch_device = x.device
+    memory.check_fits(memory.pass_bytes(model, state["x_dim"], min(k, chunk_size) * batch_size, training=False),
+                      torch_device, "evaluating with {0} {chunk} and {1} {batch}", ("chunk_size", "batch_size"),
+                      chunk=min(k, chunk_size), batch=batch_size)
     if compile is None:
         compile = len(x) * k >= AUTO_COMPILE_SAMPLES
     gemm.fastest_fp32_matmul(torch_device)
     with seeded(seed, torch_device):
         stats = importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size, progress=progress,
                                       compile=compile)
-        active = active_units(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
+        variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
     nll = -stats.log_likelihood.cpu()
     n = len(nll)
     result = {
@@ -307,13 +348,22 @@ def evaluate_run(
         "bounds_se": {str(g): b.std().item() / math.sqrt(n) if n > 1 else math.nan for g, b in stats.bounds.items()},
         "ess": stats.ess.mean().item(),
         "ess_per_k": stats.ess.mean().item() / k,
-        "active_units": active,
+        "active_units": [int((v > ACTIVE_UNIT_THRESHOLD).sum()) for v in variances],
+        "latent_units": [len(v) for v in variances],
         "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
         "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
         "time_s": round(time.perf_counter() - start, 2),
     }
-    rundir.write_json(eval_path(run_dir, split, dataset), result)
+    rundir.write_json(eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed), result)
     return result
+
+
+def _active_units_of(result: dict[str, Any]) -> str:
+    """'a of d units' per stochastic layer, joined by +; results written before ``latent_units`` give 'a units'."""
+    if "latent_units" not in result:
+        return " + ".join(map(str, result["active_units"])) + " units"
+    pairs = zip(result["active_units"], result["latent_units"], strict=True)
+    return " + ".join(f"{active} of {units}" for active, units in pairs) + " units"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -331,8 +381,8 @@ def format_table(result: dict[str, Any]) -> str:
     rows += [
         ("ESS", f"{result['ess']:.1f} of {k}"),
         ("ESS/k", f"{result['ess_per_k']:.4f} (1 when q is the posterior)"),
-        ("active units", " + ".join(map(str, result["active_units"])) + f" (of {result['active_units_examples']} "
-         f"training examples, threshold {result['active_units_threshold']})"),
+        ("active units", f"{_active_units_of(result)} (variance of the posterior mean over "
+         f"{result['active_units_examples']} training examples > {result['active_units_threshold']})"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -3,7 +3,7 @@
     samples.png          x ~ p(x | z_1) means for z drawn from the prior, top layer down
     reconstructions.png  test examples beside the means of p(x | z_1) at z_1 = E_q[z_1 | x]
     training.png         train and test bounds, and the learning rate, per epoch (from metrics.jsonl)
-    bound_vs_k.png       the bounds L_k against k from the last evaluation (from eval.json)
+    bound_vs_k.png       the bounds L_k against k from the run's own evaluation (RUN/eval.json)
     ais_vs_steps.png     the AIS estimate against the number of steps, and IS against k (``iwae.evaluate_ais``)
 
 and ``plot_snr``, the gradient signal-to-noise ratios of ``iwae diagnose snr``.
@@ -23,9 +23,10 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from iwae import checkpoint, data, evaluate, rundir
+from iwae import checkpoint, data, evaluate, memory, rundir
 from iwae.device import resolve_device
 from iwae.models import DeepLatentModel
+from iwae.settings import check_integer, check_seed
 
 
 @torch.no_grad()
@@ -57,6 +58,7 @@ def image_grid(images: Tensor, shape: tuple[int, int], columns: int) -> np.ndarr
     (rows of height 1, vectors drawn as strips, are stacked without separators, as a heat map)."""
     height, width = shape
     pad = 1 if height > 1 else 0
+    columns = min(columns, len(images))  # fewer images than columns: no empty tiles
     rows = math.ceil(len(images) / columns)
     grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad), 0.5, dtype=np.float32)
     for i, image in enumerate(images.detach().cpu().float().numpy()):
@@ -105,9 +107,11 @@ def plot_bound_vs_k(path: Path, result: dict[str, Any]) -> Path:
     fig = Figure(figsize=(5, 3.6))
     ax = fig.add_subplot(1, 1, 1)
     ax.errorbar([int(k) for k in ks], [result["bounds"][k] for k in ks], yerr=[result["bounds_se"][k] for k in ks],
-                marker="o", capsize=3)
+                marker="o", capsize=3, label=f"mean over {result['examples']} examples\n"
+                "error bars: ±1 standard error")
     ax.set(xscale="log", xlabel="k", ylabel="L_k (nats)",
            title=f"{result['dataset']} {result['split']}: NLL {result['nll']:.2f} at k={result['k']}")
+    ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
 
 
@@ -137,10 +141,12 @@ def plot_ais_vs_steps(path: Path, result: dict[str, Any]) -> Path:
 def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int = 0, n: int = 100) -> list[Path]:
     """Draw a run's figures from its checkpoint, metrics and evaluation (``n`` model samples, ``n // 2``
     reconstructions); return the files written."""
-    if n < 2:
-        raise ValueError(f"the number of samples must be at least 2; got {n}")
+    check_integer(n, "n", 2)
+    check_seed(seed)
     torch_device = resolve_device(str(device))
     state, model = checkpoint.load_model(run_dir, torch_device)
+    memory.check_fits(memory.pass_bytes(model, state["x_dim"], n, training=False), torch_device,
+                      "drawing {0} {n} samples", ("n",), n=n)
     config = state["config"]
     dataset = data.load(config["dataset"], config["data_dir"], split=config["data_split"])
     shape = image_shape(dataset.test.shape[1], dataset.image_shape)
@@ -160,8 +166,9 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
     metrics = rundir.read_metrics(run_dir)
     if metrics:
         written.append(plot_training(out / "training.png", metrics))
-    if (run_dir / rundir.EVAL).is_file():
-        written.append(plot_bound_vs_k(out / "bound_vs_k.png", rundir.read_json(run_dir / rundir.EVAL)))
+    own_evaluation = evaluate.eval_path(run_dir)
+    if own_evaluation.is_file():
+        written.append(plot_bound_vs_k(out / "bound_vs_k.png", rundir.read_json(own_evaluation)))
     return written
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from iwae import bounds, score_function
 from iwae.models.latent import DeepLatentModel
+from iwae.settings import SettingError
 
 OBJECTIVES = ("elbo", "iwae", "miwae", "ciwae", "piwae", "vr")
 REPARAMETERIZED_ESTIMATORS = ("standard", "stl", "dreg")
@@ -65,15 +66,18 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.name!r}; choose one of {', '.join(OBJECTIVES)}")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be a positive integer number of samples; got k={self.k}")
+            raise SettingError("unknown {0} {name!r}; choose one of {known}", ("objective",), name=self.name,
+                               known=", ".join(OBJECTIVES))
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise SettingError("{0} must be a positive integer number of samples; got {0}={k}", ("k",), k=self.k)
         if self.name in ("miwae", "piwae") and (not isinstance(self.m, int) or self.m < 1 or self.k % self.m):
-            raise ValueError(f"m must be a positive integer dividing k for {self.name}; got m={self.m}, k={self.k}")
+            raise SettingError("{0} must be a positive integer dividing {1} for {name}; got {0}={m}, {1}={k}",
+                               ("m", "k"), name=self.name, m=self.m, k=self.k)
         if self.name == "ciwae" and not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1] for ciwae; got beta={self.beta}")
+            raise SettingError("{0} must lie in [0, 1] for ciwae; got {0}={beta}", ("beta",), beta=self.beta)
         if self.name == "vr" and (math.isnan(self.alpha) or self.alpha == math.inf):
-            raise ValueError(f"alpha must be a real number or -inf for vr; got alpha={self.alpha}")
+            raise SettingError("{0} must be a real number or -inf for vr; got {0}={alpha}", ("alpha",),
+                               alpha=self.alpha)
 
     def bound(self, log_w: Tensor) -> Tensor:
         """The bound the generative network is trained on, per example (PIWAE: IWAE_K)."""
@@ -91,7 +95,8 @@ class Objective:
         """Raise ValueError unless ``estimator`` names an estimator defined for this objective and for a q
         that is (``reparameterized``) or is not (discrete latents) reparameterizable."""
         if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+            raise SettingError("unknown {0} {name!r}; choose one of {known}", ("estimator",), name=estimator,
+                               known=", ".join(ESTIMATORS))
         if estimator in score_function.ESTIMATORS:
             if self.name != "iwae":
                 raise ValueError(f"{estimator} is defined for the iwae objective only; use objective iwae")
@@ -101,8 +106,8 @@ class Objective:
             raise ValueError(f"estimator {estimator} needs a reparameterizable q (rsample), and this model's q "
                              "has discrete latents; use estimator vimco or rws")
         if estimator == "dreg" and self.name == "vr" and self.alpha == -math.inf:
-            raise ValueError("dreg has no form for the VR-max bound (vr with alpha=-inf), so it has no DReG "
-                             "estimator; use estimator standard or stl")
+            raise SettingError("dreg has no form for the VR-max bound (vr with {1}=-inf), so it has no DReG "
+                               "estimator; use {0} standard or stl", ("estimator", "alpha"))
 
     def weights(self, log_w: Tensor, inference: bool = False) -> tuple[Tensor, Tensor | None]:
         """(a, d): a_i = dL/d(log w_i) and the DReG weight d_i = a_i - d a_i / d(log w_i), shape (K, *batch).

@@ -3,7 +3,8 @@
     RUN/config.json       the resolved training configuration (written once, at the start)
     RUN/checkpoint.pt     the latest checkpoint (see ``iwae.checkpoint``)
     RUN/metrics.jsonl     one JSON object per finished epoch
-    RUN/eval.json         the final evaluation on the test set (``iwae.evaluate``)
+    RUN/eval.json         the run's own evaluation on its test set (``iwae.evaluate``)
+    RUN/eval-*.json       evaluations with other settings, one file each (``iwae.evaluate.eval_path``)
     RUN/figures/*.png     samples, reconstructions, training curves, bound against k (``iwae.figures``)
 
 Every whole-file write goes to a temporary file beside the target, is flushed to disk, and is then renamed

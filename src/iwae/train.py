@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from iwae import checkpoint, data, evaluate, figures, gemm, rundir
+from iwae import checkpoint, data, evaluate, figures, gemm, memory, rundir
 from iwae.device import resolve_device
 from iwae.models import sbn_widths
 from iwae.objectives import Objective
+from iwae.settings import SettingError, check_integer, check_positive, check_seed
 from iwae.step import TrainStep, make_adam
 
 SCHEDULES = ("constant", "burda")
@@ -94,35 +95,35 @@ class TrainConfig:
         # validates the objective's name, k, m, beta and alpha, and the estimator for it and the model's q
         self.objective_spec().check_estimator(self.estimator, reparameterized=self.model == "burda")
         if self.layers not in (1, 2):
-            raise ValueError(f"layers must be 1 or 2 (the paper's architectures); got {self.layers}")
+            raise SettingError("{0} must be 1 or 2 (the paper's architectures); got {value}", ("layers",),
+                               value=self.layers)
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+            raise SettingError("unknown {0} {value!r}; choose one of {known}", ("schedule",), value=self.schedule,
+                               known=", ".join(SCHEDULES))
         if self.schedule == "burda":
-            if not self.schedule_scale > 0:
-                raise ValueError(f"schedule_scale must be positive; got {self.schedule_scale}")
+            check_positive(self.schedule_scale, "schedule_scale")
             total = sum(epochs for epochs, _ in burda_schedule(self.schedule_scale))
             if self.epochs not in (None, total) or self.lr is not None:
-                raise ValueError("--epochs and --lr do not apply to --schedule burda, which fixes both; "
-                                 "shorten it with --schedule-scale instead")
+                raise SettingError("{0} and {1} do not apply to {2} burda, which fixes both; shorten it with {3} "
+                                   "instead", ("epochs", "lr", "schedule", "schedule_scale"))
             self.epochs = total
         else:
             if self.epochs is None:
-                raise ValueError("give the number of epochs with --epochs N, or use --schedule burda")
+                raise SettingError("give the number of epochs with {0}, or use {1} burda", ("epochs", "schedule"))
             self.lr = 1e-3 if self.lr is None else self.lr
-            if not self.lr > 0:
-                raise ValueError(f"lr must be positive; got {self.lr}")
+            check_positive(self.lr, "lr")
         for name, low in (("epochs", 1), ("batch_size", 1), ("eval_k", 0), ("monitor_examples", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value}")
-        if not self.adam_eps > 0:
-            raise ValueError(f"adam_eps must be positive; got {self.adam_eps}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must lie in [0, 1); got {self.beta1}, {self.beta2}")
+            check_integer(getattr(self, name), name, low)
+        check_seed(self.seed)
+        check_positive(self.adam_eps, "adam_eps")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SettingError("{0} must lie in [0, 1); got {value}", (name,), value=getattr(self, name))
         if not self.checkpoint_every_s >= 0:
-            raise ValueError(f"checkpoint_every_s must be >= 0; got {self.checkpoint_every_s}")
+            raise SettingError("{0} must be >= 0 seconds; got {value}", ("checkpoint_every_s",),
+                               value=self.checkpoint_every_s)
         if self.data_split not in ("paper", "code"):
-            raise ValueError(f"unknown data split {self.data_split!r}; choose paper or code")
+            raise SettingError("unknown {0} {value!r}; choose paper or code", ("data_split",), value=self.data_split)
 
     def steps(self, train_examples: int) -> int:
         """The number of training steps of the whole run on ``train_examples`` examples."""
@@ -227,6 +228,18 @@ def _load_data(config: TrainConfig, device: torch.device) -> data.Dataset:
     return dataset
 
 
+def check_memory(config: TrainConfig, x_dim: int, device: torch.device) -> None:
+    """Refuse (SettingError) a run whose training steps, per-epoch monitoring or final evaluation would not fit
+    in ``device``'s memory, estimated from the model's layer widths, k and the batch size without allocating."""
+    with torch.device("meta"):
+        model = checkpoint.build_model(asdict(config), x_dim)
+    # the monitor and the final evaluation pass over at most max(k, 16384) rows, without gradients
+    needed = max(memory.pass_bytes(model, x_dim, config.k * config.batch_size, training=True),
+                 memory.pass_bytes(model, x_dim, max(config.k, 16384), training=False))
+    memory.check_fits(needed, device, "training with {0} {k} and {1} {batch_size}", ("k", "batch_size"),
+                      k=config.k, batch_size=config.batch_size)
+
+
 def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> dict[str, Any] | None:
     """Train a new run in ``run_dir`` (which must not exist, or be empty) and evaluate it.
 
@@ -240,6 +253,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     device = resolve_device(config.device)
     config = replace(config, device=str(device))
     dataset = _load_data(config, device)
+    check_memory(config, dataset.train.shape[1], device)
     if config.compile is None:
         config = replace(config, compile=config.steps(len(dataset.train)) >= AUTO_COMPILE_STEPS)
     config = replace(config, matmul=gemm.fastest_fp32_matmul(device, config.matmul))
@@ -279,6 +293,7 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
         return rundir.read_json(run_dir / rundir.EVAL)
     device = resolve_device(config.device)
     dataset = _load_data(config, device)
+    check_memory(config, state["x_dim"], device)
     with _StopOnSignal() as stop:
         rundir.truncate_metrics(run_dir, state["epoch"])
         _fit(config, run_dir, dataset, state, stop, progress)

@@ -152,11 +152,18 @@ def load(
     return Dataset(key, tensors["train"], tensors["test"], binarization, tensors.get("valid"), image_shape)
 
 
+_REPORTED: set[str] = set()  # "reading ... from ..." lines printed already by this process
+
+
 def _locate_all(name: str, data_dir: PathLike | None, download: bool) -> dict[str, Path]:
-    """The verified path of each of ``name``'s files, printing the folder(s) they were found in once."""
+    """The verified path of each of ``name``'s files, printing the folder(s) they were found in (once per
+    process: training, its evaluation and its figures read the same files)."""
     paths = {part: locate(remote, data_dir, download) for part, remote in FILES[name].items()}
     folders = ", ".join(sorted({str(path.parent) for path in paths.values()}))
-    print(f"iwae: reading {name} from {folders}", file=sys.stderr)
+    line = f"iwae: reading {name} from {folders}"
+    if line not in _REPORTED:
+        _REPORTED.add(line)
+        print(line, file=sys.stderr)
     return paths
 
 

@@ -18,6 +18,8 @@ from scipy.io.matlab import MatReadError
 from iwae.data.errors import DataError
 
 _IDX_UBYTE_3D = b"\x00\x00\x08\x03"
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
 _CHARDATA_SIDE = 28
 
 
@@ -102,6 +104,13 @@ def read_user_arrays(path: Path) -> dict[str, np.ndarray]:
     Returns a dict with key ``train`` and any of ``valid``/``test`` present, each checked by
     ``check_unit_interval`` and of shape (N, D) with the same D.
     """
+    with path.open("rb") as file:
+        magic = file.read(len(_NPY_MAGIC))
+    if not magic.startswith((_NPY_MAGIC, _ZIP_MAGIC)):
+        raise DataError(
+            f"{path} is not an array file written by numpy (it starts with neither the .npy header nor the .npz "
+            "zip header); save the data with numpy.save (.npy) or numpy.savez (.npz)."
+        )
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
@@ -109,8 +118,17 @@ def read_user_arrays(path: Path) -> dict[str, np.ndarray]:
                 arrays = dict(loaded)
         else:
             arrays = {"train": loaded}
-    except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as error:
-        raise DataError(f"{path} is not a readable .npy/.npz file ({error}).") from error
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise DataError(f"{path} is truncated or damaged ({error}); write it again with numpy.") from error
+        raise DataError(
+            f"{path} holds an array of Python objects (dtype object), not numbers; save a numeric array, e.g. "
+            "numpy.save(path, x.astype(numpy.float32))."
+        ) from error
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as error:
+        raise DataError(
+            f"{path} is truncated or damaged ({type(error).__name__}); write it again with numpy."
+        ) from error
     if len(arrays) == 1:
         arrays = {"train": next(iter(arrays.values()))}
     if "train" not in arrays or not set(arrays) <= {"train", "valid", "test"}:
@@ -132,6 +150,11 @@ def check_unit_interval(array: np.ndarray, label: str) -> np.ndarray:
         DataError: naming ``label``, for the wrong number of dimensions, a non-numeric dtype, NaN or
             infinite values, or values outside [0, 1].
     """
+    if array.ndim > 2 and array.shape[0] > 0:
+        raise DataError(
+            f"{label} has shape {array.shape}; expected (N, D) with one example per row: flatten images with "
+            "x.reshape(len(x), -1)."
+        )
     if array.ndim != 2 or array.shape[0] == 0:
         raise DataError(f"{label} has shape {array.shape}; expected (N, D) with one example per row.")
     if array.dtype.kind not in "biuf":

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ class DeepLatentModel(nn.Module):
             )
         self.encoder = nn.ModuleList(encoder)
         self.decoder = nn.ModuleList([*decoder, prior])
+        self._support_checked = False
 
     def sample_posterior(self, x: Tensor, k: int, detach: bool = False) -> LatentSample:
         """Draw k samples of z_1..z_L from q(z | x) for a batch x of shape (B, D): with ``rsample`` where q's
@@ -73,8 +75,30 @@ class DeepLatentModel(nn.Module):
         *conditionals, prior = self.decoder
         log_p = prior().log_prob(z[-1])
         for layer, target, given in zip(conditionals, [x, *z[:-1]], z, strict=True):
-            log_p = log_p + layer(given).log_prob(target)
+            p = layer(given)
+            if target is x:
+                self._check_support(p, x)
+            log_p = log_p + p.log_prob(target)
         return log_p
+
+    def _check_support(self, p_x: Distribution, x: Tensor) -> None:
+        """Warn if the data lie outside the support of p(x | z), e.g. grey levels for a Bernoulli decoder:
+        checked on the first batch this model sees (one check, so training steps never wait for it)."""
+        if self._support_checked or torch.compiler.is_compiling():
+            return
+        self._support_checked = True
+        try:
+            inside = bool(p_x.support.check(x).all())
+        except (NotImplementedError, ValueError):  # a support that depends on the parameters
+            return
+        if not inside:
+            base = getattr(p_x, "base_dist", p_x)
+            warnings.warn(
+                f"the data x lie outside the support of p(x | z), a {type(base).__name__} (for a Bernoulli: values "
+                "other than 0 and 1), so log p(x, z) and the bounds are not log-likelihoods; binarize x first, "
+                "e.g. iwae.data.binarize(x), which draws x_bin ~ Bernoulli(x)",
+                UserWarning, stacklevel=4,  # the caller of loss() or log_weights()
+            )
 
     def log_posterior(self, x: Tensor, sample: LatentSample, stop_gradient: bool = False) -> Tensor:
         """log q(z_1..z_L | x), shape (K, B), at the sample's latents.

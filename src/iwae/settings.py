@@ -1,0 +1,48 @@
+"""Checks of user settings, and the error that names the setting at fault.
+
+A setting is named in two ways: as the library's keyword argument (``checkpoint_every_s``) and as the
+command line's option (``--checkpoint-every``). ``SettingError`` keeps the names apart from the message
+text, so the library reports its own names and the command line reports the options as the user typed them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+SEED_LIMIT = 2**63  # seeds are integers in [0, 2**63): what numpy's SeedSequence and every torch generator accept
+
+
+class SettingError(ValueError):
+    """A bad value of one or more named settings.
+
+    ``template`` is formatted with the settings' names as positional fields ({0}, {1}, ...) and ``values``
+    as keyword fields, so a value is never read as part of the template.
+    """
+
+    def __init__(self, template: str, names: tuple[str, ...], **values: Any) -> None:
+        self.template, self.names, self.values = template, names, values
+        super().__init__(self.message())
+
+    def message(self, spell: Callable[[str], str] = str) -> str:
+        """The message with each setting's name written as ``spell(name)``."""
+        return self.template.format(*map(spell, self.names), **self.values)
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """Raise SettingError unless ``seed`` is an integer in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise SettingError("{0} must be an integer from 0 to 2**63 - 1; got {value}", (name,), value=seed)
+
+
+def check_integer(value: object, name: str, low: int) -> None:
+    """Raise SettingError unless ``value`` is an integer >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SettingError("{0} must be an integer >= {low}; got {value}", (name,), low=low, value=value)
+
+
+def check_positive(value: float, name: str) -> None:
+    """Raise SettingError unless ``value`` is a finite number > 0."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise SettingError("{0} must be a finite number > 0; got {value}", (name,), value=value)
