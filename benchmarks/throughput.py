@@ -12,7 +12,8 @@ of B x 784, in examples/s, for
 The peers run the same network (the iwae model's initial weights, tanh, Gaussian q with an exp std head,
 Bernoulli p(x|z), N(0, I) prior, ancestral p and q for 2 layers), written once against the pyro/numpyro API.
 Every contender is built and warmed up first (its first call, the compilation where there is one, is timed
-and reported); then the contenders take turns, ``--steps`` steps each per round, and the median examples/s
+and reported, then as many steps as take about ``--round-seconds``, which sets its steps per round unless
+``--steps`` is given); then the contenders take turns, one round of steps each, and the median examples/s
 over ``--rounds`` rounds is reported, so the machine's load affects them alike. torch's fp32 matmuls use the
 path ``iwae.gemm.fastest_fp32_matmul`` chooses (as ``iwae train`` does), for all torch contenders.
 
@@ -26,8 +27,8 @@ Evaluation (``--eval``, instead of training): the k=5000 log-likelihood of the M
 eager and compiled, each in a fresh process: time, fraction of the GEMM limit, peak memory, and the NLL
 difference between the two (same seed, same random numbers).
 
-    python benchmarks/throughput.py [--layers 1 2] [--k 1 5 50] [--batch 20 100] [--rounds 7] [--steps N]
-                                    [--json PATH]
+    python benchmarks/throughput.py [--layers 1 2] [--k 1 5 50] [--batch 20 100] [--rounds 7]
+                                    [--steps N | --round-seconds 1] [--torch-threads N] [--json PATH]
     python benchmarks/throughput.py --layers 1 --k 1 5 --batch 20 --rounds 3          # a quick check
     python benchmarks/throughput.py --eval [--layers 1 2] [--eval-examples 10000] [--json PATH]
 """
@@ -265,25 +266,33 @@ def contenders(layers: int, x: torch.Tensor, k: int) -> tuple[dict[str, Runner],
 
 # --- training throughput -------------------------------------------------------------------------------------
 
-def default_steps(k: int, batch: int) -> int:
-    """Steps per round: about 10,000 sampled rows (K*B per step), at least 5 steps."""
-    return max(5, 10_000 // (k * batch))
+def calibrate(run: Runner, seconds: float) -> int:
+    """Warm ``run`` up, doubling its calls until they take a quarter of ``seconds``; return the number of
+    calls that takes about ``seconds``."""
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        run(calls)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds / 4:
+            return max(1, round(calls * seconds / elapsed))
+        calls *= 2
 
 
-def time_cell(layers: int, k: int, batch: int, steps: int, rounds: int) -> dict[str, Any]:
+def time_cell(layers: int, k: int, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """Build, warm up and time every contender of one (layers, K, B) cell in interleaved rounds."""
     torch._dynamo.reset()  # a fresh compilation cache per cell: no recompilation limit reached over cells
     x = (torch.rand(batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
     runners, flops = contenders(layers, x, k)
-    first_call = {}
+    first_call, steps = {}, {}
     for name, run in runners.items():
         start = time.perf_counter()
         run(1)  # compiles, where there is something to compile
         first_call[name] = time.perf_counter() - start
-        run(max(3, steps // 10))
-    seconds = interleaved({name: (run, steps) for name, run in runners.items()}, rounds)
+        steps[name] = args.steps or calibrate(run, args.round_seconds)
+    seconds = interleaved({name: (run, steps[name]) for name, run in runners.items()}, args.rounds)
     return {
-        "layers": layers, "k": k, "batch": batch, "steps": steps, "rounds": rounds,
+        "layers": layers, "k": k, "batch": batch, "steps": steps, "rounds": args.rounds,
         "forward_gemm_flops": flops, "step_flops": 3 * flops,
         "first_call_s": first_call,
         "examples_per_s": {name: batch / statistics.median(s) for name, s in seconds.items()},
@@ -313,11 +322,11 @@ def print_table(layers: int, cells: list[dict[str, Any]], names: list[str]) -> N
         numpyro = f"{ratio:11.2f}" if ratio is not None else f"{'-':>11}"
         print(f"{cell['k']:>3} {cell['batch']:>4}  {row}  {numpyro}  {cell['dreg_over_std']:8.3f}  "
               f"{cell['gemm_fraction']:9.1%}")
-    print(f"first call (compilation), s; steps per round: {', '.join(short)}")
+    print("first call (compilation) s / steps per round")
     for cell in cells:
-        first = "  ".join(f"{cell['first_call_s'].get(n, math.nan):>{w}.1f}" for n, w in zip(names, widths,
-                                                                                            strict=True))
-        print(f"{cell['k']:>3} {cell['batch']:>4}  {first}  steps {cell['steps']}")
+        first = "  ".join(f"{cell['first_call_s'].get(n, math.nan):>{w - 6}.1f} /{cell['steps'].get(n, 0):>4}"
+                          for n, w in zip(names, widths, strict=True))
+        print(f"{cell['k']:>3} {cell['batch']:>4}  {first}")
 
 
 def train_benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -328,7 +337,7 @@ def train_benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
     for layers in args.layers:
         timed = []
         for k, batch in cells:
-            cell = time_cell(layers, k, batch, args.steps or default_steps(k, batch), args.rounds)
+            cell = time_cell(layers, k, batch, args)
             add_ratios(cell, limit)
             timed.append(cell)
             result["cells"].append(cell)
@@ -389,15 +398,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[20, 100], help="minibatch sizes (training)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (training)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="steps per contender per round (default: about 10,000 sampled rows, at least 5)")
+                        help="steps per contender per round (default: as many as take --round-seconds)")
+    parser.add_argument("--round-seconds", type=float, default=1.0,
+                        help="time per contender per round, without --steps (set from its warm-up)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch's threads (default: torch's)")
     parser.add_argument("--eval", action="store_true", help="time the evaluation instead of training")
     parser.add_argument("--eval-examples", type=int, default=10_000, help="test images to evaluate (--eval)")
     parser.add_argument("--k-eval", type=int, default=5000, help="importance samples per image (--eval)")
     parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     args = parser.parse_args()
-    if min(args.k + args.batch) < 1 or args.rounds < 1 or (args.steps or 1) < 1 or args.eval_examples < 1:
-        parser.error("--k, --batch, --rounds, --steps and --eval-examples must be positive")
+    counts = [*args.k, *args.batch, args.rounds, args.steps or 1, args.torch_threads or 1, args.eval_examples,
+              args.k_eval, args.round_seconds]
+    if min(counts) <= 0:
+        parser.error("--k, --batch, --rounds, --steps, --round-seconds, --torch-threads, --eval-examples and "
+                     "--k-eval must be positive")
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     path = gemm.fastest_fp32_matmul("cpu")
     args.peers = [name for name, modules in (("numpyro", ("numpyro", "jax")), ("pyro", ("pyro",)))
                   if all(installed(m) for m in modules)]
