@@ -3,7 +3,9 @@
 Each measurement runs in a fresh subprocess that loads the 10,000 test images (binarized once, from
 IWAE_DATA_DIR; random binary stand-ins of the same shape when the files are not there), builds the paper's
 model and runs ``iwae.evaluate.importance_statistics`` with its default chunk (500 samples) and batch (32
-examples) sizes. On a CPU it reports the peak resident memory of the process during the evaluation (Linux:
+examples) sizes, on the fastest fp32 matmul path (``iwae.gemm``) as ``iwae evaluate`` does; ``--compile``
+compiles the evaluator. A first pass on one batch (the compilation, with ``--compile``) comes before the
+measurement. On a CPU it reports the peak resident memory of the process during the evaluation (Linux:
 the high-water mark VmHWM, reset just before through /proc/self/clear_refs) and its increase over the
 resident memory just before; on a GPU, ``torch.cuda.max_memory_allocated`` and its increase.
 
@@ -11,7 +13,7 @@ Evaluation is batched over examples as well as samples, so peak memory depends o
 number of examples: ``--examples N`` measures on the first N images only (the full 10,000 x 5000 samples
 take long on a small CPU) and says so; ``--k`` shows that a smaller k needs the same memory.
 
-    python benchmarks/evaluate_memory.py [--examples 10000] [--k 5000] [--layers 1 2] [--device cpu]
+    python benchmarks/evaluate_memory.py [--examples 10000] [--k 5000] [--layers 1 2] [--device cpu] [--compile]
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from iwae import data, evaluate
+from iwae import data, evaluate, gemm
 from iwae.device import resolve_device
 from iwae.models import burda
 
 TARGET_BYTES = 1 << 30
+CHUNK_SIZE, BATCH_SIZE = 500, 32  # importance_statistics' defaults
 
 
 def memory_status(field: str) -> int:
@@ -47,13 +50,22 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure(test_file: Path, layers: int, k: int, examples: int, device_name: str) -> dict[str, float]:
+def measure(test_file: Path, layers: int, k: int, examples: int, device_name: str,
+            compile: bool = False) -> dict[str, float]:
     """One measurement in this process: the peak memory (bytes) during the evaluation, its increase over the
-    memory in use before, and the time taken."""
+    memory in use before, the time taken, and the NLL (the mean of -log p(x) over the examples).
+
+    A first pass on one batch of one chunk (compiling the evaluator with ``compile``) comes before the
+    measurement, and is timed as ``first_pass_seconds``; the evaluation itself then draws its samples from a
+    generator seeded with 0, so the eager and compiled evaluators see the same random numbers."""
     device = resolve_device(device_name)
     x = torch.load(test_file)[:examples].to(device)
     torch.manual_seed(0)
     model = burda(layers, x.shape[1], train_mean=x.mean(0)).to(device)
+    gemm.fastest_fp32_matmul(device)
+    start = time.perf_counter()
+    evaluate.importance_statistics(model, x[:BATCH_SIZE], min(k, CHUNK_SIZE), compile=compile)
+    first_pass = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -61,14 +73,27 @@ def measure(test_file: Path, layers: int, k: int, examples: int, device_name: st
     else:
         reset_peak_rss()
         baseline = memory_status("VmRSS")
+    torch.manual_seed(0)
     start = time.perf_counter()
-    evaluate.importance_statistics(model, x, k)
+    stats = evaluate.importance_statistics(model, x, k, chunk_size=CHUNK_SIZE, batch_size=BATCH_SIZE,
+                                           compile=compile)
+    nll = -stats.log_likelihood.mean().item()
+    seconds = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = memory_status("VmHWM")
-    return {"peak": peak, "increase": peak - baseline, "seconds": time.perf_counter() - start}
+    return {"peak": peak, "increase": peak - baseline, "seconds": seconds, "first_pass_seconds": first_pass,
+            "nll": nll}
+
+
+def measure_in_subprocess(test_file: Path, layers: int, k: int, examples: int, device_name: str,
+                          compile: bool = False) -> dict[str, float]:
+    """``measure`` in a fresh Python process, so that its peak memory is the evaluation's alone."""
+    command = [sys.executable, __file__, "--child", str(test_file), str(layers), "--k", str(k),
+               "--examples", str(examples), "--device", device_name, *(["--compile"] if compile else [])]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 
 def mnist_test_images() -> tuple[torch.Tensor, str]:
@@ -84,10 +109,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5000)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="compile the evaluator (torch.compile)")
     parser.add_argument("--child", nargs=2, metavar=("TEST_FILE", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(Path(args.child[0]), int(args.child[1]), args.k, args.examples, args.device)))
+        print(json.dumps(measure(Path(args.child[0]), int(args.child[1]), args.k, args.examples, args.device,
+                                 args.compile)))
         return
 
     images, source = mnist_test_images()
@@ -101,9 +128,7 @@ def main() -> None:
         torch.save(images, test_file)
         within = True
         for layers in args.layers:
-            command = [sys.executable, __file__, "--child", str(test_file), str(layers), "--k", str(args.k),
-                       "--examples", str(examples), "--device", args.device]
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            result = measure_in_subprocess(test_file, layers, args.k, examples, args.device, args.compile)
             within &= result["peak"] < TARGET_BYTES
             what = "allocated on the GPU" if args.device.startswith("cuda") else "resident memory of the process"
             print(f"{layers} stochastic layer(s): peak {result['peak'] / 2**20:.0f} MiB {what} "
