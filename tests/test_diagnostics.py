@@ -192,3 +192,18 @@ def test_diagnose_a_trained_run(tiny_dataset: str, tmp_path: Path, capsys: pytes
     slopes = json.loads((out / "slopes.json").read_text())
     assert set(slopes) == {"iwae", "piwae"} and set(slopes["iwae"]["stl"]) == {"inference", "generative"}
     assert (out / "snr.png").stat().st_size > 0
+
+
+def test_a_grid_of_m(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--m takes a grid: one result per M for miwae and piwae (named objective-mM), one for the others."""
+    out = tmp_path / "snr"
+    assert main(["diagnose", "snr", "--toy", "--examples", "8", "--objectives", "iwae,miwae", "--m", "1,2",
+                 "--estimators", "dreg", "--k", "2,4", "--draws", "3", "--out", str(out)]) == 0
+    assert "miwae-m2" in capsys.readouterr().out
+    with (out / "snr.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 3 * 2 * 2  # (iwae, miwae m=1, miwae m=2) x networks x K
+    assert {row["m"] for row in rows if row["objective"] == "miwae"} == {"1", "2"}
+    assert set(json.loads((out / "slopes.json").read_text())) == {"iwae", "miwae-m1", "miwae-m2"}
+    with pytest.raises(ValueError, match="must divide"):
+        diagnostics.check_settings("piwae", ["dreg"], [4, 6], 3, m=4)

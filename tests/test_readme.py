@@ -42,7 +42,7 @@ def is_long_training(argv: list[str]) -> bool:
 
 
 def is_long(argv: list[str]) -> bool:
-    return is_long_training(argv) or argv[0] == "diagnose"
+    return is_long_training(argv) or argv[0] in ("diagnose", "reproduce")
 
 
 def test_the_readme_has_the_blocks_it_is_checked_by() -> None:
@@ -96,7 +96,9 @@ def test_the_long_commands_pass_every_check_before_training(argv: list[str], tmp
     assert not any(tmp_path.iterdir())
 
 
-def test_the_diagnostics_commands_parse() -> None:
-    commands = [argv for argv in iwae_commands() if argv[0] == "diagnose"]
+@pytest.mark.parametrize("command", ["diagnose", "reproduce"])
+def test_the_long_diagnostics_and_reproductions_parse(command: str) -> None:
+    commands = [argv for argv in iwae_commands() if argv[0] == command]
+    assert commands
     for argv in commands:
-        assert cli.build_parser().parse_args(argv).command == "diagnose"
+        assert cli.build_parser().parse_args(argv).command == command

@@ -181,7 +181,8 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
                      help=f"comma-separated, from {', '.join(REPARAMETERIZED_ESTIMATORS)} (default: all)")
     snr.add_argument("--k", type=_int_list, default=[1, 10, 100, 1000], metavar="LIST",
                      help="the grid of K, total samples per example (default: 1,10,100,1000)")
-    snr.add_argument("--m", type=int, default=1, metavar="M", help="groups, for miwae and piwae (must divide every K)")
+    snr.add_argument("--m", type=_int_list, default=[1], metavar="LIST",
+                     help="the grid of M, groups for miwae and piwae; each must divide every K (default: 1)")
     snr.add_argument("--beta", type=float, default=0.5, help="the ELBO's weight, for ciwae (default: 0.5)")
     snr.add_argument("--draws", type=int, default=100, metavar="N",
                      help="gradient draws per pass; each setting costs 2N backward passes (default: 100)")
@@ -310,10 +311,11 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         raise UsageError("give a run directory RUN, or --toy for the built-in Gaussian toy (not both)")
     if args.examples is not None and args.examples < 1:
         raise UsageError(f"--examples must be a positive number; got {args.examples}")
-    objectives = args.objectives.split(",")
     estimators = args.estimators.split(",")
-    for objective in objectives:  # every setting is checked before any work is done
-        diagnostics.check_settings(objective, estimators, args.k, args.draws, m=args.m, beta=args.beta)
+    settings = [(objective, m) for objective in args.objectives.split(",")
+                for m in (args.m if objective in ("miwae", "piwae") else [1])]  # M groups matter to these only
+    for objective, m in settings:  # every setting is checked before any work is done
+        diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
     if args.toy:
         x = GaussianToy.sample_data(args.examples or 256, seed=args.seed)
         model, title = GaussianToy.near_optimum(x, seed=args.seed), "Gaussian toy"
@@ -325,9 +327,9 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         x = evaluate.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
         title = f"{args.run.name} (epoch {state['epoch']})"
     results = [
-        diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=args.m, beta=args.beta,
+        diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
                                  seed=args.seed, progress=True)
-        for objective in objectives
+        for objective, m in settings
     ]
     print(diagnostics.format_table(results))
     for path in diagnostics.write_results(results, args.out, title):

@@ -130,12 +130,20 @@ class Slope:
 
 @dataclass(frozen=True)
 class SNRResult:
-    """``points`` for every estimator, network and K, and ``slopes[estimator][network]``, for one objective."""
+    """``points`` for every estimator, network and K, and ``slopes[estimator][network]``, for one objective
+    and one M (groups, for miwae and piwae; 1 otherwise)."""
 
     objective: str
     draws: int
     points: list[SNRPoint]
     slopes: dict[str, dict[str, Slope]]
+    m: int = 1
+
+
+def labels(results: Sequence[SNRResult]) -> list[str]:
+    """Each result's name: its objective, with its M ("piwae-m8") where the objective comes with several M."""
+    names = [r.objective for r in results]
+    return [r.objective if names.count(r.objective) == 1 else f"{r.objective}-m{r.m}" for r in results]
 
 
 def fit_slope(ks: Sequence[float], snr: Sequence[float], se: Sequence[float]) -> Slope:
@@ -259,13 +267,15 @@ def gradient_snr(
         }
         for estimator in estimators
     }
-    return SNRResult(base.name, draws, points, slopes)
+    return SNRResult(base.name, draws, points, slopes, base.m if base.name in ("miwae", "piwae") else 1)
 
 
 def slopes_json(results: Sequence[SNRResult]) -> tuple[dict, dict]:
-    """({objective: {estimator: {network: slope}}}, the same with the slopes' standard errors)."""
-    slopes = {r.objective: {e: {n: s.slope for n, s in d.items()} for e, d in r.slopes.items()} for r in results}
-    ses = {r.objective: {e: {n: s.se for n, s in d.items()} for e, d in r.slopes.items()} for r in results}
+    """({objective: {estimator: {network: slope}}}, the same with the slopes' standard errors); an objective
+    given with several M appears once per M, as "objective-mM" (see ``labels``)."""
+    named = list(zip(labels(results), results, strict=True))
+    slopes = {name: {e: {n: s.slope for n, s in d.items()} for e, d in r.slopes.items()} for name, r in named}
+    ses = {name: {e: {n: s.se for n, s in d.items()} for e, d in r.slopes.items()} for name, r in named}
     return slopes, ses
 
 
@@ -280,7 +290,7 @@ def write_results(results: Sequence[SNRResult], out: Path, title: str) -> list[P
     slopes, ses = slopes_json(results)
     rundir.write_json(out / "slopes.json", slopes)
     rundir.write_json(out / "slopes_se.json", ses)
-    plot = figures.plot_snr(out / "snr.png", results, title)
+    plot = figures.plot_snr(out / "snr.png", results, title, labels(results))
     return [out / "snr.csv", out / "slopes.json", out / "slopes_se.json", plot]
 
 
@@ -293,6 +303,7 @@ def format_table(results: Sequence[SNRResult]) -> str:
                   f"{p.snr_se:>8.2g} {p.mean_parameter_snr:>14.4g} {p.mean_norm:>10.4g} {p.std_norm:>10.4g}"
                   for p in result.points]
     lines.append(f"slope of log SNR against log K (+- standard error; {results[0].draws} draws per pass):")
-    lines += [f"  {r.objective:<9} {e:<9} {n:<10} {s.slope:+.3f} +- {s.se:.3f}"
-              for r in results for e, d in r.slopes.items() for n, s in d.items()]
+    lines += [f"  {name:<9} {e:<9} {n:<10} {s.slope:+.3f} +- {s.se:.3f}"
+              for name, r in zip(labels(results), results, strict=True) for e, d in r.slopes.items()
+              for n, s in d.items()]
     return "\n".join(lines)

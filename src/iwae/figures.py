@@ -172,11 +172,11 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
     return written
 
 
-def plot_snr(path: Path, results: Sequence[Any], title: str) -> Path:
-    """Gradient SNR against K on log-log axes (``iwae.diagnostics.SNRResult`` s): one panel per objective,
-    one line per estimator and network, with standard-error bars and the fitted slopes in the legend."""
+def plot_snr(path: Path, results: Sequence[Any], title: str, names: Sequence[str]) -> Path:
+    """Gradient SNR against K on log-log axes (``iwae.diagnostics.SNRResult`` s, titled ``names``): one panel
+    per result, one line per estimator and network, with standard-error bars and the fitted slopes in the legend."""
     fig = Figure(figsize=(5.2 * len(results), 4.2))
-    for i, result in enumerate(results):
+    for i, (name, result) in enumerate(zip(names, results, strict=True)):
         ax = fig.add_subplot(1, len(results), i + 1)
         for estimator, by_network in result.slopes.items():
             for network, slope in by_network.items():
@@ -186,6 +186,6 @@ def plot_snr(path: Path, results: Sequence[Any], title: str) -> Path:
                             linestyle="-" if network == "inference" else "--",
                             label=f"{estimator}, {network} (slope {slope.slope:+.2f} ± {slope.se:.2f})")
         ax.set(xscale="log", yscale="log", xlabel="K (samples per example)", ylabel="gradient SNR",
-               title=f"{title}: {result.objective}")
+               title=f"{title}: {name}")
         ax.legend(fontsize=7)
     return _save(fig, path)
