@@ -15,7 +15,10 @@ Every contender is built and warmed up first (its first call, the compilation wh
 and reported, then as many steps as take about ``--round-seconds``, which sets its steps per round unless
 ``--steps`` is given); then the contenders take turns, one round of steps each, and the median examples/s
 over ``--rounds`` rounds is reported, so the machine's load affects them alike. torch's fp32 matmuls use the
-path ``iwae.gemm.fastest_fp32_matmul`` chooses (as ``iwae train`` does), for all torch contenders.
+path ``iwae.gemm.fastest_fp32_matmul`` chooses (as ``iwae train`` does), for all torch contenders. On a
+machine busy with other processes, torch's OpenMP threads spend most of a small step waiting for each other
+(a 20x200x784 product measured 40-70x slower with 2 threads than with 1 on 2 loaded cores); ``--torch-threads
+1`` shows how much of a gap that is.
 
 The fp32 GEMM limit is the highest FLOP/s measured in this run (median over interleaved rounds) of a
 2048x2048x2048 product and the decoder's (K*B x 200) @ (200 x 784) products, on torch's default and oneDNN
