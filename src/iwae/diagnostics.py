@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from iwae import figures, rundir
-from iwae.evaluate import seeded
+from iwae.device import seeded
 from iwae.objectives import REPARAMETERIZED_ESTIMATORS, Objective, loss
 
 NETWORKS = ("inference", "generative")

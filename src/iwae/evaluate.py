@@ -251,9 +251,17 @@ def load_examples(
     seed: int,
 ) -> tuple[dict[str, Any], DeepLatentModel, data.Dataset, Tensor]:
     """A run's checkpoint state and model on ``device``, the data it is evaluated on (its own, or ``dataset``),
-    and the first ``examples`` (default: all) binary examples of ``split`` (see ``split_examples``)."""
-    if examples is not None and examples < 1:
-        raise ValueError(f"examples must be a positive number; got {examples}")
+    and the first ``examples`` (default: all) binary examples of ``split`` (see ``split_examples``).
+
+    Raises:
+      SettingError: for a bad ``examples``, ``seed`` or ``split``, before anything is read.
+    """
+    if examples is not None:
+        check_integer(examples, "examples", 1)
+    check_seed(seed)
+    if split not in SPLITS:
+        raise SettingError("unknown {0} {split!r}; choose one of {known}", ("split",), split=split,
+                           known=", ".join(SPLITS))
     torch_device = resolve_device(device)
     state, model = checkpoint.load_model(run_dir, torch_device)
     config = state["config"]
@@ -312,12 +320,6 @@ def evaluate_run(
     """
     for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         check_integer(value, name, 1)
-    if examples is not None:
-        check_integer(examples, "examples", 1)
-    check_seed(seed)
-    if split not in SPLITS:
-        raise SettingError("unknown {0} {split!r}; choose one of {known}", ("split",), split=split,
-                           known=", ".join(SPLITS))
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed)
