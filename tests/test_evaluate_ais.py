@@ -49,6 +49,10 @@ def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.Capture
         (["--method", "ais", "--ais-steps", "0"], "steps must be a positive integer"),
         (["--method", "bdmc", "--chains", "0"], "chains must be a positive integer"),
         (["--method", "bdmc", "--ais-steps", "2", "4"], "bdmc runs one number of --ais-steps"),
+        (["--method", "ais", "--examples", "0"], "--examples must be an integer >= 1; got 0"),
+        (["--method", "bdmc", "--examples", "0"], "simulated examples must be positive; got 0"),
+        (["--method", "ais", "--seed", "-1"], "--seed must be an integer from 0"),
+        (["--method", "ais", "--split", "nope"], "unknown --split 'nope'"),
     ],
 )
 def test_bad_settings_get_one_line_and_write_nothing(options: list[str], message: str, run: Path,

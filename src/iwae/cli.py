@@ -273,9 +273,9 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
 
 
 def _run_evaluate_ais(args: argparse.Namespace) -> None:
-    settings = dict(chains=args.chains, leapfrog=args.leapfrog, start=args.start, k=args.k,
-                    examples=args.examples or evaluate_ais.DEFAULT_EXAMPLES, device=args.device, seed=args.seed,
-                    batch_size=args.batch_size, progress=True)
+    examples = evaluate_ais.DEFAULT_EXAMPLES if args.examples is None else args.examples  # 0 is refused, not replaced
+    settings = dict(chains=args.chains, leapfrog=args.leapfrog, start=args.start, k=args.k, examples=examples,
+                    device=args.device, seed=args.seed, batch_size=args.batch_size, progress=True)
     if args.method == "ais":
         result = evaluate_ais.evaluate_ais(args.run, steps=args.ais_steps, split=args.split, dataset=args.dataset,
                                            data_dir=args.data_dir, **settings)
