@@ -26,11 +26,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from iwae import bounds, checkpoint, data, gemm, memory, rundir
+from iwae import bounds, checkpoint, data, distributed, gemm, memory, rundir
 from iwae.ais import ais_log_likelihood as ais_log_likelihood
 from iwae.compiled import Compiled
 from iwae.device import resolve_device, seeded
@@ -59,6 +60,11 @@ class WeightStatistics(NamedTuple):
     bounds: dict[int, Tensor]
     ess: Tensor
 
+    def cpu(self) -> WeightStatistics:
+        """The same statistics on the CPU."""
+        return WeightStatistics(self.log_likelihood.cpu(), {g: b.cpu() for g, b in self.bounds.items()},
+                                self.ess.cpu())
+
 
 @torch.no_grad()
 def importance_statistics(
@@ -71,9 +77,17 @@ def importance_statistics(
     group_sizes: tuple[int, ...] = GROUP_SIZES,
     progress: bool = False,
     compile: bool = False,
+    seed: int | None = None,
+    first_batch: int = 0,
 ) -> WeightStatistics:
     """Statistics of k importance weights per example of ``x`` (B, D), drawn ``chunk_size`` at a time for
     ``batch_size`` examples at a time.
+
+    The samples come from torch's generator as it stands; or, with ``seed``, batch j (counted from
+    ``first_batch``) draws them from the generator seeded with ``batch_seed(seed, j)``, which is then restored,
+    and every batch has ``batch_size`` rows (the last padded) even when x has fewer examples. An example's
+    estimates then depend only on the seed, its batch's index and its batch's examples, so that ranks evaluating
+    their own whole batches (``iwae.distributed``) get those of one process evaluating all of them.
 
     Peak memory is that of one ``model.log_weights`` call on ``batch_size`` examples and ``chunk_size``
     samples, whatever k and B. Group size g is reported when it divides both k and min(chunk_size, k), so
@@ -92,12 +106,15 @@ def importance_statistics(
     log_lik: list[Tensor] = []
     log_ess: list[Tensor] = []
     grouped: dict[int, list[Tensor]] = {g: [] for g in groups}
-    batch_size = min(batch_size, len(x))
+    batch_size = batch_size if seed is not None else min(batch_size, len(x))
     log_weights = model.log_weights
     if compile:
         log_weights = Compiled(model.log_weights, "the evaluator", options={"fallback_random": True})
-    with tqdm(total=len(x), desc=f"evaluating k={k}", unit="example", disable=None if progress else True) as bar:
-        for batch in x.split(batch_size):
+    bar = tqdm(total=len(x), desc=f"evaluating k={k}", unit="example", disable=None if progress else True)
+    with seeded(seed, x.device) if seed is not None else nullcontext(), bar:
+        for index, batch in enumerate(x.split(batch_size), first_batch):
+            if seed is not None:
+                torch.manual_seed(batch_seed(seed, index))
             n = len(batch)
             batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
             # float64 accumulators: sums over thousands of samples keep their precision for float32 models
@@ -118,6 +135,18 @@ def importance_statistics(
             bar.update(n)
     ll = torch.cat(log_lik)
     return WeightStatistics(ll, {**{g: torch.cat(v) for g, v in grouped.items()}, k: ll}, torch.cat(log_ess).exp())
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of the samples of batch ``index`` of an evaluation seeded with ``seed``: independent streams."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def concatenate(parts: list[WeightStatistics]) -> WeightStatistics:
+    """The statistics of consecutive parts of the examples, as those of all of them."""
+    return WeightStatistics(torch.cat([p.log_likelihood for p in parts]),
+                            {g: torch.cat([p.bounds[g] for p in parts]) for g in parts[0].bounds},
+                            torch.cat([p.ess for p in parts]))
 
 
 def log_likelihood(
@@ -330,10 +359,17 @@ def evaluate_run(
     if compile is None:
         compile = len(x) * k >= AUTO_COMPILE_SAMPLES
     gemm.fastest_fp32_matmul(torch_device)
+    batch_size = min(batch_size, len(x))
+    mine = distributed.shard(math.ceil(len(x) / batch_size))  # with several ranks, each takes whole batches
     with seeded(seed, torch_device):
-        stats = importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size, progress=progress,
-                                      compile=compile)
+        stats = importance_statistics(model, x[mine.start * batch_size: mine.stop * batch_size], k,
+                                      chunk_size=chunk_size, batch_size=batch_size, seed=seed,
+                                      first_batch=mine.start, progress=progress and distributed.rank() == 0,
+                                      compile=compile) if mine else None
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
+    if distributed.world() > 1:  # every rank's examples, in order
+        parts = distributed.gather(None if stats is None else stats.cpu())
+        stats = concatenate([part for part in parts if part is not None])
     nll = -stats.log_likelihood.cpu()
     n = len(nll)
     result = {
@@ -356,7 +392,8 @@ def evaluate_run(
         "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
         "time_s": round(time.perf_counter() - start, 2),
     }
-    rundir.write_json(eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed), result)
+    if distributed.rank() == 0:
+        rundir.write_json(eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed), result)
     return result
 
 

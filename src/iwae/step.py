@@ -51,16 +51,20 @@ class TrainStep:
         (``reduction``) of the bound.
       compile: False for eager; True to compile with inductor; or another ``torch.compile`` backend (its
         name or callable). A step that fails to compile warns in one line and runs eagerly.
+      all_reduce: for data-parallel training (``iwae.distributed``), a function that sums tensors over the ranks
+        (``distributed.all_reduce_sum``): applied to the gradients of this rank's rows and their summed bound, so
+        that every rank takes the step of the whole global batch; inside the compiled program.
     """
 
     def __init__(self, model: DeepLatentModel, optimizer: torch.optim.Adam, objective: Objective, estimator: str,
                  *, compile: bool | str | Callable[..., object] = False, reduction: str = "sum",
-                 bound_shape: tuple[int, ...] = ()) -> None:
+                 bound_shape: tuple[int, ...] = (),
+                 all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> None:
         objective.check_estimator(estimator)
         if len(optimizer.param_groups) != 1:
             raise ValueError("TrainStep needs an Adam optimizer with one parameter group")
         self.model, self.optimizer, self.objective, self.estimator = model, optimizer, objective, estimator
-        self.reduction = reduction
+        self.reduction, self.all_reduce = reduction, all_reduce
         self.params = list(optimizer.param_groups[0]["params"])
         device = self.params[0].device
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
@@ -103,10 +107,13 @@ class TrainStep:
 
     def _step(self, x: Tensor) -> None:
         out = loss(self.model, x, self.objective, estimator=self.estimator, reduction=self.reduction)
-        grads = torch.autograd.grad(out.loss, self.params)
+        grads = list(torch.autograd.grad(out.loss, self.params))
+        bound = out.bound.detach().sum(-1)
+        if self.all_reduce is not None:  # the sums over every rank's rows: those of the global batch
+            *grads, bound = self.all_reduce([*grads, bound])
         with torch.no_grad():
-            self._adam(list(grads))
-            self.bound_sum += out.bound.sum(-1)
+            self._adam(grads)
+            self.bound_sum += bound
 
     def _adam(self, grads: list[Tensor]) -> None:
         """torch.optim.Adam's update of the parameters, on its own state."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from iwae import checkpoint, data, evaluate, figures, gemm, memory, rundir
+from iwae import checkpoint, data, distributed, evaluate, figures, gemm, memory, rundir
 from iwae.device import resolve_device
 from iwae.models import sbn_widths
 from iwae.objectives import Objective
@@ -187,6 +187,16 @@ class _StopOnSignal:
     def __exit__(self, *exc: object) -> None:
         self._restore()
 
+    def here(self) -> bool:
+        """Whether to act on a signal after this step: if one came, and this process trains alone (ranks
+        training together act on one at the next report, where they agree on it)."""
+        return self.received is not None and distributed.world() == 1
+
+    def agreed(self) -> signal.Signals | None:
+        """The signal received by this process or, training with several ranks, by any of them."""
+        number = distributed.maximum(0 if self.received is None else int(self.received))
+        return signal.Signals(number) if number else None
+
 
 def _seeds(seed: int) -> tuple[int, int]:
     """Independent seeds for torch's global generator (initialisation, ``rsample``) and the data generator."""
@@ -225,6 +235,7 @@ def _load_data(config: TrainConfig, device: torch.device) -> data.Dataset:
     if config.batch_size > len(dataset.train):
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(dataset.train)} training examples of "
                          f"{config.dataset}; choose a smaller --batch-size")
+    distributed.rows(config.batch_size)  # the ranks (if several) can share the batch
     return dataset
 
 
@@ -258,10 +269,14 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
         config = replace(config, compile=config.steps(len(dataset.train)) >= AUTO_COMPILE_STEPS)
     config = replace(config, matmul=gemm.fastest_fp32_matmul(device, config.matmul))
     with _StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
-        rundir.create(run_dir)
-        rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
-        state = initial_state(config, dataset)
-        checkpoint.save(run_dir, state)
+        state = initial_state(config, dataset)  # the same on every rank
+
+        def create() -> None:
+            rundir.create(run_dir)
+            rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
+            checkpoint.save(run_dir, state)
+
+        distributed.on_rank_zero(create)
         _fit(config, run_dir, dataset, state, stop, progress)
     del dataset  # the evaluation loads what it needs: never hold two copies of the data
     return _finish(config, run_dir, device, progress)
@@ -295,7 +310,7 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
     dataset = _load_data(config, device)
     check_memory(config, state["x_dim"], device)
     with _StopOnSignal() as stop:
-        rundir.truncate_metrics(run_dir, state["epoch"])
+        distributed.on_rank_zero(lambda: rundir.truncate_metrics(run_dir, state["epoch"]))
         _fit(config, run_dir, dataset, state, stop, progress)
     del dataset  # the evaluation loads what it needs: never hold two copies of the data
     return _finish(config, run_dir, device, progress)
@@ -303,7 +318,11 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
 
 def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[str, Any], stop: _StopOnSignal,
          progress: bool | None) -> None:
-    """The training loop, from the position in ``state`` to the end of the schedule."""
+    """The training loop, from the position in ``state`` to the end of the schedule.
+
+    With several ranks (``iwae.distributed``), each trains on its rows of every global batch, drawing the random
+    numbers of the whole batch, and the step all-reduces the gradients; rank 0 alone writes.
+    """
     device = dataset.train.device
     objective, stages = config.objective_spec(), schedule(config)
     model = checkpoint.build_model(asdict(config), state["x_dim"]).to(device)
@@ -312,7 +331,10 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     gemm.fastest_fp32_matmul(device, config.matmul)  # the run's own path, so that it resumes bit for bit
-    train_step = TrainStep(model, optimizer, objective, config.estimator, compile=bool(config.compile))
+    rows, writer = distributed.rows(config.batch_size), distributed.rank() == 0
+    train_step = TrainStep(distributed.sharded_draws(model, rows, config.batch_size), optimizer, objective,
+                           config.estimator, compile=bool(config.compile),
+                           all_reduce=distributed.all_reduce_sum if distributed.world() > 1 else None)
     generator = torch.Generator(device)
     checkpoint.set_rng_state(state["rng"], generator)
 
@@ -325,16 +347,19 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
     epoch_start = time.perf_counter() - state["epoch_time_s"]
 
     def save() -> None:
-        checkpoint.save(run_dir, {
-            "config": asdict(config), "x_dim": state["x_dim"], "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "batches": batches if step else None,
-            "bound_sum": bound_sum, "epoch_time_s": time.perf_counter() - epoch_start if step else 0.0,
-            "wall_time_s": wall_time_base + time.perf_counter() - session_start,
-            "rng": checkpoint.rng_state(generator),
-        })
+        if writer:
+            checkpoint.save(run_dir, {
+                "config": asdict(config), "x_dim": state["x_dim"], "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                "batches": batches if step else None, "bound_sum": bound_sum,
+                "epoch_time_s": time.perf_counter() - epoch_start if step else 0.0,
+                "wall_time_s": wall_time_base + time.perf_counter() - session_start,
+                "rng": checkpoint.rng_state(generator),
+            })
 
     bar = tqdm(total=config.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + step, unit="step",
-               disable=None if progress is None else not progress, dynamic_ncols=True, desc=f"train {run_dir.name}")
+               disable=(None if progress is None else not progress) if writer else True, dynamic_ncols=True,
+               desc=f"train {run_dir.name}")
     next_checkpoint = time.monotonic() + config.checkpoint_every_s
     last_bound = math.nan
     with bar:
@@ -349,19 +374,20 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
                 bound_sum.zero_()
                 epoch_start = time.perf_counter()
             while step < steps_per_epoch:
-                train_step(dataset.minibatch(batches[step], generator))
+                train_step(dataset.minibatch(batches[step], generator)[rows])
                 step += 1
-                if step % REPORT_EVERY and step < steps_per_epoch and not stop.received:
+                if step % REPORT_EVERY and step < steps_per_epoch and not stop.here():
                     continue
                 bar.update(epoch * steps_per_epoch + step - bar.n)
-                if stop.received or time.monotonic() >= next_checkpoint:
+                stopped = stop.agreed()
+                if stopped or time.monotonic() >= next_checkpoint:
                     save()
                     next_checkpoint = time.monotonic() + config.checkpoint_every_s
-                    if stop.received:
+                    if stopped:
                         raise Interrupted(
-                            f"training stopped by {stop.received.name} in epoch {epoch + 1}/{config.epochs} after "
+                            f"training stopped by {stopped.name} in epoch {epoch + 1}/{config.epochs} after "
                             f"step {step}/{steps_per_epoch}; checkpoint saved; continue with: "
-                            f"iwae train --resume {run_dir}", stop.received,
+                            f"iwae train --resume {run_dir}", stopped,
                         )
 
             epoch_time = time.perf_counter() - epoch_start
@@ -371,9 +397,12 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
                     f"the training bound became {last_bound} in epoch {epoch + 1}; the last good checkpoint is "
                     f"in {run_dir}; start a new run with a smaller learning rate"
                 )
+            epoch, step, batches = epoch + 1, 0, None
+            next_checkpoint = time.monotonic() + config.checkpoint_every_s
+            if not writer:
+                continue
             with evaluate.seeded(config.seed, device):
                 test_bound = evaluate.objective_bound(model, monitor, objective).mean().item()
-            epoch, step, batches = epoch + 1, 0, None
             record = {
                 "epoch": epoch, "stage": stage + 1, "lr": lr, "train_bound": last_bound, "test_bound": test_bound,
                 "examples_per_s": steps_per_epoch * config.batch_size / epoch_time, "epoch_time_s": epoch_time,
@@ -381,14 +410,15 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
             }
             rundir.append_metrics(run_dir, record)
             save()
-            next_checkpoint = time.monotonic() + config.checkpoint_every_s
             if bar.disable:
                 print(f"epoch {epoch}/{config.epochs} stage {stage + 1} lr {lr:.2e} train bound {last_bound:.2f} "
                       f"test bound {test_bound:.2f} {record['examples_per_s']:.0f} examples/s", file=sys.stderr)
 
-    if stop.received:
-        raise Interrupted(f"training stopped by {stop.received.name} after the last epoch, before the evaluation; "
-                          f"checkpoint saved; finish with: iwae train --resume {run_dir}", stop.received)
+    stopped = stop.agreed()
+    distributed.barrier()  # rank 0 has written the last checkpoint, which every rank evaluates
+    if stopped:
+        raise Interrupted(f"training stopped by {stopped.name} after the last epoch, before the evaluation; "
+                          f"checkpoint saved; finish with: iwae train --resume {run_dir}", stopped)
 
 
 def _finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: bool | None
@@ -398,5 +428,6 @@ def _finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: 
     if config.eval_k:
         result = evaluate.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
                                        progress=progress is not False)
-    figures.make_figures(run_dir, device=device)
+    if distributed.rank() == 0:
+        figures.make_figures(run_dir, device=device)
     return result
