@@ -20,6 +20,7 @@ from iwae import (
     checkpoint,
     data,
     diagnostics,
+    distributed,
     evaluate,
     evaluate_ais,
     figures,
@@ -344,15 +345,31 @@ def _run_reproduce(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _check_launch(args: argparse.Namespace) -> None:
+    """Refuse, under torchrun, the commands that run in one process only."""
+    if not distributed.launched():
+        return
+    alone = {"sample": "iwae sample", "diagnose": "iwae diagnose"}.get(args.command)
+    if args.command == "evaluate" and args.method != "is":
+        alone = f"iwae evaluate --method {args.method}"
+    if args.command == "train" and (args.seeds is not None or (args.resume is not None and
+                                                               stacked.is_stacked(args.resume))):
+        alone = "stacked seeds (iwae train --seeds)"
+    if alone is not None:
+        raise UsageError(f"{alone} runs in one process, not under torchrun; run it without torchrun (iwae reproduce "
+                         "spreads seeds and cells over ranks)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     options: dict[str, str] = {}
     try:
         args = build_parser().parse_args(argv)
         options = args.options
-        {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
-         "reproduce": _run_reproduce}[
-            args.command](args)
+        _check_launch(args)
+        with distributed.session("gloo" if args.command == "reproduce" else None):  # reproduce's ranks only wait
+            {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
+             "reproduce": _run_reproduce}[args.command](args)
     except train.Interrupted as stop:
         print(f"iwae: {stop}", file=sys.stderr)
         return 128 + stop.signal

@@ -182,6 +182,19 @@ def shard(n: int) -> range:
     return range(start, start + base + (rank() < extra))
 
 
+def assign(costs: list[float]) -> list[int]:
+    """The indices of the items (of the given costs) this rank takes, the items spread so as to balance the ranks'
+    total costs: the costliest first, each to the rank with the least so far (all of them for one process)."""
+    loads = [0.0] * world()
+    mine = []
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        least = loads.index(min(loads))
+        loads[least] += costs[index]
+        if least == rank():
+            mine.append(index)
+    return sorted(mine)
+
+
 def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
     """Every rank's ``tensors`` summed elementwise over the ranks, as one all-reduce of one flat buffer (a
     functional collective: traceable by torch.compile). The tensors must share a dtype."""

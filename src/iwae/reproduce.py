@@ -32,7 +32,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from iwae import data, rundir, stacked, train
+from iwae import data, distributed, rundir, stacked, train
 from iwae.published import PUBLISHED, Published, burda_cell
 from iwae.train import TrainConfig
 
@@ -199,7 +199,12 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
               progress: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Run the grid of ``table`` (or the given ``cells``) into ``out``, then write its report.
 
-    Every setting is checked before anything is trained. Returns the paths of the report files.
+    Every setting is checked before anything is trained. Under torchrun (``iwae.distributed``) the cells are
+    spread over the ranks, each rank training its cells on its own device as a single process would, the cells
+    that others continue before them (``levels``), and rank 0 writes the report once every rank is done.
+
+    Returns:
+      The paths of the report files (none on ranks other than 0).
     """
     check(table, options)
     cells = GRIDS[table]() if cells is None else cells
@@ -210,13 +215,32 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
         if reason is not None:
             missing[dataset] = reason
     configs = {cell.name: [cell_config(cell, s, options, out) for s in range(options.seeds)] for cell in cells}
-    for cell in cells:  # a continued cell runs after the cell it starts from (the grids list them in order)
-        if cell.settings["dataset"] in missing:
-            say(f"{cell.name}: skipped, data missing")
-            continue
-        what = run_cell(configs[cell.name], out / cell.name, progress=progress)
-        say(f"{cell.name}: {what} ({options.seeds} seeds stacked)")
-    return write_report(table, out, cells, options, missing)
+    where = f" on {distributed.name()}" if distributed.launched() else ""
+    for level in levels(cells):
+        runnable = [cell for cell in level if cell.settings["dataset"] not in missing]
+        mine = {runnable[i].name for i in distributed.assign([cost(configs[cell.name][0]) for cell in runnable])}
+        for cell in level:
+            if cell.settings["dataset"] in missing:
+                say(f"{cell.name}: skipped, data missing")
+            elif cell.name in mine:
+                with distributed.alone():
+                    what = run_cell(configs[cell.name], out / cell.name, progress=progress)
+                say(f"{cell.name}: {what} ({options.seeds} seeds stacked){where}")
+        distributed.wait_for_all()
+    return distributed.on_rank_zero(lambda: write_report(table, out, cells, options, missing)) or {}
+
+
+def levels(cells: list[Cell]) -> list[list[Cell]]:
+    """The cells in groups, in order, each cell in a group after that of the cell it continues (if any)."""
+    depth: dict[str, int] = {}
+    for cell in cells:  # the grids list a continued cell after the cell it starts from
+        depth[cell.name] = 0 if cell.init_from is None else depth.get(cell.init_from, -1) + 1
+    return [[cell for cell in cells if depth[cell.name] == d] for d in range(max(depth.values(), default=-1) + 1)]
+
+
+def cost(config: TrainConfig) -> float:
+    """A cell's training cost in arbitrary units, to balance the ranks: epochs times samples times layers."""
+    return config.epochs * config.k * config.layers
 
 
 @dataclass
