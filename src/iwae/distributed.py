@@ -169,8 +169,8 @@ def rows(batch_size: int) -> slice:
     """
     w = world()
     if batch_size % w:
-        raise DistributedError(f"the global batch of {batch_size} examples does not divide among {w} ranks; choose "
-                               f"a --batch-size that is a multiple of {w}, or a number of ranks that divides {batch_size}")
+        raise DistributedError(f"the global batch of {batch_size} examples does not divide among {w} ranks; choose a "
+                               f"--batch-size that is a multiple of {w}, or a number of ranks that divides it")
     n = batch_size // w
     return slice(rank() * n, (rank() + 1) * n)
 
@@ -218,6 +218,15 @@ def gather(value: Any) -> list[Any]:
     values: list[Any] = [None] * world()
     dist.all_gather_object(values, value)
     return values
+
+
+def broadcast(value: T) -> T:
+    """Rank 0's (picklable) ``value``, on every rank: e.g. a choice measured on each rank, so that all use one."""
+    if world() == 1:
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=0)
+    return values[0]
 
 
 def on_rank_zero(fn: Callable[[], T]) -> T | None:

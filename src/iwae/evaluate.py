@@ -358,7 +358,7 @@ def evaluate_run(
                       chunk=min(k, chunk_size), batch=batch_size)
     if compile is None:
         compile = len(x) * k >= AUTO_COMPILE_SAMPLES
-    gemm.fastest_fp32_matmul(torch_device)
+    gemm.fastest_fp32_matmul(torch_device, distributed.broadcast(gemm.fastest_fp32_matmul(torch_device)))  # one path
     batch_size = min(batch_size, len(x))
     mine = distributed.shard(math.ceil(len(x) / batch_size))  # with several ranks, each takes whole batches
     with seeded(seed, torch_device):

@@ -267,7 +267,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     check_memory(config, dataset.train.shape[1], device)
     if config.compile is None:
         config = replace(config, compile=config.steps(len(dataset.train)) >= AUTO_COMPILE_STEPS)
-    config = replace(config, matmul=gemm.fastest_fp32_matmul(device, config.matmul))
+    config = replace(config, matmul=distributed.broadcast(gemm.fastest_fp32_matmul(device, config.matmul)))
     with _StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
         state = initial_state(config, dataset)  # the same on every rank
 

@@ -1,0 +1,315 @@
+"""Several ranks on 127.0.0.1 with gloo (``iwae.distributed``), launched as torchrun launches them (each process
+given RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT) or by torchrun itself: two ranks train to the parameters of
+one process with the same global batch and seeds, evaluate to its very estimates, resume a run stopped by SIGTERM
+to the launcher to the bit, spread a grid into the same report, end with one line when a rank dies or the ranks
+cannot meet, and keep the gradient all-reduce inside the compiled step."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import one_line_error as cli_error
+from test_reproduce import TABLE, tiny_grid
+
+from iwae import checkpoint, distributed, evaluate, gemm, reproduce, rundir, train
+from iwae.models import burda
+from iwae.objectives import Objective
+from iwae.reproduce import Options
+from iwae.step import TrainStep, make_adam
+from iwae.train import TrainConfig
+
+WAIT_S = 240  # a generous bound for one launch on a loaded machine; launches take seconds
+TRAIN = ["--epochs", "3", "--batch-size", "8", "--k", "4", "--monitor-examples", "8", "--device", "cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+# ``python -m iwae`` on the default float32 matrix-multiply path: every process (and this one, ``default_matmul``)
+# multiplies alike, where each would otherwise pick the path it measures to be faster
+IWAE = [sys.executable, "-c", "import sys; from iwae import cli, gemm; gemm._chosen['cpu'] = gemm.DEFAULT; "
+        "sys.exit(cli.main())"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def default_matmul() -> Iterator[None]:
+    saved = dict(gemm._chosen)
+    gemm._chosen["cpu"] = gemm.DEFAULT
+    yield
+    gemm._chosen.clear()
+    gemm._chosen.update(saved)
+
+
+def ranks(args: list[str], world: int = 2, only: list[int] | None = None, **extra: str) -> list[subprocess.Popen]:
+    """``python -m iwae ARGS`` as ranks ``only`` (default: all) of ``world``, with the environment torchrun gives."""
+    port = str(free_port())
+    return [subprocess.Popen([*IWAE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=environment(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra))
+            for r in (range(world) if only is None else only)]
+
+
+def torchrun(args: list[str]) -> subprocess.Popen:
+    """``torchrun --nproc-per-node 2 -m iwae ARGS`` on 127.0.0.1."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--no-python", *IWAE,
+                             *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+
+
+def finish(processes: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    """Each process's exit status and standard error, once all have ended."""
+    return [(p.wait(WAIT_S), p.communicate()[1]) for p in processes]
+
+
+def succeed(processes: list[subprocess.Popen]) -> None:
+    for status, stderr in finish(processes):
+        assert status == 0, stderr[-3000:]
+
+
+def assert_parameters(a: Path, b: Path, *, exact: bool) -> None:
+    """The runs in a and b reached the same position with the same parameters, Adam moments and generator states:
+    bit for bit, or within float rounding (gradients summed over the ranks in another order; after a few dozen
+    Adam steps of size ~1e-3 the rounding of float32 sums stays below 1e-5)."""
+    first, second = checkpoint.load(a), checkpoint.load(b)
+    assert (first["epoch"], first["step"]) == (second["epoch"], second["step"])
+    close = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-4, "atol": 1e-5}
+    for name, tensor in first["model"].items():
+        torch.testing.assert_close(tensor, second["model"][name], **close, msg=name)
+    for index, moments in first["optimizer"]["state"].items():
+        for key, value in moments.items():
+            torch.testing.assert_close(value, second["optimizer"]["state"][index][key], **close)
+    for key in ("cpu", "data"):
+        assert torch.equal(first["rng"][key], second["rng"][key]), key  # the ranks draw what one process draws
+    torch.testing.assert_close(torch.as_tensor(first["bound_sum"]), torch.as_tensor(second["bound_sum"]),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same run trained by two ranks (torchrun's environment) and by this process."""
+    root = tmp_path_factory.mktemp("distributed")
+    succeed(ranks(["train", "--out", str(root / "two"), "--dataset", tiny_dataset, "--eval-k", "0", *TRAIN]))
+    config = TrainConfig(dataset=tiny_dataset, epochs=3, batch_size=8, k=4, monitor_examples=8, eval_k=0,
+                         device="cpu")
+    train.train(config, root / "one", progress=False)
+    return root / "two", root / "one"
+
+
+def test_two_ranks_train_to_the_parameters_of_one_process(two_ranks: tuple[Path, Path]) -> None:
+    two, one = two_ranks
+    assert_parameters(two, one, exact=False)
+    assert rundir.read_json(two / rundir.CONFIG) == rundir.read_json(one / rundir.CONFIG)
+    metrics = [rundir.read_metrics(path) for path in (two, one)]
+    assert [m["epoch"] for m in metrics[0]] == [1, 2, 3]  # rank 0 alone wrote them, once each
+    for record, single in zip(*metrics, strict=True):
+        assert record["train_bound"] == pytest.approx(single["train_bound"], rel=1e-6)  # summed over the ranks
+        assert record["test_bound"] == pytest.approx(single["test_bound"], rel=1e-5)
+
+
+def test_sharded_evaluation_equals_one_process(two_ranks: tuple[Path, Path]) -> None:
+    """16 test examples in batches of 3: rank 0 takes batches 0-2, rank 1 batches 3-5 (the last one padded); the
+    per-example estimates, hence every number of the result, are those of one process."""
+    two, _ = two_ranks
+    settings = {"k": 12, "batch_size": 3, "chunk_size": 6, "seed": 4}
+    succeed(ranks(["evaluate", str(two), *(f"--{key.replace('_', '-')}={value}" for key, value in settings.items()),
+                   "--device", "cpu"]))
+    path = evaluate.eval_path(two, k=12, seed=4)
+    sharded = rundir.read_json(path)
+    path.unlink()
+    single = evaluate.evaluate_run(two, device="cpu", **settings)
+    for key in ("nll", "nll_se", "bounds", "bounds_se", "ess", "active_units", "examples"):
+        assert sharded[key] == single[key], key
+
+
+def test_per_batch_streams_do_not_depend_on_the_other_batches() -> None:
+    """What lets ranks evaluate their own batches: with a seed, a batch's estimates are the same evaluated alone."""
+    torch.manual_seed(0)
+    model, x = burda(1, 6), torch.rand(7, 6).bernoulli()
+    whole = evaluate.importance_statistics(model, x, 10, batch_size=2, seed=3)
+    for first in (0, 2, 3):
+        part = evaluate.importance_statistics(model, x[2 * first:], 10, batch_size=2, seed=3, first_batch=first)
+        assert torch.equal(part.log_likelihood, whole.log_likelihood[2 * first:])
+        assert torch.equal(part.ess, whole.ess[2 * first:])
+
+
+def test_a_run_stopped_by_sigterm_to_torchrun_resumes_exactly(tiny_dataset: str, tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to its ranks, which agree on the step to stop after, and rank 0 checkpoints; the
+    run resumed by two ranks ends bit for bit where an uninterrupted two-rank run ends, and resumed by one process
+    (a changed world size) within float rounding of it."""
+    args = ["--dataset", tiny_dataset, "--eval-k", "0", *TRAIN, "--epochs", "40", "--checkpoint-every", "0"]
+    whole = ranks(["train", "--out", str(tmp_path / "whole"), *args])
+    stopped = torchrun(["train", "--out", str(tmp_path / "stopped"), *args])
+    deadline = time.monotonic() + WAIT_S
+    while len(rundir.read_metrics(tmp_path / "stopped")) < 2:
+        assert stopped.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGTERM)
+    status, stderr = finish([stopped])[0]
+    assert status != 0 and "training stopped by SIGTERM" in stderr and "iwae train --resume" in stderr
+    state = checkpoint.load(tmp_path / "stopped")
+    assert 2 <= state["epoch"] < 40
+    shutil.copytree(tmp_path / "stopped", tmp_path / "alone")
+    succeed(whole)
+    succeed(ranks(["train", "--resume", str(tmp_path / "stopped")]))
+    assert_parameters(tmp_path / "stopped", tmp_path / "whole", exact=True)
+    assert [m["epoch"] for m in rundir.read_metrics(tmp_path / "stopped")] == list(range(1, 41))
+    train.resume(tmp_path / "alone", progress=False)
+    assert_parameters(tmp_path / "alone", tmp_path / "whole", exact=False)
+
+
+GRID = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_reproduce import TABLE, tiny_grid
+from iwae import distributed, gemm, reproduce
+gemm._chosen["cpu"] = gemm.DEFAULT
+with distributed.session("gloo"):
+    options = reproduce.Options(budget=0.001, seeds=1, eval_k=10, device="cpu")
+    reproduce.run_table(TABLE, Path({out!r}), options, cells=tiny_grid({data!r}), progress=False)
+"""
+
+
+GRID_OPTIONS = Options(budget=0.001, seeds=1, eval_k=10, device="cpu")
+
+
+def test_a_grid_spread_over_two_ranks_writes_the_report_of_one_process(tiny_dataset: str, tmp_path: Path) -> None:
+    """Table 2's tiny grid: the base cells on ranks 0 and 1, then the continued cell; the report is the same but for
+    the times and rates it measures."""
+    script = tmp_path / "grid.py"
+    script.write_text(GRID.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two"), data=tiny_dataset))
+    port = str(free_port())
+    processes = [subprocess.Popen([sys.executable, str(script)], text=True, stderr=subprocess.PIPE,
+                                  env=environment(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                  MASTER_PORT=port)) for r in range(2)]
+    results = finish(processes)
+    assert all(status == 0 for status, _ in results), results
+    logs = [stderr for _, stderr in results]
+    assert "mnist-l1-iwae-k50: trained (1 seeds stacked) on rank 0 of 2" in logs[0]
+    assert "mnist-l1-vae-k1: trained (1 seeds stacked) on rank 1 of 2" in logs[1]
+    reproduce.run_table(TABLE, tmp_path / "one", GRID_OPTIONS, cells=tiny_grid(tiny_dataset), progress=False,
+                        log=lambda line: None)
+    measured = ("wall_time_s", "steps_per_s", "command")  # the command names the output directory
+
+    def table(out: Path) -> list[dict[str, str]]:
+        with (out / "report.csv").open() as file:
+            return [{k: v for k, v in row.items() if k not in measured} for row in csv.DictReader(file)]
+
+    assert table(tmp_path / "two") == table(tmp_path / "one")
+    assert [row["status"] for row in table(tmp_path / "two")][:3] == ["done"] * 3
+    for cell in tiny_grid(tiny_dataset)[:3]:
+        assert_parameters(reproduce.run_dir(tmp_path / "two", cell.name, 0),
+                          reproduce.run_dir(tmp_path / "one", cell.name, 0), exact=True)
+
+
+def one_line_error(status: int, stderr: str) -> str:
+    assert status == 2, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("iwae: error: ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_a_dead_rank_ends_the_other_with_one_line(tiny_dataset: str, tmp_path: Path) -> None:
+    """Rank 1 killed mid-run: rank 0's next collective fails when the connection closes, long before the timeout."""
+    processes = ranks(["train", "--out", str(tmp_path / "run"), "--dataset", tiny_dataset, "--eval-k", "0", *TRAIN,
+                       "--epochs", "1000"], IWAE_DIST_TIMEOUT="120")
+    deadline = time.monotonic() + WAIT_S
+    while not rundir.read_metrics(tmp_path / "run"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes)
+        time.sleep(0.05)
+    processes[1].kill()
+    killed = time.monotonic()
+    line = one_line_error(*finish(processes)[0])
+    assert time.monotonic() - killed < 60
+    assert "rank 0 of 2: a collective failed" in line and "iwae train --resume" in line
+    assert checkpoint.load(tmp_path / "run")["epoch"] >= 1  # the last checkpoint is kept
+
+
+def test_ranks_that_cannot_meet_end_with_one_line_after_the_timeout(tmp_path: Path) -> None:
+    started = time.monotonic()
+    line = one_line_error(*finish(ranks(["evaluate", str(tmp_path)], only=[0], IWAE_DIST_TIMEOUT="3"))[0])
+    assert time.monotonic() - started < 60
+    assert "rank 0 of 2 could not meet the other ranks at 127.0.0.1:" in line and "within 3 s" in line
+
+
+def test_refusals(tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Without torchrun everything is rank 0 of 1; under it, the commands of one process are refused, and so is a
+    global batch the ranks cannot share, before anything is written."""
+    assert (distributed.rank(), distributed.world(), distributed.rows(7), distributed.shard(5)) == (0, 1, slice(0, 7),
+                                                                                                   range(5))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["sample", str(tmp_path)], ["evaluate", str(tmp_path), "--method", "ais"],
+                 ["train", "--out", str(tmp_path / "s"), "--seeds", "2", "--dataset", tiny_dataset]):
+        assert "runs in one process, not under torchrun" in cli_error(capsys, argv)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    with pytest.raises(distributed.DistributedError, match="global batch of 7 examples does not divide among 2 ranks"):
+        train.train(TrainConfig(dataset=tiny_dataset, epochs=1, batch_size=7, device="cpu"), tmp_path / "odd")
+    assert not (tmp_path / "odd").exists()
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert distributed.assign([3, 1, 2, 5]) == [0, 2]  # costs 5 and 3 to ranks 0 and 1, then 2 to 1, 1 to 0
+
+
+def take_steps(compile: str | bool, path: Path) -> None:
+    """Six Adam steps (IWAE with DReG) on global batches of 8, as this rank; rank 0 saves the result to ``path``."""
+    gemm.fastest_fp32_matmul("cpu", gemm.DEFAULT)
+    torch.manual_seed(0)
+    model, x = burda(1, 12), torch.rand(6, 8, 12).bernoulli()
+    adam = make_adam(model, 1e-2, (0.9, 0.999), 1e-4)
+    rows = distributed.rows(8)
+    step = TrainStep(distributed.sharded_draws(model, rows, 8), adam, Objective("iwae", 4), "dreg", compile=compile,
+                     all_reduce=distributed.all_reduce_sum if distributed.world() > 1 else None)
+    for batch in x:
+        step(batch[rows])
+    if distributed.rank() == 0:
+        torch.save({"model": model.state_dict(), "compiled": step.compiled, "bound": step.bound_sum}, path)
+
+
+STEP = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_distributed import take_steps
+from iwae import distributed, gemm
+gemm._chosen["cpu"] = gemm.DEFAULT
+with distributed.session():
+    take_steps("aot_eager", Path({path!r}))
+"""
+
+
+def test_the_compiled_step_keeps_the_all_reduce_in_its_graph(tmp_path: Path) -> None:
+    """Two ranks running the step compiled as one graph (aot_eager: the graph without inductor's code generation)
+    take the steps of one process running it eagerly on the whole batches (DReG, with latents drawn for all rows)."""
+    script = tmp_path / "step.py"
+    script.write_text(STEP.format(tests=str(Path(__file__).parent), path=str(tmp_path / "two.pt")))
+    port = str(free_port())
+    two = [subprocess.Popen([sys.executable, str(script)], text=True, stderr=subprocess.PIPE,
+                            env=environment(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+           for r in range(2)]
+    take_steps(False, tmp_path / "one.pt")
+    succeed(two)
+    compiled, eager = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert compiled["compiled"] and not eager["compiled"]  # the compiled step did not fall back to eager
+    for name, tensor in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    # the bound of steps 2.. is taken at parameters that differ by float rounding
+    torch.testing.assert_close(compiled["bound"], eager["bound"], rtol=1e-5, atol=0)
