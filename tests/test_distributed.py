@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,26 +59,37 @@ def default_matmul() -> Iterator[None]:
     gemm._chosen.update(saved)
 
 
-def ranks(args: list[str], world: int = 2, only: list[int] | None = None, **extra: str) -> list[subprocess.Popen]:
-    """``python -m iwae ARGS`` as ranks ``only`` (default: all) of ``world``, with the environment torchrun gives."""
+def start(command: list[str], **env: str) -> subprocess.Popen:
+    """The command, its standard error kept in a file (a pipe could fill up and stall it)."""
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed with the process object)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env=environment(**env))
+    process.log = log  # type: ignore[attr-defined]
+    return process
+
+
+def ranks(args: list[str], world: int = 2, only: list[int] | None = None, command: list[str] = IWAE,
+          **extra: str) -> list[subprocess.Popen]:
+    """``python -m iwae ARGS`` (or another command) as ranks ``only`` (default: all) of ``world``, each in the
+    environment torchrun gives its ranks."""
     port = str(free_port())
-    return [subprocess.Popen([*IWAE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=environment(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra))
-            for r in (range(world) if only is None else only)]
+    return [start([*command, *args], RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=port, **extra) for r in (range(world) if only is None else only)]
 
 
 def torchrun(args: list[str]) -> subprocess.Popen:
     """``torchrun --nproc-per-node 2 -m iwae ARGS`` on 127.0.0.1."""
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--no-python", *IWAE,
-                             *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    return start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                  "127.0.0.1", "--master-port", str(free_port()), "--no-python", *IWAE, *args])
 
 
 def finish(processes: list[subprocess.Popen]) -> list[tuple[int, str]]:
     """Each process's exit status and standard error, once all have ended."""
-    return [(p.wait(WAIT_S), p.communicate()[1]) for p in processes]
+    results = []
+    for process in processes:
+        status = process.wait(WAIT_S)
+        process.log.seek(0)  # type: ignore[attr-defined]
+        results.append((status, process.log.read()))  # type: ignore[attr-defined]
+    return results
 
 
 def succeed(processes: list[subprocess.Popen]) -> None:
@@ -197,12 +209,9 @@ def test_a_grid_spread_over_two_ranks_writes_the_report_of_one_process(tiny_data
     the times and rates it measures."""
     script = tmp_path / "grid.py"
     script.write_text(GRID.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two"), data=tiny_dataset))
-    port = str(free_port())
-    processes = [subprocess.Popen([sys.executable, str(script)], text=True, stderr=subprocess.PIPE,
-                                  env=environment(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                                  MASTER_PORT=port)) for r in range(2)]
-    results = finish(processes)
-    assert all(status == 0 for status, _ in results), results
+    results = finish(ranks([], command=[sys.executable, str(script)]))
+    assert all(status == 0 for status, _ in results), "\n".join(f"rank {r}: {status}\n{stderr}"
+                                                             for r, (status, stderr) in enumerate(results))
     logs = [stderr for _, stderr in results]
     assert "mnist-l1-iwae-k50: trained (1 seeds stacked) on rank 0 of 2" in logs[0]
     assert "mnist-l1-vae-k1: trained (1 seeds stacked) on rank 1 of 2" in logs[1]
@@ -301,10 +310,7 @@ def test_the_compiled_step_keeps_the_all_reduce_in_its_graph(tmp_path: Path) -> 
     take the steps of one process running it eagerly on the whole batches (DReG, with latents drawn for all rows)."""
     script = tmp_path / "step.py"
     script.write_text(STEP.format(tests=str(Path(__file__).parent), path=str(tmp_path / "two.pt")))
-    port = str(free_port())
-    two = [subprocess.Popen([sys.executable, str(script)], text=True, stderr=subprocess.PIPE,
-                            env=environment(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-           for r in range(2)]
+    two = ranks([], command=[sys.executable, str(script)])
     take_steps(False, tmp_path / "one.pt")
     succeed(two)
     compiled, eager = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
