@@ -138,7 +138,7 @@ def test_adam_state_is_torch_adams(tmp_path: Path) -> None:
     model = burda(1, train_mean=x.mean(0))
     reference = copy.deepcopy(model)
     ours = TrainStep(model, make_adam(model, 1e-3, (0.9, 0.999), 1e-4), Objective("iwae", 3), "standard")
-    adam = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=1e-4)
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=1e-4, fused=True)
     from iwae.objectives import loss
 
     for i in range(3):

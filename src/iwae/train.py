@@ -188,6 +188,13 @@ class _StopOnSignal:
         self._restore()
 
 
+def resolve_compile(config: TrainConfig, train_examples: int) -> TrainConfig:
+    """``config`` with ``compile`` decided: as given, or (None) True for runs of at least ``AUTO_COMPILE_STEPS``."""
+    if config.compile is not None:
+        return config
+    return replace(config, compile=config.steps(train_examples) >= AUTO_COMPILE_STEPS)
+
+
 def _seeds(seed: int) -> tuple[int, int]:
     """Independent seeds for torch's global generator (initialisation, ``rsample``) and the data generator."""
     model_seq, data_seq = np.random.SeedSequence(seed).spawn(2)
@@ -254,9 +261,8 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     config = replace(config, device=str(device))
     dataset = _load_data(config, device)
     check_memory(config, dataset.train.shape[1], device)
-    if config.compile is None:
-        config = replace(config, compile=config.steps(len(dataset.train)) >= AUTO_COMPILE_STEPS)
-    config = replace(config, matmul=gemm.fastest_fp32_matmul(device, config.matmul))
+    config = resolve_compile(replace(config, matmul=gemm.fastest_fp32_matmul(device, config.matmul)),
+                             len(dataset.train))
     with _StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
         rundir.create(run_dir)
         rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
