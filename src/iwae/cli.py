@@ -103,7 +103,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--device", str, "cpu, cuda, or auto (a GPU if there is one)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                        help="compile the training step into one program (torch.compile; a CUDA graph on a GPU), or "
-                       f"not; default: compile runs of at least {train.AUTO_COMPILE_STEPS:,} steps")
+                       f"not; default: compile runs of at least {train.AUTO_COMPILE_STEPS:,} steps or "
+                       f"{train.AUTO_COMPILE_SAMPLES:,} samples (steps x batch size x k x seeds)")
 
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:

@@ -190,7 +190,7 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     device = resolve_device(configs[0].device)
     matmul = gemm.fastest_fp32_matmul(device, configs[0].matmul)
     dataset = train._load_data(configs[0], device)
-    configs = [train.resolve_compile(replace(c, device=str(device), matmul=matmul), len(dataset.train))
+    configs = [train.resolve_compile(replace(c, device=str(device), matmul=matmul), len(dataset.train), len(configs))
                for c in configs]
     with train._StopOnSignal() as stop:
         rundir.create(out)

@@ -39,9 +39,11 @@ SCHEDULES = ("constant", "burda")
 # Settings that do not change the trajectory, so a resumed run may use new values. (The device is not one:
 # CPU and GPU generators have different states, so a run continues on the kind of device it started on.)
 RUNTIME_KEYS = ("data_dir", "checkpoint_every_s", "compile")
-# compile=None (auto) compiles runs of at least this many steps: compiling costs tens of seconds on a CPU, which
-# only a long run wins back, so a short run is never slower than eager.
+# compile=None (auto) compiles runs of at least this many steps, or of at least this many samples drawn in all
+# (steps x batch size x k x stacked seeds): compiling costs tens of seconds on a CPU, which only a long run wins
+# back (by less launch overhead per step, and by fused kernels per sample), so a short run is never slower.
 AUTO_COMPILE_STEPS = 100_000
+AUTO_COMPILE_SAMPLES = 5_000_000
 # The progress bar and the checkpoint clock are looked at every this many steps (a signal after every step).
 REPORT_EVERY = 16
 
@@ -56,7 +58,7 @@ class TrainConfig:
     least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3). ``eval_k`` = 0 skips the final
     evaluation; ``monitor_examples`` is the size of the fixed test subset on which each epoch's test bound
     is computed. ``compile``: True compiles the training step into one program
-    (``iwae.step``), False runs it eagerly, None decides by the run's length (``AUTO_COMPILE_STEPS``); the
+    (``iwae.step``), False runs it eagerly, None decides by the run's length (``resolve_compile``); the
     two modes differ by float rounding only, and a run records the mode it used. ``matmul``: the float32
     matrix-multiply path (``iwae.gemm``), None for the fastest one here; a run records the path it used.
     """
@@ -188,11 +190,14 @@ class _StopOnSignal:
         self._restore()
 
 
-def resolve_compile(config: TrainConfig, train_examples: int) -> TrainConfig:
-    """``config`` with ``compile`` decided: as given, or (None) True for runs of at least ``AUTO_COMPILE_STEPS``."""
+def resolve_compile(config: TrainConfig, train_examples: int, seeds: int = 1) -> TrainConfig:
+    """``config`` with ``compile`` decided: as given, or (None) True for runs of at least ``AUTO_COMPILE_STEPS``
+    steps or ``AUTO_COMPILE_SAMPLES`` samples (of ``seeds`` stacked seeds together)."""
     if config.compile is not None:
         return config
-    return replace(config, compile=config.steps(train_examples) >= AUTO_COMPILE_STEPS)
+    steps = config.steps(train_examples)
+    samples = steps * config.batch_size * config.k * seeds
+    return replace(config, compile=steps >= AUTO_COMPILE_STEPS or samples >= AUTO_COMPILE_SAMPLES)
 
 
 def _seeds(seed: int) -> tuple[int, int]:
