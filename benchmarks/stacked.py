@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from iwae import gemm
 from iwae.models import burda
 from iwae.objectives import Objective
 from iwae.stacked import SeedNoise, stack_models
@@ -66,15 +67,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    path = gemm.fastest_fp32_matmul("cpu")  # as iwae train does
     print(f"stacked seeds, 1-layer model, IWAE bound, standard estimator, B={args.batch_size} per seed, "
-          f"{torch.get_num_threads()} threads; examples/s of all seeds together, median of {args.rounds} rounds")
+          f"{torch.get_num_threads()} threads, {path} matmul; examples/s of all seeds together, median of "
+          f"{args.rounds} rounds")
     for k in args.k:
         seeds_list = sorted({1, *args.seeds})
         steps = {(s, c): make_step(s, k, args.batch_size, c) for s in seeds_list for c in (True, False)}
         rates: dict[tuple[int, bool], list[float]] = {key: [] for key in steps}
         for _ in range(args.rounds):
             for (s, c), run in steps.items():
-                rates[(s, c)].append(examples_per_s(run, s, args.batch_size, max(1, args.steps // s)))
+                rates[(s, c)].append(examples_per_s(run, s, args.batch_size, args.steps))
         median = {key: statistics.median(values) for key, values in rates.items()}
         best_lone = max(median[(1, True)], median[(1, False)])
         for s in seeds_list:
