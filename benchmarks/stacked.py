@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from iwae import gemm
+from iwae import gemm, heap
 from iwae.models import burda
 from iwae.objectives import Objective
 from iwae.stacked import SeedNoise, stack_models
@@ -67,7 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = gemm.fastest_fp32_matmul("cpu")  # as iwae train does
+    heap.retain_freed_memory()  # as the iwae command does
+    path = gemm.fastest_fp32_matmul("cpu")
     print(f"stacked seeds, 1-layer model, IWAE bound, standard estimator, B={args.batch_size} per seed, "
           f"{torch.get_num_threads()} threads, {path} matmul; examples/s of all seeds together, median of "
           f"{args.rounds} rounds")

@@ -245,9 +245,9 @@ def check_memory(config: TrainConfig, x_dim: int, device: torch.device) -> None:
     in ``device``'s memory, estimated from the model's layer widths, k and the batch size without allocating."""
     with torch.device("meta"):
         model = checkpoint.build_model(asdict(config), x_dim)
-    # the monitor and the final evaluation pass over at most max(k, 16384) rows, without gradients
+    # the monitor and the final evaluation pass over at most max(k, PASS_ROWS) rows, without gradients
     needed = max(memory.pass_bytes(model, x_dim, config.k * config.batch_size, training=True),
-                 memory.pass_bytes(model, x_dim, max(config.k, 16384), training=False))
+                 memory.pass_bytes(model, x_dim, max(config.k, evaluate.PASS_ROWS), training=False))
     memory.check_fits(needed, device, "training with {0} {k} and {1} {batch_size}", ("k", "batch_size"),
                       k=config.k, batch_size=config.batch_size)
 
