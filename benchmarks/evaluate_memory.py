@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from iwae import data, evaluate, gemm
+from iwae import data, evaluate, gemm, heap
 from iwae.device import resolve_device
 from iwae.models import burda
 
 TARGET_BYTES = 1 << 30
-CHUNK_SIZE, BATCH_SIZE = 500, 32  # importance_statistics' defaults
+CHUNK_SIZE, BATCH_SIZE = 500, evaluate.EXAMPLES_PER_PASS  # importance_statistics' defaults
 
 
 def memory_status(field: str) -> int:
@@ -58,6 +58,7 @@ def measure(test_file: Path, layers: int, k: int, examples: int, device_name: st
     A first pass on one batch of one chunk (compiling the evaluator with ``compile``) comes before the
     measurement, and is timed as ``first_pass_seconds``; the evaluation itself then draws its samples from a
     generator seeded with 0, so the eager and compiled evaluators see the same random numbers."""
+    heap.retain_freed_memory()  # as the iwae command does
     device = resolve_device(device_name)
     x = torch.load(test_file)[:examples].to(device)
     torch.manual_seed(0)

@@ -1,43 +1,58 @@
 """Training throughput of S stacked seeds (``iwae.stacked``) against one seed, with the paper's 1-layer model.
 
-Times the eager training step (``iwae.step.TrainStep``) on random 784-dimensional binary minibatches of B
-examples per seed: one seed alone, and S seeds stacked into one model, each seed drawing its noise from its own
-generator. Prints examples per second (all seeds together) and the speed-up over the lone seed, per K.
+Times the training step (``iwae.step.TrainStep``, compiled and eager) on random 784-dimensional binary
+minibatches of B examples per seed: one seed alone, and S seeds stacked into one model, each seed drawing its
+noise from its own generator ahead of the step as ``iwae train --seeds`` does. Rounds are interleaved (every
+configuration once per round) so that the ratios are fair on a noisy machine; prints the median examples per
+second (all seeds together) and the speed-up over the lone seed in the same mode and over the lone seed's
+fastest mode.
 
-    python benchmarks/stacked.py [--seeds 1 4 16] [--k 1 50] [--batch-size 20] [--steps 50] [--threads 1]
+    python benchmarks/stacked.py [--seeds 1 4 16] [--k 1 50] [--batch-size 20] [--steps 50] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
+from iwae import gemm, heap
 from iwae.models import burda
 from iwae.objectives import Objective
 from iwae.stacked import SeedNoise, stack_models
 from iwae.step import TrainStep, make_adam
 
 
-def examples_per_s(seeds: int, k: int, batch_size: int, steps: int) -> float:
+def make_step(seeds: int, k: int, batch_size: int, compile: bool) -> Callable[[], None]:
+    """One training step of ``seeds`` stacked seeds (a lone model for 1), warmed up (compiled if asked)."""
     models = []
     for seed in range(seeds):
         torch.manual_seed(seed)
         models.append(burda(1, 784))
-    if seeds == 1:
-        model, shape = models[0], (batch_size, 784)
-    else:
-        model = stack_models(models, SeedNoise([torch.Generator().manual_seed(s) for s in range(seeds)]))
-        shape = (seeds, batch_size, 784)
+    noise = SeedNoise([torch.Generator().manual_seed(s) for s in range(seeds)])
+    model = models[0] if seeds == 1 else stack_models(models, noise)
+    shape = (batch_size, 784) if seeds == 1 else (seeds, batch_size, 784)
     optimizer = make_adam(model, 1e-3, (0.9, 0.999), 1e-4)
-    step = TrainStep(model, optimizer, Objective("iwae", k), "standard", bound_shape=shape[:-2])
+    step = TrainStep(model, optimizer, Objective("iwae", k), "standard", compile=compile, bound_shape=shape[:-2])
     x = (torch.rand(shape) < 0.5).float()
-    for _ in range(3):  # warm-up
+
+    def run() -> None:
+        if seeds > 1:
+            noise.draw(k, batch_size)
         step(x)
+
+    for _ in range(3):  # compilation and warm-up
+        run()
+    return run
+
+
+def examples_per_s(run: Callable[[], None], seeds: int, batch_size: int, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
-        step(x)
+        run()
     return steps * seeds * batch_size / (time.perf_counter() - start)
 
 
@@ -47,15 +62,31 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 50])
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    heap.retain_freed_memory()  # as the iwae command does
+    path = gemm.fastest_fp32_matmul("cpu")
+    print(f"stacked seeds, 1-layer model, IWAE bound, standard estimator, B={args.batch_size} per seed, "
+          f"{torch.get_num_threads()} threads, {path} matmul; examples/s of all seeds together, median of "
+          f"{args.rounds} rounds")
     for k in args.k:
-        lone = examples_per_s(1, k, args.batch_size, args.steps)
-        for seeds in args.seeds:
-            rate = lone if seeds == 1 else examples_per_s(seeds, k, args.batch_size, args.steps)
-            print(f"K={k:<3} B={args.batch_size} S={seeds:<3} {rate:9.0f} examples/s  {rate / lone:5.2f}x one seed",
-                  flush=True)
+        seeds_list = sorted({1, *args.seeds})
+        steps = {(s, c): make_step(s, k, args.batch_size, c) for s in seeds_list for c in (True, False)}
+        rates: dict[tuple[int, bool], list[float]] = {key: [] for key in steps}
+        for _ in range(args.rounds):
+            for (s, c), run in steps.items():
+                rates[(s, c)].append(examples_per_s(run, s, args.batch_size, args.steps))
+        median = {key: statistics.median(values) for key, values in rates.items()}
+        best_lone = max(median[(1, True)], median[(1, False)])
+        for s in seeds_list:
+            for c in (True, False):
+                rate = median[(s, c)]
+                print(f"K={k:<3} S={s:<3} {'compiled' if c else 'eager   '} {rate:9.0f} examples/s  "
+                      f"{rate / median[(1, c)]:5.2f}x one seed ({'compiled' if c else 'eager'})  "
+                      f"{rate / best_lone:5.2f}x one seed (fastest mode)", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ import torch
 from evaluate_memory import BATCH_SIZE, CHUNK_SIZE, measure_in_subprocess, mnist_test_images
 from torch.utils.flop_counter import FlopCounterMode
 
-from iwae import gemm
+from iwae import gemm, heap
 from iwae.models import burda
 from iwae.objectives import Objective
 from iwae.step import TrainStep, make_adam
@@ -418,6 +418,7 @@ def main() -> None:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    heap.retain_freed_memory()  # as the iwae command does (the Pyro peer shares it: same process, same malloc)
     path = gemm.fastest_fp32_matmul("cpu")
     args.peers = [name for name, modules in (("numpyro", ("numpyro", "jax")), ("pyro", ("pyro",)))
                   if all(installed(m) for m in modules)]

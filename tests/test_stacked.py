@@ -28,12 +28,15 @@ def config(dataset: str, seed: int, **overrides: object) -> train.TrainConfig:
 @pytest.mark.parametrize("settings", [
     {"objective": "iwae", "estimator": "dreg"},
     {"objective": "piwae", "m": 2, "estimator": "standard", "layers": 2},
+    {"objective": "iwae", "estimator": "standard", "compile": True},
 ])
 def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, settings: dict) -> None:
     # 13 epochs of 8 steps: 104 Adam steps. Batched and unbatched matrix multiplies round differently, so the
     # parameters (of size ~0.25) agree to float32 tolerance, not bit for bit (measured: at most 3.4e-6).
     configs = [config(tiny_dataset, seed, **settings) for seed in (0, 3)]
     stacked.train_stacked(configs, tmp_path / "stack", progress=False)
+    assert all(checkpoint.load(tmp_path / "stack" / f"seed-{c.seed}")["config"]["compile"] == settings.get(
+        "compile", False) for c in configs)
     for lone in configs:
         train.train(lone, tmp_path / f"lone-{lone.seed}", progress=False)
         ours = checkpoint.load(tmp_path / "stack" / f"seed-{lone.seed}")

@@ -9,6 +9,7 @@ generation, which is exercised on its own cases below.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import signal
 import warnings
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_adam_state_is_torch_adams(tmp_path: Path) -> None:
     model = burda(1, train_mean=x.mean(0))
     reference = copy.deepcopy(model)
     ours = TrainStep(model, make_adam(model, 1e-3, (0.9, 0.999), 1e-4), Objective("iwae", 3), "standard")
-    adam = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=1e-4)
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=1e-4, fused=True)
     from iwae.objectives import loss
 
     for i in range(3):
@@ -151,6 +152,16 @@ def test_adam_state_is_torch_adams(tmp_path: Path) -> None:
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)
     assert adam.state_dict()["state"].keys() == ours.optimizer.state_dict()["state"].keys()
+
+
+def test_auto_compile_counts_steps_and_samples() -> None:
+    config = train.TrainConfig(epochs=10, k=50, batch_size=20)  # 30,000 steps of 1,000 samples on 60,000 examples
+    assert train.resolve_compile(config, 60_000).compile is True
+    few = dataclasses.replace(config, k=1)  # 600,000 samples: eager, unless many seeds are stacked
+    assert train.resolve_compile(few, 60_000).compile is False
+    assert train.resolve_compile(few, 60_000, seeds=16).compile is True
+    assert train.resolve_compile(dataclasses.replace(few, epochs=40), 60_000).compile is True  # 120,000 steps
+    assert train.resolve_compile(dataclasses.replace(config, compile=False), 60_000).compile is False
 
 
 def test_auto_compiles_long_runs_only(tiny_dataset: str, tmp_path: Path) -> None:

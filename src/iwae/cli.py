@@ -24,6 +24,7 @@ from iwae import (
     evaluate,
     evaluate_ais,
     figures,
+    heap,
     reproduce,
     rundir,
     stacked,
@@ -104,7 +105,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--device", str, "cpu, cuda, or auto (a GPU if there is one)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                        help="compile the training step into one program (torch.compile; a CUDA graph on a GPU), or "
-                       f"not; default: compile runs of at least {train.AUTO_COMPILE_STEPS:,} steps")
+                       f"not; default: compile runs of at least {train.AUTO_COMPILE_STEPS:,} steps or "
+                       f"{train.AUTO_COMPILE_SAMPLES:,} samples (steps x batch size x k x seeds)")
 
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
@@ -127,7 +129,8 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--chunk-size", type=int, default=500, metavar="N", help="samples per pass (default: 500)")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per pass (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=evaluate.EXAMPLES_PER_PASS, metavar="N",
+                        help=f"examples per pass (default: {evaluate.EXAMPLES_PER_PASS})")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the evaluation passes (torch.compile), or not; default: compile evaluations of "
                         f"at least {evaluate.AUTO_COMPILE_SAMPLES:,} samples (examples times k)")
@@ -362,6 +365,7 @@ def _check_launch(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    heap.retain_freed_memory()
     options: dict[str, str] = {}
     try:
         args = build_parser().parse_args(argv)

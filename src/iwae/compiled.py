@@ -9,6 +9,33 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+
+class UnfuseBiasOnCpu(CustomGraphPass):
+    """Inductor graph pass: rewrite ``addmm(bias, a, b)`` on a CPU as ``mm(a, b) + bias``.
+
+    torch's CPU addmm first copies the broadcast bias into its output and then accumulates the product onto it,
+    one extra pass over every layer's output; as a separate add, inductor fuses the bias into the kernel that
+    follows (tanh, the Bernoulli log-density). Inductor makes the same rewrite on GPUs only.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        addmm = torch.ops.aten.addmm.default
+        for node in list(graph.nodes):
+            value = node.meta.get("val")
+            if node.target is not addmm or node.kwargs or value is None or value.device.type != "cpu":
+                continue
+            bias, a, b = node.args
+            with graph.inserting_before(node):
+                product = graph.call_function(torch.ops.aten.mm.default, (a, b))
+                biased = graph.call_function(torch.ops.aten.add.Tensor, (product, bias))
+            product.meta, biased.meta = dict(node.meta), dict(node.meta)
+            node.replace_all_uses_with(biased)
+            graph.erase_node(node)
+
+    def uuid(self) -> bytes | None:
+        return get_hash_for_files((__file__,))
 
 
 class Compiled:
@@ -21,13 +48,14 @@ class Compiled:
       fn: the function.
       what: its name in messages ("the training step").
       backend: "inductor", another ``torch.compile`` backend's name, or a backend callable.
-      options: inductor options (ignored by other backends).
+      options: inductor options (ignored by other backends); ``UnfuseBiasOnCpu`` runs unless replaced.
       dynamo_config: ``torch._dynamo.config`` settings in force whenever ``fn`` is traced.
     """
 
     def __init__(self, fn: Callable[..., Any], what: str, *, backend: str | Callable[..., Any] = "inductor",
                  options: dict[str, Any] | None = None, dynamo_config: dict[str, Any] | None = None) -> None:
         self.fn, self.what, self.dynamo_config = fn, what, dynamo_config or {}
+        options = {"post_grad_custom_post_pass": UnfuseBiasOnCpu(), **(options or {})}
         self.compiled_fn = torch.compile(fn, fullgraph=True, backend=backend,
                                          options=options if backend == "inductor" else None)
         self.compiled, self.seconds = True, None

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,26 @@ NEXT = "checkpoint.next"
 PER_SEED = ("seed", "init_from")
 
 
+class _BatchedAffine(torch.autograd.Function):
+    """out[s] = bias[s] + x[s] @ weight[s]^T for x (S, N, in), weight (S, out, in), bias (S, out), with the
+    weight's gradient computed as grad[s]^T @ x[s] in the weight's own (out, in) layout: the gradient autograd
+    derives for the transposed view would be strided, and Adam's update of it several times slower."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return torch.bmm(x, weight.transpose(1, 2)) + bias.unsqueeze(1)  # compiled, the bias fuses onward
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x, weight = ctx.saved_tensors
+        return torch.bmm(grad, weight), torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
+
+
 class StackedLinear(nn.Module):
     """S linear layers applied to their own slices: input (..., S, N, in) to output (..., S, N, out)."""
 
@@ -56,48 +77,66 @@ class StackedLinear(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         s, n, width = h.shape[-3:]
         flat = h.movedim(-3, 0).reshape(s, -1, width)  # one (rows, in) @ (in, out) product per seed
-        out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
+        out = _BatchedAffine.apply(flat, self.weight, self.bias)
         return out.reshape(s, *h.shape[:-3], n, -1).movedim(0, -3)
 
 
 class SeedNoise:
-    """Standard normal draws of shape (..., S, N, d), seed s's slice drawn from its own generator exactly as
-    ``Normal.rsample`` draws a lone run's (..., N, d) from torch's global generator."""
+    """The standard normal draws of a stacked encoder's reparameterized samples, drawn ahead of each step.
+
+    ``draw(k, batch)`` fills, for each seed s from its own generator, layer by layer, the (k, batch, d_l) draws
+    that a lone run's ``Normal.rsample`` takes from torch's global generator in one step (in the same order), so
+    the step itself draws nothing and can be compiled as one graph. ``noise(layer)`` is layer l's draws as
+    (k, S, batch, d_l), filled in place (their storage stays put from step to step).
+    """
 
     def __init__(self, generators: list[torch.Generator]) -> None:
         self.generators = generators
+        self.widths: list[int] = []  # d_l of each encoder layer, set by ``stack_models``
+        self.buffers: list[Tensor] = []
 
-    def __call__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-        one = shape[:-3] + shape[-2:]
-        return torch.stack([torch.empty(one, dtype=dtype, device=device).normal_(generator=g)
-                            for g in self.generators], dim=-3)
+    def draw(self, k: int, batch: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+        """Draw the next step's noise for minibatches of ``batch`` examples per seed and ``k`` samples."""
+        shapes = [(len(self.generators), k, batch, width) for width in self.widths]
+        if [tuple(b.shape) for b in self.buffers] != shapes or self.buffers[0].dtype != dtype:
+            self.buffers = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
+        for s, generator in enumerate(self.generators):
+            for buffer in self.buffers:
+                buffer[s].normal_(generator=generator)
+
+    def __call__(self, layer: int, shape: torch.Size) -> Tensor:
+        eps = self.buffers[layer].movedim(0, -3) if self.buffers else None
+        if eps is None or eps.shape != shape:
+            raise RuntimeError(f"the stacked model needs noise of shape {tuple(shape)} for encoder layer {layer}; "
+                               "call SeedNoise.draw(k, batch) before each step")
+        return eps
 
 
 class _SeedwiseNormal(Normal):
-    def __init__(self, loc: Tensor, scale: Tensor, noise: SeedNoise) -> None:
+    def __init__(self, loc: Tensor, scale: Tensor, eps: Callable[[torch.Size], Tensor]) -> None:
         super().__init__(loc, scale, validate_args=False)
-        self.noise = noise
+        self.eps = eps
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        eps = self.noise(self._extended_shape(torch.Size(sample_shape)), self.loc.dtype, self.loc.device)
-        return self.loc + eps * self.scale
+        return self.loc + self.eps(self._extended_shape(torch.Size(sample_shape))) * self.scale
 
 
 class _SeedwiseGaussianLayer(GaussianLayer):
     """A Gaussian encoder layer whose reparameterized draws come from each seed's own generator."""
 
-    def __init__(self, layer: GaussianLayer, noise: SeedNoise) -> None:
+    def __init__(self, layer: GaussianLayer, noise: SeedNoise, index: int) -> None:
         nn.Module.__init__(self)
         self.body, self.mean, self.log_std = layer.body, layer.mean, layer.log_std
-        self.noise = noise
+        self.noise, self.index = noise, index
 
     def forward(self, h: Tensor) -> Distribution:
         normal = super().forward(h).base_dist
-        return Independent(_SeedwiseNormal(normal.loc, normal.scale, self.noise), 1)
+        return Independent(_SeedwiseNormal(normal.loc, normal.scale, lambda shape: self.noise(self.index, shape)), 1)
 
 
 def stack_models(models: list[DeepLatentModel], noise: SeedNoise) -> DeepLatentModel:
-    """One model holding the parameters of ``models`` (same architecture), with the same parameter names."""
+    """One model holding the parameters of ``models`` (same architecture), with the same parameter names, whose
+    reparameterized samples use ``noise`` (draw it before each step)."""
     stacked = copy.deepcopy(models[0])
     for name, module in list(stacked.named_modules()):
         if isinstance(module, nn.Linear):
@@ -106,7 +145,8 @@ def stack_models(models: list[DeepLatentModel], noise: SeedNoise) -> DeepLatentM
     for index, layer in enumerate(stacked.encoder):
         if not isinstance(layer, GaussianLayer):
             raise ValueError(f"stacked seeds need Gaussian encoder layers; layer {index} is {type(layer).__name__}")
-        stacked.encoder[index] = _SeedwiseGaussianLayer(layer, noise)
+        stacked.encoder[index] = _SeedwiseGaussianLayer(layer, noise, index)
+    noise.widths = [layer.mean.weight.shape[1] for layer in stacked.encoder]
     return stacked
 
 
@@ -149,8 +189,9 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     check_configs(configs)
     device = resolve_device(configs[0].device)
     matmul = gemm.fastest_fp32_matmul(device, configs[0].matmul)
-    configs = [replace(c, device=str(device), compile=False, matmul=matmul) for c in configs]
     dataset = train._load_data(configs[0], device)
+    configs = [train.resolve_compile(replace(c, device=str(device), matmul=matmul), len(dataset.train), len(configs))
+               for c in configs]
     with train._StopOnSignal() as stop:
         rundir.create(out)
         dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
@@ -224,13 +265,15 @@ def _fit(configs: list[TrainConfig], out: Path, dirs: list[Path], dataset: data.
     for state, noise_g, data_g in zip(states, rsample_generators, data_generators, strict=True):
         noise_g.set_state(state["rng"]["cuda" if device.type == "cuda" else "cpu"])
         data_g.set_state(state["rng"]["data"])
-    stacked = stack_models(models, SeedNoise(rsample_generators))
+    noise = SeedNoise(rsample_generators)
+    stacked = stack_models(models, noise)
     lone = models[0]  # a lone model to evaluate each seed's monitor bound on
     optimizer = make_adam(stacked, stages[0][1], (config.beta1, config.beta2), config.adam_eps)
     if states[0]["optimizer"] is not None:
         optimizer.load_state_dict(_stack_optimizer([s["optimizer"] for s in states]))
     gemm.fastest_fp32_matmul(device, config.matmul)
-    train_step = TrainStep(stacked, optimizer, objective, config.estimator, bound_shape=(seeds,))
+    train_step = TrainStep(stacked, optimizer, objective, config.estimator, compile=bool(config.compile),
+                           bound_shape=(seeds,))
     epoch, step = states[0]["epoch"], states[0]["step"]
     batches = None if states[0]["batches"] is None else torch.stack([s["batches"] for s in states]).to(device)
     bound_sum = train_step.bound_sum
@@ -265,6 +308,7 @@ def _fit(configs: list[TrainConfig], out: Path, dirs: list[Path], dataset: data.
             epoch_start = time.perf_counter()
         while step < steps_per_epoch:
             x = torch.stack([dataset.minibatch(batches[s, step], g) for s, g in enumerate(data_generators)])
+            noise.draw(objective.k, config.batch_size, x.dtype, device)
             train_step(x)
             step += 1
             if step % train.REPORT_EVERY and step < steps_per_epoch and not stop.received:

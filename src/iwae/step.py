@@ -33,9 +33,11 @@ from iwae.objectives import Objective, loss
 
 
 def make_adam(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Adam:
-    """The Adam optimizer of a training run: ``capturable`` on a GPU, so that its update can live in a CUDA graph."""
+    """The Adam optimizer of a training run: ``capturable`` on a GPU, so that its update can live in a CUDA graph;
+    ``fused`` on a CPU (one pass over each parameter's state, which the eager step uses)."""
     device = next(model.parameters()).device
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps, capturable=device.type == "cuda")
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps, capturable=device.type == "cuda",
+                            fused=device.type == "cpu" or None)
 
 
 class TrainStep:
@@ -72,6 +74,7 @@ class TrainStep:
         group, state = optimizer.param_groups[0], optimizer.state
         self._hyper = {"beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"],
                        "capturable": group["capturable"]}  # read once: the compiled step guards on no dict
+        self._fused = bool(group["fused"])
         for p in self.params:  # Adam's state as its own first step would create it
             if not state[p]:
                 step = torch.zeros((), device=p.device) if group["capturable"] else torch.tensor(0.0)
@@ -118,8 +121,10 @@ class TrainStep:
     def _adam(self, grads: list[Tensor]) -> None:
         """torch.optim.Adam's update of the parameters, on its own state."""
         moments = [self.optimizer.state[p] for p in self.params]
-        # compiled: the lr tensor, so the schedule needs no recompilation; eager: the float, as torch.optim.Adam
-        lr = self.lr if torch.compiler.is_compiling() else self.optimizer.param_groups[0]["lr"]
+        # compiled: the lr tensor, so the schedule needs no recompilation, and the single-tensor update, which
+        # inductor fuses; eager: the float and the optimizer's own (fused) kernel, as torch.optim.Adam
+        compiling = torch.compiler.is_compiling()
+        lr = self.lr if compiling else self.optimizer.param_groups[0]["lr"]
         adam(self.params, grads, [s["exp_avg"] for s in moments], [s["exp_avg_sq"] for s in moments], [],
              [s["step"] for s in moments], amsgrad=False, lr=lr, weight_decay=0.0, maximize=False,
-             **self._hyper)
+             fused=self._fused and not compiling, **self._hyper)

@@ -39,9 +39,11 @@ SCHEDULES = ("constant", "burda")
 # Settings that do not change the trajectory, so a resumed run may use new values. (The device is not one:
 # CPU and GPU generators have different states, so a run continues on the kind of device it started on.)
 RUNTIME_KEYS = ("data_dir", "checkpoint_every_s", "compile")
-# compile=None (auto) compiles runs of at least this many steps: compiling costs tens of seconds on a CPU, which
-# only a long run wins back, so a short run is never slower than eager.
+# compile=None (auto) compiles runs of at least this many steps, or of at least this many samples drawn in all
+# (steps x batch size x k x stacked seeds): compiling costs tens of seconds on a CPU, which only a long run wins
+# back (by less launch overhead per step, and by fused kernels per sample), so a short run is never slower.
 AUTO_COMPILE_STEPS = 100_000
+AUTO_COMPILE_SAMPLES = 5_000_000
 # The progress bar and the checkpoint clock are looked at every this many steps (a signal after every step).
 REPORT_EVERY = 16
 
@@ -56,7 +58,7 @@ class TrainConfig:
     least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3). ``eval_k`` = 0 skips the final
     evaluation; ``monitor_examples`` is the size of the fixed test subset on which each epoch's test bound
     is computed. ``compile``: True compiles the training step into one program
-    (``iwae.step``), False runs it eagerly, None decides by the run's length (``AUTO_COMPILE_STEPS``); the
+    (``iwae.step``), False runs it eagerly, None decides by the run's length (``resolve_compile``); the
     two modes differ by float rounding only, and a run records the mode it used. ``matmul``: the float32
     matrix-multiply path (``iwae.gemm``), None for the fastest one here; a run records the path it used.
     """
@@ -198,6 +200,16 @@ class _StopOnSignal:
         return signal.Signals(number) if number else None
 
 
+def resolve_compile(config: TrainConfig, train_examples: int, seeds: int = 1) -> TrainConfig:
+    """``config`` with ``compile`` decided: as given, or (None) True for runs of at least ``AUTO_COMPILE_STEPS``
+    steps or ``AUTO_COMPILE_SAMPLES`` samples (of ``seeds`` stacked seeds together)."""
+    if config.compile is not None:
+        return config
+    steps = config.steps(train_examples)
+    samples = steps * config.batch_size * config.k * seeds
+    return replace(config, compile=steps >= AUTO_COMPILE_STEPS or samples >= AUTO_COMPILE_SAMPLES)
+
+
 def _seeds(seed: int) -> tuple[int, int]:
     """Independent seeds for torch's global generator (initialisation, ``rsample``) and the data generator."""
     model_seq, data_seq = np.random.SeedSequence(seed).spawn(2)
@@ -244,9 +256,9 @@ def check_memory(config: TrainConfig, x_dim: int, device: torch.device) -> None:
     in ``device``'s memory, estimated from the model's layer widths, k and the batch size without allocating."""
     with torch.device("meta"):
         model = checkpoint.build_model(asdict(config), x_dim)
-    # the monitor and the final evaluation pass over at most max(k, 16384) rows, without gradients
+    # the monitor and the final evaluation pass over at most max(k, PASS_ROWS) rows, without gradients
     needed = max(memory.pass_bytes(model, x_dim, config.k * config.batch_size, training=True),
-                 memory.pass_bytes(model, x_dim, max(config.k, 16384), training=False))
+                 memory.pass_bytes(model, x_dim, max(config.k, evaluate.PASS_ROWS), training=False))
     memory.check_fits(needed, device, "training with {0} {k} and {1} {batch_size}", ("k", "batch_size"),
                       k=config.k, batch_size=config.batch_size)
 
@@ -265,9 +277,8 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     config = replace(config, device=str(device))
     dataset = _load_data(config, device)
     check_memory(config, dataset.train.shape[1], device)
-    if config.compile is None:
-        config = replace(config, compile=config.steps(len(dataset.train)) >= AUTO_COMPILE_STEPS)
-    config = replace(config, matmul=distributed.broadcast(gemm.fastest_fp32_matmul(device, config.matmul)))
+    matmul = distributed.broadcast(gemm.fastest_fp32_matmul(device, config.matmul))  # the ranks multiply alike
+    config = resolve_compile(replace(config, matmul=matmul), len(dataset.train))
     with _StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
         state = initial_state(config, dataset)  # the same on every rank
 
