@@ -10,6 +10,9 @@ there, the epoch's permutation comes from a seeded ``torch.Generator``, and the 
 device and read once per epoch, so a step never waits for the host. After every epoch (and every
 ``checkpoint_every_s`` seconds, and on SIGINT/SIGTERM after the current step) the run's full state is
 checkpointed atomically, so that ``resume`` continues it to bit-for-bit the same parameters (on a CPU).
+
+Under torchrun the loop is data parallel (``iwae.distributed``): each rank trains on its rows of every global
+batch, the step sums the ranks' gradients, and rank 0 alone writes; the trajectory is that of one process.
 """
 
 from __future__ import annotations
