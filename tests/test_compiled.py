@@ -1,11 +1,14 @@
-"""The CPU graph pass of ``iwae.compiled``: addmm becomes mm + add, with the same values."""
+"""``iwae.compiled``: the CPU graph pass (addmm becomes mm + add, with the same values), and a process compiling
+many models one after another, as a grid does."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from iwae.compiled import UnfuseBiasOnCpu
+from iwae.compiled import Compiled, UnfuseBiasOnCpu
 
 
 def layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -24,3 +27,16 @@ def test_addmm_is_split_into_product_and_bias() -> None:
     assert torch.ops.aten.addmm.default not in targets
     assert torch.ops.aten.mm.default in targets and torch.ops.aten.add.Tensor in targets
     torch.testing.assert_close(graph(*args), layer(*args))
+
+
+def test_many_models_compile_one_after_another() -> None:
+    # one bound method (nn.Linear.forward) of more models than dynamo's recompile limit allows one function, each
+    # compiled with a backend of its own, as inductor's options make every Compiled's backend a new one
+    for _ in range(torch._dynamo.config.recompile_limit + 2):
+        model = torch.nn.Linear(3, 2)
+        forward = Compiled(model.forward, "a layer", backend=lambda graph, inputs: graph.forward)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to eager warns
+            out = forward(torch.ones(4, 3))
+        assert forward.compiled
+        torch.testing.assert_close(out, model(torch.ones(4, 3)))

@@ -56,7 +56,15 @@ class Compiled:
                  options: dict[str, Any] | None = None, dynamo_config: dict[str, Any] | None = None) -> None:
         self.fn, self.what, self.dynamo_config = fn, what, dynamo_config or {}
         options = {"post_grad_custom_post_pass": UnfuseBiasOnCpu(), **(options or {})}
-        self.compiled_fn = torch.compile(fn, fullgraph=True, backend=backend,
+
+        def call(*args: Any) -> Any:
+            return fn(*args)
+
+        # dynamo keeps its compiled graphs, and counts them against its recompile limit, per code object: with a
+        # code object of its own, each Compiled (a model's evaluator, a run's step) compiles for itself, however
+        # many models a process compiles one after another (a grid's cells), and its graphs go when it goes
+        call.__code__ = call.__code__.replace()
+        self.compiled_fn = torch.compile(call, fullgraph=True, backend=backend,
                                          options=options if backend == "inductor" else None)
         self.compiled, self.seconds = True, None
 
