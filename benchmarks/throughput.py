@@ -224,7 +224,8 @@ def pyro_runner(weights: dict[str, np.ndarray], layers: int, x: torch.Tensor, k:
     return run
 
 
-def numpyro_runner(weights: dict[str, np.ndarray], layers: int, x: torch.Tensor, k: int) -> Runner:
+def numpyro_update(weights: dict[str, np.ndarray], layers: int, x: torch.Tensor, k: int) -> tuple[Any, Any, Any]:
+    """NumPyro's jitted ``SVI.update``, its initial state and the data array."""
     import jax
     import jax.numpy as jnp
     import numpyro
@@ -236,8 +237,13 @@ def numpyro_runner(weights: dict[str, np.ndarray], layers: int, x: torch.Tensor,
     optimizer = numpyro.optim.Adam(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS)
     svi = SVI(model, guide, optimizer, RenyiELBO(alpha=0, num_particles=k))
     data = jnp.asarray(x.numpy())
-    state = svi.init(jax.random.PRNGKey(0), data)
-    update = jax.jit(svi.update)
+    return jax.jit(svi.update), svi.init(jax.random.PRNGKey(0), data), data
+
+
+def numpyro_runner(weights: dict[str, np.ndarray], layers: int, x: torch.Tensor, k: int) -> Runner:
+    import jax
+
+    update, state, data = numpyro_update(weights, layers, x, k)
 
     def run(n: int) -> None:
         nonlocal state

@@ -21,7 +21,7 @@ from test_train import assert_same_parameters, interrupt_at_call, tiny_config
 from iwae import checkpoint, gemm, train
 from iwae.models import LinearGaussian, burda, sbn
 from iwae.objectives import OBJECTIVES, REPARAMETERIZED_ESTIMATORS, Objective
-from iwae.step import TrainStep, make_adam
+from iwae.step import TrainStep, adam_update, make_adam
 
 PARAMS = {"elbo": {}, "iwae": {}, "miwae": {"m": 2}, "ciwae": {"beta": 0.3}, "piwae": {"m": 2}, "vr": {"alpha": 0.5}}
 EVERY = [(o, e) for o in OBJECTIVES for e in REPARAMETERIZED_ESTIMATORS]
@@ -152,6 +152,29 @@ def test_adam_state_is_torch_adams(tmp_path: Path) -> None:
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)
     assert adam.state_dict()["state"].keys() == ours.optimizer.state_dict()["state"].keys()
+
+
+def test_adam_update_is_torch_adams() -> None:
+    """The compiled step's update, run eagerly, takes torch.optim.Adam's steps (as a torch.optim.Adam of its own,
+    with its step counts and moments) on parameters of several shapes, at a learning rate that changes."""
+    torch.manual_seed(0)
+    params = [torch.randn(shape) for shape in ((200, 784), (200,), (50, 200), ())]
+    reference = [p.clone().requires_grad_() for p in params]
+    adam = torch.optim.Adam(reference, lr=1e-3, betas=(0.8, 0.99), eps=1e-4)
+    state = [{"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+             for p in params]
+    for lr in (1e-3, 1e-3, 3e-4, 3e-4, 1e-4):
+        grads = [torch.randn_like(p) for p in params]
+        adam_update(params, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+                    [s["step"] for s in state], torch.tensor(lr), 0.8, 0.99, 1e-4)
+        for p, g in zip(reference, grads, strict=True):
+            p.grad = g
+        adam.param_groups[0]["lr"] = lr
+        adam.step()
+    for ours, theirs, moments in zip(params, reference, state, strict=True):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-6, atol=1e-7)
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(moments[name], adam.state[theirs][name], rtol=1e-6, atol=1e-9)
 
 
 def test_auto_compile_counts_steps_and_samples() -> None:

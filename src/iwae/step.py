@@ -4,7 +4,8 @@ One step on a minibatch x is
 
     g = grad_params loss(model, x, objective, estimator)        (iwae.objectives.loss: every bound and estimator,
                                                                  DReG's and PIWAE's path-gradient rescaling included)
-    params, m, v = Adam(params, g, m, v, lr)                    (torch.optim.adam.adam on a torch.optim.Adam's state)
+    params, m, v = Adam(params, g, m, v, lr)                    (on a torch.optim.Adam's state: its fused kernel
+                                                                 eagerly, ``adam_update`` compiled)
     bound_sum += sum_b bound(x_b)
 
 written as one function that ``torch.compile(fullgraph=True)`` turns into a single program (forward, backward
@@ -119,12 +120,38 @@ class TrainStep:
             self.bound_sum += bound
 
     def _adam(self, grads: list[Tensor]) -> None:
-        """torch.optim.Adam's update of the parameters, on its own state."""
+        """torch.optim.Adam's update of the parameters, on its own state: eagerly, the optimizer's own (fused)
+        kernel; compiled, ``adam_update``, which reads the learning rate as a tensor (so the schedule needs no
+        recompilation) and which inductor fuses into one pass per parameter."""
         moments = [self.optimizer.state[p] for p in self.params]
-        # compiled: the lr tensor, so the schedule needs no recompilation, and the single-tensor update, which
-        # inductor fuses; eager: the float and the optimizer's own (fused) kernel, as torch.optim.Adam
-        compiling = torch.compiler.is_compiling()
-        lr = self.lr if compiling else self.optimizer.param_groups[0]["lr"]
-        adam(self.params, grads, [s["exp_avg"] for s in moments], [s["exp_avg_sq"] for s in moments], [],
-             [s["step"] for s in moments], amsgrad=False, lr=lr, weight_decay=0.0, maximize=False,
-             fused=self._fused and not compiling, **self._hyper)
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in moments], [s["exp_avg_sq"] for s in moments]
+        steps = [s["step"] for s in moments]
+        if torch.compiler.is_compiling():
+            adam_update(self.params, grads, exp_avgs, exp_avg_sqs, steps, self.lr, self._hyper["beta1"],
+                        self._hyper["beta2"], self._hyper["eps"])
+        else:
+            adam(self.params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+                 lr=self.optimizer.param_groups[0]["lr"], weight_decay=0.0, maximize=False, fused=self._fused,
+                 **self._hyper)
+
+
+def adam_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                steps: list[Tensor], lr: Tensor, beta1: float, beta2: float, eps: float) -> None:
+    """One Adam step (Kingma & Ba 2015, Algorithm 1, as torch.optim.Adam computes it), in place:
+
+        t += 1;  m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+        p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    Written for the compiled step: every parameter's two bias-correction factors are computed once and stacked
+    into one small tensor that the per-element kernels read. torch's own single-tensor update leaves them as
+    scalar expressions, which inductor recomputes (two ``pow`` and a ``sqrt``) for every vector of every
+    parameter: that made the update of a 784x200 weight 2.3 times slower than this one.
+    """
+    for step in steps:
+        step += 1
+    step_sizes = torch.stack([lr / (1 - beta1**step) for step in steps])
+    correction_sqrts = torch.stack([(1 - beta2**step).sqrt() for step in steps])
+    for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        param.sub_(step_sizes[i] * exp_avg / (exp_avg_sq.sqrt() / correction_sqrts[i] + eps))

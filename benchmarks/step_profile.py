@@ -1,0 +1,146 @@
+"""Where the time of one training step goes: iwae's compiled step against NumPyro's jitted program, per op.
+
+For one (layers, K, B) cell of ``benchmarks/throughput.py`` (same model, weights, data and Adam), times both
+steps side by side without a profiler (interleaved rounds, median ms per step), then profiles each (torch's
+profiler with inductor's per-kernel records; jax's profiler, whose XLA:CPU trace has one record per thunk) and
+sorts every kernel into one of
+
+    GEMM          matrix products (torch: aten mm/addmm/bmm; XLA: dot and the dot fusions)
+    update        Adam's update of parameters and moments (inductor kernels that update the moments;
+                  XLA ops outside the model's differentiated function, which is Adam there)
+    elementwise   the rest of the forward and backward passes (activations, log densities, log-sum-exp)
+    random        the draws of the reparameterized noise
+
+and prints each category's time per step; "outside kernels" is the unprofiled step time minus the kernels'
+time (dispatch, guards, argument handling, thread wake-ups), which can come out negative where the profiler
+inflates short kernels more than it costs outside them.
+
+    python benchmarks/step_profile.py [--layers 1] [--k 1] [--batch 20] [--steps 200] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import statistics
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch._inductor.config
+from throughput import X_DIM, Runner, installed, interleaved, iwae_runner, numpyro_runner, numpyro_update
+
+from iwae import gemm, heap
+from iwae.models import burda
+
+CATEGORIES = ("GEMM", "update", "elementwise", "random")
+
+
+def torch_category(name: str) -> str | None:
+    """The category of a torch profiler record, or None for records that are not kernels."""
+    if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "GEMM"
+    if name in ("aten::normal_", "aten::uniform_", "aten::bernoulli_"):
+        return "random"
+    if name.startswith("graph_") and "_cpp_fused_" in name:
+        return "update" if "lerp" in name else "elementwise"
+    return None
+
+
+def profile_torch(run: Runner, steps: int) -> Counter[str]:
+    """Microseconds per step of each category of the iwae step's kernels."""
+    totals: Counter[str] = Counter()
+    with torch.profiler.profile() as prof:
+        run(steps)
+    for event in prof.key_averages():
+        category = torch_category(event.key)
+        if category:
+            totals[category] += event.self_cpu_time_total / steps
+    return totals
+
+
+def xla_categories(hlo: str) -> dict[str, str]:
+    """The category of each instruction of an XLA program, from its text: GEMM where it computes a dot,
+    random where it comes from the random-bits machinery, elementwise where it belongs to the differentiated
+    function (the loss, its jvp or transpose), update otherwise."""
+    categories = {}
+    for line in hlo.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
+        if not match:
+            continue
+        name, op_name = match.groups()
+        if name.startswith(("dot", "ynn_fusion")) or "dot_general" in op_name:
+            categories[name] = "GEMM"
+        elif any(word in op_name for word in ("random", "threefry", "rng")):
+            categories[name] = "random"
+        elif "jvp(" in op_name or "transpose(" in op_name:
+            categories[name] = "elementwise"
+        else:
+            categories[name] = "update"
+    return categories
+
+
+def profile_jax(run: Runner, steps: int, hlo: str) -> Counter[str]:
+    """Microseconds per step of each category of NumPyro's XLA program's thunks."""
+    import jax
+
+    categories = xla_categories(hlo)
+    totals: Counter[str] = Counter()
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            run(steps)
+        trace = json.loads(gzip.decompress(next(Path(folder).rglob("perfetto_trace.json.gz")).read_bytes()))
+    for event in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        category = categories.get(event.get("name", "")) if event.get("ph") == "X" else None
+        if category:
+            totals[category] += event["dur"] / steps
+    return totals
+
+
+def numpyro_program(weights: dict[str, np.ndarray], layers: int, x: torch.Tensor, k: int) -> str:
+    """The text of NumPyro's compiled XLA program (the one ``numpyro_runner`` runs)."""
+    update, state, data = numpyro_update(weights, layers, x, k)
+    return update.lower(state, data).compile().as_text()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    if not (installed("numpyro") and installed("jax")):
+        raise SystemExit("step_profile.py compares against NumPyro: pip install -e '.[bench]'")
+    heap.retain_freed_memory()
+    path = gemm.fastest_fp32_matmul("cpu")
+    torch._inductor.config.cpp.enable_kernel_profile = True  # one profiler record per inductor kernel
+    x = (torch.rand(args.batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
+    torch.manual_seed(0)
+    model = burda(args.layers, X_DIM, train_mean=x.mean(0))
+    weights = {name: p.detach().numpy().T.copy() for name, p in model.named_parameters()}
+    runners = {"iwae compiled": iwae_runner(model, x, args.k, "standard", compile=True),
+               "numpyro": numpyro_runner(weights, args.layers, x, args.k)}
+    for run in runners.values():
+        run(args.steps)  # compilation and warm-up
+    seconds = interleaved({name: (run, args.steps) for name, run in runners.items()}, args.rounds)
+    step_us = {name: 1e6 * statistics.median(s) for name, s in seconds.items()}
+    kernels = {"iwae compiled": profile_torch(runners["iwae compiled"], args.steps),
+               "numpyro": profile_jax(runners["numpyro"], args.steps, numpyro_program(weights, args.layers, x, args.k))}
+    print(f"{args.layers}-layer model, K={args.k}, B={args.batch}, {torch.get_num_threads()} threads, torch {path} "
+          f"matmul; microseconds per step (kernels: profiled; step: unprofiled median of {args.rounds} rounds)")
+    print(f"{'':<18}" + "".join(f"{name:>15}" for name in runners))
+    for category in CATEGORIES:
+        print(f"{category:<18}" + "".join(f"{kernels[name][category]:15.0f}" for name in runners))
+    print(f"{'outside kernels':<18}" + "".join(f"{step_us[n] - sum(kernels[n].values()):15.0f}" for n in runners))
+    print(f"{'step':<18}" + "".join(f"{step_us[name]:15.0f}" for name in runners))
+    print(f"{'examples/s':<18}" + "".join(f"{1e6 * args.batch / step_us[name]:15.0f}" for name in runners))
+
+
+if __name__ == "__main__":
+    main()
