@@ -11,9 +11,9 @@ sorts every kernel into one of
     elementwise   the rest of the forward and backward passes (activations, log densities, log-sum-exp)
     random        the draws of the reparameterized noise
 
-and prints each category's time per step; "outside kernels" is the unprofiled step time minus the kernels'
-time (dispatch, guards, argument handling, thread wake-ups), which can come out negative where the profiler
-inflates short kernels more than it costs outside them.
+and prints each category's time per step; "outside kernels" is the profiled step's wall time minus its kernels'
+time (dispatch, guards, argument handling, thread hand-offs). The profilers add their own cost to each record,
+so the unprofiled step time (interleaved rounds, as in throughput.py) is printed beside them.
 
     python benchmarks/step_profile.py [--layers 1] [--k 1] [--batch 20] [--steps 200] [--rounds 5]
 """
@@ -26,6 +26,7 @@ import json
 import re
 import statistics
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -52,10 +53,12 @@ def torch_category(name: str) -> str | None:
 
 
 def profile_torch(run: Runner, steps: int) -> Counter[str]:
-    """Microseconds per step of each category of the iwae step's kernels."""
+    """Microseconds per step of each category of the iwae step's kernels, and of the whole profiled step."""
     totals: Counter[str] = Counter()
     with torch.profiler.profile() as prof:
+        start = time.perf_counter()
         run(steps)
+        totals["step"] = 1e6 * (time.perf_counter() - start) / steps
     for event in prof.key_averages():
         category = torch_category(event.key)
         if category:
@@ -85,14 +88,17 @@ def xla_categories(hlo: str) -> dict[str, str]:
 
 
 def profile_jax(run: Runner, steps: int, hlo: str) -> Counter[str]:
-    """Microseconds per step of each category of NumPyro's XLA program's thunks."""
+    """Microseconds per step of each category of NumPyro's XLA program's thunks, and of the whole profiled
+    step."""
     import jax
 
     categories = xla_categories(hlo)
     totals: Counter[str] = Counter()
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
+            start = time.perf_counter()
             run(steps)
+            totals["step"] = 1e6 * (time.perf_counter() - start) / steps
         trace = json.loads(gzip.decompress(next(Path(folder).rglob("perfetto_trace.json.gz")).read_bytes()))
     for event in trace["traceEvents"] if isinstance(trace, dict) else trace:
         category = categories.get(event.get("name", "")) if event.get("ph") == "X" else None
@@ -133,14 +139,16 @@ def main() -> None:
     kernels = {"iwae compiled": profile_torch(runners["iwae compiled"], args.steps),
                "numpyro": profile_jax(runners["numpyro"], args.steps, numpyro_program(weights, args.layers, x, args.k))}
     print(f"{args.layers}-layer model, K={args.k}, B={args.batch}, {torch.get_num_threads()} threads, torch {path} "
-          f"matmul; microseconds per step (kernels: profiled; step: unprofiled median of {args.rounds} rounds)")
+          f"matmul; microseconds per step under the profilers, and the unprofiled step (median of {args.rounds} "
+          "interleaved rounds)")
     print(f"{'':<18}" + "".join(f"{name:>15}" for name in runners))
     for category in CATEGORIES:
         print(f"{category:<18}" + "".join(f"{kernels[name][category]:15.0f}" for name in runners))
-    print(f"{'outside kernels':<18}" + "".join(f"{step_us[n] - sum(kernels[n].values()):15.0f}" for n in runners))
-    print(f"{'step':<18}" + "".join(f"{step_us[name]:15.0f}" for name in runners))
+    outside = {n: kernels[n]["step"] - sum(kernels[n][c] for c in CATEGORIES) for n in runners}
+    print(f"{'outside kernels':<18}" + "".join(f"{outside[name]:15.0f}" for name in runners))
+    print(f"{'profiled step':<18}" + "".join(f"{kernels[name]['step']:15.0f}" for name in runners))
+    print(f"{'unprofiled step':<18}" + "".join(f"{step_us[name]:15.0f}" for name in runners))
     print(f"{'examples/s':<18}" + "".join(f"{1e6 * args.batch / step_us[name]:15.0f}" for name in runners))
-
 
 if __name__ == "__main__":
     main()
