@@ -115,6 +115,7 @@ def test_report_holds_our_numbers_beside_the_published_ones(finished: tuple[Path
 
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# Burda et al. 2016, table 2") and "REDUCED BUDGET 0.001" in markdown.splitlines()[0]
+    assert f"Made by `iwae reproduce {TABLE} --out {out} --budget 0.001 --seeds 2 --eval-k 10 --device cpu`" in markdown
     body = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(body) == 4 and all(" | 0.001 | " in line for line in body)  # the budget stated in every row
     assert "## Missing" in markdown and "- /nonexistent/absent.npz: " in markdown

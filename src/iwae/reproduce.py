@@ -355,15 +355,18 @@ def write_report(table: str, out: Path, cells: list[Cell], options: Options, mis
     paths = {"csv": out / "report.csv", "md": out / "report.md", "png": out / "curves.png"}
     text = buffer.getvalue()
     rundir.write_atomic(paths["csv"], lambda file: file.write(text.encode()))
-    markdown = render_markdown(table, options, table_rows, missing)
+    markdown = render_markdown(table, out, options, table_rows, missing)
     rundir.write_atomic(paths["md"], lambda file: file.write(markdown.encode()))
     plot_curves(paths["png"], title(table, options), results)
     return paths
 
 
-def render_markdown(table: str, options: Options, table_rows: list[dict[str, str]], missing: dict[str, str]) -> str:
+def render_markdown(table: str, out: Path, options: Options, table_rows: list[dict[str, str]],
+                    missing: dict[str, str]) -> str:
     """The report as Markdown: title, how it was made, the table, the missing data, the commands."""
-    made_by = f"iwae reproduce {table} --budget {options.budget:g} --seeds {options.seeds} --eval-k {options.eval_k}"
+    made_by = (f"iwae reproduce {table} --out {out} --budget {options.budget:g} --seeds {options.seeds} "
+               f"--eval-k {options.eval_k} --device {options.device}"
+               + (f" --data-dir {options.data_dir}" if options.data_dir else ""))
     lines = [
         f"# {title(table, options)}", "",
         f"Made by `{made_by}`. Test NLL in nats (lower is better): mean +- sd over seeds, estimated with "
