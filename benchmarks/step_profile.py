@@ -150,5 +150,6 @@ def main() -> None:
     print(f"{'unprofiled step':<18}" + "".join(f"{step_us[name]:15.0f}" for name in runners))
     print(f"{'examples/s':<18}" + "".join(f"{1e6 * args.batch / step_us[name]:15.0f}" for name in runners))
 
+
 if __name__ == "__main__":
     main()

@@ -219,9 +219,9 @@ def test_a_compiled_run_resumes_bit_for_bit(tiny_dataset: str, tmp_path: Path,
 
 
 def test_capturable_update_equals_the_plain_one() -> None:
-    """The GPU's step (capturable Adam: step counts and bias corrections as tensors, the learning rate a tensor)
-    computes the same update as the CPU's. Capturable Adam refuses to run eagerly on a CPU, but compiled it
-    runs anywhere, so its arithmetic is checked here."""
+    """The GPU's step (a capturable optimizer: step counts as tensors on the device, the learning rate a tensor)
+    computes the same update as the CPU's. Capturable Adam refuses to run eagerly on a CPU, but the compiled
+    step's update (``adam_update``) on its state runs anywhere, so its arithmetic is checked here."""
     torch.manual_seed(0)
     x = (torch.rand(4, 784) < 0.3).float()
     model = burda(1, train_mean=x.mean(0))
