@@ -27,7 +27,8 @@ from iwae.step import TrainStep, make_adam
 
 
 def make_step(seeds: int, k: int, batch_size: int, compile: bool) -> Callable[[], None]:
-    """One training step of ``seeds`` stacked seeds (a lone model for 1), warmed up (compiled if asked)."""
+    """One training step of ``seeds`` stacked seeds (a lone model for 1), warmed up (compiled if asked), on the
+    matmul path ``iwae train`` would choose for it (the faster on this step), which it switches to."""
     models = []
     for seed in range(seeds):
         torch.manual_seed(seed)
@@ -39,14 +40,23 @@ def make_step(seeds: int, k: int, batch_size: int, compile: bool) -> Callable[[]
     step = TrainStep(model, optimizer, Objective("iwae", k), "standard", compile=compile, bound_shape=shape[:-2])
     x = (torch.rand(shape) < 0.5).float()
 
-    def run() -> None:
+    def draw() -> None:
         if seeds > 1:
             noise.draw(k, batch_size)
+
+    def run() -> None:
+        draw()
         step(x)
 
-    for _ in range(3):  # compilation and warm-up
+    path = gemm.fastest_fp32_matmul("cpu", None, run)
+
+    def run_on_path() -> None:
+        gemm.fastest_fp32_matmul("cpu", path)
         run()
-    return run
+
+    for _ in range(3):  # warm-up
+        run_on_path()
+    return run_on_path
 
 
 def examples_per_s(run: Callable[[], None], seeds: int, batch_size: int, steps: int) -> float:
@@ -68,10 +78,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     heap.retain_freed_memory()  # as the iwae command does
-    path = gemm.fastest_fp32_matmul("cpu")
     print(f"stacked seeds, 1-layer model, IWAE bound, standard estimator, B={args.batch_size} per seed, "
-          f"{torch.get_num_threads()} threads, {path} matmul; examples/s of all seeds together, median of "
-          f"{args.rounds} rounds")
+          f"{torch.get_num_threads()} threads, each on the matmul path iwae train chooses for it; examples/s of "
+          f"all seeds together, median of {args.rounds} rounds")
     for k in args.k:
         seeds_list = sorted({1, *args.seeds})
         steps = {(s, c): make_step(s, k, args.batch_size, c) for s in seeds_list for c in (True, False)}

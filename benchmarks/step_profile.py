@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch._inductor.config
-from throughput import X_DIM, Runner, installed, interleaved, iwae_runner, numpyro_runner, numpyro_update
+from throughput import X_DIM, Runner, choose_matmul, installed, interleaved, iwae_runner, numpyro_runner, numpyro_update
 
-from iwae import gemm, heap
+from iwae import heap
 from iwae.models import burda
 
 CATEGORIES = ("GEMM", "update", "elementwise", "random")
@@ -124,9 +124,9 @@ def main() -> None:
     if not (installed("numpyro") and installed("jax")):
         raise SystemExit("step_profile.py compares against NumPyro: pip install -e '.[bench]'")
     heap.retain_freed_memory()
-    path = gemm.fastest_fp32_matmul("cpu")
     torch._inductor.config.cpp.enable_kernel_profile = True  # one profiler record per inductor kernel
     x = (torch.rand(args.batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
+    path = choose_matmul(args.layers, x, args.k)
     torch.manual_seed(0)
     model = burda(args.layers, X_DIM, train_mean=x.mean(0))
     weights = {name: p.detach().numpy().T.copy() for name, p in model.named_parameters()}

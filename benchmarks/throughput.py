@@ -14,11 +14,11 @@ Bernoulli p(x|z), N(0, I) prior, ancestral p and q for 2 layers), written once a
 Every contender is built and warmed up first (its first call, the compilation where there is one, is timed
 and reported, then as many steps as take about ``--round-seconds``, which sets its steps per round unless
 ``--steps`` is given); then the contenders take turns, one round of steps each, and the median examples/s
-over ``--rounds`` rounds is reported, so the machine's load affects them alike. torch's fp32 matmuls use the
-path ``iwae.gemm.fastest_fp32_matmul`` chooses (as ``iwae train`` does), for all torch contenders. On a
-machine busy with other processes, torch's OpenMP threads spend most of a small step waiting for each other
-(a 20x200x784 product measured 40-70x slower with 2 threads than with 1 on 2 loaded cores); ``--torch-threads
-1`` shows how much of a gap that is.
+over ``--rounds`` rounds is reported, so the machine's load affects them alike. In each cell torch's fp32
+matmuls use the path ``iwae train`` would choose for it (the faster on the cell's compiled step, measured at
+the start of the cell), for all torch contenders. On a machine busy with other processes, torch's OpenMP threads
+spend most of a small step waiting for each other (a 20x200x784 product measured 40-70x slower with 2 threads
+than with 1 on 2 loaded cores); ``--torch-threads 1`` shows how much of a gap that is.
 
 The fp32 GEMM limit is the highest FLOP/s measured in this run (median over interleaved rounds) of a
 2048x2048x2048 product and the decoder's (K*B x 200) @ (200 x 784) products, on torch's default and oneDNN
@@ -254,11 +254,23 @@ def numpyro_runner(weights: dict[str, np.ndarray], layers: int, x: torch.Tensor,
     return run
 
 
+def initial_model(layers: int, x: torch.Tensor) -> torch.nn.Module:
+    """The model every contender of a cell starts from."""
+    torch.manual_seed(0)
+    return burda(layers, X_DIM, train_mean=x.mean(0))
+
+
+def choose_matmul(layers: int, x: torch.Tensor, k: int) -> str:
+    """Switch torch's fp32 matmuls to the path ``iwae train`` would choose for this cell (``train.matmul_path``:
+    the faster on its compiled training step, here a throwaway one); return it."""
+    run = iwae_runner(initial_model(layers, x), x, k, "standard", compile=True)
+    return gemm.fastest_fp32_matmul("cpu", None, lambda: run(1))
+
+
 def contenders(layers: int, x: torch.Tensor, k: int) -> tuple[dict[str, Runner], int]:
     """The runners of one cell, all starting from the same initial weights, and the forward GEMM FLOPs."""
     def model() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return burda(layers, X_DIM, train_mean=x.mean(0))
+        return initial_model(layers, x)
 
     runners = {
         "iwae compiled std": iwae_runner(model(), x, k, "standard", compile=True),
@@ -292,6 +304,7 @@ def time_cell(layers: int, k: int, batch: int, args: argparse.Namespace) -> dict
     """Build, warm up and time every contender of one (layers, K, B) cell in interleaved rounds."""
     torch._dynamo.reset()  # a fresh compilation cache per cell: no recompilation limit reached over cells
     x = (torch.rand(batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
+    path = choose_matmul(layers, x, k)
     runners, flops = contenders(layers, x, k)
     first_call, steps = {}, {}
     for name, run in runners.items():
@@ -301,7 +314,7 @@ def time_cell(layers: int, k: int, batch: int, args: argparse.Namespace) -> dict
         steps[name] = args.steps or calibrate(run, args.round_seconds)
     seconds = interleaved({name: (run, steps[name]) for name, run in runners.items()}, args.rounds)
     return {
-        "layers": layers, "k": k, "batch": batch, "steps": steps, "rounds": args.rounds,
+        "layers": layers, "k": k, "batch": batch, "matmul_path": path, "steps": steps, "rounds": args.rounds,
         "forward_gemm_flops": flops, "step_flops": 3 * flops,
         "first_call_s": first_call,
         "examples_per_s": {name: batch / statistics.median(s) for name, s in seconds.items()},
@@ -324,13 +337,13 @@ def print_table(layers: int, cells: list[dict[str, Any]], names: list[str]) -> N
     widths = [max(9, len(name)) for name in short]
     print(f"\n{layers} stochastic layer(s), IWAE bound: examples/s (median over rounds)")
     header = f"{'K':>3} {'B':>4}  " + "  ".join(f"{n:>{w}}" for n, w in zip(short, widths, strict=True))
-    print(header + f"  {'std/numpyro':>11}  {'dreg/std':>8}  {'GEMM frac':>9}")
+    print(header + f"  {'std/numpyro':>11}  {'dreg/std':>8}  {'GEMM frac':>9}  {'matmul':>7}")
     for cell in cells:
         rate, ratio = cell["examples_per_s"], cell["compiled_std_over_numpyro"]
         row = "  ".join(f"{rate.get(n, math.nan):>{w},.0f}" for n, w in zip(names, widths, strict=True))
         numpyro = f"{ratio:11.2f}" if ratio is not None else f"{'-':>11}"
         print(f"{cell['k']:>3} {cell['batch']:>4}  {row}  {numpyro}  {cell['dreg_over_std']:8.3f}  "
-              f"{cell['gemm_fraction']:9.1%}")
+              f"{cell['gemm_fraction']:9.1%}  {cell['matmul_path']:>7}")
     print("first call (compilation) s / steps per round")
     for cell in cells:
         first = "  ".join(f"{cell['first_call_s'].get(n, math.nan):>{w - 6}.1f} /{cell['steps'].get(n, 0):>4}"
@@ -425,7 +438,6 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     heap.retain_freed_memory()  # as the iwae command does (the Pyro peer shares it: same process, same malloc)
-    path = gemm.fastest_fp32_matmul("cpu")
     args.peers = [name for name, modules in (("numpyro", ("numpyro", "jax")), ("pyro", ("pyro",)))
                   if all(installed(m) for m in modules)]
     for name in {"numpyro", "pyro"} - set(args.peers):
@@ -434,9 +446,8 @@ def main() -> None:
                 ("numpyro", "numpyro"), ("pyro", "pyro-ppl")) if installed(m)}
     print(f"{cpu_name()}, {torch.get_num_threads()} torch threads, "
           + ", ".join(f"{m} {v}" for m, v in versions.items()))
-    print(f"torch fp32 matmul path: {path} (iwae.gemm.fastest_fp32_matmul)")
     result: dict[str, Any] = {"machine": platform.platform(), "processor": cpu_name(), "versions": versions,
-                              "torch_threads": torch.get_num_threads(), "matmul_path": path}
+                              "torch_threads": torch.get_num_threads()}
     if args.eval:
         eval_benchmark(args, result)
     else:

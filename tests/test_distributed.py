@@ -46,17 +46,16 @@ def environment(**extra: str) -> dict[str, str]:
 
 # ``python -m iwae`` on the default float32 matrix-multiply path: every process (and this one, ``default_matmul``)
 # multiplies alike, where each would otherwise pick the path it measures to be faster
-IWAE = [sys.executable, "-c", "import sys; from iwae import cli, gemm; gemm._chosen['cpu'] = gemm.DEFAULT; "
+IWAE = [sys.executable, "-c", "import sys; from iwae import cli, gemm; gemm.choose = lambda workload: gemm.DEFAULT; "
         "sys.exit(cli.main())"]
 
 
 @pytest.fixture(autouse=True, scope="module")
 def default_matmul() -> Iterator[None]:
-    saved = dict(gemm._chosen)
-    gemm._chosen["cpu"] = gemm.DEFAULT
-    yield
-    gemm._chosen.clear()
-    gemm._chosen.update(saved)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gemm, "choose", lambda workload: gemm.DEFAULT)
+        patch.setattr(gemm, "_chosen", {})  # nothing an earlier test chose
+        yield
 
 
 def start(command: list[str], **env: str) -> subprocess.Popen:
@@ -194,7 +193,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_reproduce import TABLE, tiny_grid
 from iwae import distributed, gemm, reproduce
-gemm._chosen["cpu"] = gemm.DEFAULT
+gemm.choose = lambda workload: gemm.DEFAULT
 with distributed.session("gloo"):
     options = reproduce.Options(budget=0.001, seeds=1, eval_k=10, device="cpu")
     reproduce.run_table(TABLE, Path({out!r}), options, cells=tiny_grid({data!r}), progress=False)
@@ -297,8 +296,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_distributed import take_steps
-from iwae import distributed, gemm
-gemm._chosen["cpu"] = gemm.DEFAULT
+from iwae import distributed
 with distributed.session():
     take_steps("aot_eager", Path({path!r}))
 """

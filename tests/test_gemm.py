@@ -1,31 +1,90 @@
-"""The float32 matrix-multiply paths: both accurate to float32 rounding, the choice made once and kept, and a
-training step's gradients the same on either path."""
+"""The float32 matrix-multiply paths: both accurate to float32 rounding, the faster accurate one chosen on the
+caller's workload, and a training step's gradients the same on either path."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
 
-from iwae import gemm
+from iwae import gemm, train
 from iwae.models import burda
 from iwae.objectives import loss
 
 
 def test_both_paths_are_float32_accurate() -> None:
-    result = gemm.measure(rows=200, inner=100, cols=300, rounds=1)
-    for path in (gemm.DEFAULT, gemm.ONEDNN):
-        assert result[path]["error"] < 1e-5 and result[path]["seconds"] > 0
+    errors = gemm.relative_errors(rows=200, inner=100, cols=300)
+    assert set(errors) == {gemm.DEFAULT, gemm.ONEDNN}
+    assert all(0 < error < 1e-5 for error in errors.values())
 
 
-def test_the_choice_is_a_known_path_and_restores_nothing_else() -> None:
-    before = torch.backends.mkldnn.matmul.fp32_precision
+def slower_on(slow_path: str, calls: list[str]) -> Callable[[], None]:
+    """A workload that takes 2 ms longer on ``slow_path`` (and records the path of each call)."""
+    def run() -> None:
+        calls.append(gemm._current_path())
+        torch.rand(3)  # draws from the global generator, which the measurement must leave as it was
+        time.sleep(0.003 if calls[-1] == slow_path else 0.001)
+    return run
+
+
+@pytest.mark.parametrize("slow_path", [gemm.DEFAULT, gemm.ONEDNN])
+def test_the_choice_is_the_faster_path_on_the_workload(slow_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemm, "_accurate", {gemm.DEFAULT: True, gemm.ONEDNN: True})
+    before, rng = torch.backends.mkldnn.matmul.fp32_precision, torch.get_rng_state()
+    calls: list[str] = []
+    faster = gemm.ONEDNN if slow_path == gemm.DEFAULT else gemm.DEFAULT
     try:
-        chosen = gemm.fastest_fp32_matmul("cpu")
-        assert chosen in (gemm.DEFAULT, gemm.ONEDNN)
-        assert gemm.fastest_fp32_matmul("cpu") == chosen  # measured once per process
-        assert gemm.fastest_fp32_matmul("meta") == gemm.DEFAULT  # no faster path elsewhere
+        with gemm.matmul_path(slow_path):
+            assert gemm.fastest_fp32_matmul("cpu", None, slower_on(slow_path, calls)) == faster
+            assert gemm._current_path() == faster  # the switch is made
     finally:
         torch.backends.mkldnn.matmul.fp32_precision = before
+    assert calls.count(gemm.DEFAULT) == calls.count(gemm.ONEDNN) >= 6  # warm-up and five interleaved rounds
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_keyed_choice_is_made_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemm, "_accurate", {gemm.DEFAULT: True, gemm.ONEDNN: True})
+    monkeypatch.setattr(gemm, "_chosen", {})
+    calls: list[str] = []
+    with gemm.matmul_path(gemm.DEFAULT):
+        assert gemm.fastest_fp32_matmul("cpu", None, slower_on(gemm.DEFAULT, calls), key="shape a") == gemm.ONEDNN
+        timed = len(calls)
+        # the same key: the same path, timed no more (even where the workload would now say otherwise)
+        assert gemm.fastest_fp32_matmul("cpu", None, slower_on(gemm.ONEDNN, calls), key="shape a") == gemm.ONEDNN
+        assert len(calls) == timed
+        assert gemm.fastest_fp32_matmul("cpu", None, slower_on(gemm.ONEDNN, calls), key="shape b") == gemm.DEFAULT
+        assert len(calls) > timed
+
+
+def test_an_inaccurate_onednn_path_is_never_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemm, "_accurate", {})
+    monkeypatch.setattr(gemm, "relative_errors", lambda: {gemm.DEFAULT: 3e-7, gemm.ONEDNN: 1e-3})
+    calls: list[str] = []
+    with gemm.matmul_path(gemm.DEFAULT):
+        assert gemm.fastest_fp32_matmul("cpu", None, slower_on(gemm.DEFAULT, calls)) == gemm.DEFAULT
+    assert calls == []  # nothing to time
+
+
+def test_a_run_chooses_on_its_own_training_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemm, "_chosen", {})
+    config = train.TrainConfig(k=5, estimator="dreg", epochs=1, lr=1e-3, compile=False, batch_size=8)
+    timed: list[int] = []
+    measure = gemm.measure
+    monkeypatch.setattr(gemm, "measure", lambda workload: timed.append(1) or measure(workload, rounds=1))
+    rng = torch.get_rng_state()
+    with gemm.matmul_path(gemm.DEFAULT):
+        assert train.matmul_path(config, 784, torch.device("cpu")) in (gemm.DEFAULT, gemm.ONEDNN)
+        assert timed == [1] or not gemm._accurate[gemm.ONEDNN]
+        assert train.matmul_path(replace(config, matmul=gemm.ONEDNN), 784, torch.device("cpu")) == gemm.ONEDNN
+        assert len(timed) <= 1  # a path given is used as it is
+        assert train.matmul_path(config, 784, torch.device("meta")) == gemm.DEFAULT  # no faster path elsewhere
+        with pytest.raises(ValueError, match="needs a workload to time, or a path"):
+            gemm.fastest_fp32_matmul("cpu")
+    assert torch.equal(torch.get_rng_state(), rng)  # the throwaway model and its steps drew on a forked generator
 
 
 @pytest.mark.parametrize("layers", [1, 2])

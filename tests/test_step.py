@@ -240,13 +240,14 @@ def test_a_run_resumes_on_its_recorded_matmul_path(tiny_dataset: str, tmp_path: 
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A resumed process that would measure another path as the fastest still continues on the run's own."""
     config = tiny_config(tiny_dataset, epochs=2)
-    monkeypatch.setattr(gemm, "_chosen", {"cpu": gemm.ONEDNN})  # as if this process had measured oneDNN fastest
+    monkeypatch.setattr(gemm, "_chosen", {})
+    monkeypatch.setattr(gemm, "choose", lambda workload: gemm.ONEDNN)  # as if oneDNN were measured the faster
     train.train(config, tmp_path / "reference", progress=False)
     with monkeypatch.context() as patch:
         interrupt_at_call(patch, 11, signal.SIGINT)
         with pytest.raises(train.Interrupted):
             train.train(config, tmp_path / "run", progress=False)
     assert checkpoint.load(tmp_path / "run")["config"]["matmul"] == gemm.ONEDNN
-    monkeypatch.setattr(gemm, "_chosen", {"cpu": gemm.DEFAULT})  # a new process measures the default faster
+    monkeypatch.setattr(gemm, "choose", lambda workload: gemm.DEFAULT)  # a new process measures the default faster
     train.resume(tmp_path / "run", progress=False)
     assert_same_parameters(tmp_path / "reference", tmp_path / "run")

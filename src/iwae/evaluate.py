@@ -143,6 +143,19 @@ def importance_statistics(
     return WeightStatistics(ll, {**{g: torch.cat(v) for g, v in grouped.items()}, k: ll}, torch.cat(log_ess).exp())
 
 
+def matmul_path(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int) -> str:
+    """Switch to the faster float32 matrix-multiply path (``gemm.fastest_fp32_matmul``) on a pass of
+    ``importance_statistics``: ``min(k, chunk_size)`` samples for ``batch_size`` examples of ``x`` (measured once
+    per process for models and passes of one shape); return it."""
+    @torch.no_grad()
+    def one_pass() -> None:
+        model.log_weights(x[:batch_size], min(k, chunk_size))
+
+    shapes = ("evaluation pass", type(model).__name__, *(tuple(p.shape) for p in model.parameters()),
+              tuple(x[:batch_size].shape), min(k, chunk_size))
+    return gemm.fastest_fp32_matmul(x.device, None, one_pass, shapes)
+
+
 def batch_seed(seed: int, index: int) -> int:
     """The seed of the samples of batch ``index`` of an evaluation seeded with ``seed``: independent streams."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -364,7 +377,8 @@ def evaluate_run(
                       chunk=min(k, chunk_size), batch=batch_size)
     if compile is None:
         compile = len(x) * k >= AUTO_COMPILE_SAMPLES
-    gemm.fastest_fp32_matmul(torch_device, distributed.broadcast(gemm.fastest_fp32_matmul(torch_device)))  # one path
+    path = distributed.broadcast(matmul_path(model, x, k, chunk_size, batch_size))
+    gemm.fastest_fp32_matmul(torch_device, path)  # rank 0's path on every rank
     batch_size = min(batch_size, len(x))
     mine = distributed.shard(math.ceil(len(x) / batch_size))  # with several ranks, each takes whole batches
     with seeded(seed, torch_device):

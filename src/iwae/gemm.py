@@ -1,26 +1,32 @@
-"""The fastest float32 matrix multiply of this machine, chosen at run time.
+"""The fastest float32 matrix multiply of this machine for a given workload, chosen at run time.
 
 On x86 CPUs torch multiplies float32 matrices with MKL's sgemm by default. oneDNN, which torch also ships,
 has a float32 path (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``) that on CPUs with AVX-512 BF16
 splits each operand into bfloat16 parts and accumulates in float32: its results stay within float32 rounding
 of the exact product (checked here against float64 before it is used), and on such CPUs it runs up to about
-twice as fast. ``fastest_fp32_matmul`` measures both paths on a matrix product of a training step's shape,
-side by side, and keeps the faster one that is accurate; elsewhere (GPUs, other CPUs) torch's default stays.
+twice as fast on large products. On small ones (a batch of 20 rows, layers 50 wide) its per-product overhead
+can make it the slower path, so ``fastest_fp32_matmul`` times both paths on the caller's own workload (a
+training step's forward and backward pass, an evaluation pass), side by side, and keeps the faster one that is
+accurate; elsewhere (GPUs, other CPUs) torch's default stays.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 DEFAULT, ONEDNN = "default", "onednn"
+PATHS = (DEFAULT, ONEDNN)
 # accepted error of a path, as a multiple of the default path's error against the float64 product
 ACCURACY_FACTOR = 4.0
-_chosen: dict[str, str] = {}
+# each timed measurement of a workload repeats it for at least this long
+MEASUREMENT_SECONDS = 0.02
+_accurate: dict[str, bool] = {}  # per path, whether it passed the accuracy check (checked once per process)
+_chosen: dict[Hashable, str] = {}  # the path chosen per workload key (measured once per process)
 
 
 def _set_path(path: str) -> None:
@@ -35,61 +41,76 @@ def _onednn_available(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
-def _relative_error(path: str, a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor) -> float:
-    _set_path(path)
-    return ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
-
-
-def _seconds(path: str, a: torch.Tensor, layer: torch.nn.Linear, repeats: int) -> float:
-    _set_path(path)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        layer(a).sum().backward()
-    return (time.perf_counter() - start) / repeats
-
-
-def measure(rows: int = 1000, inner: int = 200, cols: int = 784, rounds: int = 5) -> dict[str, dict[str, float]]:
-    """Per path: the relative error of a product against float64, and the median seconds of a linear layer's
-    forward and backward pass on (rows, inner) inputs with ``cols`` outputs, timed in interleaved rounds."""
-    previous = _current_path()
+def relative_errors(rows: int = 1000, inner: int = 200, cols: int = 784) -> dict[str, float]:
+    """Per path, the largest error of a (rows, inner) @ (inner, cols) product of standard normal matrices against
+    the float64 product, relative to the largest entry of the product."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(rows, inner, generator=generator, requires_grad=True)
+    a = torch.randn(rows, inner, generator=generator)
     b = torch.randn(inner, cols, generator=generator)
-    layer = torch.nn.Linear(inner, cols)
-    exact = a.detach().double() @ b.double()
-    paths = (DEFAULT, ONEDNN)
-    try:
-        result = {path: {"error": _relative_error(path, a.detach(), b, exact)} for path in paths}
-        times: dict[str, list[float]] = {path: [] for path in paths}
-        for path in paths:  # warm-up: oneDNN builds its kernels on first use
-            _seconds(path, a, layer, 2)
+    exact = a.double() @ b.double()
+    errors = {}
+    with matmul_path(DEFAULT):
+        for path in PATHS:
+            _set_path(path)
+            errors[path] = ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
+    return errors
+
+
+def measure(workload: Callable[[], object], rounds: int = 5) -> dict[str, float]:
+    """Per path, the median seconds of one call of ``workload``, timed in ``rounds`` interleaved rounds (each
+    path once per round, each time repeated for at least ``MEASUREMENT_SECONDS``) after a warm-up. The global
+    random number generators are left as they were."""
+    seconds: dict[str, list[float]] = {path: [] for path in PATHS}
+    with torch.random.fork_rng(devices=[]), matmul_path(DEFAULT):
+        warmup = []
+        for path in PATHS:  # oneDNN builds its kernels on first use
+            _set_path(path)
+            workload()
+            start = time.perf_counter()
+            workload()
+            warmup.append(time.perf_counter() - start)
+        repeats = max(1, round(MEASUREMENT_SECONDS / max(min(warmup), 1e-6)))
         for _ in range(rounds):
-            for path in paths:
-                times[path].append(_seconds(path, a, layer, 5))
-    finally:
-        _set_path(previous)
-    for path in paths:
-        result[path]["seconds"] = statistics.median(times[path])
-    return result
+            for path in PATHS:
+                _set_path(path)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    workload()
+                seconds[path].append((time.perf_counter() - start) / repeats)
+    return {path: statistics.median(times) for path, times in seconds.items()}
 
 
-def fastest_fp32_matmul(device: torch.device | str = "cpu", path: str | None = None) -> str:
+def choose(workload: Callable[[], object]) -> str:
+    """The faster of the accurate paths on ``workload`` (the default path when oneDNN's is not accurate here)."""
+    if not _accurate:
+        errors = relative_errors()
+        _accurate.update({path: error <= ACCURACY_FACTOR * max(errors[DEFAULT], 1e-7)
+                          for path, error in errors.items()})
+    if not _accurate[ONEDNN]:
+        return DEFAULT
+    seconds = measure(workload)
+    return ONEDNN if seconds[ONEDNN] < seconds[DEFAULT] else DEFAULT
+
+
+def fastest_fp32_matmul(device: torch.device | str, path: str | None = None,
+                        workload: Callable[[], object] | None = None, key: Hashable | None = None) -> str:
     """Switch float32 matrix multiplies on ``device`` to ``path`` ("onednn" or "default") or, if None, to the
-    fastest accurate path, measured once per process; return the path used. The switch is torch's global
-    setting, so it holds for the whole process. (A run records the path, so that it resumes on the same one.)
+    faster accurate path on ``workload`` (a call that runs the products to be made fast: ``choose``); return
+    the path used. With a ``key`` (what the workload's speed depends on: its shapes, say), the choice is made
+    once per process and key, so that runs alike multiply alike. The switch is torch's global setting, so it
+    holds for the whole process. (A run records the path, so that it resumes on the same one.)
     """
-    if path not in (None, DEFAULT, ONEDNN):
+    if path not in (None, *PATHS):
         raise ValueError(f"unknown matrix-multiply path {path!r}; choose {DEFAULT} or {ONEDNN}")
     device = torch.device(device)
     if not _onednn_available(device):
         return DEFAULT
     if path is None:
-        if "cpu" not in _chosen:
-            result = measure()
-            accurate = result[ONEDNN]["error"] <= ACCURACY_FACTOR * max(result[DEFAULT]["error"], 1e-7)
-            faster = result[ONEDNN]["seconds"] < 0.95 * result[DEFAULT]["seconds"]
-            _chosen["cpu"] = ONEDNN if accurate and faster else DEFAULT
-        path = _chosen["cpu"]
+        if workload is None:
+            raise ValueError("fastest_fp32_matmul needs a workload to time, or a path")
+        path = _chosen[key] if key in _chosen else choose(workload)
+        if key is not None:
+            _chosen[key] = path
     _set_path(path)
     return path
 

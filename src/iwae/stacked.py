@@ -188,10 +188,10 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     evaluate each; returns the evaluations (None where ``eval_k`` is 0)."""
     check_configs(configs)
     device = resolve_device(configs[0].device)
-    matmul = gemm.fastest_fp32_matmul(device, configs[0].matmul)
     dataset = train._load_data(configs[0], device)
-    configs = [train.resolve_compile(replace(c, device=str(device), matmul=matmul), len(dataset.train), len(configs))
-               for c in configs]
+    configs = [train.resolve_compile(replace(c, device=str(device)), len(dataset.train), len(configs)) for c in configs]
+    matmul = _matmul_path(configs, dataset.train.shape[1], device)
+    configs = [replace(c, matmul=matmul) for c in configs]
     with train._StopOnSignal() as stop:
         rundir.create(out)
         dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
@@ -202,6 +202,19 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
         _fit(configs, out, dirs, dataset, states, stop)
     del dataset
     return [train._finish(c, d, device, progress) for c, d in zip(configs, dirs, strict=True)]
+
+
+def _matmul_path(configs: list[TrainConfig], x_dim: int, device: torch.device) -> str:
+    """The stack's float32 matrix-multiply path: the configs' ``matmul`` if set, else the faster one on the
+    training step of a throwaway stack of as many seeds (``train.matmul_path`` for stacks)."""
+    config, seeds = configs[0], len(configs)
+    with torch.random.fork_rng(devices=[]):
+        models = [checkpoint.build_model(asdict(config), x_dim).to(device) for _ in configs]
+        x = (torch.rand(seeds, config.batch_size, x_dim, device=device) < 0.5).float()
+    noise = SeedNoise([torch.Generator(device) for _ in configs])
+    workload = train.step_workload(stack_models(models, noise), x, config, bound_shape=(seeds,),
+                                   before=lambda: noise.draw(config.k, config.batch_size, x.dtype, device))
+    return gemm.fastest_fp32_matmul(device, config.matmul, workload, train.step_key(config, x_dim, seeds))
 
 
 def is_stacked(path: Path) -> bool:
@@ -271,7 +284,7 @@ def _fit(configs: list[TrainConfig], out: Path, dirs: list[Path], dataset: data.
     optimizer = make_adam(stacked, stages[0][1], (config.beta1, config.beta2), config.adam_eps)
     if states[0]["optimizer"] is not None:
         optimizer.load_state_dict(_stack_optimizer([s["optimizer"] for s in states]))
-    gemm.fastest_fp32_matmul(device, config.matmul)
+    gemm.fastest_fp32_matmul(device, config.matmul or gemm.DEFAULT)  # the run's own path
     train_step = TrainStep(stacked, optimizer, objective, config.estimator, compile=bool(config.compile),
                            bound_shape=(seeds,))
     epoch, step = states[0]["epoch"], states[0]["step"]

@@ -57,12 +57,13 @@ class TrainStep:
       all_reduce: for data-parallel training (``iwae.distributed``), a function that sums tensors over the ranks
         (``distributed.all_reduce_sum``): applied to the gradients of this rank's rows and their summed bound, so
         that every rank takes the step of the whole global batch; inside the compiled program.
+      what: the step's name in the message that reports its compile time.
     """
 
     def __init__(self, model: DeepLatentModel, optimizer: torch.optim.Adam, objective: Objective, estimator: str,
                  *, compile: bool | str | Callable[..., object] = False, reduction: str = "sum",
-                 bound_shape: tuple[int, ...] = (),
-                 all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> None:
+                 bound_shape: tuple[int, ...] = (), all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+                 what: str = "the training step") -> None:
         objective.check_estimator(estimator)
         if len(optimizer.param_groups) != 1:
             raise ValueError("TrainStep needs an Adam optimizer with one parameter group")
@@ -87,7 +88,7 @@ class TrainStep:
                 for t in [self.lr, self.bound_sum, *(v for p in self.params for v in state[p].values())]:
                     torch._dynamo.mark_static_address(t)
             # eager's random draws; on a GPU, the step as a CUDA graph; autograd.grad traced into the graph
-            self._run = Compiled(self._step, "the training step", backend=backend,
+            self._run = Compiled(self._step, what, backend=backend,
                                  options={"fallback_random": True, "triton.cudagraphs": device.type == "cuda"},
                                  dynamo_config={"trace_autograd_ops": True})
 

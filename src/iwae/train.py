@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -266,6 +267,40 @@ def check_memory(config: TrainConfig, x_dim: int, device: torch.device) -> None:
                       k=config.k, batch_size=config.batch_size)
 
 
+def step_workload(model: torch.nn.Module, x: torch.Tensor, config: TrainConfig,
+                  before: Callable[[], object] | None = None, bound_shape: tuple[int, ...] = ()) -> Callable[[], None]:
+    """Training steps as ``config``'s run takes them (objective, estimator, compiled or not), on ``model``, a
+    throwaway one, and the minibatch ``x``: for ``gemm.fastest_fp32_matmul`` to time (``before`` runs first, e.g.
+    a stacked model's noise draw). A compiled step's graph is compiled once here, and the run's own step finds
+    it in inductor's cache."""
+    optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
+    step = TrainStep(model, optimizer, config.objective_spec(), config.estimator, compile=bool(config.compile),
+                     bound_shape=bound_shape, what="the training step (to time the matmul paths)")
+
+    def run() -> None:
+        if before is not None:
+            before()
+        step(x)
+
+    return run
+
+
+def step_key(config: TrainConfig, x_dim: int, seeds: int = 1) -> tuple:
+    """What the speed of ``config``'s training step depends on: ``gemm.fastest_fp32_matmul``'s key for it."""
+    return ("training step", seeds, config.model, config.layers, x_dim, config.batch_size, config.objective,
+            config.k, config.m, config.estimator, bool(config.compile))
+
+
+def matmul_path(config: TrainConfig, x_dim: int, device: torch.device) -> str:
+    """A new run's float32 matrix-multiply path: ``config.matmul`` if set, else the faster one on the run's
+    training step (``step_workload``) on a random minibatch, measured once per process for runs alike. The
+    global generators are left as they were."""
+    with torch.random.fork_rng(devices=[]):
+        model = checkpoint.build_model(asdict(config), x_dim).to(device)
+        x = (torch.rand(config.batch_size, x_dim, device=device) < 0.5).float()
+    return gemm.fastest_fp32_matmul(device, config.matmul, step_workload(model, x, config), step_key(config, x_dim))
+
+
 def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> dict[str, Any] | None:
     """Train a new run in ``run_dir`` (which must not exist, or be empty) and evaluate it.
 
@@ -280,8 +315,9 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     config = replace(config, device=str(device))
     dataset = _load_data(config, device)
     check_memory(config, dataset.train.shape[1], device)
-    matmul = distributed.broadcast(gemm.fastest_fp32_matmul(device, config.matmul))  # the ranks multiply alike
-    config = resolve_compile(replace(config, matmul=matmul), len(dataset.train))
+    config = resolve_compile(config, len(dataset.train))
+    matmul = distributed.broadcast(matmul_path(config, dataset.train.shape[1], device))  # the ranks multiply alike
+    config = replace(config, matmul=matmul)
     with _StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
         state = initial_state(config, dataset)  # the same on every rank
 
@@ -344,7 +380,8 @@ def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[
     optimizer = make_adam(model, stages[0][1], (config.beta1, config.beta2), config.adam_eps)
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
-    gemm.fastest_fp32_matmul(device, config.matmul)  # the run's own path, so that it resumes bit for bit
+    # the run's own path, so that it resumes bit for bit (runs that predate the setting used the default)
+    gemm.fastest_fp32_matmul(device, config.matmul or gemm.DEFAULT)
     rows, writer = distributed.rows(config.batch_size), distributed.rank() == 0
     train_step = TrainStep(distributed.sharded_draws(model, rows, config.batch_size), optimizer, objective,
                            config.estimator, compile=bool(config.compile),
