@@ -128,6 +128,7 @@ def session(backend: str | None = None) -> Iterator[None]:
     try:
         with open(os.devnull, "w") as devnull, redirect_stdout(devnull) if dist.get_rank() else nullcontext():
             yield
+        dist.barrier()  # no rank tears its connections down while another still uses them
     except dist.DistError as error:
         raise _lost(error) from error
     except RuntimeError as error:
