@@ -5,7 +5,8 @@ minibatches of B examples per seed: one seed alone, and S seeds stacked into one
 noise from its own generator ahead of the step as ``iwae train --seeds`` does. Rounds are interleaved (every
 configuration once per round) so that the ratios are fair on a noisy machine; prints the median examples per
 second (all seeds together) and the speed-up over the lone seed in the same mode and over the lone seed's
-fastest mode.
+fastest mode. Every configuration multiplies on the matmul path the lone compiled seed is fastest on, as
+``iwae train --seeds`` does (a stack takes its lone run's path, so that each seed multiplies as it would alone).
 
     python benchmarks/stacked.py [--seeds 1 4 16] [--k 1 50] [--batch-size 20] [--steps 50] [--rounds 3]
 """
@@ -27,8 +28,7 @@ from iwae.step import TrainStep, make_adam
 
 
 def make_step(seeds: int, k: int, batch_size: int, compile: bool) -> Callable[[], None]:
-    """One training step of ``seeds`` stacked seeds (a lone model for 1), warmed up (compiled if asked), on the
-    matmul path ``iwae train`` would choose for it (the faster on this step), which it switches to."""
+    """One training step of ``seeds`` stacked seeds (a lone model for 1), warmed up (compiled if asked)."""
     models = []
     for seed in range(seeds):
         torch.manual_seed(seed)
@@ -40,23 +40,14 @@ def make_step(seeds: int, k: int, batch_size: int, compile: bool) -> Callable[[]
     step = TrainStep(model, optimizer, Objective("iwae", k), "standard", compile=compile, bound_shape=shape[:-2])
     x = (torch.rand(shape) < 0.5).float()
 
-    def draw() -> None:
+    def run() -> None:
         if seeds > 1:
             noise.draw(k, batch_size)
-
-    def run() -> None:
-        draw()
         step(x)
 
-    path = gemm.fastest_fp32_matmul("cpu", None, run)
-
-    def run_on_path() -> None:
-        gemm.fastest_fp32_matmul("cpu", path)
+    for _ in range(3):  # compilation and warm-up
         run()
-
-    for _ in range(3):  # warm-up
-        run_on_path()
-    return run_on_path
+    return run
 
 
 def examples_per_s(run: Callable[[], None], seeds: int, batch_size: int, steps: int) -> float:
@@ -79,11 +70,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     heap.retain_freed_memory()  # as the iwae command does
     print(f"stacked seeds, 1-layer model, IWAE bound, standard estimator, B={args.batch_size} per seed, "
-          f"{torch.get_num_threads()} threads, each on the matmul path iwae train chooses for it; examples/s of "
-          f"all seeds together, median of {args.rounds} rounds")
+          f"{torch.get_num_threads()} threads; examples/s of all seeds together, median of {args.rounds} rounds")
     for k in args.k:
         seeds_list = sorted({1, *args.seeds})
-        steps = {(s, c): make_step(s, k, args.batch_size, c) for s in seeds_list for c in (True, False)}
+        lone = make_step(1, k, args.batch_size, True)
+        path = gemm.fastest_fp32_matmul("cpu", None, lone)  # as iwae train chooses: a stack takes its lone run's
+        print(f"K={k}: {path} matmul path (the faster on the lone compiled step)")
+        steps = {(s, c): lone if (s, c) == (1, True) else make_step(s, k, args.batch_size, c)
+                 for s in seeds_list for c in (True, False)}
         rates: dict[tuple[int, bool], list[float]] = {key: [] for key in steps}
         for _ in range(args.rounds):
             for (s, c), run in steps.items():

@@ -190,7 +190,8 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     device = resolve_device(configs[0].device)
     dataset = train._load_data(configs[0], device)
     configs = [train.resolve_compile(replace(c, device=str(device)), len(dataset.train), len(configs)) for c in configs]
-    matmul = _matmul_path(configs, dataset.train.shape[1], device)
+    # the path a lone run of these settings takes, so that each seed multiplies as its lone run does
+    matmul = train.matmul_path(configs[0], dataset.train.shape[1], device)
     configs = [replace(c, matmul=matmul) for c in configs]
     with train._StopOnSignal() as stop:
         rundir.create(out)
@@ -202,19 +203,6 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
         _fit(configs, out, dirs, dataset, states, stop)
     del dataset
     return [train._finish(c, d, device, progress) for c, d in zip(configs, dirs, strict=True)]
-
-
-def _matmul_path(configs: list[TrainConfig], x_dim: int, device: torch.device) -> str:
-    """The stack's float32 matrix-multiply path: the configs' ``matmul`` if set, else the faster one on the
-    training step of a throwaway stack of as many seeds (``train.matmul_path`` for stacks)."""
-    config, seeds = configs[0], len(configs)
-    with torch.random.fork_rng(devices=[]):
-        models = [checkpoint.build_model(asdict(config), x_dim).to(device) for _ in configs]
-        x = (torch.rand(seeds, config.batch_size, x_dim, device=device) < 0.5).float()
-    noise = SeedNoise([torch.Generator(device) for _ in configs])
-    workload = train.step_workload(stack_models(models, noise), x, config, bound_shape=(seeds,),
-                                   before=lambda: noise.draw(config.k, config.batch_size, x.dtype, device))
-    return gemm.fastest_fp32_matmul(device, config.matmul, workload, train.step_key(config, x_dim, seeds))
 
 
 def is_stacked(path: Path) -> bool:

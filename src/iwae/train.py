@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -267,38 +266,20 @@ def check_memory(config: TrainConfig, x_dim: int, device: torch.device) -> None:
                       k=config.k, batch_size=config.batch_size)
 
 
-def step_workload(model: torch.nn.Module, x: torch.Tensor, config: TrainConfig,
-                  before: Callable[[], object] | None = None, bound_shape: tuple[int, ...] = ()) -> Callable[[], None]:
-    """Training steps as ``config``'s run takes them (objective, estimator, compiled or not), on ``model``, a
-    throwaway one, and the minibatch ``x``: for ``gemm.fastest_fp32_matmul`` to time (``before`` runs first, e.g.
-    a stacked model's noise draw). A compiled step's graph is compiled once here, and the run's own step finds
-    it in inductor's cache."""
-    optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
-    step = TrainStep(model, optimizer, config.objective_spec(), config.estimator, compile=bool(config.compile),
-                     bound_shape=bound_shape, what="the training step (to time the matmul paths)")
-
-    def run() -> None:
-        if before is not None:
-            before()
-        step(x)
-
-    return run
-
-
-def step_key(config: TrainConfig, x_dim: int, seeds: int = 1) -> tuple:
-    """What the speed of ``config``'s training step depends on: ``gemm.fastest_fp32_matmul``'s key for it."""
-    return ("training step", seeds, config.model, config.layers, x_dim, config.batch_size, config.objective,
-            config.k, config.m, config.estimator, bool(config.compile))
-
-
 def matmul_path(config: TrainConfig, x_dim: int, device: torch.device) -> str:
-    """A new run's float32 matrix-multiply path: ``config.matmul`` if set, else the faster one on the run's
-    training step (``step_workload``) on a random minibatch, measured once per process for runs alike. The
-    global generators are left as they were."""
+    """A new run's float32 matrix-multiply path: ``config.matmul`` if set, else the faster one on the run's own
+    training step (objective, estimator, compiled or not) taken by a throwaway model on random minibatches,
+    measured once per process for runs alike. (A compiled step is compiled here first, and the run's own step
+    then finds its graph in inductor's cache.) The global generators are left as they were."""
     with torch.random.fork_rng(devices=[]):
         model = checkpoint.build_model(asdict(config), x_dim).to(device)
         x = (torch.rand(config.batch_size, x_dim, device=device) < 0.5).float()
-    return gemm.fastest_fp32_matmul(device, config.matmul, step_workload(model, x, config), step_key(config, x_dim))
+    optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
+    step = TrainStep(model, optimizer, config.objective_spec(), config.estimator, compile=bool(config.compile),
+                     what="the training step (to time the matmul paths)")
+    key = ("training step", config.model, config.layers, x_dim, config.batch_size, config.objective, config.k,
+           config.m, config.estimator, bool(config.compile))
+    return gemm.fastest_fp32_matmul(device, config.matmul, lambda: step(x), key)
 
 
 def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> dict[str, Any] | None:
