@@ -33,10 +33,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch._inductor.config
-from throughput import X_DIM, Runner, choose_matmul, installed, interleaved, iwae_runner, numpyro_runner, numpyro_update
+from throughput import (
+    X_DIM,
+    Runner,
+    choose_matmul,
+    initial_model,
+    installed,
+    interleaved,
+    iwae_runner,
+    numpyro_runner,
+    numpyro_update,
+)
 
 from iwae import heap
-from iwae.models import burda
 
 CATEGORIES = ("GEMM", "update", "elementwise", "random")
 
@@ -127,8 +136,7 @@ def main() -> None:
     torch._inductor.config.cpp.enable_kernel_profile = True  # one profiler record per inductor kernel
     x = (torch.rand(args.batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
     path = choose_matmul(args.layers, x, args.k)
-    torch.manual_seed(0)
-    model = burda(args.layers, X_DIM, train_mean=x.mean(0))
+    model = initial_model(args.layers, x)
     weights = {name: p.detach().numpy().T.copy() for name, p in model.named_parameters()}
     runners = {"iwae compiled": iwae_runner(model, x, args.k, "standard", compile=True),
                "numpyro": numpyro_runner(weights, args.layers, x, args.k)}

@@ -269,20 +269,17 @@ def choose_matmul(layers: int, x: torch.Tensor, k: int) -> str:
 
 def contenders(layers: int, x: torch.Tensor, k: int) -> tuple[dict[str, Runner], int]:
     """The runners of one cell, all starting from the same initial weights, and the forward GEMM FLOPs."""
-    def model() -> torch.nn.Module:
-        return initial_model(layers, x)
-
     runners = {
-        "iwae compiled std": iwae_runner(model(), x, k, "standard", compile=True),
-        "iwae compiled dreg": iwae_runner(model(), x, k, "dreg", compile=True),
-        "iwae eager std": iwae_runner(model(), x, k, "standard", compile=False),
+        "iwae compiled std": iwae_runner(initial_model(layers, x), x, k, "standard", compile=True),
+        "iwae compiled dreg": iwae_runner(initial_model(layers, x), x, k, "dreg", compile=True),
+        "iwae eager std": iwae_runner(initial_model(layers, x), x, k, "standard", compile=False),
     }
-    weights = {name: p.detach().numpy().T.copy() for name, p in model().named_parameters()}
+    weights = {name: p.detach().numpy().T.copy() for name, p in initial_model(layers, x).named_parameters()}
     if installed("numpyro") and installed("jax"):
         runners["numpyro"] = numpyro_runner(weights, layers, x, k)
     if installed("pyro"):
         runners["pyro"] = pyro_runner(weights, layers, x, k)
-    return runners, forward_flops(model(), x, k)
+    return runners, forward_flops(initial_model(layers, x), x, k)
 
 
 # --- training throughput -------------------------------------------------------------------------------------

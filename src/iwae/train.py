@@ -17,11 +17,13 @@ batch, the step sums the ranks' gradients, and rank 0 alone writes; the trajecto
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -270,16 +272,20 @@ def matmul_path(config: TrainConfig, x_dim: int, device: torch.device) -> str:
     """A new run's float32 matrix-multiply path: ``config.matmul`` if set, else the faster one on the run's own
     training step (objective, estimator, compiled or not) taken by a throwaway model on random minibatches,
     measured once per process for runs alike. (A compiled step is compiled here first, and the run's own step
-    then finds its graph in inductor's cache.) The global generators are left as they were."""
-    with torch.random.fork_rng(devices=[]):
+    then finds its graph in inductor's cache.) The throwaway step is built only when there is something to time,
+    on generators that ``gemm.measure`` forks, so the global ones are left as they were."""
+    @functools.cache
+    def throwaway_step() -> Callable[[], None]:
         model = checkpoint.build_model(asdict(config), x_dim).to(device)
         x = (torch.rand(config.batch_size, x_dim, device=device) < 0.5).float()
-    optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
-    step = TrainStep(model, optimizer, config.objective_spec(), config.estimator, compile=bool(config.compile),
-                     what="the training step (to time the matmul paths)")
+        optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
+        step = TrainStep(model, optimizer, config.objective_spec(), config.estimator, compile=bool(config.compile),
+                         what="the training step (to time the matmul paths)")
+        return lambda: step(x)
+
     key = ("training step", config.model, config.layers, x_dim, config.batch_size, config.objective, config.k,
            config.m, config.estimator, bool(config.compile))
-    return gemm.fastest_fp32_matmul(device, config.matmul, lambda: step(x), key)
+    return gemm.fastest_fp32_matmul(device, config.matmul, lambda: throwaway_step()(), key)
 
 
 def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> dict[str, Any] | None:
