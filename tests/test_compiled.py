@@ -40,3 +40,9 @@ def test_many_models_compile_one_after_another() -> None:
             out = forward(torch.ones(4, 3))
         assert forward.compiled
         torch.testing.assert_close(out, model(torch.ones(4, 3)))
+
+
+def test_compiled_tanh_is_within_2e_7_of_tanh() -> None:
+    x = torch.cat([torch.linspace(-12, 12, 100_001), torch.logspace(-30, 0, 1001), -torch.logspace(-30, 0, 1001)])
+    compiled = Compiled(torch.tanh, "tanh")
+    torch.testing.assert_close(compiled(x), torch.tanh(x), rtol=0, atol=2e-7)

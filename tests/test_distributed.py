@@ -304,15 +304,17 @@ with distributed.session():
 
 def test_the_compiled_step_keeps_the_all_reduce_in_its_graph(tmp_path: Path) -> None:
     """Two ranks running the step compiled as one graph (aot_eager: the graph without inductor's code generation)
-    take the steps of one process running it eagerly on the whole batches (DReG, with latents drawn for all rows)."""
+    take the steps of one process running that graph on the whole batches (DReG, with latents drawn for all rows).
+    (A compiled graph and an eager step differ by float rounding, which six Adam steps at lr 1e-2 amplify to
+    about 3e-5; test_step compares the two modes.)"""
     script = tmp_path / "step.py"
     script.write_text(STEP.format(tests=str(Path(__file__).parent), path=str(tmp_path / "two.pt")))
     two = ranks([], command=[sys.executable, str(script)])
-    take_steps(False, tmp_path / "one.pt")
+    take_steps("aot_eager", tmp_path / "one.pt")
     succeed(two)
-    compiled, eager = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    assert compiled["compiled"] and not eager["compiled"]  # the compiled step did not fall back to eager
-    for name, tensor in eager["model"].items():
-        torch.testing.assert_close(compiled["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    two_ranks, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert two_ranks["compiled"] and one["compiled"]  # neither compiled step fell back to eager
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two_ranks["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     # the bound of steps 2.. is taken at parameters that differ by float rounding
-    torch.testing.assert_close(compiled["bound"], eager["bound"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(two_ranks["bound"], one["bound"], rtol=1e-5, atol=0)

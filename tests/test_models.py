@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 from scipy.stats import multivariate_normal
 from torch import nn
-from torch.distributions import Independent, Normal
+from torch.distributions import Bernoulli, Independent, Normal
 
 from iwae import bounds
-from iwae.models import BernoulliLayer, DeepLatentModel, GaussianLayer, LinearGaussian, StandardNormal, burda
+from iwae.models import (
+    BernoulliLayer,
+    DeepLatentModel,
+    FactorisedBernoulli,
+    GaussianLayer,
+    LinearGaussian,
+    StandardNormal,
+    bernoulli_log_density,
+    burda,
+)
 from iwae.objectives import loss
 
 
@@ -148,3 +158,36 @@ def test_linear_gaussian_exact_posterior_makes_every_weight_exact() -> None:
     for value in (bounds.elbo(log_w), bounds.iwae(log_w), bounds.miwae(log_w, 8), bounds.ciwae(log_w, 0.3),
                   bounds.vr(log_w, 0.5), bounds.vr(log_w, -math.inf)):
         torch.testing.assert_close(value, log_px, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("units", [1, 16, 50, 784])
+def test_bernoulli_log_density_matches_torch_in_float64(units: int) -> None:
+    # blocks of 16 units, padded where the units do not fill the last block; logits broadcast against x as the
+    # k samples of a minibatch do
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 3, units) * 6).double()
+    x = (torch.rand(3, units) < 0.3).double()
+    expected = Independent(Bernoulli(logits=logits), 1).log_prob(x)
+    for blocked in (True, False):
+        torch.testing.assert_close(bernoulli_log_density(logits, x, blocked), expected, rtol=1e-12, atol=1e-12)
+    assert FactorisedBernoulli(logits).log_prob(x).shape == (5, 3)
+
+
+def test_bernoulli_log_density_gradients_are_exact() -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 2, 19) * 3).double().requires_grad_()
+    x = torch.rand(2, 19, dtype=torch.float64, requires_grad=True)  # grey levels: the density is linear in x
+    blocked = functools.partial(bernoulli_log_density, blocked=True)
+    assert torch.autograd.gradcheck(blocked, (logits, x))
+    assert torch.autograd.gradgradcheck(blocked, (logits, x))
+
+
+def test_bernoulli_log_density_in_float32_is_as_accurate_as_per_unit_terms() -> None:
+    torch.manual_seed(0)
+    for scale in (1.0, 5.0, 15.0):
+        logits = torch.randn(1000, 784) * scale
+        x = (torch.rand(1000, 784) < torch.sigmoid(logits)).float()
+        exact = Independent(Bernoulli(logits=logits.double()), 1).log_prob(x.double())
+        per_unit = Independent(Bernoulli(logits=logits), 1).log_prob(x)
+        error = (bernoulli_log_density(logits, x, blocked=True).double() - exact).abs().max()
+        assert error <= 2 * (per_unit.double() - exact).abs().max() + 1e-6

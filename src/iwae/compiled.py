@@ -48,14 +48,17 @@ class Compiled:
       fn: the function.
       what: its name in messages ("the training step").
       backend: "inductor", another ``torch.compile`` backend's name, or a backend callable.
-      options: inductor options (ignored by other backends); ``UnfuseBiasOnCpu`` runs unless replaced.
+      options: inductor options (ignored by other backends). Unless replaced, ``UnfuseBiasOnCpu`` runs, and
+        tanh on a CPU is computed as 2 / (1 + exp(-2x)) - 1 (``cpp.use_decompose_tanh``): about 3 times faster
+        than the vectorised tanh, within 2e-7 of tanh(x) (absolute, not relative, error near 0), well inside
+        the rounding of the products the activations feed.
       dynamo_config: ``torch._dynamo.config`` settings in force whenever ``fn`` is traced.
     """
 
     def __init__(self, fn: Callable[..., Any], what: str, *, backend: str | Callable[..., Any] = "inductor",
                  options: dict[str, Any] | None = None, dynamo_config: dict[str, Any] | None = None) -> None:
         self.fn, self.what, self.dynamo_config = fn, what, dynamo_config or {}
-        options = {"post_grad_custom_post_pass": UnfuseBiasOnCpu(), **(options or {})}
+        options = {"post_grad_custom_post_pass": UnfuseBiasOnCpu(), "cpp.use_decompose_tanh": True, **(options or {})}
 
         def call(*args: Any) -> Any:
             return fn(*args)

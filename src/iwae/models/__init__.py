@@ -14,7 +14,15 @@ from iwae.models.discrete import (
 )
 from iwae.models.gaussian_toy import GaussianToy
 from iwae.models.latent import DeepLatentModel, LatentSample
-from iwae.models.layers import BernoulliLayer, GaussianLayer, StandardNormal, glorot_init_, mlp
+from iwae.models.layers import (
+    BernoulliLayer,
+    FactorisedBernoulli,
+    GaussianLayer,
+    StandardNormal,
+    bernoulli_log_density,
+    glorot_init_,
+    mlp,
+)
 from iwae.models.linear_gaussian import LinearGaussian
 
 __all__ = [
@@ -22,12 +30,14 @@ __all__ = [
     "BernoulliPrior",
     "CategoricalLayer",
     "DeepLatentModel",
+    "FactorisedBernoulli",
     "GaussianLayer",
     "GaussianToy",
     "LatentSample",
     "LinearGaussian",
     "OneHotGroups",
     "StandardNormal",
+    "bernoulli_log_density",
     "burda",
     "enumerate_values",
     "glorot_init_",

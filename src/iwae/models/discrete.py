@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent, OneHotCategorical, constraints
 
 from iwae.models.latent import DeepLatentModel
-from iwae.models.layers import BernoulliLayer, glorot_init_, mlp
+from iwae.models.layers import BernoulliLayer, FactorisedBernoulli, glorot_init_, mlp
 
 _SBN_NAME = re.compile(r"sbn(-[1-9][0-9]*)+")
 
@@ -37,7 +37,7 @@ class BernoulliPrior(nn.Module):
         self.logits = nn.Parameter(torch.zeros(dim))
 
     def forward(self) -> Distribution:
-        return Independent(Bernoulli(logits=self.logits, validate_args=False), 1)
+        return FactorisedBernoulli(self.logits)
 
 
 class OneHotGroups(Distribution):
