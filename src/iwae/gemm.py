@@ -24,7 +24,7 @@ PATHS = (DEFAULT, ONEDNN)
 # accepted error of a path, as a multiple of the default path's error against the float64 product
 ACCURACY_FACTOR = 4.0
 # each timed measurement of a workload repeats it for at least this long
-MEASUREMENT_SECONDS = 0.02
+MEASUREMENT_SECONDS = 0.03
 _accurate: dict[str, bool] = {}  # per path, whether it passed the accuracy check (checked once per process)
 _chosen: dict[Hashable, str] = {}  # the path chosen per workload key (measured once per process)
 
@@ -56,7 +56,7 @@ def relative_errors(rows: int = 1000, inner: int = 200, cols: int = 784) -> dict
     return errors
 
 
-def measure(workload: Callable[[], object], rounds: int = 5) -> dict[str, float]:
+def measure(workload: Callable[[], object], rounds: int = 9) -> dict[str, float]:
     """Per path, the median seconds of one call of ``workload``, timed in ``rounds`` interleaved rounds (each
     path once per round, each time repeated for at least ``MEASUREMENT_SECONDS``) after a warm-up. The global
     random number generators are left as they were."""
