@@ -47,6 +47,9 @@ class GaussianLayer(nn.Module):
 
 
 class _BernoulliLogDensity(torch.autograd.Function):
+    """``bernoulli_log_density``'s blocked form, with the backward x - sigmoid(l) (autograd would differentiate
+    the blocked products instead)."""
+
     @staticmethod
     def forward(logits: Tensor, x: Tensor) -> Tensor:
         factors = nn.functional.pad(1 + torch.exp(-logits.abs()), (0, -logits.shape[-1] % _LOG_BLOCK), value=1.0)
@@ -77,7 +80,9 @@ def bernoulli_log_density(logits: Tensor, x: Tensor, blocked: bool | None = None
     Otherwise torch's ``binary_cross_entropy_with_logits`` computes it, one kernel and one temporary when
     run eagerly.
     """
-    if blocked if blocked is not None else torch.compiler.is_compiling():
+    if blocked is None:
+        blocked = torch.compiler.is_compiling()
+    if blocked:
         return _BernoulliLogDensity.apply(logits, x)
     return Independent(Bernoulli(logits=logits, validate_args=False), 1).log_prob(x)
 
