@@ -84,7 +84,8 @@ def bernoulli_log_density(logits: Tensor, x: Tensor, blocked: bool | None = None
         blocked = torch.compiler.is_compiling()
     if blocked:
         return _BernoulliLogDensity.apply(logits, x)
-    return Independent(Bernoulli(logits=logits, validate_args=False), 1).log_prob(x)
+    logits, x = torch.broadcast_tensors(logits, x)  # what Bernoulli.log_prob computes, without building one
+    return -nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
 
 class FactorisedBernoulli(Independent):
