@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from throughput import choose_matmul
 
-from iwae import gemm, heap
+from iwae import heap
 from iwae.models import burda
 from iwae.objectives import Objective
 from iwae.stacked import SeedNoise, stack_models
@@ -73,11 +74,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; examples/s of all seeds together, median of {args.rounds} rounds")
     for k in args.k:
         seeds_list = sorted({1, *args.seeds})
-        lone = make_step(1, k, args.batch_size, True)
-        path = gemm.fastest_fp32_matmul("cpu", None, lone)  # as iwae train chooses: a stack takes its lone run's
+        path = choose_matmul(1, args.batch_size, k)  # as iwae train --seeds chooses: a stack takes its lone run's
         print(f"K={k}: {path} matmul path (the faster on the lone compiled step)")
-        steps = {(s, c): lone if (s, c) == (1, True) else make_step(s, k, args.batch_size, c)
-                 for s in seeds_list for c in (True, False)}
+        steps = {(s, c): make_step(s, k, args.batch_size, c) for s in seeds_list for c in (True, False)}
         rates: dict[tuple[int, bool], list[float]] = {key: [] for key in steps}
         for _ in range(args.rounds):
             for (s, c), run in steps.items():

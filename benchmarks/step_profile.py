@@ -135,7 +135,7 @@ def main() -> None:
     heap.retain_freed_memory()
     torch._inductor.config.cpp.enable_kernel_profile = True  # one profiler record per inductor kernel
     x = (torch.rand(args.batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
-    path = choose_matmul(args.layers, x, args.k)
+    path = choose_matmul(args.layers, args.batch, args.k)
     model = initial_model(args.layers, x)
     weights = {name: p.detach().numpy().T.copy() for name, p in model.named_parameters()}
     runners = {"iwae compiled": iwae_runner(model, x, args.k, "standard", compile=True),

@@ -58,7 +58,7 @@ import torch
 from evaluate_memory import BATCH_SIZE, CHUNK_SIZE, measure_in_subprocess, mnist_test_images
 from torch.utils.flop_counter import FlopCounterMode
 
-from iwae import gemm, heap
+from iwae import gemm, heap, train
 from iwae.models import burda
 from iwae.objectives import Objective
 from iwae.step import TrainStep, make_adam
@@ -260,11 +260,12 @@ def initial_model(layers: int, x: torch.Tensor) -> torch.nn.Module:
     return burda(layers, X_DIM, train_mean=x.mean(0))
 
 
-def choose_matmul(layers: int, x: torch.Tensor, k: int) -> str:
-    """Switch torch's fp32 matmuls to the path ``iwae train`` would choose for this cell (``train.matmul_path``:
-    the faster on its compiled training step, here a throwaway one); return it."""
-    run = iwae_runner(initial_model(layers, x), x, k, "standard", compile=True)
-    return gemm.fastest_fp32_matmul("cpu", None, lambda: run(1))
+def choose_matmul(layers: int, batch: int, k: int) -> str:
+    """Switch torch's fp32 matmuls to the path ``iwae train`` chooses for this cell (``train.matmul_path``: the
+    faster on the cell's compiled training step, IWAE bound, standard estimator); return it."""
+    config = train.TrainConfig(layers=layers, objective="iwae", k=k, estimator="standard", epochs=1,
+                               batch_size=batch, compile=True)
+    return train.matmul_path(config, X_DIM, torch.device("cpu"))
 
 
 def contenders(layers: int, x: torch.Tensor, k: int) -> tuple[dict[str, Runner], int]:
@@ -301,7 +302,7 @@ def time_cell(layers: int, k: int, batch: int, args: argparse.Namespace) -> dict
     """Build, warm up and time every contender of one (layers, K, B) cell in interleaved rounds."""
     torch._dynamo.reset()  # a fresh compilation cache per cell: no recompilation limit reached over cells
     x = (torch.rand(batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
-    path = choose_matmul(layers, x, k)
+    path = choose_matmul(layers, batch, k)
     runners, flops = contenders(layers, x, k)
     first_call, steps = {}, {}
     for name, run in runners.items():
