@@ -5,7 +5,9 @@ cell's parameters, and the report holds our numbers beside the published ones, m
 from __future__ import annotations
 
 import csv
+import shutil
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,65 @@ def test_an_unfinished_run_resumes_to_the_uninterrupted_parameters(
         ours, theirs = (checkpoint.load(reproduce.run_dir(root, cells[0].name, seed)) for root in (tmp_path, reference))
         assert all(torch.equal(ours["model"][name], theirs["model"][name]) for name in theirs["model"])
     assert [m["epoch"] for m in rundir.read_metrics(path)] == list(range(1, 10))
+
+
+def test_a_command_with_another_budget_is_refused_before_anything_runs(
+    finished: tuple[Path, list[str]], tiny_dataset: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out, _ = finished
+    stamps = {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
+    for options, option in ((replace(OPTIONS, budget=0.002), "--budget"), (replace(OPTIONS, eval_k=20), "--eval-k")):
+        with pytest.raises(ValueError, match=f"was started with .*; give the {option} it was started with"):
+            reproduce.run_table(TABLE, out, options, cells=tiny_grid(tiny_dataset), progress=False,
+                                log=lambda line: None)
+    monkeypatch.setitem(reproduce.GRIDS, TABLE, lambda: tiny_grid(tiny_dataset))
+    argv = ["reproduce", TABLE, "--out", str(out), "--budget", "0.5", "--seeds", "2", "--eval-k", "10"]
+    assert cli.main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("iwae: error: ") and "schedule_scale 0.001 (this command: 0.5)" in err
+    assert err.count("\n") == 1
+    assert stamps == {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
+
+
+def test_more_seeds_are_trained_beside_the_finished_ones(
+    finished: tuple[Path, list[str]], tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reference, _ = finished
+    out = tmp_path / "grid"
+    shutil.copytree(reference, out)
+    cells = tiny_grid(tiny_dataset)[:2]
+    stamps = {path: path.stat().st_mtime_ns for path in out.rglob(rundir.CHECKPOINT)}
+    # seed 2 of the first cell started by the cell's own command (a lone run), and killed in its third epoch
+    lone = reproduce.cell_config(cells[0], 2, OPTIONS, out)
+    append = rundir.append_metrics
+
+    def fail_in_epoch_3(run_dir: Path, record: dict) -> None:
+        append(run_dir, record)
+        if record["epoch"] == 3:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(rundir, "append_metrics", fail_in_epoch_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.train(lone, reproduce.run_dir(out, cells[0].name, 2), progress=False)
+    monkeypatch.undo()
+
+    log: list[str] = []
+    more = replace(OPTIONS, seeds=4)
+    reproduce.run_table(TABLE, out, more, cells=cells, progress=False, log=log.append)
+    assert log == [f"{cells[0].name}: resumed (1 run alone), trained (1 seed)",
+                   f"{cells[1].name}: trained (2 seeds stacked)"]
+    assert stamps == {path: path.stat().st_mtime_ns for path in stamps}  # seeds 0 and 1 were left alone
+    for cell in cells:
+        for seed in range(4):
+            assert reproduce.is_finished(reproduce.run_dir(out, cell.name, seed))
+    with (out / "report.csv").open() as file:
+        table = {row["cell"]: row for row in csv.DictReader(file)}
+    assert all(len(table[cell.name]["nll_per_seed"].split()) == 4 for cell in cells)
+    assert all(table[cell.name]["status"] == "done" for cell in cells)
+    log.clear()
+    reproduce.run_table(TABLE, out, more, cells=cells, progress=False, log=log.append)
+    assert log == [f"{cell.name}: skipped (4 seeds stacked)" for cell in cells]
 
 
 def test_report_holds_our_numbers_beside_the_published_ones(finished: tuple[Path, list[str]]) -> None:

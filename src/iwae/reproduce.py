@@ -3,7 +3,8 @@
 ``run_table(table, out)`` trains every cell of a table (``GRIDS``) for each seed into an ordinary run directory
 ``OUT/<cell>/seed-<s>`` (``iwae evaluate`` and ``iwae sample`` work on each), the seeds of a cell trained together
 as one stacked model (``iwae.stacked``), skipping finished cells and resuming unfinished ones from their
-checkpoints, and writes
+checkpoints (seeds added by a later command with more seeds train beside the finished ones; runs started with
+another budget, evaluation k or device are refused), and writes
 
     OUT/report.md     the table: per cell our test NLL (mean +- sd over seeds, and each seed's), active units, the
                       published value and our difference from it, the protocol used, device, wall time, steps/s,
@@ -33,6 +34,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from iwae import data, distributed, rundir, stacked, train
+from iwae.device import resolve_device
 from iwae.published import PUBLISHED, Published, burda_cell
 from iwae.train import TrainConfig
 
@@ -184,15 +186,53 @@ def is_finished(path: Path) -> bool:
 
 
 def run_cell(configs: list[TrainConfig], path: Path, *, progress: bool | None = None) -> str:
-    """Bring a cell's seeds, trained together as one stacked run in ``path`` (``iwae.stacked``), to their end:
-    "skipped" if every seed finished, "resumed" from their checkpoints, or "trained" anew."""
-    if all(is_finished(path / f"seed-{config.seed}") for config in configs):
-        return "skipped"
+    """Bring a cell's seeds (runs in ``path``) to their end, and say what that took: nothing ("skipped"), resuming
+    started runs from their checkpoints (an unfinished stacked run, or lone runs that ``iwae train`` started), and
+    training the seeds not yet started together as one stacked run (``iwae.stacked``), beside those that have."""
+    runs = {config.seed: path / f"seed-{config.seed}" for config in configs}
+    if all(is_finished(run) for run in runs.values()):
+        return f"skipped ({_seeds_text(len(runs))})"
+    done = []
     if stacked.is_stacked(path):
-        stacked.resume_stacked(path, progress=progress)
-        return "resumed"
-    stacked.train_stacked(configs, path, progress=progress)
-    return "trained"
+        stack = rundir.read_json(path / stacked.STACK)["seeds"]
+        if not all(is_finished(path / f"seed-{seed}") for seed in stack):
+            stacked.resume_stacked(path, progress=progress)
+            done.append(f"resumed ({_seeds_text(len(stack))})")
+    started = [run for run in runs.values() if (run / rundir.CHECKPOINT).is_file() and not is_finished(run)]
+    for run in started:
+        train.resume(run, progress=progress)
+    if started:
+        done.append(f"resumed ({len(started)} {'run' if len(started) == 1 else 'runs'} alone)")
+    new = [config for config in configs if not (runs[config.seed] / rundir.CHECKPOINT).is_file()]
+    if new:
+        stacked.train_stacked(new, path, progress=progress, beside_finished=True)
+        done.append(f"trained ({_seeds_text(len(new))})")
+    return ", ".join(done)
+
+
+def _seeds_text(seeds: int) -> str:
+    return f"{seeds} seeds stacked" if seeds > 1 else "1 seed"
+
+
+def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out: Path, device: str) -> None:
+    """Raise ValueError if a run already in ``out`` was started with settings other than these (another
+    --budget, --eval-k or --device): continuing it, or reporting it, under this command's would mislabel it."""
+    names = {"schedule_scale": "--budget", "epochs": "--budget", "eval_k": "--eval-k", "device": "--device"}
+    for cell in cells:
+        for config in configs[cell.name]:
+            path = run_dir(out, cell.name, config.seed)
+            if not (path / rundir.CONFIG).is_file():
+                continue
+            saved, wanted = rundir.read_json(path / rundir.CONFIG), asdict(config)
+            # a run continues on the device it started on, unless this command names another
+            wanted["device"] = saved.get("device") if device == "auto" else str(resolve_device(device))
+            differing = [key for key, value in wanted.items()
+                         if key not in (*train.RUNTIME_KEYS, "matmul", "init_from") and saved.get(key) != value]
+            if differing:
+                listed = ", ".join(f"{key} {saved.get(key)!r} (this command: {wanted[key]!r})" for key in differing)
+                options = sorted({names[key] for key in differing if key in names}) or ["the settings"]
+                raise ValueError(f"{path} was started with {listed}; give the {' and '.join(options)} it was "
+                                 "started with, or a new --out")
 
 
 def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | None = None,
@@ -215,6 +255,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
         if reason is not None:
             missing[dataset] = reason
     configs = {cell.name: [cell_config(cell, s, options, out) for s in range(options.seeds)] for cell in cells}
+    check_existing(cells, configs, out, options.device)
     where = f" on {distributed.name()}" if distributed.launched() else ""
     for level in levels(cells):
         runnable = [cell for cell in level if cell.settings["dataset"] not in missing]
@@ -225,7 +266,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
             elif cell.name in mine:
                 with distributed.alone():
                     what = run_cell(configs[cell.name], out / cell.name, progress=progress)
-                say(f"{cell.name}: {what} ({options.seeds} seeds stacked){where}")
+                say(f"{cell.name}: {what}{where}")
         distributed.wait_for_all()
     return distributed.on_rank_zero(lambda: write_report(table, out, cells, options, missing)) or {}
 
@@ -277,7 +318,8 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
                 steps = sum(m["examples_per_s"] * m["epoch_time_s"] / batch for m in metrics)
                 seconds = sum(m["epoch_time_s"] for m in metrics)
                 rates.append(steps / seconds)
-                result.wall_time_s += metrics[-1]["wall_time_s"]
+                # seeds trained as one stack share its wall time
+                result.wall_time_s += metrics[-1]["wall_time_s"] / metrics[-1].get("stacked_seeds", 1)
         result.curves[seed] = [(m["epoch"], m["test_bound"]) for m in metrics]
     result.steps_per_s = statistics.fmean(rates) if rates else None
     return result

@@ -183,9 +183,11 @@ def check_configs(configs: list[TrainConfig]) -> None:
 
 
 
-def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | None = None) -> list[dict | None]:
+def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | None = None,
+                  beside_finished: bool = False) -> list[dict | None]:
     """Train one run per configuration (same settings, distinct seeds) together into OUT/seed-<seed>, and
-    evaluate each; returns the evaluations (None where ``eval_k`` is 0)."""
+    evaluate each; returns the evaluations (None where ``eval_k`` is 0). OUT must be new or empty, or, with
+    ``beside_finished``, may hold the finished runs of other seeds (whose stack record the new one replaces)."""
     check_configs(configs)
     device = resolve_device(configs[0].device)
     dataset = train._load_data(configs[0], device)
@@ -194,7 +196,10 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     matmul = train.matmul_path(configs[0], dataset.train.shape[1], device)
     configs = [replace(c, matmul=matmul) for c in configs]
     with train._StopOnSignal() as stop:
-        rundir.create(out)
+        if beside_finished:
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            rundir.create(out)
         dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
         for config, path in zip(configs, dirs, strict=True):
             rundir.write_json(path / rundir.CONFIG, asdict(config))
