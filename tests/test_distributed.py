@@ -212,8 +212,8 @@ def test_a_grid_spread_over_two_ranks_writes_the_report_of_one_process(tiny_data
     assert all(status == 0 for status, _ in results), "\n".join(f"rank {r}: {status}\n{stderr}"
                                                              for r, (status, stderr) in enumerate(results))
     logs = [stderr for _, stderr in results]
-    assert "mnist-l1-iwae-k50: trained (1 seeds stacked) on rank 0 of 2" in logs[0]
-    assert "mnist-l1-vae-k1: trained (1 seeds stacked) on rank 1 of 2" in logs[1]
+    assert "mnist-l1-iwae-k50: trained (1 seed) on rank 0 of 2" in logs[0]
+    assert "mnist-l1-vae-k1: trained (1 seed) on rank 1 of 2" in logs[1]
     reproduce.run_table(TABLE, tmp_path / "one", GRID_OPTIONS, cells=tiny_grid(tiny_dataset), progress=False,
                         log=lambda line: None)
     measured = ("wall_time_s", "steps_per_s", "command")  # the command names the output directory
