@@ -121,3 +121,32 @@ def test_invalid_arguments_name_the_problem() -> None:
     for alpha in (math.nan, math.inf):
         with pytest.raises(ValueError, match="alpha must be a real number"):
             bounds.vr(log_w, alpha)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_weights_give_the_limits_not_nan(dtype: torch.dtype) -> None:
+    """A zero-probability sample (log w = -inf): every bound stays what its definition gives, never nan.
+
+    Column 0 holds one zero weight among finite ones, column 1 only zero weights. With a zero weight the
+    ELBO is -inf, IWAE and VR with alpha < 1 only lose that sample, VR with alpha > 1 (which averages w^(1 - alpha))
+    is -inf, and with only zero weights every bound is -inf.
+    """
+    log_w = torch.tensor([[-math.inf, -math.inf], [0.3, -math.inf], [-2.0, -math.inf]], dtype=dtype)
+    finite = log_w[1:, :1]
+    expected = {
+        ("iwae", None): bounds.iwae(finite)[0] - math.log(3 / 2),
+        ("elbo", None): -math.inf,
+        ("ciwae", 0.0): bounds.iwae(finite)[0] - math.log(3 / 2),
+        ("ciwae", 1.0): -math.inf,
+        ("ciwae", 0.3): -math.inf,
+        ("vr", 0.0): bounds.iwae(finite)[0] - math.log(3 / 2),
+        ("vr", 0.5): bounds.vr(finite, 0.5)[0] - math.log(3 / 2) / 0.5,
+        ("vr", -1.0): bounds.vr(finite, -1.0)[0] - math.log(3 / 2) / 2.0,
+        ("vr", 2.0): -math.inf,
+        ("vr", 1.0 + 1e-6): -math.inf,
+        ("vr", -math.inf): 0.3,
+    }
+    for (name, param), value in expected.items():
+        got = call(name, log_w, param)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, torch.tensor([float(value), -math.inf], dtype=dtype), msg=f"{name} {param}")

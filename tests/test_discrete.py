@@ -225,6 +225,25 @@ def test_vimco_baseline_is_the_geometric_mean_leave_one_out() -> None:
         torch.testing.assert_close(grad[i], bound - leave_one_out - w[i] / w.sum(0))
 
 
+def test_score_function_estimators_with_a_zero_probability_sample() -> None:
+    """Sample 0 has p(x, z_0) = 0: VIMCO's baseline for it is the others' (L_{-0} = log((w_1 + w_2 +
+    sqrt(w_1 w_2)) / 3)) and its q-gradient L - L_{-0}, the others' leave-one-out means are 0 (their w^_{-i}
+    includes w_0 = 0); RWS gives it no weight; the surrogates' values are finite."""
+    log_q = torch.randn(3, 1, dtype=torch.float64, requires_grad=True)
+    log_p = torch.tensor([[-math.inf], [-1.0], [-2.5]], dtype=torch.float64, requires_grad=True)
+    w = (log_p - log_q).detach().exp()
+    bound = torch.log(w.mean(0))
+    leave_one_out = torch.log(torch.stack([(w[1] + w[2] + (w[1] * w[2]).sqrt()) / 3, (w[0] + w[2]) / 3,
+                                           (w[0] + w[1]) / 3]))
+    expected = {"vimco": bound - leave_one_out - w / w.sum(0), "rws": w / w.sum(0)}
+    for name, surrogate in score_function.SURROGATES.items():
+        value = surrogate(log_p, log_q)
+        assert torch.isfinite(value).all(), name
+        grad_p, grad_q = torch.autograd.grad(value.sum(), (log_p, log_q))
+        torch.testing.assert_close(grad_q, expected[name], msg=name)
+        torch.testing.assert_close(grad_p, w / w.sum(0), msg=name)
+
+
 def test_rws_q_update_equals_its_definition_in_expectation() -> None:
     """The mean of 20000 RWS q-updates w.r.t. q's logits equals E[sum_i w~_i grad log q(z_i | x)], the
     wake-phase update, enumerated over all 16^4 configurations of k=4 samples (z < 4.5 per coordinate)."""

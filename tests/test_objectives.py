@@ -222,3 +222,37 @@ def test_piwae_trains_inference_on_miwae_and_generative_on_iwae(estimator: str) 
     inference, generative = estimator_gradients(model, x, 0, estimator, "piwae", k=12, m=3)
     torch.testing.assert_close(inference, estimator_gradients(model, x, 0, estimator, "miwae", k=12, m=3)[0])
     torch.testing.assert_close(generative, estimator_gradients(model, x, 0, estimator, "iwae", k=12)[1])
+
+
+class _BoundedSupportDecoder(torch.nn.Module):
+    """p(x | z) = Uniform(z - 1, z + 1) per unit: a sample z with |x - z| >= 1 has p(x, z) = 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, z: Tensor) -> torch.distributions.Distribution:
+        centre = self.scale * z
+        uniform = torch.distributions.Uniform(centre - 1, centre + 1, validate_args=False)
+        return torch.distributions.Independent(uniform, 1)
+
+
+@pytest.mark.parametrize(("objective", "estimator", "params"), [
+    *[("iwae", e, {}) for e in (*ESTIMATORS, "vimco", "rws")],
+    *[("vr", e, {"alpha": 0.5}) for e in ESTIMATORS], ("vr", "stl", {"alpha": -math.inf}),
+])
+@pytest.mark.filterwarnings("ignore:the data x lie outside the support")  # of p(x | z) for some z: the point here
+def test_a_zero_probability_sample_keeps_the_loss_finite(objective: str, estimator: str, params: dict) -> None:
+    """Bounds that stay finite when one of the K samples has p(x, z_i) = 0 give loss = -(mean bound) and
+    finite gradients (the zero-weight term is 0, not 0 * -inf = nan)."""
+    model = LinearGaussian(1, 1, generator=torch.Generator().manual_seed(0)).double()
+    model = DeepLatentModel([model.q], [_BoundedSupportDecoder()], model.decoder[1])
+    x = torch.tensor([[0.5], [-0.3]], dtype=torch.float64)
+    torch.manual_seed(3)
+    result = loss(model, x, objective, k=20, estimator=estimator, **params)
+    zero = torch.isinf(result.log_w)
+    assert zero.any(0).all() and not zero.all(0).any()  # every example has zero and positive weights
+    assert torch.isfinite(result.bound).all()
+    torch.testing.assert_close(result.loss.detach(), -result.bound.mean())
+    result.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

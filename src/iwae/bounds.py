@@ -6,7 +6,8 @@ Every function here takes ``log_w`` of shape ``(K, *batch)``, where
 
 and returns a tensor of shape ``batch``. Each is a stochastic lower bound on log p(x) in expectation
 (except ``vr`` with alpha < 0), computed stably for log-weights anywhere in [-1e5, 1e3] in float32 and
-float64: weights are only ever combined through ``logsumexp``.
+float64: weights are only ever combined through ``logsumexp``. A zero weight (log w_i = -inf, a sample of
+zero probability) counts as zero: the bounds are then what their definitions give (-inf for the ELBO), never nan.
 
 References:
   Burda, Grosse, Salakhutdinov (2016), Importance Weighted Autoencoders, ICLR.
@@ -101,6 +102,8 @@ def ciwae(log_w: Tensor, beta: float) -> Tensor:
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1]; got beta={beta}")
+    if beta in (0.0, 1.0):  # the end points themselves, so that 0 * (-inf) never enters (a zero weight)
+        return elbo(log_w) if beta else iwae(log_w)
     return beta * elbo(log_w) + (1.0 - beta) * iwae(log_w)
 
 
@@ -129,6 +132,9 @@ def vr(log_w: Tensor, alpha: float) -> Tensor:
     scale = 1.0 - alpha
     scaled = scale * log_w
     shift = scaled.amax(0)
+    # an infinite maximum (only zero weights, or a zero weight raised to 1 - alpha < 0) is not subtracted, as
+    # in logsumexp, so that the bound is -inf there rather than nan
+    shift = torch.where(shift.isfinite(), shift, 0.0)
     centred = scaled - shift
     # log (1/K) sum_i exp(centred_i), which is divided by (1 - alpha) below: near alpha = 1 the log1p form
     # keeps its relative precision; where one weight dominates, logsumexp does.

@@ -204,7 +204,7 @@ def loss(
         ratio = torch.where(a > 0, path / a, torch.zeros_like(a))
         for latent in z:
             _scale_path_gradient(latent, ratio)
-    surrogate = (a * log_p - path * log_q).sum(0)
+    surrogate = score_function.weighted_sum(a, log_p) - (path * log_q).sum(0)
     bound = obj.bound(log_w)
     per_example = surrogate - surrogate.detach() + bound
     return Loss(-(per_example.mean() if reduction == "mean" else per_example.sum()), bound, log_w)

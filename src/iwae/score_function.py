@@ -37,6 +37,13 @@ from torch import Tensor
 from iwae import bounds
 
 
+def weighted_sum(weights: Tensor, values: Tensor) -> Tensor:
+    """sum_i weights_i values_i over the samples (dim 0), a term of zero weight counting as zero even where its
+    value is -inf (a sample of zero probability, log p(x, z_i) = -inf): a surrogate's value then stays finite
+    wherever its bound is."""
+    return torch.where(weights != 0, weights * values, 0.0).sum(0)
+
+
 def vimco(log_p: Tensor, log_q: Tensor) -> Tensor:
     """The VIMCO surrogate per example (see the module docstring), shape ``batch``.
 
@@ -50,21 +57,22 @@ def vimco(log_p: Tensor, log_q: Tensor) -> Tensor:
     log_w = (log_p - log_q).detach()
     bound = bounds.iwae(log_w)
     weights = torch.softmax(log_w, 0)
-    # log w^_{-i}: the mean of the other K-1 log-weights, put in the place of log w_i
-    geometric = (log_w.sum(0) - log_w) / (k - 1)
     replaced = log_w.expand(k, *log_w.shape).clone()  # row i: the K log-weights with log w_i replaced
     diagonal = torch.arange(k, device=log_w.device)
-    replaced[diagonal, diagonal] = geometric
+    # log w^_{-i}: the mean of the other K-1 log-weights (summed without log w_i, not as the total minus it,
+    # which is nan where log w_i = -inf), put in the place of log w_i
+    replaced[diagonal, diagonal] = 0.0
+    replaced[diagonal, diagonal] = replaced.sum(1) / (k - 1)
     leave_one_out = torch.logsumexp(replaced, 1) - math.log(k)
     signal = bound - leave_one_out
-    return (weights * log_p + (signal - weights) * log_q).sum(0)
+    return weighted_sum(weights, log_p) + ((signal - weights) * log_q).sum(0)
 
 
 def rws(log_p: Tensor, log_q: Tensor) -> Tensor:
     """The reweighted wake-sleep surrogate per example (wake-phase q update; see the module docstring), shape
     ``batch``; arguments as for ``vimco``."""
     weights = torch.softmax((log_p - log_q).detach(), 0)
-    return (weights * (log_p + log_q)).sum(0)
+    return weighted_sum(weights, log_p + log_q)
 
 
 # the surrogate of each estimator, by the name ``objectives.loss`` takes
