@@ -40,7 +40,7 @@ from iwae.models import DeepLatentModel, GaussianLayer
 from iwae.step import TrainStep, make_adam
 from iwae.train import TrainConfig
 
-STACK = "stack.json"
+STACK = rundir.STACK
 NEXT = "checkpoint.next"
 # Settings in which the seeds of a stack may differ.
 PER_SEED = ("seed", "init_from")
