@@ -164,6 +164,8 @@ def test_generative_gradient_is_the_same_for_every_estimator() -> None:
     (["--objectives", "elbo"], "not diagnosed"),
     (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1; got -1"),
     (["--seed", str(2**64)], "--seed must be an integer from 0 to 2**63 - 1"),
+    (["--k", f"2,{10**11}"], f"diagnosing with --k {10**11} and --examples 256 needs about"),
+    (["--k", "2", "--examples", str(10**11)], f"diagnosing with --k 2 and --examples {10**11} needs about"),
 ])
 def test_bad_input_is_one_line(options: list[str], message: str, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:

@@ -326,6 +326,8 @@ def _run_diagnose(args: argparse.Namespace) -> None:
     for objective, m in settings:  # every setting is checked before any work is done
         diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
     if args.toy:
+        toy = GaussianToy()  # its dimension's parameters only, to estimate the memory before drawing the data
+        diagnostics.check_memory(toy, toy.mu.numel(), args.examples or 256, args.k, resolve_device("cpu"))
         x = GaussianToy.sample_data(args.examples or 256, seed=args.seed)
         model, title = GaussianToy.near_optimum(x, seed=args.seed), "Gaussian toy"
     else:
@@ -334,6 +336,7 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         config = state["config"]
         loaded = data.load(config["dataset"], config["data_dir"], split=config["data_split"]).to(device)
         x = evaluate.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
+        diagnostics.check_memory(model, x.shape[1], len(x), args.k, device)
         title = f"{args.run.name} (epoch {state['epoch']})"
     results = [
         diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
