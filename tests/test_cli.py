@@ -318,6 +318,23 @@ def test_a_run_too_large_for_memory_is_refused_at_once_with_nothing_written(tiny
     assert not run.exists()
 
 
+def test_stacked_seeds_too_large_for_memory_are_refused_with_nothing_written(tiny_dataset: str,
+                                                                           tmp_path: Path) -> None:
+    """As above, for a stack of seeds: each seed's steps need a lone run's memory."""
+    run = tmp_path / "stack"
+    command = [sys.executable, "-m", "iwae.cli", "train", "--dataset", tiny_dataset, "--k", "2000000", "--epochs", "1",
+               "--seeds", "2", "--device", "cpu", "--out", str(run)]
+    cap = 4 * 2**30
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    expected = (r"iwae: error: training --seeds 2 with --k 2000000 and --batch-size 20 needs about [\d.]+ [GT]B of "
+                r"memory, but [\d.]+ [KMGT]?B is available on cpu; use a smaller --k or --batch-size or --seeds")
+    assert re.fullmatch(expected, line), line
+    assert not run.exists()
+
+
 def test_evaluation_and_sampling_too_large_for_memory_are_refused(finished_run: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(path.name for path in finished_run.rglob("*"))
