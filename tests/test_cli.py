@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -205,6 +206,56 @@ def test_corrupt_checkpoint(damage: str, command: list[str], finished_run: Path,
     assert "weights_only" not in line.lower() and "weights only" not in line.lower()
 
 
+@pytest.mark.parametrize("command", [["evaluate"], ["sample"], ["diagnose", "snr"], ["train", "--init-from"]])
+def test_a_stacked_run_points_to_its_seeds(command: list[str], tiny_dataset: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    stack = tmp_path / "stack"
+    (stack / "seed-3").mkdir(parents=True)  # what iwae train --seeds 2 --seed 3 writes, but for the seeds' files
+    (stack / "seed-4").mkdir()
+    rundir.write_json(stack / rundir.STACK, {"seeds": [3, 4], "epoch": 1, "step": 0})
+    rest = ["--dataset", tiny_dataset, *TINY, "--out", str(tmp_path / "new")] if command[0] == "train" else [
+        "--out", str(tmp_path / "new")] if command[0] == "diagnose" else []
+    line = one_line_error(capsys, [*command, str(stack), *rest])
+    assert line == (f"iwae: error: {stack} holds a stacked run, whose seeds are run directories of their own; give "
+                    f"one of them, e.g. {stack / 'seed-3'}")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_file_given_as_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "file"
+    file.write_text("not a run")
+    assert f"no checkpoint in {file} (it is a file, not a directory)" in one_line_error(capsys, ["sample", str(file)])
+
+
+def test_seeds_do_not_apply_to_resuming_a_lone_run(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()}
+    line = one_line_error(capsys, ["train", "--resume", str(finished_run), "--seeds", "2"])
+    assert line == (f"iwae: error: --seeds starts a new stacked run; to continue the run in {finished_run}, drop "
+                    f"--seeds: iwae train --resume {finished_run}")
+    assert {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()} == before
+
+
+def test_damaged_lines_of_the_metrics_are_skipped(finished_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    whole = rundir.read_metrics(run)
+    with (run / rundir.METRICS).open("a") as file:
+        file.write('null\n{"epoch": 2}\n[1, 2]\n{"epoch": 2, "lr": 0.1, "train')  # damage, then a cut last line
+    assert rundir.read_metrics(run) == whole
+    assert main(["sample", str(run), "--n", "4", "--device", "cpu"]) == 0
+    rundir.truncate_metrics(run, 1)
+    assert rundir.read_metrics(run) == whole
+
+
+def test_reproduce_refuses_an_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    line = one_line_error(capsys, ["reproduce", "burda-table1", "--budget", "0.001", "--out", str(blocker)])
+    assert line.endswith(f"{blocker} is a file, not a directory; choose an --out that is a directory or does not "
+                         "exist yet")
+    assert blocker.read_text() == "a file, not a directory"
+
+
 def test_a_pytorch_file_that_is_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     run.mkdir()
@@ -263,6 +314,23 @@ def test_a_run_too_large_for_memory_is_refused_at_once_with_nothing_written(tiny
     (line,) = done.stderr.strip().splitlines()
     expected = (r"iwae: error: training with --k 2000000 and --batch-size 20 needs about [\d.]+ [GT]B of memory, "
                 r"but [\d.]+ [KMGT]?B is available on cpu; use a smaller --k or --batch-size")
+    assert re.fullmatch(expected, line), line
+    assert not run.exists()
+
+
+def test_stacked_seeds_too_large_for_memory_are_refused_with_nothing_written(tiny_dataset: str,
+                                                                           tmp_path: Path) -> None:
+    """As above, for a stack of seeds: each seed's steps need a lone run's memory."""
+    run = tmp_path / "stack"
+    command = [sys.executable, "-m", "iwae.cli", "train", "--dataset", tiny_dataset, "--k", "2000000", "--epochs", "1",
+               "--seeds", "2", "--device", "cpu", "--out", str(run)]
+    cap = 4 * 2**30
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    expected = (r"iwae: error: training --seeds 2 with --k 2000000 and --batch-size 20 needs about [\d.]+ [GT]B of "
+                r"memory, but [\d.]+ [KMGT]?B is available on cpu; use a smaller --k or --batch-size or --seeds")
     assert re.fullmatch(expected, line), line
     assert not run.exists()
 

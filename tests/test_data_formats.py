@@ -215,6 +215,7 @@ def test_user_npz_binary_is_static_and_keeps_its_splits(tmp_path):
         (np.zeros(10), "has shape (10,)"),
         (np.zeros((2, 3, 4)), "has shape (2, 3, 4)"),
         (np.zeros((0, 4)), "has shape (0, 4)"),
+        (np.zeros((4, 0)), "has shape (4, 0); expected (N, D) with one example per row, N and D >= 1"),
         (np.array([["a", "b"], ["c", "d"]]), "has dtype <U1"),
         (np.array([[0.5, np.nan], [0.0, 1.0]]), "NaN"),
         (np.array([[0, 255], [3, 4]], np.uint8), "values from 0 to 255"),

@@ -162,12 +162,28 @@ def test_generative_gradient_is_the_same_for_every_estimator() -> None:
     (["--estimators", "standard,reinforce"], "unknown estimator 'reinforce'"),
     (["--k", "1,x"], "comma-separated integers"),
     (["--objectives", "elbo"], "not diagnosed"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1; got -1"),
+    (["--seed", str(2**64)], "--seed must be an integer from 0 to 2**63 - 1"),
+    (["--k", f"2,{10**11}"], f"diagnosing with --k {10**11} and --examples 256 needs about"),
+    (["--k", "2", "--examples", str(10**11)], f"diagnosing with --k 2 and --examples {10**11} needs about"),
 ])
 def test_bad_input_is_one_line(options: list[str], message: str, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert message in one_line_error(capsys, ["diagnose", "snr", "--toy", *options, "--out", str(out)])
     assert not out.exists()
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused_before_the_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    for out in (blocker, blocker / "out"):
+        line = one_line_error(capsys, ["diagnose", "snr", "--toy", "--k", "1", "--out", str(out)])
+        assert line == (f"iwae: error: cannot write into {out}: {blocker} is a file, not a directory; choose an "
+                        "--out that is a directory or does not exist yet")
+        assert capsys.readouterr().out == ""  # refused before any gradient was drawn
+    assert blocker.read_text() == "a file, not a directory"
 
 
 def test_needs_a_run_or_the_toy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -53,6 +53,9 @@ def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.Capture
         (["--method", "bdmc", "--examples", "0"], "simulated examples must be positive; got 0"),
         (["--method", "ais", "--seed", "-1"], "--seed must be an integer from 0"),
         (["--method", "ais", "--split", "nope"], "unknown --split 'nope'"),
+        (["--method", "ais", "--chains", str(10**12)], f"AIS with --chains {10**12} and --batch-size 16 on --examples "
+         "16 needs about"),  # the tiny test split has 16
+        (["--method", "bdmc", "--examples", str(10**13)], f"on --examples {10**13} needs about"),
     ],
 )
 def test_bad_settings_get_one_line_and_write_nothing(options: list[str], message: str, run: Path,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from iwae.models import DeepLatentModel, burda, sbn, sbn_widths
-from iwae.rundir import CHECKPOINT, write_atomic
+from iwae.rundir import CHECKPOINT, STACK, write_atomic
 
 CHECKPOINT_FORMAT = 1
 
@@ -51,8 +51,15 @@ def load(run_dir: Path) -> dict[str, Any]:
             written by ``save``).
     """
     path = run_dir / CHECKPOINT
+    if not path.is_file() and (run_dir / STACK).is_file():
+        seeds = sorted(seed.name for seed in run_dir.glob("seed-*"))
+        raise CheckpointError(
+            f"{run_dir} holds a stacked run, whose seeds are run directories of their own; give one of them, "
+            f"e.g. {run_dir / (seeds[0] if seeds else 'seed-0')}"
+        )
     if not path.is_file():
-        reason = "the directory does not exist" if not run_dir.is_dir() else f"it holds no {CHECKPOINT}"
+        reason = ("it is a file, not a directory" if run_dir.is_file() else "the directory does not exist"
+                  if not run_dir.is_dir() else f"it holds no {CHECKPOINT}")
         raise CheckpointError(
             f"no checkpoint in {run_dir} ({reason}); give the directory of a run started with iwae train --out"
         )

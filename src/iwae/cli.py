@@ -33,7 +33,7 @@ from iwae import (
 from iwae.device import resolve_device
 from iwae.models import GaussianToy
 from iwae.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS
-from iwae.settings import SettingError
+from iwae.settings import SettingError, check_seed
 
 _DEFAULTS = {f.name: f.default for f in fields(train.TrainConfig) if f.default is not MISSING}
 
@@ -243,6 +243,9 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
         raise UsageError("give --out DIR or --resume DIR, not both: --out starts a new run, --resume continues one")
     if args.out is None and args.resume is None:
         raise UsageError("give --out DIR to start a new run, or --resume DIR to continue one")
+    if args.resume is not None and args.seeds is not None:
+        raise UsageError(f"--seeds starts a new stacked run; to continue the run in {args.resume}, drop --seeds: "
+                         f"iwae train --resume {args.resume}")
     if args.seeds is not None or (args.resume is not None and stacked.is_stacked(args.resume)):
         return _run_train_stacked(args, given)
     if args.resume is not None:
@@ -259,7 +262,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
     if args.resume is not None:
-        if set(given) - set(train.RUNTIME_KEYS) or args.seeds is not None:
+        if set(given) - set(train.RUNTIME_KEYS):
             raise UsageError(f"{args.resume} is a stacked run; resume it with --resume {args.resume} alone")
         results = stacked.resume_stacked(args.resume)
         out = args.resume
@@ -315,12 +318,16 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         raise UsageError("give a run directory RUN, or --toy for the built-in Gaussian toy (not both)")
     if args.examples is not None and args.examples < 1:
         raise UsageError(f"--examples must be a positive number; got {args.examples}")
+    check_seed(args.seed)
+    rundir.check_writable(args.out)
     estimators = args.estimators.split(",")
     settings = [(objective, m) for objective in args.objectives.split(",")
                 for m in (args.m if objective in ("miwae", "piwae") else [1])]  # M groups matter to these only
     for objective, m in settings:  # every setting is checked before any work is done
         diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
     if args.toy:
+        toy = GaussianToy()  # its dimension's parameters only, to estimate the memory before drawing the data
+        diagnostics.check_memory(toy, toy.mu.numel(), args.examples or 256, args.k, resolve_device("cpu"))
         x = GaussianToy.sample_data(args.examples or 256, seed=args.seed)
         model, title = GaussianToy.near_optimum(x, seed=args.seed), "Gaussian toy"
     else:
@@ -329,6 +336,7 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         config = state["config"]
         loaded = data.load(config["dataset"], config["data_dir"], split=config["data_split"]).to(device)
         x = evaluate.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
+        diagnostics.check_memory(model, x.shape[1], len(x), args.k, device)
         title = f"{args.run.name} (epoch {state['epoch']})"
     results = [
         diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
@@ -343,6 +351,7 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 def _run_reproduce(args: argparse.Namespace) -> None:
     options = reproduce.Options(budget=args.budget, seeds=args.seeds, eval_k=args.eval_k, device=args.device,
                                 data_dir=args.data_dir)
+    rundir.check_writable(args.out or Path(args.table))
     paths = reproduce.run_table(args.table, args.out or Path(args.table), options)
     for path in paths.values():
         print(path)

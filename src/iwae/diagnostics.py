@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from iwae import figures, rundir
+from iwae import figures, memory, rundir
 from iwae.device import seeded
 from iwae.objectives import REPARAMETERIZED_ESTIMATORS, Objective, loss
 
@@ -185,6 +185,15 @@ def check_settings(objective: str | Objective, estimators: Sequence[str], ks: Se
     if not isinstance(draws, int) or draws < 2:
         raise ValueError(f"draws must be an integer of at least 2 (a standard deviation needs two); got {draws}")
     return objective
+
+
+def check_memory(model: nn.Module, x_dim: int, examples: int, ks: Sequence[int], device: torch.device) -> None:
+    """Refuse (SettingError) a diagnosis whose data (``examples`` rows of ``x_dim`` float64 values) and gradient
+    passes (the largest K of ``ks`` samples for each example) would not fit in ``device``'s memory."""
+    k = max(ks)
+    needed = memory.pass_bytes(model, x_dim, k * examples, training=True) + 8 * examples * x_dim
+    memory.check_fits(needed, device, "diagnosing with {0} {k} and {1} {examples}", ("k", "examples"), k=k,
+                      examples=examples)
 
 
 def _flat_grad(params: list[nn.Parameter]) -> Tensor:

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from iwae import ais, checkpoint, evaluate, figures, rundir
+from iwae import ais, checkpoint, evaluate, figures, memory, rundir
 from iwae.device import resolve_device, seeded
 
 AIS_FILE = "eval_ais.json"
@@ -42,6 +43,15 @@ def _settings(steps: int, chains: int, leapfrog: int, start: str) -> dict[str, A
 def _diagnostics(result: ais.AISResult) -> dict[str, float]:
     return {"acceptance": result.acceptance.mean().item(), "ess": result.ess.mean().item(),
             "step_size": result.step_size.mean().item()}
+
+
+def check_memory(model: nn.Module, x_dim: int, *, chains: int, batch_size: int, examples: int,
+                 device: torch.device) -> None:
+    """Refuse (SettingError) an AIS run whose passes (a forward and a backward pass on ``chains`` x
+    ``batch_size`` rows) and ``examples`` examples would not fit in ``device``'s memory."""
+    needed = memory.pass_bytes(model, x_dim, chains * min(batch_size, examples), training=True) + 4 * examples * x_dim
+    memory.check_fits(needed, device, "AIS with {0} {chains} and {1} {batch_size} on {2} {examples}",
+                      ("chains", "batch_size", "examples"), chains=chains, batch_size=batch_size, examples=examples)
 
 
 def evaluate_ais(
@@ -80,6 +90,7 @@ def evaluate_ais(
     state, model, loaded, x = evaluate.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                                      examples=examples, device=device, seed=seed)
     ais.check_model(model, x, start)
+    check_memory(model, x.shape[1], chains=chains, batch_size=batch_size, examples=len(x), device=x.device)
     with seeded(seed, x.device):
         stats = evaluate.importance_statistics(model, x, k, batch_size=batch_size, progress=progress)
     sweep, result = [], None
@@ -136,6 +147,8 @@ def evaluate_bdmc(
     ais.check_settings(steps, chains, leapfrog, start)
     examples = DEFAULT_EXAMPLES if examples is None else examples
     state, model = checkpoint.load_model(run_dir, resolve_device(device))
+    check_memory(model, state["x_dim"], chains=chains, batch_size=batch_size, examples=examples,
+                 device=next(model.parameters()).device)
     began = time.perf_counter()
     result = ais.bdmc(model, examples, steps=steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
                       batch_size=batch_size, progress=progress)

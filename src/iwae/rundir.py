@@ -24,6 +24,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 FIGURES = "figures"
+METRIC_KEYS = ("epoch", "lr", "train_bound", "test_bound")  # in every epoch's record of RUN/metrics.jsonl
+STACK = "stack.json"  # in the directory of a stacked run, beside its seed-<s> run directories (iwae.stacked)
 
 
 class RunDirError(ValueError):
@@ -53,6 +55,20 @@ def create(run_dir: Path) -> Path:
             "choose an --out in a writable directory"
         ) from error
     return run_dir
+
+
+def check_writable(directory: Path) -> None:
+    """Raise RunDirError unless ``directory`` is a directory, or can be created as one, that this process may
+    write in; nothing is created, so a command can check its output directory before it starts its work."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"cannot write into {directory}: {existing} is a file, not a directory; choose an --out "
+                          "that is a directory or does not exist yet")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write into {directory}: {existing} is not writable; choose an --out in a "
+                          "writable directory")
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -90,16 +106,19 @@ def read_json(path: Path) -> Any:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-epoch metrics of a run, in order; an incomplete last line (a kill mid-write) is skipped."""
+    """The per-epoch metrics of a run, in order; a line that is not a whole epoch's record (an incomplete last
+    line after a kill mid-write, or a damaged one) is skipped."""
     path = run_dir / METRICS
     if not path.is_file():
         return []
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict) and all(key in record for key in METRIC_KEYS):
+            records.append(record)
     return records
 
 

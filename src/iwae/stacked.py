@@ -40,7 +40,7 @@ from iwae.models import DeepLatentModel, GaussianLayer
 from iwae.step import TrainStep, make_adam
 from iwae.train import TrainConfig
 
-STACK = "stack.json"
+STACK = rundir.STACK
 NEXT = "checkpoint.next"
 # Settings in which the seeds of a stack may differ.
 PER_SEED = ("seed", "init_from")
@@ -191,6 +191,7 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     check_configs(configs)
     device = resolve_device(configs[0].device)
     dataset = train._load_data(configs[0], device)
+    train.check_memory(configs[0], dataset.train.shape[1], device, seeds=len(configs))
     configs = [train.resolve_compile(replace(c, device=str(device)), len(dataset.train), len(configs)) for c in configs]
     # the path a lone run of these settings takes, so that each seed multiplies as its lone run does
     matmul = train.matmul_path(configs[0], dataset.train.shape[1], device)
@@ -235,6 +236,7 @@ def resume_stacked(out: Path, *, progress: bool | None = None) -> list[dict | No
         print(f"iwae: {out} finished all {configs[0].epochs} epochs already", file=sys.stderr)
         return [rundir.read_json(d / rundir.EVAL) if c.eval_k else None for d, c in zip(dirs, configs, strict=True)]
     dataset = train._load_data(configs[0], device)
+    train.check_memory(configs[0], states[0]["x_dim"], device, seeds=len(configs))
     with train._StopOnSignal() as stop:
         for path, state in zip(dirs, states, strict=True):
             rundir.truncate_metrics(path, state["epoch"])

@@ -256,16 +256,21 @@ def _load_data(config: TrainConfig, device: torch.device) -> data.Dataset:
     return dataset
 
 
-def check_memory(config: TrainConfig, x_dim: int, device: torch.device) -> None:
+def check_memory(config: TrainConfig, x_dim: int, device: torch.device, seeds: int = 1) -> None:
     """Refuse (SettingError) a run whose training steps, per-epoch monitoring or final evaluation would not fit
-    in ``device``'s memory, estimated from the model's layer widths, k and the batch size without allocating."""
+    in ``device``'s memory, estimated from the model's layer widths, k and the batch size without allocating;
+    ``seeds`` stacked seeds (``iwae.stacked``) each need a lone run's memory for their steps."""
     with torch.device("meta"):
         model = checkpoint.build_model(asdict(config), x_dim)
     # the monitor and the final evaluation pass over at most max(k, PASS_ROWS) rows, without gradients
-    needed = max(memory.pass_bytes(model, x_dim, config.k * config.batch_size, training=True),
+    needed = max(seeds * memory.pass_bytes(model, x_dim, config.k * config.batch_size, training=True),
                  memory.pass_bytes(model, x_dim, max(config.k, evaluate.PASS_ROWS), training=False))
-    memory.check_fits(needed, device, "training with {0} {k} and {1} {batch_size}", ("k", "batch_size"),
-                      k=config.k, batch_size=config.batch_size)
+    if seeds == 1:
+        memory.check_fits(needed, device, "training with {0} {k} and {1} {batch_size}", ("k", "batch_size"),
+                          k=config.k, batch_size=config.batch_size)
+    else:
+        memory.check_fits(needed, device, "training {2} {seeds} with {0} {k} and {1} {batch_size}",
+                          ("k", "batch_size", "seeds"), k=config.k, batch_size=config.batch_size, seeds=seeds)
 
 
 def matmul_path(config: TrainConfig, x_dim: int, device: torch.device) -> str:

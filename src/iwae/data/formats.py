@@ -144,7 +144,7 @@ def read_user_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def check_unit_interval(array: np.ndarray, label: str) -> np.ndarray:
-    """``array`` if it is a real-valued (N, D) array with N >= 1 and finite values in [0, 1].
+    """``array`` if it is a real-valued (N, D) array with N, D >= 1 and finite values in [0, 1].
 
     Raises:
         DataError: naming ``label``, for the wrong number of dimensions, a non-numeric dtype, NaN or
@@ -155,8 +155,8 @@ def check_unit_interval(array: np.ndarray, label: str) -> np.ndarray:
             f"{label} has shape {array.shape}; expected (N, D) with one example per row: flatten images with "
             "x.reshape(len(x), -1)."
         )
-    if array.ndim != 2 or array.shape[0] == 0:
-        raise DataError(f"{label} has shape {array.shape}; expected (N, D) with one example per row.")
+    if array.ndim != 2 or 0 in array.shape:
+        raise DataError(f"{label} has shape {array.shape}; expected (N, D) with one example per row, N and D >= 1.")
     if array.dtype.kind not in "biuf":
         raise DataError(f"{label} has dtype {array.dtype}; expected real numbers in [0, 1].")
     if not np.isfinite(array).all():
