@@ -201,6 +201,7 @@ def test_continued_run_starts_from_the_base_runs_parameters(finished: tuple[Path
     (["reproduce", "dreg", "--budget", "nan"], "--budget must be a positive fraction"),
     (["reproduce", "dreg", "--seeds", "0"], "--seeds must be a positive number"),
     (["reproduce", "dreg", "--eval-k", "0"], "--eval-k must be a positive number"),
+    (["reproduce", "dreg", "--device", "tpu"], "unknown device 'tpu'; choose cpu, cuda or auto"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv: list[str], message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

@@ -131,6 +131,7 @@ def check(table: str, options: Options) -> None:
         raise ValueError(f"--seeds must be a positive number of seeds; got {options.seeds}")
     if not isinstance(options.eval_k, int) or options.eval_k < 1:
         raise ValueError(f"--eval-k must be a positive number of samples; got {options.eval_k}")
+    resolve_device(options.device)  # an unknown or absent device is refused before any data is read
 
 
 def cell_config(cell: Cell, seed: int, options: Options, out: Path) -> TrainConfig:
