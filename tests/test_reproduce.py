@@ -110,6 +110,15 @@ def test_a_command_with_another_budget_is_refused_before_anything_runs(
     assert stamps == {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
 
 
+def test_a_run_directory_is_refused_as_the_grids_out(finished: tuple[Path, list[str]], tiny_dataset: str) -> None:
+    run = reproduce.run_dir(finished[0], "mnist-l1-vae-k1", 0)
+    for out in (run, run.parent):  # a lone run, and a stacked one
+        with pytest.raises(ValueError, match="holds a training run, not a grid's runs"):
+            reproduce.run_table(TABLE, out, OPTIONS, cells=tiny_grid(tiny_dataset), progress=False,
+                                log=lambda line: None)
+        assert not (out / "mnist-l1-vae-k1").exists()
+
+
 def test_more_seeds_are_trained_beside_the_finished_ones(
     finished: tuple[Path, list[str]], tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -218,6 +218,8 @@ def _seeds_text(seeds: int) -> str:
 def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out: Path, device: str) -> None:
     """Raise ValueError if a run already in ``out`` was started with settings other than these (another
     --budget, --eval-k or --device): continuing it, or reporting it, under this command's would mislabel it."""
+    if (out / rundir.CHECKPOINT).is_file() or stacked.is_stacked(out):
+        raise ValueError(f"{out} holds a training run, not a grid's runs; give the grid an --out of its own")
     names = {"schedule_scale": "--budget", "epochs": "--budget", "eval_k": "--eval-k", "device": "--device"}
     for cell in cells:
         for config in configs[cell.name]:
