@@ -170,9 +170,10 @@ def test_sample_options_are_named_as_typed(options: list[str], message: str, fin
 def test_unwritable_output_directory(tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    line = one_line_error(capsys, ["train", "--dataset", tiny_dataset, *TINY, "--out", str(blocker / "run")])
-    assert f"cannot create or write the run directory {blocker / 'run'}" in line
-    assert "choose an --out in a writable directory" in line
+    for out in (blocker, blocker / "run"):
+        line = one_line_error(capsys, ["train", "--dataset", tiny_dataset, *TINY, "--out", str(out)])
+        assert f"cannot write into {out}: {blocker} is a file, not a directory" in line
+        assert "choose an --out that is a directory or does not exist yet" in line
 
 
 def test_an_existing_run_is_never_overwritten(finished_run: Path, tiny_dataset: str,

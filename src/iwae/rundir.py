@@ -44,6 +44,7 @@ def create(run_dir: Path) -> Path:
             f"run directory {run_dir} already exists and is not empty; choose a new --out, "
             f"or continue that run with: iwae train --resume {run_dir}"
         )
+    check_writable(run_dir)  # names a file in the way
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
