@@ -265,12 +265,10 @@ def check_memory(config: TrainConfig, x_dim: int, device: torch.device, seeds: i
     # the monitor and the final evaluation pass over at most max(k, PASS_ROWS) rows, without gradients
     needed = max(seeds * memory.pass_bytes(model, x_dim, config.k * config.batch_size, training=True),
                  memory.pass_bytes(model, x_dim, max(config.k, evaluate.PASS_ROWS), training=False))
-    if seeds == 1:
-        memory.check_fits(needed, device, "training with {0} {k} and {1} {batch_size}", ("k", "batch_size"),
-                          k=config.k, batch_size=config.batch_size)
-    else:
-        memory.check_fits(needed, device, "training {2} {seeds} with {0} {k} and {1} {batch_size}",
-                          ("k", "batch_size", "seeds"), k=config.k, batch_size=config.batch_size, seeds=seeds)
+    what, names = "training with {0} {k} and {1} {batch_size}", ("k", "batch_size")
+    if seeds > 1:  # a stack's message names its seeds among the settings to make smaller
+        what, names = "training {2} {seeds} with {0} {k} and {1} {batch_size}", (*names, "seeds")
+    memory.check_fits(needed, device, what, names, k=config.k, batch_size=config.batch_size, seeds=seeds)
 
 
 def matmul_path(config: TrainConfig, x_dim: int, device: torch.device) -> str:
