@@ -250,6 +250,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
       The paths of the report files (none on ranks other than 0).
     """
     check(table, options)
+    rundir.check_writable(out)
     cells = GRIDS[table]() if cells is None else cells
     say = log or (lambda line: print(f"iwae: {line}", file=sys.stderr))
     missing = {}
