@@ -169,6 +169,19 @@ def test_single_pass_dreg_equals_slow_reference_on_two_layer_model() -> None:
     torch.testing.assert_close(generative, -torch.cat([g.flatten() for g in expected_generative]) / 3)
 
 
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+def test_frozen_log_q_evaluates_only_the_layers_above_the_first_again(estimator: str) -> None:
+    """With x a constant, q(z_1 | x) with frozen parameters is q(z_1 | x) with its parameters detached: the
+    first encoder layer runs once per step; q(z_2 | z_1) is evaluated again (it is differentiable in z_1)."""
+    torch.manual_seed(0)
+    model = burda(2, x_dim=40)
+    calls: list[torch.nn.Module] = []
+    for layer in model.encoder:
+        layer.register_forward_hook(lambda module, inputs, output: calls.append(module))
+    loss(model, (torch.rand(3, 40) < 0.3).float(), "iwae", 5, estimator)
+    assert [calls.count(layer) for layer in model.encoder] == [1, 2]
+
+
 def test_loss_value_is_minus_the_bound() -> None:
     model = burda(1, x_dim=20)
     x = (torch.rand(4, 20) < 0.5).float()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, Normal
 from torch.func import functional_call
 
 
@@ -111,7 +111,7 @@ class DeepLatentModel(nn.Module):
         log_q = torch.zeros((), dtype=x.dtype, device=x.device)
         for layer, q, given, value in zip(self.encoder, sample.q, [x, *z[:-1]], z, strict=True):
             if stop_gradient:
-                q = _frozen_call(layer, given)
+                q = _frozen(layer, given, q)
             log_q = log_q + q.log_prob(value)
         return log_q
 
@@ -121,10 +121,25 @@ class DeepLatentModel(nn.Module):
         return self.log_joint(x, sample.z) - self.log_posterior(x, sample)
 
 
-def _frozen_call(layer: nn.Module, given: Tensor) -> Distribution:
-    """``layer(given)`` with the layer's parameters detached; differentiable in ``given`` only."""
+def _frozen(layer: nn.Module, given: Tensor, q: Distribution) -> Distribution:
+    """``q = layer(given)`` with the layer's parameters detached; differentiable in ``given`` only. Where ``given``
+    is a constant (x), that is ``q`` with its parameters detached (for Gaussians; other kinds are re-evaluated
+    without autograd), so the layer is not evaluated a second time."""
     if not given.requires_grad:
+        detached = _detached(q)
+        if detached is not None:
+            return detached
         with torch.no_grad():
             return layer(given)
     params = {name: p.detach() for name, p in layer.named_parameters()}
     return functional_call(layer, params, (given,))
+
+
+def _detached(q: Distribution) -> Distribution | None:
+    """A Gaussian ``q`` (``Normal``, or ``Independent`` over one) with its parameters detached; None otherwise."""
+    if isinstance(q, Independent):
+        base = _detached(q.base_dist)
+        return None if base is None else Independent(base, q.reinterpreted_batch_ndims, validate_args=False)
+    if isinstance(q, Normal):
+        return Normal(q.loc.detach(), q.scale.detach(), validate_args=False)
+    return None
