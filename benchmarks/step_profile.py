@@ -15,6 +15,10 @@ and prints each category's time per step; "outside kernels" is the profiled step
 time (dispatch, guards, argument handling, thread hand-offs). The profilers add their own cost to each record,
 so the unprofiled step time (interleaved rounds, as in throughput.py) is printed beside them.
 
+On a CPU iwae's compiled program calls its kernels from C++ (inductor's ``cpp_wrapper``), past the profiler's
+records of matrix products; so the profiled iwae step is the same program with its kernels called from Python
+(the same kernels), and the unprofiled time of both is printed: their difference is what the C++ wrapper saves.
+
     python benchmarks/step_profile.py [--layers 1] [--k 1] [--batch 20] [--steps 200] [--rounds 5]
 """
 
@@ -32,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch._inductor.config
 from throughput import (
     X_DIM,
     Runner,
@@ -48,6 +51,9 @@ from throughput import (
 from iwae import heap
 
 CATEGORIES = ("GEMM", "update", "elementwise", "random")
+# the profiled iwae step: its kernels called from Python, each inductor kernel with a profiler record of its own
+# (the records cost the step as it runs, with its kernels called from C++, about 10 % at K=1, B=20)
+PROFILED = {"cpp_wrapper": False, "cpp.enable_kernel_profile": True}
 
 
 def torch_category(name: str) -> str | None:
@@ -133,30 +139,35 @@ def main() -> None:
     if not (installed("numpyro") and installed("jax")):
         raise SystemExit("step_profile.py compares against NumPyro: pip install -e '.[bench]'")
     heap.retain_freed_memory()
-    torch._inductor.config.cpp.enable_kernel_profile = True  # one profiler record per inductor kernel
     x = (torch.rand(args.batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
     path = choose_matmul(args.layers, args.batch, args.k)
     model = initial_model(args.layers, x)
     weights = {name: p.detach().numpy().T.copy() for name, p in model.named_parameters()}
-    runners = {"iwae compiled": iwae_runner(model, x, args.k, "standard", compile=True),
-               "numpyro": numpyro_runner(weights, args.layers, x, args.k)}
+    profiled = {"iwae compiled": iwae_runner(initial_model(args.layers, x), x, args.k, "standard", compile=True,
+                                             inductor_options=PROFILED),
+                "numpyro": numpyro_runner(weights, args.layers, x, args.k)}
+    runners = {**profiled, "iwae, C++ wrapper": iwae_runner(model, x, args.k, "standard", compile=True)}
     for run in runners.values():
         run(args.steps)  # compilation and warm-up
     seconds = interleaved({name: (run, args.steps) for name, run in runners.items()}, args.rounds)
     step_us = {name: 1e6 * statistics.median(s) for name, s in seconds.items()}
-    kernels = {"iwae compiled": profile_torch(runners["iwae compiled"], args.steps),
-               "numpyro": profile_jax(runners["numpyro"], args.steps, numpyro_program(weights, args.layers, x, args.k))}
+    program = numpyro_program(weights, args.layers, x, args.k)
+    kernels = {"iwae compiled": profile_torch(profiled["iwae compiled"], args.steps),
+               "numpyro": profile_jax(profiled["numpyro"], args.steps, program)}
     print(f"{args.layers}-layer model, K={args.k}, B={args.batch}, {torch.get_num_threads()} threads, torch {path} "
-          f"matmul; microseconds per step under the profilers, and the unprofiled step (median of {args.rounds} "
-          "interleaved rounds)")
-    print(f"{'':<18}" + "".join(f"{name:>15}" for name in runners))
+          f"matmul; microseconds per step under the profilers (iwae's kernels called from Python), and the "
+          f"unprofiled step (median of {args.rounds} interleaved rounds)")
+    print(f"{'':<18}" + "".join(f"{name:>15}" for name in profiled))
     for category in CATEGORIES:
-        print(f"{category:<18}" + "".join(f"{kernels[name][category]:15.0f}" for name in runners))
-    outside = {n: kernels[n]["step"] - sum(kernels[n][c] for c in CATEGORIES) for n in runners}
-    print(f"{'outside kernels':<18}" + "".join(f"{outside[name]:15.0f}" for name in runners))
-    print(f"{'profiled step':<18}" + "".join(f"{kernels[name]['step']:15.0f}" for name in runners))
-    print(f"{'unprofiled step':<18}" + "".join(f"{step_us[name]:15.0f}" for name in runners))
-    print(f"{'examples/s':<18}" + "".join(f"{1e6 * args.batch / step_us[name]:15.0f}" for name in runners))
+        print(f"{category:<18}" + "".join(f"{kernels[name][category]:15.0f}" for name in profiled))
+    outside = {n: kernels[n]["step"] - sum(kernels[n][c] for c in CATEGORIES) for n in profiled}
+    print(f"{'outside kernels':<18}" + "".join(f"{outside[name]:15.0f}" for name in profiled))
+    print(f"{'profiled step':<18}" + "".join(f"{kernels[name]['step']:15.0f}" for name in profiled))
+    print(f"{'unprofiled step':<18}" + "".join(f"{step_us[name]:15.0f}" for name in profiled))
+    print(f"{'examples/s':<18}" + "".join(f"{1e6 * args.batch / step_us[name]:15.0f}" for name in profiled))
+    wrapped = step_us["iwae, C++ wrapper"]
+    print(f"iwae's step as it runs (kernels called from C++): {wrapped:.0f} us unprofiled, "
+          f"{1e6 * args.batch / wrapped:.0f} examples/s")
 
 
 if __name__ == "__main__":

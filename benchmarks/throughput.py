@@ -145,8 +145,10 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor, k: int) -> int:
 
 # --- the contenders ------------------------------------------------------------------------------------------
 
-def iwae_runner(model: torch.nn.Module, x: torch.Tensor, k: int, estimator: str, compile: bool) -> Runner:
-    step = TrainStep(model, make_adam(model, LR, BETAS, EPS), Objective("iwae", k), estimator, compile=compile)
+def iwae_runner(model: torch.nn.Module, x: torch.Tensor, k: int, estimator: str, compile: bool,
+                inductor_options: dict[str, object] | None = None) -> Runner:
+    step = TrainStep(model, make_adam(model, LR, BETAS, EPS), Objective("iwae", k), estimator, compile=compile,
+                     inductor_options=inductor_options)
 
     def run(n: int) -> None:
         for _ in range(n):

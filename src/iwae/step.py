@@ -59,12 +59,14 @@ class TrainStep:
         (``distributed.all_reduce_sum``): applied to the gradients of this rank's rows and their summed bound, so
         that every rank takes the step of the whole global batch; inside the compiled program.
       what: the step's name in the message that reports its compile time.
+      inductor_options: inductor settings that replace the step's own (e.g. ``{"cpp_wrapper": False}``: the
+        program's kernels called from Python, where torch's profiler records each matrix product).
     """
 
     def __init__(self, model: DeepLatentModel, optimizer: torch.optim.Adam, objective: Objective, estimator: str,
                  *, compile: bool | str | Callable[..., object] = False, reduction: str = "sum",
                  bound_shape: tuple[int, ...] = (), all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
-                 what: str = "the training step") -> None:
+                 what: str = "the training step", inductor_options: dict[str, object] | None = None) -> None:
         objective.check_estimator(estimator)
         if len(optimizer.param_groups) != 1:
             raise ValueError("TrainStep needs an Adam optimizer with one parameter group")
@@ -93,7 +95,7 @@ class TrainStep:
             # of a few microseconds each, and even at K = 50); autograd.grad traced into the graph
             self._run = Compiled(self._step, what, backend=backend,
                                  options={"fallback_random": True, "triton.cudagraphs": device.type == "cuda",
-                                          "cpp_wrapper": device.type == "cpu"},
+                                          "cpp_wrapper": device.type == "cpu", **(inductor_options or {})},
                                  dynamo_config={"trace_autograd_ops": True})
 
     @property
