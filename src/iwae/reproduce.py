@@ -221,6 +221,7 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
     if (out / rundir.CHECKPOINT).is_file() or stacked.is_stacked(out):
         raise ValueError(f"{out} holds a training run, not a grid's runs; give the grid an --out of its own")
     names = {"schedule_scale": "--budget", "epochs": "--budget", "eval_k": "--eval-k", "device": "--device"}
+    asked_device = None if device == "auto" else str(resolve_device(device))
     for cell in cells:
         for config in configs[cell.name]:
             path = run_dir(out, cell.name, config.seed)
@@ -228,7 +229,7 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
                 continue
             saved, wanted = rundir.read_json(path / rundir.CONFIG), asdict(config)
             # a run continues on the device it started on, unless this command names another
-            wanted["device"] = saved.get("device") if device == "auto" else str(resolve_device(device))
+            wanted["device"] = saved.get("device") if asked_device is None else asked_device
             differing = [key for key, value in wanted.items()
                          if key not in (*train.RUNTIME_KEYS, "matmul", "init_from") and saved.get(key) != value]
             if differing:

@@ -92,7 +92,7 @@ class TrainStep:
                     torch._dynamo.mark_static_address(t)
             # eager's random draws; on a GPU, the step as a CUDA graph; on a CPU, the program's calls of its kernels
             # in C++ (``cpp_wrapper``: measured 4-20 % faster at K <= 5, where a step is a few hundred kernel calls
-            # of a few microseconds each, and even at K = 50); autograd.grad traced into the graph
+            # of a few microseconds each, and the same at K = 50); autograd.grad traced into the graph
             self._run = Compiled(self._step, what, backend=backend,
                                  options={"fallback_random": True, "triton.cudagraphs": device.type == "cuda",
                                           "cpp_wrapper": device.type == "cpu", **(inductor_options or {})},
