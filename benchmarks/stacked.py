@@ -30,22 +30,23 @@ from iwae.stacked import SeedNoise, stack_models
 from iwae.step import TrainStep, make_adam
 
 
-def make_step(seeds: int, k: int, batch_size: int, compile: bool) -> Callable[[], None]:
-    """One training step of ``seeds`` stacked seeds (a lone model for 1), warmed up (compiled if asked)."""
+def make_step(seeds: int, k: int, batch_size: int, compile: bool, device: str = "cpu") -> Callable[[], None]:
+    """One training step of ``seeds`` stacked seeds (a lone model for 1) on ``device``, warmed up (compiled if
+    asked; on a GPU, as a CUDA graph)."""
     models = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        models.append(burda(1, 784))
-    noise = SeedNoise([torch.Generator().manual_seed(s) for s in range(seeds)])
+        models.append(burda(1, 784).to(device))
+    noise = SeedNoise([torch.Generator(device).manual_seed(s) for s in range(seeds)])
     model = models[0] if seeds == 1 else stack_models(models, noise)
     shape = (batch_size, 784) if seeds == 1 else (seeds, batch_size, 784)
     optimizer = make_adam(model, 1e-3, (0.9, 0.999), 1e-4)
     step = TrainStep(model, optimizer, Objective("iwae", k), "standard", compile=compile, bound_shape=shape[:-2])
-    x = (torch.rand(shape) < 0.5).float()
+    x = (torch.rand(shape, device=device) < 0.5).float()
 
     def run() -> None:
         if seeds > 1:
-            noise.draw(k, batch_size)
+            noise.draw(k, batch_size, device=device)
         step(x)
 
     for _ in range(3):  # compilation and warm-up

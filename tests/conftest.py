@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from iwae.data import datasets
+
+# tests of the GPU's paths (CUDA graphs, its generators), run wherever a GPU is
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="session")

@@ -211,6 +211,8 @@ def test_continued_run_starts_from_the_base_runs_parameters(finished: tuple[Path
     (["reproduce", "dreg", "--seeds", "0"], "--seeds must be a positive number"),
     (["reproduce", "dreg", "--eval-k", "0"], "--eval-k must be a positive number"),
     (["reproduce", "dreg", "--device", "tpu"], "unknown device 'tpu'; choose cpu, cuda or auto"),
+    (["reproduce", "dreg", "--cells", "dreg-k5", "iwae-k5"], "--cells: dreg has no cell 'iwae-k5'; its cells are "
+                                                             "standard-k1, standard-k5"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv: list[str], message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -232,3 +234,20 @@ def test_every_table_has_a_grid_with_published_values_for_its_cells() -> None:
         for cell in cells:  # every cell is a valid configuration at a reduced budget
             reproduce.cell_config(cell, 0, Options(budget=0.01), Path("out"))
     assert len(reproduce.GRIDS["burda-table1"]()) == 24 and len(reproduce.GRIDS["dreg"]()) == 9
+
+
+def test_cells_selects_part_of_a_table_with_the_cells_they_continue() -> None:
+    assert reproduce.select("burda-table1", None) == reproduce.GRIDS["burda-table1"]()
+    picked = reproduce.select("burda-table1", ("mnist-l1-iwae-k50", "mnist-l1-vae-k1"))
+    assert [cell.name for cell in picked] == ["mnist-l1-vae-k1", "mnist-l1-iwae-k50"]  # in the table's order
+    continued = reproduce.select("burda-table2", ("iwae-k50-to-vae-k1",))
+    assert [cell.name for cell in continued] == ["mnist-l1-iwae-k50", "iwae-k50-to-vae-k1"]
+
+
+def test_a_report_of_some_cells_says_how_it_was_made(tiny_dataset: str, tmp_path: Path) -> None:
+    cells = tiny_grid(tiny_dataset)[:2]
+    options = replace(OPTIONS, seeds=1, cells=("mnist-l1-iwae-k50",))
+    paths = reproduce.run_table(TABLE, tmp_path, options, cells=cells[1:], progress=False, log=lambda line: None)
+    report = paths["md"].read_text()
+    assert "--cells mnist-l1-iwae-k50`" in report
+    assert "| mnist-l1-iwae-k50 |" in report and "mnist-l1-vae-k1" not in report

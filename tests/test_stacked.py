@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CUDA
 
 from iwae import checkpoint, cli, evaluate, rundir, stacked, train
 
@@ -29,6 +30,7 @@ def config(dataset: str, seed: int, **overrides: object) -> train.TrainConfig:
     {"objective": "iwae", "estimator": "dreg"},
     {"objective": "piwae", "m": 2, "estimator": "standard", "layers": 2},
     {"objective": "iwae", "estimator": "standard", "compile": True},
+    pytest.param({"objective": "iwae", "estimator": "dreg", "compile": True, "device": "cuda"}, marks=CUDA, id="cuda"),
 ])
 def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, settings: dict) -> None:
     # 13 epochs of 8 steps: 104 Adam steps. Batched and unbatched matrix multiplies round differently, so the
@@ -45,8 +47,8 @@ def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, setti
         for name, value in theirs["model"].items():
             torch.testing.assert_close(ours["model"][name], value, rtol=0, atol=2e-5)
         # the seeds' generators are where the lone run's are: the same draws follow
-        for key in ("cpu", "data"):
-            assert torch.equal(ours["rng"][key], theirs["rng"][key])
+        for key in ("cpu", "data", *(["cuda"] if settings.get("device") == "cuda" else [])):
+            assert torch.equal(ours["rng"][key], theirs["rng"][key]), key
         bounds = [m["test_bound"] for m in rundir.read_metrics(tmp_path / f"lone-{lone.seed}")]
         stacked_bounds = [m["test_bound"] for m in rundir.read_metrics(tmp_path / "stack" / f"seed-{lone.seed}")]
         assert stacked_bounds == pytest.approx(bounds, abs=1e-3)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CUDA
 from test_train import assert_same_parameters, interrupt_at_call, tiny_config
 
 from iwae import checkpoint, gemm, train
@@ -55,10 +56,10 @@ def assert_close_in_float32(a: torch.Tensor, b: torch.Tensor, what: str) -> None
 
 
 def assert_steps_agree(model: torch.nn.Module, x: torch.Tensor, objective: str, estimator: str, k: int,
-                       backend: str) -> None:
+                       backend: str, steps: int = 2) -> None:
     spec = Objective(objective, k, **PARAMS[objective])
-    eager, eager_step, eager_grads = run_steps(model, x, spec, estimator, compile=False)
-    compiled, compiled_step, compiled_grads = run_steps(model, x, spec, estimator, compile=backend)
+    eager, eager_step, eager_grads = run_steps(model, x, spec, estimator, compile=False, steps=steps)
+    compiled, compiled_step, compiled_grads = run_steps(model, x, spec, estimator, compile=backend, steps=steps)
     assert compiled_step.compiled and compiled_step.compile_seconds is not None
     assert compiled_step.bound_sum.item() == pytest.approx(eager_step.bound_sum.item(), rel=1e-5)
     for name, a, b in zip(dict(model.named_parameters()), eager_grads, compiled_grads, strict=True):
@@ -99,6 +100,41 @@ def test_inductor_step_equals_eager() -> None:
     torch.manual_seed(0)
     x = (torch.rand(4, 784) < 0.3).float()
     assert_steps_agree(burda(1, train_mean=x.mean(0)), x, "iwae", "dreg", k=4, backend="inductor")
+
+
+@CUDA
+@pytest.mark.parametrize(("layers", "objective", "estimator"), [(1, "iwae", "standard"), *BURDA_CASES])
+def test_cuda_graph_step_equals_eager(layers: int, objective: str, estimator: str) -> None:
+    """On a GPU the compiled step runs as a CUDA graph: its first call warms up, the second records the graph and
+    later ones replay it, drawing their random numbers (graph-safe) as the eager step does."""
+    torch.manual_seed(0)
+    x = (torch.rand(4, 784, device="cuda") < 0.3).float()
+    model = burda(layers, train_mean=x.mean(0)).cuda()
+    assert_steps_agree(model, x, objective, estimator, k=4, backend="inductor", steps=5)
+
+
+@CUDA
+def test_cuda_graph_follows_the_learning_rate_schedule() -> None:
+    """The learning rate is a device tensor that the graph reads: changing it needs no new graph, and the
+    replayed steps take the eager step's updates at each rate."""
+    torch.manual_seed(0)
+    x = (torch.rand(4, 784, device="cuda") < 0.3).float()
+    model = burda(1, train_mean=x.mean(0)).cuda()
+    results = []
+    for compile in (False, True):
+        copied = copy.deepcopy(model)
+        step = TrainStep(copied, make_adam(copied, 1e-3, (0.9, 0.999), 1e-4), Objective("iwae", 4), "dreg",
+                         compile=compile)
+        for i, lr in enumerate((1e-3, 1e-3, 1e-3, 3e-4, 3e-4, 1e-4)):
+            step.set_lr(lr)
+            torch.manual_seed(100 + i)
+            step(x)
+            if i == 2:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        results.append(copied)
+    for (name, a), b in zip(results[0].named_parameters(), results[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
 def test_a_failed_compilation_warns_once_and_trains_eagerly() -> None:
@@ -194,9 +230,10 @@ def test_auto_compiles_long_runs_only(tiny_dataset: str, tmp_path: Path) -> None
     assert checkpoint.load(tmp_path / "run")["config"]["compile"] is False  # resolved and recorded
 
 
-def test_a_compiled_run_resumes_bit_for_bit(tiny_dataset: str, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tiny_config(tiny_dataset, compile=True, epochs=2)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_compiled_run_resumes_bit_for_bit(tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            device: str) -> None:
+    config = tiny_config(tiny_dataset, compile=True, epochs=2, device=device)
     train.train(config, tmp_path / "reference", progress=False)
     run, calls, original = tmp_path / "interrupted", 0, TrainStep.__call__
 

@@ -212,6 +212,8 @@ def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
                         help="samples per test example of each run's final evaluation (default: 5000)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--data-dir", metavar="DIR", help="where to look for dataset files (also $IWAE_DATA_DIR)")
+    parser.add_argument("--cells", nargs="+", metavar="CELL",
+                        help="run and report only these cells of TABLE (with any cell one of them continues)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,7 +352,7 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 
 def _run_reproduce(args: argparse.Namespace) -> None:
     options = reproduce.Options(budget=args.budget, seeds=args.seeds, eval_k=args.eval_k, device=args.device,
-                                data_dir=args.data_dir)
+                                data_dir=args.data_dir, cells=None if args.cells is None else tuple(args.cells))
     paths = reproduce.run_table(args.table, args.out or Path(args.table), options)
     for path in paths.values():
         print(path)

@@ -111,13 +111,15 @@ TITLES = {
 @dataclass(frozen=True)
 class Options:
     """How a table is run: ``budget`` scales the schedule's epochs, ``seeds`` runs seeds 0..seeds-1, ``eval_k``
-    samples per test example of the final evaluation; ``device`` and ``data_dir`` as for ``iwae train``."""
+    samples per test example of the final evaluation; ``device`` and ``data_dir`` as for ``iwae train``;
+    ``cells`` names the cells to run and report (None: all; see ``select``)."""
 
     budget: float = 1.0
     seeds: int = 1
     eval_k: int = 5000
     device: str = "auto"
     data_dir: str | None = None
+    cells: tuple[str, ...] | None = None
 
 
 def check(table: str, options: Options) -> None:
@@ -131,7 +133,30 @@ def check(table: str, options: Options) -> None:
         raise ValueError(f"--seeds must be a positive number of seeds; got {options.seeds}")
     if not isinstance(options.eval_k, int) or options.eval_k < 1:
         raise ValueError(f"--eval-k must be a positive number of samples; got {options.eval_k}")
+    select(table, options.cells)
     resolve_device(options.device)  # an unknown or absent device is refused before any data is read
+
+
+def select(table: str, names: tuple[str, ...] | None) -> list[Cell]:
+    """The cells of ``table`` named in ``names`` (all of them for None), in the table's order, with the cell that
+    each named one continues (its runs are where the named one starts).
+
+    Raises:
+        ValueError: for a name that is not one of the table's cells.
+    """
+    grid = GRIDS[table]()
+    if names is None:
+        return grid
+    known = [cell.name for cell in grid]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        problem = f"{table} has no cell {unknown[0]!r}" if unknown else "no cell named"
+        raise ValueError(f"--cells: {problem}; its cells are {', '.join(known)}")
+    wanted = set(names)
+    for cell in reversed(grid):  # the grids list a continued cell after the cell it starts from
+        if cell.name in wanted and cell.init_from is not None:
+            wanted.add(cell.init_from)
+    return [cell for cell in grid if cell.name in wanted]
 
 
 def cell_config(cell: Cell, seed: int, options: Options, out: Path) -> TrainConfig:
@@ -252,7 +277,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
     """
     check(table, options)
     rundir.check_writable(out)
-    cells = GRIDS[table]() if cells is None else cells
+    cells = select(table, options.cells) if cells is None else cells
     say = log or (lambda line: print(f"iwae: {line}", file=sys.stderr))
     missing = {}
     for dataset in sorted({cell.settings["dataset"] for cell in cells}):
@@ -413,7 +438,8 @@ def render_markdown(table: str, out: Path, options: Options, table_rows: list[di
     """The report as Markdown: title, how it was made, the table, the missing data, the commands."""
     made_by = (f"iwae reproduce {table} --out {out} --budget {options.budget:g} --seeds {options.seeds} "
                f"--eval-k {options.eval_k} --device {options.device}"
-               + (f" --data-dir {options.data_dir}" if options.data_dir else ""))
+               + (f" --data-dir {options.data_dir}" if options.data_dir else "")
+               + (f" --cells {' '.join(options.cells)}" if options.cells else ""))
     lines = [
         f"# {title(table, options)}", "",
         f"Made by `{made_by}`. Test NLL in nats (lower is better): mean +- sd over seeds, estimated with "
