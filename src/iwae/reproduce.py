@@ -26,6 +26,7 @@ import math
 import shlex
 import statistics
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -473,7 +474,7 @@ def plot_curves(path: Path, heading: str, results: list[CellResult]) -> Path:
     columns = min(4, max(1, len(results)))
     rows_ = math.ceil(len(results) / columns)
     fig = Figure(figsize=(3.2 * columns, 2.6 * rows_ + 0.6), layout="constrained")
-    fig.suptitle(heading, fontsize=9)
+    fig.suptitle(textwrap.fill(heading, 15 * 3 * columns), fontsize=9)  # about 15 characters per inch
     for index, result in enumerate(results):
         ax = fig.add_subplot(rows_, columns, index + 1)
         ax.set_title(result.cell, fontsize=8)
