@@ -87,6 +87,10 @@ def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pyte
         (["--estimator", "nope"], "unknown --estimator 'nope'; choose one of standard, stl, dreg"),
         (["--k", "0"], "--k must be a positive integer number of samples; got --k=0"),
         (["--objective", "miwae", "--k", "10", "--m", "3"], "--m must be a positive integer dividing --k"),
+        (["--m", "8"], "--m applies to --objective miwae or piwae only, not iwae; drop --m, or choose --objective "
+                       "miwae"),
+        (["--objective", "vr", "--beta", "0.3"], "--beta applies to --objective ciwae only, not vr"),
+        (["--objective", "ciwae", "--alpha", "0"], "--alpha applies to --objective vr only, not ciwae"),
         (["--schedule", "burda"], "--epochs and --lr do not apply to --schedule burda"),
         (["--k", "many"], "argument --k: invalid int value: 'many'; see iwae train --help"),
         (["--device", "tpu"], "unknown device 'tpu'"),

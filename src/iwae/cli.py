@@ -248,6 +248,8 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.resume is not None and args.seeds is not None:
         raise UsageError(f"--seeds starts a new stacked run; to continue the run in {args.resume}, drop --seeds: "
                          f"iwae train --resume {args.resume}")
+    if args.resume is None:
+        _check_objective_options(given)
     if args.seeds is not None or (args.resume is not None and stacked.is_stacked(args.resume)):
         return _run_train_stacked(args, given)
     if args.resume is not None:
@@ -260,6 +262,19 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
         print(evaluate.format_table(result))
     print(f"run directory: {run_dir}   figures: {run_dir / rundir.FIGURES}/")
     return result
+
+
+# the objectives each objective-specific option configures
+_OBJECTIVE_OPTIONS = {"m": ("miwae", "piwae"), "beta": ("ciwae",), "alpha": ("vr",)}
+
+
+def _check_objective_options(given: dict[str, Any]) -> None:
+    """Refuse an option that the run's objective does not read (e.g. --m with iwae), rather than ignore it."""
+    objective = given.get("objective", _DEFAULTS["objective"])
+    for name, objectives in _OBJECTIVE_OPTIONS.items():
+        if name in given and objective not in objectives:
+            raise UsageError(f"--{name} applies to --objective {' or '.join(objectives)} only, not {objective}; "
+                             f"drop --{name}, or choose --objective {objectives[0]}")
 
 
 def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
