@@ -291,6 +291,16 @@ def test_an_evaluation_never_replaces_one_made_with_other_settings(
     assert json.loads(own.read_text())["k"] == 10 and f"written to {own}" in capsys.readouterr().out
 
 
+def test_an_evaluation_of_more_examples_than_the_split_holds_is_named_for_all(
+    finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", str(finished_run), "--k", "3", "--examples", "1000", "--device", "cpu"]) == 0
+    every = finished_run / "eval-test-k3.json"  # the tiny dataset's 16 test examples, not "n1000"
+    assert f"written to {every}" in capsys.readouterr().out
+    assert json.loads(every.read_text())["examples"] == 16
+    assert not list(finished_run.glob("eval-*n1000*"))
+
+
 def test_each_evaluation_setting_has_its_own_file(finished_run: Path) -> None:
     name = lambda *args, **kwargs: evaluate.eval_path(finished_run, *args, **kwargs).name  # noqa: E731
     assert name() == name("test", None, k=10) == "eval.json"  # the run's own k: its training's --eval-k 10

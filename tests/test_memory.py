@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iwae import memory
+from iwae import distributed, memory, train
 from iwae.models import burda
 from iwae.settings import SettingError
 
@@ -87,3 +87,15 @@ def test_the_memory_available_here_is_known() -> None:
     total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                  if line.startswith("MemTotal:")) if Path("/proc/meminfo").exists() else None
     assert 0 < available <= (total or available)
+
+
+def test_a_ranks_training_memory_is_that_of_its_rows_of_the_global_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    needed = []
+    monkeypatch.setattr(memory, "check_fits", lambda bytes_, *args, **kwargs: needed.append(bytes_))
+    config = train.TrainConfig(k=50, batch_size=4000, epochs=1)  # the training pass dominates the evaluation's
+    train.check_memory(config, 784, torch.device("cpu"))
+    monkeypatch.setattr(distributed, "world", lambda: 4)  # 4 ranks, 1000 rows each
+    train.check_memory(config, 784, torch.device("cpu"))
+    with torch.device("meta"):
+        model = burda(1, 784)
+    assert needed == [memory.pass_bytes(model, 784, 50 * rows, training=True) for rows in (4000, 1000)]

@@ -321,7 +321,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         compile=args.compile,
     )
     print(evaluate.format_table(result))
-    path = evaluate.eval_path(args.run, args.split, args.dataset, k=args.k, examples=args.examples, seed=args.seed)
+    examples = evaluate.examples_evaluated(args.examples, result["examples"])
+    path = evaluate.eval_path(args.run, args.split, args.dataset, k=args.k, examples=examples, seed=args.seed)
     print(f"written to {path}")
 
 

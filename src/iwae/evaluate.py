@@ -413,8 +413,15 @@ def evaluate_run(
         "time_s": round(time.perf_counter() - start, 2),
     }
     if distributed.rank() == 0:
-        rundir.write_json(eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed), result)
+        rundir.write_json(eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, n), seed=seed),
+                          result)
     return result
+
+
+def examples_evaluated(asked: int | None, evaluated: int) -> int | None:
+    """The ``examples`` an evaluation's file is named after: None (every example) when ``asked`` is None or more
+    than the split holds, so that a file never names examples that were not evaluated."""
+    return None if asked is None or asked > evaluated else asked
 
 
 def _active_units_of(result: dict[str, Any]) -> str:
