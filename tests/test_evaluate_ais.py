@@ -46,11 +46,14 @@ def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.Capture
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--method", "ais", "--ais-steps", "0"], "steps must be a positive integer"),
-        (["--method", "bdmc", "--chains", "0"], "chains must be a positive integer"),
+        (["--method", "ais", "--ais-steps", "0"], "--ais-steps must be a positive integer; got 0"),
+        (["--method", "bdmc", "--chains", "0"], "--chains must be a positive integer; got 0"),
+        (["--method", "ais", "--leapfrog", "0"], "--leapfrog must be a positive integer; got 0"),
+        (["--method", "ais", "--batch-size", "0"], "--batch-size must be an integer >= 1; got 0"),
         (["--method", "bdmc", "--ais-steps", "2", "4"], "bdmc runs one number of --ais-steps"),
         (["--method", "ais", "--examples", "0"], "--examples must be an integer >= 1; got 0"),
-        (["--method", "bdmc", "--examples", "0"], "simulated examples must be positive; got 0"),
+        (["--method", "bdmc", "--examples", "0"],
+         "the number of simulated examples, --examples, must be positive; got 0"),
         (["--method", "ais", "--seed", "-1"], "--seed must be an integer from 0"),
         (["--method", "ais", "--split", "nope"], "unknown --split 'nope'"),
         (["--method", "ais", "--chains", str(10**12)], f"AIS with --chains {10**12} and --batch-size 16 on --examples "

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from iwae.device import seeded
 from iwae.models import DeepLatentModel
+from iwae.settings import SettingError
 
 Start = Literal["prior", "encoder"]
 STARTS = ("prior", "encoder")
@@ -288,12 +289,13 @@ def anneal(
 
 
 def check_settings(steps: int, chains: int, leapfrog: int, start: str) -> None:
-    """Raise ValueError naming the first setting that AIS cannot run with."""
+    """Raise SettingError naming the first setting that AIS cannot run with."""
     for name, value in (("steps", steps), ("chains", chains), ("leapfrog", leapfrog)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {name}={value}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SettingError("{0} must be a positive integer; got {value}", (name,), value=value)
     if start not in STARTS:
-        raise ValueError(f"start must be one of {', '.join(STARTS)}; got {start!r}")
+        raise SettingError("{0} must be one of {known}; got {value!r}", ("start",), known=", ".join(STARTS),
+                           value=start)
 
 
 def _result(runs: list[tuple[Tensor, Tensor, StepSizes]], sign: float = 1.0) -> AISResult:
@@ -388,7 +390,7 @@ def bdmc(
     """
     check_settings(steps, chains, leapfrog, start)
     if n < 1:
-        raise ValueError(f"the number of simulated examples must be positive; got {n}")
+        raise SettingError("the number of simulated examples, {0}, must be positive; got {value}", ("n",), value=n)
     betas = sigmoid_schedule(steps)
     sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
     forward, backward, simulated = [], [], []

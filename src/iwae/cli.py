@@ -296,7 +296,19 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
     print(f"run directories: {out}/seed-*")
 
 
+# the library's names of settings that the command line names otherwise
+_AIS_OPTIONS = {"steps": "ais_steps", "n": "examples"}
+
+
 def _run_evaluate_ais(args: argparse.Namespace) -> None:
+    try:
+        _evaluate_ais(args)
+    except SettingError as error:  # name the options as typed: --ais-steps, not steps
+        raise SettingError(error.template, tuple(_AIS_OPTIONS.get(name, name) for name in error.names),
+                           **error.values) from None
+
+
+def _evaluate_ais(args: argparse.Namespace) -> None:
     examples = evaluate_ais.DEFAULT_EXAMPLES if args.examples is None else args.examples  # 0 is refused, not replaced
     settings = dict(chains=args.chains, leapfrog=args.leapfrog, start=args.start, k=args.k, examples=examples,
                     device=args.device, seed=args.seed, batch_size=args.batch_size, progress=True)

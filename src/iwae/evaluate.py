@@ -105,8 +105,8 @@ def importance_statistics(
       ``WeightStatistics`` in float64 on ``x``'s device, the bounds keyed by the g in ``group_sizes`` that
       qualify, and by k.
     """
-    if k < 1 or chunk_size < 1 or batch_size < 1:
-        raise ValueError(f"k, chunk_size and batch_size must be positive; got {k}, {chunk_size}, {batch_size}")
+    for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
+        check_integer(value, name, 1)
     chunk_size = min(chunk_size, k)
     groups = [g for g in group_sizes if g < k and k % g == 0 and chunk_size % g == 0]
     log_lik: list[Tensor] = []
