@@ -32,7 +32,7 @@ from iwae import (
 )
 from iwae.device import resolve_device
 from iwae.models import GaussianToy
-from iwae.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS
+from iwae.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS, SETTING_READERS
 from iwae.settings import SettingError, check_seed
 
 _DEFAULTS = {f.name: f.default for f in fields(train.TrainConfig) if f.default is not MISSING}
@@ -264,14 +264,10 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     return result
 
 
-# the objectives each objective-specific option configures
-_OBJECTIVE_OPTIONS = {"m": ("miwae", "piwae"), "beta": ("ciwae",), "alpha": ("vr",)}
-
-
 def _check_objective_options(given: dict[str, Any]) -> None:
     """Refuse an option that the run's objective does not read (e.g. --m with iwae), rather than ignore it."""
     objective = given.get("objective", _DEFAULTS["objective"])
-    for name, objectives in _OBJECTIVE_OPTIONS.items():
+    for name, objectives in SETTING_READERS.items():
         if name in given and objective not in objectives:
             raise UsageError(f"--{name} applies to --objective {' or '.join(objectives)} only, not {objective}; "
                              f"drop --{name}, or choose --objective {objectives[0]}")
@@ -352,7 +348,7 @@ def _run_diagnose(args: argparse.Namespace) -> None:
     rundir.check_writable(args.out)
     estimators = args.estimators.split(",")
     settings = [(objective, m) for objective in args.objectives.split(",")
-                for m in (args.m if objective in ("miwae", "piwae") else [1])]  # M groups matter to these only
+                for m in (args.m if objective in SETTING_READERS["m"] else [1])]  # M groups matter to these only
     for objective, m in settings:  # every setting is checked before any work is done
         diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
     if args.toy:

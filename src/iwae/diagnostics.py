@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from iwae import figures, memory, rundir
 from iwae.device import seeded
-from iwae.objectives import REPARAMETERIZED_ESTIMATORS, Objective, loss
+from iwae.objectives import REPARAMETERIZED_ESTIMATORS, SETTING_READERS, Objective, loss
 
 NETWORKS = ("inference", "generative")
 GRADIENT_OBJECTIVES = ("iwae", "miwae", "ciwae", "piwae")
@@ -177,7 +177,7 @@ def check_settings(objective: str | Objective, estimators: Sequence[str], ks: Se
         raise ValueError("no estimators given; choose from " + ", ".join(REPARAMETERIZED_ESTIMATORS))
     for estimator in estimators:
         objective.check_estimator(estimator)
-    if objective.name in ("miwae", "piwae"):
+    if objective.name in SETTING_READERS["m"]:
         bad = [k for k in ks if k % objective.m]
         if bad:
             raise ValueError(f"m={objective.m} must divide every K for {objective.name}; it does not divide "
@@ -264,7 +264,7 @@ def gradient_snr(
                 total_variance = moments.m2.sum().item() / (moments.n - 1)
                 mean_norm = math.sqrt(max(moments.mean.square().sum().item() - total_variance / moments.n, 0.0))
                 points.append(SNRPoint(
-                    base.name, estimator, network, k, base.m if base.name in ("miwae", "piwae") else 1, snr, snr_se,
+                    base.name, estimator, network, k, base.m if base.name in SETTING_READERS["m"] else 1, snr, snr_se,
                     mean_norm, math.sqrt(total_variance), parameter_snr.nanmean().item(), parameter_snr,
                 ))
     model.zero_grad(set_to_none=True)
@@ -276,7 +276,7 @@ def gradient_snr(
         }
         for estimator in estimators
     }
-    return SNRResult(base.name, draws, points, slopes, base.m if base.name in ("miwae", "piwae") else 1)
+    return SNRResult(base.name, draws, points, slopes, base.m if base.name in SETTING_READERS["m"] else 1)
 
 
 def slopes_json(results: Sequence[SNRResult]) -> tuple[dict, dict]:

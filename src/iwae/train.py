@@ -264,8 +264,8 @@ def check_memory(config: TrainConfig, x_dim: int, device: torch.device, seeds: i
         model = checkpoint.build_model(asdict(config), x_dim)
     # each rank (iwae.distributed) trains on its rows of the global batch; the monitor and the final evaluation
     # pass over at most max(k, PASS_ROWS) rows, without gradients
-    rows = config.batch_size // distributed.world()
-    needed = max(seeds * memory.pass_bytes(model, x_dim, config.k * rows, training=True),
+    rows = distributed.rows(config.batch_size)
+    needed = max(seeds * memory.pass_bytes(model, x_dim, config.k * (rows.stop - rows.start), training=True),
                  memory.pass_bytes(model, x_dim, max(config.k, evaluate.PASS_ROWS), training=False))
     what, names = "training with {0} {k} and {1} {batch_size}", ("k", "batch_size")
     if seeds > 1:  # a stack's message names its seeds among the settings to make smaller
