@@ -1,7 +1,10 @@
 """AIS and BDMC against closed forms: linear-Gaussian models with one and two stochastic layers.
 
 Tolerances are Monte Carlo standard errors: each example's AIS error is independent of the others', so the
-mean error over B examples is compared with the standard error estimated from the per-example errors.
+mean error over B examples is compared with the standard error estimated from the per-example errors. AIS
+estimates p(x) without bias, so its log estimate is biased low (Jensen) by an amount that shrinks as the steps
+grow; a finite-step check therefore allows a stated bias below zero and none above it. The margins hold for
+any seed (and so on any CPU, where rounding changes which HMC proposals are accepted), not just the one used.
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ def mean_and_se(error: torch.Tensor) -> tuple[float, float]:
     return error.mean().item(), error.std().item() / math.sqrt(len(error))
 
 
-def test_ais_error_shrinks_as_steps_grow_to_within_three_standard_errors_at_100_steps() -> None:
-    # 16 chains, 5 leapfrog steps from the prior; at 100 steps (the documented setting for this model) the
-    # mean error is within 3 standard errors of zero, and with fewer it is clearly negative (a lower bound).
-    model, x, exact = model_and_data()
+def assert_biased_low_by_at_most(error: torch.Tensor, bias: float) -> None:
+    """The mean error is within 3 standard errors of [-bias, 0]: a lower bound in expectation, and a tight one."""
+    mean, se = mean_and_se(error)
+    assert se > 0
+    assert -bias - 3 * se < mean < 3 * se, (mean, se)
+
+
+def test_ais_error_shrinks_as_steps_grow_to_a_tenth_of_a_nat_at_100_steps() -> None:
+    # 16 chains, 5 leapfrog steps from the prior, 200 examples. With 10 steps the estimate is about a nat low
+    # (some 8 standard errors); at 100 steps its bias is about 0.08 nats.
+    model, x, exact = model_and_data(200)
     results = [ais_log_likelihood(model, x, steps=steps, chains=16, leapfrog=5, start="prior", seed=2)
                for steps in (10, 30, 100)]
     errors = [result.log_likelihood - exact for result in results]
@@ -45,12 +55,10 @@ def test_ais_error_shrinks_as_steps_grow_to_within_three_standard_errors_at_100_
     assert rms[0] > rms[1] > rms[2]
     mean, se = mean_and_se(errors[0])
     assert mean < -3 * se
-    mean, se = mean_and_se(errors[2])
-    assert se > 0
-    assert abs(mean) < 3 * se
+    assert_biased_low_by_at_most(errors[2], 0.1)
     result = results[2]
-    assert result.log_likelihood.shape == (50,)
-    assert result.acceptance.shape == result.log_weights.shape == result.step_size.shape == (16, 50)
+    assert result.log_likelihood.shape == (200,)
+    assert result.acceptance.shape == result.log_weights.shape == result.step_size.shape == (16, 200)
     assert 0.5 < result.acceptance.mean().item() < 0.85  # the pilot's step sizes give about 0.65
     assert bool(((result.ess >= 1) & (result.ess <= 16 + 1e-9)).all())
 
@@ -97,10 +105,10 @@ def two_layer_linear_gaussian() -> tuple[DeepLatentModel, torch.Tensor, torch.Te
 
 @pytest.mark.parametrize("start", ["prior", "encoder"])
 def test_two_stochastic_layers_are_annealed_jointly(start: str) -> None:
+    # at 200 steps the bias is about 0.02 nats from the prior and 0.05 from this (poor) encoder
     model, x, exact = two_layer_linear_gaussian()
-    result = ais_log_likelihood(model, x, steps=100, chains=16, leapfrog=5, start=start, seed=6)
-    mean, se = mean_and_se(result.log_likelihood - exact)
-    assert abs(mean) < 3 * se
+    result = ais_log_likelihood(model, x, steps=200, chains=16, leapfrog=5, start=start, seed=6)
+    assert_biased_low_by_at_most(result.log_likelihood - exact, 0.1)
 
 
 def test_bdmc_brackets_the_exact_marginal_and_its_gap_shrinks() -> None:
@@ -112,8 +120,8 @@ def test_bdmc_brackets_the_exact_marginal_and_its_gap_shrinks() -> None:
         below, below_se = mean_and_se(result.forward.log_likelihood - exact)
         above, above_se = mean_and_se(result.backward.log_likelihood - exact)
         assert below < 3 * below_se and above > -3 * above_se  # bounds in expectation
-        if steps == 10:
-            assert below < -3 * below_se and above > 3 * above_se  # and clearly apart with few steps
+        if steps == 10:  # and clearly apart with few steps
+            assert above - below > 3 * math.hypot(below_se, above_se)
         gaps.append(result.gap.mean().item())
     assert gaps[0] > 3 * gaps[1] > 0
 
