@@ -5,10 +5,10 @@ minibatches of B examples per seed: one seed alone, and S seeds stacked into one
 noise from its own generator ahead of the step as ``iwae train --seeds`` does. Rounds are interleaved (every
 configuration once per round) so that the ratios are fair on a noisy machine; prints the median examples per
 second (all seeds together) and the speed-up over the lone seed in the same mode and over the lone seed's
-fastest mode. Every configuration multiplies on the matmul path the lone compiled seed is fastest on, as
-``iwae train --seeds`` does (a stack takes its lone run's path, so that each seed multiplies as it would alone);
-the lone compiled seed is also timed on the other path, in the same rounds, and its fastest mode is the best of
-all its timings, so that a path choice that the machine's noise tipped the wrong way cannot inflate a speed-up.
+fastest mode. Every configuration multiplies on the matmul path ``iwae train --seeds S`` chooses for it (the
+faster on its own step: a stack's batched products may favour another path than a lone seed's); the lone
+compiled seed is also timed on the other path, in the same rounds, and its fastest mode is the best of all its
+timings, so that a path choice that the machine's noise tipped the wrong way cannot inflate a speed-up.
 
     python benchmarks/stacked.py [--seeds 1 4 16] [--k 1 50] [--batch-size 20] [--steps 50] [--rounds 3]
 """
@@ -16,14 +16,14 @@ all its timings, so that a path choice that the machine's noise tipped the wrong
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from throughput import choose_matmul
 
-from iwae import gemm, heap
+from iwae import gemm, heap, stacked, train
 from iwae.models import burda
 from iwae.objectives import Objective
 from iwae.stacked import SeedNoise, stack_models
@@ -54,6 +54,16 @@ def make_step(seeds: int, k: int, batch_size: int, compile: bool, device: str = 
     return run
 
 
+def chosen_path(seeds: int, k: int, batch_size: int, compile: bool) -> str:
+    """The matmul path ``iwae train --seeds`` chooses for this configuration (``train.matmul_path``)."""
+    config = train.TrainConfig(layers=1, objective="iwae", k=k, estimator="standard", epochs=1,
+                               batch_size=batch_size, compile=compile)
+    if seeds == 1:
+        return train.matmul_path(config, 784, torch.device("cpu"))
+    workload = functools.partial(stacked.throwaway_step, seeds=seeds)
+    return train.matmul_path(config, 784, torch.device("cpu"), seeds, workload)
+
+
 def examples_per_s(run: Callable[[], None], seeds: int, batch_size: int, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -77,29 +87,28 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; examples/s of all seeds together, median of {args.rounds} rounds")
     for k in args.k:
         seeds_list = sorted({1, *args.seeds})
-        path = choose_matmul(1, args.batch_size, k)  # as iwae train --seeds chooses: a stack takes its lone run's
-        print(f"K={k}: {path} matmul path (the faster on the lone compiled step)")
-        steps = {(s, c): make_step(s, k, args.batch_size, c) for s in seeds_list for c in (True, False)}
-        other = gemm.ONEDNN if path == gemm.DEFAULT else gemm.DEFAULT
+        keys = [(s, c) for s in seeds_list for c in (True, False)]
+        paths = {(s, c): chosen_path(s, k, args.batch_size, c) for s, c in keys}
+        steps = {(s, c): make_step(s, k, args.batch_size, c) for s, c in keys}
+        other = gemm.ONEDNN if paths[(1, True)] == gemm.DEFAULT else gemm.DEFAULT
         lone = steps[(1, True)]  # timed on both paths: the switch is read at each product, so one compile serves
         rates: dict[tuple[int, bool], list[float]] = {key: [] for key in steps}
         other_rates: list[float] = []
         for _ in range(args.rounds):
-            for (s, c), run in steps.items():
-                rates[(s, c)].append(examples_per_s(run, s, args.batch_size, args.steps))
+            for key, run in steps.items():
+                with gemm.matmul_path(paths[key]):
+                    rates[key].append(examples_per_s(run, key[0], args.batch_size, args.steps))
             with gemm.matmul_path(other):
                 other_rates.append(examples_per_s(lone, 1, args.batch_size, args.steps))
         median = {key: statistics.median(values) for key, values in rates.items()}
         lone_on_other = statistics.median(other_rates)
         best_lone = max(median[(1, True)], median[(1, False)], lone_on_other)
         print(f"K={k:<3} S=1   compiled {lone_on_other:9.0f} examples/s  on the {other} path (lone seed only)")
-        for s in seeds_list:
-            for c in (True, False):
-                rate = median[(s, c)]
-                print(f"K={k:<3} S={s:<3} {'compiled' if c else 'eager   '} {rate:9.0f} examples/s  "
-                      f"{rate / median[(1, c)]:5.2f}x one seed ({'compiled' if c else 'eager'})  "
-                      f"{rate / best_lone:5.2f}x one seed (fastest mode)", flush=True)
-
+        for s, c in keys:
+            rate = median[(s, c)]
+            print(f"K={k:<3} S={s:<3} {'compiled' if c else 'eager   '} {rate:9.0f} examples/s  "
+                  f"{rate / median[(1, c)]:5.2f}x one seed ({'compiled' if c else 'eager'})  "
+                  f"{rate / best_lone:5.2f}x one seed (fastest mode)  on the {paths[(s, c)]} path", flush=True)
 
 if __name__ == "__main__":
     main()

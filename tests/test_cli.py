@@ -130,6 +130,7 @@ def test_out_or_resume_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         (["--beta2", "1"], "--beta2 must lie in [0, 1)"),
         (["--objective", "ciwae", "--beta", "2"], "--beta must lie in [0, 1] for ciwae"),
         (["--data-split", "nope"], "unknown --data-split 'nope'"),
+        (["--matmul", "fast"], "unknown --matmul 'fast'; choose default or onednn"),
         (["--layers", "3"], "--layers must be 1 or 2"),
     ],
 )

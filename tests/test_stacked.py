@@ -9,13 +9,15 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CUDA
 
-from iwae import checkpoint, cli, evaluate, rundir, stacked, train
+from iwae import checkpoint, cli, evaluate, gemm, rundir, stacked, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -34,13 +36,16 @@ def config(dataset: str, seed: int, **overrides: object) -> train.TrainConfig:
                  id="cuda"),
 ])
 def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, settings: dict) -> None:
-    # 13 epochs of 8 steps: 104 Adam steps. Batched and unbatched matrix multiplies round differently, so the
-    # parameters (of size ~0.25) agree to float32 tolerance, not bit for bit (measured: at most 3.4e-6).
+    # 13 epochs of 8 steps: 104 Adam steps, the lone run multiplying on the stack's recorded path (--matmul).
+    # Batched and unbatched matrix multiplies may round differently, so the parameters (of size ~0.25) agree to
+    # float32 tolerance, not bit for bit (measured: at most 3.4e-6; 8e-6 with the lone run on the other path).
     configs = [config(tiny_dataset, seed, **settings) for seed in (0, 3)]
     stacked.train_stacked(configs, tmp_path / "stack", progress=False)
-    assert all(checkpoint.load(tmp_path / "stack" / f"seed-{c.seed}")["config"]["compile"] == settings.get(
-        "compile", False) for c in configs)
+    recorded = [checkpoint.load(tmp_path / "stack" / f"seed-{c.seed}")["config"] for c in configs]
+    assert all(r["compile"] == settings.get("compile", False) for r in recorded)
+    assert len({r["matmul"] for r in recorded}) == 1
     for lone in configs:
+        lone = replace(lone, matmul=recorded[0]["matmul"])
         train.train(lone, tmp_path / f"lone-{lone.seed}", progress=False)
         ours = checkpoint.load(tmp_path / "stack" / f"seed-{lone.seed}")
         theirs = checkpoint.load(tmp_path / f"lone-{lone.seed}")
@@ -53,6 +58,25 @@ def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, setti
         bounds = [m["test_bound"] for m in rundir.read_metrics(tmp_path / f"lone-{lone.seed}")]
         stacked_bounds = [m["test_bound"] for m in rundir.read_metrics(tmp_path / "stack" / f"seed-{lone.seed}")]
         assert stacked_bounds == pytest.approx(bounds, abs=1e-3)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="one matmul path only")
+def test_a_stack_multiplies_on_the_path_faster_for_its_own_step(tiny_dataset: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    timed = []
+
+    def choose(workload: Callable[[], object]) -> str:  # as if oneDNN were measured the faster on the workload
+        workload()
+        timed.append(workload)
+        return gemm.ONEDNN
+
+    monkeypatch.setattr(gemm, "_chosen", {})
+    monkeypatch.setattr(gemm, "choose", choose)
+    configs = [config(tiny_dataset, seed, epochs=1) for seed in (0, 1, 2)]
+    stacked.train_stacked(configs, tmp_path / "stack", progress=False)
+    assert len(timed) == 1 and [key[-1] for key in gemm._chosen] == [3]  # timed once, on the 3-seed step
+    assert {checkpoint.load(tmp_path / "stack" / f"seed-{s}")["config"]["matmul"] for s in (0, 1, 2)} == {
+        gemm.ONEDNN}
 
 
 def test_a_seed_directory_is_an_ordinary_run(tiny_dataset: str, tmp_path: Path) -> None:

@@ -103,6 +103,9 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--checkpoint-every", float, "also checkpoint every this many seconds within an epoch",
             dest="checkpoint_every_s", metavar="SECONDS")
     _option(group, "--device", str, "cpu, cuda, or auto (a GPU if there is one)")
+    _option(group, "--matmul", str, "the CPU's float32 matrix-multiply path: default (torch's BLAS) or onednn; "
+            "unset, the faster on the run's step, timed as it starts (a run records it: give a stack's to a lone "
+            "run of one of its seeds to multiply alike)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                        help="compile the training step into one program (torch.compile; a CUDA graph on a GPU), or "
                        f"not; default: compile runs of at least {train.AUTO_COMPILE_STEPS:,} steps or "

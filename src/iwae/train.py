@@ -131,6 +131,9 @@ class TrainConfig:
                                value=self.checkpoint_every_s)
         if self.data_split not in ("paper", "code"):
             raise SettingError("unknown {0} {value!r}; choose paper or code", ("data_split",), value=self.data_split)
+        if self.matmul not in (None, *gemm.PATHS):
+            raise SettingError("unknown {0} {value!r}; choose {known}", ("matmul",), value=self.matmul,
+                               known=" or ".join(gemm.PATHS))
 
     def steps(self, train_examples: int) -> int:
         """The number of training steps of the whole run on ``train_examples`` examples."""
@@ -273,24 +276,28 @@ def check_memory(config: TrainConfig, x_dim: int, device: torch.device, seeds: i
     memory.check_fits(needed, device, what, names, k=config.k, batch_size=config.batch_size, seeds=seeds)
 
 
-def matmul_path(config: TrainConfig, x_dim: int, device: torch.device) -> str:
-    """A new run's float32 matrix-multiply path: ``config.matmul`` if set, else the faster one on the run's own
-    training step (objective, estimator, compiled or not) taken by a throwaway model on random minibatches,
-    measured once per process for runs alike. (A compiled step is compiled here first, and the run's own step
-    then finds its graph in inductor's cache.) The throwaway step is built only when there is something to time,
-    on generators that ``gemm.measure`` forks, so the global ones are left as they were."""
-    @functools.cache
-    def throwaway_step() -> Callable[[], None]:
-        model = checkpoint.build_model(asdict(config), x_dim).to(device)
-        x = (torch.rand(config.batch_size, x_dim, device=device) < 0.5).float()
-        optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
-        step = TrainStep(model, optimizer, config.objective_spec(), config.estimator, compile=bool(config.compile),
-                         what="the training step (to time the matmul paths)")
-        return lambda: step(x)
+def throwaway_step(config: TrainConfig, x_dim: int, device: torch.device) -> Callable[[], None]:
+    """A training step of ``config`` (objective, estimator, compiled or not) on a fresh model and a random
+    minibatch: the workload that ``matmul_path`` times."""
+    model = checkpoint.build_model(asdict(config), x_dim).to(device)
+    x = (torch.rand(config.batch_size, x_dim, device=device) < 0.5).float()
+    optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
+    step = TrainStep(model, optimizer, config.objective_spec(), config.estimator, compile=bool(config.compile),
+                     what="the training step (to time the matmul paths)")
+    return lambda: step(x)
 
+
+def matmul_path(config: TrainConfig, x_dim: int, device: torch.device, seeds: int = 1,
+                workload: Callable[[TrainConfig, int, torch.device], Callable[[], None]] = throwaway_step) -> str:
+    """A new run's float32 matrix-multiply path: ``config.matmul`` if set, else the faster one on the run's own
+    kind of step, ``workload(config, x_dim, device)`` (a lone run's ``throwaway_step``; a stack of ``seeds``
+    seeds, its own), measured once per process for runs alike. (A compiled step is compiled here first, and the
+    run's own step then finds its graph in inductor's cache.) The throwaway step is built only when there is
+    something to time, on generators that ``gemm.measure`` forks, so the global ones are left as they were."""
+    step = functools.cache(lambda: workload(config, x_dim, device))
     key = ("training step", config.model, config.layers, x_dim, config.batch_size, config.objective, config.k,
-           config.m, config.estimator, bool(config.compile))
-    return gemm.fastest_fp32_matmul(device, config.matmul, lambda: throwaway_step()(), key)
+           config.m, config.estimator, bool(config.compile), seeds)
+    return gemm.fastest_fp32_matmul(device, config.matmul, lambda: step()(), key)
 
 
 def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> dict[str, Any] | None:
