@@ -96,6 +96,23 @@ def test_compiled_step_equals_eager_for_discrete_latents(estimator: str) -> None
     assert_steps_agree(sbn([6, 4], 20, train_mean=x.mean(0)), x, "iwae", estimator, k=4, backend="aot_eager")
 
 
+def test_a_compiled_step_given_another_shape_of_minibatch_compiles_anew() -> None:
+    # the step checks only its guards on tensors and global state before a call: a minibatch of another shape
+    # (or dtype) must fail them, not run the program compiled for the first
+    torch.manual_seed(0)
+    model = burda(1, 784)
+    steps = {mode: TrainStep(m, make_adam(m, 1e-3, (0.9, 0.999), 1e-4), Objective("iwae", 3), "standard",
+                             compile=mode) for mode, m in ((False, copy.deepcopy(model)), ("inductor", model))}
+    for rows in (4, 6, 4):
+        x = (torch.rand(rows, 784) < 0.3).float()
+        for step in steps.values():
+            torch.manual_seed(rows)
+            step.bound_sum.zero_()
+            step(x)
+        assert steps["inductor"].bound_sum.item() == pytest.approx(steps[False].bound_sum.item(), rel=1e-5)
+    assert steps["inductor"].compiled
+
+
 def test_inductor_step_equals_eager() -> None:
     torch.manual_seed(0)
     x = (torch.rand(4, 784) < 0.3).float()
