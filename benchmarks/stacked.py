@@ -110,5 +110,6 @@ def main() -> None:
                   f"{rate / median[(1, c)]:5.2f}x one seed ({'compiled' if c else 'eager'})  "
                   f"{rate / best_lone:5.2f}x one seed (fastest mode)  on the {paths[(s, c)]} path", flush=True)
 
+
 if __name__ == "__main__":
     main()
