@@ -24,31 +24,23 @@ from collections.abc import Callable
 import torch
 
 from iwae import gemm, heap, stacked, train
-from iwae.models import burda
-from iwae.objectives import Objective
-from iwae.stacked import SeedNoise, stack_models
-from iwae.step import TrainStep, make_adam
+
+
+def step_config(k: int, batch_size: int, compile: bool) -> train.TrainConfig:
+    """The benchmark's training settings: the 1-layer model, IWAE bound, standard estimator."""
+    return train.TrainConfig(layers=1, objective="iwae", k=k, estimator="standard", epochs=1, batch_size=batch_size,
+                             compile=compile)
+
+
+def workload(seeds: int) -> Callable[[train.TrainConfig, int, torch.device], Callable[[], None]]:
+    """The builder of a throwaway step of ``seeds`` seeds, the one ``iwae train --seeds`` times its paths on."""
+    return train.throwaway_step if seeds == 1 else functools.partial(stacked.throwaway_step, seeds=seeds)
 
 
 def make_step(seeds: int, k: int, batch_size: int, compile: bool, device: str = "cpu") -> Callable[[], None]:
-    """One training step of ``seeds`` stacked seeds (a lone model for 1) on ``device``, warmed up (compiled if
-    asked; on a GPU, as a CUDA graph)."""
-    models = []
-    for seed in range(seeds):
-        torch.manual_seed(seed)
-        models.append(burda(1, 784).to(device))
-    noise = SeedNoise([torch.Generator(device).manual_seed(s) for s in range(seeds)])
-    model = models[0] if seeds == 1 else stack_models(models, noise)
-    shape = (batch_size, 784) if seeds == 1 else (seeds, batch_size, 784)
-    optimizer = make_adam(model, 1e-3, (0.9, 0.999), 1e-4)
-    step = TrainStep(model, optimizer, Objective("iwae", k), "standard", compile=compile, bound_shape=shape[:-2])
-    x = (torch.rand(shape, device=device) < 0.5).float()
-
-    def run() -> None:
-        if seeds > 1:
-            noise.draw(k, batch_size, device=device)
-        step(x)
-
+    """One training step of ``seeds`` stacked seeds (a lone model for 1) on ``device``, each seed drawing its
+    noise ahead of the step; warmed up (compiled if asked; on a GPU, as a CUDA graph)."""
+    run = workload(seeds)(step_config(k, batch_size, compile), 784, torch.device(device))
     for _ in range(3):  # compilation and warm-up
         run()
     return run
@@ -56,12 +48,7 @@ def make_step(seeds: int, k: int, batch_size: int, compile: bool, device: str = 
 
 def chosen_path(seeds: int, k: int, batch_size: int, compile: bool) -> str:
     """The matmul path ``iwae train --seeds`` chooses for this configuration (``train.matmul_path``)."""
-    config = train.TrainConfig(layers=1, objective="iwae", k=k, estimator="standard", epochs=1,
-                               batch_size=batch_size, compile=compile)
-    if seeds == 1:
-        return train.matmul_path(config, 784, torch.device("cpu"))
-    workload = functools.partial(stacked.throwaway_step, seeds=seeds)
-    return train.matmul_path(config, 784, torch.device("cpu"), seeds, workload)
+    return train.matmul_path(step_config(k, batch_size, compile), 784, torch.device("cpu"), seeds, workload(seeds))
 
 
 def examples_per_s(run: Callable[[], None], seeds: int, batch_size: int, steps: int) -> float:

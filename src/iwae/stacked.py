@@ -192,13 +192,13 @@ def throwaway_step(config: TrainConfig, x_dim: int, device: torch.device, seeds:
     noise = SeedNoise([torch.Generator(device) for _ in range(seeds)])
     model = stack_models([checkpoint.build_model(asdict(config), x_dim).to(device) for _ in range(seeds)], noise)
     optimizer = make_adam(model, train.schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
-    step = TrainStep(model, optimizer, config.objective_spec(), config.estimator, compile=bool(config.compile),
+    objective = config.objective_spec()
+    step = TrainStep(model, optimizer, objective, config.estimator, compile=bool(config.compile),
                      bound_shape=(seeds,), what="the stacked training step (to time the matmul paths)")
     x = (torch.rand(seeds, config.batch_size, x_dim, device=device) < 0.5).float()
-    k = config.objective_spec().k
 
     def run() -> None:
-        noise.draw(k, config.batch_size, x.dtype, device)
+        noise.draw(objective.k, config.batch_size, x.dtype, device)
         step(x)
 
     return run
