@@ -83,11 +83,13 @@ def test_an_unfinished_run_resumes_to_the_uninterrupted_parameters(
     path = reproduce.run_dir(tmp_path, cells[0].name, 0)
     assert checkpoint.load(path)["epoch"] == 2
     log: list[str] = []
-    reproduce.run_table(TABLE, tmp_path, OPTIONS, cells=cells, progress=False, log=log.append)
+    moved = replace(OPTIONS, data_dir=str(tmp_path / "data-moved-here"))  # the runs read their data where it is now
+    reproduce.run_table(TABLE, tmp_path, moved, cells=cells, progress=False, log=log.append)
     assert log == [f"{cells[0].name}: resumed (2 seeds stacked)"]
     for seed in (0, 1):
         ours, theirs = (checkpoint.load(reproduce.run_dir(root, cells[0].name, seed)) for root in (tmp_path, reference))
         assert all(torch.equal(ours["model"][name], theirs["model"][name]) for name in theirs["model"])
+        assert ours["config"]["data_dir"] == moved.data_dir
     assert [m["epoch"] for m in rundir.read_metrics(path)] == list(range(1, 10))
 
 

@@ -100,6 +100,30 @@ def test_bad_seeds_is_one_line(tiny_dataset: str, tmp_path: Path, capsys: pytest
     assert not (tmp_path / "s").exists()
 
 
+def test_a_stacked_run_resumes_with_new_runtime_settings(tiny_dataset: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    append, appended = rundir.append_metrics, []
+
+    def fail_in_epoch_2(run_dir: Path, record: dict) -> None:  # a crash after epoch 1's checkpoint
+        append(run_dir, record)
+        appended.append(record)
+        if len(appended) == 3:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(rundir, "append_metrics", fail_in_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        stacked.train_stacked([config(tiny_dataset, seed, epochs=3) for seed in (0, 1)], tmp_path / "s",
+                              progress=False)
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(tmp_path / "s"), "--data-dir", str(tmp_path / "moved"),
+                     "--checkpoint-every", "7"]) == 0
+    for seed in (0, 1):
+        state = checkpoint.load(tmp_path / "s" / f"seed-{seed}")
+        assert state["epoch"] == 3
+        assert (state["config"]["data_dir"], state["config"]["checkpoint_every_s"]) == (str(tmp_path / "moved"), 7)
+    assert cli.main(["train", "--resume", str(tmp_path / "s"), "--k", "2"]) == 2  # not a runtime setting
+
+
 EPOCHS = 30
 
 

@@ -280,7 +280,7 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
     if args.resume is not None:
         if set(given) - set(train.RUNTIME_KEYS):
             raise UsageError(f"{args.resume} is a stacked run; resume it with --resume {args.resume} alone")
-        results = stacked.resume_stacked(args.resume)
+        results = stacked.resume_stacked(args.resume, given)
         out = args.resume
     else:
         if args.seeds < 1:

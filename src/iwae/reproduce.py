@@ -212,10 +212,12 @@ def is_finished(path: Path) -> bool:
     return bool(metrics) and metrics[-1]["epoch"] == rundir.read_json(path / rundir.CONFIG)["epochs"]
 
 
-def run_cell(configs: list[TrainConfig], path: Path, *, progress: bool | None = None) -> str:
+def run_cell(configs: list[TrainConfig], path: Path, *, changes: dict[str, Any] | None = None,
+             progress: bool | None = None) -> str:
     """Bring a cell's seeds (runs in ``path``) to their end, and say what that took: nothing ("skipped"), resuming
-    started runs from their checkpoints (an unfinished stacked run, or lone runs that ``iwae train`` started), and
-    training the seeds not yet started together as one stacked run (``iwae.stacked``), beside those that have."""
+    started runs from their checkpoints (an unfinished stacked run, or lone runs that ``iwae train`` started; with
+    ``changes`` as for ``train.resume``), and training the seeds not yet started together as one stacked run
+    (``iwae.stacked``), beside those that have."""
     runs = {config.seed: path / f"seed-{config.seed}" for config in configs}
     if all(is_finished(run) for run in runs.values()):
         return f"skipped ({_seeds_text(len(runs))})"
@@ -223,11 +225,11 @@ def run_cell(configs: list[TrainConfig], path: Path, *, progress: bool | None = 
     if stacked.is_stacked(path):
         stack = rundir.read_json(path / stacked.STACK)["seeds"]
         if not all(is_finished(path / f"seed-{seed}") for seed in stack):
-            stacked.resume_stacked(path, progress=progress)
+            stacked.resume_stacked(path, changes, progress=progress)
             done.append(f"resumed ({_seeds_text(len(stack))})")
     started = [run for run in runs.values() if (run / rundir.CHECKPOINT).is_file() and not is_finished(run)]
     for run in started:
-        train.resume(run, progress=progress)
+        train.resume(run, changes, progress=progress)
     if started:
         done.append(f"resumed ({len(started)} {'run' if len(started) == 1 else 'runs'} alone)")
     new = [config for config in configs if not (runs[config.seed] / rundir.CHECKPOINT).is_file()]
@@ -287,6 +289,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
             missing[dataset] = reason
     configs = {cell.name: [cell_config(cell, s, options, out) for s in range(options.seeds)] for cell in cells}
     check_existing(cells, configs, out, options.device)
+    changes = {} if options.data_dir is None else {"data_dir": options.data_dir}  # where the data is now
     where = f" on {distributed.name()}" if distributed.launched() else ""
     for level in levels(cells):
         runnable = [cell for cell in level if cell.settings["dataset"] not in missing]
@@ -296,7 +299,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
                 say(f"{cell.name}: skipped, data missing")
             elif cell.name in mine:
                 with distributed.alone():
-                    what = run_cell(configs[cell.name], out / cell.name, progress=progress)
+                    what = run_cell(configs[cell.name], out / cell.name, changes=changes, progress=progress)
                 say(f"{cell.name}: {what}{where}")
         distributed.wait_for_all()
     return distributed.on_rank_zero(lambda: write_report(table, out, cells, options, missing)) or {}

@@ -238,8 +238,10 @@ def is_stacked(path: Path) -> bool:
     return (path / STACK).is_file()
 
 
-def resume_stacked(out: Path, *, progress: bool | None = None) -> list[dict | None]:
-    """Continue the stacked run in ``out`` from its last committed checkpoint, and evaluate each seed."""
+def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress: bool | None = None
+                   ) -> list[dict | None]:
+    """Continue the stacked run in ``out`` from its last committed checkpoint, and evaluate each seed.
+    ``changes`` as for ``train.resume``, applied to every seed (e.g. a new ``data_dir``)."""
     record = rundir.read_json(out / STACK)
     dirs = [out / f"seed-{s}" for s in record["seeds"]]
     for path in dirs:  # complete (or discard) an interrupted commit
@@ -251,7 +253,7 @@ def resume_stacked(out: Path, *, progress: bool | None = None) -> list[dict | No
             else:
                 pending.unlink()
     states = [checkpoint.load(path) for path in dirs]
-    configs = [TrainConfig(**state["config"]) for state in states]
+    configs = [train.resumed_config(state["config"], changes, path) for state, path in zip(states, dirs, strict=True)]
     device = resolve_device(configs[0].device)
     if all(s["epoch"] == c.epochs for s, c in zip(states, configs, strict=True)) and all(
             (d / rundir.EVAL).is_file() or not c.eval_k for d, c in zip(dirs, configs, strict=True)):

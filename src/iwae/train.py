@@ -343,15 +343,7 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
         ``changes`` that differs from the run's.
     """
     state = checkpoint.load(run_dir)
-    saved, changes = state["config"], dict(changes or {})
-    if "device" in changes:
-        changes["device"] = str(resolve_device(changes["device"]))  # compared as resolved, like the saved one
-    differing = [key for key, value in changes.items() if key not in RUNTIME_KEYS and saved.get(key) != value]
-    if differing:
-        listed = ", ".join(f"{key} (run: {saved.get(key)!r}, given: {changes[key]!r})" for key in differing)
-        raise ValueError(f"cannot resume {run_dir} with a different configuration: {listed}; drop those options "
-                         "to continue the run as it was, or start a new run with a new --out")
-    config = TrainConfig(**{**saved, **{key: value for key, value in changes.items() if key in RUNTIME_KEYS}})
+    config = resumed_config(state["config"], changes, run_dir)
     if state["epoch"] == config.epochs and (run_dir / rundir.EVAL).is_file():
         print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
         return rundir.read_json(run_dir / rundir.EVAL)
@@ -363,6 +355,24 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
         _fit(config, run_dir, dataset, state, stop, progress)
     del dataset  # the evaluation loads what it needs: never hold two copies of the data
     return _finish(config, run_dir, device, progress)
+
+
+def resumed_config(saved: dict[str, Any], changes: dict[str, Any] | None, run_dir: Path) -> TrainConfig:
+    """The configuration that the run in ``run_dir``, saved as ``saved``, continues with: ``changes`` are settings
+    given again, each of which must equal the saved one, except those in ``RUNTIME_KEYS``, which replace it.
+
+    Raises:
+      ValueError: naming every setting in ``changes`` that differs from the run's.
+    """
+    changes = dict(changes or {})
+    if "device" in changes:
+        changes["device"] = str(resolve_device(changes["device"]))  # compared as resolved, like the saved one
+    differing = [key for key, value in changes.items() if key not in RUNTIME_KEYS and saved.get(key) != value]
+    if differing:
+        listed = ", ".join(f"{key} (run: {saved.get(key)!r}, given: {changes[key]!r})" for key in differing)
+        raise ValueError(f"cannot resume {run_dir} with a different configuration: {listed}; drop those options "
+                         "to continue the run as it was, or start a new run with a new --out")
+    return TrainConfig(**{**saved, **{key: value for key, value in changes.items() if key in RUNTIME_KEYS}})
 
 
 def _fit(config: TrainConfig, run_dir: Path, dataset: data.Dataset, state: dict[str, Any], stop: _StopOnSignal,
