@@ -340,6 +340,19 @@ def test_a_run_too_large_for_memory_is_refused_at_once_with_nothing_written(
     assert not run.exists()
 
 
+@pytest.mark.parametrize("seeds", [[], ["--seeds", "3"]])
+def test_a_model_too_large_for_memory_is_refused_for_its_size(seeds: list[str], tiny_dataset: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    line = one_line_error(capsys, ["train", "--dataset", tiny_dataset, "--model", "sbn-99999999999", "--estimator",
+                                   "vimco", "--k", "2", "--batch-size", "1", "--epochs", "1", *seeds, "--device", "cpu",
+                                   "--out", str(tmp_path / "run")])
+    stack = "--seeds 3 of " if seeds else ""
+    assert line.startswith(f"iwae: error: training {stack}--model sbn-99999999999 (its parameters, their gradients "
+                           "and Adam's moments alone) needs about")
+    assert line.endswith("use a smaller --model" + (" or --seeds" if seeds else ""))
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluation_and_sampling_too_large_for_memory_are_refused(finished_run: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(path.name for path in finished_run.rglob("*"))

@@ -36,8 +36,12 @@ def pass_bytes(model: nn.Module, x_dim: int, rows: int, *, training: bool) -> in
     widths = sum(layer.out_features for layer in model.modules() if isinstance(layer, nn.Linear)) + x_dim
     copies = COPIES_TRAINING if training else COPIES_NO_GRAD
     activations = _FLOAT_BYTES * rows * copies * widths
-    parameters = _FLOAT_BYTES * sum(p.numel() for p in model.parameters()) * (4 if training else 1)
-    return int(activations + parameters)
+    return int(activations + parameter_bytes(model, training=training))
+
+
+def parameter_bytes(model: nn.Module, *, training: bool) -> int:
+    """Bytes of ``model``'s parameters; for training, with their gradients and Adam's two moments (4 copies)."""
+    return _FLOAT_BYTES * sum(p.numel() for p in model.parameters()) * (4 if training else 1)
 
 
 def available_bytes(device: torch.device) -> int | None:

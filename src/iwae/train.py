@@ -265,6 +265,11 @@ def check_memory(config: TrainConfig, x_dim: int, device: torch.device, seeds: i
     ``seeds`` stacked seeds (``iwae.stacked``) each need a lone run's memory for their steps."""
     with torch.device("meta"):
         model = checkpoint.build_model(asdict(config), x_dim)
+    # a model too large on its own is refused for its size, whatever k and the batch size
+    memory.check_fits(seeds * memory.parameter_bytes(model, training=True), device,
+                      "training " + ("{1} {seeds} of " if seeds > 1 else "") + "{0} {model} (its parameters, their "
+                      "gradients and Adam's moments alone)", ("model", "seeds")[:1 + (seeds > 1)], model=config.model,
+                      seeds=seeds)
     # each rank (iwae.distributed) trains on its rows of the global batch; the monitor and the final evaluation
     # pass over at most max(k, PASS_ROWS) rows, without gradients
     rows = distributed.rows(config.batch_size)
