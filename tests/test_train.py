@@ -133,6 +133,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
 ) -> None:
     train.train(tiny_config(tiny_dataset), tmp_path / "reference", progress=False)
     run = tmp_path / "interrupted"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as patch:
         interrupt_at_call(patch, call, sig)
         with pytest.raises(train.Interrupted, match=f"iwae train --resume {run}") as stopped:
@@ -140,7 +141,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     assert stopped.value.signal == sig
     position = checkpoint.load(run)
     assert position["epoch"] * 8 + position["step"] == call  # stopped right after the step it was signalled in
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # handlers restored
     train.resume(run, progress=False)
     assert_same_parameters(tmp_path / "reference", run)
     assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
