@@ -124,6 +124,18 @@ def test_a_stacked_run_resumes_with_new_runtime_settings(tiny_dataset: str, tmp_
     assert cli.main(["train", "--resume", str(tmp_path / "s"), "--k", "2"]) == 2  # not a runtime setting
 
 
+def test_a_stack_too_large_for_memory_is_refused_at_once(tiny_dataset: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    start = time.perf_counter()
+    assert cli.main(["train", "--dataset", tiny_dataset, "--epochs", "1", "--seeds", str(10**11), "--device", "cpu",
+                     "--out", str(tmp_path / "s")]) == 2
+    assert time.perf_counter() - start < 10
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"iwae: error: training --seeds {10**11} of --model burda (its parameters")
+    assert line.endswith("use a smaller --model or --seeds")
+    assert not (tmp_path / "s").exists()
+
+
 EPOCHS = 30
 
 

@@ -286,6 +286,9 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
         if args.seeds < 1:
             raise UsageError(f"--seeds must be a positive number of seeds; got {args.seeds}")
         config = train.TrainConfig(**given)
+        # a stack too large for memory even on data of one dimension is refused before its seeds' configurations
+        # are made (the estimate grows with the data's dimension; the real one is checked once the data is read)
+        train.check_memory(config, 1, resolve_device(config.device), seeds=args.seeds)
         configs = [dataclasses.replace(config, seed=config.seed + s) for s in range(args.seeds)]
         results = stacked.train_stacked(configs, args.out)
         out = args.out
