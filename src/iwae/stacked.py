@@ -185,7 +185,6 @@ def check_configs(configs: list[TrainConfig]) -> None:
         raise ValueError("the seeds of a stack must share every setting but the seed and --init-from")
 
 
-
 def throwaway_step(config: TrainConfig, x_dim: int, device: torch.device, seeds: int) -> Callable[[], None]:
     """A training step of ``seeds`` stacked fresh models of ``config`` on a random minibatch: the workload on
     which a stack's float32 matrix-multiply path is timed (``train.matmul_path``)."""
