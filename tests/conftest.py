@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from iwae import rundir
 from iwae.data import datasets
 
 # tests of the GPU's paths (CUDA graphs, its generators), run wherever a GPU is
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def same_matmul_as(run: Path) -> list[str]:
+    """The option that makes a new run multiply on the float32 path the run in ``run`` recorded. Each process
+    otherwise times the paths itself, and two may choose differently (so round differently) on a busy machine."""
+    return ["--matmul", rundir.read_json(run / rundir.CONFIG)["matmul"]]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CUDA
+from conftest import CUDA, same_matmul_as
 
 from iwae import checkpoint, cli, evaluate, gemm, rundir, stacked, train
 
@@ -149,7 +149,7 @@ def test_stacked_run_killed_at_random_moments_resumes_exactly(tiny_dataset: str,
     reference, run = tmp_path / "reference", tmp_path / "run"
     done = subprocess.run(command(tiny_dataset, reference), env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    rng, kills, args = random.Random(0), 0, command(tiny_dataset, run)
+    rng, kills, args = random.Random(0), 0, [*command(tiny_dataset, run), *same_matmul_as(reference / "seed-0")]
     pending = run / "seed-0" / stacked.NEXT
     for attempt in range(8):
         process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_matmul_as
 
 from iwae import checkpoint, evaluate, rundir, train
 from iwae import step as train_step
@@ -231,8 +232,8 @@ def reference(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def test_sigint_checkpoints_and_resume_is_exact(tiny_dataset: str, reference: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    process = subprocess.Popen(train_command(tiny_dataset, "--out", str(run)), env=ENV, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(train_command(tiny_dataset, "--out", str(run), *same_matmul_as(reference)), env=ENV,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     wait_for_checkpoint(run, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -254,7 +255,7 @@ def test_sigkill_at_random_moments_leaves_a_checkpoint_to_resume_exactly(
     # temporary file is left behind) and between them.
     run, rng = tmp_path / "run", random.Random(0)
     tmp = run / (rundir.CHECKPOINT + ".tmp")
-    command = train_command(tiny_dataset, "--out", str(run), "--checkpoint-every", "0")
+    command = train_command(tiny_dataset, "--out", str(run), "--checkpoint-every", "0", *same_matmul_as(reference))
     kills = {"during a write": 0, "between writes": 0}
     for attempt in range(12):
         process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
