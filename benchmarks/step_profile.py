@@ -32,21 +32,15 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from throughput import (
-    X_DIM,
-    Runner,
-    choose_matmul,
-    initial_model,
-    installed,
-    interleaved,
-    iwae_runner,
-    numpyro_runner,
-    numpyro_update,
-)
+from own_process import OwnProcess, Runner
+from throughput import cell_data, choose_matmul, contender, initial_model, installed, interleaved, numpyro_update
 
 from iwae import heap
 
@@ -123,9 +117,28 @@ def profile_jax(run: Runner, steps: int, hlo: str) -> Counter[str]:
 
 
 def numpyro_program(weights: dict[str, np.ndarray], layers: int, x: torch.Tensor, k: int) -> str:
-    """The text of NumPyro's compiled XLA program (the one ``numpyro_runner`` runs)."""
+    """The text of NumPyro's compiled XLA program (the one ``throughput.numpyro_runner`` runs)."""
     update, state, data = numpyro_update(weights, layers, x, k)
     return update.lower(state, data).compile().as_text()
+
+
+def profiler(name: str, layers: int, k: int, batch: int) -> dict[str, Callable[[int], Counter[str]]]:
+    """For a worker process: {name: profile}, where ``profile(n)`` warms contender ``name`` ("iwae compiled std",
+    its kernels called from Python, or "numpyro") up with n steps, then profiles n more and returns the
+    microseconds per step of each category of its kernels and of the whole profiled step."""
+    if name == "numpyro":
+        x = cell_data(batch)
+        weights = {name: p.detach().numpy().T.copy() for name, p in initial_model(layers, x).named_parameters()}
+        program = numpyro_program(weights, layers, x, k)
+        run = contender(name, layers, k, batch)[name]
+    else:
+        run = contender(name, layers, k, batch, inductor_options=PROFILED)[name]
+
+    def profile(steps: int) -> Counter[str]:
+        run(steps)  # compilation and warm-up
+        return profile_jax(run, steps, program) if name == "numpyro" else profile_torch(run, steps)
+
+    return {name: profile}
 
 
 def main() -> None:
@@ -139,21 +152,21 @@ def main() -> None:
     if not (installed("numpyro") and installed("jax")):
         raise SystemExit("step_profile.py compares against NumPyro: pip install -e '.[bench]'")
     heap.retain_freed_memory()
-    x = (torch.rand(args.batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
     path = choose_matmul(args.layers, args.batch, args.k)
-    model = initial_model(args.layers, x)
-    weights = {name: p.detach().numpy().T.copy() for name, p in model.named_parameters()}
-    profiled = {"iwae compiled": iwae_runner(initial_model(args.layers, x), x, args.k, "standard", compile=True,
-                                             inductor_options=PROFILED),
-                "numpyro": numpyro_runner(weights, args.layers, x, args.k)}
-    runners = {**profiled, "iwae, C++ wrapper": iwae_runner(model, x, args.k, "standard", compile=True)}
-    for run in runners.values():
-        run(args.steps)  # compilation and warm-up
-    seconds = interleaved({name: (run, args.steps) for name, run in runners.items()}, args.rounds)
+    cell = (args.layers, args.k, args.batch)
+    profiled = {"iwae compiled": "iwae compiled std", "numpyro": "numpyro"}
+    with ExitStack() as stack:  # each step timed, then each profiled, in a process of its own
+        def worker(build: Callable[..., dict[str, Callable[[int], Any]]], name: str, *extra: object) -> Runner:
+            return stack.enter_context(OwnProcess(build, name, *cell, *extra, matmul_path=path)).runner(name)
+
+        runners = {"iwae compiled": worker(contender, "iwae compiled std", PROFILED),
+                   "numpyro": worker(contender, "numpyro"),
+                   "iwae, C++ wrapper": worker(contender, "iwae compiled std")}
+        for run in runners.values():
+            run(args.steps)  # compilation and warm-up
+        seconds = interleaved({name: (run, args.steps) for name, run in runners.items()}, args.rounds)
+        kernels = {label: worker(profiler, name)(args.steps) for label, name in profiled.items()}
     step_us = {name: 1e6 * statistics.median(s) for name, s in seconds.items()}
-    program = numpyro_program(weights, args.layers, x, args.k)
-    kernels = {"iwae compiled": profile_torch(profiled["iwae compiled"], args.steps),
-               "numpyro": profile_jax(profiled["numpyro"], args.steps, program)}
     print(f"{args.layers}-layer model, K={args.k}, B={args.batch}, {torch.get_num_threads()} threads, torch {path} "
           f"matmul; microseconds per step under the profilers (iwae's kernels called from Python), and the "
           f"unprofiled step (median of {args.rounds} interleaved rounds)")

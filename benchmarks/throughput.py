@@ -11,8 +11,9 @@ of B x 784, in examples/s, for
 
 The peers run the same network (the iwae model's initial weights, tanh, Gaussian q with an exp std head,
 Bernoulli p(x|z), N(0, I) prior, ancestral p and q for 2 layers), written once against the pyro/numpyro API.
-Every contender is built and warmed up first (its first call, the compilation where there is one, is timed
-and reported, then as many steps as take about ``--round-seconds``, which sets its steps per round unless
+Each contender runs in a process of its own (``own_process``: in one process, each runtime slows the
+others). Every contender is built and warmed up first (its first call, the compilation where there is one, is
+timed and reported, then as many steps as take about ``--round-seconds``, which sets its steps per round unless
 ``--steps`` is given); then the contenders take turns, one round of steps each, and the median examples/s
 over ``--rounds`` rounds is reported, so the machine's load affects them alike. In each cell torch's fp32
 matmuls use the path ``iwae train`` would choose for it (the faster on the cell's compiled step, measured at
@@ -20,10 +21,13 @@ the start of the cell), for all torch contenders. On a machine busy with other p
 spend most of a small step waiting for each other (a 20x200x784 product measured 40-70x slower with 2 threads
 than with 1 on 2 loaded cores); ``--torch-threads 1`` shows how much of a gap that is.
 
-The fp32 GEMM limit is the highest FLOP/s measured in this run (median over interleaved rounds) of a
-2048x2048x2048 product and the decoder's (K*B x 200) @ (200 x 784) products, on torch's default and oneDNN
-paths and in jax.numpy. The achieved rate of a step is its model FLOPs, 3x the GEMM FLOPs of the forward
-pass (2*m*n*k per linear layer, counted by torch.utils.flop_counter on ``model.log_weights``), per second.
+The fp32 GEMM limit is the highest FLOP/s (median over interleaved rounds) of a 2048x2048x2048 product and
+the decoder's (K*B x 200) @ (200 x 784) products, on torch's default and oneDNN paths and in jax.numpy (each
+path in a process of its own). It is printed for the whole run at its start, and measured again in each cell:
+there the products take their turns in the contenders' rounds, and the cell's share of the limit is against
+the limit of its own rounds (the machine's speed moves from minute to minute). The achieved rate of a step is
+its model FLOPs, 3x the GEMM FLOPs of the forward pass (2*m*n*k per linear layer, counted by
+torch.utils.flop_counter on ``model.log_weights``), per second.
 
 Evaluation (``--eval``, instead of training): the k=5000 log-likelihood of the MNIST test set
 (``$IWAE_DATA_DIR``; random binary data of its shape when absent) with the untrained 1- and 2-layer models,
@@ -48,6 +52,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,6 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 from evaluate_memory import BATCH_SIZE, CHUNK_SIZE, measure_in_subprocess, mnist_test_images
+from own_process import OwnProcess, Runner
 from torch.utils.flop_counter import FlopCounterMode
 
 from iwae import gemm, heap, train
@@ -67,7 +73,6 @@ LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-4
 X_DIM = 784
 SQUARE = 2048
 COLUMNS = ("iwae compiled std", "iwae compiled dreg", "iwae eager std", "numpyro", "pyro")
-Runner = Callable[[int], None]  # runs n steps (or products) and returns when they are done
 
 
 def installed(module: str) -> bool:
@@ -88,10 +93,9 @@ def interleaved(runners: dict[str, tuple[Runner, int]], rounds: int) -> dict[str
 
 # --- the machine's fp32 GEMM limit ---------------------------------------------------------------------------
 
-def torch_products(a: torch.Tensor, b: torch.Tensor, path: str, n: int) -> None:
-    with gemm.matmul_path(path):
-        for _ in range(n):
-            a @ b
+def torch_products(a: torch.Tensor, b: torch.Tensor, n: int) -> None:
+    for _ in range(n):
+        torch.mm(a, b)
 
 
 def jax_products(matmul: Callable[[Any, Any], Any], a: Any, b: Any, n: int) -> None:
@@ -102,29 +106,54 @@ def jax_products(matmul: Callable[[Any, Any], Any], a: Any, b: Any, n: int) -> N
     jax.block_until_ready(out)
 
 
-def gemm_rates(shapes: list[tuple[int, int, int]], rounds: int = 5) -> dict[str, float]:
-    """FLOP/s of float32 products (m x k) @ (k x n) for each shape, on each available path (median of
-    interleaved rounds of about 0.1 s of products each)."""
-    paths = [gemm.DEFAULT, *([gemm.ONEDNN] if torch.backends.mkldnn.is_available() else [])]
-    runners: dict[str, tuple[Runner, int]] = {}
-    flops: dict[str, int] = {}
+def products(framework: str, shapes: list[tuple[int, int, int]]) -> dict[str, Runner]:
+    """Runners of float32 products (m x k) @ (k x n) of random matrices, one per shape (named "mxkxn"), in
+    ``framework``: "torch" (on the process's matmul path) or "jax"."""
     generator = torch.Generator().manual_seed(0)
+    runners = {}
     for m, k, n in shapes:
         a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
-        calls = max(1, math.ceil(2e10 / (2 * m * k * n)))
-        products = {f"torch {path}": partial(torch_products, a, b, path) for path in paths}
-        if installed("jax"):
+        if framework == "jax":
             import jax
             import jax.numpy as jnp
 
-            products["jax"] = partial(jax_products, jax.jit(jnp.matmul), jnp.asarray(a.numpy()), jnp.asarray(b.numpy()))
-        for name, run in products.items():
-            runners[f"{name} {m}x{k}x{n}"] = (run, calls)
-            flops[f"{name} {m}x{k}x{n}"] = 2 * m * k * n
-    for run, _ in runners.values():  # warm-up: kernels built, jit compiled
-        run(1)
-    seconds = interleaved(runners, rounds)
-    return {name: flops[name] / statistics.median(seconds[name]) for name in runners}
+            run = partial(jax_products, jax.jit(jnp.matmul), jnp.asarray(a.numpy()), jnp.asarray(b.numpy()))
+        else:
+            run = partial(torch_products, a, b)
+        runners[f"{m}x{k}x{n}"] = run
+    return runners
+
+
+Products = dict[str, tuple[Runner, int, int]]  # per product runner: the runner, its calls per round, FLOPs per call
+
+
+def product_runners(stack: ExitStack, shapes: list[tuple[int, int, int]]) -> Products:
+    """For each available path and each shape, a runner of float32 products (m x k) @ (k x n) named
+    "<path> mxkxn" (warmed up), with its calls per round (about 0.05-0.1 s of products) and FLOPs per call. Each
+    path's products run in a process of its own, which ``stack`` ends."""
+    paths = {f"torch {path}": ("torch", path) for path in
+             [gemm.DEFAULT, *([gemm.ONEDNN] if torch.backends.mkldnn.is_available() else [])]}
+    if installed("jax"):
+        paths["jax"] = ("jax", gemm.DEFAULT)
+    workers = {name: stack.enter_context(OwnProcess(products, framework, shapes, matmul_path=path))
+               for name, (framework, path) in paths.items()}
+    runners: Products = {}
+    for m, k, n in shapes:
+        for name, worker in workers.items():
+            run = worker.runner(f"{m}x{k}x{n}")
+            run(1)  # warm-up: kernels built, jit compiled
+            runners[f"{name} {m}x{k}x{n}"] = (run, max(1, math.ceil(1e10 / (m * k * n))), 2 * m * k * n)
+    return runners
+
+
+def gemm_rates(products: Products, seconds: dict[str, list[float]]) -> dict[str, float]:
+    """FLOP/s of each product runner from its seconds per call in interleaved rounds (their median)."""
+    return {name: flops / statistics.median(seconds[name]) for name, (_, _, flops) in products.items()}
+
+
+def timed_products(products: Products) -> dict[str, tuple[Runner, int]]:
+    """The product runners as ``interleaved`` takes them."""
+    return {name: (run, calls) for name, (run, calls, _) in products.items()}
 
 
 def report_gemm(rates: dict[str, float]) -> float:
@@ -270,19 +299,22 @@ def choose_matmul(layers: int, batch: int, k: int) -> str:
     return train.matmul_path(config, X_DIM, torch.device("cpu"))
 
 
-def contenders(layers: int, x: torch.Tensor, k: int) -> tuple[dict[str, Runner], int]:
-    """The runners of one cell, all starting from the same initial weights, and the forward GEMM FLOPs."""
-    runners = {
-        "iwae compiled std": iwae_runner(initial_model(layers, x), x, k, "standard", compile=True),
-        "iwae compiled dreg": iwae_runner(initial_model(layers, x), x, k, "dreg", compile=True),
-        "iwae eager std": iwae_runner(initial_model(layers, x), x, k, "standard", compile=False),
-    }
+def cell_data(batch: int) -> torch.Tensor:
+    """The fixed random binary minibatch (batch, 784) of a cell."""
+    return (torch.rand(batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
+
+
+def contender(name: str, layers: int, k: int, batch: int,
+              inductor_options: dict[str, object] | None = None) -> dict[str, Runner]:
+    """The runner of contender ``name`` (one of ``COLUMNS``) for a cell, as {name: runner}, from the cell's
+    minibatch and initial weights (the same in every process); ``inductor_options`` as for ``TrainStep``."""
+    x = cell_data(batch)
+    if name.startswith("iwae"):
+        estimator = "dreg" if name.endswith("dreg") else "standard"
+        return {name: iwae_runner(initial_model(layers, x), x, k, estimator, compile="compiled" in name,
+                                  inductor_options=inductor_options)}
     weights = {name: p.detach().numpy().T.copy() for name, p in initial_model(layers, x).named_parameters()}
-    if installed("numpyro") and installed("jax"):
-        runners["numpyro"] = numpyro_runner(weights, layers, x, k)
-    if installed("pyro"):
-        runners["pyro"] = pyro_runner(weights, layers, x, k)
-    return runners, forward_flops(initial_model(layers, x), x, k)
+    return {name: (numpyro_runner if name == "numpyro" else pyro_runner)(weights, layers, x, k)}
 
 
 # --- training throughput -------------------------------------------------------------------------------------
@@ -300,35 +332,42 @@ def calibrate(run: Runner, seconds: float) -> int:
         calls *= 2
 
 
-def time_cell(layers: int, k: int, batch: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Build, warm up and time every contender of one (layers, K, B) cell in interleaved rounds."""
+def time_cell(layers: int, k: int, batch: int, products: Products, args: argparse.Namespace) -> dict[str, Any]:
+    """Build, warm up and time every contender of one (layers, K, B) cell, each in a process of its own, in
+    interleaved rounds with the cell's ``products`` (which measure the GEMM limit beside the contenders)."""
     torch._dynamo.reset()  # a fresh compilation cache per cell: no recompilation limit reached over cells
-    x = (torch.rand(batch, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.13).float()
     path = choose_matmul(layers, batch, k)
-    runners, flops = contenders(layers, x, k)
+    names = [name for name in COLUMNS if name.startswith("iwae") or name in args.peers]
     first_call, steps = {}, {}
-    for name, run in runners.items():
-        start = time.perf_counter()
-        run(1)  # compiles, where there is something to compile
-        first_call[name] = time.perf_counter() - start
-        steps[name] = args.steps or calibrate(run, args.round_seconds)
-    seconds = interleaved({name: (run, steps[name]) for name, run in runners.items()}, args.rounds)
+    with ExitStack() as stack:
+        runners = {name: stack.enter_context(OwnProcess(contender, name, layers, k, batch, matmul_path=path))
+                   .runner(name) for name in names}
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(1)  # compiles, where there is something to compile
+            first_call[name] = time.perf_counter() - start
+            steps[name] = args.steps or calibrate(run, args.round_seconds)
+        seconds = interleaved({**{name: (run, steps[name]) for name, run in runners.items()},
+                               **timed_products(products)}, args.rounds)
+    flops = forward_flops(initial_model(layers, cell_data(batch)), cell_data(batch), k)
+    rates = gemm_rates(products, seconds)
     return {
         "layers": layers, "k": k, "batch": batch, "matmul_path": path, "steps": steps, "rounds": args.rounds,
         "forward_gemm_flops": flops, "step_flops": 3 * flops,
         "first_call_s": first_call,
-        "examples_per_s": {name: batch / statistics.median(s) for name, s in seconds.items()},
-        "rounds_examples_per_s": {name: [batch / t for t in s] for name, s in seconds.items()},
+        "examples_per_s": {name: batch / statistics.median(seconds[name]) for name in names},
+        "rounds_examples_per_s": {name: [batch / t for t in seconds[name]] for name in names},
+        "gemm_flops_per_s": rates, "gemm_limit_flops_per_s": max(rates.values()),
     }
 
 
-def add_ratios(cell: dict[str, Any], limit: float) -> None:
+def add_ratios(cell: dict[str, Any]) -> None:
     rate = cell["examples_per_s"]
     std = rate["iwae compiled std"]
     cell["compiled_std_over_numpyro"] = std / rate["numpyro"] if "numpyro" in rate else None
     cell["dreg_over_std"] = rate["iwae compiled dreg"] / std
     cell["achieved_flops_per_s"] = cell["step_flops"] * std / cell["batch"]
-    cell["gemm_fraction"] = cell["achieved_flops_per_s"] / limit
+    cell["gemm_fraction"] = cell["achieved_flops_per_s"] / cell["gemm_limit_flops_per_s"]
 
 
 def print_table(layers: int, cells: list[dict[str, Any]], names: list[str]) -> None:
@@ -337,13 +376,13 @@ def print_table(layers: int, cells: list[dict[str, Any]], names: list[str]) -> N
     widths = [max(9, len(name)) for name in short]
     print(f"\n{layers} stochastic layer(s), IWAE bound: examples/s (median over rounds)")
     header = f"{'K':>3} {'B':>4}  " + "  ".join(f"{n:>{w}}" for n, w in zip(short, widths, strict=True))
-    print(header + f"  {'std/numpyro':>11}  {'dreg/std':>8}  {'GEMM frac':>9}  {'matmul':>7}")
+    print(header + f"  {'std/numpyro':>11}  {'dreg/std':>8}  {'GEMM frac':>9}  {'of GFLOP/s':>10}  {'matmul':>7}")
     for cell in cells:
         rate, ratio = cell["examples_per_s"], cell["compiled_std_over_numpyro"]
         row = "  ".join(f"{rate.get(n, math.nan):>{w},.0f}" for n, w in zip(names, widths, strict=True))
         numpyro = f"{ratio:11.2f}" if ratio is not None else f"{'-':>11}"
         print(f"{cell['k']:>3} {cell['batch']:>4}  {row}  {numpyro}  {cell['dreg_over_std']:8.3f}  "
-              f"{cell['gemm_fraction']:9.1%}  {cell['matmul_path']:>7}")
+              f"{cell['gemm_fraction']:9.1%}  {cell['gemm_limit_flops_per_s'] / 1e9:10.0f}  {cell['matmul_path']:>7}")
     print("first call (compilation) s / steps per round")
     for cell in cells:
         first = "  ".join(f"{cell['first_call_s'].get(n, math.nan):>{w - 6}.1f} /{cell['steps'].get(n, 0):>4}"
@@ -353,20 +392,25 @@ def print_table(layers: int, cells: list[dict[str, Any]], names: list[str]) -> N
 
 def train_benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
     cells = [(k, b) for k in args.k for b in args.batch]
-    limit = report_gemm(gemm_rates([(SQUARE, SQUARE, SQUARE), *sorted({(k * b, 200, X_DIM) for k, b in cells})]))
-    result.update(gemm_limit_flops_per_s=limit, cells=[])
+    result["cells"] = []
     names = [n for n in COLUMNS if n not in ("numpyro", "pyro") or n in args.peers]
-    for layers in args.layers:
-        timed = []
-        for k, batch in cells:
-            cell = time_cell(layers, k, batch, args)
-            add_ratios(cell, limit)
-            timed.append(cell)
-            result["cells"].append(cell)
-            write_json(args.json, result)
-            print(f"  timed layers={layers} K={k} B={batch}: compiled std {cell['examples_per_s'][names[0]]:,.0f} "
-                  "examples/s", flush=True)
-        print_table(layers, timed, names)
+    with ExitStack() as stack:
+        products = product_runners(stack, [(SQUARE, SQUARE, SQUARE), *sorted({(k * b, 200, X_DIM) for k, b in cells})])
+        limit = report_gemm(gemm_rates(products, interleaved(timed_products(products), args.rounds)))
+        result["gemm_limit_flops_per_s"] = limit
+        for layers in args.layers:
+            timed = []
+            for k, batch in cells:
+                shapes = (f"{SQUARE}x{SQUARE}x{SQUARE}", f"{k * batch}x200x{X_DIM}")
+                cell_products = {name: product for name, product in products.items() if name.endswith(shapes)}
+                cell = time_cell(layers, k, batch, cell_products, args)
+                add_ratios(cell)
+                timed.append(cell)
+                result["cells"].append(cell)
+                write_json(args.json, result)
+                print(f"  timed layers={layers} K={k} B={batch}: compiled std "
+                      f"{cell['examples_per_s'][names[0]]:,.0f} examples/s", flush=True)
+            print_table(layers, timed, names)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
@@ -378,7 +422,9 @@ def eval_flops(layers: int, examples: int, k: int) -> float:
 
 
 def eval_benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
-    limit = report_gemm(gemm_rates([(SQUARE, SQUARE, SQUARE), (BATCH_SIZE * CHUNK_SIZE, 200, X_DIM)]))
+    with ExitStack() as stack:
+        products = product_runners(stack, [(SQUARE, SQUARE, SQUARE), (BATCH_SIZE * CHUNK_SIZE, 200, X_DIM)])
+        limit = report_gemm(gemm_rates(products, interleaved(timed_products(products), 5)))
     images, source = mnist_test_images()
     examples = min(args.eval_examples, len(images))
     print(f"\nk={args.k_eval} log-likelihood of {examples} of {len(images)} images ({source}), untrained models, "
@@ -437,7 +483,7 @@ def main() -> None:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    heap.retain_freed_memory()  # as the iwae command does (the Pyro peer shares it: same process, same malloc)
+    heap.retain_freed_memory()  # as the iwae command does, where the matmul path of a cell is chosen
     args.peers = [name for name, modules in (("numpyro", ("numpyro", "jax")), ("pyro", ("pyro",)))
                   if all(installed(m) for m in modules)]
     for name in {"numpyro", "pyro"} - set(args.peers):
