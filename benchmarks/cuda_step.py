@@ -41,6 +41,7 @@ from throughput import (
     interleaved,
     iwae_runner,
     numpyro_runner,
+    peer_weights,
     write_json,
 )
 
@@ -59,8 +60,7 @@ def contenders(layers: int, x: torch.Tensor, k: int, device: torch.device) -> di
         "graph dreg": iwae("dreg", True),
     }
     if installed("numpyro") and installed("jax"):
-        weights = {name: p.detach().numpy().T.copy() for name, p in initial_model(layers, x).named_parameters()}
-        runners["numpyro"] = numpyro_runner(weights, layers, x, k)
+        runners["numpyro"] = numpyro_runner(peer_weights(layers, x), layers, x, k)
     return runners
 
 

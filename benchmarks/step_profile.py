@@ -34,13 +34,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from own_process import OwnProcess, Runner
-from throughput import cell_data, choose_matmul, contender, initial_model, installed, interleaved, numpyro_update
+from throughput import cell_data, choose_matmul, contender, installed, interleaved, numpyro_update, peer_weights
 
 from iwae import heap
 
@@ -128,15 +129,14 @@ def profiler(name: str, layers: int, k: int, batch: int) -> dict[str, Callable[[
     microseconds per step of each category of its kernels and of the whole profiled step."""
     if name == "numpyro":
         x = cell_data(batch)
-        weights = {name: p.detach().numpy().T.copy() for name, p in initial_model(layers, x).named_parameters()}
-        program = numpyro_program(weights, layers, x, k)
+        measure = partial(profile_jax, hlo=numpyro_program(peer_weights(layers, x), layers, x, k))
         run = contender(name, layers, k, batch)[name]
     else:
-        run = contender(name, layers, k, batch, inductor_options=PROFILED)[name]
+        measure, run = profile_torch, contender(name, layers, k, batch, inductor_options=PROFILED)[name]
 
     def profile(steps: int) -> Counter[str]:
         run(steps)  # compilation and warm-up
-        return profile_jax(run, steps, program) if name == "numpyro" else profile_torch(run, steps)
+        return measure(run, steps)
 
     return {name: profile}
 

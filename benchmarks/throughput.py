@@ -106,7 +106,7 @@ def jax_products(matmul: Callable[[Any, Any], Any], a: Any, b: Any, n: int) -> N
     jax.block_until_ready(out)
 
 
-def products(framework: str, shapes: list[tuple[int, int, int]]) -> dict[str, Runner]:
+def framework_products(framework: str, shapes: list[tuple[int, int, int]]) -> dict[str, Runner]:
     """Runners of float32 products (m x k) @ (k x n) of random matrices, one per shape (named "mxkxn"), in
     ``framework``: "torch" (on the process's matmul path) or "jax"."""
     generator = torch.Generator().manual_seed(0)
@@ -135,7 +135,7 @@ def product_runners(stack: ExitStack, shapes: list[tuple[int, int, int]]) -> Pro
              [gemm.DEFAULT, *([gemm.ONEDNN] if torch.backends.mkldnn.is_available() else [])]}
     if installed("jax"):
         paths["jax"] = ("jax", gemm.DEFAULT)
-    workers = {name: stack.enter_context(OwnProcess(products, framework, shapes, matmul_path=path))
+    workers = {name: stack.enter_context(OwnProcess(framework_products, framework, shapes, matmul_path=path))
                for name, (framework, path) in paths.items()}
     runners: Products = {}
     for m, k, n in shapes:
@@ -156,8 +156,10 @@ def timed_products(products: Products) -> dict[str, tuple[Runner, int]]:
     return {name: (run, calls) for name, (run, calls, _) in products.items()}
 
 
-def report_gemm(rates: dict[str, float]) -> float:
-    """Print the rates and return the limit, their maximum."""
+def measure_limit(products: Products, rounds: int) -> float:
+    """Time the product runners in ``rounds`` interleaved rounds, print their rates and return the limit, the
+    highest of them."""
+    rates = gemm_rates(products, interleaved(timed_products(products), rounds))
     limit = max(rates.values())
     print("fp32 GEMM, GFLOP/s (median of interleaved rounds): " +
           ", ".join(f"{name} {rate / 1e9:.0f}" for name, rate in rates.items()))
@@ -313,8 +315,13 @@ def contender(name: str, layers: int, k: int, batch: int,
         estimator = "dreg" if name.endswith("dreg") else "standard"
         return {name: iwae_runner(initial_model(layers, x), x, k, estimator, compile="compiled" in name,
                                   inductor_options=inductor_options)}
-    weights = {name: p.detach().numpy().T.copy() for name, p in initial_model(layers, x).named_parameters()}
-    return {name: (numpyro_runner if name == "numpyro" else pyro_runner)(weights, layers, x, k)}
+    return {name: (numpyro_runner if name == "numpyro" else pyro_runner)(peer_weights(layers, x), layers, x, k)}
+
+
+def peer_weights(layers: int, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The initial weights of a cell's model, by parameter name, as the peers take them (weight matrices as
+    (in, out))."""
+    return {name: p.detach().numpy().T.copy() for name, p in initial_model(layers, x).named_parameters()}
 
 
 # --- training throughput -------------------------------------------------------------------------------------
@@ -349,7 +356,8 @@ def time_cell(layers: int, k: int, batch: int, products: Products, args: argpars
             steps[name] = args.steps or calibrate(run, args.round_seconds)
         seconds = interleaved({**{name: (run, steps[name]) for name, run in runners.items()},
                                **timed_products(products)}, args.rounds)
-    flops = forward_flops(initial_model(layers, cell_data(batch)), cell_data(batch), k)
+    x = cell_data(batch)
+    flops = forward_flops(initial_model(layers, x), x, k)
     rates = gemm_rates(products, seconds)
     return {
         "layers": layers, "k": k, "batch": batch, "matmul_path": path, "steps": steps, "rounds": args.rounds,
@@ -396,7 +404,7 @@ def train_benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
     names = [n for n in COLUMNS if n not in ("numpyro", "pyro") or n in args.peers]
     with ExitStack() as stack:
         products = product_runners(stack, [(SQUARE, SQUARE, SQUARE), *sorted({(k * b, 200, X_DIM) for k, b in cells})])
-        limit = report_gemm(gemm_rates(products, interleaved(timed_products(products), args.rounds)))
+        limit = measure_limit(products, args.rounds)
         result["gemm_limit_flops_per_s"] = limit
         for layers in args.layers:
             timed = []
@@ -424,7 +432,7 @@ def eval_flops(layers: int, examples: int, k: int) -> float:
 def eval_benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
     with ExitStack() as stack:
         products = product_runners(stack, [(SQUARE, SQUARE, SQUARE), (BATCH_SIZE * CHUNK_SIZE, 200, X_DIM)])
-        limit = report_gemm(gemm_rates(products, interleaved(timed_products(products), 5)))
+        limit = measure_limit(products, 5)
     images, source = mnist_test_images()
     examples = min(args.eval_examples, len(images))
     print(f"\nk={args.k_eval} log-likelihood of {examples} of {len(images)} images ({source}), untrained models, "
