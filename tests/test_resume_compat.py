@@ -1,0 +1,48 @@
+"""Checkpoints written before a change resume after it to bit-for-bit the same parameters.
+
+The fixtures in ``tests/fixtures/resume`` were written by the code of commit 8bf3911 (before the training loop and
+the package layout were rebuilt): for each run, the run directory as it stood after a checkpoint in the middle of
+its second epoch (step 16 of 32, ``--checkpoint-every 0``), and the model state dict that the same run reached
+when it trained all three epochs without stopping. The runs:
+
+    iwae train --dataset tiny.npz --epochs 3 --batch-size 2 --no-compile --matmul default --eval-k 0
+        --checkpoint-every 0 --monitor-examples 8 --seed 3 --device cpu
+        lone-burda: --model burda --layers 1 --objective iwae --k 3 --estimator dreg
+        lone-sbn:   --model sbn-8-4 --objective iwae --k 3 --estimator vimco
+
+``tiny.npz`` holds 64 training and 16 test examples of 16 grey levels (conftest's ``tiny_dataset``); the runs
+name it by a relative path, so they resume in a directory that holds it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from iwae import checkpoint
+from iwae.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "resume"
+
+
+@pytest.mark.parametrize("run", ["lone-burda", "lone-sbn"])
+def test_checkpoint_from_before_the_change_resumes_to_the_same_parameters(
+    run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(FIXTURES / run, tmp_path / run)
+    shutil.copy(FIXTURES / "tiny.npz", tmp_path / "tiny.npz")
+    monkeypatch.chdir(tmp_path)
+    saved = checkpoint.load(Path(run))
+    assert (saved["epoch"], saved["step"]) == (1, 16)  # the fixture stops in the middle of an epoch
+
+    assert main(["train", "--resume", run]) == 0
+
+    resumed = checkpoint.load(Path(run))
+    expected = torch.load(FIXTURES / f"{run}.final.pt", weights_only=True)
+    assert resumed["epoch"] == 3
+    assert resumed["model"].keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(resumed["model"][name], tensor), name
