@@ -5,6 +5,8 @@ cell's parameters, and the report holds our numbers beside the published ones, m
 from __future__ import annotations
 
 import csv
+import os
+import re
 import shutil
 import statistics
 from dataclasses import replace
@@ -187,10 +189,13 @@ def test_report_holds_our_numbers_beside_the_published_ones(finished: tuple[Path
 
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# Burda et al. 2016, table 2") and "REDUCED BUDGET 0.001" in markdown.splitlines()[0]
-    assert f"Made by `iwae reproduce {TABLE} --out {out} --budget 0.001 --seeds 2 --eval-k 10 --device cpu`" in markdown
+    assert (f"Made by `iwae reproduce {TABLE} --out {os.path.relpath(out)} --budget 0.001 --seeds 2 --eval-k 10 "
+            "--device cpu`") in markdown
+    assert f"--out {out}" not in markdown  # paths relative to where the command ran
     body = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(body) == 4 and all(" | 0.001 | " in line for line in body)  # the budget stated in every row
     assert "## Missing" in markdown and "- /nonexistent/absent.npz: " in markdown
+    assert markdown.count("/nonexistent/absent.npz: ") == 1  # the reason is said once, not in every row
     assert (out / "curves.png").stat().st_size > 1000
 
 
@@ -253,3 +258,41 @@ def test_a_report_of_some_cells_says_how_it_was_made(tiny_dataset: str, tmp_path
     report = paths["md"].read_text()
     assert "--cells mnist-l1-iwae-k50`" in report
     assert "| mnist-l1-iwae-k50 |" in report and "mnist-l1-vae-k1" not in report
+
+
+def _traceable_numbers(out: Path, cell: str, seeds: int) -> set[str]:
+    """Every number a report row of ``cell`` may show, computed here from the runs' own files (eval.json,
+    config.json, metrics.jsonl) and the published table, independently of the report's code."""
+    evals = [rundir.read_json(reproduce.run_dir(out, cell, s) / rundir.EVAL) for s in range(seeds)]
+    configs = [rundir.read_json(reproduce.run_dir(out, cell, s) / rundir.CONFIG) for s in range(seeds)]
+    metrics = [rundir.read_metrics(reproduce.run_dir(out, cell, s)) for s in range(seeds)]
+    nll = [e["nll"] for e in evals]
+    paper = PUBLISHED[TABLE][cell]
+    numbers = {f"{v:.2f}" for v in nll} | {f"{statistics.fmean(nll):.2f}", f"{statistics.stdev(nll):.2f}"}
+    numbers |= {f"{paper.nll:.2f}", f"{statistics.fmean(nll) - paper.nll:.2f}"}
+    numbers |= {str(units) for e in evals for units in e["active_units"]}
+    numbers |= set(re.findall(r"\d+", paper.active_units or ""))
+    numbers |= {str(c["epochs"]) for c in configs} | {f"{c['schedule_scale']:g}" for c in configs}
+    numbers.add(f"{OPTIONS.budget:g}")  # a continued cell's budget is the --budget of the Made-by line
+    numbers.add(f"{sum(m[-1]['wall_time_s'] / m[-1].get('stacked_seeds', 1) for m in metrics):.0f}")
+    rates = [sum(r["examples_per_s"] * r["epoch_time_s"] / c["batch_size"] for r in m)
+             / sum(r["epoch_time_s"] for r in m) for m, c in zip(metrics, configs, strict=True)]
+    numbers.add(f"{statistics.fmean(rates):.1f}")
+    return numbers
+
+
+def test_every_number_in_a_report_is_traceable_to_a_run_file(finished: tuple[Path, list[str]]) -> None:
+    out, _ = finished
+    markdown = (out / "report.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    checked = 0
+    for line in rows:
+        cell, *values, _status = [part.strip() for part in line.strip("|").split("|")]
+        if "data missing" in _status:
+            continue
+        allowed = _traceable_numbers(out, cell, OPTIONS.seeds)
+        for value in values:
+            for number in re.findall(r"-?\d+(?:\.\d+)?", value):
+                assert number in allowed, f"{cell}: {number} (in {value!r}) comes from no run file"
+                checked += 1
+    assert checked >= 3 * 10  # three cells with runs, each with its NLLs, AUs, published value and protocol

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -189,10 +190,21 @@ def command(table: str, cell: Cell, config: TrainConfig, out: Path, seeds: int) 
         if value != getattr(defaults, key) or key in ("dataset", "objective", "k", "estimator"):
             flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
     if cell.init_from is not None:
-        flags.append(f"--init-from {shlex.quote(str(out / cell.init_from))}/seed-$s")
+        flags.append(f"--init-from {shlex.quote(shown(out / cell.init_from))}/seed-$s")
     seed_list = " ".join(str(s) for s in range(seeds))
-    return (f"for s in {seed_list}; do iwae train --out {shlex.quote(str(out / cell.name))}/seed-$s --seed $s "
+    return (f"for s in {seed_list}; do iwae train --out {shlex.quote(shown(out / cell.name))}/seed-$s --seed $s "
             + " ".join(flags) + "; done")
+
+
+def shown(path: Path | str) -> str:
+    """``path`` as a report names it: relative to the directory the command runs in, so that a report names no
+    folder of the machine it was made on."""
+    return os.path.relpath(path)
+
+
+def shown_text(text: str) -> str:
+    """``text`` (e.g. a loader's message) with the working directory and the home folder written as . and ~."""
+    return text.replace(str(Path.cwd()), ".").replace(str(Path.home()), "~")
 
 
 def missing_data(dataset: str, data_dir: str | None) -> str | None:
@@ -384,7 +396,7 @@ def rows(table: str, out: Path, cells: list[Cell], options: Options, missing: di
     for cell in cells:
         reason = missing.get(cell.settings["dataset"])
         result = collect(out, cell, options.seeds, None if reason is None else
-                         f"data missing: {cell.settings['dataset']}: {reason}")
+                         f"data missing: {cell.settings['dataset']} (see Missing)")
         results.append(result)
         mean, sd = summary(result.nll)
         paper: Published | None = published.get(cell.name)
@@ -440,9 +452,9 @@ def write_report(table: str, out: Path, cells: list[Cell], options: Options, mis
 def render_markdown(table: str, out: Path, options: Options, table_rows: list[dict[str, str]],
                     missing: dict[str, str]) -> str:
     """The report as Markdown: title, how it was made, the table, the missing data, the commands."""
-    made_by = (f"iwae reproduce {table} --out {out} --budget {options.budget:g} --seeds {options.seeds} "
+    made_by = (f"iwae reproduce {table} --out {shown(out)} --budget {options.budget:g} --seeds {options.seeds} "
                f"--eval-k {options.eval_k} --device {options.device}"
-               + (f" --data-dir {options.data_dir}" if options.data_dir else "")
+               + (f" --data-dir {shown(options.data_dir)}" if options.data_dir else "")
                + (f" --cells {' '.join(options.cells)}" if options.cells else ""))
     lines = [
         f"# {title(table, options)}", "",
@@ -464,7 +476,7 @@ def render_markdown(table: str, out: Path, options: Options, table_rows: list[di
         ]) + " |")
     if missing:
         lines += ["", "## Missing", ""]
-        lines += [f"- {dataset}: {reason}" for dataset, reason in sorted(missing.items())]
+        lines += [f"- {dataset}: {shown_text(reason)}" for dataset, reason in sorted(missing.items())]
     lines += ["", "## Commands", ""]
     lines += [f"- {row['cell']}: `{row['command']}`" for row in table_rows]
     sources = sorted({row["source"] for row in table_rows if row["source"]})

@@ -1,0 +1,71 @@
+"""Every published value the reports compare with names where it was published, and matches the reference file
+of published numbers; every report committed in results/ names a source for each published value it shows."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from iwae.published import PUBLISHED
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def _reference_file() -> Path | None:
+    """The reference file of published numbers (shared/reference/burda2015.md), found beside the data folder that
+    IWAE_DATA_DIR names or beside the repository; None where neither holds it."""
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "reference" / "burda2015.md"]
+    if os.environ.get("IWAE_DATA_DIR"):
+        candidates.insert(0, Path(os.environ["IWAE_DATA_DIR"]).resolve().parent / "reference" / "burda2015.md")
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def test_every_published_value_names_a_table_or_a_named_reimplementation() -> None:
+    for table, cells in PUBLISHED.items():
+        for cell, value in cells.items():
+            where = value.source
+            assert re.search(r"\b(table|figure) \d", where) or "reimplementation" in where, (table, cell, where)
+            assert re.search(r"\b(19|20)\d\d\b", where) or "GitHub" in where, (table, cell, where)
+
+
+def test_published_values_are_those_of_the_reference_file() -> None:
+    path = _reference_file()
+    if path is None:
+        pytest.skip("shared/reference/burda2015.md is not here (set IWAE_DATA_DIR to shared/data)")
+    text = path.read_text()
+    numbers = set(re.findall(r"\d+\.\d+", text))
+    for table, cells in PUBLISHED.items():
+        for cell, value in cells.items():
+            assert f"{value.nll:.2f}" in numbers, (table, cell, value.nll)
+            if value.sd is not None:
+                assert f"{value.sd:.2f}" in numbers, (table, cell, value.sd)
+            if value.active_units is not None:
+                assert value.active_units in text, (table, cell, value.active_units)
+
+
+def test_the_checker_fails_on_a_value_without_a_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    from iwae.published import Published
+
+    monkeypatch.setitem(PUBLISHED, "made-up", {"cell": Published(80.0, None, "a blog post")})
+    with pytest.raises(AssertionError):
+        test_every_published_value_names_a_table_or_a_named_reimplementation()
+
+
+@pytest.mark.parametrize("report", sorted(RESULTS.glob("*.csv")), ids=lambda path: path.name)
+def test_committed_reports_show_published_values_with_their_sources(report: Path) -> None:
+    with report.open() as file:
+        rows = list(csv.DictReader(file))
+    if not rows or "published_nll" not in rows[0]:
+        pytest.skip(f"{report.name} compares with no published values")
+    made_by = re.search(r"Made by `iwae reproduce (\S+)", report.with_suffix(".md").read_text())
+    assert made_by, f"{report.with_suffix('.md').name} does not say which table it remakes"
+    published = PUBLISHED[made_by.group(1)]
+    for row in rows:
+        if row["published_nll"]:
+            paper = published[row["cell"]]
+            assert row["source"] == paper.source, f"{report.name}: {row['cell']}: source {row['source']!r}"
+            assert row["published_nll"] == f"{paper.nll:.2f}", f"{report.name}: {row['cell']}"
