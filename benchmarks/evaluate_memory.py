@@ -63,7 +63,7 @@ def measure(test_file: Path, layers: int, k: int, examples: int, device_name: st
     x = torch.load(test_file)[:examples].to(device)
     torch.manual_seed(0)
     model = burda(layers, x.shape[1], train_mean=x.mean(0)).to(device)
-    evaluate.matmul_path(model, x, k, CHUNK_SIZE, BATCH_SIZE)  # as iwae evaluate chooses
+    evaluate.evaluation_matmul_path(model, x, k, CHUNK_SIZE, BATCH_SIZE)  # as iwae evaluate chooses
     start = time.perf_counter()
     evaluate.importance_statistics(model, x[:BATCH_SIZE], min(k, CHUNK_SIZE), compile=compile)
     first_pass = time.perf_counter() - start

@@ -34,7 +34,7 @@ def step_config(k: int, batch_size: int, compile: bool) -> train.TrainConfig:
 
 def workload(seeds: int) -> Callable[[train.TrainConfig, int, torch.device], Callable[[], None]]:
     """The builder of a throwaway step of ``seeds`` seeds, the one ``iwae train --seeds`` times its paths on."""
-    return train.throwaway_step if seeds == 1 else functools.partial(stacked.throwaway_step, seeds=seeds)
+    return train.lone_timing_step if seeds == 1 else functools.partial(stacked.stacked_timing_step, seeds=seeds)
 
 
 def make_step(seeds: int, k: int, batch_size: int, compile: bool, device: str = "cpu") -> Callable[[], None]:
@@ -47,8 +47,9 @@ def make_step(seeds: int, k: int, batch_size: int, compile: bool, device: str = 
 
 
 def chosen_path(seeds: int, k: int, batch_size: int, compile: bool) -> str:
-    """The matmul path ``iwae train --seeds`` chooses for this configuration (``train.matmul_path``)."""
-    return train.matmul_path(step_config(k, batch_size, compile), 784, torch.device("cpu"), seeds, workload(seeds))
+    """The matmul path ``iwae train --seeds`` chooses for this configuration (``train.training_matmul_path``)."""
+    config = step_config(k, batch_size, compile)
+    return train.training_matmul_path(config, 784, torch.device("cpu"), seeds, workload(seeds))
 
 
 def examples_per_s(run: Callable[[], None], seeds: int, batch_size: int, steps: int) -> float:
@@ -83,9 +84,9 @@ def main() -> None:
         other_rates: list[float] = []
         for _ in range(args.rounds):
             for key, run in steps.items():
-                with gemm.matmul_path(paths[key]):
+                with gemm.using_matmul_path(paths[key]):
                     rates[key].append(examples_per_s(run, key[0], args.batch_size, args.steps))
-            with gemm.matmul_path(other):
+            with gemm.using_matmul_path(other):
                 other_rates.append(examples_per_s(lone, 1, args.batch_size, args.steps))
         median = {key: statistics.median(values) for key, values in rates.items()}
         lone_on_other = statistics.median(other_rates)

@@ -294,11 +294,11 @@ def initial_model(layers: int, x: torch.Tensor) -> torch.nn.Module:
 
 
 def choose_matmul(layers: int, batch: int, k: int) -> str:
-    """Switch torch's fp32 matmuls to the path ``iwae train`` chooses for this cell (``train.matmul_path``: the
+    """Switch torch's fp32 matmuls to the path ``iwae train`` chooses for this cell (``train.training_matmul_path``: the
     faster on the cell's compiled training step, IWAE bound, standard estimator); return it."""
     config = train.TrainConfig(layers=layers, objective="iwae", k=k, estimator="standard", epochs=1,
                                batch_size=batch, compile=True)
-    return train.matmul_path(config, X_DIM, torch.device("cpu"))
+    return train.training_matmul_path(config, X_DIM, torch.device("cpu"))
 
 
 def cell_data(batch: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ def test_the_choice_is_the_faster_path_on_the_workload(slow_path: str, monkeypat
     calls: list[str] = []
     faster = gemm.ONEDNN if slow_path == gemm.DEFAULT else gemm.DEFAULT
     try:
-        with gemm.matmul_path(slow_path):
+        with gemm.using_matmul_path(slow_path):
             assert gemm.fastest_fp32_matmul("cpu", None, slower_on(slow_path, calls)) == faster
             assert gemm._current_path() == faster  # the switch is made
     finally:
@@ -50,7 +50,7 @@ def test_a_keyed_choice_is_made_once_per_process(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(gemm, "_accurate", {gemm.DEFAULT: True, gemm.ONEDNN: True})
     monkeypatch.setattr(gemm, "_chosen", {})
     calls: list[str] = []
-    with gemm.matmul_path(gemm.DEFAULT):
+    with gemm.using_matmul_path(gemm.DEFAULT):
         assert gemm.fastest_fp32_matmul("cpu", None, slower_on(gemm.DEFAULT, calls), key="shape a") == gemm.ONEDNN
         timed = len(calls)
         # the same key: the same path, timed no more (even where the workload would now say otherwise)
@@ -64,7 +64,7 @@ def test_an_inaccurate_onednn_path_is_never_chosen(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(gemm, "_accurate", {})
     monkeypatch.setattr(gemm, "relative_errors", lambda: {gemm.DEFAULT: 3e-7, gemm.ONEDNN: 1e-3})
     calls: list[str] = []
-    with gemm.matmul_path(gemm.DEFAULT):
+    with gemm.using_matmul_path(gemm.DEFAULT):
         assert gemm.fastest_fp32_matmul("cpu", None, slower_on(gemm.DEFAULT, calls)) == gemm.DEFAULT
     assert calls == []  # nothing to time
 
@@ -76,12 +76,12 @@ def test_a_run_chooses_on_its_own_training_step(monkeypatch: pytest.MonkeyPatch)
     measure = gemm.measure
     monkeypatch.setattr(gemm, "measure", lambda workload: timed.append(1) or measure(workload, rounds=1))
     rng = torch.get_rng_state()
-    with gemm.matmul_path(gemm.DEFAULT):
-        assert train.matmul_path(config, 784, torch.device("cpu")) in (gemm.DEFAULT, gemm.ONEDNN)
+    with gemm.using_matmul_path(gemm.DEFAULT):
+        assert train.training_matmul_path(config, 784, torch.device("cpu")) in (gemm.DEFAULT, gemm.ONEDNN)
         assert timed == [1] or not gemm._accurate[gemm.ONEDNN]
-        assert train.matmul_path(replace(config, matmul=gemm.ONEDNN), 784, torch.device("cpu")) == gemm.ONEDNN
+        assert train.training_matmul_path(replace(config, matmul=gemm.ONEDNN), 784, torch.device("cpu")) == gemm.ONEDNN
         assert len(timed) <= 1  # a path given is used as it is
-        assert train.matmul_path(config, 784, torch.device("meta")) == gemm.DEFAULT  # no faster path elsewhere
+        assert train.training_matmul_path(config, 784, torch.device("meta")) == gemm.DEFAULT  # no faster path elsewhere
         with pytest.raises(ValueError, match="needs a workload to time, or a path"):
             gemm.fastest_fp32_matmul("cpu")
     assert torch.equal(torch.get_rng_state(), rng)  # the throwaway model and its steps drew on a forked generator
@@ -94,7 +94,7 @@ def test_gradients_agree_on_both_paths(layers: int) -> None:
     model = burda(layers, train_mean=x.mean(0))
     grads = {}
     for path in (gemm.DEFAULT, gemm.ONEDNN):
-        with gemm.matmul_path(path):
+        with gemm.using_matmul_path(path):
             torch.manual_seed(1)
             out = loss(model, x, "iwae", k=5, estimator="dreg", reduction="sum")
             grads[path] = torch.autograd.grad(out.loss, list(model.parameters()))

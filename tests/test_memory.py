@@ -97,9 +97,9 @@ def test_a_ranks_training_memory_is_that_of_its_rows_of_the_global_batch(monkeyp
 
     monkeypatch.setattr(memory, "check_fits", check_fits)
     config = train.TrainConfig(k=50, batch_size=4000, epochs=1)  # the training pass dominates the evaluation's
-    train.check_memory(config, 784, torch.device("cpu"))
+    train.check_training_memory(config, 784, torch.device("cpu"))
     monkeypatch.setattr(distributed, "world", lambda: 4)  # 4 ranks, 1000 rows each
-    train.check_memory(config, 784, torch.device("cpu"))
+    train.check_training_memory(config, 784, torch.device("cpu"))
     with torch.device("meta"):
         model = burda(1, 784)
     assert needed == [memory.pass_bytes(model, 784, 50 * rows, training=True) for rows in (4000, 1000)]

@@ -138,10 +138,9 @@ class Path:
 
     def log_prior(self, z: list[Tensor]) -> Tensor:
         """log p(z_L) + sum_{l<L} log p(z_l | z_{l+1}): the prior's density over all latents."""
-        *conditionals, prior = self.model.decoder
-        log_p = _continuous(prior(), "the prior p(z_L)").log_prob(z[-1])
+        log_p = _continuous(self.model.prior(), "the prior p(z_L)").log_prob(z[-1])
         for level in range(1, len(z)):
-            layer = _continuous(conditionals[level](z[level]), f"p(z_{level} | z_{level + 1})")
+            layer = _continuous(self.model.conditionals[level](z[level]), f"p(z_{level} | z_{level + 1})")
             log_p = log_p + layer.log_prob(z[level - 1])
         return log_p
 
@@ -170,8 +169,8 @@ class Path:
 
 def sample_prior(model: DeepLatentModel, shape: tuple[int, ...]) -> list[Tensor]:
     """Ancestral draws z_L ~ p(z_L), z_l ~ p(z_l | z_{l+1}), returned bottom-up [z_1..z_L], each (*shape, d_l)."""
-    *conditionals, prior = model.decoder
-    z = [_continuous(prior(), "the prior p(z_L)").sample(shape)]
+    conditionals = model.conditionals
+    z = [_continuous(model.prior(), "the prior p(z_L)").sample(shape)]
     for level in range(len(conditionals) - 1, 0, -1):
         z.insert(0, _continuous(conditionals[level](z[0]), f"p(z_{level} | z_{level + 1})").sample())
     return z

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from iwae.models import DeepLatentModel, burda, sbn, sbn_widths
+from iwae.models import DeepLatentModel, build_model
 from iwae.rundir import CHECKPOINT, STACK, write_atomic
 
 CHECKPOINT_FORMAT = 1
@@ -38,9 +38,9 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or not one of ours; the message names the file and the fix."""
 
 
-def save(run_dir: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` (see the module docstring) to RUN/checkpoint.pt atomically."""
-    write_atomic(run_dir / CHECKPOINT, lambda file: torch.save({"format": CHECKPOINT_FORMAT, **state}, file))
+def save(run_dir: Path, state: dict[str, Any], name: str = CHECKPOINT) -> None:
+    """Write ``state`` (see the module docstring) to RUN/``name`` (RUN/checkpoint.pt) atomically."""
+    write_atomic(run_dir / name, lambda file: torch.save({"format": CHECKPOINT_FORMAT, **state}, file))
 
 
 def load(run_dir: Path) -> dict[str, Any]:
@@ -63,6 +63,16 @@ def load(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"no checkpoint in {run_dir} ({reason}); give the directory of a run started with iwae train --out"
         )
+    return read(path)
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The checkpoint in the file ``path`` (written by ``save``, or a stack's ``checkpoint.next``), with every tensor
+    on the CPU.
+
+    Raises:
+        CheckpointError: if the file cannot be read (truncated, corrupt, or not written by ``save``).
+    """
     fix = "restore it from a copy, or start a new run with a new --out"
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose index sits at the very end
         raise CheckpointError(
@@ -83,36 +93,20 @@ def load(run_dir: Path) -> dict[str, Any]:
     return state
 
 
-def rng_state(data_generator: torch.Generator) -> dict[str, Any]:
-    """The states of the global CPU generator, the CUDA generator of ``data_generator``'s device if it is
-    a GPU, and ``data_generator`` itself."""
-    state = {"cpu": torch.get_rng_state(), "data": data_generator.get_state()}
-    if data_generator.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(data_generator.device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], data_generator: torch.Generator) -> None:
-    """Restore the generator states saved by ``rng_state``."""
-    torch.set_rng_state(state["cpu"])
-    data_generator.set_state(state["data"])
-    if data_generator.device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], data_generator.device)
-
-
-def build_model(config: dict[str, Any], x_dim: int, train_mean: Tensor | None = None) -> DeepLatentModel:
-    """The freshly initialised model a configuration describes, for data of dimension ``x_dim`` (with its
-    output bias set from the training mean ``train_mean`` if given): ``config["model"]`` is "burda" (the
-    paper's architecture with ``config["layers"]``; also when absent) or a sigmoid belief network "sbn-H1-..."."""
-    name = config.get("model", "burda")
-    if name == "burda":
-        return burda(config["layers"], x_dim, train_mean=train_mean)
-    return sbn(sbn_widths(name), x_dim, train_mean=train_mean)
-
-
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], DeepLatentModel]:
     """A run's latest checkpoint (see ``load``) and its model with the checkpoint's parameters, on ``device``."""
     state = load(run_dir)
-    model = build_model(state["config"], state["x_dim"])
+    model = build_model(state["config"].get("model", "burda"), state["config"]["layers"], state["x_dim"])
     model.load_state_dict(state["model"])
     return state, model.to(device)
+
+
+def initial_parameters(source: Path, layers: int, x_dim: int) -> dict[str, Tensor]:
+    """The parameters of the run in ``source`` (a run's ``init_from``), checked to fit a model of ``layers``
+    stochastic layers for data of dimension ``x_dim``."""
+    state = load(source)
+    if state["config"]["layers"] != layers or state["x_dim"] != x_dim:
+        raise ValueError(f"cannot start from {source}: its model has {state['config']['layers']} stochastic layers "
+                         f"for data of dimension {state['x_dim']}, this run {layers} for {x_dim}; give "
+                         "--init-from a run of the same architecture and data")
+    return state["model"]

@@ -262,7 +262,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
         result = train.train(train.TrainConfig(**given), args.out)
         run_dir = args.out
     if result is not None:
-        print(evaluate.format_table(result))
+        print(evaluate.format_evaluation(result))
     print(f"run directory: {run_dir}   figures: {run_dir / rundir.FIGURES}/")
     return result
 
@@ -288,7 +288,7 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
         config = train.TrainConfig(**given)
         # a stack too large for memory even on data of one dimension is refused before its seeds' configurations
         # are made (the estimate grows with the data's dimension; the real one is checked once the data is read)
-        train.check_memory(config, 1, resolve_device(config.device), seeds=args.seeds)
+        train.check_training_memory(config, 1, resolve_device(config.device), seeds=args.seeds)
         configs = [dataclasses.replace(config, seed=config.seed + s) for s in range(args.seeds)]
         results = stacked.train_stacked(configs, args.out)
         out = args.out
@@ -321,7 +321,7 @@ def _evaluate_ais(args: argparse.Namespace) -> None:
         raise UsageError("bdmc runs one number of --ais-steps; give one value")
     else:
         result = evaluate_ais.evaluate_bdmc(args.run, steps=args.ais_steps[0], **settings)
-    print(evaluate_ais.format_table(result))
+    print(evaluate_ais.format_ais_table(result))
     print(f"written to {args.run / (evaluate_ais.AIS_FILE if args.method == 'ais' else evaluate_ais.BDMC_FILE)}")
 
 
@@ -334,7 +334,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
         compile=args.compile,
     )
-    print(evaluate.format_table(result))
+    print(evaluate.format_evaluation(result))
     examples = evaluate.examples_evaluated(args.examples, result["examples"])
     path = evaluate.eval_path(args.run, args.split, args.dataset, k=args.k, examples=examples, seed=args.seed)
     print(f"written to {path}")
@@ -359,7 +359,7 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
     if args.toy:
         toy = GaussianToy()  # its dimension's parameters only, to estimate the memory before drawing the data
-        diagnostics.check_memory(toy, toy.mu.numel(), args.examples or 256, args.k, resolve_device("cpu"))
+        diagnostics.check_snr_memory(toy, toy.mu.numel(), args.examples or 256, args.k, resolve_device("cpu"))
         x = GaussianToy.sample_data(args.examples or 256, seed=args.seed)
         model, title = GaussianToy.near_optimum(x, seed=args.seed), "Gaussian toy"
     else:
@@ -368,14 +368,14 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         config = state["config"]
         loaded = data.load(config["dataset"], config["data_dir"], split=config["data_split"]).to(device)
         x = evaluate.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
-        diagnostics.check_memory(model, x.shape[1], len(x), args.k, device)
+        diagnostics.check_snr_memory(model, x.shape[1], len(x), args.k, device)
         title = f"{args.run.name} (epoch {state['epoch']})"
     results = [
         diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
                                  seed=args.seed, progress=True)
         for objective, m in settings
     ]
-    print(diagnostics.format_table(results))
+    print(diagnostics.format_snr_table(results))
     for path in diagnostics.write_results(results, args.out, title):
         print(path)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,7 +187,7 @@ def check_settings(objective: str | Objective, estimators: Sequence[str], ks: Se
     return objective
 
 
-def check_memory(model: nn.Module, x_dim: int, examples: int, ks: Sequence[int], device: torch.device) -> None:
+def check_snr_memory(model: nn.Module, x_dim: int, examples: int, ks: Sequence[int], device: torch.device) -> None:
     """Refuse (SettingError) a diagnosis whose data (``examples`` rows of ``x_dim`` float64 values) and gradient
     passes (the largest K of ``ks`` samples for each example) would not fit in ``device``'s memory."""
     k = max(ks)
@@ -247,26 +247,9 @@ def gradient_snr(
                 loss(model, x, obj, estimator=estimator, reduction=reduction).loss.backward()
                 return {network: _flat_grad(ps) for network, ps in params.items()}
 
-            per_parameter = {network: _Moments(sum(p.numel() for p in ps), x.device) for network, ps in params.items()}
-            for _ in range(draws):
-                for network, g in draw().items():
-                    per_parameter[network].add(g)
-            direction = {network: moments.mean / moments.mean.norm() for network, moments in per_parameter.items()}
-            projected = {network: _ScalarMoments() for network in params}
-            for _ in range(draws):
-                for network, g in draw().items():
-                    per_parameter[network].add(g)
-                    projected[network].add(float(g @ direction[network]))
-            for network in params:
-                moments = per_parameter[network]
-                snr, snr_se = projected[network].snr()
-                parameter_snr = (moments.mean.abs() / moments.std).cpu()
-                total_variance = moments.m2.sum().item() / (moments.n - 1)
-                mean_norm = math.sqrt(max(moments.mean.square().sum().item() - total_variance / moments.n, 0.0))
-                points.append(SNRPoint(
-                    base.name, estimator, network, k, base.m if base.name in SETTING_READERS["m"] else 1, snr, snr_se,
-                    mean_norm, math.sqrt(total_variance), parameter_snr.nanmean().item(), parameter_snr,
-                ))
+            groups = base.m if base.name in SETTING_READERS["m"] else 1
+            points += [_point(base.name, estimator, network, k, groups, moments, projected)
+                       for network, (moments, projected) in _gradient_moments(draw, params, draws, x.device).items()]
     model.zero_grad(set_to_none=True)
     slopes = {
         estimator: {
@@ -277,6 +260,34 @@ def gradient_snr(
         for estimator in estimators
     }
     return SNRResult(base.name, draws, points, slopes, base.m if base.name in SETTING_READERS["m"] else 1)
+
+
+def _gradient_moments(draw: Callable[[], dict[str, Tensor]], params: dict[str, list[nn.Parameter]], draws: int,
+                      device: torch.device) -> dict[str, tuple[_Moments, _ScalarMoments]]:
+    """Per network, the moments of its gradients over 2 x ``draws`` draws, and of their projections on the
+    direction of the mean of the first ``draws`` (see the module docstring)."""
+    per_parameter = {network: _Moments(sum(p.numel() for p in ps), device) for network, ps in params.items()}
+    for _ in range(draws):
+        for network, g in draw().items():
+            per_parameter[network].add(g)
+    direction = {network: moments.mean / moments.mean.norm() for network, moments in per_parameter.items()}
+    projected = {network: _ScalarMoments() for network in params}
+    for _ in range(draws):
+        for network, g in draw().items():
+            per_parameter[network].add(g)
+            projected[network].add(float(g @ direction[network]))
+    return {network: (per_parameter[network], projected[network]) for network in params}
+
+
+def _point(objective: str, estimator: str, network: str, k: int, groups: int, moments: _Moments,
+           projected: _ScalarMoments) -> SNRPoint:
+    """The SNR point of one estimator, network and K from its gradients' moments."""
+    snr, snr_se = projected.snr()
+    parameter_snr = (moments.mean.abs() / moments.std).cpu()
+    total_variance = moments.m2.sum().item() / (moments.n - 1)
+    mean_norm = math.sqrt(max(moments.mean.square().sum().item() - total_variance / moments.n, 0.0))
+    return SNRPoint(objective, estimator, network, k, groups, snr, snr_se, mean_norm, math.sqrt(total_variance),
+                    parameter_snr.nanmean().item(), parameter_snr)
 
 
 def slopes_json(results: Sequence[SNRResult]) -> tuple[dict, dict]:
@@ -303,7 +314,7 @@ def write_results(results: Sequence[SNRResult], out: Path, title: str) -> list[P
     return [out / "snr.csv", out / "slopes.json", out / "slopes_se.json", plot]
 
 
-def format_table(results: Sequence[SNRResult]) -> str:
+def format_snr_table(results: Sequence[SNRResult]) -> str:
     """The points and slopes as a text table."""
     lines = [f"{'objective':<9} {'estimator':<9} {'network':<10} {'k':>5} {'m':>3} {'snr':>10} {'+-se':>8} "
              f"{'mean param snr':>14} {'|mean|':>10} {'std':>10}"]

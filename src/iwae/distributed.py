@@ -334,8 +334,7 @@ def sharded_draws(model: DeepLatentModel, rows: slice, total: int) -> DeepLatent
         else:
             raise DistributedError(f"data-parallel training draws the latents of Gaussian and Bernoulli layers only; "
                                    f"encoder layer {index} is a {type(layer).__name__}; train it in one process")
-    *decoder, prior = model.decoder
-    return DeepLatentModel(layers, decoder, prior)
+    return DeepLatentModel(layers, model.conditionals, model.prior)
 
 
 def barrier() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,10 +48,9 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 # evaluate_run compiles evaluations of at least this many samples (examples times k) unless told otherwise
 AUTO_COMPILE_SAMPLES = 5_000_000
 MAX_STATES = 2**20
-# Evaluation passes cover at most about this many (sample, example) rows (16 examples x 500 samples): a
-# 784-wide float32 layer output is then 25 MB, under the 32 MB up to which glibc's malloc reuses freed heap
-# memory; a larger buffer is mapped afresh and page-faulted on every pass, which halved the speed of the
-# decoder's matrix multiplies on the CPU measured (183 against 431 GFLOP/s for 16,000 against 8,000 rows).
+# Evaluation passes cover at most about this many (sample, example) rows (16 examples x 500 samples), so that a
+# 784-wide float32 layer output (25 MB) stays under the 32 MB up to which glibc's malloc reuses freed heap memory
+# rather than mapping (and page-faulting) a buffer afresh on every pass.
 PASS_ROWS = 8192
 EXAMPLES_PER_PASS = 16
 
@@ -123,17 +123,7 @@ def importance_statistics(
                 torch.manual_seed(batch_seed(seed, index))
             n = len(batch)
             batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
-            # float64 accumulators: sums over thousands of samples keep their precision for float32 models
-            lse = torch.full((n,), -math.inf, dtype=torch.float64, device=batch.device)
-            lse_sq = lse.clone()
-            group_sums = {g: torch.zeros_like(lse) for g in groups}
-            for start in range(0, k, chunk_size):
-                c = min(chunk_size, k - start)
-                log_w = log_weights(batch, c)[:, :n]  # (c, n)
-                lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
-                lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
-                for g in groups:
-                    group_sums[g] += bounds.miwae(log_w, c // g) * (c // g)  # the sum of IWAE_g over c/g groups
+            lse, lse_sq, group_sums = _weight_sums(log_weights, batch, n, k, chunk_size, groups)
             log_lik.append(lse - math.log(k))
             log_ess.append(2 * lse - lse_sq)
             for g in groups:
@@ -143,7 +133,25 @@ def importance_statistics(
     return WeightStatistics(ll, {**{g: torch.cat(v) for g, v in grouped.items()}, k: ll}, torch.cat(log_ess).exp())
 
 
-def matmul_path(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int) -> str:
+def _weight_sums(log_weights: Callable[[Tensor, int], Tensor], batch: Tensor, n: int, k: int, chunk_size: int,
+                 groups: list[int]) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """log sum_i w_i, log sum_i w_i^2 and, per group size g, the sum of IWAE_g over the k/g groups, for the first
+    ``n`` examples of ``batch``, from k samples drawn ``chunk_size`` at a time."""
+    # float64 accumulators: sums over thousands of samples keep their precision for float32 models
+    lse = torch.full((n,), -math.inf, dtype=torch.float64, device=batch.device)
+    lse_sq = lse.clone()
+    group_sums = {g: torch.zeros_like(lse) for g in groups}
+    for start in range(0, k, chunk_size):
+        c = min(chunk_size, k - start)
+        log_w = log_weights(batch, c)[:, :n]  # (c, n)
+        lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+        lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
+        for g in groups:
+            group_sums[g] += bounds.miwae(log_w, c // g) * (c // g)  # the sum of IWAE_g over c/g groups
+    return lse, lse_sq, group_sums
+
+
+def evaluation_matmul_path(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int) -> str:
     """Switch to the faster float32 matrix-multiply path (``gemm.fastest_fp32_matmul``) on a pass of
     ``importance_statistics``: ``min(k, chunk_size)`` samples for ``batch_size`` examples of ``x`` (measured once
     per process for models and passes of one shape); return it."""
@@ -199,9 +207,8 @@ def exact_log_likelihood(model: DeepLatentModel, x: Tensor, *, max_states: int =
       ValueError: if a latent layer is not discrete, or there are more than ``max_states`` joint
         configurations (use ``log_likelihood``, the importance-sampled estimate, for such models).
     """
-    *conditionals, prior = model.decoder
-    layers = [prior()]  # p(z_L), then p(z_l | z_{l+1}) at z_{l+1} = 0, top-down: only their kinds and shapes
-    for layer in reversed(conditionals[1:]):
+    layers = [model.prior()]  # p(z_L), then p(z_l | z_{l+1}) at z_{l+1} = 0, top-down: only their kinds and shapes
+    for layer in reversed(model.conditionals[1:]):
         layers.insert(0, layer(torch.zeros(layers[0].event_shape, dtype=x.dtype, device=x.device)))
     try:
         counts = [value_count(dist) for dist in layers]
@@ -296,10 +303,11 @@ def eval_path(run_dir: Path, split: str = "test", dataset: str | None = None, *,
 
 def load_examples(
     run_dir: Path, *, split: str, dataset: str | None, data_dir: str | None, examples: int | None, device: str,
-    seed: int,
+    seed: int, loaded: data.Dataset | None = None,
 ) -> tuple[dict[str, Any], DeepLatentModel, data.Dataset, Tensor]:
-    """A run's checkpoint state and model on ``device``, the data it is evaluated on (its own, or ``dataset``),
-    and the first ``examples`` (default: all) binary examples of ``split`` (see ``split_examples``).
+    """A run's checkpoint state and model on ``device``, the data it is evaluated on (its own, or ``dataset``;
+    ``loaded`` if given: the run's own data, loaded already), and the first ``examples`` (default: all) binary
+    examples of ``split`` (see ``split_examples``).
 
     Raises:
       SettingError: for a bad ``examples``, ``seed`` or ``split``, before anything is read.
@@ -314,7 +322,8 @@ def load_examples(
     state, model = checkpoint.load_model(run_dir, torch_device)
     config = state["config"]
     split_protocol = config["data_split"] if dataset is None else "paper"
-    loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
+    if loaded is None:
+        loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
     loaded = loaded.to(torch_device)
     x = split_examples(loaded, split, seed, examples)
     if x.shape[1] != state["x_dim"]:
@@ -339,6 +348,7 @@ def evaluate_run(
     batch_size: int = EXAMPLES_PER_PASS,
     progress: bool = False,
     compile: bool | None = None,
+    loaded: data.Dataset | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint and write the result as JSON in the run directory.
 
@@ -355,6 +365,7 @@ def evaluate_run(
       progress: show a progress bar (on a terminal).
       compile: compile the evaluation passes (``importance_statistics``); None compiles evaluations of at
         least ``AUTO_COMPILE_SAMPLES`` samples in all, where the compile time is won back.
+      loaded: the run's own data, loaded already (by its training), to evaluate on instead of loading it again.
 
     Returns:
       The result also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``
@@ -370,14 +381,14 @@ def evaluate_run(
         check_integer(value, name, 1)
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
-                                            examples=examples, device=device, seed=seed)
+                                            examples=examples, device=device, seed=seed, loaded=loaded)
     torch_device = x.device
     memory.check_fits(memory.pass_bytes(model, state["x_dim"], min(k, chunk_size) * batch_size, training=False),
                       torch_device, "evaluating with {0} {chunk} and {1} {batch}", ("chunk_size", "batch_size"),
                       chunk=min(k, chunk_size), batch=batch_size)
     if compile is None:
         compile = len(x) * k >= AUTO_COMPILE_SAMPLES
-    path = distributed.broadcast(matmul_path(model, x, k, chunk_size, batch_size))
+    path = distributed.broadcast(evaluation_matmul_path(model, x, k, chunk_size, batch_size))
     gemm.fastest_fp32_matmul(torch_device, path)  # rank 0's path on every rank
     batch_size = min(batch_size, len(x))
     mine = distributed.shard(math.ceil(len(x) / batch_size))  # with several ranks, each takes whole batches
@@ -390,14 +401,24 @@ def evaluate_run(
     if distributed.world() > 1:  # every rank's examples, in order
         parts = distributed.gather(None if stats is None else stats.cpu())
         stats = concatenate([part for part in parts if part is not None])
+    result = _result(run_dir, loaded, split, state["epoch"], k, seed, stats, variances, time.perf_counter() - start)
+    if distributed.rank() == 0:
+        evaluated = examples_evaluated(examples, result["examples"])
+        rundir.write_json(eval_path(run_dir, split, dataset, k=k, examples=evaluated, seed=seed), result)
+    return result
+
+
+def _result(run_dir: Path, loaded: data.Dataset, split: str, epoch: int, k: int, seed: int, stats: WeightStatistics,
+            variances: list[Tensor], seconds: float) -> dict[str, Any]:
+    """An evaluation's result (see ``evaluate_run``) from the statistics of its examples."""
     nll = -stats.log_likelihood.cpu()
     n = len(nll)
-    result = {
+    return {
         "run": str(run_dir),
         "dataset": loaded.name,
         "split": split,
         "examples": n,
-        "epoch": state["epoch"],
+        "epoch": epoch,
         "k": k,
         "seed": seed,
         "nll": nll.mean().item(),
@@ -410,12 +431,8 @@ def evaluate_run(
         "latent_units": [len(v) for v in variances],
         "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
         "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
-        "time_s": round(time.perf_counter() - start, 2),
+        "time_s": round(seconds, 2),
     }
-    if distributed.rank() == 0:
-        rundir.write_json(eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, n), seed=seed),
-                          result)
-    return result
 
 
 def examples_evaluated(asked: int | None, evaluated: int) -> int | None:
@@ -432,7 +449,7 @@ def _active_units_of(result: dict[str, Any]) -> str:
     return " + ".join(f"{active} of {units}" for active, units in pairs) + " units"
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_evaluation(result: dict[str, Any]) -> str:
     """The evaluation result as a small text table."""
     k = result["k"]
     rows = [

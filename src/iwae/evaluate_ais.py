@@ -45,13 +45,28 @@ def _diagnostics(result: ais.AISResult) -> dict[str, float]:
             "step_size": result.step_size.mean().item()}
 
 
-def check_memory(model: nn.Module, x_dim: int, *, chains: int, batch_size: int, examples: int,
+def check_ais_memory(model: nn.Module, x_dim: int, *, chains: int, batch_size: int, examples: int,
                  device: torch.device) -> None:
     """Refuse (SettingError) an AIS run whose passes (a forward and a backward pass on ``chains`` x
     ``batch_size`` rows) and ``examples`` examples would not fit in ``device``'s memory."""
     needed = memory.pass_bytes(model, x_dim, chains * min(batch_size, examples), training=True) + 4 * examples * x_dim
     memory.check_fits(needed, device, "AIS with {0} {chains} and {1} {batch_size} on {2} {examples}",
                       ("chains", "batch_size", "examples"), chains=chains, batch_size=batch_size, examples=examples)
+
+
+def _sweep(model: nn.Module, x: Tensor, steps: list[int], *, chains: int, leapfrog: int, start: ais.Start,
+           seed: int, batch_size: int, progress: bool) -> tuple[list[dict[str, Any]], ais.AISResult]:
+    """AIS on ``x`` for each number of steps: one entry per run (its NLL, time and diagnostics), and the last run."""
+    sweep = []
+    for value in steps:
+        began = time.perf_counter()
+        result = ais.ais_log_likelihood(model, x, steps=value, chains=chains, leapfrog=leapfrog, start=start,
+                                        seed=seed, batch_size=batch_size, progress=progress)
+        nll, nll_se = _mean_se(-result.log_likelihood)
+        elapsed = time.perf_counter() - began
+        sweep.append({"steps": value, "nll": nll, "nll_se": nll_se, "time_s": round(elapsed, 2),
+                      **_diagnostics(result)})
+    return sweep, result
 
 
 def evaluate_ais(
@@ -90,18 +105,11 @@ def evaluate_ais(
     state, model, loaded, x = evaluate.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                                      examples=examples, device=device, seed=seed)
     ais.check_model(model, x, start)
-    check_memory(model, x.shape[1], chains=chains, batch_size=batch_size, examples=len(x), device=x.device)
+    check_ais_memory(model, x.shape[1], chains=chains, batch_size=batch_size, examples=len(x), device=x.device)
     with seeded(seed, x.device):
         stats = evaluate.importance_statistics(model, x, k, batch_size=batch_size, progress=progress)
-    sweep, result = [], None
-    for value in steps:
-        began = time.perf_counter()
-        result = ais.ais_log_likelihood(model, x, steps=value, chains=chains, leapfrog=leapfrog, start=start,
-                                        seed=seed, batch_size=batch_size, progress=progress)
-        nll, nll_se = _mean_se(-result.log_likelihood)
-        elapsed = time.perf_counter() - began
-        sweep.append({"steps": value, "nll": nll, "nll_se": nll_se, "time_s": round(elapsed, 2),
-                      **_diagnostics(result)})
+    sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
+                           batch_size=batch_size, progress=progress)
     is_nll, is_nll_se = _mean_se(-stats.log_likelihood)
     difference, difference_se = _mean_se(result.log_likelihood - stats.log_likelihood)
     out = {
@@ -147,7 +155,7 @@ def evaluate_bdmc(
     ais.check_settings(steps, chains, leapfrog, start)
     examples = DEFAULT_EXAMPLES if examples is None else examples
     state, model = checkpoint.load_model(run_dir, resolve_device(device))
-    check_memory(model, state["x_dim"], chains=chains, batch_size=batch_size, examples=examples,
+    check_ais_memory(model, state["x_dim"], chains=chains, batch_size=batch_size, examples=examples,
                  device=next(model.parameters()).device)
     began = time.perf_counter()
     result = ais.bdmc(model, examples, steps=steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
@@ -172,7 +180,7 @@ def evaluate_bdmc(
     return out
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_ais_table(result: dict[str, Any]) -> str:
     """An AIS or BDMC result as a small text table beside the importance-sampled estimate."""
     setting = (f"{result['steps']} steps x {result['chains']} chains, {result['leapfrog']} leapfrog steps, "
                f"{result['start']} start")

@@ -32,8 +32,8 @@ from iwae.settings import check_integer, check_seed
 @torch.no_grad()
 def prior_samples(model: DeepLatentModel, n: int) -> Tensor:
     """The means of p(x | z_1) for n ancestral draws z_L ~ p(z_L), ..., z_1 ~ p(z_1 | z_2): shape (n, D)."""
-    *conditionals, prior = model.decoder
-    z = prior().sample((n,))
+    conditionals = model.conditionals
+    z = model.prior().sample((n,))
     for layer in reversed(conditionals[1:]):
         z = layer(z).sample()
     return conditionals[0](z).mean
@@ -138,9 +138,10 @@ def plot_ais_vs_steps(path: Path, result: dict[str, Any]) -> Path:
     return _save(fig, path)
 
 
-def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int = 0, n: int = 100) -> list[Path]:
+def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int = 0, n: int = 100,
+                 loaded: data.Dataset | None = None) -> list[Path]:
     """Draw a run's figures from its checkpoint, metrics and evaluation (``n`` model samples, ``n // 2``
-    reconstructions); return the files written."""
+    reconstructions, of the run's data: ``loaded`` if given, else loaded here); return the files written."""
     check_integer(n, "n", 2)
     check_seed(seed)
     torch_device = resolve_device(str(device))
@@ -148,7 +149,7 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
     memory.check_fits(memory.pass_bytes(model, state["x_dim"], n, training=False), torch_device,
                       "drawing {0} {n} samples", ("n",), n=n)
     config = state["config"]
-    dataset = data.load(config["dataset"], config["data_dir"], split=config["data_split"])
+    dataset = loaded or data.load(config["dataset"], config["data_dir"], split=config["data_split"])
     shape = image_shape(dataset.test.shape[1], dataset.image_shape)
     columns = 10 if shape[0] > 1 else 1
     out = run_dir / rundir.FIGURES

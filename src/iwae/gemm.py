@@ -49,7 +49,7 @@ def relative_errors(rows: int = 1000, inner: int = 200, cols: int = 784) -> dict
     b = torch.randn(inner, cols, generator=generator)
     exact = a.double() @ b.double()
     errors = {}
-    with matmul_path(DEFAULT):
+    with using_matmul_path(DEFAULT):
         for path in PATHS:
             _set_path(path)
             errors[path] = ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
@@ -61,7 +61,7 @@ def measure(workload: Callable[[], object], rounds: int = 9) -> dict[str, float]
     path once per round, each time repeated for at least ``MEASUREMENT_SECONDS``) after a warm-up. The global
     random number generators are left as they were."""
     seconds: dict[str, list[float]] = {path: [] for path in PATHS}
-    with torch.random.fork_rng(devices=[]), matmul_path(DEFAULT):
+    with torch.random.fork_rng(devices=[]), using_matmul_path(DEFAULT):
         warmup = []
         for path in PATHS:  # oneDNN builds its kernels on first use
             _set_path(path)
@@ -116,7 +116,7 @@ def fastest_fp32_matmul(device: torch.device | str, path: str | None = None,
 
 
 @contextmanager
-def matmul_path(path: str) -> Iterator[None]:
+def using_matmul_path(path: str) -> Iterator[None]:
     """Within the block, float32 matrix multiplies use ``path`` ("default" or "onednn")."""
     previous = _current_path()
     _set_path(path)

@@ -3,8 +3,7 @@
 A training step or an evaluation pass allocates and frees the same buffers again and again. By default glibc's
 malloc hands large freed blocks back to the OS (blocks above a threshold are mapped and unmapped one by one, and
 the top of the heap is trimmed), so the next step faults the same pages in again, zero-filled by the kernel.
-On the 2-core CPU measured this cost a third of the time of a compiled K=50, B=20 training step (8.9 against
-6.2 ms) and half of a K=1, B=20 step, and a 50 MB product ran at 190 instead of 410 GFLOP/s.
+A step's time must not go to faulting in pages it has used before.
 ``retain_freed_memory`` makes malloc keep what it frees: every block comes from the heap (none is mapped on its
 own), the heap is never trimmed, and all threads share one arena. The process then holds on to its peak memory
 until it exits. The ``iwae`` command calls it first thing; a program using the library calls

@@ -102,8 +102,8 @@ class Objective:
         if estimator in score_function.ESTIMATORS:
             if self.name != "iwae":
                 raise ValueError(f"{estimator} is defined for the iwae objective only; use objective iwae")
-            if estimator == "vimco" and self.k < 2:
-                raise ValueError(f"vimco needs k >= 2 samples for its leave-one-out baseline; got k={self.k}")
+            if estimator == "vimco":
+                score_function.check_vimco_samples(self.k)
         elif not reparameterized:
             raise ValueError(f"estimator {estimator} needs a reparameterizable q (rsample), and this model's q "
                              "has discrete latents; use estimator vimco or rws")

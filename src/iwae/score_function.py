@@ -44,6 +44,12 @@ def weighted_sum(weights: Tensor, values: Tensor) -> Tensor:
     return torch.where(weights != 0, weights * values, 0.0).sum(0)
 
 
+def check_vimco_samples(k: int) -> None:
+    """Raise ValueError unless ``k`` >= 2: VIMCO's leave-one-out baseline needs another sample."""
+    if k < 2:
+        raise ValueError(f"vimco needs k >= 2 samples for its leave-one-out baseline; got k={k}")
+
+
 def vimco(log_p: Tensor, log_q: Tensor) -> Tensor:
     """The VIMCO surrogate per example (see the module docstring), shape ``batch``.
 
@@ -52,8 +58,7 @@ def vimco(log_p: Tensor, log_q: Tensor) -> Tensor:
       log_q: log q(z_i | x) at the same z_i, differentiable in the inference network.
     """
     k = log_p.shape[0]
-    if k < 2:
-        raise ValueError(f"vimco needs k >= 2 samples for its leave-one-out baseline; got k={k}")
+    check_vimco_samples(k)
     log_w = (log_p - log_q).detach()
     bound = bounds.iwae(log_w)
     weights = torch.softmax(log_w, 0)

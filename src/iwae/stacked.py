@@ -9,9 +9,9 @@ Each seed draws its random numbers as ``iwae train --seed s`` alone does: its in
 global generator seeded with its model seed, its permutations and binarizations from its own data generator,
 and its ``rsample`` noise from its own generator that continues the global generator's stream after its
 initialisation. So seed s follows the lone run's trajectory, up to the float rounding of batched matrix
-multiplies. A stack multiplies on the float32 path that is faster for its own step (``train.matmul_path``),
+multiplies. A stack multiplies on the float32 path that is faster for its own step (``train.training_matmul_path``),
 which it records; a lone run given that path (``--matmul``) multiplies alike, and one on the other path
-drifts from it by the rounding of the two paths (2e-5 after 100 Adam steps, measured).
+drifts from it by the rounding of the two paths.
 
 A stacked run in DIR is S ordinary run directories DIR/seed-<s> (``iwae evaluate``, ``iwae sample`` and even
 ``iwae train --resume`` work on each) and DIR/stack.json, the commit record of their checkpoints: a checkpoint
@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,10 +36,13 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
 from iwae import checkpoint, data, evaluate, gemm, rundir, train
+from iwae.config import TrainConfig, resolve_compile, resumed_config, schedule
 from iwae.device import resolve_device
-from iwae.models import DeepLatentModel, GaussianLayer
+from iwae.loop import Outputs, fit
+from iwae.models import DeepLatentModel, GaussianLayer, build_model
+from iwae.signals import StopOnSignal
+from iwae.state import SeedStreams, TrainingState, start
 from iwae.step import TrainStep, make_adam
-from iwae.train import TrainConfig
 
 STACK = rundir.STACK
 NEXT = "checkpoint.next"
@@ -185,12 +186,13 @@ def check_configs(configs: list[TrainConfig]) -> None:
         raise ValueError("the seeds of a stack must share every setting but the seed and --init-from")
 
 
-def throwaway_step(config: TrainConfig, x_dim: int, device: torch.device, seeds: int) -> Callable[[], None]:
+def stacked_timing_step(config: TrainConfig, x_dim: int, device: torch.device, seeds: int) -> Callable[[], None]:
     """A training step of ``seeds`` stacked fresh models of ``config`` on a random minibatch: the workload on
-    which a stack's float32 matrix-multiply path is timed (``train.matmul_path``)."""
+    which a stack's float32 matrix-multiply path is timed (``train.training_matmul_path``)."""
     noise = SeedNoise([torch.Generator(device) for _ in range(seeds)])
-    model = stack_models([checkpoint.build_model(asdict(config), x_dim).to(device) for _ in range(seeds)], noise)
-    optimizer = make_adam(model, train.schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
+    models = [build_model(config.model, config.layers, x_dim).to(device) for _ in range(seeds)]
+    model = stack_models(models, noise)
+    optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
     objective = config.objective_spec()
     step = TrainStep(model, optimizer, objective, config.estimator, compile=bool(config.compile),
                      bound_shape=(seeds,), what="the stacked training step (to time the matmul paths)")
@@ -203,6 +205,60 @@ def throwaway_step(config: TrainConfig, x_dim: int, device: torch.device, seeds:
     return run
 
 
+class StackedSeeds:
+    """S seeds trained together as one stacked model (``iwae.loop.Seeds``), each drawing its noise from its own
+    stream and its minibatches from its own data stream, as it would alone."""
+
+    def __init__(self, states: list[TrainingState], models: list[DeepLatentModel], dataset: data.Dataset) -> None:
+        config, device = states[0].config, dataset.train.device
+        self.configs, self.dataset, self.x_dim = [state.config for state in states], dataset, states[0].x_dim
+        self.lone = models[0].to(device)  # a lone model to evaluate each seed's monitor bound on
+        self.streams = [SeedStreams.restore(state.rng, device, own_noise=True) for state in states]
+        self.noise = SeedNoise([streams.noise for streams in self.streams])
+        self.model = stack_models([model.to(device) for model in models], self.noise)
+        self.optimizer = make_adam(self.model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
+        if states[0].optimizer is not None:
+            self.optimizer.load_state_dict(_stack_optimizer([state.optimizer for state in states]))
+        gemm.fastest_fp32_matmul(device, config.matmul or gemm.DEFAULT)  # the run's own path
+        self.step = TrainStep(self.model, self.optimizer, config.objective_spec(), config.estimator,
+                              compile=bool(config.compile), bound_shape=(len(states),))
+        self.batches = None if states[0].batches is None else torch.stack([s.batches for s in states]).to(device)
+        self.step.bound_sum.copy_(torch.tensor([state.bound_sum for state in states], dtype=torch.float64))
+
+    def epoch_batches(self) -> Tensor:
+        return torch.stack([data.epoch_batches(len(self.dataset.train), self.configs[0].batch_size, streams.data)
+                            for streams in self.streams])
+
+    def train_on(self, batches: Tensor, step: int) -> None:
+        x = torch.stack([self.dataset.minibatch(batches[s, step], streams.data)
+                         for s, streams in enumerate(self.streams)])
+        self.noise.draw(self.configs[0].k, self.configs[0].batch_size, x.dtype, x.device)
+        self.step(x)
+
+    def monitor(self, x: Tensor) -> list[float]:
+        bounds = []
+        for s, config in enumerate(self.configs):
+            self.lone.load_state_dict(seed_state(self.model, self.optimizer, s)[0])
+            with evaluate.seeded(config.seed, x.device):
+                bounds.append(evaluate.objective_bound(self.lone, x, config.objective_spec()).mean().item())
+        return bounds
+
+    def states(self, epoch: int, step: int, batches: Tensor | None, epoch_time_s: float, wall_time_s: float
+               ) -> list[TrainingState]:
+        states = []
+        for s, (config, streams) in enumerate(zip(self.configs, self.streams, strict=True)):
+            model, optimizer = seed_state(self.model, self.optimizer, s)
+            states.append(TrainingState(
+                config=config, x_dim=self.x_dim, model=model, optimizer=optimizer, epoch=epoch, step=step,
+                batches=None if batches is None else batches[s], bound_sum=self.step.bound_sum[s].item(),
+                epoch_time_s=epoch_time_s, wall_time_s=wall_time_s, rng=streams.state()))
+        return states
+
+    def summary(self, bounds: list[float], test_bounds: list[float], examples_per_s: float) -> str:
+        shown = " ".join(f"{bound:.2f}" for bound in bounds)
+        return f"train bounds {shown} {len(bounds) * examples_per_s:.0f} examples/s"
+
+
 def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | None = None,
                   beside_finished: bool = False) -> list[dict | None]:
     """Train one run per configuration (same settings, distinct seeds) together into OUT/seed-<seed>, and
@@ -210,14 +266,15 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     ``beside_finished``, may hold the finished runs of other seeds (whose stack record the new one replaces)."""
     check_configs(configs)
     device = resolve_device(configs[0].device)
-    dataset = train._load_data(configs[0], device)
-    train.check_memory(configs[0], dataset.train.shape[1], device, seeds=len(configs))
-    configs = [train.resolve_compile(replace(c, device=str(device)), len(dataset.train), len(configs)) for c in configs]
+    dataset = train.load_training_data(configs[0], device)
+    x_dim = dataset.train.shape[1]
+    train.check_training_memory(configs[0], x_dim, device, seeds=len(configs))
+    configs = [resolve_compile(replace(c, device=str(device)), len(dataset.train), len(configs)) for c in configs]
     # the faster path on the stack's own step: its batched products may favour another path than a lone run's
-    matmul = train.matmul_path(configs[0], dataset.train.shape[1], device, len(configs),
-                               functools.partial(throwaway_step, seeds=len(configs)))
+    matmul = train.training_matmul_path(configs[0], x_dim, device, len(configs),
+                                        functools.partial(stacked_timing_step, seeds=len(configs)))
     configs = [replace(c, matmul=matmul) for c in configs]
-    with train._StopOnSignal() as stop:
+    with StopOnSignal() as stop:
         if beside_finished:
             out.mkdir(parents=True, exist_ok=True)
         else:
@@ -225,11 +282,13 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
         dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
         for config, path in zip(configs, dirs, strict=True):
             rundir.write_json(path / rundir.CONFIG, asdict(config))
-        states = [train.initial_state(c, dataset) for c in configs]
+        started = [start(c, dataset, None if c.init_from is None else
+                         checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)) for c in configs]
+        states = [state for state, _ in started]
         _commit(out, dirs, states)
-        _fit(configs, out, dirs, dataset, states, stop)
-    del dataset
-    return [train._finish(c, d, device, progress) for c, d in zip(configs, dirs, strict=True)]
+        fit(StackedSeeds(states, [model for _, model in started], dataset), dataset, states[0], stop,
+            _stack_outputs(out, dirs))
+    return [train.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
 
 
 def is_stacked(path: Path) -> bool:
@@ -246,133 +305,45 @@ def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress
     for path in dirs:  # complete (or discard) an interrupted commit
         pending = path / NEXT
         if pending.is_file():
-            state = torch.load(pending, map_location="cpu", weights_only=True)
+            state = checkpoint.read(pending)
             if (state["epoch"], state["step"]) == (record["epoch"], record["step"]):
                 os.replace(pending, path / rundir.CHECKPOINT)
             else:
                 pending.unlink()
-    states = [checkpoint.load(path) for path in dirs]
-    configs = [train.resumed_config(state["config"], changes, path) for state, path in zip(states, dirs, strict=True)]
+    saved = [checkpoint.load(path) for path in dirs]
+    states = [TrainingState.from_checkpoint(s, resumed_config(s["config"], changes, path))
+              for s, path in zip(saved, dirs, strict=True)]
+    configs = [state.config for state in states]
     device = resolve_device(configs[0].device)
-    if all(s["epoch"] == c.epochs for s, c in zip(states, configs, strict=True)) and all(
+    if all(s.epoch == c.epochs for s, c in zip(states, configs, strict=True)) and all(
             (d / rundir.EVAL).is_file() or not c.eval_k for d, c in zip(dirs, configs, strict=True)):
         print(f"iwae: {out} finished all {configs[0].epochs} epochs already", file=sys.stderr)
         return [rundir.read_json(d / rundir.EVAL) if c.eval_k else None for d, c in zip(dirs, configs, strict=True)]
-    dataset = train._load_data(configs[0], device)
-    train.check_memory(configs[0], states[0]["x_dim"], device, seeds=len(configs))
-    with train._StopOnSignal() as stop:
+    if len({(state.epoch, state.step) for state in states}) != 1:
+        raise ValueError(f"the seeds of {out} are at different positions; resume each with iwae train --resume")
+    dataset = train.load_training_data(configs[0], device)
+    train.check_training_memory(configs[0], states[0].x_dim, device, seeds=len(configs))
+    with StopOnSignal() as stop:
         for path, state in zip(dirs, states, strict=True):
-            rundir.truncate_metrics(path, state["epoch"])
-        _fit(configs, out, dirs, dataset, states, stop)
-    del dataset
-    return [train._finish(c, d, device, progress) for c, d in zip(configs, dirs, strict=True)]
+            rundir.truncate_metrics(path, state.epoch)
+        models = [state.new_model() for state in states]
+        fit(StackedSeeds(states, models, dataset), dataset, states[0], stop, _stack_outputs(out, dirs))
+    return [train.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
 
 
-def _commit(out: Path, dirs: list[Path], states: list[dict[str, Any]]) -> None:
+def _stack_outputs(out: Path, dirs: list[Path]) -> Outputs:
+    """A stack's outputs: its seeds' checkpoints as one commit, each seed's metrics in its own run directory."""
+    def record(s: int, values: dict[str, Any]) -> None:
+        rundir.append_metrics(dirs[s], {**values, "stacked_seeds": len(dirs)})
+
+    return Outputs(where=out, save=lambda states: _commit(out, dirs, states), record=record, progress=False)
+
+
+def _commit(out: Path, dirs: list[Path], states: list[TrainingState]) -> None:
     """Write every seed's checkpoint as one commit (see the module docstring)."""
     for path, state in zip(dirs, states, strict=True):
-        rundir.write_atomic(path / NEXT, lambda file, st=state: torch.save(
-            {"format": checkpoint.CHECKPOINT_FORMAT, **st}, file))
-    seeds = [state["config"]["seed"] for state in states]
-    rundir.write_json(out / STACK, {"seeds": seeds, "epoch": states[0]["epoch"], "step": states[0]["step"]})
+        checkpoint.save(path, state.checkpoint(), name=NEXT)
+    seeds = [state.config.seed for state in states]
+    rundir.write_json(out / STACK, {"seeds": seeds, "epoch": states[0].epoch, "step": states[0].step})
     for path in dirs:
         os.replace(path / NEXT, path / rundir.CHECKPOINT)
-
-
-def _fit(configs: list[TrainConfig], out: Path, dirs: list[Path], dataset: data.Dataset,
-         states: list[dict[str, Any]], stop: Any) -> None:
-    """The training loop of ``train._fit`` for S seeds at once, from the seeds' common position."""
-    config, seeds, device = configs[0], len(configs), dataset.train.device
-    if len({(s["epoch"], s["step"]) for s in states}) != 1:
-        raise ValueError(f"the seeds of {out} are at different positions; resume each with iwae train --resume")
-    objective, stages = config.objective_spec(), train.schedule(config)
-    models = []
-    for state in states:
-        model = checkpoint.build_model(asdict(config), state["x_dim"]).to(device)
-        model.load_state_dict(state["model"])
-        models.append(model)
-    rsample_generators = [torch.Generator(device) for _ in states]
-    data_generators = [torch.Generator(device) for _ in states]
-    for state, noise_g, data_g in zip(states, rsample_generators, data_generators, strict=True):
-        noise_g.set_state(state["rng"]["cuda" if device.type == "cuda" else "cpu"])
-        data_g.set_state(state["rng"]["data"])
-    noise = SeedNoise(rsample_generators)
-    stacked = stack_models(models, noise)
-    lone = models[0]  # a lone model to evaluate each seed's monitor bound on
-    optimizer = make_adam(stacked, stages[0][1], (config.beta1, config.beta2), config.adam_eps)
-    if states[0]["optimizer"] is not None:
-        optimizer.load_state_dict(_stack_optimizer([s["optimizer"] for s in states]))
-    gemm.fastest_fp32_matmul(device, config.matmul or gemm.DEFAULT)  # the run's own path
-    train_step = TrainStep(stacked, optimizer, objective, config.estimator, compile=bool(config.compile),
-                           bound_shape=(seeds,))
-    epoch, step = states[0]["epoch"], states[0]["step"]
-    batches = None if states[0]["batches"] is None else torch.stack([s["batches"] for s in states]).to(device)
-    bound_sum = train_step.bound_sum
-    bound_sum.copy_(torch.tensor([float(s["bound_sum"]) for s in states], dtype=torch.float64))
-    steps_per_epoch, monitor = len(dataset.train) // config.batch_size, dataset.test[: config.monitor_examples]
-    session_start, wall_base = time.perf_counter(), states[0]["wall_time_s"]
-    epoch_start = time.perf_counter() - states[0]["epoch_time_s"]
-
-    def save() -> None:
-        seed_states = []
-        for s, (state, noise_g, data_g) in enumerate(zip(states, rsample_generators, data_generators, strict=True)):
-            model_state, optimizer_state = seed_state(stacked, optimizer, s)
-            rng = {"cpu": noise_g.get_state(), "data": data_g.get_state()} if device.type == "cpu" else {
-                "cpu": torch.get_rng_state(), "cuda": noise_g.get_state(), "data": data_g.get_state()}
-            seed_states.append({
-                "config": asdict(configs[s]), "x_dim": state["x_dim"], "model": model_state,
-                "optimizer": optimizer_state, "epoch": epoch, "step": step,
-                "batches": batches[s] if step else None, "bound_sum": bound_sum[s].item(),
-                "epoch_time_s": time.perf_counter() - epoch_start if step else 0.0,
-                "wall_time_s": wall_base + time.perf_counter() - session_start, "rng": rng,
-            })
-        _commit(out, dirs, seed_states)
-
-    next_checkpoint = time.monotonic() + config.checkpoint_every_s
-    while epoch < config.epochs:
-        stage, lr = train.learning_rate(stages, epoch)
-        train_step.set_lr(lr)
-        if batches is None:
-            batches = torch.stack([data.epoch_batches(len(dataset.train), config.batch_size, g)
-                                   for g in data_generators])
-            bound_sum.zero_()
-            epoch_start = time.perf_counter()
-        while step < steps_per_epoch:
-            x = torch.stack([dataset.minibatch(batches[s, step], g) for s, g in enumerate(data_generators)])
-            noise.draw(objective.k, config.batch_size, x.dtype, device)
-            train_step(x)
-            step += 1
-            if step % train.REPORT_EVERY and step < steps_per_epoch and not stop.received:
-                continue
-            if stop.received or time.monotonic() >= next_checkpoint:
-                save()
-                next_checkpoint = time.monotonic() + config.checkpoint_every_s
-                if stop.received:
-                    raise train.Interrupted(
-                        f"training stopped by {stop.received.name} in epoch {epoch + 1}/{config.epochs} after step "
-                        f"{step}/{steps_per_epoch}; checkpoint saved; continue with: iwae train --resume {out}",
-                        stop.received)
-        epoch_time = time.perf_counter() - epoch_start
-        bounds = (bound_sum / (steps_per_epoch * config.batch_size)).tolist()
-        if not all(math.isfinite(b) for b in bounds):
-            raise FloatingPointError(f"the training bound became {bounds} in epoch {epoch + 1}; the last good "
-                                     f"checkpoint is in {out}; start a new run with a smaller learning rate")
-        epoch, step, batches = epoch + 1, 0, None
-        for s, (path, seed_config) in enumerate(zip(dirs, configs, strict=True)):
-            lone.load_state_dict(seed_state(stacked, optimizer, s)[0])
-            with evaluate.seeded(seed_config.seed, device):
-                test_bound = evaluate.objective_bound(lone, monitor, objective).mean().item()
-            rundir.append_metrics(path, {
-                "epoch": epoch, "stage": stage + 1, "lr": lr, "train_bound": bounds[s], "test_bound": test_bound,
-                "examples_per_s": steps_per_epoch * config.batch_size / epoch_time, "epoch_time_s": epoch_time,
-                "wall_time_s": wall_base + time.perf_counter() - session_start, "stacked_seeds": seeds,
-            })
-        save()
-        next_checkpoint = time.monotonic() + config.checkpoint_every_s
-        print(f"epoch {epoch}/{config.epochs} stage {stage + 1} lr {lr:.2e} train bounds "
-              f"{' '.join(f'{b:.2f}' for b in bounds)} {seeds * steps_per_epoch * config.batch_size / epoch_time:.0f} "
-              "examples/s", file=sys.stderr)
-    if stop.received:
-        raise train.Interrupted(f"training stopped by {stop.received.name} after the last epoch, before the "
-                                f"evaluation; checkpoint saved; finish with: iwae train --resume {out}",
-                                stop.received)

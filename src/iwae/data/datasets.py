@@ -132,17 +132,8 @@ def load(
         if split == "code":
             arrays = _code_split(arrays, spec.code_holdout, spec.code_shuffle_seed)
         binarization, image_shape = spec.binarization, spec.image_shape
-    elif key.endswith((".npy", ".npz")):
-        arrays = _read_user(Path(key), test_fraction)
-        binary = all(np.isin(array, (0, 1)).all() for array in arrays.values())
-        binarization = "static" if binary else "dynamic"
-        side = math.isqrt(arrays["train"].shape[1])
-        image_shape = (side, side) if side * side == arrays["train"].shape[1] else None
     else:
-        raise DataError(
-            f"Dataset '{key}' is unknown; choose one of {', '.join(DATASETS)}, or give the path of a .npy or "
-            ".npz file of shape (N, D) with values in [0, 1]."
-        )
+        arrays, binarization, image_shape = _user_arrays(key, test_fraction)
     tensors = {split_name: torch.from_numpy(np.asarray(a, np.float32)) for split_name, a in arrays.items()}
     if binarization == "dynamic":
         for offset, held_out in enumerate(("test", "valid")):
@@ -150,6 +141,20 @@ def load(
                 generator = torch.Generator().manual_seed(eval_seed + offset)
                 tensors[held_out] = binarize(tensors[held_out], generator)
     return Dataset(key, tensors["train"], tensors["test"], binarization, tensors.get("valid"), image_shape)
+
+
+def _user_arrays(key: str, test_fraction: float) -> tuple[Arrays, Binarization, tuple[int, int] | None]:
+    """A user's .npy/.npz file's arrays (see ``load``), their binarization and image shape (square, or None)."""
+    if not key.endswith((".npy", ".npz")):
+        raise DataError(
+            f"Dataset '{key}' is unknown; choose one of {', '.join(DATASETS)}, or give the path of a .npy or "
+            ".npz file of shape (N, D) with values in [0, 1]."
+        )
+    arrays = _read_user(Path(key), test_fraction)
+    binary = all(np.isin(array, (0, 1)).all() for array in arrays.values())
+    side = math.isqrt(arrays["train"].shape[1])
+    image_shape = (side, side) if side * side == arrays["train"].shape[1] else None
+    return arrays, "static" if binary else "dynamic", image_shape
 
 
 _REPORTED: set[str] = set()  # "reading ... from ..." lines printed already by this process

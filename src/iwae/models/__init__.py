@@ -12,6 +12,7 @@ from iwae.models.discrete import (
     sbn_widths,
     value_count,
 )
+from iwae.models.factory import build_model
 from iwae.models.gaussian_toy import GaussianToy
 from iwae.models.latent import DeepLatentModel, LatentSample
 from iwae.models.layers import (
@@ -38,6 +39,7 @@ __all__ = [
     "OneHotGroups",
     "StandardNormal",
     "bernoulli_log_density",
+    "build_model",
     "burda",
     "enumerate_values",
     "glorot_init_",

@@ -40,7 +40,9 @@ class DeepLatentModel(nn.Module):
       decoder: p's conditional layers, bottom-up: ``decoder[l](z_{l+1})`` is p(z_l | z_{l+1}), with z_0 = x.
       prior: a module called with no input that returns p(z_L).
 
-    ``self.encoder`` holds all of q's parameters and ``self.decoder`` all of p's, the prior last.
+    ``self.encoder`` holds all of q's parameters and ``self.decoder`` all of p's: the conditionals
+    (``self.conditionals``), then the prior (``self.prior``), under the parameter names decoder.<l>.* that
+    checkpoints use.
     """
 
     def __init__(self, encoder: Sequence[nn.Module], decoder: Sequence[nn.Module], prior: nn.Module) -> None:
@@ -53,6 +55,16 @@ class DeepLatentModel(nn.Module):
         self.encoder = nn.ModuleList(encoder)
         self.decoder = nn.ModuleList([*decoder, prior])
         self._support_checked = False
+
+    @property
+    def prior(self) -> nn.Module:
+        """The prior's module: ``prior()`` is p(z_L)."""
+        return self.decoder[-1]
+
+    @property
+    def conditionals(self) -> list[nn.Module]:
+        """p's conditional layers, bottom-up: ``conditionals[l](z_{l+1})`` is p(z_l | z_{l+1}), with z_0 = x."""
+        return list(self.decoder)[:-1]
 
     def sample_posterior(self, x: Tensor, k: int, detach: bool = False) -> LatentSample:
         """Draw k samples of z_1..z_L from q(z | x) for a batch x of shape (B, D): with ``rsample`` where q's
@@ -72,9 +84,8 @@ class DeepLatentModel(nn.Module):
 
     def log_joint(self, x: Tensor, z: Sequence[Tensor]) -> Tensor:
         """log p(x, z_1..z_L), shape (K, B), for latents of shape (K, B, d_l)."""
-        *conditionals, prior = self.decoder
-        log_p = prior().log_prob(z[-1])
-        for layer, target, given in zip(conditionals, [x, *z[:-1]], z, strict=True):
+        log_p = self.prior().log_prob(z[-1])
+        for layer, target, given in zip(self.conditionals, [x, *z[:-1]], z, strict=True):
             p = layer(given)
             if target is x:
                 self._check_support(p, x)

@@ -1,0 +1,168 @@
+"""The settings of a training run (``TrainConfig``) and what follows from them: the learning-rate schedule,
+whether the step is compiled, and which settings a resumed run may change.
+
+Adam (beta1 0.9, beta2 0.999, eps 1e-4) on minibatches of 20, following the gradient of the per-batch sum
+of the bound, with the schedule of 3^i epochs at learning rate 1e-3 * 10^(-i/7) for i = 0..7 (3280
+epochs), or a constant rate for a given number of epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from iwae import gemm
+from iwae.device import resolve_device
+from iwae.models import sbn_widths
+from iwae.objectives import Objective
+from iwae.settings import SettingError, check_integer, check_positive, check_seed
+
+SCHEDULES = ("constant", "burda")
+# Settings that do not change the trajectory, so a resumed run may use new values. (The device is not one:
+# CPU and GPU generators have different states, so a run continues on the kind of device it started on.)
+RUNTIME_KEYS = ("data_dir", "checkpoint_every_s", "compile")
+# compile=None (auto) compiles runs of at least this many steps, or of at least this many samples drawn in all
+# (steps x batch size x k x stacked seeds): compiling costs tens of seconds on a CPU, which only a long run wins
+# back (by less launch overhead per step, and by fused kernels per sample), so a short run is never slower.
+AUTO_COMPILE_STEPS = 100_000
+AUTO_COMPILE_SAMPLES = 5_000_000
+
+
+@dataclass
+class TrainConfig:
+    """A training run, as plain values (saved in config.json and in every checkpoint).
+
+    ``model`` is "burda" (the paper's architecture with ``layers`` stochastic layers) or a sigmoid belief
+    network "sbn-H1-...-HL" (binary latents: ``estimator`` vimco or rws). ``epochs`` and ``lr`` are resolved
+    from the schedule: "burda" fixes both (``schedule_scale`` multiplies each stage's 3^i epochs, rounded, at
+    least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3). ``eval_k`` = 0 skips the final
+    evaluation; ``monitor_examples`` is the size of the fixed test subset on which each epoch's test bound
+    is computed. ``compile``: True compiles the training step into one program
+    (``iwae.step``), False runs it eagerly, None decides by the run's length (``resolve_compile``); the
+    two modes differ by float rounding only, and a run records the mode it used. ``matmul``: the float32
+    matrix-multiply path (``iwae.gemm``), None for the fastest one here; a run records the path it used.
+    """
+
+    dataset: str = "digits"
+    data_split: str = "paper"
+    model: str = "burda"
+    layers: int = 1
+    objective: str = "iwae"
+    k: int = 50
+    m: int = 1
+    beta: float = 0.5
+    alpha: float = 0.5
+    estimator: str = "dreg"
+    schedule: str = "constant"
+    epochs: int | None = None
+    lr: float | None = None
+    schedule_scale: float = 1.0
+    batch_size: int = 20
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-4
+    seed: int = 0
+    eval_k: int = 5000
+    monitor_examples: int = 1000
+    checkpoint_every_s: float = 600.0
+    device: str = "auto"
+    data_dir: str | None = None
+    compile: bool | None = None
+    matmul: str | None = None
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model != "burda":
+            sbn_widths(self.model)  # validates the name
+        # validates the objective's name, k, m, beta and alpha, and the estimator for it and the model's q
+        self.objective_spec().check_estimator(self.estimator, reparameterized=self.model == "burda")
+        if self.layers not in (1, 2):
+            raise SettingError("{0} must be 1 or 2 (the paper's architectures); got {value}", ("layers",),
+                               value=self.layers)
+        if self.schedule not in SCHEDULES:
+            raise SettingError("unknown {0} {value!r}; choose one of {known}", ("schedule",), value=self.schedule,
+                               known=", ".join(SCHEDULES))
+        if self.schedule == "burda":
+            check_positive(self.schedule_scale, "schedule_scale")
+            total = sum(epochs for epochs, _ in burda_schedule(self.schedule_scale))
+            if self.epochs not in (None, total) or self.lr is not None:
+                raise SettingError("{0} and {1} do not apply to {2} burda, which fixes both; shorten it with {3} "
+                                   "instead", ("epochs", "lr", "schedule", "schedule_scale"))
+            self.epochs = total
+        else:
+            if self.epochs is None:
+                raise SettingError("give the number of epochs with {0}, or use {1} burda", ("epochs", "schedule"))
+            self.lr = 1e-3 if self.lr is None else self.lr
+            check_positive(self.lr, "lr")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("eval_k", 0), ("monitor_examples", 1)):
+            check_integer(getattr(self, name), name, low)
+        check_seed(self.seed)
+        check_positive(self.adam_eps, "adam_eps")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SettingError("{0} must lie in [0, 1); got {value}", (name,), value=getattr(self, name))
+        if not self.checkpoint_every_s >= 0:
+            raise SettingError("{0} must be >= 0 seconds; got {value}", ("checkpoint_every_s",),
+                               value=self.checkpoint_every_s)
+        if self.data_split not in ("paper", "code"):
+            raise SettingError("unknown {0} {value!r}; choose paper or code", ("data_split",), value=self.data_split)
+        if self.matmul not in (None, *gemm.PATHS):
+            raise SettingError("unknown {0} {value!r}; choose {known}", ("matmul",), value=self.matmul,
+                               known=" or ".join(gemm.PATHS))
+
+    def steps(self, train_examples: int) -> int:
+        """The number of training steps of the whole run on ``train_examples`` examples."""
+        return self.epochs * (train_examples // self.batch_size)
+
+    def objective_spec(self) -> Objective:
+        """The training objective these settings describe."""
+        return Objective(self.objective, self.k, self.m, self.beta, self.alpha)
+
+
+def burda_schedule(scale: float = 1.0) -> list[tuple[int, float]]:
+    """The paper's (epochs, learning rate) stages: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7, with each
+    stage's epochs multiplied by ``scale`` (rounded, at least 1) for shorter runs."""
+    return [(max(1, round(3**i * scale)), 1e-3 * 10 ** (-i / 7)) for i in range(8)]
+
+
+def schedule(config: TrainConfig) -> list[tuple[int, float]]:
+    """The run's (epochs, learning rate) stages."""
+    return burda_schedule(config.schedule_scale) if config.schedule == "burda" else [(config.epochs, config.lr)]
+
+
+def learning_rate(stages: list[tuple[int, float]], epoch: int) -> tuple[int, float]:
+    """(stage index, learning rate) of the 0-based ``epoch``."""
+    for stage, (epochs, lr) in enumerate(stages):
+        if epoch < epochs:
+            return stage, lr
+        epoch -= epochs
+    raise ValueError(f"epoch {epoch} lies beyond the schedule")
+
+
+def resolve_compile(config: TrainConfig, train_examples: int, seeds: int = 1) -> TrainConfig:
+    """``config`` with ``compile`` decided: as given, or (None) True for runs of at least ``AUTO_COMPILE_STEPS``
+    steps or ``AUTO_COMPILE_SAMPLES`` samples (of ``seeds`` stacked seeds together)."""
+    if config.compile is not None:
+        return config
+    steps = config.steps(train_examples)
+    samples = steps * config.batch_size * config.k * seeds
+    return replace(config, compile=steps >= AUTO_COMPILE_STEPS or samples >= AUTO_COMPILE_SAMPLES)
+
+
+def resumed_config(saved: dict[str, Any], changes: dict[str, Any] | None, run_dir: Path) -> TrainConfig:
+    """The configuration that the run in ``run_dir``, saved as ``saved``, continues with: ``changes`` are settings
+    given again, each of which must equal the saved one, except those in ``RUNTIME_KEYS``, which replace it.
+
+    Raises:
+      ValueError: naming every setting in ``changes`` that differs from the run's.
+    """
+    changes = dict(changes or {})
+    if "device" in changes:
+        changes["device"] = str(resolve_device(changes["device"]))  # compared as resolved, like the saved one
+    differing = [key for key, value in changes.items() if key not in RUNTIME_KEYS and saved.get(key) != value]
+    if differing:
+        listed = ", ".join(f"{key} (run: {saved.get(key)!r}, given: {changes[key]!r})" for key in differing)
+        raise ValueError(f"cannot resume {run_dir} with a different configuration: {listed}; drop those options "
+                         "to continue the run as it was, or start a new run with a new --out")
+    return TrainConfig(**{**saved, **{key: value for key, value in changes.items() if key in RUNTIME_KEYS}})

@@ -1,0 +1,177 @@
+"""The training loop: one seed alone or S seeds stacked, from a position in the schedule to its end.
+
+``fit`` runs the epochs of the schedule: each draws its minibatches' order, takes one step per minibatch, checks the
+training bound, computes the test bound on a fixed subset, records the epoch and checkpoints. What differs between a
+seed alone and a stack of seeds (how a step is taken, how the seeds' states are cut from the model) is the
+``Seeds`` it is given; where it writes (a run directory, a stack's commit) are the ``Outputs`` it is given.
+
+The whole training set lives on the device as one tensor; a minibatch is a gather plus a Bernoulli draw there, the
+epoch's permutation comes from a seeded ``torch.Generator``, and the bound is summed on the device and read once per
+epoch, so a step never waits for the host. After every epoch (and every ``checkpoint_every_s`` seconds, and on
+SIGINT/SIGTERM after the current step) the state is checkpointed, so that a resumed run continues to bit-for-bit
+the same parameters (on a CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import Tensor
+from tqdm import tqdm
+
+from iwae import distributed
+from iwae.config import TrainConfig, learning_rate, schedule
+from iwae.data import Dataset
+from iwae.signals import Interrupted, StopOnSignal
+from iwae.state import TrainingState
+from iwae.step import TrainStep
+
+# The progress bar and the checkpoint clock are looked at every this many steps (a signal after every step).
+REPORT_EVERY = 16
+
+
+class Seeds(Protocol):
+    """What ``fit`` trains: one seed (``iwae.train.LoneSeed``) or S stacked seeds (``iwae.stacked.StackedSeeds``)."""
+
+    configs: list[TrainConfig]
+    step: TrainStep
+    batches: Tensor | None
+
+    def epoch_batches(self) -> Tensor:
+        """The minibatches' indices of a new epoch, drawn from the seeds' data streams."""
+
+    def train_on(self, batches: Tensor, step: int) -> None:
+        """Take the training step on minibatch ``step`` of ``batches``."""
+
+    def monitor(self, x: Tensor) -> list[float]:
+        """Each seed's mean bound on the examples ``x``."""
+
+    def states(self, epoch: int, step: int, batches: Tensor | None, epoch_time_s: float, wall_time_s: float
+               ) -> list[TrainingState]:
+        """Each seed's state at this position."""
+
+    def summary(self, bounds: list[float], test_bounds: list[float], examples_per_s: float) -> str:
+        """An epoch's line for the log: the seeds' training (and test) bounds and the speed."""
+
+
+@dataclass
+class Outputs:
+    """Where ``fit`` writes: ``save`` the seeds' states (a checkpoint), ``record`` seed s's metrics of an epoch;
+    ``where`` is named in messages; ``writer`` is whether this process writes (rank 0); ``progress`` shows a
+    progress bar (None: on a terminal), described as ``name``."""
+
+    where: Path
+    save: Callable[[list[TrainingState]], None]
+    record: Callable[[int, dict[str, Any]], None]
+    writer: bool = True
+    progress: bool | None = None
+    name: str = ""
+
+
+def fit(seeds: Seeds, dataset: Dataset, start: TrainingState, stop: StopOnSignal, outputs: Outputs) -> None:
+    """Train ``seeds`` from ``start``'s position to the end of the schedule.
+
+    Raises:
+      Interrupted: after checkpointing, when ``stop`` received a signal.
+      FloatingPointError: when an epoch's training bound is not finite (the last checkpoint is the epoch before).
+    """
+    _Loop(seeds, dataset, start, stop, outputs).run()
+
+
+class _Loop:
+    """``fit``'s position (epoch, step, the epoch's minibatches) and clocks."""
+
+    def __init__(self, seeds: Seeds, dataset: Dataset, start: TrainingState, stop: StopOnSignal,
+                 outputs: Outputs) -> None:
+        self.seeds, self.stop, self.outputs = seeds, stop, outputs
+        self.config, self.stages = seeds.configs[0], schedule(seeds.configs[0])
+        self.steps_per_epoch = len(dataset.train) // self.config.batch_size
+        self.monitor_x = dataset.test[: self.config.monitor_examples]
+        self.epoch, self.step, self.batches = start.epoch, start.step, seeds.batches
+        self.session_start, self.wall_time_base = time.perf_counter(), start.wall_time_s
+        self.epoch_start = time.perf_counter() - start.epoch_time_s
+        self.next_checkpoint = time.monotonic() + self.config.checkpoint_every_s
+        self.bounds: list[float] = []
+
+    def run(self) -> None:
+        config = self.config
+        bar = tqdm(total=config.epochs * self.steps_per_epoch, initial=self.epoch * self.steps_per_epoch + self.step,
+                   unit="step", dynamic_ncols=True, desc=self.outputs.name,
+                   disable=(None if self.outputs.progress is None else not self.outputs.progress)
+                   if self.outputs.writer else True)
+        with bar:
+            while self.epoch < config.epochs:
+                stage, lr = learning_rate(self.stages, self.epoch)
+                self.seeds.step.set_lr(lr)
+                bounds = " ".join(f"{b:.2f}" for b in self.bounds) or "-"  # known once per epoch
+                bar.set_postfix_str(f"epoch {self.epoch + 1}/{config.epochs} stage {stage + 1}/{len(self.stages)} "
+                                    f"lr {lr:.1e} train bound {bounds}", refresh=False)
+                self._train_epoch(bar)
+                self._end_epoch(stage, lr, bar)
+        stopped = self.stop.agreed()
+        distributed.barrier()  # rank 0 has written the last checkpoint, which every rank evaluates
+        if stopped:
+            raise Interrupted(f"training stopped by {stopped.name} after the last epoch, before the evaluation; "
+                              f"checkpoint saved; finish with: iwae train --resume {self.outputs.where}", stopped)
+
+    def _train_epoch(self, bar: tqdm) -> None:
+        if self.batches is None:
+            self.batches = self.seeds.epoch_batches()
+            self.seeds.step.bound_sum.zero_()
+            self.epoch_start = time.perf_counter()
+        while self.step < self.steps_per_epoch:
+            self.seeds.train_on(self.batches, self.step)
+            self.step += 1
+            if self.step % REPORT_EVERY and self.step < self.steps_per_epoch and not self.stop.here():
+                continue
+            bar.update(self.epoch * self.steps_per_epoch + self.step - bar.n)
+            stopped = self.stop.agreed()
+            if stopped or time.monotonic() >= self.next_checkpoint:
+                self._save()
+                if stopped:
+                    raise Interrupted(
+                        f"training stopped by {stopped.name} in epoch {self.epoch + 1}/{self.config.epochs} after "
+                        f"step {self.step}/{self.steps_per_epoch}; checkpoint saved; continue with: "
+                        f"iwae train --resume {self.outputs.where}", stopped,
+                    )
+
+    def _end_epoch(self, stage: int, lr: float, bar: tqdm) -> None:
+        config, examples = self.config, self.steps_per_epoch * self.config.batch_size
+        epoch_time = time.perf_counter() - self.epoch_start
+        self.bounds = [bound_sum / examples for bound_sum in self.seeds.step.bound_sum.reshape(-1).tolist()]
+        if not all(math.isfinite(bound) for bound in self.bounds):
+            shown = self.bounds[0] if len(self.bounds) == 1 else self.bounds
+            raise FloatingPointError(f"the training bound became {shown} in epoch {self.epoch + 1}; the last good "
+                                     f"checkpoint is in {self.outputs.where}; start a new run with a smaller "
+                                     "learning rate")
+        self.epoch, self.step, self.batches = self.epoch + 1, 0, None
+        self.next_checkpoint = time.monotonic() + config.checkpoint_every_s
+        if not self.outputs.writer:
+            return
+        test_bounds = self.seeds.monitor(self.monitor_x)
+        for s, (bound, test_bound) in enumerate(zip(self.bounds, test_bounds, strict=True)):
+            self.outputs.record(s, {
+                "epoch": self.epoch, "stage": stage + 1, "lr": lr, "train_bound": bound, "test_bound": test_bound,
+                "examples_per_s": examples / epoch_time, "epoch_time_s": epoch_time, "wall_time_s": self._wall_time(),
+            })
+        self._save()
+        if bar.disable:
+            print(f"epoch {self.epoch}/{config.epochs} stage {stage + 1} lr {lr:.2e} "
+                  + self.seeds.summary(self.bounds, test_bounds, examples / epoch_time), file=sys.stderr)
+
+    def _wall_time(self) -> float:
+        return self.wall_time_base + time.perf_counter() - self.session_start
+
+    def _save(self) -> None:
+        """Checkpoint the seeds at the current position (this process, if it writes), and restart the clock."""
+        if self.outputs.writer:
+            epoch_time = time.perf_counter() - self.epoch_start if self.step else 0.0
+            self.outputs.save(self.seeds.states(self.epoch, self.step, self.batches if self.step else None,
+                                                epoch_time, self._wall_time()))
+        self.next_checkpoint = time.monotonic() + self.config.checkpoint_every_s

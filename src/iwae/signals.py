@@ -1,0 +1,55 @@
+"""Stopping a training run cleanly on SIGINT or SIGTERM: the loop finishes its step, checkpoints, and raises
+``Interrupted``, whose message says how to continue."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from iwae import distributed
+
+
+class Interrupted(Exception):
+    """Training stopped on ``signal`` after writing a checkpoint; the message says how to continue."""
+
+    def __init__(self, message: str, sig: signal.Signals) -> None:
+        super().__init__(message)
+        self.signal = sig
+
+
+class StopOnSignal:
+    """Within the block, the first SIGINT or SIGTERM only records itself, so the loop can finish its step
+    and write a checkpoint; a second one acts as it would have (KeyboardInterrupt, or termination)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopOnSignal:
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def here(self) -> bool:
+        """Whether to act on a signal after this step: if one came, and this process trains alone (ranks
+        training together act on one at the next report, where they agree on it)."""
+        return self.received is not None and distributed.world() == 1
+
+    def agreed(self) -> signal.Signals | None:
+        """The signal received by this process or, training with several ranks, by any of them."""
+        number = distributed.maximum(0 if self.received is None else int(self.received))
+        return signal.Signals(number) if number else None
