@@ -27,6 +27,7 @@ A block is left out by an HTML comment on the line right above its opening fence
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -50,6 +51,7 @@ ENVIRONMENT_PROGRAMS = {"pip", "pip3", ".", "source", "mkdocs"}
 ENVIRONMENT_MODULES = {"venv", "pytest", "pip", "mkdocs"}
 DIAGNOSE_DRAWS = 5
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+CITED_NAME = re.compile(r"`(iwae(?:\.[A-Za-z_]\w*)+)")
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,30 @@ def test_every_page_is_found_and_every_marker_says_why() -> None:
     for page in found:
         for block in blocks(page):
             assert block.not_run is None or block.not_run.strip(), block.where
+
+
+def resolves(name: str) -> bool:
+    """Whether a dotted name is a module of the package, or an attribute of one."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attribute in parts[cut:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
+
+
+def test_the_names_the_pages_cite_exist() -> None:
+    """Every ``iwae.…`` name written in code style in the pages names a module or an object of the package as
+    it is laid out now."""
+    missing = [f"{page.relative_to(ROOT)}: {name}" for page in pages()
+               for name in sorted(set(CITED_NAME.findall(page.read_text()))) if not resolves(name)]
+    assert not missing, "names that are no longer in the package:\n" + "\n".join(missing)
 
 
 @pytest.mark.slow
