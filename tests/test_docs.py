@@ -22,7 +22,8 @@ Python blocks are executed with ``exec``, a page's blocks sharing one namespace;
 - Any other command fails the test: give it a rule here, or mark its block as not run.
 
 A block is left out by an HTML comment on the line right above its opening fence that says why, e.g.
-``<!-- not run: needs a GPU -->``.
+``<!-- not run: needs a GPU -->``. And every ``iwae.…`` name that a page writes in code style must name a
+module or an object of the package as it is laid out.
 """
 
 from __future__ import annotations
