@@ -1,7 +1,7 @@
 """Time per example of the AIS estimate of log p(x) with the paper's model on 28x28 binary images.
 
 Builds ``burda(layers)`` for 784-dimensional data (the cost does not depend on the weights' values) and times
-``iwae.evaluate.ais_log_likelihood`` on random binary images, ``--batch-size`` at a time, reporting the wall
+``iwae.core.ais.ais_log_likelihood`` on random binary images, ``--batch-size`` at a time, reporting the wall
 time and, on a CPU, the process's CPU time per example (the two differ on a shared machine). The cost grows
 linearly with steps x chains x leapfrog; the pilot run that sets the step sizes adds min(steps, 100) steps.
 
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from iwae.device import resolve_device
-from iwae.evaluate import ais_log_likelihood
+from iwae.core.ais import ais_log_likelihood
 from iwae.models import burda
+from iwae.platform.device import resolve_device
 
 
 def main() -> None:

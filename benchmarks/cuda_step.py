@@ -1,7 +1,8 @@
 """Steps/s of the paper's training step on a GPU: eager, compiled, and compiled as a CUDA graph.
 
 For the 1- and 2-stochastic-layer models, K in {1, 5, 50} and the paper's batch of 20, times one IWAE-bound
-training step (forward, backward, Adam with lr 1e-3, betas (0.9, 0.999), eps 1e-4: ``iwae.step.TrainStep``) on a
+training step (forward, backward, Adam with lr 1e-3, betas (0.9, 0.999), eps 1e-4:
+``iwae.training.step.TrainStep``) on a
 fixed random binary minibatch on the GPU, as
 
     eager std       the step uncompiled: every operation a kernel launched from Python
@@ -10,7 +11,7 @@ fixed random binary minibatch on the GPU, as
     graph dreg      the same with the DReG estimator
     numpyro         NumPyro's RenyiELBO(alpha=0) ``SVI.update`` under jax.jit on the same GPU (if installed)
 
-and S stacked seeds (``iwae.stacked``, ``iwae train --seeds S``) as a CUDA graph at the ``--stacked-k`` values,
+and S stacked seeds (``iwae.training.stacked``, ``iwae train --seeds S``) as a CUDA graph at the ``--stacked-k`` values,
 against one seed. Every contender is built and warmed up first (its first call, the compilation and the graph's
 capture where there are some, is timed and reported), then the contenders take turns, one round of about
 ``--round-seconds`` of steps each, each round ending when the GPU has finished its work; the median over

@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import torch
 
+from iwae.core.objectives import loss
 from iwae.data import Dataset, epoch_batches
 from iwae.models import burda
-from iwae.objectives import loss
 
 BATCH = 20
 

@@ -1,4 +1,4 @@
-"""Scaling of 2 ranks against 1 process (``iwae.distributed``) on this machine, with gloo on 127.0.0.1.
+"""Scaling of 2 ranks against 1 process (``iwae.platform.distributed``) on this machine, with gloo on 127.0.0.1.
 
 Data-parallel training: the training step of the paper's 1-layer model on a global batch of B random 784-dimensional
 binary examples, each rank taking B/2 rows (drawing the noise of all B, ``distributed.sharded_draws``) and
@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from iwae import distributed, gemm, reproduce
+from iwae.core.objectives import Objective
 from iwae.models import burda
-from iwae.objectives import Objective
-from iwae.reproduce import Cell, Options
-from iwae.step import TrainStep, make_adam
+from iwae.platform import distributed, gemm
+from iwae.runs import reproduce
+from iwae.runs.reproduce import Cell, Options
+from iwae.training.step import TrainStep, make_adam
 
 
 def step_rate(k: int, batch_size: int, steps: int) -> float:

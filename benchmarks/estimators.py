@@ -15,9 +15,9 @@ import time
 
 import torch
 
+from iwae.core.objectives import REPARAMETERIZED_ESTIMATORS as ESTIMATORS
+from iwae.core.objectives import loss
 from iwae.models import burda
-from iwae.objectives import REPARAMETERIZED_ESTIMATORS as ESTIMATORS
-from iwae.objectives import loss
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 Each measurement runs in a fresh subprocess that loads the 10,000 test images (binarized once, from
 IWAE_DATA_DIR; random binary stand-ins of the same shape when the files are not there), builds the paper's
-model and runs ``iwae.evaluate.importance_statistics`` with its default chunk (500 samples) and batch (32
-examples) sizes, on the fastest fp32 matmul path (``iwae.gemm``) as ``iwae evaluate`` does; ``--compile``
+model and runs ``iwae.eval.likelihood.importance_statistics`` with its default chunk (500 samples) and batch (32
+examples) sizes, on the fastest fp32 matmul path (``iwae.platform.gemm``) as ``iwae evaluate`` does; ``--compile``
 compiles the evaluator. A first pass on one batch (the compilation, with ``--compile``) comes before the
 measurement. On a CPU it reports the peak resident memory of the process during the evaluation (Linux:
 the high-water mark VmHWM, reset just before through /proc/self/clear_refs) and its increase over the
@@ -29,12 +29,14 @@ from pathlib import Path
 
 import torch
 
-from iwae import data, evaluate, heap
-from iwae.device import resolve_device
+from iwae import data
+from iwae.eval import likelihood
 from iwae.models import burda
+from iwae.platform import heap
+from iwae.platform.device import resolve_device
 
 TARGET_BYTES = 1 << 30
-CHUNK_SIZE, BATCH_SIZE = 500, evaluate.EXAMPLES_PER_PASS  # importance_statistics' defaults
+CHUNK_SIZE, BATCH_SIZE = 500, likelihood.EXAMPLES_PER_PASS  # importance_statistics' defaults
 
 
 def memory_status(field: str) -> int:
@@ -63,9 +65,9 @@ def measure(test_file: Path, layers: int, k: int, examples: int, device_name: st
     x = torch.load(test_file)[:examples].to(device)
     torch.manual_seed(0)
     model = burda(layers, x.shape[1], train_mean=x.mean(0)).to(device)
-    evaluate.evaluation_matmul_path(model, x, k, CHUNK_SIZE, BATCH_SIZE)  # as iwae evaluate chooses
+    likelihood.evaluation_matmul_path(model, x, k, CHUNK_SIZE, BATCH_SIZE)  # as iwae evaluate chooses
     start = time.perf_counter()
-    evaluate.importance_statistics(model, x[:BATCH_SIZE], min(k, CHUNK_SIZE), compile=compile)
+    likelihood.importance_statistics(model, x[:BATCH_SIZE], min(k, CHUNK_SIZE), compile=compile)
     first_pass = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -76,7 +78,7 @@ def measure(test_file: Path, layers: int, k: int, examples: int, device_name: st
         baseline = memory_status("VmRSS")
     torch.manual_seed(0)
     start = time.perf_counter()
-    stats = evaluate.importance_statistics(model, x, k, chunk_size=CHUNK_SIZE, batch_size=BATCH_SIZE,
+    stats = likelihood.importance_statistics(model, x, k, chunk_size=CHUNK_SIZE, batch_size=BATCH_SIZE,
                                            compile=compile)
     nll = -stats.log_likelihood.mean().item()
     seconds = time.perf_counter() - start

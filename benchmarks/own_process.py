@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from iwae import gemm, heap
+from iwae.platform import gemm, heap
 
 Runner = Callable[[int], None]  # makes n calls and returns when they are done
 
@@ -44,7 +44,7 @@ class OwnProcess:
     """The runners ``build(*args)`` returns (a dict of them by name), built and run in a new process.
 
     The process uses the main process's number of torch threads and the float32 matmul path ``matmul_path``
-    ("default" or "onednn"), and keeps freed memory in its heap (``iwae.heap``). ``runner(name)`` is a runner
+    ("default" or "onednn"), and keeps freed memory in its heap (``iwae.platform.heap``). ``runner(name)`` is a runner
     for the main process: calling it with n makes the runner's n calls in the worker process and returns what
     they returned (a runner may return a result, a profile say) when they are done. An exception in the worker
     process is raised in the main process with the worker's traceback. ``build`` and its arguments are pickled:

@@ -1,6 +1,6 @@
-"""Training throughput of S stacked seeds (``iwae.stacked``) against one seed, with the paper's 1-layer model.
+"""Training throughput of S stacked seeds (``iwae.training.stacked``) against one seed, with the paper's 1-layer model.
 
-Times the training step (``iwae.step.TrainStep``, compiled and eager) on random 784-dimensional binary
+Times the training step (``iwae.training.step.TrainStep``, compiled and eager) on random 784-dimensional binary
 minibatches of B examples per seed: one seed alone, and S seeds stacked into one model, each seed drawing its
 noise from its own generator ahead of the step as ``iwae train --seeds`` does. Rounds are interleaved (every
 configuration once per round) so that the ratios are fair on a noisy machine; prints the median examples per
@@ -23,18 +23,21 @@ from collections.abc import Callable
 
 import torch
 
-from iwae import gemm, heap, stacked, train
+from iwae.platform import gemm, heap
+from iwae.training import config as train_config
+from iwae.training import lone, preflight, stacked
 
 
-def step_config(k: int, batch_size: int, compile: bool) -> train.TrainConfig:
+def step_config(k: int, batch_size: int, compile: bool) -> train_config.TrainConfig:
     """The benchmark's training settings: the 1-layer model, IWAE bound, standard estimator."""
-    return train.TrainConfig(layers=1, objective="iwae", k=k, estimator="standard", epochs=1, batch_size=batch_size,
+    return train_config.TrainConfig(layers=1, objective="iwae", k=k, estimator="standard", epochs=1,
+                                    batch_size=batch_size,
                              compile=compile)
 
 
-def workload(seeds: int) -> Callable[[train.TrainConfig, int, torch.device], Callable[[], None]]:
+def workload(seeds: int) -> Callable[[train_config.TrainConfig, int, torch.device], Callable[[], None]]:
     """The builder of a throwaway step of ``seeds`` seeds, the one ``iwae train --seeds`` times its paths on."""
-    return train.lone_timing_step if seeds == 1 else functools.partial(stacked.stacked_timing_step, seeds=seeds)
+    return lone.lone_timing_step if seeds == 1 else functools.partial(stacked.stacked_timing_step, seeds=seeds)
 
 
 def make_step(seeds: int, k: int, batch_size: int, compile: bool, device: str = "cpu") -> Callable[[], None]:
@@ -49,7 +52,7 @@ def make_step(seeds: int, k: int, batch_size: int, compile: bool, device: str = 
 def chosen_path(seeds: int, k: int, batch_size: int, compile: bool) -> str:
     """The matmul path ``iwae train --seeds`` chooses for this configuration (``train.training_matmul_path``)."""
     config = step_config(k, batch_size, compile)
-    return train.training_matmul_path(config, 784, torch.device("cpu"), seeds, workload(seeds))
+    return preflight.training_matmul_path(config, 784, torch.device("cpu"), seeds, workload(seeds))
 
 
 def examples_per_s(run: Callable[[], None], seeds: int, batch_size: int, steps: int) -> float:

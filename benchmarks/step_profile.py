@@ -43,7 +43,7 @@ import torch
 from own_process import OwnProcess, Runner
 from throughput import cell_data, choose_matmul, contender, installed, interleaved, numpyro_update, peer_weights
 
-from iwae import heap
+from iwae.platform import heap
 
 CATEGORIES = ("GEMM", "update", "elementwise", "random")
 # the profiled iwae step: its kernels called from Python, each inductor kernel with a profiler record of its own

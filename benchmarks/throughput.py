@@ -4,7 +4,7 @@ Training: for the paper's 1- and 2-stochastic-layer models, each (K, B) cell tim
 step (forward, backward, Adam with lr 1e-3, betas (0.9, 0.999), eps 1e-4) on a fixed random binary minibatch
 of B x 784, in examples/s, for
 
-    iwae compiled std / dreg   iwae.step.TrainStep(compile=True), standard and DReG estimators
+    iwae compiled std / dreg   iwae.training.step.TrainStep(compile=True), standard and DReG estimators
     iwae eager std             the same step uncompiled
     numpyro                    RenyiELBO(alpha=0, num_particles=K), SVI.update under jax.jit
     pyro                       RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True), SVI.step
@@ -64,10 +64,12 @@ from evaluate_memory import BATCH_SIZE, CHUNK_SIZE, measure_in_subprocess, mnist
 from own_process import OwnProcess, Runner
 from torch.utils.flop_counter import FlopCounterMode
 
-from iwae import gemm, heap, train
+from iwae.core.objectives import Objective
 from iwae.models import burda
-from iwae.objectives import Objective
-from iwae.step import TrainStep, make_adam
+from iwae.platform import gemm, heap
+from iwae.training import config as train_config
+from iwae.training import preflight
+from iwae.training.step import TrainStep, make_adam
 
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-4
 X_DIM = 784
@@ -296,9 +298,9 @@ def initial_model(layers: int, x: torch.Tensor) -> torch.nn.Module:
 def choose_matmul(layers: int, batch: int, k: int) -> str:
     """Switch torch's fp32 matmuls to the path ``iwae train`` chooses for this cell (``train.training_matmul_path``: the
     faster on the cell's compiled training step, IWAE bound, standard estimator); return it."""
-    config = train.TrainConfig(layers=layers, objective="iwae", k=k, estimator="standard", epochs=1,
+    config = train_config.TrainConfig(layers=layers, objective="iwae", k=k, estimator="standard", epochs=1,
                                batch_size=batch, compile=True)
-    return train.training_matmul_path(config, X_DIM, torch.device("cpu"))
+    return preflight.training_matmul_path(config, X_DIM, torch.device("cpu"))
 
 
 def cell_data(batch: int) -> torch.Tensor:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from iwae import bounds
-from iwae.evaluate import exact_log_likelihood
+from iwae.core import bounds
+from iwae.eval.exact import exact_log_likelihood
 from iwae.models import enumerate_values, sbn
 
 KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from iwae import rundir
 from iwae.data import datasets
+from iwae.runs import rundir
 
 # tests of the GPU's paths (CUDA graphs, its generators), run wherever a GPU is
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.distributions import Bernoulli, Independent, MultivariateNormal
 
-from iwae import ais
-from iwae.evaluate import ais_log_likelihood
+from iwae.core import ais
+from iwae.core.ais import ais_log_likelihood
 from iwae.models import DeepLatentModel, LinearGaussian
 from iwae.models.linear_gaussian import AffineGaussianEncoder, GaussianPrior, LinearGaussianLikelihood
 

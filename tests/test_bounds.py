@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from iwae import bounds
+from iwae.core import bounds
 
 
 def reference(name: str, log_w: np.ndarray, param: float | int | None = None) -> np.ndarray:

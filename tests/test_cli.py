@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from iwae import evaluate, figures, rundir
+from iwae import plots
 from iwae.cli import main
+from iwae.runs import evaluation, rundir
 
 TINY = ["--epochs", "1", "--batch-size", "8", "--k", "4", "--monitor-examples", "8", "--device", "cpu"]
 
@@ -54,15 +55,15 @@ def test_train_evaluate_and_sample(finished_run: Path, capsys: pytest.CaptureFix
 
 
 def test_fewer_images_than_columns_leave_no_empty_tiles() -> None:
-    grid = figures.image_grid(torch.ones(7, 16), (4, 4), columns=10)
+    grid = plots.image_grid(torch.ones(7, 16), (4, 4), columns=10)
     assert grid.shape == (1 + 4 + 1, 1 + 7 * (4 + 1))
-    assert figures.image_grid(torch.ones(17, 16), (4, 4), columns=10).shape == (1 + 2 * 5, 1 + 10 * 5)
+    assert plots.image_grid(torch.ones(17, 16), (4, 4), columns=10).shape == (1 + 2 * 5, 1 + 10 * 5)
 
 
 def test_bound_vs_k_labels_its_error_bars(finished_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     saved = []
-    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or path)
-    figures.plot_bound_vs_k(finished_run / "unused.png", json.loads((finished_run / rundir.EVAL).read_text()))
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig) or path)
+    plots.plot_bound_vs_k(finished_run / "unused.png", json.loads((finished_run / rundir.EVAL).read_text()))
     (legend,) = [ax.get_legend() for ax in saved[0].axes]
     assert [text.get_text() for text in legend.get_texts()] == ["mean over 16 examples\nerror bars: ±1 standard error"]
 
@@ -283,8 +284,8 @@ def test_an_evaluation_never_replaces_one_made_with_other_settings(
     assert json.loads(quick.read_text())["k"] == 3 and json.loads(quick.read_text())["examples"] == 5
 
     drawn: list[int] = []
-    plot = figures.plot_bound_vs_k
-    monkeypatch.setattr(figures, "plot_bound_vs_k", lambda path, res: drawn.append(res["k"]) or plot(path, res))
+    plot = plots.plot_bound_vs_k
+    monkeypatch.setattr(plots, "plot_bound_vs_k", lambda path, res: drawn.append(res["k"]) or plot(path, res))
     assert main(["sample", str(finished_run), "--n", "4", "--device", "cpu"]) == 0
     assert drawn == [10]  # bound_vs_k.png shows the run's own evaluation, not the quick one
 
@@ -303,7 +304,7 @@ def test_an_evaluation_of_more_examples_than_the_split_holds_is_named_for_all(
 
 
 def test_each_evaluation_setting_has_its_own_file(finished_run: Path) -> None:
-    name = lambda *args, **kwargs: evaluate.eval_path(finished_run, *args, **kwargs).name  # noqa: E731
+    name = lambda *args, **kwargs: evaluation.eval_path(finished_run, *args, **kwargs).name  # noqa: E731
     assert name() == name("test", None, k=10) == "eval.json"  # the run's own k: its training's --eval-k 10
     assert name(k=5000) == "eval-test-k5000.json"
     assert name("train") == "eval-train-k10.json"

@@ -1,5 +1,5 @@
-"""``iwae.compiled``: the CPU graph pass (addmm becomes mm + add, with the same values), and a process compiling
-many models one after another, as a grid does."""
+"""``iwae.platform.compiled``: the CPU graph pass (addmm becomes mm + add, with the same values), and a process
+compiling many models one after another, as a grid does."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from iwae.compiled import Compiled, UnfuseBiasOnCpu
+from iwae.platform.compiled import Compiled, UnfuseBiasOnCpu
 
 
 def layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,12 @@ import torch
 from scipy import stats
 from test_cli import one_line_error
 
-from iwae import bounds, diagnostics
 from iwae.cli import main
-from iwae.diagnostics import _Moments, _ScalarMoments, fit_slope, gradient_snr
+from iwae.core import bounds
+from iwae.core.objectives import loss
+from iwae.eval import snr_diagnostics
+from iwae.eval.snr_diagnostics import _Moments, _ScalarMoments, fit_slope, gradient_snr
 from iwae.models import GaussianToy
-from iwae.objectives import loss
 
 
 def test_toy_posterior_and_marginal_are_exact() -> None:
@@ -144,7 +145,7 @@ def test_snr_scaling_laws_on_the_toy() -> None:
 def test_generative_gradient_is_the_same_for_every_estimator() -> None:
     x = GaussianToy.sample_data(16, seed=0)
     model = GaussianToy.near_optimum(x)
-    for objective in diagnostics.GRADIENT_OBJECTIVES:
+    for objective in snr_diagnostics.GRADIENT_OBJECTIVES:
         grads = []
         for estimator in ("standard", "stl", "dreg"):
             torch.manual_seed(0)
@@ -202,7 +203,7 @@ def test_diagnose_a_trained_run(tiny_dataset: str, tmp_path: Path, capsys: pytes
     assert "slope of log SNR" in capsys.readouterr().out
     with (out / "snr.csv").open() as file:
         rows = list(csv.DictReader(file))
-    assert list(rows[0]) == list(diagnostics.CSV_COLUMNS)
+    assert list(rows[0]) == list(snr_diagnostics.CSV_COLUMNS)
     assert len(rows) == 2 * 3 * 2 * 2  # objectives x estimators x networks x K
     assert {row["m"] for row in rows if row["objective"] == "piwae"} == {"2"}
     slopes = json.loads((out / "slopes.json").read_text())
@@ -222,4 +223,4 @@ def test_a_grid_of_m(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert {row["m"] for row in rows if row["objective"] == "miwae"} == {"1", "2"}
     assert set(json.loads((out / "slopes.json").read_text())) == {"iwae", "miwae-m1", "miwae-m2"}
     with pytest.raises(ValueError, match="must divide"):
-        diagnostics.check_settings("piwae", ["dreg"], [4, 6], 3, m=4)
+        snr_diagnostics.check_settings("piwae", ["dreg"], [4, 6], 3, m=4)

@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from iwae import bounds, rundir, score_function
 from iwae.cli import main
-from iwae.evaluate import exact_log_likelihood
+from iwae.core import bounds, score_function
+from iwae.core.objectives import REPARAMETERIZED_ESTIMATORS, Objective, loss
+from iwae.eval.exact import exact_log_likelihood
 from iwae.models import (
     BernoulliLayer,
     BernoulliPrior,
@@ -26,8 +27,8 @@ from iwae.models import (
     enumerate_values,
     sbn,
 )
-from iwae.objectives import REPARAMETERIZED_ESTIMATORS, Objective, loss
-from iwae.train import TrainConfig
+from iwae.runs import rundir
+from iwae.training.config import TrainConfig
 
 Z_LIMIT = 4.5  # |z| of a Monte Carlo mean against its exact value; two-sided p < 7e-6 per coordinate
 

@@ -1,4 +1,5 @@
-"""Several ranks on 127.0.0.1 with gloo (``iwae.distributed``), launched as torchrun launches them (each process
+"""Several ranks on 127.0.0.1 with gloo (``iwae.platform.distributed``), launched as torchrun launches them (each
+process
 given RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT) or by torchrun itself: two ranks train to the parameters of
 one process with the same global batch and seeds, evaluate to its very estimates, resume a run stopped by SIGTERM
 to the launcher to the bit, spread a grid into the same report, end with one line when a rank dies or the ranks
@@ -24,12 +25,14 @@ import torch
 from test_cli import one_line_error as cli_error
 from test_reproduce import TABLE, tiny_grid
 
-from iwae import checkpoint, distributed, evaluate, gemm, reproduce, rundir, train
+from iwae.core.objectives import Objective
+from iwae.eval import likelihood
 from iwae.models import burda
-from iwae.objectives import Objective
-from iwae.reproduce import Options
-from iwae.step import TrainStep, make_adam
-from iwae.train import TrainConfig
+from iwae.platform import distributed, gemm
+from iwae.runs import checkpoint, evaluation, lone_run, reproduce, rundir
+from iwae.runs.reproduce import Options
+from iwae.training.config import TrainConfig
+from iwae.training.step import TrainStep, make_adam
 
 WAIT_S = 240  # a generous bound for one launch on a loaded machine; launches take seconds
 TRAIN = ["--epochs", "3", "--batch-size", "8", "--k", "4", "--monitor-examples", "8", "--device", "cpu"]
@@ -47,8 +50,8 @@ def environment(**extra: str) -> dict[str, str]:
 
 # ``python -m iwae`` on the default float32 matrix-multiply path: every process (and this one, ``default_matmul``)
 # multiplies alike, where each would otherwise pick the path it measures to be faster
-IWAE = [sys.executable, "-c", "import sys; from iwae import cli, gemm; gemm.choose = lambda workload: gemm.DEFAULT; "
-        "sys.exit(cli.main())"]
+IWAE = [sys.executable, "-c", "import sys; from iwae import cli; from iwae.platform import gemm; "
+        "gemm.choose = lambda workload: gemm.DEFAULT; sys.exit(cli.main())"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -133,7 +136,7 @@ def two_ranks(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tu
     succeed(ranks(["train", "--out", str(root / "two"), "--dataset", tiny_dataset, "--eval-k", "0", *TRAIN]))
     config = TrainConfig(dataset=tiny_dataset, epochs=3, batch_size=8, k=4, monitor_examples=8, eval_k=0,
                          device="cpu")
-    train.train(config, root / "one", progress=False)
+    lone_run.train(config, root / "one", progress=False)
     return root / "two", root / "one"
 
 
@@ -155,10 +158,10 @@ def test_sharded_evaluation_equals_one_process(two_ranks: tuple[Path, Path]) -> 
     settings = {"k": 12, "batch_size": 3, "chunk_size": 6, "seed": 4}
     succeed(ranks(["evaluate", str(two), *(f"--{key.replace('_', '-')}={value}" for key, value in settings.items()),
                    "--device", "cpu"]))
-    path = evaluate.eval_path(two, k=12, seed=4)
+    path = evaluation.eval_path(two, k=12, seed=4)
     sharded = rundir.read_json(path)
     path.unlink()
-    single = evaluate.evaluate_run(two, device="cpu", **settings)
+    single = evaluation.evaluate_run(two, device="cpu", **settings)
     for key in ("nll", "nll_se", "bounds", "bounds_se", "ess", "active_units", "examples"):
         assert sharded[key] == single[key], key
 
@@ -167,9 +170,9 @@ def test_per_batch_streams_do_not_depend_on_the_other_batches() -> None:
     """What lets ranks evaluate their own batches: with a seed, a batch's estimates are the same evaluated alone."""
     torch.manual_seed(0)
     model, x = burda(1, 6), torch.rand(7, 6).bernoulli()
-    whole = evaluate.importance_statistics(model, x, 10, batch_size=2, seed=3)
+    whole = likelihood.importance_statistics(model, x, 10, batch_size=2, seed=3)
     for first in (0, 2, 3):
-        part = evaluate.importance_statistics(model, x[2 * first:], 10, batch_size=2, seed=3, first_batch=first)
+        part = likelihood.importance_statistics(model, x[2 * first:], 10, batch_size=2, seed=3, first_batch=first)
         assert torch.equal(part.log_likelihood, whole.log_likelihood[2 * first:])
         assert torch.equal(part.ess, whole.ess[2 * first:])
 
@@ -195,7 +198,7 @@ def test_a_run_stopped_by_sigterm_to_torchrun_resumes_exactly(tiny_dataset: str,
     succeed(ranks(["train", "--resume", str(tmp_path / "stopped")]))
     assert_parameters(tmp_path / "stopped", tmp_path / "whole", exact=True)
     assert [m["epoch"] for m in rundir.read_metrics(tmp_path / "stopped")] == list(range(1, 41))
-    train.resume(tmp_path / "alone", progress=False)
+    lone_run.resume(tmp_path / "alone", progress=False)
     assert_parameters(tmp_path / "alone", tmp_path / "whole", exact=False)
 
 
@@ -204,7 +207,8 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_reproduce import TABLE, tiny_grid
-from iwae import distributed, gemm, reproduce
+from iwae.platform import distributed, gemm
+from iwae.runs import reproduce
 gemm.choose = lambda workload: gemm.DEFAULT
 with distributed.session("gloo"):
     options = reproduce.Options(budget=0.001, seeds=1, eval_k=10, device="cpu")
@@ -283,7 +287,7 @@ def test_refusals(tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert "runs in one process, not under torchrun" in cli_error(capsys, argv)
     monkeypatch.setattr(distributed, "world", lambda: 2)
     with pytest.raises(distributed.DistributedError, match="global batch of 7 examples does not divide among 2 ranks"):
-        train.train(TrainConfig(dataset=tiny_dataset, epochs=1, batch_size=7, device="cpu"), tmp_path / "odd")
+        lone_run.train(TrainConfig(dataset=tiny_dataset, epochs=1, batch_size=7, device="cpu"), tmp_path / "odd")
     assert not (tmp_path / "odd").exists()
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     assert distributed.assign([3, 1, 2, 5]) == [0, 2]  # costs 5 and 3 to ranks 0 and 1, then 2 to 1, 1 to 0
@@ -309,7 +313,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_distributed import take_steps
-from iwae import distributed
+from iwae.platform import distributed
 with distributed.session():
     take_steps("aot_eager", Path({path!r}))
 """

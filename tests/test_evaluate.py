@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from iwae import evaluate
+from iwae.eval import activity, likelihood
 from iwae.models import LinearGaussian, burda
+from iwae.platform import device as devices
 
 
 def linear_gaussian(q_shift: float) -> tuple[LinearGaussian, torch.Tensor]:
@@ -27,7 +28,7 @@ def linear_gaussian(q_shift: float) -> tuple[LinearGaussian, torch.Tensor]:
 def test_exact_posterior_gives_the_marginal_exactly() -> None:
     # With q = p(z|x) every weight equals p(x), so any k recovers log p(x) up to rounding.
     model, x = linear_gaussian(0.0)
-    got = evaluate.log_likelihood(model, x, k=50, seed=0)
+    got = likelihood.log_likelihood(model, x, k=50, seed=0)
     assert got.shape == (200,)
     torch.testing.assert_close(got, model.log_marginal(x).detach(), rtol=0, atol=1e-10)
 
@@ -36,7 +37,7 @@ def test_nll_matches_closed_form_within_three_standard_errors() -> None:
     # An imperfect q: the estimate is random, and its error per example is independent across examples, so
     # the mean error is compared with the standard error estimated from the per-example errors themselves.
     model, x = linear_gaussian(0.3)
-    error = (evaluate.log_likelihood(model, x, k=5000, batch_size=200, seed=1) - model.log_marginal(x)).detach()
+    error = (likelihood.log_likelihood(model, x, k=5000, batch_size=200, seed=1) - model.log_marginal(x)).detach()
     standard_error = error.std().item() / math.sqrt(len(error))
     assert standard_error > 0
     assert abs(error.mean().item()) < 3 * standard_error
@@ -44,8 +45,8 @@ def test_nll_matches_closed_form_within_three_standard_errors() -> None:
 
 def test_group_bounds_increase_with_k_towards_the_marginal() -> None:
     model, x = linear_gaussian(0.3)
-    with evaluate.seeded(2, x.device):
-        stats = evaluate.importance_statistics(model, x, k=5000, batch_size=200)
+    with devices.seeded(2, x.device):
+        stats = likelihood.importance_statistics(model, x, k=5000, batch_size=200)
     assert sorted(stats.bounds) == [1, 5, 50, 5000]
     means = [stats.bounds[g].mean().item() for g in (1, 5, 50, 5000)]
     assert means == sorted(means)
@@ -74,7 +75,7 @@ class ScriptedWeights(torch.nn.Module):
 def test_statistics_equal_their_definitions_whatever_the_chunk_size(chunk_size: int) -> None:
     log_w = np.random.default_rng(0).normal(-50.0, 3.0, size=(100, 6))
     model = ScriptedWeights(log_w)
-    stats = evaluate.importance_statistics(model, torch.zeros(6, 1), k=100, chunk_size=chunk_size, batch_size=6)
+    stats = likelihood.importance_statistics(model, torch.zeros(6, 1), k=100, chunk_size=chunk_size, batch_size=6)
     assert model.largest_request == min(chunk_size, 100)
     np.testing.assert_allclose(stats.log_likelihood.numpy(), logsumexp(log_w, 0) - math.log(100), rtol=1e-12)
     for g in (1, 5, 50):
@@ -87,15 +88,15 @@ def test_statistics_equal_their_definitions_whatever_the_chunk_size(chunk_size: 
 
 def test_groups_that_would_straddle_chunks_are_left_out() -> None:
     log_w = np.zeros((100, 2))
-    stats = evaluate.importance_statistics(ScriptedWeights(log_w), torch.zeros(2, 1), k=100, chunk_size=20)
+    stats = likelihood.importance_statistics(ScriptedWeights(log_w), torch.zeros(2, 1), k=100, chunk_size=20)
     assert sorted(stats.bounds) == [1, 5, 100]
 
 
 def test_chunking_does_not_change_the_estimate_for_the_same_seed() -> None:
     model, x = linear_gaussian(0.3)
-    whole = evaluate.log_likelihood(model, x, k=2000, chunk_size=2000, batch_size=200, seed=3)
+    whole = likelihood.log_likelihood(model, x, k=2000, chunk_size=2000, batch_size=200, seed=3)
     for chunk_size in (500, 48):
-        chunked = evaluate.log_likelihood(model, x, k=2000, chunk_size=chunk_size, batch_size=200, seed=3)
+        chunked = likelihood.log_likelihood(model, x, k=2000, chunk_size=chunk_size, batch_size=200, seed=3)
         torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-10)
 
 
@@ -103,9 +104,9 @@ def test_seeded_evaluation_leaves_the_global_generator_alone() -> None:
     model, x = linear_gaussian(0.3)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    first = evaluate.log_likelihood(model, x[:10], k=20, seed=5)
+    first = likelihood.log_likelihood(model, x[:10], k=20, seed=5)
     assert torch.equal(torch.get_rng_state(), before)
-    torch.testing.assert_close(evaluate.log_likelihood(model, x[:10], k=20, seed=5), first, rtol=0, atol=0)
+    torch.testing.assert_close(likelihood.log_likelihood(model, x[:10], k=20, seed=5), first, rtol=0, atol=0)
 
 
 def test_active_units_count_units_whose_posterior_mean_varies() -> None:
@@ -114,13 +115,13 @@ def test_active_units_count_units_whose_posterior_mean_varies() -> None:
         model.q.linear.weight.zero_()
         model.q.linear.weight[0, 0] = 1.0  # Var_x = Var(x_0) = 1: active
         model.q.linear.weight[1, 1] = 0.05  # Var_x = 0.0025 < 0.01: inactive
-    assert evaluate.active_units(model, x) == [1]
+    assert activity.active_units(model, x) == [1]
 
 
 def test_active_units_has_one_count_per_stochastic_layer() -> None:
     torch.manual_seed(0)
     model = burda(2, x_dim=20)
-    counts = evaluate.active_units(model, (torch.rand(100, 20) < 0.5).float())
+    counts = activity.active_units(model, (torch.rand(100, 20) < 0.5).float())
     assert len(counts) == 2 and 0 <= counts[0] <= 100 and 0 <= counts[1] <= 50
 
 
@@ -132,7 +133,7 @@ def test_compiled_evaluation_equals_eager() -> None:
     results = []
     for compile in (False, True):
         torch.manual_seed(3)
-        results.append(evaluate.importance_statistics(model, x, k=100, chunk_size=50, batch_size=4, compile=compile))
+        results.append(likelihood.importance_statistics(model, x, k=100, chunk_size=50, batch_size=4, compile=compile))
     eager, compiled = results
     torch.testing.assert_close(compiled.log_likelihood, eager.log_likelihood, rtol=0, atol=1e-4)
     torch.testing.assert_close(compiled.ess, eager.ess, rtol=1e-3, atol=0)

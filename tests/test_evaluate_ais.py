@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from iwae import evaluate_ais, rundir
 from iwae.cli import main
+from iwae.runs import evaluate_ais, rundir
 
 FAST = ["--chains", "2", "--leapfrog", "2", "--k", "10", "--examples", "3", "--device", "cpu"]
 

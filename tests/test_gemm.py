@@ -10,9 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from iwae import gemm, train
+from iwae.core.objectives import loss
 from iwae.models import burda
-from iwae.objectives import loss
+from iwae.platform import gemm
+from iwae.training import config as train_config
+from iwae.training import preflight
 
 
 def test_both_paths_are_float32_accurate() -> None:
@@ -71,17 +73,19 @@ def test_an_inaccurate_onednn_path_is_never_chosen(monkeypatch: pytest.MonkeyPat
 
 def test_a_run_chooses_on_its_own_training_step(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gemm, "_chosen", {})
-    config = train.TrainConfig(k=5, estimator="dreg", epochs=1, lr=1e-3, compile=False, batch_size=8)
+    config = train_config.TrainConfig(k=5, estimator="dreg", epochs=1, lr=1e-3, compile=False, batch_size=8)
     timed: list[int] = []
     measure = gemm.measure
     monkeypatch.setattr(gemm, "measure", lambda workload: timed.append(1) or measure(workload, rounds=1))
     rng = torch.get_rng_state()
     with gemm.using_matmul_path(gemm.DEFAULT):
-        assert train.training_matmul_path(config, 784, torch.device("cpu")) in (gemm.DEFAULT, gemm.ONEDNN)
+        assert preflight.training_matmul_path(config, 784, torch.device("cpu")) in (gemm.DEFAULT, gemm.ONEDNN)
         assert timed == [1] or not gemm._accurate[gemm.ONEDNN]
-        assert train.training_matmul_path(replace(config, matmul=gemm.ONEDNN), 784, torch.device("cpu")) == gemm.ONEDNN
+        onednn = replace(config, matmul=gemm.ONEDNN)
+        assert preflight.training_matmul_path(onednn, 784, torch.device("cpu")) == gemm.ONEDNN
         assert len(timed) <= 1  # a path given is used as it is
-        assert train.training_matmul_path(config, 784, torch.device("meta")) == gemm.DEFAULT  # no faster path elsewhere
+        # no faster path elsewhere
+        assert preflight.training_matmul_path(config, 784, torch.device("meta")) == gemm.DEFAULT
         with pytest.raises(ValueError, match="needs a workload to time, or a path"):
             gemm.fastest_fp32_matmul("cpu")
     assert torch.equal(torch.get_rng_state(), rng)  # the throwaway model and its steps drew on a forked generator

@@ -1,4 +1,4 @@
-"""``iwae.heap``: malloc keeps freed memory (checked in a fresh process, on glibc)."""
+"""``iwae.platform.heap``: malloc keeps freed memory (checked in a fresh process, on glibc)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 CHILD = """
 import ctypes, ctypes.util, time
-from iwae import heap
+from iwae.platform import heap
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 def faults():
     return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[7])  # minflt

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from iwae import distributed, memory, train
 from iwae.models import burda
+from iwae.platform import distributed, memory
 from iwae.settings import SettingError
+from iwae.training import config as train_config
+from iwae.training import preflight
 
 # Run in a fresh process whose allocator returns every large block to the kernel when it is freed, so that the
 # peak resident memory of one step, measured from a reset of the high-water mark (Linux's clear_refs), is the
@@ -21,9 +23,9 @@ from iwae.settings import SettingError
 _MEASURE = """
 import json, sys, torch
 from pathlib import Path
-from iwae.evaluate import importance_statistics
+from iwae.eval.likelihood import importance_statistics
 from iwae.models import burda
-from iwae.objectives import loss
+from iwae.core.objectives import loss
 
 def status(key):
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
@@ -96,10 +98,10 @@ def test_a_ranks_training_memory_is_that_of_its_rows_of_the_global_batch(monkeyp
             needed.append(bytes_)
 
     monkeypatch.setattr(memory, "check_fits", check_fits)
-    config = train.TrainConfig(k=50, batch_size=4000, epochs=1)  # the training pass dominates the evaluation's
-    train.check_training_memory(config, 784, torch.device("cpu"))
+    config = train_config.TrainConfig(k=50, batch_size=4000, epochs=1)  # the training pass dominates the evaluation's
+    preflight.check_training_memory(config, 784, torch.device("cpu"))
     monkeypatch.setattr(distributed, "world", lambda: 4)  # 4 ranks, 1000 rows each
-    train.check_training_memory(config, 784, torch.device("cpu"))
+    preflight.check_training_memory(config, 784, torch.device("cpu"))
     with torch.device("meta"):
         model = burda(1, 784)
     assert needed == [memory.pass_bytes(model, 784, 50 * rows, training=True) for rows in (4000, 1000)]

@@ -11,7 +11,8 @@ from scipy.stats import multivariate_normal
 from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
 
-from iwae import bounds
+from iwae.core import bounds
+from iwae.core.objectives import loss
 from iwae.models import (
     BernoulliLayer,
     DeepLatentModel,
@@ -22,7 +23,6 @@ from iwae.models import (
     bernoulli_log_density,
     burda,
 )
-from iwae.objectives import loss
 
 
 def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:

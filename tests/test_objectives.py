@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from iwae import bounds
+from iwae.core import bounds
+from iwae.core.objectives import OBJECTIVES, Objective, loss
+from iwae.core.objectives import REPARAMETERIZED_ESTIMATORS as ESTIMATORS
 from iwae.models import DeepLatentModel, LinearGaussian, burda
-from iwae.objectives import OBJECTIVES, Objective, loss
-from iwae.objectives import REPARAMETERIZED_ESTIMATORS as ESTIMATORS
 
 PARAMS = {"m": 5, "beta": 0.3, "alpha": 0.5}
 

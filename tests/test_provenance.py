@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iwae.published import PUBLISHED
+from iwae.runs.published import PUBLISHED
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -48,7 +48,7 @@ def test_published_values_are_those_of_the_reference_file() -> None:
 
 
 def test_the_checker_fails_on_a_value_without_a_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    from iwae.published import Published
+    from iwae.runs.published import Published
 
     monkeypatch.setitem(PUBLISHED, "made-up", {"cell": Published(80.0, None, "a blog post")})
     with pytest.raises(AssertionError):

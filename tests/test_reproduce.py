@@ -1,4 +1,4 @@
-"""Grids of runs and their reports (``iwae.reproduce``), on a tiny grid over the tiny dataset: finished runs are
+"""Grids of runs and their reports (``iwae.runs.reproduce``), on a tiny grid over the tiny dataset: finished runs are
 skipped, unfinished ones resumed to the parameters of an uninterrupted run, continued cells start from their base
 cell's parameters, and the report holds our numbers beside the published ones, missing data listed."""
 
@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from iwae import checkpoint, cli, reproduce, rundir, train
-from iwae.published import PUBLISHED
-from iwae.reproduce import Cell, Options
+from iwae import cli
+from iwae.runs import checkpoint, lone_run, reproduce, rundir
+from iwae.runs.published import PUBLISHED
+from iwae.runs.reproduce import Cell, Options
+from iwae.training import config as train_config
 
 TABLE = "burda-table2"
 OPTIONS = Options(budget=0.001, seeds=2, eval_k=10, device="cpu")  # stages of 1 epoch (2 the last): 9 epochs
@@ -142,7 +144,7 @@ def test_more_seeds_are_trained_beside_the_finished_ones(
 
     monkeypatch.setattr(rundir, "append_metrics", fail_in_epoch_3)
     with pytest.raises(RuntimeError, match="killed"):
-        train.train(lone, reproduce.run_dir(out, cells[0].name, 2), progress=False)
+        lone_run.train(lone, reproduce.run_dir(out, cells[0].name, 2), progress=False)
     monkeypatch.undo()
 
     log: list[str] = []
@@ -203,9 +205,9 @@ def test_continued_run_starts_from_the_base_runs_parameters(finished: tuple[Path
                                                             tmp_path: Path) -> None:
     out, _ = finished
     base = reproduce.run_dir(out, "mnist-l1-vae-k1", 0)
-    config = train.TrainConfig(dataset=tiny_dataset, epochs=1, lr=1e-30, batch_size=8, k=1, objective="elbo",
+    config = train_config.TrainConfig(dataset=tiny_dataset, epochs=1, lr=1e-30, batch_size=8, k=1, objective="elbo",
                                estimator="standard", eval_k=0, monitor_examples=8, device="cpu", init_from=str(base))
-    train.train(config, tmp_path / "run", progress=False)
+    lone_run.train(config, tmp_path / "run", progress=False)
     start, end = checkpoint.load(base)["model"], checkpoint.load(tmp_path / "run")["model"]
     assert all(torch.equal(start[name], end[name]) for name in start)  # a step of 1e-30 changes nothing
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from iwae import checkpoint
 from iwae.cli import main
+from iwae.runs import checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "resume"
 

@@ -1,5 +1,5 @@
-"""Stacked seeds (``iwae.stacked``): each seed of a stacked run follows its lone run's trajectory, a stacked run
-killed at random moments (inside and between its checkpoint commits) resumes to the parameters of an
+"""Stacked seeds (``iwae.training.stacked``): each seed of a stacked run follows its lone run's trajectory, a stacked
+run killed at random moments (inside and between its checkpoint commits) resumes to the parameters of an
 uninterrupted one bit for bit, and every seed's directory is an ordinary run."""
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import pytest
 import torch
 from conftest import CUDA, same_matmul_as
 
-from iwae import checkpoint, cli, evaluate, gemm, rundir, stacked, train
+from iwae import cli
+from iwae.platform import gemm
+from iwae.runs import checkpoint, evaluation, lone_run, rundir, stacked_run
+from iwae.training import config as train_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def config(dataset: str, seed: int, **overrides: object) -> train.TrainConfig:
+def config(dataset: str, seed: int, **overrides: object) -> train_config.TrainConfig:
     settings = {"dataset": dataset, "epochs": 13, "batch_size": 8, "k": 4, "eval_k": 0, "monitor_examples": 8,
                 "device": "cpu", "seed": seed, **overrides}
-    return train.TrainConfig(**settings)
+    return train_config.TrainConfig(**settings)
 
 
 @pytest.mark.parametrize("settings", [
@@ -40,13 +43,13 @@ def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, setti
     # Batched and unbatched matrix multiplies may round differently, so the parameters (of size ~0.25) agree to
     # float32 tolerance, not bit for bit (measured: at most 3.4e-6; 8e-6 with the lone run on the other path).
     configs = [config(tiny_dataset, seed, **settings) for seed in (0, 3)]
-    stacked.train_stacked(configs, tmp_path / "stack", progress=False)
+    stacked_run.train_stacked(configs, tmp_path / "stack", progress=False)
     recorded = [checkpoint.load(tmp_path / "stack" / f"seed-{c.seed}")["config"] for c in configs]
     assert all(r["compile"] == settings.get("compile", False) for r in recorded)
     assert len({r["matmul"] for r in recorded}) == 1
     for lone in configs:
         lone = replace(lone, matmul=recorded[0]["matmul"])
-        train.train(lone, tmp_path / f"lone-{lone.seed}", progress=False)
+        lone_run.train(lone, tmp_path / f"lone-{lone.seed}", progress=False)
         ours = checkpoint.load(tmp_path / "stack" / f"seed-{lone.seed}")
         theirs = checkpoint.load(tmp_path / f"lone-{lone.seed}")
         assert ours["epoch"] == theirs["epoch"] == 13
@@ -73,7 +76,7 @@ def test_a_stack_multiplies_on_the_path_faster_for_its_own_step(tiny_dataset: st
     monkeypatch.setattr(gemm, "_chosen", {})
     monkeypatch.setattr(gemm, "choose", choose)
     configs = [config(tiny_dataset, seed, epochs=1) for seed in (0, 1, 2)]
-    stacked.train_stacked(configs, tmp_path / "stack", progress=False)
+    stacked_run.train_stacked(configs, tmp_path / "stack", progress=False)
     assert len(timed) == 1 and [key[-1] for key in gemm._chosen] == [3]  # timed once, on the 3-seed step
     assert {checkpoint.load(tmp_path / "stack" / f"seed-{s}")["config"]["matmul"] for s in (0, 1, 2)} == {
         gemm.ONEDNN}
@@ -81,15 +84,15 @@ def test_a_stack_multiplies_on_the_path_faster_for_its_own_step(tiny_dataset: st
 
 def test_a_seed_directory_is_an_ordinary_run(tiny_dataset: str, tmp_path: Path) -> None:
     configs = [config(tiny_dataset, seed, epochs=1) for seed in (0, 1)]
-    stacked.train_stacked(configs, tmp_path / "stack", progress=False)
-    result = evaluate.evaluate_run(tmp_path / "stack" / "seed-1", k=10, device="cpu")
+    stacked_run.train_stacked(configs, tmp_path / "stack", progress=False)
+    result = evaluation.evaluate_run(tmp_path / "stack" / "seed-1", k=10, device="cpu")
     assert result["epoch"] == 1 and len(result["active_units"]) == 1
-    assert rundir.read_json(tmp_path / "stack" / stacked.STACK) == {"seeds": [0, 1], "epoch": 1, "step": 0}
+    assert rundir.read_json(tmp_path / "stack" / stacked_run.STACK) == {"seeds": [0, 1], "epoch": 1, "step": 0}
 
 
 def test_stack_of_different_settings_is_refused(tiny_dataset: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="share every setting but the seed"):
-        stacked.train_stacked([config(tiny_dataset, 0), config(tiny_dataset, 1, k=2)], tmp_path / "s")
+        stacked_run.train_stacked([config(tiny_dataset, 0), config(tiny_dataset, 1, k=2)], tmp_path / "s")
     assert not (tmp_path / "s").exists()
 
 
@@ -112,7 +115,7 @@ def test_a_stacked_run_resumes_with_new_runtime_settings(tiny_dataset: str, tmp_
 
     monkeypatch.setattr(rundir, "append_metrics", fail_in_epoch_2)
     with pytest.raises(RuntimeError, match="killed"):
-        stacked.train_stacked([config(tiny_dataset, seed, epochs=3) for seed in (0, 1)], tmp_path / "s",
+        stacked_run.train_stacked([config(tiny_dataset, seed, epochs=3) for seed in (0, 1)], tmp_path / "s",
                               progress=False)
     monkeypatch.undo()
     assert cli.main(["train", "--resume", str(tmp_path / "s"), "--data-dir", str(tmp_path / "moved"),
@@ -150,11 +153,11 @@ def test_stacked_run_killed_at_random_moments_resumes_exactly(tiny_dataset: str,
     done = subprocess.run(command(tiny_dataset, reference), env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rng, kills, args = random.Random(0), 0, [*command(tiny_dataset, run), *same_matmul_as(reference / "seed-0")]
-    pending = run / "seed-0" / stacked.NEXT
+    pending = run / "seed-0" / stacked_run.NEXT
     for attempt in range(8):
         process = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        while not (run / stacked.STACK).exists() and process.poll() is None and time.monotonic() < deadline:
+        while not (run / stacked_run.STACK).exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         if attempt % 2:  # inside a commit
             while not pending.exists() and process.poll() is None:

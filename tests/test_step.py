@@ -19,10 +19,13 @@ import torch
 from conftest import CUDA
 from test_train import assert_same_parameters, interrupt_at_call, tiny_config
 
-from iwae import checkpoint, gemm, train
+from iwae.core.objectives import OBJECTIVES, REPARAMETERIZED_ESTIMATORS, Objective
 from iwae.models import LinearGaussian, burda, sbn
-from iwae.objectives import OBJECTIVES, REPARAMETERIZED_ESTIMATORS, Objective
-from iwae.step import TrainStep, adam_update, make_adam
+from iwae.platform import gemm
+from iwae.runs import checkpoint, lone_run
+from iwae.training import config as train_config
+from iwae.training import signals
+from iwae.training.step import TrainStep, adam_update, make_adam
 
 PARAMS = {"elbo": {}, "iwae": {}, "miwae": {"m": 2}, "ciwae": {"beta": 0.3}, "piwae": {"m": 2}, "vr": {"alpha": 0.5}}
 EVERY = [(o, e) for o in OBJECTIVES for e in REPARAMETERIZED_ESTIMATORS]
@@ -194,7 +197,7 @@ def test_adam_state_is_torch_adams(tmp_path: Path) -> None:
     reference = copy.deepcopy(model)
     ours = TrainStep(model, make_adam(model, 1e-3, (0.9, 0.999), 1e-4), Objective("iwae", 3), "standard")
     adam = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=1e-4, fused=True)
-    from iwae.objectives import loss
+    from iwae.core.objectives import loss
 
     for i in range(3):
         torch.manual_seed(i)
@@ -232,19 +235,20 @@ def test_adam_update_is_torch_adams() -> None:
 
 
 def test_auto_compile_counts_steps_and_samples() -> None:
-    config = train.TrainConfig(epochs=10, k=50, batch_size=20)  # 30,000 steps of 1,000 samples on 60,000 examples
-    assert train.resolve_compile(config, 60_000).compile is True
+    # 30,000 steps of 1,000 samples on 60,000 examples
+    config = train_config.TrainConfig(epochs=10, k=50, batch_size=20)
+    assert train_config.resolve_compile(config, 60_000).compile is True
     few = dataclasses.replace(config, k=1)  # 600,000 samples: eager, unless many seeds are stacked
-    assert train.resolve_compile(few, 60_000).compile is False
-    assert train.resolve_compile(few, 60_000, seeds=16).compile is True
-    assert train.resolve_compile(dataclasses.replace(few, epochs=40), 60_000).compile is True  # 120,000 steps
-    assert train.resolve_compile(dataclasses.replace(config, compile=False), 60_000).compile is False
+    assert train_config.resolve_compile(few, 60_000).compile is False
+    assert train_config.resolve_compile(few, 60_000, seeds=16).compile is True
+    assert train_config.resolve_compile(dataclasses.replace(few, epochs=40), 60_000).compile is True  # 120,000 steps
+    assert train_config.resolve_compile(dataclasses.replace(config, compile=False), 60_000).compile is False
 
 
 def test_auto_compiles_long_runs_only(tiny_dataset: str, tmp_path: Path) -> None:
     config = tiny_config(tiny_dataset, epochs=1)
-    assert config.compile is None and config.steps(64) < train.AUTO_COMPILE_STEPS
-    train.train(config, tmp_path / "run", progress=False)
+    assert config.compile is None and config.steps(64) < train_config.AUTO_COMPILE_STEPS
+    lone_run.train(config, tmp_path / "run", progress=False)
     assert checkpoint.load(tmp_path / "run")["config"]["compile"] is False  # resolved and recorded
 
 
@@ -254,7 +258,7 @@ def test_a_compiled_run_resumes_bit_for_bit(tiny_dataset: str, tmp_path: Path, m
     # on a GPU with the standard estimator, which compiles with every torch version (see the README's Performance)
     config = tiny_config(tiny_dataset, compile=True, epochs=2, device=device,
                          estimator="standard" if device == "cuda" else "dreg")
-    train.train(config, tmp_path / "reference", progress=False)
+    lone_run.train(config, tmp_path / "reference", progress=False)
     run, calls, original = tmp_path / "interrupted", 0, TrainStep.__call__
 
     def interrupted_call(self: TrainStep, x: torch.Tensor) -> None:
@@ -266,11 +270,11 @@ def test_a_compiled_run_resumes_bit_for_bit(tiny_dataset: str, tmp_path: Path, m
 
     with monkeypatch.context() as patch:
         patch.setattr(TrainStep, "__call__", interrupted_call)
-        with pytest.raises(train.Interrupted):
-            train.train(config, run, progress=False)
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(config, run, progress=False)
     assert checkpoint.load(run)["step"] == 3  # epoch 2, after its 3rd step
     torch._dynamo.reset()
-    train.resume(run, progress=False)
+    lone_run.resume(run, progress=False)
     assert checkpoint.load(run)["config"]["compile"] is True
     assert_same_parameters(tmp_path / "reference", run)
 
@@ -299,12 +303,12 @@ def test_a_run_resumes_on_its_recorded_matmul_path(tiny_dataset: str, tmp_path: 
     config = tiny_config(tiny_dataset, epochs=2)
     monkeypatch.setattr(gemm, "_chosen", {})
     monkeypatch.setattr(gemm, "choose", lambda workload: gemm.ONEDNN)  # as if oneDNN were measured the faster
-    train.train(config, tmp_path / "reference", progress=False)
+    lone_run.train(config, tmp_path / "reference", progress=False)
     with monkeypatch.context() as patch:
         interrupt_at_call(patch, 11, signal.SIGINT)
-        with pytest.raises(train.Interrupted):
-            train.train(config, tmp_path / "run", progress=False)
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(config, tmp_path / "run", progress=False)
     assert checkpoint.load(tmp_path / "run")["config"]["matmul"] == gemm.ONEDNN
     monkeypatch.setattr(gemm, "choose", lambda workload: gemm.DEFAULT)  # a new process measures the default faster
-    train.resume(tmp_path / "run", progress=False)
+    lone_run.resume(tmp_path / "run", progress=False)
     assert_same_parameters(tmp_path / "reference", tmp_path / "run")

@@ -18,9 +18,11 @@ import pytest
 import torch
 from conftest import same_matmul_as
 
-from iwae import checkpoint, evaluate, rundir, train
-from iwae import step as train_step
-from iwae.train import TrainConfig
+from iwae.runs import checkpoint, evaluation, lone_run, rundir
+from iwae.training import config as train_config
+from iwae.training import signals
+from iwae.training import step as train_step
+from iwae.training.config import TrainConfig
 
 
 def tiny_config(dataset: str, **overrides: object) -> TrainConfig:
@@ -42,22 +44,22 @@ def assert_same_parameters(a: Path, b: Path) -> None:
 
 
 def test_burda_schedule_is_the_papers() -> None:
-    stages = train.burda_schedule()
+    stages = train_config.burda_schedule()
     assert [epochs for epochs, _ in stages] == [3**i for i in range(8)]
     assert sum(epochs for epochs, _ in stages) == 3280
     assert stages[0][1] == pytest.approx(1e-3) and stages[-1][1] == pytest.approx(1e-4)
-    assert [epochs for epochs, _ in train.burda_schedule(0.01)] == [1, 1, 1, 1, 1, 2, 7, 22]
+    assert [epochs for epochs, _ in train_config.burda_schedule(0.01)] == [1, 1, 1, 1, 1, 2, 7, 22]
 
 
 def test_learning_rate_follows_the_stages() -> None:
-    stages = train.burda_schedule()
-    assert train.learning_rate(stages, 0) == (0, pytest.approx(1e-3))
-    assert train.learning_rate(stages, 1)[0] == 1
-    assert train.learning_rate(stages, 3)[0] == 1
-    assert train.learning_rate(stages, 4)[0] == 2
-    assert train.learning_rate(stages, 3279) == (7, pytest.approx(1e-4))
+    stages = train_config.burda_schedule()
+    assert train_config.learning_rate(stages, 0) == (0, pytest.approx(1e-3))
+    assert train_config.learning_rate(stages, 1)[0] == 1
+    assert train_config.learning_rate(stages, 3)[0] == 1
+    assert train_config.learning_rate(stages, 4)[0] == 2
+    assert train_config.learning_rate(stages, 3279) == (7, pytest.approx(1e-4))
     with pytest.raises(ValueError, match="beyond"):
-        train.learning_rate(stages, 3280)
+        train_config.learning_rate(stages, 3280)
 
 
 def test_config_resolves_the_schedule_and_survives_a_round_trip() -> None:
@@ -97,7 +99,7 @@ def test_config_rejects_bad_settings(settings: dict, message: str) -> None:
 
 def test_a_run_writes_config_metrics_checkpoint_evaluation_and_figures(tiny_dataset: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    result = train.train(tiny_config(tiny_dataset, epochs=2, eval_k=20), run, progress=False)
+    result = lone_run.train(tiny_config(tiny_dataset, epochs=2, eval_k=20), run, progress=False)
     assert json.loads((run / rundir.CONFIG).read_text())["device"] == "cpu"
     metrics = rundir.read_metrics(run)
     assert [record["epoch"] for record in metrics] == [1, 2]
@@ -132,46 +134,46 @@ def interrupt_at_call(monkeypatch: pytest.MonkeyPatch, call: int, sig: signal.Si
 def test_interrupt_then_resume_matches_an_uninterrupted_run(
     tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: int, sig: signal.Signals
 ) -> None:
-    train.train(tiny_config(tiny_dataset), tmp_path / "reference", progress=False)
+    lone_run.train(tiny_config(tiny_dataset), tmp_path / "reference", progress=False)
     run = tmp_path / "interrupted"
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as patch:
         interrupt_at_call(patch, call, sig)
-        with pytest.raises(train.Interrupted, match=f"iwae train --resume {run}") as stopped:
-            train.train(tiny_config(tiny_dataset), run, progress=False)
+        with pytest.raises(signals.Interrupted, match=f"iwae train --resume {run}") as stopped:
+            lone_run.train(tiny_config(tiny_dataset), run, progress=False)
     assert stopped.value.signal == sig
     position = checkpoint.load(run)
     assert position["epoch"] * 8 + position["step"] == call  # stopped right after the step it was signalled in
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # handlers restored
-    train.resume(run, progress=False)
+    lone_run.resume(run, progress=False)
     assert_same_parameters(tmp_path / "reference", run)
     assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
 
 
 def test_resume_refuses_a_different_configuration(tiny_dataset: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
+    lone_run.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
     with pytest.raises(ValueError, match=r"different configuration: k \(run: 4, given: 5\), objective"):
-        train.resume(run, {"k": 5, "objective": "elbo", "batch_size": 8}, progress=False)
-    train.resume(run, {"k": 4, "device": "cpu", "checkpoint_every_s": 1.0}, progress=False)  # same, or runtime
+        lone_run.resume(run, {"k": 5, "objective": "elbo", "batch_size": 8}, progress=False)
+    lone_run.resume(run, {"k": 4, "device": "cpu", "checkpoint_every_s": 1.0}, progress=False)  # same, or runtime
 
 
 def test_resume_after_the_last_epoch_only_evaluates(tiny_dataset: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train.train(tiny_config(tiny_dataset, epochs=1, eval_k=10), run, progress=False)
+    lone_run.train(tiny_config(tiny_dataset, epochs=1, eval_k=10), run, progress=False)
     (run / rundir.EVAL).unlink()
     before = checkpoint.load(run)
-    result = train.resume(run, progress=False)
+    result = lone_run.resume(run, progress=False)
     assert result is not None and result["k"] == 10 and (run / rundir.EVAL).is_file()
     assert torch.equal(before["model"]["encoder.0.mean.weight"], checkpoint.load(run)["model"]["encoder.0.mean.weight"])
 
 
 def test_a_fresh_run_never_overwrites_an_existing_one(tiny_dataset: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
+    lone_run.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
     saved = (run / rundir.CHECKPOINT).read_bytes()
     with pytest.raises(rundir.RunDirError, match="already exists"):
-        train.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
+        lone_run.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
     assert (run / rundir.CHECKPOINT).read_bytes() == saved
 
 
@@ -182,8 +184,8 @@ def test_a_short_mnist_run_learns(tmp_path: Path) -> None:
     run = tmp_path / "mnist"
     config = TrainConfig(dataset="mnist", objective="elbo", k=1, epochs=1, batch_size=1000, eval_k=0,
                          monitor_examples=100, device="cpu")
-    train.train(config, run, progress=False)
-    result = evaluate.evaluate_run(run, k=50, examples=200, device="cpu")
+    lone_run.train(config, run, progress=False)
+    result = evaluation.evaluate_run(run, k=50, examples=200, device="cpu")
     assert 100 < result["nll"] < 180
     assert result["examples"] == 200 and result["active_units"][0] > 0
     assert (run / rundir.FIGURES / "samples.png").is_file()

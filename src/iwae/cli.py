@@ -15,27 +15,19 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from iwae import (
-    __version__,
-    checkpoint,
-    data,
-    diagnostics,
-    distributed,
-    evaluate,
-    evaluate_ais,
-    figures,
-    heap,
-    reproduce,
-    rundir,
-    stacked,
-    train,
-)
-from iwae.device import resolve_device
+from iwae import __version__, data
+from iwae.core.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS, SETTING_READERS
+from iwae.eval import likelihood, snr_diagnostics, splits
 from iwae.models import GaussianToy
-from iwae.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS, SETTING_READERS
+from iwae.platform import distributed, heap
+from iwae.platform.device import resolve_device
+from iwae.runs import checkpoint, evaluate_ais, evaluation, lone_run, reproduce, rundir, snr_report, stacked_run
+from iwae.runs import figures as run_figures
 from iwae.settings import SettingError, check_seed
+from iwae.training import config as train_config
+from iwae.training import preflight, signals
 
-_DEFAULTS = {f.name: f.default for f in fields(train.TrainConfig) if f.default is not MISSING}
+_DEFAULTS = {f.name: f.default for f in fields(train_config.TrainConfig) if f.default is not MISSING}
 
 
 class UsageError(ValueError):
@@ -108,8 +100,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
             "run of one of its seeds to multiply alike)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                        help="compile the training step into one program (torch.compile; a CUDA graph on a GPU), or "
-                       f"not; default: compile runs of at least {train.AUTO_COMPILE_STEPS:,} steps or "
-                       f"{train.AUTO_COMPILE_SAMPLES:,} samples (steps x batch size x k x seeds)")
+                       f"not; default: compile runs of at least {train_config.AUTO_COMPILE_STEPS:,} steps or "
+                       f"{train_config.AUTO_COMPILE_SAMPLES:,} samples (steps x batch size x k x seeds)")
 
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
@@ -132,11 +124,11 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--chunk-size", type=int, default=500, metavar="N", help="samples per pass (default: 500)")
-    parser.add_argument("--batch-size", type=int, default=evaluate.EXAMPLES_PER_PASS, metavar="N",
-                        help=f"examples per pass (default: {evaluate.EXAMPLES_PER_PASS})")
+    parser.add_argument("--batch-size", type=int, default=likelihood.EXAMPLES_PER_PASS, metavar="N",
+                        help=f"examples per pass (default: {likelihood.EXAMPLES_PER_PASS})")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the evaluation passes (torch.compile), or not; default: compile evaluations of "
-                        f"at least {evaluate.AUTO_COMPILE_SAMPLES:,} samples (examples times k)")
+                        f"at least {evaluation.AUTO_COMPILE_SAMPLES:,} samples (examples times k)")
     gold = parser.add_argument_group("annealed importance sampling (--method ais or bdmc)")
     gold.add_argument("--method", choices=("is", "ais", "bdmc"), default="is",
                       help="is: importance sampling (eval.json); ais: AIS and IS on the same examples "
@@ -183,7 +175,7 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     snr.add_argument("run", type=Path, nargs="?", help="a run directory written by iwae train")
     snr.add_argument("--toy", action="store_true", help="use the built-in Gaussian toy (D=20) near its optimum")
     snr.add_argument("--objectives", default="iwae", metavar="LIST",
-                     help=f"comma-separated, from {', '.join(diagnostics.GRADIENT_OBJECTIVES)} (default: iwae)")
+                     help=f"comma-separated, from {', '.join(snr_diagnostics.GRADIENT_OBJECTIVES)} (default: iwae)")
     snr.add_argument("--estimators", default=",".join(REPARAMETERIZED_ESTIMATORS), metavar="LIST",
                      help=f"comma-separated, from {', '.join(REPARAMETERIZED_ESTIMATORS)} (default: all)")
     snr.add_argument("--k", type=_int_list, default=[1, 10, 100, 1000], metavar="LIST",
@@ -253,16 +245,16 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
                          f"iwae train --resume {args.resume}")
     if args.resume is None:
         _check_objective_options(given)
-    if args.seeds is not None or (args.resume is not None and stacked.is_stacked(args.resume)):
+    if args.seeds is not None or (args.resume is not None and stacked_run.is_stacked(args.resume)):
         return _run_train_stacked(args, given)
     if args.resume is not None:
-        result = train.resume(args.resume, given)
+        result = lone_run.resume(args.resume, given)
         run_dir = args.resume
     else:
-        result = train.train(train.TrainConfig(**given), args.out)
+        result = lone_run.train(train_config.TrainConfig(**given), args.out)
         run_dir = args.out
     if result is not None:
-        print(evaluate.format_evaluation(result))
+        print(evaluation.format_evaluation(result))
     print(f"run directory: {run_dir}   figures: {run_dir / rundir.FIGURES}/")
     return result
 
@@ -278,21 +270,21 @@ def _check_objective_options(given: dict[str, Any]) -> None:
 
 def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
     if args.resume is not None:
-        if set(given) - set(train.RUNTIME_KEYS):
+        if set(given) - set(train_config.RUNTIME_KEYS):
             raise UsageError(f"{args.resume} is a stacked run; resume it with --resume {args.resume} alone")
-        results = stacked.resume_stacked(args.resume, given)
+        results = stacked_run.resume_stacked(args.resume, given)
         out = args.resume
     else:
         if args.seeds < 1:
             raise UsageError(f"--seeds must be a positive number of seeds; got {args.seeds}")
-        config = train.TrainConfig(**given)
+        config = train_config.TrainConfig(**given)
         # a stack too large for memory even on data of one dimension is refused before its seeds' configurations
         # are made (the estimate grows with the data's dimension; the real one is checked once the data is read)
-        train.check_training_memory(config, 1, resolve_device(config.device), seeds=args.seeds)
+        preflight.check_training_memory(config, 1, resolve_device(config.device), seeds=args.seeds)
         configs = [dataclasses.replace(config, seed=config.seed + s) for s in range(args.seeds)]
-        results = stacked.train_stacked(configs, args.out)
+        results = stacked_run.train_stacked(configs, args.out)
         out = args.out
-    for seed, result in zip(rundir.read_json(out / stacked.STACK)["seeds"], results, strict=True):
+    for seed, result in zip(rundir.read_json(out / stacked_run.STACK)["seeds"], results, strict=True):
         if result is not None:
             print(f"seed-{seed}: NLL {result['nll']:.2f} +- {result['nll_se']:.2f} nats (k={result['k']})")
     print(f"run directories: {out}/seed-*")
@@ -329,19 +321,19 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     if args.method != "is":
         _run_evaluate_ais(args)
         return
-    result = evaluate.evaluate_run(
+    result = evaluation.evaluate_run(
         args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
         compile=args.compile,
     )
-    print(evaluate.format_evaluation(result))
-    examples = evaluate.examples_evaluated(args.examples, result["examples"])
-    path = evaluate.eval_path(args.run, args.split, args.dataset, k=args.k, examples=examples, seed=args.seed)
+    print(evaluation.format_evaluation(result))
+    examples = evaluation.examples_evaluated(args.examples, result["examples"])
+    path = evaluation.eval_path(args.run, args.split, args.dataset, k=args.k, examples=examples, seed=args.seed)
     print(f"written to {path}")
 
 
 def _run_sample(args: argparse.Namespace) -> None:
-    for path in figures.make_figures(args.run, device=args.device, seed=args.seed, n=args.n):
+    for path in run_figures.make_figures(args.run, device=args.device, seed=args.seed, n=args.n):
         print(path)
 
 
@@ -356,10 +348,10 @@ def _run_diagnose(args: argparse.Namespace) -> None:
     settings = [(objective, m) for objective in args.objectives.split(",")
                 for m in (args.m if objective in SETTING_READERS["m"] else [1])]  # M groups matter to these only
     for objective, m in settings:  # every setting is checked before any work is done
-        diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
+        snr_diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
     if args.toy:
         toy = GaussianToy()  # its dimension's parameters only, to estimate the memory before drawing the data
-        diagnostics.check_snr_memory(toy, toy.mu.numel(), args.examples or 256, args.k, resolve_device("cpu"))
+        snr_diagnostics.check_snr_memory(toy, toy.mu.numel(), args.examples or 256, args.k, resolve_device("cpu"))
         x = GaussianToy.sample_data(args.examples or 256, seed=args.seed)
         model, title = GaussianToy.near_optimum(x, seed=args.seed), "Gaussian toy"
     else:
@@ -367,16 +359,16 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         state, model = checkpoint.load_model(args.run, device)
         config = state["config"]
         loaded = data.load(config["dataset"], config["data_dir"], split=config["data_split"]).to(device)
-        x = evaluate.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
-        diagnostics.check_snr_memory(model, x.shape[1], len(x), args.k, device)
+        x = splits.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
+        snr_diagnostics.check_snr_memory(model, x.shape[1], len(x), args.k, device)
         title = f"{args.run.name} (epoch {state['epoch']})"
     results = [
-        diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
+        snr_diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
                                  seed=args.seed, progress=True)
         for objective, m in settings
     ]
-    print(diagnostics.format_snr_table(results))
-    for path in diagnostics.write_results(results, args.out, title):
+    print(snr_diagnostics.format_snr_table(results))
+    for path in snr_report.write_results(results, args.out, title):
         print(path)
 
 
@@ -396,7 +388,7 @@ def _check_launch(args: argparse.Namespace) -> None:
     if args.command == "evaluate" and args.method != "is":
         alone = f"iwae evaluate --method {args.method}"
     if args.command == "train" and (args.seeds is not None or (args.resume is not None and
-                                                               stacked.is_stacked(args.resume))):
+                                                               stacked_run.is_stacked(args.resume))):
         alone = "stacked seeds (iwae train --seeds)"
     if alone is not None:
         raise UsageError(f"{alone} runs in one process, not under torchrun; run it without torchrun (iwae reproduce "
@@ -414,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         with distributed.session("gloo" if args.command == "reproduce" else None):  # reproduce's ranks only wait
             {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
              "reproduce": _run_reproduce}[args.command](args)
-    except train.Interrupted as stop:
+    except signals.Interrupted as stop:
         print(f"iwae: {stop}", file=sys.stderr)
         return 128 + stop.signal
     except KeyboardInterrupt:

@@ -122,11 +122,7 @@ def load(
             user array of the wrong shape, dtype or value range.
     """
     key = os.fspath(name)
-    spec = _SPECS.get(key)
-    if split not in ("paper", "code"):
-        raise DataError(f"Split '{split}' is unknown; choose 'paper' or 'code'.")
-    if split == "code" and (spec is None or spec.code_holdout is None):
-        raise DataError(f"Split 'code' is not available for {key}; it exists for mnist and omniglot.")
+    spec = _spec(key, split)
     if spec is not None:
         arrays = spec.read(data_dir, download)
         if split == "code":
@@ -141,6 +137,16 @@ def load(
                 generator = torch.Generator().manual_seed(eval_seed + offset)
                 tensors[held_out] = binarize(tensors[held_out], generator)
     return Dataset(key, tensors["train"], tensors["test"], binarization, tensors.get("valid"), image_shape)
+
+
+def _spec(key: str, split: Split) -> _Spec | None:
+    """How to read the dataset named ``key`` (None for a user's file), checked to have ``split``."""
+    spec = _SPECS.get(key)
+    if split not in ("paper", "code"):
+        raise DataError(f"Split '{split}' is unknown; choose 'paper' or 'code'.")
+    if split == "code" and (spec is None or spec.code_holdout is None):
+        raise DataError(f"Split 'code' is not available for {key}; it exists for mnist and omniglot.")
+    return spec
 
 
 def _user_arrays(key: str, test_fraction: float) -> tuple[Arrays, Binarization, tuple[int, int] | None]:

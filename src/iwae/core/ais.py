@@ -55,8 +55,8 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 from tqdm import tqdm
 
-from iwae.device import seeded
 from iwae.models import DeepLatentModel
+from iwae.platform.device import seeded
 from iwae.settings import SettingError
 
 Start = Literal["prior", "encoder"]

@@ -2,7 +2,7 @@
 
 One step on a minibatch x is
 
-    g = grad_params loss(model, x, objective, estimator)        (iwae.objectives.loss: every bound and estimator,
+    g = grad_params loss(model, x, objective, estimator)        (iwae.core.objectives.loss: every bound and estimator,
                                                                  DReG's and PIWAE's path-gradient rescaling included)
     params, m, v = Adam(params, g, m, v, lr)                    (on a torch.optim.Adam's state: its fused kernel
                                                                  eagerly, ``adam_update`` compiled)
@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from iwae.compiled import Compiled
+from iwae.core.objectives import Objective, loss
 from iwae.models.latent import DeepLatentModel
-from iwae.objectives import Objective, loss
+from iwae.platform.compiled import Compiled
 
 
 def make_adam(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Adam:
@@ -46,7 +46,7 @@ def make_adam(model: torch.nn.Module, lr: float, betas: tuple[float, float], eps
 class TrainStep:
     """``step(x)`` takes one Adam step on the minibatch ``x`` (B, D) and adds the batch's summed bound to
     ``step.bound_sum`` (a float64 device tensor); nothing in it waits for the host. For a model stacking
-    several seeds (``iwae.stacked``), ``x`` is (S, B, D) and ``bound_sum`` has shape ``bound_shape`` = (S,).
+    several seeds (``iwae.training.stacked``), ``x`` is (S, B, D) and ``bound_sum`` has shape ``bound_shape`` = (S,).
 
     Args:
       model: the model whose parameters ``optimizer`` updates.
@@ -56,7 +56,8 @@ class TrainStep:
         (``reduction``) of the bound.
       compile: False for eager; True to compile with inductor; or another ``torch.compile`` backend (its
         name or callable). A step that fails to compile warns in one line and runs eagerly.
-      all_reduce: for data-parallel training (``iwae.distributed``), a function that sums tensors over the ranks
+      all_reduce: for data-parallel training (``iwae.platform.distributed``), a function that sums tensors over the
+        ranks
         (``distributed.all_reduce_sum``): applied to the gradients of this rank's rows and their summed bound, so
         that every rank takes the step of the whole global batch; inside the compiled program.
       what: the step's name in the message that reports its compile time.

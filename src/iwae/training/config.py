@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from iwae import gemm
-from iwae.device import resolve_device
+from iwae.core.objectives import Objective
 from iwae.models import sbn_widths
-from iwae.objectives import Objective
+from iwae.platform import gemm
+from iwae.platform.device import resolve_device
 from iwae.settings import SettingError, check_integer, check_positive, check_seed
 
 SCHEDULES = ("constant", "burda")
@@ -39,9 +39,9 @@ class TrainConfig:
     least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3). ``eval_k`` = 0 skips the final
     evaluation; ``monitor_examples`` is the size of the fixed test subset on which each epoch's test bound
     is computed. ``compile``: True compiles the training step into one program
-    (``iwae.step``), False runs it eagerly, None decides by the run's length (``resolve_compile``); the
+    (``iwae.training.step``), False runs it eagerly, None decides by the run's length (``resolve_compile``); the
     two modes differ by float rounding only, and a run records the mode it used. ``matmul``: the float32
-    matrix-multiply path (``iwae.gemm``), None for the fastest one here; a run records the path it used.
+    matrix-multiply path (``iwae.platform.gemm``), None for the fastest one here; a run records the path it used.
     """
 
     dataset: str = "digits"

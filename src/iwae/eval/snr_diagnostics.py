@@ -26,20 +26,17 @@ squares with weights (SNR / se)^2, and its standard error is sqrt(1 / sum_i w_i 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from iwae import figures, memory, rundir
-from iwae.device import seeded
-from iwae.objectives import REPARAMETERIZED_ESTIMATORS, SETTING_READERS, Objective, loss
+from iwae.core.objectives import REPARAMETERIZED_ESTIMATORS, SETTING_READERS, Objective, loss
+from iwae.platform import memory
+from iwae.platform.device import seeded
 
 NETWORKS = ("inference", "generative")
 GRADIENT_OBJECTIVES = ("iwae", "miwae", "ciwae", "piwae")
@@ -297,21 +294,6 @@ def slopes_json(results: Sequence[SNRResult]) -> tuple[dict, dict]:
     slopes = {name: {e: {n: s.slope for n, s in d.items()} for e, d in r.slopes.items()} for name, r in named}
     ses = {name: {e: {n: s.se for n, s in d.items()} for e, d in r.slopes.items()} for name, r in named}
     return slopes, ses
-
-
-def write_results(results: Sequence[SNRResult], out: Path, title: str) -> list[Path]:
-    """Write ``out``/snr.csv (``CSV_COLUMNS``), slopes.json, slopes_se.json and snr.png; return their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(point.row() for result in results for point in result.points)
-    rundir.write_atomic(out / "snr.csv", lambda file: file.write(text.getvalue().encode()))
-    slopes, ses = slopes_json(results)
-    rundir.write_json(out / "slopes.json", slopes)
-    rundir.write_json(out / "slopes_se.json", ses)
-    plot = figures.plot_snr(out / "snr.png", results, title, labels(results))
-    return [out / "snr.csv", out / "slopes.json", out / "slopes_se.json", plot]
 
 
 def format_snr_table(results: Sequence[SNRResult]) -> str:

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from iwae import bounds
+from iwae.core import bounds
 
 
 def weighted_sum(weights: Tensor, values: Tensor) -> Tensor:

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from iwae.models import DeepLatentModel, build_model
-from iwae.rundir import CHECKPOINT, STACK, write_atomic
+from iwae.platform.files import write_atomic
+from iwae.runs.rundir import CHECKPOINT, STACK
 
 CHECKPOINT_FORMAT = 1
 

@@ -4,7 +4,7 @@
     reconstructions.png  test examples beside the means of p(x | z_1) at z_1 = E_q[z_1 | x]
     training.png         train and test bounds, and the learning rate, per epoch (from metrics.jsonl)
     bound_vs_k.png       the bounds L_k against k from the run's own evaluation (RUN/eval.json)
-    ais_vs_steps.png     the AIS estimate against the number of steps, and IS against k (``iwae.evaluate_ais``)
+    ais_vs_steps.png     the AIS estimate against the number of steps, and IS against k (``iwae.runs.evaluate_ais``)
 
 and ``plot_snr``, the gradient signal-to-noise ratios of ``iwae diagnose snr``.
 
@@ -23,10 +23,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from iwae import checkpoint, data, evaluate, memory, rundir
-from iwae.device import resolve_device
 from iwae.models import DeepLatentModel
-from iwae.settings import check_integer, check_seed
+from iwae.platform.files import write_atomic
 
 
 @torch.no_grad()
@@ -70,7 +68,7 @@ def image_grid(images: Tensor, shape: tuple[int, int], columns: int) -> np.ndarr
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    rundir.write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=120))
+    write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=120))
     return path
 
 
@@ -138,43 +136,8 @@ def plot_ais_vs_steps(path: Path, result: dict[str, Any]) -> Path:
     return _save(fig, path)
 
 
-def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int = 0, n: int = 100,
-                 loaded: data.Dataset | None = None) -> list[Path]:
-    """Draw a run's figures from its checkpoint, metrics and evaluation (``n`` model samples, ``n // 2``
-    reconstructions, of the run's data: ``loaded`` if given, else loaded here); return the files written."""
-    check_integer(n, "n", 2)
-    check_seed(seed)
-    torch_device = resolve_device(str(device))
-    state, model = checkpoint.load_model(run_dir, torch_device)
-    memory.check_fits(memory.pass_bytes(model, state["x_dim"], n, training=False), torch_device,
-                      "drawing {0} {n} samples", ("n",), n=n)
-    config = state["config"]
-    dataset = loaded or data.load(config["dataset"], config["data_dir"], split=config["data_split"])
-    shape = image_shape(dataset.test.shape[1], dataset.image_shape)
-    columns = 10 if shape[0] > 1 else 1
-    out = run_dir / rundir.FIGURES
-    out.mkdir(exist_ok=True)
-    with evaluate.seeded(seed, torch_device):
-        samples = prior_samples(model, n)
-    x = dataset.test[:n // 2].to(torch_device)
-    written = [
-        plot_images(out / "samples.png", {"samples (Bernoulli means)": image_grid(samples, shape, columns)}),
-        plot_images(out / "reconstructions.png", {
-            "test data": image_grid(x, shape, columns // 2 or 1),
-            "reconstruction": image_grid(reconstructions(model, x), shape, columns // 2 or 1),
-        }),
-    ]
-    metrics = rundir.read_metrics(run_dir)
-    if metrics:
-        written.append(plot_training(out / "training.png", metrics))
-    own_evaluation = evaluate.eval_path(run_dir)
-    if own_evaluation.is_file():
-        written.append(plot_bound_vs_k(out / "bound_vs_k.png", rundir.read_json(own_evaluation)))
-    return written
-
-
 def plot_snr(path: Path, results: Sequence[Any], title: str, names: Sequence[str]) -> Path:
-    """Gradient SNR against K on log-log axes (``iwae.diagnostics.SNRResult`` s, titled ``names``): one panel
+    """Gradient SNR against K on log-log axes (``iwae.eval.snr_diagnostics.SNRResult`` s, titled ``names``): one panel
     per result, one line per estimator and network, with standard-error bars and the fitted slopes in the legend."""
     fig = Figure(figsize=(5.2 * len(results), 4.2))
     for i, (name, result) in enumerate(zip(names, results, strict=True)):

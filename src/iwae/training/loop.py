@@ -25,19 +25,20 @@ from typing import Any, Protocol
 from torch import Tensor
 from tqdm import tqdm
 
-from iwae import distributed
-from iwae.config import TrainConfig, learning_rate, schedule
 from iwae.data import Dataset
-from iwae.signals import Interrupted, StopOnSignal
-from iwae.state import TrainingState
-from iwae.step import TrainStep
+from iwae.platform import distributed
+from iwae.training.config import TrainConfig, learning_rate, schedule
+from iwae.training.signals import Interrupted, StopOnSignal
+from iwae.training.state import TrainingState
+from iwae.training.step import TrainStep
 
 # The progress bar and the checkpoint clock are looked at every this many steps (a signal after every step).
 REPORT_EVERY = 16
 
 
 class Seeds(Protocol):
-    """What ``fit`` trains: one seed (``iwae.train.LoneSeed``) or S stacked seeds (``iwae.stacked.StackedSeeds``)."""
+    """What ``fit`` trains: one seed (``iwae.training.lone.LoneSeed``) or S stacked seeds
+    (``iwae.training.stacked.StackedSeeds``)."""
 
     configs: list[TrainConfig]
     step: TrainStep

@@ -5,7 +5,7 @@
     RUN/eval_bdmc.json             BDMC on N examples simulated from the model: forward and backward AIS
     RUN/figures/ais_vs_steps.png   the AIS estimate against the number of steps, and IS against k
 
-The machinery is ``iwae.ais``; this module loads the run, runs it, and writes the results.
+The machinery is ``iwae.core.ais``; this module loads the run, runs it, and writes the results.
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from iwae import ais, checkpoint, evaluate, figures, memory, rundir
-from iwae.device import resolve_device, seeded
+from iwae import plots
+from iwae.core import ais
+from iwae.eval import likelihood
+from iwae.platform import memory
+from iwae.platform.device import resolve_device, seeded
+from iwae.runs import checkpoint, evaluation, rundir
 
 AIS_FILE = "eval_ais.json"
 BDMC_FILE = "eval_bdmc.json"
@@ -102,12 +106,12 @@ def evaluate_ais(
     steps = sorted(set(steps))
     for value in steps:
         ais.check_settings(value, chains, leapfrog, start)
-    state, model, loaded, x = evaluate.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
+    state, model, loaded, x = evaluation.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                                      examples=examples, device=device, seed=seed)
     ais.check_model(model, x, start)
     check_ais_memory(model, x.shape[1], chains=chains, batch_size=batch_size, examples=len(x), device=x.device)
     with seeded(seed, x.device):
-        stats = evaluate.importance_statistics(model, x, k, batch_size=batch_size, progress=progress)
+        stats = likelihood.importance_statistics(model, x, k, batch_size=batch_size, progress=progress)
     sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
                            batch_size=batch_size, progress=progress)
     is_nll, is_nll_se = _mean_se(-stats.log_likelihood)
@@ -125,7 +129,7 @@ def evaluate_ais(
     }
     rundir.write_json(run_dir / AIS_FILE, out)
     (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
-    figures.plot_ais_vs_steps(run_dir / rundir.FIGURES / FIGURE, out)
+    plots.plot_ais_vs_steps(run_dir / rundir.FIGURES / FIGURE, out)
     return out
 
 
@@ -162,7 +166,7 @@ def evaluate_bdmc(
                       batch_size=batch_size, progress=progress)
     elapsed = time.perf_counter() - began
     with seeded(seed, result.x.device):
-        is_log_likelihood = evaluate.importance_statistics(model, result.x, k, batch_size=batch_size).log_likelihood
+        is_log_likelihood = likelihood.importance_statistics(model, result.x, k, batch_size=batch_size).log_likelihood
     lower, lower_se = _mean_se(result.forward.log_likelihood)
     upper, upper_se = _mean_se(result.backward.log_likelihood)
     gap, gap_se = _mean_se(result.gap)

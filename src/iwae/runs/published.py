@@ -1,6 +1,6 @@
 """Published test NLLs (nats) and active units of the tables ``iwae reproduce`` remakes, with their sources.
 
-Keys are the cell names of ``iwae.reproduce``: ``<data>-l<layers>-<objective>-k<k>`` for Burda et al.'s grids
+Keys are the cell names of ``iwae.runs.reproduce``: ``<data>-l<layers>-<objective>-k<k>`` for Burda et al.'s grids
 ("vae" is the k-sample ELBO), the objective's name for Rainforth et al.'s, ``<estimator>-k<k>`` for DReG's,
 and ``<start>-to-<objective>`` for Burda et al.'s table 2. ``sd`` is the published spread over runs, where
 one was given.

@@ -22,7 +22,7 @@ parameters in the forward pass, and nothing else.
 
 Requires: a reparameterizable q (``rsample``) for these three estimators. For a q that cannot be
 reparameterized (discrete latents) the score-function estimators ``vimco`` and ``rws`` of
-``iwae.score_function`` train the IWAE bound; ``loss`` dispatches to them.
+``iwae.core.score_function`` train the IWAE bound; ``loss`` dispatches to them.
 Limitation: the rescaling divides by a_i, so for PIWAE a group whose share of the total weight underflows
 the dtype (below about 1e-38 in float32) passes no path gradient to the inference network.
 """
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from iwae import bounds, score_function
+from iwae.core import bounds, score_function
 from iwae.models.latent import DeepLatentModel
 from iwae.settings import SettingError
 
@@ -172,7 +172,7 @@ def loss(
       x: a batch of data, shape (B, D).
       objective: an ``Objective`` or its name (then ``k``, ``m``, ``beta`` and ``alpha`` configure it).
       estimator: "standard", "stl" or "dreg" (the inference network's gradient), or for a q that cannot be
-        reparameterized, "vimco" or "rws" (see ``iwae.score_function``; objective iwae only).
+        reparameterized, "vimco" or "rws" (see ``iwae.core.score_function``; objective iwae only).
       reduction: "mean" or "sum" of the per-example bounds (Burda et al. use the sum over a batch).
 
     Returns:

@@ -2,7 +2,7 @@
 
 ``run_table(table, out)`` trains every cell of a table (``GRIDS``) for each seed into an ordinary run directory
 ``OUT/<cell>/seed-<s>`` (``iwae evaluate`` and ``iwae sample`` work on each), the seeds of a cell trained together
-as one stacked model (``iwae.stacked``), skipping finished cells and resuming unfinished ones from their
+as one stacked model (``iwae.training.stacked``), skipping finished cells and resuming unfinished ones from their
 checkpoints (seeds added by a later command with more seeds train beside the finished ones; runs started with
 another budget, evaluation k or device are refused), and writes
 
@@ -35,10 +35,13 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from iwae import data, distributed, rundir, stacked, train
-from iwae.device import resolve_device
-from iwae.published import PUBLISHED, Published, burda_cell
-from iwae.train import TrainConfig
+from iwae import data
+from iwae.platform import distributed
+from iwae.platform.device import resolve_device
+from iwae.runs import lone_run, rundir, stacked_run
+from iwae.runs.published import PUBLISHED, Published, burda_cell
+from iwae.training import config as train_config
+from iwae.training.config import TrainConfig
 
 PAPER_EPOCHS = 3280
 CONTINUATION_EPOCHS, CONTINUATION_LR = 3**7, 1e-4  # Burda et al. table 2
@@ -229,24 +232,24 @@ def run_cell(configs: list[TrainConfig], path: Path, *, changes: dict[str, Any] 
     """Bring a cell's seeds (runs in ``path``) to their end, and say what that took: nothing ("skipped"), resuming
     started runs from their checkpoints (an unfinished stacked run, or lone runs that ``iwae train`` started; with
     ``changes`` as for ``train.resume``), and training the seeds not yet started together as one stacked run
-    (``iwae.stacked``), beside those that have."""
+    (``iwae.training.stacked``), beside those that have."""
     runs = {config.seed: path / f"seed-{config.seed}" for config in configs}
     if all(is_finished(run) for run in runs.values()):
         return f"skipped ({_seeds_text(len(runs))})"
     done = []
-    if stacked.is_stacked(path):
-        stack = rundir.read_json(path / stacked.STACK)["seeds"]
+    if stacked_run.is_stacked(path):
+        stack = rundir.read_json(path / stacked_run.STACK)["seeds"]
         if not all(is_finished(path / f"seed-{seed}") for seed in stack):
-            stacked.resume_stacked(path, changes, progress=progress)
+            stacked_run.resume_stacked(path, changes, progress=progress)
             done.append(f"resumed ({_seeds_text(len(stack))})")
     started = [run for run in runs.values() if (run / rundir.CHECKPOINT).is_file() and not is_finished(run)]
     for run in started:
-        train.resume(run, changes, progress=progress)
+        lone_run.resume(run, changes, progress=progress)
     if started:
         done.append(f"resumed ({len(started)} {'run' if len(started) == 1 else 'runs'} alone)")
     new = [config for config in configs if not (runs[config.seed] / rundir.CHECKPOINT).is_file()]
     if new:
-        stacked.train_stacked(new, path, progress=progress, beside_finished=True)
+        stacked_run.train_stacked(new, path, progress=progress, beside_finished=True)
         done.append(f"trained ({_seeds_text(len(new))})")
     return ", ".join(done)
 
@@ -258,7 +261,7 @@ def _seeds_text(seeds: int) -> str:
 def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out: Path, device: str) -> None:
     """Raise ValueError if a run already in ``out`` was started with settings other than these (another
     --budget, --eval-k or --device): continuing it, or reporting it, under this command's would mislabel it."""
-    if (out / rundir.CHECKPOINT).is_file() or stacked.is_stacked(out):
+    if (out / rundir.CHECKPOINT).is_file() or stacked_run.is_stacked(out):
         raise ValueError(f"{out} holds a training run, not a grid's runs; give the grid an --out of its own")
     names = {"schedule_scale": "--budget", "epochs": "--budget", "eval_k": "--eval-k", "device": "--device"}
     asked_device = None if device == "auto" else str(resolve_device(device))
@@ -271,7 +274,7 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
             # a run continues on the device it started on, unless this command names another
             wanted["device"] = saved.get("device") if asked_device is None else asked_device
             differing = [key for key, value in wanted.items()
-                         if key not in (*train.RUNTIME_KEYS, "matmul", "init_from") and saved.get(key) != value]
+                         if key not in (*train_config.RUNTIME_KEYS, "matmul", "init_from") and saved.get(key) != value]
             if differing:
                 listed = ", ".join(f"{key} {saved.get(key)!r} (this command: {wanted[key]!r})" for key in differing)
                 options = sorted({names[key] for key in differing if key in names}) or ["the settings"]
@@ -283,7 +286,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
               progress: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Run the grid of ``table`` (or the given ``cells``) into ``out``, then write its report.
 
-    Every setting is checked before anything is trained. Under torchrun (``iwae.distributed``) the cells are
+    Every setting is checked before anything is trained. Under torchrun (``iwae.platform.distributed``) the cells are
     spread over the ranks, each rank training its cells on its own device as a single process would, the cells
     that others continue before them (``levels``), and rank 0 writes the report once every rank is done.
 
@@ -425,7 +428,7 @@ def title(table: str, options: Options) -> str:
     """The report's title, which states a reduced budget."""
     text = TITLES[table]
     if options.budget != 1:
-        epochs = sum(e for e, _ in train.burda_schedule(options.budget))
+        epochs = sum(e for e, _ in train_config.burda_schedule(options.budget))
         text += (f" — REDUCED BUDGET {options.budget:g} of the paper's schedule ({epochs} of {PAPER_EPOCHS} "
                  "epochs)")
     return text

@@ -1,11 +1,11 @@
 """The files of a run directory, and writing them so that a kill at any moment leaves a readable copy.
 
     RUN/config.json       the resolved training configuration (written once, at the start)
-    RUN/checkpoint.pt     the latest checkpoint (see ``iwae.checkpoint``)
+    RUN/checkpoint.pt     the latest checkpoint (see ``iwae.runs.checkpoint``)
     RUN/metrics.jsonl     one JSON object per finished epoch
-    RUN/eval.json         the run's own evaluation on its test set (``iwae.evaluate``)
-    RUN/eval-*.json       evaluations with other settings, one file each (``iwae.evaluate.eval_path``)
-    RUN/figures/*.png     samples, reconstructions, training curves, bound against k (``iwae.figures``)
+    RUN/eval.json         the run's own evaluation on its test set (``iwae.eval.likelihood``)
+    RUN/eval-*.json       evaluations with other settings, one file each (``iwae.runs.evaluation.eval_path``)
+    RUN/figures/*.png     samples, reconstructions, training curves, bound against k (``iwae.plots``)
 
 Every whole-file write goes to a temporary file beside the target, is flushed to disk, and is then renamed
 over the target: ``os.replace`` is atomic on POSIX, so readers see the old file or the new one, never half.
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from iwae.platform.files import write_atomic
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -25,7 +26,7 @@ METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 FIGURES = "figures"
 METRIC_KEYS = ("epoch", "lr", "train_bound", "test_bound")  # in every epoch's record of RUN/metrics.jsonl
-STACK = "stack.json"  # in the directory of a stacked run, beside its seed-<s> run directories (iwae.stacked)
+STACK = "stack.json"  # in the directory of a stacked run, beside its seed-<s> run directories (iwae.training.stacked)
 
 
 class RunDirError(ValueError):
@@ -70,24 +71,6 @@ def check_writable(directory: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"cannot write into {directory}: {existing} is not writable; choose an --out in a "
                           "writable directory")
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through ``write(file)`` into ``path.tmp``, fsync it, and rename it over ``path``.
-
-    A kill mid-write leaves ``path`` as it was (and a stale ``path.tmp``, which the next write truncates).
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 def write_json(path: Path, value: Any) -> None:

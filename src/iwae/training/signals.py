@@ -8,7 +8,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from iwae import distributed
+from iwae.platform import distributed
 
 
 class Interrupted(Exception):

@@ -1,10 +1,10 @@
 """One seed's training state: its model, optimizer, position in the schedule and random streams, as a checkpoint
-holds them (``iwae.checkpoint`` writes and reads the file). Seeded, saved and restored here only.
+holds them (``iwae.runs.checkpoint`` writes and reads the file). Seeded, saved and restored here only.
 
 A seed draws from two streams: ``noise``, the latents' draws (``rsample``, and ``sample`` of discrete layers), and
 ``data``, the epochs' permutations and the binarizations. A run alone draws its noise from torch's global generator
-of its device (which, seeded, first initialises the model); a seed of a stack (``iwae.stacked``) from a generator
-of its own that continues that stream, so that it draws what it would draw alone.
+of its device (which, seeded, first initialises the model); a seed of a stack (``iwae.training.stacked``) from a
+generator of its own that continues that stream, so that it draws what it would draw alone.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from iwae.config import TrainConfig
 from iwae.data import Dataset
 from iwae.models import DeepLatentModel, build_model
+from iwae.training.config import TrainConfig
 
 
 @dataclass
@@ -64,7 +64,7 @@ def global_generator(device: torch.device) -> torch.Generator:
 
 @dataclass
 class TrainingState:
-    """One seed's training state, as its checkpoint holds it (see ``iwae.checkpoint`` for the fields)."""
+    """One seed's training state, as its checkpoint holds it (see ``iwae.runs.checkpoint`` for the fields)."""
 
     config: TrainConfig
     x_dim: int

@@ -1,0 +1,2 @@
+"""The mathematics: bounds, objectives and their gradient estimators, annealed importance sampling. Tensors in,
+tensors out; no files."""

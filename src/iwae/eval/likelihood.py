@@ -1,0 +1,194 @@
+"""Evaluation: the importance-sampled log-likelihood and the diagnostics of Burda et al. (2016), section 5.
+
+    log p(x) ~= log (1/k) sum_{i=1..k} w_i,    w_i = p(x, z_i) / q(z_i | x),  z_i ~ q(z | x),
+
+with k = 5000 for the test NLL. It is the IWAE bound L_k, a consistent estimate of log p(x) whose bias
+vanishes as k grows. The k samples are drawn in chunks and combined by a running logsumexp, so peak memory
+depends on the chunk size and the number of examples per pass, never on k. From the same samples:
+
+    L_g for g in {1, 5, 50} (g dividing k): the mean of IWAE_g over the k/g disjoint groups of g samples,
+        an unbiased estimate of L_g (L_1 is the ELBO);
+    the effective sample size (sum_i w_i)^2 / sum_i w_i^2, between 1 and k;
+
+and, from q's means on the first 500 training examples, the active units: a unit u of layer l is active
+when Var_x(E_q[u | x]) > 0.01, the mean of layer l taken given a z_{l-1} sampled from q (for a binary unit,
+the variance of its probability of being on).
+
+For discrete latents with few joint values (sigmoid belief networks of up to about 20 units in all),
+``exact_log_likelihood`` gives log p(x) = log sum_z p(x, z) itself, summed over every configuration of z.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from iwae.core import bounds
+from iwae.core.objectives import Objective
+from iwae.models import DeepLatentModel
+from iwae.platform import gemm
+from iwae.platform.compiled import Compiled
+from iwae.platform.device import seeded
+from iwae.settings import check_integer
+
+GROUP_SIZES = (1, 5, 50)
+# Evaluation passes cover at most about this many (sample, example) rows (16 examples x 500 samples), so that a
+# 784-wide float32 layer output (25 MB) stays under the 32 MB up to which glibc's malloc reuses freed heap memory
+# rather than mapping (and page-faulting) a buffer afresh on every pass.
+PASS_ROWS = 8192
+EXAMPLES_PER_PASS = 16
+
+
+class WeightStatistics(NamedTuple):
+    """Per-example statistics of k importance weights, each of shape (B,).
+
+    ``log_likelihood``: log (1/k) sum_i w_i. ``bounds``: for each group size g, the mean of IWAE_g over the
+    disjoint groups of g samples (g = k gives ``log_likelihood``). ``ess``: (sum_i w_i)^2 / sum_i w_i^2.
+    """
+
+    log_likelihood: Tensor
+    bounds: dict[int, Tensor]
+    ess: Tensor
+
+    def cpu(self) -> WeightStatistics:
+        """The same statistics on the CPU."""
+        return WeightStatistics(self.log_likelihood.cpu(), {g: b.cpu() for g, b in self.bounds.items()},
+                                self.ess.cpu())
+
+
+@torch.no_grad()
+def importance_statistics(
+    model: DeepLatentModel,
+    x: Tensor,
+    k: int = 5000,
+    *,
+    chunk_size: int = 500,
+    batch_size: int = EXAMPLES_PER_PASS,
+    group_sizes: tuple[int, ...] = GROUP_SIZES,
+    progress: bool = False,
+    compile: bool = False,
+    seed: int | None = None,
+    first_batch: int = 0,
+) -> WeightStatistics:
+    """Statistics of k importance weights per example of ``x`` (B, D), drawn ``chunk_size`` at a time for
+    ``batch_size`` examples at a time.
+
+    The samples come from torch's generator as it stands; or, with ``seed``, batch j (counted from
+    ``first_batch``) draws them from the generator seeded with ``batch_seed(seed, j)``, which is then restored,
+    and every batch has ``batch_size`` rows (the last padded) even when x has fewer examples. An example's
+    estimates then depend only on the seed, its batch's index and its batch's examples, so that ranks evaluating
+    their own whole batches (``iwae.platform.distributed``) get those of one process evaluating all of them.
+
+    Peak memory is that of one ``model.log_weights`` call on ``batch_size`` examples and ``chunk_size``
+    samples, whatever k and B. Group size g is reported when it divides both k and min(chunk_size, k), so
+    no group straddles two chunks. The last batch is padded (with its first example) to ``batch_size``, so every
+    pass has one shape; with ``compile`` the passes run as one program compiled by torch.compile, drawing
+    the same random numbers as the eager passes.
+
+    Returns:
+      ``WeightStatistics`` in float64 on ``x``'s device, the bounds keyed by the g in ``group_sizes`` that
+      qualify, and by k.
+    """
+    for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
+        check_integer(value, name, 1)
+    chunk_size = min(chunk_size, k)
+    groups = [g for g in group_sizes if g < k and k % g == 0 and chunk_size % g == 0]
+    log_lik: list[Tensor] = []
+    log_ess: list[Tensor] = []
+    grouped: dict[int, list[Tensor]] = {g: [] for g in groups}
+    batch_size = batch_size if seed is not None else min(batch_size, len(x))
+    log_weights = model.log_weights
+    if compile:
+        log_weights = Compiled(model.log_weights, "the evaluator", options={"fallback_random": True})
+    bar = tqdm(total=len(x), desc=f"evaluating k={k}", unit="example", disable=None if progress else True)
+    with seeded(seed, x.device) if seed is not None else nullcontext(), bar:
+        for index, batch in enumerate(x.split(batch_size), first_batch):
+            if seed is not None:
+                torch.manual_seed(batch_seed(seed, index))
+            n = len(batch)
+            batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
+            lse, lse_sq, group_sums = _weight_sums(log_weights, batch, n, k, chunk_size, groups)
+            log_lik.append(lse - math.log(k))
+            log_ess.append(2 * lse - lse_sq)
+            for g in groups:
+                grouped[g].append(group_sums[g] / (k // g))
+            bar.update(n)
+    ll = torch.cat(log_lik)
+    return WeightStatistics(ll, {**{g: torch.cat(v) for g, v in grouped.items()}, k: ll}, torch.cat(log_ess).exp())
+
+
+def _weight_sums(log_weights: Callable[[Tensor, int], Tensor], batch: Tensor, n: int, k: int, chunk_size: int,
+                 groups: list[int]) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """log sum_i w_i, log sum_i w_i^2 and, per group size g, the sum of IWAE_g over the k/g groups, for the first
+    ``n`` examples of ``batch``, from k samples drawn ``chunk_size`` at a time."""
+    # float64 accumulators: sums over thousands of samples keep their precision for float32 models
+    lse = torch.full((n,), -math.inf, dtype=torch.float64, device=batch.device)
+    lse_sq = lse.clone()
+    group_sums = {g: torch.zeros_like(lse) for g in groups}
+    for start in range(0, k, chunk_size):
+        c = min(chunk_size, k - start)
+        log_w = log_weights(batch, c)[:, :n]  # (c, n)
+        lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+        lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
+        for g in groups:
+            group_sums[g] += bounds.miwae(log_w, c // g) * (c // g)  # the sum of IWAE_g over c/g groups
+    return lse, lse_sq, group_sums
+
+
+def evaluation_matmul_path(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int) -> str:
+    """Switch to the faster float32 matrix-multiply path (``gemm.fastest_fp32_matmul``) on a pass of
+    ``importance_statistics``: ``min(k, chunk_size)`` samples for ``batch_size`` examples of ``x`` (measured once
+    per process for models and passes of one shape); return it."""
+    @torch.no_grad()
+    def one_pass() -> None:
+        model.log_weights(x[:batch_size], min(k, chunk_size))
+
+    shapes = ("evaluation pass", type(model).__name__, *(tuple(p.shape) for p in model.parameters()),
+              tuple(x[:batch_size].shape), min(k, chunk_size))
+    return gemm.fastest_fp32_matmul(x.device, None, one_pass, shapes)
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of the samples of batch ``index`` of an evaluation seeded with ``seed``: independent streams."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def concatenate(parts: list[WeightStatistics]) -> WeightStatistics:
+    """The statistics of consecutive parts of the examples, as those of all of them."""
+    return WeightStatistics(torch.cat([p.log_likelihood for p in parts]),
+                            {g: torch.cat([p.bounds[g] for p in parts]) for g in parts[0].bounds},
+                            torch.cat([p.ess for p in parts]))
+
+
+def log_likelihood(
+    model: DeepLatentModel,
+    x: Tensor,
+    k: int = 5000,
+    *,
+    chunk_size: int = 500,
+    batch_size: int = EXAMPLES_PER_PASS,
+    seed: int | None = None,
+) -> Tensor:
+    """The importance-sampled estimate of log p(x) with k samples, per example: shape (B,).
+
+    log (1/k) sum_i w_i, computed under ``torch.no_grad`` in chunks of ``chunk_size`` samples for
+    ``batch_size`` examples at a time, so that peak memory does not grow with k. With ``seed``, the
+    samples come from a generator seeded with it and torch's global generator is left as it was.
+    """
+    with seeded(seed, x.device) if seed is not None else nullcontext():
+        return importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size).log_likelihood
+
+
+@torch.no_grad()
+def objective_bound(model: DeepLatentModel, x: Tensor, objective: Objective, max_rows: int = PASS_ROWS) -> Tensor:
+    """The objective's bound at its own k per example of ``x``: shape (B,), in passes of at most about
+    ``max_rows`` (sample, example) pairs."""
+    per_pass = max(1, max_rows // objective.k)
+    return torch.cat([objective.bound(model.log_weights(batch, objective.k)) for batch in x.split(per_pass)])

@@ -1,0 +1,242 @@
+"""Evaluating a run (``iwae evaluate``): its checkpoint's importance-sampled log-likelihood, bounds, effective
+sample size and active units on a split of its data, written to RUN/eval.json (its own evaluation) or
+RUN/eval-*.json (one file per other setting)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from iwae import data
+from iwae.eval.activity import ACTIVE_UNIT_EXAMPLES, ACTIVE_UNIT_THRESHOLD, posterior_mean_variances
+from iwae.eval.likelihood import (
+    EXAMPLES_PER_PASS,
+    WeightStatistics,
+    concatenate,
+    evaluation_matmul_path,
+    importance_statistics,
+)
+from iwae.eval.splits import SPLITS, split_examples
+from iwae.models import DeepLatentModel
+from iwae.platform import distributed, gemm, memory
+from iwae.platform.device import resolve_device, seeded
+from iwae.runs import checkpoint, rundir
+from iwae.settings import SettingError, check_integer, check_seed
+
+DEFAULT_K = 5000
+
+
+# evaluate_run compiles evaluations of at least this many samples (examples times k) unless told otherwise
+AUTO_COMPILE_SAMPLES = 5_000_000
+
+
+def own_k(run_dir: Path) -> int:
+    """The k of a run's own evaluation: that of the final evaluation of its training (``eval_k``), or
+    ``DEFAULT_K`` if the training skipped it."""
+    return rundir.read_json(run_dir / rundir.CONFIG).get("eval_k") or DEFAULT_K
+
+
+def eval_path(run_dir: Path, split: str = "test", dataset: str | None = None, *, k: int | None = None,
+              examples: int | None = None, seed: int = 0) -> Path:
+    """The file that holds the evaluation of a run with these settings: one file per setting, so that no
+    evaluation replaces one made with other settings.
+
+    RUN/eval.json is the run's own evaluation: its own test split, every example, seed 0, and k None or
+    ``own_k(run_dir)`` (what training's final evaluation writes, and ``iwae sample`` draws). Any other
+    setting goes to RUN/eval[-<data>]-<split>-k<k>[-n<examples>][-seed<seed>].json, <data> being the stem of
+    ``dataset``'s name or path.
+    """
+    if dataset is None and split == "test" and examples is None and seed == 0 and k in (None, own_k(run_dir)):
+        return run_dir / rundir.EVAL
+    k = own_k(run_dir) if k is None else k
+    parts = [Path(dataset).stem] if dataset is not None else []
+    parts += [split, f"k{k}"]
+    parts += [f"n{examples}"] if examples is not None else []
+    parts += [f"seed{seed}"] if seed != 0 else []
+    return run_dir / f"eval-{'-'.join(parts)}.json"
+
+
+def load_examples(
+    run_dir: Path, *, split: str, dataset: str | None, data_dir: str | None, examples: int | None, device: str,
+    seed: int, loaded: data.Dataset | None = None,
+) -> tuple[dict[str, Any], DeepLatentModel, data.Dataset, Tensor]:
+    """A run's checkpoint state and model on ``device``, the data it is evaluated on (its own, or ``dataset``;
+    ``loaded`` if given: the run's own data, loaded already), and the first ``examples`` (default: all) binary
+    examples of ``split`` (see ``split_examples``).
+
+    Raises:
+      SettingError: for a bad ``examples``, ``seed`` or ``split``, before anything is read.
+    """
+    if examples is not None:
+        check_integer(examples, "examples", 1)
+    check_seed(seed)
+    if split not in SPLITS:
+        raise SettingError("unknown {0} {split!r}; choose one of {known}", ("split",), split=split,
+                           known=", ".join(SPLITS))
+    torch_device = resolve_device(device)
+    state, model = checkpoint.load_model(run_dir, torch_device)
+    config = state["config"]
+    split_protocol = config["data_split"] if dataset is None else "paper"
+    if loaded is None:
+        loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
+    loaded = loaded.to(torch_device)
+    x = split_examples(loaded, split, seed, examples)
+    if x.shape[1] != state["x_dim"]:
+        raise ValueError(
+            f"{loaded.name} has {x.shape[1]} values per example but the model in {run_dir} was trained on "
+            f"{state['x_dim']}; evaluate it on data of the same dimension"
+        )
+    return state, model, loaded, x
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    k: int = DEFAULT_K,
+    split: str = "test",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    examples: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    chunk_size: int = 500,
+    batch_size: int = EXAMPLES_PER_PASS,
+    progress: bool = False,
+    compile: bool | None = None,
+    loaded: data.Dataset | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run's latest checkpoint and write the result as JSON in the run directory.
+
+    Args:
+      run_dir: a directory written by ``iwae train``.
+      k: importance samples per example.
+      split: "test", "train" or "valid".
+      dataset: a dataset name or .npy/.npz path to evaluate on instead of the run's own data.
+      data_dir: where to find the dataset's files (default: the run's setting).
+      examples: evaluate on the first ``examples`` examples of the split only.
+      device: "cpu", "cuda" or "auto".
+      seed: seeds the samples (and the binarization of a dynamic training split).
+      chunk_size, batch_size: samples and examples per pass (memory ~ their product).
+      progress: show a progress bar (on a terminal).
+      compile: compile the evaluation passes (``importance_statistics``); None compiles evaluations of at
+        least ``AUTO_COMPILE_SAMPLES`` samples in all, where the compile time is won back.
+      loaded: the run's own data, loaded already (by its training), to evaluate on instead of loading it again.
+
+    Returns:
+      The result also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``
+      (a file per setting): ``nll`` and ``nll_se`` (mean and standard error over examples of
+      -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g keyed by g), ``ess`` and ``ess_per_k``
+      (the mean ESS over examples, and that divided by k: 1 when q is the posterior), ``active_units`` (one
+      count per stochastic layer, of ``latent_units``), and what was evaluated.
+
+    Raises:
+      SettingError: for a bad setting, or passes too large for the memory available, before any work.
+    """
+    for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
+        check_integer(value, name, 1)
+    start = time.perf_counter()
+    state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
+                                            examples=examples, device=device, seed=seed, loaded=loaded)
+    _prepare_passes(model, x, k, chunk_size, batch_size)
+    if compile is None:
+        compile = len(x) * k >= AUTO_COMPILE_SAMPLES
+    with seeded(seed, x.device):
+        stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=min(batch_size, len(x)),
+                                         seed=seed, progress=progress, compile=compile)
+        variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
+    result = _result(run_dir, loaded, split, state["epoch"], k, seed, stats, variances, time.perf_counter() - start)
+    if distributed.rank() == 0:
+        evaluated = examples_evaluated(examples, result["examples"])
+        rundir.write_json(eval_path(run_dir, split, dataset, k=k, examples=evaluated, seed=seed), result)
+    return result
+
+
+def _prepare_passes(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int) -> None:
+    """Refuse passes too large for the memory available; switch to the faster float32 matrix-multiply path on
+    them (rank 0's, on every rank)."""
+    memory.check_fits(memory.pass_bytes(model, x.shape[1], min(k, chunk_size) * batch_size, training=False),
+                      x.device, "evaluating with {0} {chunk} and {1} {batch}", ("chunk_size", "batch_size"),
+                      chunk=min(k, chunk_size), batch=batch_size)
+    path = distributed.broadcast(evaluation_matmul_path(model, x, k, chunk_size, batch_size))
+    gemm.fastest_fp32_matmul(x.device, path)
+
+
+def _statistics_of_all_ranks(model: DeepLatentModel, x: Tensor, k: int, *, chunk_size: int, batch_size: int, seed: int,
+                             progress: bool, compile: bool) -> WeightStatistics:
+    """``importance_statistics`` of every example of ``x``: with several ranks, each takes whole batches and the
+    ranks' statistics are gathered in order."""
+    mine = distributed.shard(math.ceil(len(x) / batch_size))
+    stats = importance_statistics(model, x[mine.start * batch_size: mine.stop * batch_size], k,
+                                  chunk_size=chunk_size, batch_size=batch_size, seed=seed, first_batch=mine.start,
+                                  progress=progress and distributed.rank() == 0, compile=compile) if mine else None
+    if distributed.world() > 1:
+        parts = distributed.gather(None if stats is None else stats.cpu())
+        stats = concatenate([part for part in parts if part is not None])
+    return stats
+
+
+def _result(run_dir: Path, loaded: data.Dataset, split: str, epoch: int, k: int, seed: int, stats: WeightStatistics,
+            variances: list[Tensor], seconds: float) -> dict[str, Any]:
+    """An evaluation's result (see ``evaluate_run``) from the statistics of its examples."""
+    nll = -stats.log_likelihood.cpu()
+    n = len(nll)
+    return {
+        "run": str(run_dir),
+        "dataset": loaded.name,
+        "split": split,
+        "examples": n,
+        "epoch": epoch,
+        "k": k,
+        "seed": seed,
+        "nll": nll.mean().item(),
+        "nll_se": nll.std().item() / math.sqrt(n) if n > 1 else math.nan,
+        "bounds": {str(g): b.mean().item() for g, b in stats.bounds.items()},
+        "bounds_se": {str(g): b.std().item() / math.sqrt(n) if n > 1 else math.nan for g, b in stats.bounds.items()},
+        "ess": stats.ess.mean().item(),
+        "ess_per_k": stats.ess.mean().item() / k,
+        "active_units": [int((v > ACTIVE_UNIT_THRESHOLD).sum()) for v in variances],
+        "latent_units": [len(v) for v in variances],
+        "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
+        "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
+        "time_s": round(seconds, 2),
+    }
+
+
+def examples_evaluated(asked: int | None, evaluated: int) -> int | None:
+    """The ``examples`` an evaluation's file is named after: None (every example) when ``asked`` is None or more
+    than the split holds, so that a file never names examples that were not evaluated."""
+    return None if asked is None or asked > evaluated else asked
+
+
+def _active_units_of(result: dict[str, Any]) -> str:
+    """'a of d units' per stochastic layer, joined by +; results written before ``latent_units`` give 'a units'."""
+    if "latent_units" not in result:
+        return " + ".join(map(str, result["active_units"])) + " units"
+    pairs = zip(result["active_units"], result["latent_units"], strict=True)
+    return " + ".join(f"{active} of {units}" for active, units in pairs) + " units"
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    """The evaluation result as a small text table."""
+    k = result["k"]
+    rows = [
+        ("data", f"{result['dataset']} {result['split']}, {result['examples']} examples"),
+        ("checkpoint", f"{result['run']} after epoch {result['epoch']}"),
+        (f"NLL (k={k})", f"{result['nll']:.2f} +- {result['nll_se']:.2f} nats (standard error over examples)"),
+    ]
+    rows += [
+        (f"L_{g}", f"{value:.2f} +- {result['bounds_se'][g]:.2f}")
+        for g, value in sorted(result["bounds"].items(), key=lambda item: int(item[0]))
+    ]
+    rows += [
+        ("ESS", f"{result['ess']:.1f} of {k}"),
+        ("ESS/k", f"{result['ess_per_k']:.4f} (1 when q is the posterior)"),
+        ("active units", f"{_active_units_of(result)} (variance of the posterior mean over "
+         f"{result['active_units_examples']} training examples > {result['active_units_threshold']})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

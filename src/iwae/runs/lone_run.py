@@ -1,0 +1,115 @@
+"""Training a run alone: ``train`` starts one in a run directory, ``resume`` continues one from its checkpoint, and
+each then evaluates it and draws its figures. ``LoneSeed`` is the loop's view of one seed (``iwae.training.loop.fit``).
+
+Under torchrun the loop is data parallel (``iwae.platform.distributed``): each rank trains on its rows of every global
+batch, the step sums the ranks' gradients, and rank 0 alone writes; the trajectory is that of one process.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iwae import data
+from iwae.platform import distributed
+from iwae.platform.device import resolve_device
+from iwae.runs import checkpoint, evaluation, rundir
+from iwae.runs import figures as run_figures
+from iwae.training.config import TrainConfig, resolve_compile, resumed_config
+from iwae.training.lone import LoneSeed
+from iwae.training.loop import Outputs, fit
+from iwae.training.preflight import check_training_memory, training_matmul_path
+from iwae.training.signals import StopOnSignal
+from iwae.training.state import TrainingState, start
+
+
+def load_training_data(config: TrainConfig, device: torch.device) -> data.Dataset:
+    """The run's dataset on ``device``, checked to hold a minibatch (shared among the ranks, if several)."""
+    dataset = data.load(config.dataset, config.data_dir, split=config.data_split).to(device)
+    if config.batch_size > len(dataset.train):
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(dataset.train)} training examples of "
+                         f"{config.dataset}; choose a smaller --batch-size")
+    distributed.rows(config.batch_size)  # the ranks (if several) can share the batch
+    return dataset
+
+
+def _lone_outputs(run_dir: Path, progress: bool | None) -> Outputs:
+    """A lone run's outputs: its checkpoint and metrics in ``run_dir``, written by rank 0."""
+    return Outputs(where=run_dir, save=lambda states: checkpoint.save(run_dir, states[0].checkpoint()),
+                   record=lambda s, record: rundir.append_metrics(run_dir, record), writer=distributed.rank() == 0,
+                   progress=progress, name=f"train {run_dir.name}")
+
+
+def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> dict[str, Any] | None:
+    """Train a new run in ``run_dir`` (which must not exist, or be empty) and evaluate it.
+
+    Returns:
+      The final evaluation (see ``evaluate.evaluate_run``), or None if ``config.eval_k`` is 0.
+
+    Raises:
+      ValueError (DataError, RunDirError): for an unusable dataset or run directory, before anything is
+        written; ``Interrupted`` after checkpointing on SIGINT/SIGTERM.
+    """
+    device = resolve_device(config.device)
+    config = replace(config, device=str(device))
+    dataset = load_training_data(config, device)
+    x_dim = dataset.train.shape[1]
+    check_training_memory(config, x_dim, device)
+    config = resolve_compile(config, len(dataset.train))
+    matmul = distributed.broadcast(training_matmul_path(config, x_dim, device))  # the ranks multiply alike
+    config = replace(config, matmul=matmul)
+    with StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
+        parameters = (None if config.init_from is None
+                      else checkpoint.initial_parameters(Path(config.init_from), config.layers, x_dim))
+        state, model = start(config, dataset, parameters)  # the same on every rank
+
+        def create() -> None:
+            rundir.create(run_dir)
+            rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
+            checkpoint.save(run_dir, state.checkpoint())
+
+        distributed.on_rank_zero(create)
+        fit(LoneSeed(state, model, dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
+    return finish(config, run_dir, device, progress, dataset)
+
+
+def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bool | None = None
+           ) -> dict[str, Any] | None:
+    """Continue the run in ``run_dir`` from its checkpoint, and evaluate it when it finishes.
+
+    Args:
+      changes: settings given again; each must equal the saved one, except those in ``RUNTIME_KEYS``.
+
+    Raises:
+      CheckpointError: for a missing or unreadable checkpoint. ValueError: naming every setting in
+        ``changes`` that differs from the run's.
+    """
+    saved = checkpoint.load(run_dir)
+    state = TrainingState.from_checkpoint(saved, resumed_config(saved["config"], changes, run_dir))
+    config = state.config
+    if state.epoch == config.epochs and (run_dir / rundir.EVAL).is_file():
+        print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
+        return rundir.read_json(run_dir / rundir.EVAL)
+    device = resolve_device(config.device)
+    dataset = load_training_data(config, device)
+    check_training_memory(config, state.x_dim, device)
+    with StopOnSignal() as stop:
+        distributed.on_rank_zero(lambda: rundir.truncate_metrics(run_dir, state.epoch))
+        fit(LoneSeed(state, state.new_model(), dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
+    return finish(config, run_dir, device, progress, dataset)
+
+
+def finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: bool | None,
+           dataset: data.Dataset) -> dict[str, Any] | None:
+    """The final evaluation (unless ``eval_k`` is 0) and the figures of a trained run, on its ``dataset``."""
+    result = None
+    if config.eval_k:
+        result = evaluation.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
+                                       progress=progress is not False, loaded=dataset)
+    if distributed.rank() == 0:
+        run_figures.make_figures(run_dir, device=device, loaded=dataset)
+    return result

@@ -1,0 +1,132 @@
+"""The run directory of S seeds trained together (``iwae train --seeds``): DIR/seed-<s> run directories and
+DIR/stack.json, the commit record of their checkpoints (see ``iwae.training.stacked``).
+
+A checkpoint is written as every seed's RUN/checkpoint.next, then stack.json names the position, then each file is
+renamed to RUN/checkpoint.pt; a resume first completes or discards an interrupted commit, so every seed continues
+from the same position and a stacked run resumes to bit-for-bit the parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from iwae.platform.device import resolve_device
+from iwae.runs import checkpoint, lone_run, rundir
+from iwae.training import preflight
+from iwae.training.config import TrainConfig, resolve_compile, resumed_config
+from iwae.training.loop import Outputs, fit
+from iwae.training.signals import StopOnSignal
+from iwae.training.stacked import StackedSeeds, stacked_timing_step
+from iwae.training.state import TrainingState, start
+
+STACK = rundir.STACK
+
+NEXT = "checkpoint.next"
+
+
+# Settings in which the seeds of a stack may differ.
+PER_SEED = ("seed", "init_from")
+
+
+def check_configs(configs: list[TrainConfig]) -> None:
+    """Raise ValueError unless ``configs`` differ in their seeds (distinct) and initialisations only."""
+    if not configs:
+        raise ValueError("a stack needs at least one seed; give --seeds S with S >= 1")
+    common = [{k: v for k, v in asdict(c).items() if k not in PER_SEED} for c in configs]
+    if any(c != common[0] for c in common) or len({c.seed for c in configs}) != len(configs):
+        raise ValueError("the seeds of a stack must share every setting but the seed and --init-from")
+
+
+def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | None = None,
+                  beside_finished: bool = False) -> list[dict | None]:
+    """Train one run per configuration (same settings, distinct seeds) together into OUT/seed-<seed>, and
+    evaluate each; returns the evaluations (None where ``eval_k`` is 0). OUT must be new or empty, or, with
+    ``beside_finished``, may hold the finished runs of other seeds (whose stack record the new one replaces)."""
+    check_configs(configs)
+    device = resolve_device(configs[0].device)
+    dataset = lone_run.load_training_data(configs[0], device)
+    x_dim = dataset.train.shape[1]
+    preflight.check_training_memory(configs[0], x_dim, device, seeds=len(configs))
+    configs = [resolve_compile(replace(c, device=str(device)), len(dataset.train), len(configs)) for c in configs]
+    # the faster path on the stack's own step: its batched products may favour another path than a lone run's
+    matmul = preflight.training_matmul_path(configs[0], x_dim, device, len(configs),
+                                        functools.partial(stacked_timing_step, seeds=len(configs)))
+    configs = [replace(c, matmul=matmul) for c in configs]
+    with StopOnSignal() as stop:
+        if beside_finished:
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            rundir.create(out)
+        dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
+        for config, path in zip(configs, dirs, strict=True):
+            rundir.write_json(path / rundir.CONFIG, asdict(config))
+        started = [start(c, dataset, None if c.init_from is None else
+                         checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)) for c in configs]
+        states = [state for state, _ in started]
+        _commit(out, dirs, states)
+        fit(StackedSeeds(states, [model for _, model in started], dataset), dataset, states[0], stop,
+            _stack_outputs(out, dirs))
+    return [lone_run.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
+
+
+def is_stacked(path: Path) -> bool:
+    """Whether ``path`` holds a stacked run."""
+    return (path / STACK).is_file()
+
+
+def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress: bool | None = None
+                   ) -> list[dict | None]:
+    """Continue the stacked run in ``out`` from its last committed checkpoint, and evaluate each seed.
+    ``changes`` as for ``train.resume``, applied to every seed (e.g. a new ``data_dir``)."""
+    record = rundir.read_json(out / STACK)
+    dirs = [out / f"seed-{s}" for s in record["seeds"]]
+    for path in dirs:  # complete (or discard) an interrupted commit
+        pending = path / NEXT
+        if pending.is_file():
+            state = checkpoint.read(pending)
+            if (state["epoch"], state["step"]) == (record["epoch"], record["step"]):
+                os.replace(pending, path / rundir.CHECKPOINT)
+            else:
+                pending.unlink()
+    saved = [checkpoint.load(path) for path in dirs]
+    states = [TrainingState.from_checkpoint(s, resumed_config(s["config"], changes, path))
+              for s, path in zip(saved, dirs, strict=True)]
+    configs = [state.config for state in states]
+    device = resolve_device(configs[0].device)
+    if all(s.epoch == c.epochs for s, c in zip(states, configs, strict=True)) and all(
+            (d / rundir.EVAL).is_file() or not c.eval_k for d, c in zip(dirs, configs, strict=True)):
+        print(f"iwae: {out} finished all {configs[0].epochs} epochs already", file=sys.stderr)
+        return [rundir.read_json(d / rundir.EVAL) if c.eval_k else None for d, c in zip(dirs, configs, strict=True)]
+    if len({(state.epoch, state.step) for state in states}) != 1:
+        raise ValueError(f"the seeds of {out} are at different positions; resume each with iwae train --resume")
+    dataset = lone_run.load_training_data(configs[0], device)
+    preflight.check_training_memory(configs[0], states[0].x_dim, device, seeds=len(configs))
+    with StopOnSignal() as stop:
+        for path, state in zip(dirs, states, strict=True):
+            rundir.truncate_metrics(path, state.epoch)
+        models = [state.new_model() for state in states]
+        fit(StackedSeeds(states, models, dataset), dataset, states[0], stop, _stack_outputs(out, dirs))
+    return [lone_run.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
+
+
+def _stack_outputs(out: Path, dirs: list[Path]) -> Outputs:
+    """A stack's outputs: its seeds' checkpoints as one commit, each seed's metrics in its own run directory."""
+    def record(s: int, values: dict[str, Any]) -> None:
+        rundir.append_metrics(dirs[s], {**values, "stacked_seeds": len(dirs)})
+
+    return Outputs(where=out, save=lambda states: _commit(out, dirs, states), record=record, progress=False)
+
+
+def _commit(out: Path, dirs: list[Path], states: list[TrainingState]) -> None:
+    """Write every seed's checkpoint as one commit (see the module docstring)."""
+    for path, state in zip(dirs, states, strict=True):
+        checkpoint.save(path, state.checkpoint(), name=NEXT)
+    seeds = [state.config.seed for state in states]
+    rundir.write_json(out / STACK, {"seeds": seeds, "epoch": states[0].epoch, "step": states[0].step})
+    for path in dirs:
+        os.replace(path / NEXT, path / rundir.CHECKPOINT)

@@ -1,0 +1,51 @@
+"""What a run settles before its first step: that it fits in memory, and the float32 matrix-multiply path it
+multiplies on."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from iwae.eval import likelihood
+from iwae.models import build_model
+from iwae.platform import distributed, gemm, memory
+from iwae.training.config import TrainConfig
+from iwae.training.lone import lone_timing_step
+
+
+def check_training_memory(config: TrainConfig, x_dim: int, device: torch.device, seeds: int = 1) -> None:
+    """Refuse (SettingError) a run whose training steps, per-epoch monitoring or final evaluation would not fit
+    in ``device``'s memory, estimated from the model's layer widths, k and the batch size without allocating;
+    ``seeds`` stacked seeds (``iwae.training.stacked``) each need a lone run's memory for their steps."""
+    with torch.device("meta"):
+        model = build_model(config.model, config.layers, x_dim)
+    # a model too large on its own is refused for its size, whatever k and the batch size
+    memory.check_fits(seeds * memory.parameter_bytes(model, training=True), device,
+                      "training " + ("{1} {seeds} of " if seeds > 1 else "") + "{0} {model} (its parameters, their "
+                      "gradients and Adam's moments alone)", ("model", "seeds")[:1 + (seeds > 1)], model=config.model,
+                      seeds=seeds)
+    # each rank (iwae.platform.distributed) trains on its rows of the global batch; the monitor and the final evaluation
+    # pass over at most max(k, PASS_ROWS) rows, without gradients
+    rows = distributed.rows(config.batch_size)
+    needed = max(seeds * memory.pass_bytes(model, x_dim, config.k * (rows.stop - rows.start), training=True),
+                 memory.pass_bytes(model, x_dim, max(config.k, likelihood.PASS_ROWS), training=False))
+    what, names = "training with {0} {k} and {1} {batch_size}", ("k", "batch_size")
+    if seeds > 1:  # a stack's message names its seeds among the settings to make smaller
+        what, names = "training {2} {seeds} with {0} {k} and {1} {batch_size}", (*names, "seeds")
+    memory.check_fits(needed, device, what, names, k=config.k, batch_size=config.batch_size, seeds=seeds)
+
+
+def training_matmul_path(config: TrainConfig, x_dim: int, device: torch.device, seeds: int = 1,
+                         workload: Callable[[TrainConfig, int, torch.device], Callable[[], None]] = lone_timing_step
+                         ) -> str:
+    """A new run's float32 matrix-multiply path: ``config.matmul`` if set, else the faster one on the run's own
+    kind of step, ``workload(config, x_dim, device)`` (a lone run's ``lone_timing_step``; a stack of ``seeds``
+    seeds, its own), measured once per process for runs alike. (A compiled step is compiled here first, and the
+    run's own step then finds its graph in inductor's cache.) The throwaway step is built only when there is
+    something to time, on generators that ``gemm.measure`` forks, so the global ones are left as they were."""
+    step = functools.cache(lambda: workload(config, x_dim, device))
+    key = ("training step", config.model, config.layers, x_dim, config.batch_size, config.objective, config.k,
+           config.m, config.estimator, bool(config.compile), seeds)
+    return gemm.fastest_fp32_matmul(device, config.matmul, lambda: step()(), key)
