@@ -44,6 +44,7 @@ def assert_biased_low_by_at_most(error: torch.Tensor, bias: float) -> None:
     assert -bias - 3 * se < mean < 3 * se, (mean, se)
 
 
+@pytest.mark.slow
 def test_ais_error_shrinks_as_steps_grow_to_a_tenth_of_a_nat_at_100_steps() -> None:
     # 16 chains, 5 leapfrog steps from the prior, 200 examples. With 10 steps the estimate is about a nat low
     # (some 8 standard errors); at 100 steps its bias is about 0.08 nats.
@@ -103,6 +104,7 @@ def two_layer_linear_gaussian() -> tuple[DeepLatentModel, torch.Tensor, torch.Te
     return model, x, MultivariateNormal(mean, cov).log_prob(x).detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["prior", "encoder"])
 def test_two_stochastic_layers_are_annealed_jointly(start: str) -> None:
     # at 200 steps the bias is about 0.02 nats from the prior and 0.05 from this (poor) encoder
@@ -111,6 +113,7 @@ def test_two_stochastic_layers_are_annealed_jointly(start: str) -> None:
     assert_biased_low_by_at_most(result.log_likelihood - exact, 0.1)
 
 
+@pytest.mark.slow
 def test_bdmc_brackets_the_exact_marginal_and_its_gap_shrinks() -> None:
     model, _, _ = model_and_data()
     gaps = []

@@ -68,6 +68,7 @@ def test_bound_vs_k_labels_its_error_bars(finished_run: Path, monkeypatch: pytes
     assert [text.get_text() for text in legend.get_texts()] == ["mean over 16 examples\nerror bars: ±1 standard error"]
 
 
+@pytest.mark.slow
 def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     vectors = tmp_path / "vectors.npy"
     np.save(vectors, np.random.default_rng(3).random((40, 10)))  # D = 10: drawn as rows of 10 values
@@ -272,6 +273,7 @@ def test_a_pytorch_file_that_is_not_a_checkpoint(tmp_path: Path, capsys: pytest.
     assert "weights_only" not in line.lower() and "weights only" not in line.lower()
 
 
+@pytest.mark.slow
 def test_an_evaluation_never_replaces_one_made_with_other_settings(
     finished_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -293,6 +295,7 @@ def test_an_evaluation_never_replaces_one_made_with_other_settings(
     assert json.loads(own.read_text())["k"] == 10 and f"written to {own}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_evaluation_of_more_examples_than_the_split_holds_is_named_for_all(
     finished_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -316,6 +319,7 @@ def test_each_evaluation_setting_has_its_own_file(finished_run: Path) -> None:
     assert len(names) == 2 * 2 * len(settings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("seeds", "what", "smaller"), [
     ([], "training with", "--k or --batch-size"),
     (["--seeds", "2"], "training --seeds 2 with", "--k or --batch-size or --seeds"),  # each seed: a lone run's
@@ -384,6 +388,7 @@ def test_unavailable_split(finished_run: Path, capsys: pytest.CaptureFixture[str
     assert "split 'valid' is not available" in line
 
 
+@pytest.mark.slow
 def test_errors_reach_a_real_terminal_as_one_line(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "iwae.cli", "train", "--objective", "nope", "--epochs", "1", "--out", "run"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)

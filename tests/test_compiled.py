@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -15,6 +16,7 @@ def layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Te
     return torch.tanh(torch.nn.functional.linear(x, weight, bias))
 
 
+@pytest.mark.slow
 def test_addmm_is_split_into_product_and_bias() -> None:
     torch.manual_seed(0)
     args = (torch.randn(7, 5), torch.randn(3, 5), torch.randn(3))
@@ -29,6 +31,7 @@ def test_addmm_is_split_into_product_and_bias() -> None:
     torch.testing.assert_close(graph(*args), layer(*args))
 
 
+@pytest.mark.slow
 def test_many_models_compile_one_after_another() -> None:
     # one bound method (nn.Linear.forward) of more models than dynamo's recompile limit allows one function, each
     # compiled with a backend of its own, as inductor's options make every Compiled's backend a new one
@@ -42,6 +45,7 @@ def test_many_models_compile_one_after_another() -> None:
         torch.testing.assert_close(out, model(torch.ones(4, 3)))
 
 
+@pytest.mark.slow
 def test_compiled_tanh_is_within_2e_7_of_tanh() -> None:
     x = torch.cat([torch.linspace(-12, 12, 100_001), torch.logspace(-30, 0, 1001), -torch.logspace(-30, 0, 1001)])
     compiled = Compiled(torch.tanh, "tanh")

@@ -191,6 +191,7 @@ def test_needs_a_run_or_the_toy(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "--toy" in one_line_error(capsys, ["diagnose", "snr", "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.slow
 def test_diagnose_a_trained_run(tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, out = tmp_path / "run", tmp_path / "snr"
     assert main(["train", "--dataset", tiny_dataset, "--epochs", "1", "--batch-size", "8", "--k", "4",

@@ -288,6 +288,7 @@ def test_combinations_that_are_undefined_are_refused() -> None:
         TrainConfig(model="sbn-0", estimator="rws", epochs=1)
 
 
+@pytest.mark.slow
 def test_sbn_trains_evaluates_samples_and_resumes_from_the_command_line(
         tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"

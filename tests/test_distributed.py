@@ -140,6 +140,7 @@ def two_ranks(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tu
     return root / "two", root / "one"
 
 
+@pytest.mark.slow
 def test_two_ranks_train_to_the_parameters_of_one_process(two_ranks: tuple[Path, Path]) -> None:
     two, one = two_ranks
     assert_parameters(two, one, exact=False)
@@ -151,6 +152,7 @@ def test_two_ranks_train_to_the_parameters_of_one_process(two_ranks: tuple[Path,
         assert record["test_bound"] == pytest.approx(single["test_bound"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_equals_one_process(two_ranks: tuple[Path, Path]) -> None:
     """16 test examples in batches of 3: rank 0 takes batches 0-2, rank 1 batches 3-5 (the last one padded); the
     per-example estimates, hence every number of the result, are those of one process."""
@@ -177,6 +179,7 @@ def test_per_batch_streams_do_not_depend_on_the_other_batches() -> None:
         assert torch.equal(part.ess, whole.ess[2 * first:])
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_sigterm_to_torchrun_resumes_exactly(tiny_dataset: str, tmp_path: Path) -> None:
     """torchrun forwards SIGTERM to its ranks, which agree on the step to stop after, and rank 0 checkpoints; the
     run resumed by two ranks ends bit for bit where an uninterrupted two-rank run ends, and resumed by one process
@@ -219,6 +222,7 @@ with distributed.session("gloo"):
 GRID_OPTIONS = Options(budget=0.001, seeds=1, eval_k=10, device="cpu")
 
 
+@pytest.mark.slow
 def test_a_grid_spread_over_two_ranks_writes_the_report_of_one_process(tiny_dataset: str, tmp_path: Path) -> None:
     """Table 2's tiny grid: the base cells on ranks 0 and 1, then the continued cell; the report is the same but for
     the times and rates it measures."""
@@ -253,6 +257,7 @@ def one_line_error(status: int, stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_dead_rank_ends_the_other_with_one_line(tiny_dataset: str, tmp_path: Path) -> None:
     """Rank 1 killed mid-run: rank 0's next collective fails when the connection closes (or, at the latest, after
     the timeout: the bound that holds on a machine too loaded to notice the closed connection soon)."""
@@ -268,6 +273,7 @@ def test_a_dead_rank_ends_the_other_with_one_line(tiny_dataset: str, tmp_path: P
     assert checkpoint.load(tmp_path / "run")["epoch"] >= 1  # the last checkpoint is kept
 
 
+@pytest.mark.slow
 def test_ranks_that_cannot_meet_end_with_one_line_after_the_timeout(tmp_path: Path) -> None:
     started = time.monotonic()
     line = one_line_error(*finish(ranks(["evaluate", str(tmp_path)], only=[0], IWAE_DIST_TIMEOUT="3"))[0])
@@ -319,6 +325,7 @@ with distributed.session():
 """
 
 
+@pytest.mark.slow
 def test_the_compiled_step_keeps_the_all_reduce_in_its_graph(tmp_path: Path) -> None:
     """Two ranks running the step compiled as one graph (aot_eager: the graph without inductor's code generation)
     take the steps of one process running that graph on the whole batches (DReG, with latents drawn for all rows).

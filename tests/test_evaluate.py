@@ -125,6 +125,7 @@ def test_active_units_has_one_count_per_stochastic_layer() -> None:
     assert len(counts) == 2 and 0 <= counts[0] <= 100 and 0 <= counts[1] <= 50
 
 
+@pytest.mark.slow
 def test_compiled_evaluation_equals_eager() -> None:
     """Same seed, same samples: the compiled passes (last batch padded) give the eager estimates."""
     torch._dynamo.reset()

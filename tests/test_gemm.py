@@ -48,6 +48,7 @@ def test_the_choice_is_the_faster_path_on_the_workload(slow_path: str, monkeypat
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.slow
 def test_a_keyed_choice_is_made_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gemm, "_accurate", {gemm.DEFAULT: True, gemm.ONEDNN: True})
     monkeypatch.setattr(gemm, "_chosen", {})

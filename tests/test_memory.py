@@ -55,6 +55,7 @@ print(json.dumps(peaks))
 CASES = [(1, 64, 250, 20, "dreg"), (2, 64, 250, 20, "standard"), (2, 784, 50, 20, "stl"), (1, 784, 125, 32, None)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
 def test_the_estimate_bounds_the_measured_peak_within_a_factor_of_four() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}

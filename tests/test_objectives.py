@@ -102,6 +102,7 @@ def paired_z_scores(a: Tensor, b: Tensor) -> Tensor:
     return d.mean(0) / (d.std(0) / len(d) ** 0.5).clamp_min(1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [1, 2])
 def test_dreg_is_unbiased_and_has_lower_variance_on_burda_models(layers: int) -> None:
     """Paired over draws: standard - dreg has mean zero in every direction; standard - stl does not (1 layer)."""
@@ -118,6 +119,7 @@ def test_dreg_is_unbiased_and_has_lower_variance_on_burda_models(layers: int) ->
     assert grads["dreg"].var(0).sum() < 0.9 * grads["standard"].var(0).sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("objective", "params"),
     [("iwae", {}), ("miwae", {"m": 5}), ("ciwae", {"beta": 0.3}), ("piwae", {"m": 5}), ("vr", {"alpha": 0.5}),

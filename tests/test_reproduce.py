@@ -46,6 +46,7 @@ def finished(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> tup
     return out, log
 
 
+@pytest.mark.slow
 def test_grid_trains_every_seed_of_every_cell_with_data(finished: tuple[Path, list[str]]) -> None:
     out, log = finished
     assert log[:3] == [f"{cell}: trained (2 seeds stacked)" for cell in
@@ -58,6 +59,7 @@ def test_grid_trains_every_seed_of_every_cell_with_data(finished: tuple[Path, li
     assert (continued["epochs"], continued["lr"]) == (2, 1e-4)  # round(3^7 * 0.001) epochs at 1e-4
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped(finished: tuple[Path, list[str]], tiny_dataset: str) -> None:
     out, _ = finished
     stamps = {path: path.stat().st_mtime_ns for path in out.rglob(rundir.CHECKPOINT)}
@@ -67,6 +69,7 @@ def test_finished_runs_are_skipped(finished: tuple[Path, list[str]], tiny_datase
     assert stamps == {path: path.stat().st_mtime_ns for path in out.rglob(rundir.CHECKPOINT)}
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_resumes_to_the_uninterrupted_parameters(
     finished: tuple[Path, list[str]], tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -97,6 +100,7 @@ def test_an_unfinished_run_resumes_to_the_uninterrupted_parameters(
     assert [m["epoch"] for m in rundir.read_metrics(path)] == list(range(1, 10))
 
 
+@pytest.mark.slow
 def test_a_command_with_another_budget_is_refused_before_anything_runs(
     finished: tuple[Path, list[str]], tiny_dataset: str, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -116,6 +120,7 @@ def test_a_command_with_another_budget_is_refused_before_anything_runs(
     assert stamps == {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
 
 
+@pytest.mark.slow
 def test_a_run_directory_is_refused_as_the_grids_out(finished: tuple[Path, list[str]], tiny_dataset: str) -> None:
     run = reproduce.run_dir(finished[0], "mnist-l1-vae-k1", 0)
     for out in (run, run.parent):  # a lone run, and a stacked one
@@ -125,6 +130,7 @@ def test_a_run_directory_is_refused_as_the_grids_out(finished: tuple[Path, list[
         assert not (out / "mnist-l1-vae-k1").exists()
 
 
+@pytest.mark.slow
 def test_more_seeds_are_trained_beside_the_finished_ones(
     finished: tuple[Path, list[str]], tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -165,6 +171,7 @@ def test_more_seeds_are_trained_beside_the_finished_ones(
     assert log == [f"{cell.name}: skipped (4 seeds stacked)" for cell in cells]
 
 
+@pytest.mark.slow
 def test_report_holds_our_numbers_beside_the_published_ones(finished: tuple[Path, list[str]]) -> None:
     out, _ = finished
     with (out / "report.csv").open() as file:
@@ -201,6 +208,7 @@ def test_report_holds_our_numbers_beside_the_published_ones(finished: tuple[Path
     assert (out / "curves.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_continued_run_starts_from_the_base_runs_parameters(finished: tuple[Path, list[str]], tiny_dataset: str,
                                                             tmp_path: Path) -> None:
     out, _ = finished
@@ -253,6 +261,7 @@ def test_cells_selects_part_of_a_table_with_the_cells_they_continue() -> None:
     assert [cell.name for cell in continued] == ["mnist-l1-iwae-k50", "iwae-k50-to-vae-k1"]
 
 
+@pytest.mark.slow
 def test_a_report_of_some_cells_says_how_it_was_made(tiny_dataset: str, tmp_path: Path) -> None:
     cells = tiny_grid(tiny_dataset)[:2]
     options = replace(OPTIONS, seeds=1, cells=("mnist-l1-iwae-k50",))
@@ -283,6 +292,7 @@ def _traceable_numbers(out: Path, cell: str, seeds: int) -> set[str]:
     return numbers
 
 
+@pytest.mark.slow
 def test_every_number_in_a_report_is_traceable_to_a_run_file(finished: tuple[Path, list[str]]) -> None:
     out, _ = finished
     markdown = (out / "report.md").read_text()

@@ -31,6 +31,7 @@ def config(dataset: str, seed: int, **overrides: object) -> train_config.TrainCo
     return train_config.TrainConfig(**settings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [
     {"objective": "iwae", "estimator": "dreg"},
     {"objective": "piwae", "m": 2, "estimator": "standard", "layers": 2},
@@ -63,6 +64,7 @@ def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, setti
         assert stacked_bounds == pytest.approx(bounds, abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="one matmul path only")
 def test_a_stack_multiplies_on_the_path_faster_for_its_own_step(tiny_dataset: str, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,6 +84,7 @@ def test_a_stack_multiplies_on_the_path_faster_for_its_own_step(tiny_dataset: st
         gemm.ONEDNN}
 
 
+@pytest.mark.slow
 def test_a_seed_directory_is_an_ordinary_run(tiny_dataset: str, tmp_path: Path) -> None:
     configs = [config(tiny_dataset, seed, epochs=1) for seed in (0, 1)]
     stacked_run.train_stacked(configs, tmp_path / "stack", progress=False)
@@ -103,6 +106,7 @@ def test_bad_seeds_is_one_line(tiny_dataset: str, tmp_path: Path, capsys: pytest
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_a_stacked_run_resumes_with_new_runtime_settings(tiny_dataset: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     append, appended = rundir.append_metrics, []
@@ -148,6 +152,7 @@ def command(dataset: str, out: Path) -> list[str]:
             "--checkpoint-every", "0", "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_stacked_run_killed_at_random_moments_resumes_exactly(tiny_dataset: str, tmp_path: Path) -> None:
     reference, run = tmp_path / "reference", tmp_path / "run"
     done = subprocess.run(command(tiny_dataset, reference), env=ENV, capture_output=True, text=True, timeout=300)

@@ -78,6 +78,7 @@ def assert_parameters_close(a: torch.nn.Module, b: torch.nn.Module, grads: list[
         assert (p - q).abs().max().item() <= tolerance, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("objective", "estimator"), EVERY)
 def test_compiled_step_equals_eager_on_linear_gaussian(objective: str, estimator: str) -> None:
     torch.manual_seed(0)
@@ -85,6 +86,7 @@ def test_compiled_step_equals_eager_on_linear_gaussian(objective: str, estimator
     assert_steps_agree(model, torch.randn(5, 6), objective, estimator, k=4, backend="aot_eager")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("layers", "objective", "estimator"), BURDA_CASES)
 def test_compiled_step_equals_eager_on_burda_models(layers: int, objective: str, estimator: str) -> None:
     torch.manual_seed(0)
@@ -92,6 +94,7 @@ def test_compiled_step_equals_eager_on_burda_models(layers: int, objective: str,
     assert_steps_agree(burda(layers, train_mean=x.mean(0)), x, objective, estimator, k=4, backend="aot_eager")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["vimco", "rws"])
 def test_compiled_step_equals_eager_for_discrete_latents(estimator: str) -> None:
     torch.manual_seed(0)
@@ -99,6 +102,7 @@ def test_compiled_step_equals_eager_for_discrete_latents(estimator: str) -> None
     assert_steps_agree(sbn([6, 4], 20, train_mean=x.mean(0)), x, "iwae", estimator, k=4, backend="aot_eager")
 
 
+@pytest.mark.slow
 def test_a_compiled_step_given_another_shape_of_minibatch_compiles_anew() -> None:
     # the step checks only its guards on tensors and global state before a call: a minibatch of another shape
     # (or dtype) must fail them, not run the program compiled for the first
@@ -116,6 +120,7 @@ def test_a_compiled_step_given_another_shape_of_minibatch_compiles_anew() -> Non
     assert steps["inductor"].compiled
 
 
+@pytest.mark.slow
 def test_inductor_step_equals_eager() -> None:
     torch.manual_seed(0)
     x = (torch.rand(4, 784) < 0.3).float()
@@ -158,6 +163,7 @@ def test_cuda_graph_follows_the_learning_rate_schedule() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_a_failed_compilation_warns_once_and_trains_eagerly() -> None:
     def broken_backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> None:
         raise RuntimeError("no compiler here")
@@ -175,6 +181,7 @@ def test_a_failed_compilation_warns_once_and_trains_eagerly() -> None:
         assert torch.equal(a, b)  # the eager fallback is the eager step itself
 
 
+@pytest.mark.slow
 def test_the_learning_rate_changes_without_recompiling() -> None:
     torch.manual_seed(0)
     model, x = LinearGaussian(4, 2), torch.randn(3, 4)
@@ -252,6 +259,7 @@ def test_auto_compiles_long_runs_only(tiny_dataset: str, tmp_path: Path) -> None
     assert checkpoint.load(tmp_path / "run")["config"]["compile"] is False  # resolved and recorded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_a_compiled_run_resumes_bit_for_bit(tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             device: str) -> None:
@@ -279,6 +287,7 @@ def test_a_compiled_run_resumes_bit_for_bit(tiny_dataset: str, tmp_path: Path, m
     assert_same_parameters(tmp_path / "reference", run)
 
 
+@pytest.mark.slow
 def test_capturable_update_equals_the_plain_one() -> None:
     """The GPU's step (a capturable optimizer: step counts as tensors on the device, the learning rate a tensor)
     computes the same update as the CPU's. Capturable Adam refuses to run eagerly on a CPU, but the compiled
@@ -297,6 +306,7 @@ def test_capturable_update_equals_the_plain_one() -> None:
     assert_parameters_close(plain, capturable, grads)
 
 
+@pytest.mark.slow
 def test_a_run_resumes_on_its_recorded_matmul_path(tiny_dataset: str, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A resumed process that would measure another path as the fastest still continues on the run's own."""

@@ -150,6 +150,7 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_configuration(tiny_dataset: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
     lone_run.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
@@ -158,6 +159,7 @@ def test_resume_refuses_a_different_configuration(tiny_dataset: str, tmp_path: P
     lone_run.resume(run, {"k": 4, "device": "cpu", "checkpoint_every_s": 1.0}, progress=False)  # same, or runtime
 
 
+@pytest.mark.slow
 def test_resume_after_the_last_epoch_only_evaluates(tiny_dataset: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
     lone_run.train(tiny_config(tiny_dataset, epochs=1, eval_k=10), run, progress=False)
@@ -177,6 +179,7 @@ def test_a_fresh_run_never_overwrites_an_existing_one(tiny_dataset: str, tmp_pat
     assert (run / rundir.CHECKPOINT).read_bytes() == saved
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("IWAE_DATA_DIR"), reason="needs the MNIST files: set IWAE_DATA_DIR")
 def test_a_short_mnist_run_learns(tmp_path: Path) -> None:
     # One epoch of 60 minibatches of 1000 takes the NLL from about 203 nats (the pixel marginals the output
@@ -232,6 +235,7 @@ def reference(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return run
 
 
+@pytest.mark.slow
 def test_sigint_checkpoints_and_resume_is_exact(tiny_dataset: str, reference: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     process = subprocess.Popen(train_command(tiny_dataset, "--out", str(run), *same_matmul_as(reference)), env=ENV,
@@ -249,6 +253,7 @@ def test_sigint_checkpoints_and_resume_is_exact(tiny_dataset: str, reference: Pa
     assert [record["epoch"] for record in rundir.read_metrics(run)] == list(range(1, EPOCHS + 1))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_a_checkpoint_to_resume_exactly(
     tiny_dataset: str, reference: Path, tmp_path: Path
 ) -> None:
