@@ -1,4 +1,5 @@
-"""A run's figures, as PNG files in RUN/figures/:
+"""Figures drawn from values (a model, tensors, a run's records), as PNG files; ``iwae.runs.figures`` draws a
+run's figures into RUN/figures/:
 
     samples.png          x ~ p(x | z_1) means for z drawn from the prior, top layer down
     reconstructions.png  test examples beside the means of p(x | z_1) at z_1 = E_q[z_1 | x]

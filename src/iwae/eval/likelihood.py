@@ -1,4 +1,4 @@
-"""Evaluation: the importance-sampled log-likelihood and the diagnostics of Burda et al. (2016), section 5.
+"""The importance-sampled log-likelihood of a model and the statistics of its weights (Burda et al. 2016, section 5).
 
     log p(x) ~= log (1/k) sum_{i=1..k} w_i,    w_i = p(x, z_i) / q(z_i | x),  z_i ~ q(z | x),
 
@@ -8,14 +8,10 @@ depends on the chunk size and the number of examples per pass, never on k. From 
 
     L_g for g in {1, 5, 50} (g dividing k): the mean of IWAE_g over the k/g disjoint groups of g samples,
         an unbiased estimate of L_g (L_1 is the ELBO);
-    the effective sample size (sum_i w_i)^2 / sum_i w_i^2, between 1 and k;
+    the effective sample size (sum_i w_i)^2 / sum_i w_i^2, between 1 and k.
 
-and, from q's means on the first 500 training examples, the active units: a unit u of layer l is active
-when Var_x(E_q[u | x]) > 0.01, the mean of layer l taken given a z_{l-1} sampled from q (for a binary unit,
-the variance of its probability of being on).
-
-For discrete latents with few joint values (sigmoid belief networks of up to about 20 units in all),
-``exact_log_likelihood`` gives log p(x) = log sum_z p(x, z) itself, summed over every configuration of z.
+The active units are in ``iwae.eval.activity``; the exact log p(x) of small discrete models in
+``iwae.eval.exact``.
 """
 
 from __future__ import annotations

@@ -38,10 +38,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
-from torch.distributions import Bernoulli, Distribution, Independent, Normal
 
 from iwae.models import DeepLatentModel
-from iwae.models.layers import BernoulliLayer, GaussianLayer
+from iwae.models.drawn import Bernoullis, Normals, with_draws
 
 TIMEOUT_ENV = "IWAE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
@@ -257,61 +256,25 @@ def wait_for_all() -> None:
         dist.monitored_barrier(timeout=GRID_WAIT, wait_all_ranks=True)
 
 
-class _RowsNormal(Normal):
-    """A Normal over this rank's ``rows`` (dimension -2) of a global batch of ``total`` rows, drawn as the Normal
-    of the whole batch draws them: a standard normal of the global shape, of which these rows are taken."""
+def _rows_normals(rows: slice, total: int) -> Normals:
+    """Standard normals for this rank's ``rows`` (dimension -2) of a global batch of ``total`` rows, drawn as the
+    whole batch's are: a standard normal of the global shape, of which these rows are taken."""
+    def normals(shape: torch.Size, like: Tensor) -> Tensor:
+        eps = torch.empty((*shape[:-2], total, shape[-1]), dtype=like.dtype, device=like.device)
+        return eps.normal_()[..., rows, :]
 
-    def __init__(self, loc: Tensor, scale: Tensor, rows: slice, total: int) -> None:
-        super().__init__(loc, scale, validate_args=False)
-        self.rows, self.total = rows, total
-
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        shape = self._extended_shape(torch.Size(sample_shape))
-        eps = torch.empty((*shape[:-2], self.total, shape[-1]), dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc + eps.normal_()[..., self.rows, :] * self.scale
-
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        with torch.no_grad():
-            return self.rsample(sample_shape)
+    return normals
 
 
-class _RowsBernoulli(Bernoulli):
-    """A Bernoulli over this rank's ``rows`` (dimension -2) of a global batch of ``total`` rows, drawn as the
-    Bernoulli of the whole batch draws them (one uniform per element, in order; the other rows' probabilities
-    are placeholders)."""
+def _rows_bernoullis(rows: slice, total: int) -> Bernoullis:
+    """Bernoulli draws for this rank's ``rows`` (dimension -2) of a global batch of ``total`` rows, drawn as the
+    whole batch's are (one uniform per element, in order; the other rows' probabilities are placeholders)."""
+    def bernoullis(probs: Tensor) -> Tensor:
+        full = torch.zeros((*probs.shape[:-2], total, probs.shape[-1]), dtype=probs.dtype, device=probs.device)
+        full[..., rows, :] = probs
+        return torch.bernoulli(full)[..., rows, :]
 
-    def __init__(self, logits: Tensor, rows: slice, total: int) -> None:
-        super().__init__(logits=logits, validate_args=False)
-        self.rows, self.total = rows, total
-
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        shape = self._extended_shape(torch.Size(sample_shape))
-        with torch.no_grad():
-            probs = torch.zeros((*shape[:-2], self.total, shape[-1]), dtype=self.probs.dtype,
-                                device=self.probs.device)
-            probs[..., self.rows, :] = self.probs.expand(shape)
-            return torch.bernoulli(probs)[..., self.rows, :]
-
-
-class _RowsGaussianLayer(GaussianLayer):
-    def __init__(self, layer: GaussianLayer, rows: slice, total: int) -> None:
-        torch.nn.Module.__init__(self)
-        self.body, self.mean, self.log_std = layer.body, layer.mean, layer.log_std
-        self.rows, self.total = rows, total
-
-    def forward(self, h: Tensor) -> Distribution:
-        normal = super().forward(h).base_dist
-        return Independent(_RowsNormal(normal.loc, normal.scale, self.rows, self.total), 1)
-
-
-class _RowsBernoulliLayer(BernoulliLayer):
-    def __init__(self, layer: BernoulliLayer, rows: slice, total: int) -> None:
-        torch.nn.Module.__init__(self)
-        self.body, self.logits = layer.body, layer.logits
-        self.rows, self.total = rows, total
-
-    def forward(self, h: Tensor) -> Distribution:
-        return Independent(_RowsBernoulli(self.logits(self.body(h)), self.rows, self.total), 1)
+    return bernoullis
 
 
 def sharded_draws(model: DeepLatentModel, rows: slice, total: int) -> DeepLatentModel:
@@ -326,14 +289,13 @@ def sharded_draws(model: DeepLatentModel, rows: slice, total: int) -> DeepLatent
     if (rows.start, rows.stop) == (0, total):
         return model
     layers = []
+    normals, bernoullis = _rows_normals(rows, total), _rows_bernoullis(rows, total)
     for index, layer in enumerate(model.encoder):
-        if type(layer) is GaussianLayer:
-            layers.append(_RowsGaussianLayer(layer, rows, total))
-        elif type(layer) is BernoulliLayer:
-            layers.append(_RowsBernoulliLayer(layer, rows, total))
-        else:
+        drawn = with_draws(layer, normals, bernoullis)
+        if drawn is None:
             raise DistributedError(f"data-parallel training draws the latents of Gaussian and Bernoulli layers only; "
                                    f"encoder layer {index} is a {type(layer).__name__}; train it in one process")
+        layers.append(drawn)
     return DeepLatentModel(layers, model.conditionals, model.prior)
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 
 from iwae import data, plots
-from iwae.platform import device as devices
 from iwae.platform import memory
-from iwae.platform.device import resolve_device
+from iwae.platform.device import resolve_device, seeded
 from iwae.runs import checkpoint, evaluation, rundir
 from iwae.settings import check_integer, check_seed
 
@@ -30,7 +29,7 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
     columns = 10 if shape[0] > 1 else 1
     out = run_dir / rundir.FIGURES
     out.mkdir(exist_ok=True)
-    with devices.seeded(seed, torch_device):
+    with seeded(seed, torch_device):
         samples = plots.prior_samples(model, n)
     x = dataset.test[:n // 2].to(torch_device)
     written = [

@@ -48,7 +48,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     """Train a new run in ``run_dir`` (which must not exist, or be empty) and evaluate it.
 
     Returns:
-      The final evaluation (see ``evaluate.evaluate_run``), or None if ``config.eval_k`` is 0.
+      The final evaluation (see ``evaluation.evaluate_run``), or None if ``config.eval_k`` is 0.
 
     Raises:
       ValueError (DataError, RunDirError): for an unusable dataset or run directory, before anything is

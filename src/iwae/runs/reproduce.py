@@ -231,7 +231,7 @@ def run_cell(configs: list[TrainConfig], path: Path, *, changes: dict[str, Any] 
              progress: bool | None = None) -> str:
     """Bring a cell's seeds (runs in ``path``) to their end, and say what that took: nothing ("skipped"), resuming
     started runs from their checkpoints (an unfinished stacked run, or lone runs that ``iwae train`` started; with
-    ``changes`` as for ``train.resume``), and training the seeds not yet started together as one stacked run
+    ``changes`` as for ``lone_run.resume``), and training the seeds not yet started together as one stacked run
     (``iwae.training.stacked``), beside those that have."""
     runs = {config.seed: path / f"seed-{config.seed}" for config in configs}
     if all(is_finished(run) for run in runs.values()):

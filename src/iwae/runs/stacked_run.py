@@ -82,7 +82,7 @@ def is_stacked(path: Path) -> bool:
 def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress: bool | None = None
                    ) -> list[dict | None]:
     """Continue the stacked run in ``out`` from its last committed checkpoint, and evaluate each seed.
-    ``changes`` as for ``train.resume``, applied to every seed (e.g. a new ``data_dir``)."""
+    ``changes`` as for ``lone_run.resume``, applied to every seed (e.g. a new ``data_dir``)."""
     record = rundir.read_json(out / STACK)
     dirs = [out / f"seed-{s}" for s in record["seeds"]]
     for path in dirs:  # complete (or discard) an interrupted commit

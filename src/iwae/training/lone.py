@@ -15,8 +15,8 @@ from torch import Tensor
 from iwae import data
 from iwae.eval import likelihood
 from iwae.models import DeepLatentModel, build_model
-from iwae.platform import device as devices
 from iwae.platform import distributed, gemm
+from iwae.platform.device import seeded
 from iwae.training.config import TrainConfig, schedule
 from iwae.training.state import SeedStreams, TrainingState
 from iwae.training.step import TrainStep, make_adam
@@ -56,7 +56,7 @@ class LoneSeed:
 
     def monitor(self, x: Tensor) -> list[float]:
         config = self.configs[0]
-        with devices.seeded(config.seed, x.device):
+        with seeded(config.seed, x.device):
             return [likelihood.objective_bound(self.model, x, config.objective_spec()).mean().item()]
 
     def states(self, epoch: int, step: int, batches: Tensor | None, epoch_time_s: float, wall_time_s: float

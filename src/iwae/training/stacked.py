@@ -9,15 +9,11 @@ Each seed draws its random numbers as ``iwae train --seed s`` alone does: its in
 global generator seeded with its model seed, its permutations and binarizations from its own data generator,
 and its ``rsample`` noise from its own generator that continues the global generator's stream after its
 initialisation. So seed s follows the lone run's trajectory, up to the float rounding of batched matrix
-multiplies. A stack multiplies on the float32 path that is faster for its own step (``train.training_matmul_path``),
-which it records; a lone run given that path (``--matmul``) multiplies alike, and one on the other path
-drifts from it by the rounding of the two paths.
+multiplies. A stack multiplies on the float32 path that is faster for its own step
+(``iwae.training.preflight.training_matmul_path``), which it records; a lone run given that path (``--matmul``)
+multiplies alike, and one on the other path drifts from it by the rounding of the two paths.
 
-A stacked run in DIR is S ordinary run directories DIR/seed-<s> (``iwae evaluate``, ``iwae sample`` and even
-``iwae train --resume`` work on each) and DIR/stack.json, the commit record of their checkpoints: a checkpoint
-is written as every seed's RUN/checkpoint.next, then stack.json names the position, then each file is renamed
-to RUN/checkpoint.pt; a resume first completes or discards an interrupted commit, so every seed continues from
-the same position and a stacked run resumes to bit-for-bit the parameters of an uninterrupted one.
+``StackedSeeds`` is the training loop's view of such a stack; its run directories are ``iwae.runs.stacked_run``'s.
 """
 
 from __future__ import annotations
@@ -28,13 +24,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, Normal
 
 from iwae import data
 from iwae.eval import likelihood
-from iwae.models import DeepLatentModel, GaussianLayer, build_model
-from iwae.platform import device as devices
+from iwae.models import DeepLatentModel, build_model
+from iwae.models.drawn import with_draws
 from iwae.platform import gemm
+from iwae.platform.device import seeded
 from iwae.training.config import TrainConfig, schedule
 from iwae.training.state import SeedStreams, TrainingState
 from iwae.training.step import TrainStep, make_adam
@@ -106,28 +102,6 @@ class SeedNoise:
         return eps
 
 
-class _SeedwiseNormal(Normal):
-    def __init__(self, loc: Tensor, scale: Tensor, eps: Callable[[torch.Size], Tensor]) -> None:
-        super().__init__(loc, scale, validate_args=False)
-        self.eps = eps
-
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        return self.loc + self.eps(self._extended_shape(torch.Size(sample_shape))) * self.scale
-
-
-class _SeedwiseGaussianLayer(GaussianLayer):
-    """A Gaussian encoder layer whose reparameterized draws come from each seed's own generator."""
-
-    def __init__(self, layer: GaussianLayer, noise: SeedNoise, index: int) -> None:
-        nn.Module.__init__(self)
-        self.body, self.mean, self.log_std = layer.body, layer.mean, layer.log_std
-        self.noise, self.index = noise, index
-
-    def forward(self, h: Tensor) -> Distribution:
-        normal = super().forward(h).base_dist
-        return Independent(_SeedwiseNormal(normal.loc, normal.scale, lambda shape: self.noise(self.index, shape)), 1)
-
-
 def stack_models(models: list[DeepLatentModel], noise: SeedNoise) -> DeepLatentModel:
     """One model holding the parameters of ``models`` (same architecture), with the same parameter names, whose
     reparameterized samples use ``noise`` (draw it before each step)."""
@@ -136,11 +110,13 @@ def stack_models(models: list[DeepLatentModel], noise: SeedNoise) -> DeepLatentM
         if isinstance(module, nn.Linear):
             parent, _, attr = name.rpartition(".")
             setattr(stacked.get_submodule(parent), attr, StackedLinear([m.get_submodule(name) for m in models]))
+    noise.widths = []
     for index, layer in enumerate(stacked.encoder):
-        if not isinstance(layer, GaussianLayer):
+        drawn = with_draws(layer, normals=lambda shape, like, index=index: noise(index, shape))
+        if drawn is None:
             raise ValueError(f"stacked seeds need Gaussian encoder layers; layer {index} is {type(layer).__name__}")
-        stacked.encoder[index] = _SeedwiseGaussianLayer(layer, noise, index)
-    noise.widths = [layer.mean.weight.shape[1] for layer in stacked.encoder]
+        stacked.encoder[index] = drawn
+        noise.widths.append(layer.mean.weight.shape[1])
     return stacked
 
 
@@ -169,7 +145,7 @@ def _stack_optimizer(states: list[dict]) -> dict:
 
 def stacked_timing_step(config: TrainConfig, x_dim: int, device: torch.device, seeds: int) -> Callable[[], None]:
     """A training step of ``seeds`` stacked fresh models of ``config`` on a random minibatch: the workload on
-    which a stack's float32 matrix-multiply path is timed (``train.training_matmul_path``)."""
+    which a stack's float32 matrix-multiply path is timed (``preflight.training_matmul_path``)."""
     noise = SeedNoise([torch.Generator(device) for _ in range(seeds)])
     models = [build_model(config.model, config.layers, x_dim).to(device) for _ in range(seeds)]
     model = stack_models(models, noise)
@@ -220,7 +196,7 @@ class StackedSeeds:
         bounds = []
         for s, config in enumerate(self.configs):
             self.lone.load_state_dict(seed_state(self.model, self.optimizer, s)[0])
-            with devices.seeded(config.seed, x.device):
+            with seeded(config.seed, x.device):
                 bounds.append(likelihood.objective_bound(self.lone, x, config.objective_spec()).mean().item())
         return bounds
 
