@@ -4,7 +4,11 @@ Reads each side's run directories (``<side>/<cell>/seed-<s>/`` holding ``eval.js
 writes ``OUT.md``, ``OUT.csv`` and ``OUT.png`` (the test bound against epoch, both sides):
 
     python crosscheck/report.py --iwae runs/crosscheck-iwae --reference runs/crosscheck-ref \
-        --cells mnist-l1-vae-k1 mnist-l1-iwae-k50 --seeds 4 --out results/crosscheck
+        --cells mnist-l1-vae-k1 mnist-l1-iwae-k50 --lockstep results/crosscheck/lockstep --out results/crosscheck
+
+A cell's seeds are those with a run directory on either side (``--seeds N``: only seeds 0..N-1). With
+``--lockstep DIR``, the report also shows the outputs of ``crosscheck/lockstep.py`` saved in DIR (``*.txt``, the
+command on their first line): the two sides' training steps on identical inputs.
 
 Each side binarizes the test set once with a draw of its own, and two draws of the 10,000 binary images differ in
 mean NLL by about as much as the seeds do. So the iwae runs are also evaluated on the reference's binary test
@@ -114,13 +118,14 @@ def markdown(args: argparse.Namespace, runs: dict[str, dict[str, list[SeedRun]]]
     """The report's text."""
     lines = [
         "# Cross-check: `iwae` against an independent JAX implementation of the paper's protocol", "",
-        f"Budget {args.budget:g} of the paper's schedule, {args.seeds} seeds per cell on each side; test NLL in nats "
+        f"Budget {args.budget:g} of the paper's schedule, {_seed_counts(runs)} per cell; test NLL in nats "
         "by 5000 importance samples per example over all 10,000 MNIST test images, mean +- sd over the seeds "
         "finished (their number in brackets); difference = iwae - reference, its standard error from the seeds' "
         f"spread on each side. Agreement: |difference| < 2 standard errors and < {args.tolerance:g} nats. Made by:",
         "", "```bash", *args.commands,
         f"python crosscheck/report.py --iwae {args.iwae} --reference {args.reference} --cells "
-        f"{' '.join(args.cells)} --seeds {args.seeds} --budget {args.budget:g} --out {args.out}",
+        f"{' '.join(args.cells)}{_seeds_option(args)} --budget {args.budget:g}{_lockstep_option(args)} "
+        f"--out {args.out}",
         "```", "",
         "| cell | test images | iwae NLL | reference NLL | difference | SE of difference | agree |",
         "|---|---|---|---|---|---|---|",
@@ -139,9 +144,47 @@ def markdown(args: argparse.Namespace, runs: dict[str, dict[str, list[SeedRun]]]
                 lines.append(f"| {cell} | {side} | {r.seed} | {r.epochs_done} | {_number(r.nll)} | "
                              f"{_number(r.nll_se)} | {_number(r.nll_shared)} | {_number(r.train_bound)} | "
                              f"{_number(r.examples_per_s, 0)} |")
+    lines += lockstep_section(args.lockstep)
     lines += ["", f"Curves: `{Path(args.out).name}.png`, the test bound on the first 1000 test images after each "
               "epoch, both sides (each on its own binarization of those images).", ""]
     return "\n".join(lines)
+
+
+def _seed_counts(runs: dict[str, dict[str, list[SeedRun]]]) -> str:
+    counts = sorted({len(seeds) for sides in runs.values() for seeds in sides.values()})
+    return " or ".join(map(str, counts)) + " seeds on each side"
+
+
+def _seeds_option(args: argparse.Namespace) -> str:
+    return "" if args.seeds is None else f" --seeds {args.seeds}"
+
+
+def _lockstep_option(args: argparse.Namespace) -> str:
+    return "" if args.lockstep is None else f" --lockstep {os.path.relpath(args.lockstep)}"
+
+
+def lockstep_section(folder: str | None) -> list[str]:
+    """The lock-step comparisons saved in ``folder``: each file's command, its first and last compared step."""
+    files = sorted(Path(folder).glob("*.txt")) if folder else []
+    if not files:
+        return []
+    lines = ["", "## The training step on identical inputs (`crosscheck/lockstep.py`)", "",
+             "Both sides start from the same parameters and take Adam steps on the same minibatches and the same "
+             "normal draws; the relative difference of their parameters is printed beside that of the reference "
+             "and a second reference run whose initial parameters were perturbed by a relative 1e-7 (how fast the "
+             "training itself amplifies a rounding difference).", "",
+             "| file | command | first step | last step |", "|---|---|---|---|"]
+    for path in files:
+        text = path.read_text().splitlines()
+        steps = [line for line in text if line.startswith("step ")]
+        lines.append(f"| `{path.name}` | `{text[0].lstrip('$ ')}` | {steps[0]} | {steps[-1]} |")
+    return lines
+
+
+def seeds_of(roots: dict[str, Path], cell: str, limit: int | None) -> list[int]:
+    """The seeds with a run directory of ``cell`` on either side (those below ``limit`` if given)."""
+    found = {int(p.name.removeprefix("seed-")) for root in roots.values() for p in (root / cell).glob("seed-*")}
+    return sorted(s for s in found if limit is None or s < limit)
 
 
 def write_csv(path: Path, runs: dict[str, dict[str, list[SeedRun]]]) -> None:
@@ -183,7 +226,8 @@ def main() -> None:
     parser.add_argument("--iwae", required=True, help="the iwae side's grid folder (iwae reproduce --out)")
     parser.add_argument("--reference", required=True, help="the reference side's folder of cells")
     parser.add_argument("--cells", nargs="+", required=True)
-    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=None, help="only seeds 0..N-1 (default: every seed found)")
+    parser.add_argument("--lockstep", default=None, help="a folder of crosscheck/lockstep.py outputs (*.txt)")
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--tolerance", type=float, default=0.3)
     parser.add_argument("--command", dest="commands", action="append", default=[],
@@ -191,8 +235,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="path of the report without its suffix")
     args = parser.parse_args()
     roots = {"iwae": Path(args.iwae), "reference": Path(args.reference)}
-    runs = {cell: {side: [read_run(roots[side] / cell / f"seed-{s}", s, side) for s in range(args.seeds)]
-                   for side in SIDES} for cell in args.cells}
+    runs = {cell: {side: [read_run(roots[side] / cell / f"seed-{s}", s, side)
+                          for s in seeds_of(roots, cell, args.seeds)] for side in SIDES} for cell in args.cells}
     comparisons = [compare(cell, runs[cell], args.tolerance, shared) for cell in args.cells for shared in (True, False)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
