@@ -139,3 +139,20 @@ def test_compiled_evaluation_equals_eager() -> None:
     torch.testing.assert_close(compiled.log_likelihood, eager.log_likelihood, rtol=0, atol=1e-4)
     torch.testing.assert_close(compiled.ess, eager.ess, rtol=1e-3, atol=0)
     assert compiled.bounds.keys() == eager.bounds.keys()
+
+
+def test_a_limited_evaluation_uses_a_random_subset_the_same_for_every_seed() -> None:
+    # The examples of --examples N: not the split's first N, the same whatever the evaluation's seed, nested in N.
+    from iwae.data import Dataset
+    from iwae.eval.splits import split_examples
+
+    test = torch.arange(1000, dtype=torch.float32).unsqueeze(1).expand(1000, 4).contiguous()
+    dataset = Dataset("rows", torch.zeros(10, 4), test, "static")
+    small, large = split_examples(dataset, "test", 0, 100), split_examples(dataset, "test", 7, 300)
+    rows = small[:, 0].long()
+    assert len(small) == 100 and not torch.equal(rows, torch.arange(100))
+    assert rows.max() > 500 and bool((rows.diff() > 0).all())  # spread over the split, in its order
+    assert set(rows.tolist()) <= set(large[:, 0].long().tolist())
+    torch.testing.assert_close(split_examples(dataset, "test", 3, 100), small)
+    torch.testing.assert_close(split_examples(dataset, "test", 0, None), test)
+    torch.testing.assert_close(split_examples(dataset, "test", 0, 5000), test)

@@ -119,8 +119,9 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", metavar="NAME_OR_PATH",
                         help="evaluate on this dataset name or .npy/.npz file instead of the run's")
     parser.add_argument("--data-dir", metavar="DIR", help="where to look for dataset files (default: the run's)")
-    parser.add_argument("--examples", type=int, metavar="N", help="evaluate on the first N examples of the split "
-                        "only (default: all for is; 100 for ais; bdmc simulates N examples, default 100)")
+    parser.add_argument("--examples", type=int, metavar="N", help="evaluate on N examples of the split only, a "
+                        "random subset that is the same for every run, method and seed (default: all for is; 100 for "
+                        "ais; bdmc simulates N examples, default 100)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--chunk-size", type=int, default=500, metavar="N", help="samples per pass (default: 500)")
