@@ -285,3 +285,27 @@ def test_sigkill_at_random_moments_leaves_a_checkpoint_to_resume_exactly(
     run_to_completion(resume_command(run))
     assert_same_parameters(reference, run)
     assert [record["epoch"] for record in rundir.read_metrics(run)] == list(range(1, EPOCHS + 1))
+
+
+def test_resume_refuses_to_lose_a_checkpointed_epochs_record(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, 20, signal.SIGINT)  # after epoch 2 of 3, in epoch 3
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(tiny_config(tiny_dataset, matmul="default"), run, progress=False)  # no timing steps
+    assert checkpoint.load(run)["epoch"] == 2
+    lines = (run / rundir.METRICS).read_text().splitlines(keepends=True)
+    (run / rundir.METRICS).write_text(lines[0] + lines[1][:30])  # epoch 2's record cut short
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    done = subprocess.run(resume_command(run), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"iwae: error: {run / rundir.METRICS} has no whole record of epoch 2, though the checkpoint is after epoch 2 "
+        f"(a line was cut short or damaged); resuming would lose that record for good: restore metrics.jsonl from "
+        "a copy, or start a new run with a new --out")
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    (run / rundir.METRICS).write_text(lines[0] + lines[1] + lines[1][:30])  # a cut line of an epoch to repeat
+    run_to_completion(resume_command(run))
+    assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]

@@ -94,6 +94,7 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
     if state.epoch == config.epochs and (run_dir / rundir.EVAL).is_file():
         print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
         return rundir.read_json(run_dir / rundir.EVAL)
+    rundir.check_metrics(run_dir, state.epoch)
     device = resolve_device(config.device)
     dataset = load_training_data(config, device)
     check_training_memory(config, state.x_dim, device)

@@ -104,6 +104,8 @@ def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress
         return [rundir.read_json(d / rundir.EVAL) if c.eval_k else None for d, c in zip(dirs, configs, strict=True)]
     if len({(state.epoch, state.step) for state in states}) != 1:
         raise ValueError(f"the seeds of {out} are at different positions; resume each with iwae train --resume")
+    for path, state in zip(dirs, states, strict=True):
+        rundir.check_metrics(path, state.epoch)
     dataset = lone_run.load_training_data(configs[0], device)
     preflight.check_training_memory(configs[0], states[0].x_dim, device, seeds=len(configs))
     with StopOnSignal() as stop:
