@@ -4,9 +4,12 @@ checkpoint writes, continue to the parameters of an uninterrupted run, bit for b
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -18,6 +21,7 @@ import pytest
 import torch
 from conftest import same_matmul_as
 
+from iwae.platform import files
 from iwae.runs import checkpoint, evaluation, lone_run, rundir
 from iwae.training import config as train_config
 from iwae.training import signals
@@ -307,5 +311,68 @@ def test_resume_refuses_to_lose_a_checkpointed_epochs_record(
         "a copy, or start a new run with a new --out")
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
     (run / rundir.METRICS).write_text(lines[0] + lines[1] + lines[1][:30])  # a cut line of an epoch to repeat
+    run_to_completion(resume_command(run))
+    assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
+
+
+def interrupted_after_epoch_one(dataset: str, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of ``tiny_config`` (3 epochs of 8 steps) stopped in its second epoch, its checkpoint after epoch 1."""
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, 12, signal.SIGINT)
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(tiny_config(dataset, matmul="default"), run, progress=False)  # no timing steps
+    assert (checkpoint.load(run)["epoch"], checkpoint.load(run)["step"]) == (1, 4)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_what_is_needed(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    interrupted_after_epoch_one(tiny_dataset, run, monkeypatch)
+    before = (run / rundir.CHECKPOINT).read_bytes()
+    fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == rundir.CHECKPOINT + ".tmp":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(files.DiskFullError) as error:
+        lone_run.resume(run, progress=False)
+    assert re.fullmatch(
+        rf"no space to write {run / rundir.CHECKPOINT}: it needs [\d.]+ [KM]B on the disk mounted at /\S*, which has "
+        rf"[\d.]+ [KMG]?B free; checkpoint.pt is left as it was; free space there, then continue with: "
+        rf"iwae train --resume {run}", str(error.value)), str(error.value)
+    assert (run / rundir.CHECKPOINT).read_bytes() == before
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+    with pytest.raises(files.DiskFullError, match=r"needs [\d.]+ [KM]B on the disk mounted at .*, which has 1.0 KB "
+                       r"free; checkpoint.pt is left as it was"):
+        lone_run.resume(run, progress=False)
+    assert (run / rundir.CHECKPOINT).read_bytes() == before
+
+
+def shutil_usage(free: int) -> object:
+    """A ``shutil.disk_usage`` result with ``free`` bytes free."""
+    return type("Usage", (), {"total": 10**12, "used": 10**12 - free, "free": free})()
+
+
+def test_a_file_size_limit_stops_training_with_one_line_and_no_temporary_file(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    interrupted_after_epoch_one(tiny_dataset, run, monkeypatch)
+    before = (run / rundir.CHECKPOINT).read_bytes()
+    limit = len(before) // 2  # a checkpoint does not fit; a line of metrics does
+    done = subprocess.run(resume_command(run), env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert re.fullmatch(rf"iwae: error: cannot write {run / rundir.CHECKPOINT}: it needs [\d.]+ [KM]B, more than this "
+                        rf"process's file size limit allows; checkpoint.pt is left as it was; raise the limit "
+                        rf"\(ulimit -f\), then continue with: iwae train --resume {run}", line), line
+    assert (run / rundir.CHECKPOINT).read_bytes() == before
+    assert not (run / (rundir.CHECKPOINT + ".tmp")).exists()
     run_to_completion(resume_command(run))
     assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from iwae.platform.files import write_atomic
+from iwae.platform.files import append_durably, write_atomic
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -108,10 +108,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one epoch's metrics as a JSON line and flush it to disk."""
-    with (run_dir / METRICS).open("a") as file:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
+    append_durably(run_dir / METRICS, json.dumps(record) + "\n")
 
 
 def check_metrics(run_dir: Path, epochs: int) -> None:
