@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +163,9 @@ def test_generative_gradient_is_the_same_for_every_estimator() -> None:
     (["--k", "0,10"], "positive integers"),
     (["--objectives", "miwae", "--m", "3", "--k", "3,10"], "does not divide 10"),
     (["--draws", "1"], "draws must be"),
-    (["--estimators", "standard,reinforce"], "unknown estimator 'reinforce'"),
+    (["--estimators", "standard,reinforce"], "estimator 'reinforce' is unknown; choose from standard, stl, dreg"),
+    (["--estimators", "rws"], "estimator 'rws' is a score-function estimator, and the diagnosis measures the "
+                              "reparameterized ones; choose from standard, stl, dreg"),
     (["--k", "1,x"], "comma-separated integers"),
     (["--objectives", "elbo"], "not diagnosed"),
     (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1; got -1"),
@@ -185,6 +190,17 @@ def test_an_output_directory_that_cannot_be_written_is_refused_before_the_work(
                         "--out that is a directory or does not exist yet")
         assert capsys.readouterr().out == ""  # refused before any gradient was drawn
     assert blocker.read_text() == "a file, not a directory"
+
+
+def test_vimco_is_refused_as_not_diagnosed_whatever_the_k(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "iwae.cli", "diagnose", "snr", "--toy", "--estimators", "vimco",
+                           "--k", "3", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("iwae: error: estimator 'vimco' is a score-function estimator, and the diagnosis "
+                                   "measures the reparameterized ones; choose from standard, stl, dreg")
+    assert not out.exists()
 
 
 def test_needs_a_run_or_the_toy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
