@@ -292,6 +292,9 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
 
     Returns:
       The paths of the report files (none on ranks other than 0).
+
+    Raises:
+      DataError: after writing the report, if the data of every cell is missing, so none was trained.
     """
     check(table, options)
     rundir.check_writable(out)
@@ -317,7 +320,12 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
                     what = run_cell(configs[cell.name], out / cell.name, changes=changes, progress=progress)
                 say(f"{cell.name}: {what}{where}")
         distributed.wait_for_all()
-    return distributed.on_rank_zero(lambda: write_report(table, out, cells, options, missing)) or {}
+    paths = distributed.on_rank_zero(lambda: write_report(table, out, cells, options, missing)) or {}
+    if cells and all(cell.settings["dataset"] in missing for cell in cells):
+        raise data.DataError(f"no cell of {table} was trained, the data of every one missing (the report "
+                             f"{shown(out / 'report.md')} lists them): "
+                             + "; ".join(f"{dataset}: {reason}" for dataset, reason in sorted(missing.items())))
+    return paths
 
 
 def levels(cells: list[Cell]) -> list[list[Cell]]:
