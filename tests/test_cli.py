@@ -255,6 +255,17 @@ def test_damaged_lines_of_the_metrics_are_skipped(finished_run: Path, tmp_path: 
     assert rundir.read_metrics(run) == whole
 
 
+def test_an_npz_of_test_data_only_is_not_trained_on(tmp_path: Path) -> None:
+    path = tmp_path / "test-only.npz"
+    np.savez(path, test=np.zeros((20, 16), dtype=np.float32))
+    done = subprocess.run([sys.executable, "-m", "iwae.cli", "train", "--dataset", str(path), *TINY, "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"iwae: error: {path} holds only 'test', no 'train' array to train on; save the "
+                                   "training data beside it, e.g. numpy.savez(path, train=x_train, test=x_test).")
+    assert not (tmp_path / "run").exists()
+
+
 def test_reproduce_refuses_an_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
