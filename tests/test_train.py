@@ -22,7 +22,7 @@ import torch
 from conftest import same_matmul_as
 
 from iwae.platform import files
-from iwae.runs import checkpoint, evaluation, lone_run, rundir
+from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
 from iwae.training import config as train_config
 from iwae.training import signals
 from iwae.training import step as train_step
@@ -376,3 +376,27 @@ def test_a_file_size_limit_stops_training_with_one_line_and_no_temporary_file(
     assert not (run / (rundir.CHECKPOINT + ".tmp")).exists()
     run_to_completion(resume_command(run))
     assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("seeds", [[], pytest.param(["--seeds", "2"], marks=pytest.mark.slow)])
+def test_a_run_in_use_is_refused_naming_its_process_and_a_killed_ones_lock_blocks_nothing(
+    tiny_dataset: str, tmp_path: Path, seeds: list[str]
+) -> None:
+    run = tmp_path / "run"
+    first = subprocess.Popen(train_command(tiny_dataset, "--out", str(run), "--epochs", "100000", "--matmul",
+                                           "default", *seeds), env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for_checkpoint(run / "seed-0" if seeds else run, first)
+        done = subprocess.run(resume_command(run), env=ENV, capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"iwae: error: {run} is in use by process {first.pid} (cli.py {' '.join(first.args[3:])}); wait for it to "
+        f"end, or stop it (kill {first.pid}), then run this command again")
+    assert (run / runlock.LOCK).is_file()  # left by the killed process, its lock gone with it
+    with runlock.locked(run):
+        assert (run / runlock.LOCK).read_text().startswith(f"{os.getpid()} ")
+    assert not (run / runlock.LOCK).exists()
