@@ -7,6 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 from iwae.data import datasets
 from iwae.runs import rundir
@@ -35,3 +39,31 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 def fresh_data_reports(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts as a fresh process would: no "reading <dataset> from ..." line printed yet."""
     monkeypatch.setattr(datasets, "_REPORTED", set())
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """Every matplotlib figure saved while the test runs, drawn (on an Agg canvas) so that its artists' extents
+    are those of the saved file."""
+    figures: list[Figure] = []
+    save = Figure.savefig
+
+    def savefig(fig: Figure, *args: object, **kwargs: object) -> None:
+        save(fig, *args, **kwargs)
+        FigureCanvasAgg(fig).draw()
+        figures.append(fig)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+def overlapping(boxes: list[Bbox]) -> list[tuple[Bbox, Bbox]]:
+    """The pairs of ``boxes`` that overlap."""
+    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
+def tick_label_boxes(axis: Axis) -> list[Bbox]:
+    """The window extents of ``axis``'s labelled ticks inside the axes' view (major and minor)."""
+    low, high = sorted(axis.get_view_interval())
+    return [tick.label1.get_window_extent() for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]
+            if tick.label1.get_visible() and tick.label1.get_text() and low <= tick.get_loc() <= high]

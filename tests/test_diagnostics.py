@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from scipy import stats
 from test_cli import one_line_error
 
+from iwae import plots
 from iwae.cli import main
 from iwae.core import bounds
 from iwae.core.objectives import loss
@@ -226,6 +228,19 @@ def test_diagnose_a_trained_run(tiny_dataset: str, tmp_path: Path, capsys: pytes
     slopes = json.loads((out / "slopes.json").read_text())
     assert set(slopes) == {"iwae", "piwae"} and set(slopes["iwae"]["stl"]) == {"inference", "generative"}
     assert (out / "snr.png").stat().st_size > 0
+
+
+def test_snr_legends_sit_outside_the_data(tmp_path: Path, saved_figures: list[Figure]) -> None:
+    model = GaussianToy.near_optimum(x := GaussianToy.sample_data(8, seed=0))
+    results = [gradient_snr(model, x, objective, ks=[1, 10], draws=3) for objective in ("iwae", "ciwae")]
+    plots.plot_snr(tmp_path / "snr.png", results, "toy", ["iwae", "ciwae"])
+    (fig,) = saved_figures
+    boxes = []
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent()
+        assert not legend.overlaps(ax.get_window_extent())
+        boxes += [legend, ax.get_tightbbox()]
+    assert all(fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1) for box in boxes)
 
 
 def test_a_grid_of_m(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import overlapping, tick_label_boxes
+from matplotlib.figure import Figure
+from PIL import Image
 
 from iwae import cli
 from iwae.runs import checkpoint, lone_run, reproduce, rundir
@@ -257,6 +260,23 @@ def test_a_table_of_which_no_cell_has_its_data_fails_and_says_so(tmp_path: Path)
         f"them): mnist: Downloading {(tmp_path / 'no-mirror').as_uri()}/mnist/train-images-idx3-ubyte.gz failed")
     assert "Traceback" not in done.stderr
     assert "## Missing" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("epochs", [2, 36, 3280])
+@pytest.mark.parametrize("cells", [1, 12])
+def test_curves_have_room_for_their_ticks(epochs: int, cells: int, tmp_path: Path,
+                                          saved_figures: list[Figure]) -> None:
+    curve = [(epoch, -100 + epoch / epochs) for epoch in range(1, epochs + 1)]
+    results = [reproduce.CellResult(f"cell-{i}", [0], [], [], None, "", 0.0, None, {0: curve}, None)
+               for i in range(cells)]
+    path = reproduce.plot_curves(tmp_path / "curves.png", "a heading that is longer than one panel is wide", results)
+    (fig,) = saved_figures
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            assert len(tick_label_boxes(axis)) >= 2
+            assert not overlapping(tick_label_boxes(axis))
+    with Image.open(path) as png:
+        assert png.size[0] >= 576 and png.size[1] >= 324  # a lone cell's too: 6.4 x 3.6 in at 90 dpi
 
 
 def test_every_table_has_a_grid_with_published_values_for_its_cells() -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
 from iwae import data
 from iwae.platform import distributed
@@ -499,8 +500,9 @@ def plot_curves(path: Path, heading: str, results: list[CellResult]) -> Path:
     """The test bound against epoch, one panel per cell, one line per seed."""
     columns = min(4, max(1, len(results)))
     rows_ = math.ceil(len(results) / columns)
-    fig = Figure(figsize=(3.2 * columns, 2.6 * rows_ + 0.6), layout="constrained")
-    fig.suptitle(textwrap.fill(heading, 15 * 3 * columns), fontsize=9)  # about 15 characters per inch
+    width = max(6.4, 3.2 * columns)  # a lone panel as wide as two, so that its ticks have room
+    fig = Figure(figsize=(width, max(3.6, 2.6 * rows_ + 0.6)), layout="constrained")
+    fig.suptitle(textwrap.fill(heading, int(15 * width)), fontsize=9)  # about 15 characters per inch
     for index, result in enumerate(results):
         ax = fig.add_subplot(rows_, columns, index + 1)
         ax.set_title(result.cell, fontsize=8)
@@ -512,6 +514,11 @@ def plot_curves(path: Path, heading: str, results: list[CellResult]) -> Path:
             ax.text(0.5, 0.5, "data missing", ha="center", va="center", transform=ax.transAxes)
         elif any(result.curves.values()):
             ax.set_xscale("log")
+            longest = max(len(curve) for curve in result.curves.values())
+            # epochs 1, 2, 5, 10, 20, 50, 100; beyond, the powers of 10 alone
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if longest <= 100 else (1.0,)))
+            ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())  # unlabelled: they crowd a short range
             ax.legend(fontsize=6)
         ax.set_xlabel("epoch", fontsize=7)
         ax.set_ylabel("test bound (nats)", fontsize=7)
