@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from matplotlib.transforms import Bbox
 
 from iwae.data import datasets
 from iwae.runs import rundir
+from iwae.training import signals
 
 # tests of the GPU's paths (CUDA graphs, its generators), run wherever a GPU is
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -23,6 +25,15 @@ def same_matmul_as(run: Path) -> list[str]:
     """The option that makes a new run multiply on the float32 path the run in ``run`` recorded. Each process
     otherwise times the paths itself, and two may choose differently (so round differently) on a busy machine."""
     return ["--matmul", rundir.read_json(run / rundir.CONFIG)["matmul"]]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Stop the session when a signal stops a training run that a test (or fixture) runs in this process and does
+    not expect to stop: the run's handler took the SIGTERM of ``timeout`` or the Ctrl-C meant for pytest."""
+    yield
+    if call.excinfo is not None and call.excinfo.errisinstance(signals.Interrupted):
+        item.session.shouldstop = f"{call.excinfo.value.signal.name} received during {item.nodeid}"
 
 
 @pytest.fixture(scope="session")

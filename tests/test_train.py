@@ -10,6 +10,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -400,3 +401,37 @@ def test_a_run_in_use_is_refused_naming_its_process_and_a_killed_ones_lock_block
     with runlock.locked(run):
         assert (run / runlock.LOCK).read_text().startswith(f"{os.getpid()} ")
     assert not (run / runlock.LOCK).exists()
+
+
+CAPPED_SESSION = '''
+import os
+from pathlib import Path
+
+from iwae.runs import lone_run
+from iwae.training.config import TrainConfig
+
+
+def test_a_long_run(tiny_dataset):
+    config = TrainConfig(dataset=tiny_dataset, epochs=100000, batch_size=8, k=4, eval_k=0, monitor_examples=8,
+                         device="cpu", matmul="default")
+    lone_run.train(config, Path(os.environ["RUN"]), progress=False)
+
+
+def test_after_it():
+    Path(os.environ["RUN"] + ".after").touch()
+'''
+
+
+def test_a_suite_stops_on_the_sigterm_of_timeout_during_an_in_process_run(tmp_path: Path) -> None:
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path)
+    (tmp_path / "test_capped.py").write_text(CAPPED_SESSION)
+    run = tmp_path / "run"
+    session = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                               cwd=tmp_path, env={**ENV, "RUN": str(run)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(run, session)
+    session.send_signal(signal.SIGTERM)  # as timeout does
+    out, _ = session.communicate(timeout=120)
+    assert session.returncode != 0, out
+    assert "SIGTERM received during test_capped.py::test_a_long_run" in out
+    assert not Path(f"{run}.after").exists(), out  # the session stopped there
