@@ -63,19 +63,20 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     config = resolve_compile(config, len(dataset.train))
     matmul = distributed.broadcast(training_matmul_path(config, x_dim, device))  # the ranks multiply alike
     config = replace(config, matmul=matmul)
-    with StopOnSignal() as stop, ExitStack() as held:  # from here on a signal waits for a checkpoint
-        parameters = (None if config.init_from is None
-                      else checkpoint.initial_parameters(Path(config.init_from), config.layers, x_dim))
-        state, model = start(config, dataset, parameters)  # the same on every rank
+    with ExitStack() as held:  # the run directory's lock, once it exists, until the run is evaluated
+        with StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
+            parameters = (None if config.init_from is None
+                          else checkpoint.initial_parameters(Path(config.init_from), config.layers, x_dim))
+            state, model = start(config, dataset, parameters)  # the same on every rank
 
-        def create() -> None:
-            rundir.create(run_dir)
-            held.enter_context(runlock.locked(run_dir))
-            rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
-            checkpoint.save(run_dir, state.checkpoint())
+            def create() -> None:
+                rundir.create(run_dir)
+                held.enter_context(runlock.locked(run_dir))
+                rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
+                checkpoint.save(run_dir, state.checkpoint())
 
-        distributed.on_rank_zero(create)
-        fit(LoneSeed(state, model, dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
+            distributed.on_rank_zero(create)
+            fit(LoneSeed(state, model, dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
         return finish(config, run_dir, device, progress, dataset)
 
 

@@ -58,21 +58,22 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     matmul = preflight.training_matmul_path(configs[0], x_dim, device, len(configs),
                                         functools.partial(stacked_timing_step, seeds=len(configs)))
     configs = [replace(c, matmul=matmul) for c in configs]
-    with StopOnSignal() as stop, ExitStack() as held:
-        if beside_finished:
-            out.mkdir(parents=True, exist_ok=True)
-        else:
-            rundir.create(out)
-        held.enter_context(runlock.locked(out))
-        dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
-        for config, path in zip(configs, dirs, strict=True):
-            rundir.write_json(path / rundir.CONFIG, asdict(config))
-        started = [start(c, dataset, None if c.init_from is None else
-                         checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)) for c in configs]
-        states = [state for state, _ in started]
-        _commit(out, dirs, states)
-        fit(StackedSeeds(states, [model for _, model in started], dataset), dataset, states[0], stop,
-            _stack_outputs(out, dirs))
+    with ExitStack() as held:  # the stack's lock, once its directory exists, until its seeds are evaluated
+        with StopOnSignal() as stop:
+            if beside_finished:
+                out.mkdir(parents=True, exist_ok=True)
+            else:
+                rundir.create(out)
+            held.enter_context(runlock.locked(out))
+            dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
+            for config, path in zip(configs, dirs, strict=True):
+                rundir.write_json(path / rundir.CONFIG, asdict(config))
+            started = [start(c, dataset, None if c.init_from is None else
+                             checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)) for c in configs]
+            states = [state for state, _ in started]
+            _commit(out, dirs, states)
+            fit(StackedSeeds(states, [model for _, model in started], dataset), dataset, states[0], stop,
+                _stack_outputs(out, dirs))
         return [lone_run.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
 
 
