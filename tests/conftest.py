@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 from iwae.data import datasets
 from iwae.runs import rundir
+from iwae.training import signals
 
 # tests of the GPU's paths (CUDA graphs, its generators), run wherever a GPU is
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -19,6 +25,15 @@ def same_matmul_as(run: Path) -> list[str]:
     """The option that makes a new run multiply on the float32 path the run in ``run`` recorded. Each process
     otherwise times the paths itself, and two may choose differently (so round differently) on a busy machine."""
     return ["--matmul", rundir.read_json(run / rundir.CONFIG)["matmul"]]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Stop the session when a signal stops a training run that a test (or fixture) runs in this process and does
+    not expect to stop: the run's handler took the SIGTERM of ``timeout`` or the Ctrl-C meant for pytest."""
+    yield
+    if call.excinfo is not None and call.excinfo.errisinstance(signals.Interrupted):
+        item.session.shouldstop = f"{call.excinfo.value.signal.name} received during {item.nodeid}"
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +50,31 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 def fresh_data_reports(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts as a fresh process would: no "reading <dataset> from ..." line printed yet."""
     monkeypatch.setattr(datasets, "_REPORTED", set())
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """Every matplotlib figure saved while the test runs, drawn (on an Agg canvas) so that its artists' extents
+    are those of the saved file."""
+    figures: list[Figure] = []
+    save = Figure.savefig
+
+    def savefig(fig: Figure, *args: object, **kwargs: object) -> None:
+        save(fig, *args, **kwargs)
+        FigureCanvasAgg(fig).draw()
+        figures.append(fig)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+def overlapping(boxes: list[Bbox]) -> list[tuple[Bbox, Bbox]]:
+    """The pairs of ``boxes`` that overlap."""
+    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
+def tick_label_boxes(axis: Axis) -> list[Bbox]:
+    """The window extents of ``axis``'s labelled ticks inside the axes' view (major and minor)."""
+    low, high = sorted(axis.get_view_interval())
+    return [tick.label1.get_window_extent() for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]
+            if tick.label1.get_visible() and tick.label1.get_text() and low <= tick.get_loc() <= high]

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
 from iwae import plots
 from iwae.cli import main
@@ -58,6 +60,25 @@ def test_fewer_images_than_columns_leave_no_empty_tiles() -> None:
     grid = plots.image_grid(torch.ones(7, 16), (4, 4), columns=10)
     assert grid.shape == (1 + 4 + 1, 1 + 7 * (4 + 1))
     assert plots.image_grid(torch.ones(17, 16), (4, 4), columns=10).shape == (1 + 2 * 5, 1 + 10 * 5)
+
+
+def test_samples_keep_their_aspect_and_a_small_grid_stays_legible(
+    finished_run: Path, saved_figures: list[Figure], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sample", str(finished_run), "--n", "20", "--device", "cpu"]) == 0  # 4x4 images, 10 a row
+    samples = finished_run / rundir.FIGURES / "samples.png"
+    assert capsys.readouterr().out.split()[0] == str(samples)
+    for fig in saved_figures[:2]:  # samples, reconstructions
+        for ax in fig.axes:
+            (image,) = ax.get_images()
+            rows, cols = image.get_array().shape
+            box = ax.get_window_extent()
+            assert ax.get_aspect() == 1.0
+            assert box.height / box.width == pytest.approx(rows / cols, rel=0.02)  # square pixels
+            assert box.width / cols * 120 / fig.dpi >= 2.4  # PNG pixels per image pixel, at the 120 dpi saved
+    with Image.open(samples) as png:
+        assert png.size[0] / png.size[1] == pytest.approx(
+            saved_figures[0].get_figwidth() / saved_figures[0].get_figheight(), rel=0.01)
 
 
 def test_bound_vs_k_labels_its_error_bars(finished_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,6 +274,17 @@ def test_damaged_lines_of_the_metrics_are_skipped(finished_run: Path, tmp_path: 
     assert main(["sample", str(run), "--n", "4", "--device", "cpu"]) == 0
     rundir.truncate_metrics(run, 1)
     assert rundir.read_metrics(run) == whole
+
+
+def test_an_npz_of_test_data_only_is_not_trained_on(tmp_path: Path) -> None:
+    path = tmp_path / "test-only.npz"
+    np.savez(path, test=np.zeros((20, 16), dtype=np.float32))
+    done = subprocess.run([sys.executable, "-m", "iwae.cli", "train", "--dataset", str(path), *TINY, "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"iwae: error: {path} holds only 'test', no 'train' array to train on; save the "
+                                   "training data beside it, e.g. numpy.savez(path, train=x_train, test=x_test).")
+    assert not (tmp_path / "run").exists()
 
 
 def test_reproduce_refuses_an_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -232,11 +232,16 @@ def test_user_array_refused(tmp_path, array, fragment):
 def test_user_npz_problems(tmp_path):
     np.savez(tmp_path / "keys.npz", a=np.zeros((4, 2)), b=np.zeros((4, 2)))
     np.savez(tmp_path / "widths.npz", train=np.zeros((4, 2)), test=np.zeros((4, 3)))
+    np.savez(tmp_path / "test.npz", test=np.zeros((4, 2)))
+    np.savez(tmp_path / "held-out.npz", valid=np.zeros((4, 2)), test=np.zeros((4, 2)))
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
     np.save(tmp_path / "objects.npy", np.array([[0.5, None]], dtype=object))
     cases = {
         "keys.npz": "holds arrays ['a', 'b']",
         "widths.npz": "different widths",
+        "test.npz": "holds only 'test', no 'train' array to train on; save the training data beside it, e.g. "
+                    "numpy.savez(path, train=x_train, test=x_test).",
+        "held-out.npz": "holds only 'valid' and 'test', no 'train' array",
         "junk.npz": "is truncated or damaged (BadZipFile); write it again with numpy",
         "objects.npy": "holds an array of Python objects (dtype object), not numbers; save a numeric array",
         "absent.npy": "does not exist",

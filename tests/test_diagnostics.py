@@ -6,14 +6,19 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from scipy import stats
 from test_cli import one_line_error
 
+from iwae import plots
 from iwae.cli import main
 from iwae.core import bounds
 from iwae.core.objectives import loss
@@ -160,7 +165,9 @@ def test_generative_gradient_is_the_same_for_every_estimator() -> None:
     (["--k", "0,10"], "positive integers"),
     (["--objectives", "miwae", "--m", "3", "--k", "3,10"], "does not divide 10"),
     (["--draws", "1"], "draws must be"),
-    (["--estimators", "standard,reinforce"], "unknown estimator 'reinforce'"),
+    (["--estimators", "standard,reinforce"], "estimator 'reinforce' is unknown; choose from standard, stl, dreg"),
+    (["--estimators", "rws"], "estimator 'rws' is a score-function estimator, and the diagnosis measures the "
+                              "reparameterized ones; choose from standard, stl, dreg"),
     (["--k", "1,x"], "comma-separated integers"),
     (["--objectives", "elbo"], "not diagnosed"),
     (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1; got -1"),
@@ -187,6 +194,17 @@ def test_an_output_directory_that_cannot_be_written_is_refused_before_the_work(
     assert blocker.read_text() == "a file, not a directory"
 
 
+def test_vimco_is_refused_as_not_diagnosed_whatever_the_k(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "iwae.cli", "diagnose", "snr", "--toy", "--estimators", "vimco",
+                           "--k", "3", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("iwae: error: estimator 'vimco' is a score-function estimator, and the diagnosis "
+                                   "measures the reparameterized ones; choose from standard, stl, dreg")
+    assert not out.exists()
+
+
 def test_needs_a_run_or_the_toy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "--toy" in one_line_error(capsys, ["diagnose", "snr", "--out", str(tmp_path / "out")])
 
@@ -210,6 +228,19 @@ def test_diagnose_a_trained_run(tiny_dataset: str, tmp_path: Path, capsys: pytes
     slopes = json.loads((out / "slopes.json").read_text())
     assert set(slopes) == {"iwae", "piwae"} and set(slopes["iwae"]["stl"]) == {"inference", "generative"}
     assert (out / "snr.png").stat().st_size > 0
+
+
+def test_snr_legends_sit_outside_the_data(tmp_path: Path, saved_figures: list[Figure]) -> None:
+    model = GaussianToy.near_optimum(x := GaussianToy.sample_data(8, seed=0))
+    results = [gradient_snr(model, x, objective, ks=[1, 10], draws=3) for objective in ("iwae", "ciwae")]
+    plots.plot_snr(tmp_path / "snr.png", results, "toy", ["iwae", "ciwae"])
+    (fig,) = saved_figures
+    boxes = []
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent()
+        assert not legend.overlaps(ax.get_window_extent())
+        boxes += [legend, ax.get_tightbbox()]
+    assert all(fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1) for box in boxes)
 
 
 def test_a_grid_of_m(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -237,6 +237,24 @@ def test_every_page_is_found_and_every_marker_says_why() -> None:
             assert block.not_run is None or block.not_run.strip(), block.where
 
 
+def test_the_pages_commands_write_under_runs() -> None:
+    """Every ``iwae`` command of a page writes under runs/ (which git ignores) or an absolute path, so that a reader
+    who runs the pages in the repository leaves it clean: no other relative --out, and no table whose default --out
+    is its name."""
+    elsewhere = []
+    for page in pages():
+        for block in blocks(page):
+            if block.language != "bash" or block.not_run is not None:
+                continue
+            for argv in commands(block.code):
+                if "iwae" in argv and len(argv) > argv.index("iwae") + 1:
+                    args = argv[argv.index("iwae") + 1:]
+                    out = option(args, "--out") or (args[1] if args[0] == "reproduce" else None)
+                    if out is not None and not out.startswith(("runs/", "/")):  # under runs/, or elsewhere
+                        elsewhere.append(f"{block.where}: {' '.join(argv)}")
+    assert not elsewhere, "commands that write outside runs/:\n" + "\n".join(elsewhere)
+
+
 def resolves(name: str) -> bool:
     """Whether a dotted name is a module of the package, or an attribute of one."""
     parts = name.split(".")

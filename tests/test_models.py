@@ -90,6 +90,38 @@ def test_bad_arguments() -> None:
         DeepLatentModel([GaussianLayer(4, [], 2)], [], StandardNormal(2))
 
 
+def test_data_of_another_dimension_is_refused_naming_the_models() -> None:
+    model = burda(1, x_dim=16)
+    message = (r"x has shape \(4, 17\), but the model is built for data of dimension x_dim=16; give x of shape "
+               r"\(B, 16\), or build the model for x_dim=17")
+    with pytest.raises(ValueError, match=message):
+        loss(model, torch.ones(4, 17), "iwae", k=3)
+    with pytest.raises(ValueError, match=message):
+        model.log_weights(torch.ones(4, 17), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])
+def test_data_of_another_dtype_is_cast_when_no_value_changes(dtype: torch.dtype) -> None:
+    model, x = burda(1, x_dim=16), (torch.rand(4, 16) < 0.5).float()
+    results = []
+    for given in (x, x.to(dtype)):
+        torch.manual_seed(0)
+        results.append(loss(model, given, "iwae", k=3, estimator="dreg"))
+        torch.manual_seed(0)
+        results.append(model.log_weights(given, 3))
+    assert torch.equal(results[0].loss, results[2].loss) and torch.equal(results[1], results[3])
+
+
+def test_data_that_a_cast_would_change_are_refused_naming_the_dtypes() -> None:
+    x = torch.full((4, 16), 0.1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x is float64, the model's parameters float32, and not every value of x is "
+                       r"exact in float32; give x.to\(torch.float32\), or move the model to float64 with "
+                       r"model.to\(torch.float64\)"):
+        loss(burda(1, x_dim=16), x, "iwae", k=3)
+    with pytest.warns(UserWarning, match="outside the support"):  # grey levels: only their dtype matters here
+        assert loss(burda(1, x_dim=16).double(), x, "iwae", k=3).loss.dtype == torch.float64
+
+
 class ConvEncoder(nn.Module):
     """A user's own encoder: any module returning a reparameterizable distribution over the latent."""
 

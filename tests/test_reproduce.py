@@ -9,11 +9,16 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import overlapping, tick_label_boxes
+from matplotlib.figure import Figure
+from PIL import Image
 
 from iwae import cli
 from iwae.runs import checkpoint, lone_run, reproduce, rundir
@@ -238,6 +243,40 @@ def test_bad_input_is_one_line_and_writes_nothing(argv: list[str], message: str,
     err = capsys.readouterr().err
     assert err.startswith(f"iwae: error: {message}") and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_table_of_which_no_cell_has_its_data_fails_and_says_so(tmp_path: Path) -> None:
+    out, empty = tmp_path / "out", tmp_path / "empty"
+    empty.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "IWAE_DATA_DIR"}, "OMP_NUM_THREADS": "1",
+           "IWAE_DATA_URL": (tmp_path / "no-mirror").as_uri()}  # no download from the network
+    done = subprocess.run([sys.executable, "-m", "iwae.cli", "reproduce", "dreg", "--cells", "dreg-k5", "--budget",
+                           "0.001", "--data-dir", str(empty), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[:-1] == ["iwae: dreg-k5: skipped, data missing"]
+    assert done.stderr.splitlines()[-1].startswith(
+        "iwae: error: no cell of dreg was trained, the data of every one missing (the report out/report.md lists "
+        f"them): mnist: Downloading {(tmp_path / 'no-mirror').as_uri()}/mnist/train-images-idx3-ubyte.gz failed")
+    assert "Traceback" not in done.stderr
+    assert "## Missing" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("epochs", [2, 36, 3280])
+@pytest.mark.parametrize("cells", [1, 12])
+def test_curves_have_room_for_their_ticks(epochs: int, cells: int, tmp_path: Path,
+                                          saved_figures: list[Figure]) -> None:
+    curve = [(epoch, -100 + epoch / epochs) for epoch in range(1, epochs + 1)]
+    results = [reproduce.CellResult(f"cell-{i}", [0], [], [], None, "", 0.0, None, {0: curve}, None)
+               for i in range(cells)]
+    path = reproduce.plot_curves(tmp_path / "curves.png", "a heading that is longer than one panel is wide", results)
+    (fig,) = saved_figures
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            assert len(tick_label_boxes(axis)) >= 2
+            assert not overlapping(tick_label_boxes(axis))
+    with Image.open(path) as png:
+        assert png.size[0] >= 576 and png.size[1] >= 324  # a lone cell's too: 6.4 x 3.6 in at 90 dpi
 
 
 def test_every_table_has_a_grid_with_published_values_for_its_cells() -> None:

@@ -4,9 +4,13 @@ checkpoint writes, continue to the parameters of an uninterrupted run, bit for b
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +22,8 @@ import pytest
 import torch
 from conftest import same_matmul_as
 
-from iwae.runs import checkpoint, evaluation, lone_run, rundir
+from iwae.platform import files
+from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
 from iwae.training import config as train_config
 from iwae.training import signals
 from iwae.training import step as train_step
@@ -285,3 +290,148 @@ def test_sigkill_at_random_moments_leaves_a_checkpoint_to_resume_exactly(
     run_to_completion(resume_command(run))
     assert_same_parameters(reference, run)
     assert [record["epoch"] for record in rundir.read_metrics(run)] == list(range(1, EPOCHS + 1))
+
+
+def test_resume_refuses_to_lose_a_checkpointed_epochs_record(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, 20, signal.SIGINT)  # after epoch 2 of 3, in epoch 3
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(tiny_config(tiny_dataset, matmul="default"), run, progress=False)  # no timing steps
+    assert checkpoint.load(run)["epoch"] == 2
+    lines = (run / rundir.METRICS).read_text().splitlines(keepends=True)
+    (run / rundir.METRICS).write_text(lines[0] + lines[1][:30])  # epoch 2's record cut short
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    done = subprocess.run(resume_command(run), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"iwae: error: {run / rundir.METRICS} has no whole record of epoch 2, though the checkpoint is after epoch 2 "
+        f"(a line was cut short or damaged); resuming would lose that record for good: restore metrics.jsonl from "
+        "a copy, or start a new run with a new --out")
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    (run / rundir.METRICS).write_text(lines[0] + lines[1] + lines[1][:30])  # a cut line of an epoch to repeat
+    run_to_completion(resume_command(run))
+    assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
+
+
+def interrupted_after_epoch_one(dataset: str, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of ``tiny_config`` (3 epochs of 8 steps) stopped in its second epoch, its checkpoint after epoch 1."""
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, 12, signal.SIGINT)
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(tiny_config(dataset, matmul="default"), run, progress=False)  # no timing steps
+    assert (checkpoint.load(run)["epoch"], checkpoint.load(run)["step"]) == (1, 4)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_what_is_needed(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    interrupted_after_epoch_one(tiny_dataset, run, monkeypatch)
+    before = (run / rundir.CHECKPOINT).read_bytes()
+    fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == rundir.CHECKPOINT + ".tmp":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(files.DiskFullError) as error:
+        lone_run.resume(run, progress=False)
+    assert re.fullmatch(
+        rf"no space to write {run / rundir.CHECKPOINT}: it needs [\d.]+ [KM]B on the disk mounted at /\S*, which has "
+        rf"[\d.]+ [KMG]?B free; checkpoint.pt is left as it was; free space there, then continue with: "
+        rf"iwae train --resume {run}", str(error.value)), str(error.value)
+    assert (run / rundir.CHECKPOINT).read_bytes() == before
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+    with pytest.raises(files.DiskFullError, match=r"needs [\d.]+ [KM]B on the disk mounted at .*, which has 1.0 KB "
+                       r"free; checkpoint.pt is left as it was"):
+        lone_run.resume(run, progress=False)
+    assert (run / rundir.CHECKPOINT).read_bytes() == before
+
+
+def shutil_usage(free: int) -> object:
+    """A ``shutil.disk_usage`` result with ``free`` bytes free."""
+    return type("Usage", (), {"total": 10**12, "used": 10**12 - free, "free": free})()
+
+
+def test_a_file_size_limit_stops_training_with_one_line_and_no_temporary_file(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    interrupted_after_epoch_one(tiny_dataset, run, monkeypatch)
+    before = (run / rundir.CHECKPOINT).read_bytes()
+    limit = len(before) // 2  # a checkpoint does not fit; a line of metrics does
+    done = subprocess.run(resume_command(run), env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert re.fullmatch(rf"iwae: error: cannot write {run / rundir.CHECKPOINT}: it needs [\d.]+ [KM]B, more than this "
+                        rf"process's file size limit allows; checkpoint.pt is left as it was; raise the limit "
+                        rf"\(ulimit -f\), then continue with: iwae train --resume {run}", line), line
+    assert (run / rundir.CHECKPOINT).read_bytes() == before
+    assert not (run / (rundir.CHECKPOINT + ".tmp")).exists()
+    run_to_completion(resume_command(run))
+    assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("seeds", [[], pytest.param(["--seeds", "2"], marks=pytest.mark.slow)])
+def test_a_run_in_use_is_refused_naming_its_process_and_a_killed_ones_lock_blocks_nothing(
+    tiny_dataset: str, tmp_path: Path, seeds: list[str]
+) -> None:
+    run = tmp_path / "run"
+    first = subprocess.Popen(train_command(tiny_dataset, "--out", str(run), "--epochs", "100000", "--matmul",
+                                           "default", *seeds), env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for_checkpoint(run / "seed-0" if seeds else run, first)
+        done = subprocess.run(resume_command(run), env=ENV, capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"iwae: error: {run} is in use by process {first.pid} (cli.py {' '.join(first.args[3:])}); wait for it to "
+        f"end, or stop it (kill {first.pid}), then run this command again")
+    assert (run / runlock.LOCK).is_file()  # left by the killed process, its lock gone with it
+    with runlock.locked(run):
+        assert (run / runlock.LOCK).read_text().startswith(f"{os.getpid()} ")
+    assert not (run / runlock.LOCK).exists()
+
+
+CAPPED_SESSION = '''
+import os
+from pathlib import Path
+
+from iwae.runs import lone_run
+from iwae.training.config import TrainConfig
+
+
+def test_a_long_run(tiny_dataset):
+    config = TrainConfig(dataset=tiny_dataset, epochs=100000, batch_size=8, k=4, eval_k=0, monitor_examples=8,
+                         device="cpu", matmul="default")
+    lone_run.train(config, Path(os.environ["RUN"]), progress=False)
+
+
+def test_after_it():
+    Path(os.environ["RUN"] + ".after").touch()
+'''
+
+
+def test_a_suite_stops_on_the_sigterm_of_timeout_during_an_in_process_run(tmp_path: Path) -> None:
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path)
+    (tmp_path / "test_capped.py").write_text(CAPPED_SESSION)
+    run = tmp_path / "run"
+    session = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                               cwd=tmp_path, env={**ENV, "RUN": str(run)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(run, session)
+    session.send_signal(signal.SIGTERM)  # as timeout does
+    out, _ = session.communicate(timeout=120)
+    assert session.returncode != 0, out
+    assert "SIGTERM received during test_capped.py::test_a_long_run" in out
+    assert not Path(f"{run}.after").exists(), out  # the session stopped there

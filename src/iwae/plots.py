@@ -68,21 +68,30 @@ def image_grid(images: Tensor, shape: tuple[int, int], columns: int) -> np.ndarr
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     write_atomic(path, lambda file: fig.savefig(file, format="png", dpi=120))
     return path
 
 
 def plot_images(path: Path, panels: dict[str, np.ndarray]) -> Path:
-    """One or more image grids side by side, titled by the keys of ``panels``."""
-    widths = [min(12.0, max(3.0, 4.0 * grid.shape[1] / grid.shape[0])) for grid in panels.values()]  # 4 in high
-    fig = Figure(figsize=(sum(widths) + 0.3 * len(panels), 4.4))
+    """One or more image grids side by side, titled by the keys of ``panels``, each pixel square: the figure is
+    sized to the grids, drawn at one scale (4 in high, or 12 in wide in all if they are wider than 3:1, and never
+    under ``MIN_PIXEL_IN`` a pixel, so that a small grid stays legible)."""
+    rows = max(grid.shape[0] for grid in panels.values())
+    cols = sum(grid.shape[1] for grid in panels.values())
+    scale = max(MIN_PIXEL_IN, min(4.0 / rows, 12.0 / cols))
+    fig = Figure(figsize=(max(2.0, cols * scale + 0.2 * len(panels)), max(1.0, rows * scale) + 0.5),
+                 layout="constrained")
     for i, (title, grid) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
         ax.set_title(title)
         ax.set_axis_off()
     return _save(fig, path)
+
+
+MIN_PIXEL_IN = 0.02  # inches drawn per pixel of an image grid, at least: 2.4 pixels of the PNG, at 120 dpi
 
 
 def plot_training(path: Path, metrics: list[dict[str, Any]]) -> Path:
@@ -140,7 +149,7 @@ def plot_ais_vs_steps(path: Path, result: dict[str, Any]) -> Path:
 def plot_snr(path: Path, results: Sequence[Any], title: str, names: Sequence[str]) -> Path:
     """Gradient SNR against K on log-log axes (``iwae.eval.snr_diagnostics.SNRResult`` s, titled ``names``): one panel
     per result, one line per estimator and network, with standard-error bars and the fitted slopes in the legend."""
-    fig = Figure(figsize=(5.2 * len(results), 4.2))
+    fig = Figure(figsize=(5.2 * len(results), 5.4), layout="constrained")
     for i, (name, result) in enumerate(zip(names, results, strict=True)):
         ax = fig.add_subplot(1, len(results), i + 1)
         for estimator, by_network in result.slopes.items():
@@ -152,5 +161,5 @@ def plot_snr(path: Path, results: Sequence[Any], title: str, names: Sequence[str
                             label=f"{estimator}, {network} (slope {slope.slope:+.2f} ± {slope.se:.2f})")
         ax.set(xscale="log", yscale="log", xlabel="K (samples per example)", ylabel="gradient SNR",
                title=f"{title}: {name}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)  # below, off the data
     return _save(fig, path)

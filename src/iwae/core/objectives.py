@@ -169,7 +169,7 @@ def loss(
     Args:
       model: a ``DeepLatentModel`` (or any module with its ``sample_posterior``, ``log_joint`` and
         ``log_posterior``).
-      x: a batch of data, shape (B, D).
+      x: a batch of data, shape (B, D): checked and cast by ``DeepLatentModel.as_input``.
       objective: an ``Objective`` or its name (then ``k``, ``m``, ``beta`` and ``alpha`` configure it).
       estimator: "standard", "stl" or "dreg" (the inference network's gradient), or for a q that cannot be
         reparameterized, "vimco" or "rws" (see ``iwae.core.score_function``; objective iwae only).
@@ -180,6 +180,8 @@ def loss(
     """
     obj = objective if isinstance(objective, Objective) else Objective(objective, k, m, beta, alpha)
     obj.check_estimator(estimator)
+    if isinstance(model, DeepLatentModel):
+        x = model.as_input(x)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
     if estimator in score_function.ESTIMATORS:

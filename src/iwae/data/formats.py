@@ -99,7 +99,8 @@ def read_chardata(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_user_arrays(path: Path) -> dict[str, np.ndarray]:
-    """A user's .npy (one array) or .npz (arrays ``train`` and optionally ``valid``/``test``, or just one).
+    """A user's .npy (one array) or .npz (arrays ``train`` and optionally ``valid``/``test``, or just one, the
+    training set, unless named ``valid`` or ``test``).
 
     Returns a dict with key ``train`` and any of ``valid``/``test`` present, each checked by
     ``check_unit_interval`` and of shape (N, D) with the same D.
@@ -129,6 +130,12 @@ def read_user_arrays(path: Path) -> dict[str, np.ndarray]:
         raise DataError(
             f"{path} is truncated or damaged ({type(error).__name__}); write it again with numpy."
         ) from error
+    if set(arrays) in ({"test"}, {"valid"}, {"valid", "test"}):
+        held_out = " and ".join(f"'{key}'" for key in sorted(arrays, reverse=True))
+        raise DataError(
+            f"{path} holds only {held_out}, no 'train' array to train on; save the training data beside it, "
+            "e.g. numpy.savez(path, train=x_train, test=x_test)."
+        )
     if len(arrays) == 1:
         arrays = {"train": next(iter(arrays.values()))}
     if "train" not in arrays or not set(arrays) <= {"train", "valid", "test"}:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from iwae.core.objectives import REPARAMETERIZED_ESTIMATORS, SETTING_READERS, Objective, loss
+from iwae.core.objectives import ESTIMATORS, REPARAMETERIZED_ESTIMATORS, SETTING_READERS, Objective, loss
 from iwae.platform import memory
 from iwae.platform.device import seeded
 
@@ -173,6 +173,10 @@ def check_settings(objective: str | Objective, estimators: Sequence[str], ks: Se
     if not estimators:
         raise ValueError("no estimators given; choose from " + ", ".join(REPARAMETERIZED_ESTIMATORS))
     for estimator in estimators:
+        if estimator not in REPARAMETERIZED_ESTIMATORS:
+            what = ("is a score-function estimator, and the diagnosis measures the reparameterized ones"
+                    if estimator in ESTIMATORS else "is unknown")
+            raise ValueError(f"estimator {estimator!r} {what}; choose from {', '.join(REPARAMETERIZED_ESTIMATORS)}")
         objective.check_estimator(estimator)
     if objective.name in SETTING_READERS["m"]:
         bad = [k for k in ks if k % objective.m]

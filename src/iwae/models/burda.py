@@ -35,7 +35,7 @@ def burda(layers: int, x_dim: int = 784, train_mean: Tensor | None = None) -> De
         observation = BernoulliLayer if level == 0 else GaussianLayer
         decoder.append(observation(z_dim, hidden[::-1], in_dim))
         in_dim = z_dim
-    model = DeepLatentModel(encoder, decoder, StandardNormal(in_dim))
+    model = DeepLatentModel(encoder, decoder, StandardNormal(in_dim), x_dim=x_dim)
     glorot_init_(model)
     if train_mean is not None:
         model.decoder[0].set_output_bias(train_mean)

@@ -135,7 +135,7 @@ def sbn(widths: Sequence[int], x_dim: int = 784, train_mean: Tensor | None = Non
     dims = [x_dim, *widths]
     encoder = [BernoulliLayer(below, (), above) for below, above in itertools.pairwise(dims)]
     decoder = [BernoulliLayer(above, (), below) for below, above in itertools.pairwise(dims)]
-    model = DeepLatentModel(encoder, decoder, BernoulliPrior(widths[-1]))
+    model = DeepLatentModel(encoder, decoder, BernoulliPrior(widths[-1]), x_dim=x_dim)
     glorot_init_(model)
     if train_mean is not None:
         model.decoder[0].set_output_bias(train_mean)

@@ -58,7 +58,8 @@ class GaussianToy(DeepLatentModel):
     def __init__(self, dim: int = 20) -> None:
         if dim < 1:
             raise ValueError(f"dim must be a positive dimension; got {dim}")
-        super().__init__([_FixedVarianceEncoder(dim, Q_VARIANCE)], [_UnitNoiseLikelihood()], GaussianPrior(dim))
+        super().__init__([_FixedVarianceEncoder(dim, Q_VARIANCE)], [_UnitNoiseLikelihood()], GaussianPrior(dim),
+                         x_dim=dim)
         with torch.no_grad():
             self.q.weight.copy_(torch.eye(dim) / 2)
             self.q.bias.zero_()

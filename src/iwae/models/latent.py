@@ -39,13 +39,15 @@ class DeepLatentModel(nn.Module):
         and DReG estimators, or any (e.g. Bernoulli) for the score-function estimators VIMCO and RWS.
       decoder: p's conditional layers, bottom-up: ``decoder[l](z_{l+1})`` is p(z_l | z_{l+1}), with z_0 = x.
       prior: a module called with no input that returns p(z_L).
+      x_dim: the data's dimension D, if known: ``as_input`` then refuses data of another dimension, naming both.
 
     ``self.encoder`` holds all of q's parameters and ``self.decoder`` all of p's: the conditionals
     (``self.conditionals``), then the prior (``self.prior``), under the parameter names decoder.<l>.* that
     checkpoints use.
     """
 
-    def __init__(self, encoder: Sequence[nn.Module], decoder: Sequence[nn.Module], prior: nn.Module) -> None:
+    def __init__(self, encoder: Sequence[nn.Module], decoder: Sequence[nn.Module], prior: nn.Module, *,
+                 x_dim: int | None = None) -> None:
         super().__init__()
         if len(encoder) != len(decoder) or not encoder:
             raise ValueError(
@@ -55,6 +57,28 @@ class DeepLatentModel(nn.Module):
         self.encoder = nn.ModuleList(encoder)
         self.decoder = nn.ModuleList([*decoder, prior])
         self._support_checked = False
+        self.x_dim = x_dim
+
+    def as_input(self, x: Tensor) -> Tensor:
+        """``x`` checked to fit the model: of its dimension ``x_dim`` (if known), and of its parameters' dtype,
+        cast to it where every value stays the same (integers or bools, and 0/1 or 8-bit data in float64).
+
+        Raises:
+            ValueError: naming the model's x_dim or dtype and the fix, rather than a failure deep inside torch.
+        """
+        if self.x_dim is not None and (x.dim() == 0 or x.shape[-1] != self.x_dim):
+            raise ValueError(f"x has shape {tuple(x.shape)}, but the model is built for data of dimension "
+                             f"x_dim={self.x_dim}; give x of shape (B, {self.x_dim}), or build the model for "
+                             f"x_dim={x.shape[-1] if x.dim() else 'D'}")
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        if dtype is None or x.dtype == dtype:
+            return x
+        cast = x.to(dtype) if not x.is_complex() else None
+        if cast is None or not torch.equal(cast.to(x.dtype), x):
+            raise ValueError(f"x is {_name(x.dtype)}, the model's parameters {_name(dtype)}, and not every value of x "
+                             f"is exact in {_name(dtype)}; give x.to({dtype}), or move the model to {_name(x.dtype)} "
+                             f"with model.to({x.dtype})")
+        return cast
 
     @property
     def prior(self) -> nn.Module:
@@ -127,9 +151,16 @@ class DeepLatentModel(nn.Module):
         return log_q
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
-        """log w_i = log p(x, z_i) - log q(z_i | x) for k draws z_i ~ q(z | x); shape (k, B)."""
+        """log w_i = log p(x, z_i) - log q(z_i | x) for k draws z_i ~ q(z | x); shape (k, B). ``x`` as
+        ``as_input`` takes it."""
+        x = self.as_input(x)
         sample = self.sample_posterior(x, k)
         return self.log_joint(x, sample.z) - self.log_posterior(x, sample)
+
+
+def _name(dtype: torch.dtype) -> str:
+    """``dtype`` as torch names it, without the module: float32, int64."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _frozen(layer: nn.Module, given: Tensor, q: Distribution) -> Distribution:

@@ -71,7 +71,7 @@ class LinearGaussian(DeepLatentModel):
 
     def __init__(self, x_dim: int, z_dim: int, sigma: float = 1.0, generator: torch.Generator | None = None):
         super().__init__([AffineGaussianEncoder(x_dim, z_dim)], [LinearGaussianLikelihood(z_dim, x_dim)],
-                         GaussianPrior(z_dim))
+                         GaussianPrior(z_dim), x_dim=x_dim)
         with torch.no_grad():
             for p in self.parameters():
                 p.normal_(0.0, p.shape[-1] ** -0.5 if p.dim() else 1.0, generator=generator)

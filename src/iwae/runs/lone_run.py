@@ -8,6 +8,7 @@ batch, the step sums the ranks' gradients, and rank 0 alone writes; the trajecto
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from iwae import data
 from iwae.platform import distributed
 from iwae.platform.device import resolve_device
-from iwae.runs import checkpoint, evaluation, rundir
+from iwae.runs import checkpoint, evaluation, rundir, runlock
 from iwae.runs import figures as run_figures
 from iwae.training.config import TrainConfig, resolve_compile, resumed_config
 from iwae.training.lone import LoneSeed
@@ -62,19 +63,21 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     config = resolve_compile(config, len(dataset.train))
     matmul = distributed.broadcast(training_matmul_path(config, x_dim, device))  # the ranks multiply alike
     config = replace(config, matmul=matmul)
-    with StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
-        parameters = (None if config.init_from is None
-                      else checkpoint.initial_parameters(Path(config.init_from), config.layers, x_dim))
-        state, model = start(config, dataset, parameters)  # the same on every rank
+    with ExitStack() as held:  # the run directory's lock, once it exists, until the run is evaluated
+        with StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
+            parameters = (None if config.init_from is None
+                          else checkpoint.initial_parameters(Path(config.init_from), config.layers, x_dim))
+            state, model = start(config, dataset, parameters)  # the same on every rank
 
-        def create() -> None:
-            rundir.create(run_dir)
-            rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
-            checkpoint.save(run_dir, state.checkpoint())
+            def create() -> None:
+                rundir.create(run_dir)
+                held.enter_context(runlock.locked(run_dir))
+                rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
+                checkpoint.save(run_dir, state.checkpoint())
 
-        distributed.on_rank_zero(create)
-        fit(LoneSeed(state, model, dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
-    return finish(config, run_dir, device, progress, dataset)
+            distributed.on_rank_zero(create)
+            fit(LoneSeed(state, model, dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
+        return finish(config, run_dir, device, progress, dataset)
 
 
 def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bool | None = None
@@ -86,21 +89,23 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
 
     Raises:
       CheckpointError: for a missing or unreadable checkpoint. ValueError: naming every setting in
-        ``changes`` that differs from the run's.
+        ``changes`` that differs from the run's. RunInUseError: while another process trains or evaluates the run.
     """
-    saved = checkpoint.load(run_dir)
-    state = TrainingState.from_checkpoint(saved, resumed_config(saved["config"], changes, run_dir))
-    config = state.config
-    if state.epoch == config.epochs and (run_dir / rundir.EVAL).is_file():
-        print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
-        return rundir.read_json(run_dir / rundir.EVAL)
-    device = resolve_device(config.device)
-    dataset = load_training_data(config, device)
-    check_training_memory(config, state.x_dim, device)
-    with StopOnSignal() as stop:
-        distributed.on_rank_zero(lambda: rundir.truncate_metrics(run_dir, state.epoch))
-        fit(LoneSeed(state, state.new_model(), dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
-    return finish(config, run_dir, device, progress, dataset)
+    with runlock.locked(run_dir) if distributed.rank() == 0 and run_dir.is_dir() else nullcontext():
+        saved = checkpoint.load(run_dir)
+        state = TrainingState.from_checkpoint(saved, resumed_config(saved["config"], changes, run_dir))
+        config = state.config
+        if state.epoch == config.epochs and (run_dir / rundir.EVAL).is_file():
+            print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
+            return rundir.read_json(run_dir / rundir.EVAL)
+        rundir.check_metrics(run_dir, state.epoch)
+        device = resolve_device(config.device)
+        dataset = load_training_data(config, device)
+        check_training_memory(config, state.x_dim, device)
+        with StopOnSignal() as stop:
+            distributed.on_rank_zero(lambda: rundir.truncate_metrics(run_dir, state.epoch))
+            fit(LoneSeed(state, state.new_model(), dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
+        return finish(config, run_dir, device, progress, dataset)
 
 
 def finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: bool | None,

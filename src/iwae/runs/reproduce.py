@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
 from iwae import data
 from iwae.platform import distributed
@@ -292,6 +293,9 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
 
     Returns:
       The paths of the report files (none on ranks other than 0).
+
+    Raises:
+      DataError: after writing the report, if the data of every cell is missing, so none was trained.
     """
     check(table, options)
     rundir.check_writable(out)
@@ -317,7 +321,12 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
                     what = run_cell(configs[cell.name], out / cell.name, changes=changes, progress=progress)
                 say(f"{cell.name}: {what}{where}")
         distributed.wait_for_all()
-    return distributed.on_rank_zero(lambda: write_report(table, out, cells, options, missing)) or {}
+    paths = distributed.on_rank_zero(lambda: write_report(table, out, cells, options, missing)) or {}
+    if cells and all(cell.settings["dataset"] in missing for cell in cells):
+        raise data.DataError(f"no cell of {table} was trained, the data of every one missing (the report "
+                             f"{shown(out / 'report.md')} lists them): "
+                             + "; ".join(f"{dataset}: {reason}" for dataset, reason in sorted(missing.items())))
+    return paths
 
 
 def levels(cells: list[Cell]) -> list[list[Cell]]:
@@ -491,8 +500,9 @@ def plot_curves(path: Path, heading: str, results: list[CellResult]) -> Path:
     """The test bound against epoch, one panel per cell, one line per seed."""
     columns = min(4, max(1, len(results)))
     rows_ = math.ceil(len(results) / columns)
-    fig = Figure(figsize=(3.2 * columns, 2.6 * rows_ + 0.6), layout="constrained")
-    fig.suptitle(textwrap.fill(heading, 15 * 3 * columns), fontsize=9)  # about 15 characters per inch
+    width = max(6.4, 3.2 * columns)  # a lone panel as wide as two, so that its ticks have room
+    fig = Figure(figsize=(width, max(3.6, 2.6 * rows_ + 0.6)), layout="constrained")
+    fig.suptitle(textwrap.fill(heading, int(15 * width)), fontsize=9)  # about 15 characters per inch
     for index, result in enumerate(results):
         ax = fig.add_subplot(rows_, columns, index + 1)
         ax.set_title(result.cell, fontsize=8)
@@ -504,6 +514,11 @@ def plot_curves(path: Path, heading: str, results: list[CellResult]) -> Path:
             ax.text(0.5, 0.5, "data missing", ha="center", va="center", transform=ax.transAxes)
         elif any(result.curves.values()):
             ax.set_xscale("log")
+            longest = max(len(curve) for curve in result.curves.values())
+            # epochs 1, 2, 5, 10, 20, 50, 100; beyond, the powers of 10 alone
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if longest <= 100 else (1.0,)))
+            ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())  # unlabelled: they crowd a short range
             ax.legend(fontsize=6)
         ax.set_xlabel("epoch", fontsize=7)
         ax.set_ylabel("test bound (nats)", fontsize=7)

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from iwae.platform.files import write_atomic
+from iwae.platform.files import append_durably, write_atomic
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -108,10 +108,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one epoch's metrics as a JSON line and flush it to disk."""
-    with (run_dir / METRICS).open("a") as file:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
+    append_durably(run_dir / METRICS, json.dumps(record) + "\n")
+
+
+def check_metrics(run_dir: Path, epochs: int) -> None:
+    """Raise RunDirError unless the metrics hold a record of each of the first ``epochs`` epochs: those a run
+    resumed from a checkpoint after ``epochs`` epochs does not repeat, so a record missing among them (a line
+    cut short or damaged after the epoch was checkpointed) could not be written again."""
+    recorded = {record["epoch"] for record in read_metrics(run_dir)}
+    missing = [epoch for epoch in range(1, epochs + 1) if epoch not in recorded]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise RunDirError(
+            f"{run_dir / METRICS} has no whole record of epoch {shown}, though the checkpoint is after epoch "
+            f"{epochs} (a line was cut short or damaged); resuming would lose that record for good: restore "
+            f"{METRICS} from a copy, or start a new run with a new --out"
+        )
 
 
 def truncate_metrics(run_dir: Path, epochs: int) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from iwae.platform.device import resolve_device
-from iwae.runs import checkpoint, lone_run, rundir
+from iwae.runs import checkpoint, lone_run, rundir, runlock
 from iwae.training import preflight
 from iwae.training.config import TrainConfig, resolve_compile, resumed_config
 from iwae.training.loop import Outputs, fit
@@ -57,21 +58,23 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     matmul = preflight.training_matmul_path(configs[0], x_dim, device, len(configs),
                                         functools.partial(stacked_timing_step, seeds=len(configs)))
     configs = [replace(c, matmul=matmul) for c in configs]
-    with StopOnSignal() as stop:
-        if beside_finished:
-            out.mkdir(parents=True, exist_ok=True)
-        else:
-            rundir.create(out)
-        dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
-        for config, path in zip(configs, dirs, strict=True):
-            rundir.write_json(path / rundir.CONFIG, asdict(config))
-        started = [start(c, dataset, None if c.init_from is None else
-                         checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)) for c in configs]
-        states = [state for state, _ in started]
-        _commit(out, dirs, states)
-        fit(StackedSeeds(states, [model for _, model in started], dataset), dataset, states[0], stop,
-            _stack_outputs(out, dirs))
-    return [lone_run.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
+    with ExitStack() as held:  # the stack's lock, once its directory exists, until its seeds are evaluated
+        with StopOnSignal() as stop:
+            if beside_finished:
+                out.mkdir(parents=True, exist_ok=True)
+            else:
+                rundir.create(out)
+            held.enter_context(runlock.locked(out))
+            dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
+            for config, path in zip(configs, dirs, strict=True):
+                rundir.write_json(path / rundir.CONFIG, asdict(config))
+            started = [start(c, dataset, None if c.init_from is None else
+                             checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)) for c in configs]
+            states = [state for state, _ in started]
+            _commit(out, dirs, states)
+            fit(StackedSeeds(states, [model for _, model in started], dataset), dataset, states[0], stop,
+                _stack_outputs(out, dirs))
+        return [lone_run.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
 
 
 def is_stacked(path: Path) -> bool:
@@ -82,7 +85,13 @@ def is_stacked(path: Path) -> bool:
 def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress: bool | None = None
                    ) -> list[dict | None]:
     """Continue the stacked run in ``out`` from its last committed checkpoint, and evaluate each seed.
-    ``changes`` as for ``lone_run.resume``, applied to every seed (e.g. a new ``data_dir``)."""
+    ``changes`` as for ``lone_run.resume``, applied to every seed (e.g. a new ``data_dir``). RunInUseError while
+    another process trains or evaluates the stack."""
+    with runlock.locked(out) if out.is_dir() else nullcontext():
+        return _resume_stacked(out, changes, progress)
+
+
+def _resume_stacked(out: Path, changes: dict[str, Any] | None, progress: bool | None) -> list[dict | None]:
     record = rundir.read_json(out / STACK)
     dirs = [out / f"seed-{s}" for s in record["seeds"]]
     for path in dirs:  # complete (or discard) an interrupted commit
@@ -104,6 +113,8 @@ def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress
         return [rundir.read_json(d / rundir.EVAL) if c.eval_k else None for d, c in zip(dirs, configs, strict=True)]
     if len({(state.epoch, state.step) for state in states}) != 1:
         raise ValueError(f"the seeds of {out} are at different positions; resume each with iwae train --resume")
+    for path, state in zip(dirs, states, strict=True):
+        rundir.check_metrics(path, state.epoch)
     dataset = lone_run.load_training_data(configs[0], device)
     preflight.check_training_memory(configs[0], states[0].x_dim, device, seeds=len(configs))
     with StopOnSignal() as stop:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from iwae.data import Dataset
 from iwae.platform import distributed
+from iwae.platform.files import DiskFullError
 from iwae.training.config import TrainConfig, learning_rate, schedule
 from iwae.training.signals import Interrupted, StopOnSignal
 from iwae.training.state import TrainingState
@@ -81,6 +82,7 @@ def fit(seeds: Seeds, dataset: Dataset, start: TrainingState, stop: StopOnSignal
     Raises:
       Interrupted: after checkpointing, when ``stop`` received a signal.
       FloatingPointError: when an epoch's training bound is not finite (the last checkpoint is the epoch before).
+      DiskFullError: when a checkpoint or a record cannot be written for want of space (the last checkpoint kept).
     """
     _Loop(seeds, dataset, start, stop, outputs).run()
 
@@ -113,8 +115,12 @@ class _Loop:
                 bounds = " ".join(f"{b:.2f}" for b in self.bounds) or "-"  # known once per epoch
                 bar.set_postfix_str(f"epoch {self.epoch + 1}/{config.epochs} stage {stage + 1}/{len(self.stages)} "
                                     f"lr {lr:.1e} train bound {bounds}", refresh=False)
-                self._train_epoch(bar)
-                self._end_epoch(stage, lr, bar)
+                try:
+                    self._train_epoch(bar)
+                    self._end_epoch(stage, lr, bar)
+                except DiskFullError as error:
+                    raise DiskFullError(f"{error}, then continue with: iwae train --resume {self.outputs.where}"
+                                        ) from error
         stopped = self.stop.agreed()
         distributed.barrier()  # rank 0 has written the last checkpoint, which every rank evaluates
         if stopped:

@@ -8,8 +8,9 @@ seed s's parameters is seed s's own gradient, and Adam (elementwise) takes each 
 Each seed draws its random numbers as ``iwae train --seed s`` alone does: its initialisation from torch's
 global generator seeded with its model seed, its permutations and binarizations from its own data generator,
 and its ``rsample`` noise from its own generator that continues the global generator's stream after its
-initialisation. So seed s follows the lone run's trajectory, up to the float rounding of batched matrix
-multiplies. A stack multiplies on the float32 path that is faster for its own step
+initialisation. So seed s follows the lone run's trajectory: bit for bit when the step is compiled on a CPU, up to
+float32 rounding eagerly (torch's eager kernels of the reductions over K and of the batched products round a
+stack's tensors differently) and on a GPU. A stack multiplies on the float32 path that is faster for its own step
 (``iwae.training.preflight.training_matmul_path``), which it records; a lone run given that path (``--matmul``)
 multiplies alike, and one on the other path drifts from it by the rounding of the two paths.
 
