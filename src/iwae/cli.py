@@ -19,9 +19,19 @@ from iwae import __version__, data
 from iwae.core.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS, SETTING_READERS
 from iwae.eval import likelihood, snr_diagnostics, splits
 from iwae.models import GaussianToy
-from iwae.platform import distributed, heap
+from iwae.platform import distributed, duration, heap
 from iwae.platform.device import resolve_device
-from iwae.runs import checkpoint, evaluate_ais, evaluation, lone_run, reproduce, rundir, snr_report, stacked_run
+from iwae.runs import (
+    checkpoint,
+    evaluate_ais,
+    evaluation,
+    lone_run,
+    reproduce,
+    resumable,
+    rundir,
+    snr_report,
+    stacked_run,
+)
 from iwae.runs import figures as run_figures
 from iwae.settings import SettingError, check_seed
 from iwae.training import config as train_config
@@ -129,6 +139,13 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the evaluation passes (torch.compile), or not; default: compile evaluations of "
                         f"at least {evaluation.AUTO_COMPILE_SAMPLES:,} samples (examples times k)")
+    parser.add_argument("--checkpoint-every", type=float, default=resumable.SAVE_EVERY_S, dest="save_every_s",
+                        metavar="SECONDS", help="write the finished part of the evaluation this often, beside its "
+                        "result; run the same command again after a kill to continue from it (default: "
+                        f"{resumable.SAVE_EVERY_S:g})")
+    parser.add_argument("--no-time-limit", action="store_const", const=None, default=duration.TIME_LIMIT_S,
+                        dest="time_limit_s", help="run an evaluation estimated to take longer than "
+                        f"{duration.format_duration(duration.TIME_LIMIT_S)}, rather than refuse it")
     gold = parser.add_argument_group("annealed importance sampling (--method ais or bdmc)")
     gold.add_argument("--method", choices=("is", "ais", "bdmc"), default="is",
                       help="is: importance sampling (eval.json); ais: AIS and IS on the same examples "
@@ -324,7 +341,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     result = evaluation.evaluate_run(
         args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
-        compile=args.compile,
+        compile=args.compile, save_every_s=args.save_every_s, time_limit_s=args.time_limit_s,
     )
     print(evaluation.format_evaluation(result))
     examples = evaluation.examples_evaluated(args.examples, result["examples"])
