@@ -143,6 +143,9 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
                         metavar="SECONDS", help="write the finished part of the evaluation this often, beside its "
                         "result; run the same command again after a kill to continue from it (default: "
                         f"{resumable.SAVE_EVERY_S:g})")
+    parser.add_argument("--matmul", metavar="NAME", help="the CPU's float32 matrix-multiply path: default (torch's "
+                        "BLAS) or onednn; unset, that of the evaluation being continued, else the faster on a pass, "
+                        "timed as it starts")
     parser.add_argument("--no-time-limit", action="store_const", const=None, default=duration.TIME_LIMIT_S,
                         dest="time_limit_s", help="run an evaluation estimated to take longer than "
                         f"{duration.format_duration(duration.TIME_LIMIT_S)}, rather than refuse it")
@@ -341,7 +344,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     result = evaluation.evaluate_run(
         args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
-        compile=args.compile, save_every_s=args.save_every_s, time_limit_s=args.time_limit_s,
+        compile=args.compile, save_every_s=args.save_every_s, time_limit_s=args.time_limit_s, matmul=args.matmul,
     )
     print(evaluation.format_evaluation(result))
     examples = evaluation.examples_evaluated(args.examples, result["examples"])

@@ -112,6 +112,7 @@ def evaluate_run(
     loaded: data.Dataset | None = None,
     save_every_s: float | None = resumable.SAVE_EVERY_S,
     time_limit_s: float | None = duration.TIME_LIMIT_S,
+    matmul: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint and write the result as JSON in the run directory.
 
@@ -132,6 +133,8 @@ def evaluate_run(
       save_every_s: write the finished batches beside the result this often (``iwae.runs.resumable``), so that
         the evaluation, run again with the same setting after a kill, continues from them; None: never.
       time_limit_s: refuse an evaluation estimated (from a timed pass) to take longer; None: no limit.
+      matmul: the float32 matrix-multiply path on a CPU ("default" or "onednn"); None: that of the evaluation
+        being continued, else the faster on a pass, timed as it starts (``iwae.platform.gemm``).
 
     Returns:
       The result also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``
@@ -156,6 +159,8 @@ def evaluate_run(
     setting = {"method": "is", "k": k, "split": split, "data": loaded.name, "examples": len(x), "seed": seed,
                "chunk_size": chunk_size, "batch_size": batch_size, "compile": compile}
     pieces = _pieces(run_dir, out, setting, save_every_s)
+    if matmul is not None:
+        pieces.chosen["matmul"] = matmul
     _prepare_passes(model, x, k, chunk_size, batch_size, pieces.chosen)
     with seeded(seed, x.device):
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
