@@ -128,7 +128,9 @@ import os, sys
 from pathlib import Path
 from iwae.cli import main
 run, access = Path(sys.argv[1]).resolve(), os.access
-os.access = lambda path, mode, **kw: False if Path(path).resolve() == run and mode & os.W_OK else access(path, mode, **kw)
+def refused(path, mode, **kw):
+    return False if Path(path).resolve() == run and mode & os.W_OK else access(path, mode, **kw)
+os.access = refused
 sys.exit(main(["evaluate", *sys.argv[1:]]))
 """
 

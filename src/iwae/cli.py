@@ -325,7 +325,8 @@ def _run_evaluate_ais(args: argparse.Namespace) -> None:
 def _evaluate_ais(args: argparse.Namespace) -> None:
     examples = evaluate_ais.DEFAULT_EXAMPLES if args.examples is None else args.examples  # 0 is refused, not replaced
     settings = dict(chains=args.chains, leapfrog=args.leapfrog, start=args.start, k=args.k, examples=examples,
-                    device=args.device, seed=args.seed, batch_size=args.batch_size, progress=True)
+                    device=args.device, seed=args.seed, batch_size=args.batch_size, progress=True,
+                    time_limit_s=args.time_limit_s)
     if args.method == "ais":
         result = evaluate_ais.evaluate_ais(args.run, steps=args.ais_steps, split=args.split, dataset=args.dataset,
                                            data_dir=args.data_dir, **settings)
@@ -334,7 +335,7 @@ def _evaluate_ais(args: argparse.Namespace) -> None:
     else:
         result = evaluate_ais.evaluate_bdmc(args.run, steps=args.ais_steps[0], **settings)
     print(evaluate_ais.format_ais_table(result))
-    print(f"written to {args.run / (evaluate_ais.AIS_FILE if args.method == 'ais' else evaluate_ais.BDMC_FILE)}")
+    print(f"written to {result['path']}")
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:

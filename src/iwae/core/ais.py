@@ -56,6 +56,7 @@ from torch.distributions import Distribution, constraints
 from tqdm import tqdm
 
 from iwae.models import DeepLatentModel
+from iwae.platform import duration
 from iwae.platform.device import seeded
 from iwae.settings import SettingError
 
@@ -297,6 +298,12 @@ def check_settings(steps: int, chains: int, leapfrog: int, start: str) -> None:
                            value=start)
 
 
+def check_simulated(n: int, name: str = "n") -> None:
+    """Raise SettingError (naming the setting ``name``) unless ``n``, a number of examples to simulate, is positive."""
+    if n < 1:
+        raise SettingError("the number of simulated examples, {0}, must be positive; got {value}", (name,), value=n)
+
+
 def _result(runs: list[tuple[Tensor, Tensor, StepSizes]], sign: float = 1.0) -> AISResult:
     """Join the per-batch outputs of ``anneal`` along the example dimension into an ``AISResult``; ``sign``
     -1 for backward runs, whose weights estimate 1 / p(x)."""
@@ -318,6 +325,15 @@ def check_model(model: DeepLatentModel, x: Tensor, start: Start) -> None:
 
 def _latent_dims(model: DeepLatentModel) -> list[int]:
     return [z.shape[-1] for z in sample_prior(model, (1,))]
+
+
+def seconds_per_step(model: DeepLatentModel, x: Tensor, *, chains: int, leapfrog: int, start: Start) -> float:
+    """The wall time of one annealing step (an HMC transition of ``leapfrog`` leapfrog steps for ``chains`` chains
+    of every example of ``x``), timed on runs of two steps; torch's generator is left as it was."""
+    with torch.no_grad(), seeded(0, x.device):
+        path = Path(model, x, start, _latent_dims(model))
+        return duration.seconds_per_call(lambda: anneal(path, path.sample_start(chains), sigmoid_schedule(2),
+                                                        leapfrog, None))
 
 
 def _pilot(path: Path, chains: int, steps: int, leapfrog: int, bar: tqdm) -> StepSizes:
@@ -388,8 +404,7 @@ def bdmc(
     of z given x, as the backward run's unbiasedness requires. Arguments as for ``ais_log_likelihood``.
     """
     check_settings(steps, chains, leapfrog, start)
-    if n < 1:
-        raise SettingError("the number of simulated examples, {0}, must be positive; got {value}", ("n",), value=n)
+    check_simulated(n)
     betas = sigmoid_schedule(steps)
     sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
     forward, backward, simulated = [], [], []

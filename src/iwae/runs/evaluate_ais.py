@@ -5,6 +5,9 @@
     RUN/eval_bdmc.json             BDMC on N examples simulated from the model: forward and backward AIS
     RUN/figures/ais_vs_steps.png   the AIS estimate against the number of steps, and IS against k
 
+each for the default setting; any other setting's go to files named after it (``result_path``), so that no
+result replaces one made with other settings.
+
 The machinery is ``iwae.core.ais``; this module loads the run, runs it, and writes the results.
 """
 
@@ -22,14 +25,43 @@ from torch import Tensor, nn
 from iwae import plots
 from iwae.core import ais
 from iwae.eval import likelihood
-from iwae.platform import memory
+from iwae.models import DeepLatentModel
+from iwae.platform import duration, memory
 from iwae.platform.device import resolve_device, seeded
 from iwae.runs import checkpoint, evaluation, rundir
+from iwae.settings import check_integer
 
 AIS_FILE = "eval_ais.json"
 BDMC_FILE = "eval_bdmc.json"
 FIGURE = "ais_vs_steps.png"
 DEFAULT_EXAMPLES = 100
+# the setting whose results go to AIS_FILE, BDMC_FILE and FIGURE
+DEFAULTS = {"dataset": None, "split": "test", "steps": 1000, "chains": 16, "leapfrog": 10, "start": "prior",
+            "k": 5000, "examples": DEFAULT_EXAMPLES, "seed": 0}
+
+
+def result_path(run_dir: Path, method: str, *, dataset: str | None = None, split: str = "test", steps: int = 1000,
+                chains: int = 16, leapfrog: int = 10, start: str = "prior", k: int = 5000,
+                examples: int = DEFAULT_EXAMPLES, seed: int = 0) -> Path:
+    """The file of the ``method`` ("ais" or "bdmc") result with these settings (``steps`` the largest number of
+    steps): RUN/eval_<method>.json for the default setting (``DEFAULTS``), else
+    RUN/eval_<method>[-<data>][-<split>]-s<steps>-c<chains>-l<leapfrog>[-encoder]-k<k>-n<examples>[-seed<seed>].json,
+    <data> being the stem of ``dataset``'s name or path (BDMC names no data or split: it simulates its own)."""
+    setting = {"dataset": dataset, "split": split, "steps": steps, "chains": chains, "leapfrog": leapfrog,
+               "start": start, "k": k, "examples": examples, "seed": seed}
+    if setting == DEFAULTS:
+        return run_dir / (AIS_FILE if method == "ais" else BDMC_FILE)
+    parts = [Path(dataset).stem] if dataset is not None else []
+    parts += [split] if method == "ais" else []
+    parts += [f"s{steps}", f"c{chains}", f"l{leapfrog}", *(["encoder"] if start == "encoder" else []), f"k{k}",
+              f"n{examples}", *([f"seed{seed}"] if seed != 0 else [])]
+    return run_dir / f"eval_{method}-{'-'.join(parts)}.json"
+
+
+def figure_path(run_dir: Path, result: Path) -> Path:
+    """The figure of the AIS result in ``result``: FIGURE, or FIGURE's stem followed by the result's setting."""
+    setting = result.stem.removeprefix("eval_ais")
+    return run_dir / rundir.FIGURES / f"{Path(FIGURE).stem}{setting}{Path(FIGURE).suffix}"
 
 
 def _mean_se(values: Tensor) -> tuple[float, float]:
@@ -49,13 +81,29 @@ def _diagnostics(result: ais.AISResult) -> dict[str, float]:
             "step_size": result.step_size.mean().item()}
 
 
-def check_ais_memory(model: nn.Module, x_dim: int, *, chains: int, batch_size: int, examples: int,
-                 device: torch.device) -> None:
+def check_ais_memory(model: nn.Module, x_dim: int, *, steps: int, chains: int, batch_size: int, examples: int,
+                     device: torch.device) -> None:
     """Refuse (SettingError) an AIS run whose passes (a forward and a backward pass on ``chains`` x
-    ``batch_size`` rows) and ``examples`` examples would not fit in ``device``'s memory."""
-    needed = memory.pass_bytes(model, x_dim, chains * min(batch_size, examples), training=True) + 4 * examples * x_dim
-    memory.check_fits(needed, device, "AIS with {0} {chains} and {1} {batch_size} on {2} {examples}",
-                      ("chains", "batch_size", "examples"), chains=chains, batch_size=batch_size, examples=examples)
+    ``batch_size`` rows), ``examples`` examples and schedule of ``steps`` steps would not fit in ``device``'s
+    memory."""
+    needed = (memory.pass_bytes(model, x_dim, chains * min(batch_size, examples), training=True)
+              + 4 * examples * x_dim + 8 * (steps + 1))
+    memory.check_fits(needed, device, "AIS of {0} {steps} with {1} {chains} and {2} {batch_size} on {3} {examples}",
+                      ("steps", "chains", "batch_size", "examples"), steps=steps, chains=chains,
+                      batch_size=batch_size, examples=examples)
+
+
+def check_ais_time(model: DeepLatentModel, x: Tensor, steps: Sequence[int], *, chains: int, leapfrog: int,
+                   start: ais.Start, batch_size: int, limit_s: float | None, directions: int = 1) -> None:
+    """Refuse (SettingError) AIS runs of each number of ``steps`` (forward, and backward too for ``directions``
+    2) on ``x``'s batches if a timed step says they would take more than ``limit_s`` seconds."""
+    seconds = ais.seconds_per_step(model, x[:batch_size], chains=chains, leapfrog=leapfrog, start=start)
+    per_batch = sum(directions * value + min(value, ais.PILOT_STEPS) for value in steps)
+    batches = math.ceil(len(x) / batch_size)
+    affordable = int(limit_s / (seconds * batches)) if limit_s is not None else per_batch
+    fits = max((affordable - ais.PILOT_STEPS) // directions, 1)
+    duration.check_duration(seconds * batches * per_batch, limit_s, "AIS of {0} {steps} on {examples} examples",
+                            "steps", fits, "time_limit_s", steps=max(steps), examples=len(x))
 
 
 def _sweep(model: nn.Module, x: Tensor, steps: list[int], *, chains: int, leapfrog: int, start: ais.Start,
@@ -89,6 +137,7 @@ def evaluate_ais(
     seed: int = 0,
     batch_size: int = 100,
     progress: bool = False,
+    time_limit_s: float | None = duration.TIME_LIMIT_S,
 ) -> dict[str, Any]:
     """AIS and the k-sample importance-sampled estimate of log p(x) on the same examples of a run's data.
 
@@ -96,7 +145,8 @@ def evaluate_ais(
     them, with the IS bounds L_1, L_5, L_50, L_k, go into RUN/figures/ais_vs_steps.png.
 
     Returns:
-      The result also written to RUN/eval_ais.json: ``nll`` and ``nll_se`` (mean and standard error over
+      The result also written to ``result_path(run_dir, "ais", ...)`` (RUN/eval_ais.json for the default
+      setting), its figure to ``figure_path``: ``nll`` and ``nll_se`` (mean and standard error over
       examples of -log (1/C) sum_c w_c), ``steps``, ``chains``, ``leapfrog``, ``start``, ``schedule``, the
       chains' mean ``acceptance``, ``ess`` and ``step_size``; ``is_nll``, ``is_nll_se`` and ``k`` for the
       importance-sampled estimate, ``is_minus_ais`` (IS NLL minus AIS NLL, positive when AIS finds more mass)
@@ -106,10 +156,15 @@ def evaluate_ais(
     steps = sorted(set(steps))
     for value in steps:
         ais.check_settings(value, chains, leapfrog, start)
+    check_integer(batch_size, "batch_size", 1)
+    rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
     state, model, loaded, x = evaluation.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                                      examples=examples, device=device, seed=seed)
     ais.check_model(model, x, start)
-    check_ais_memory(model, x.shape[1], chains=chains, batch_size=batch_size, examples=len(x), device=x.device)
+    check_ais_memory(model, x.shape[1], steps=steps[-1], chains=chains, batch_size=batch_size, examples=len(x),
+                     device=x.device)
+    check_ais_time(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, batch_size=batch_size,
+                   limit_s=time_limit_s)
     with seeded(seed, x.device):
         stats = likelihood.importance_statistics(model, x, k, batch_size=batch_size, progress=progress)
     sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
@@ -127,10 +182,18 @@ def evaluate_ais(
         "sweep": sweep, "time_s": sweep[-1]["time_s"], "time_per_example_s": sweep[-1]["time_s"] / len(x),
         "device": str(x.device),
     }
-    rundir.write_json(run_dir / AIS_FILE, out)
+    path = result_path(run_dir, "ais", dataset=dataset, split=split, steps=steps[-1], chains=chains,
+                       leapfrog=leapfrog, start=start, k=k, examples=examples_named(examples, len(x)), seed=seed)
+    rundir.write_json(path, out)
     (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
-    plots.plot_ais_vs_steps(run_dir / rundir.FIGURES / FIGURE, out)
-    return out
+    plots.plot_ais_vs_steps(figure_path(run_dir, path), out)
+    return {**out, "path": str(path)}
+
+
+def examples_named(asked: int | None, evaluated: int) -> int:
+    """The ``examples`` an AIS result's file is named after: those evaluated when fewer than ``asked`` (or all,
+    when None) were."""
+    return evaluated if asked is None else min(asked, evaluated)
 
 
 def evaluate_bdmc(
@@ -146,11 +209,13 @@ def evaluate_bdmc(
     seed: int = 0,
     batch_size: int = 100,
     progress: bool = False,
+    time_limit_s: float | None = duration.TIME_LIMIT_S,
 ) -> dict[str, Any]:
     """Bidirectional Monte Carlo on ``examples`` examples simulated from a run's model.
 
     Returns:
-      The result also written to RUN/eval_bdmc.json: ``log_p_lower`` and ``log_p_upper`` (means over the
+      The result also written to ``result_path(run_dir, "bdmc", ...)`` (RUN/eval_bdmc.json for the default
+      setting): ``log_p_lower`` and ``log_p_upper`` (means over the
       simulated examples of the forward and backward AIS bounds, each with ``_se``), ``gap`` and ``gap_se``
       (their difference, paired), ``nll`` and ``nll_se`` (the forward estimate as an NLL), the settings, the
       forward and backward chains' diagnostics, the k-sample IS estimate on the same simulated examples
@@ -158,9 +223,16 @@ def evaluate_bdmc(
     """
     ais.check_settings(steps, chains, leapfrog, start)
     examples = DEFAULT_EXAMPLES if examples is None else examples
+    check_integer(batch_size, "batch_size", 1)
+    ais.check_simulated(examples, "examples")
+    rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
     state, model = checkpoint.load_model(run_dir, resolve_device(device))
-    check_ais_memory(model, state["x_dim"], chains=chains, batch_size=batch_size, examples=examples,
-                 device=next(model.parameters()).device)
+    check_ais_memory(model, state["x_dim"], steps=steps, chains=chains, batch_size=batch_size, examples=examples,
+                     device=next(model.parameters()).device)
+    with seeded(0, next(model.parameters()).device), torch.no_grad():  # data like the model's, to time a step on
+        simulated = model.decoder[0](ais.sample_prior(model, (min(batch_size, examples),))[0]).sample()
+    check_ais_time(model, simulated, [steps], chains=chains, leapfrog=leapfrog, start=start, batch_size=batch_size,
+                   limit_s=time_limit_s, directions=2)
     began = time.perf_counter()
     result = ais.bdmc(model, examples, steps=steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
                       batch_size=batch_size, progress=progress)
@@ -180,8 +252,10 @@ def evaluate_bdmc(
         "k": k, "is_nll": is_nll, "is_nll_se": is_nll_se,
         "time_s": round(elapsed, 2), "time_per_example_s": elapsed / examples, "device": str(result.x.device),
     }
-    rundir.write_json(run_dir / BDMC_FILE, out)
-    return out
+    path = result_path(run_dir, "bdmc", steps=steps, chains=chains, leapfrog=leapfrog, start=start, k=k,
+                       examples=examples, seed=seed)
+    rundir.write_json(path, out)
+    return {**out, "path": str(path)}
 
 
 def format_ais_table(result: dict[str, Any]) -> str:
