@@ -210,6 +210,9 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     snr.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the batch and samples (default: 0)")
     snr.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     snr.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the results")
+    snr.add_argument("--no-time-limit", action="store_const", const=None, default=duration.TIME_LIMIT_S,
+                     dest="time_limit_s", help="run a diagnostic estimated to take longer than "
+                     f"{duration.format_duration(duration.TIME_LIMIT_S)}, rather than refuse it")
 
 
 def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
@@ -383,6 +386,8 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         x = splits.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
         snr_diagnostics.check_snr_memory(model, x.shape[1], len(x), args.k, device)
         title = f"{args.run.name} (epoch {state['epoch']})"
+    snr_diagnostics.check_snr_time(model, x, settings, estimators, args.k, args.draws, beta=args.beta,
+                                   limit_s=args.time_limit_s)
     results = [
         snr_diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
                                  seed=args.seed, progress=True)

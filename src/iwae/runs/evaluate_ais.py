@@ -13,6 +13,7 @@ The machinery is ``iwae.core.ais``; this module loads the run, runs it, and writ
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -82,28 +83,46 @@ def _diagnostics(result: ais.AISResult) -> dict[str, float]:
 
 
 def check_ais_memory(model: nn.Module, x_dim: int, *, steps: int, chains: int, batch_size: int, examples: int,
-                     device: torch.device) -> None:
+                     device: torch.device, schedule: bool = True) -> None:
     """Refuse (SettingError) an AIS run whose passes (a forward and a backward pass on ``chains`` x
-    ``batch_size`` rows), ``examples`` examples and schedule of ``steps`` steps would not fit in ``device``'s
-    memory."""
+    ``batch_size`` rows), ``examples`` examples and (with ``schedule``) schedule of ``steps`` steps would not fit
+    in ``device``'s memory."""
     needed = (memory.pass_bytes(model, x_dim, chains * min(batch_size, examples), training=True)
-              + 4 * examples * x_dim + 8 * (steps + 1))
+              + 4 * examples * x_dim + (8 * (steps + 1) if schedule else 0))
     memory.check_fits(needed, device, "AIS of {0} {steps} with {1} {chains} and {2} {batch_size} on {3} {examples}",
                       ("steps", "chains", "batch_size", "examples"), steps=steps, chains=chains,
                       batch_size=batch_size, examples=examples)
 
 
+def check_ais_cost(model: DeepLatentModel, x: Tensor | None, steps: Sequence[int], *, x_dim: int, chains: int,
+                   leapfrog: int, start: ais.Start, batch_size: int, examples: int, limit_s: float | None) -> None:
+    """Refuse (SettingError), before any work, AIS runs of each number of ``steps`` on the examples ``x`` (None:
+    BDMC's forward and backward runs on ``examples`` examples simulated from the model) that would not fit in
+    memory, or that a timed step says would take more than ``limit_s`` seconds."""
+    device = next(model.parameters()).device
+    directions = 1 if x is not None else 2
+    memory_check = functools.partial(check_ais_memory, model, x_dim, steps=max(steps), chains=chains,
+                                     batch_size=batch_size, examples=examples, device=device)
+    memory_check(schedule=False)  # the passes, before a step is timed on them
+    if x is None:
+        with seeded(0, device), torch.no_grad():  # data like the model's, to time a step on
+            x = model.decoder[0](ais.sample_prior(model, (min(batch_size, examples),))[0]).sample()
+    check_ais_time(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, batch_size=batch_size,
+                   examples=examples, limit_s=limit_s, directions=directions)
+    memory_check()  # and the schedule
+
+
 def check_ais_time(model: DeepLatentModel, x: Tensor, steps: Sequence[int], *, chains: int, leapfrog: int,
-                   start: ais.Start, batch_size: int, limit_s: float | None, directions: int = 1) -> None:
+                   start: ais.Start, batch_size: int, examples: int, limit_s: float | None, directions: int) -> None:
     """Refuse (SettingError) AIS runs of each number of ``steps`` (forward, and backward too for ``directions``
-    2) on ``x``'s batches if a timed step says they would take more than ``limit_s`` seconds."""
+    2) on ``examples`` examples if a step timed on a batch of ``x`` says they would take more than ``limit_s``."""
     seconds = ais.seconds_per_step(model, x[:batch_size], chains=chains, leapfrog=leapfrog, start=start)
     per_batch = sum(directions * value + min(value, ais.PILOT_STEPS) for value in steps)
-    batches = math.ceil(len(x) / batch_size)
+    batches = math.ceil(examples / batch_size)
     affordable = int(limit_s / (seconds * batches)) if limit_s is not None else per_batch
     fits = max((affordable - ais.PILOT_STEPS) // directions, 1)
     duration.check_duration(seconds * batches * per_batch, limit_s, "AIS of {0} {steps} on {examples} examples",
-                            "steps", fits, "time_limit_s", steps=max(steps), examples=len(x))
+                            "steps", fits, "time_limit_s", steps=max(steps), examples=examples)
 
 
 def _sweep(model: nn.Module, x: Tensor, steps: list[int], *, chains: int, leapfrog: int, start: ais.Start,
@@ -161,10 +180,8 @@ def evaluate_ais(
     state, model, loaded, x = evaluation.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                                      examples=examples, device=device, seed=seed)
     ais.check_model(model, x, start)
-    check_ais_memory(model, x.shape[1], steps=steps[-1], chains=chains, batch_size=batch_size, examples=len(x),
-                     device=x.device)
-    check_ais_time(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, batch_size=batch_size,
-                   limit_s=time_limit_s)
+    check_ais_cost(model, x, steps, x_dim=x.shape[1], chains=chains, leapfrog=leapfrog, start=start,
+                   batch_size=batch_size, examples=len(x), limit_s=time_limit_s)
     with seeded(seed, x.device):
         stats = likelihood.importance_statistics(model, x, k, batch_size=batch_size, progress=progress)
     sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
@@ -227,12 +244,8 @@ def evaluate_bdmc(
     ais.check_simulated(examples, "examples")
     rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
     state, model = checkpoint.load_model(run_dir, resolve_device(device))
-    check_ais_memory(model, state["x_dim"], steps=steps, chains=chains, batch_size=batch_size, examples=examples,
-                     device=next(model.parameters()).device)
-    with seeded(0, next(model.parameters()).device), torch.no_grad():  # data like the model's, to time a step on
-        simulated = model.decoder[0](ais.sample_prior(model, (min(batch_size, examples),))[0]).sample()
-    check_ais_time(model, simulated, [steps], chains=chains, leapfrog=leapfrog, start=start, batch_size=batch_size,
-                   limit_s=time_limit_s, directions=2)
+    check_ais_cost(model, None, [steps], x_dim=state["x_dim"], chains=chains, leapfrog=leapfrog, start=start,
+                   batch_size=batch_size, examples=examples, limit_s=time_limit_s)
     began = time.perf_counter()
     result = ais.bdmc(model, examples, steps=steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
                       batch_size=batch_size, progress=progress)
