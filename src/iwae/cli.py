@@ -152,8 +152,8 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     gold = parser.add_argument_group("annealed importance sampling (--method ais or bdmc)")
     gold.add_argument("--method", choices=("is", "ais", "bdmc"), default="is",
                       help="is: importance sampling (eval.json); ais: AIS and IS on the same examples "
-                      f"({evaluate_ais.AIS_FILE}); bdmc: bidirectional Monte Carlo on data simulated from the model "
-                      f"({evaluate_ais.BDMC_FILE}) (default: is)")
+                      f"({evaluate_ais.AIS_FILE}, or a file named after the setting); bdmc: bidirectional Monte Carlo "
+                      f"on data simulated from the model ({evaluate_ais.BDMC_FILE}, likewise) (default: is)")
     gold.add_argument("--ais-steps", type=int, nargs="+", default=[1000], metavar="N",
                       help="intermediate distributions; several values for ais draw the estimate against them "
                       "(the largest is reported) (default: 1000)")
