@@ -329,7 +329,7 @@ def _evaluate_ais(args: argparse.Namespace) -> None:
     examples = evaluate_ais.DEFAULT_EXAMPLES if args.examples is None else args.examples  # 0 is refused, not replaced
     settings = dict(chains=args.chains, leapfrog=args.leapfrog, start=args.start, k=args.k, examples=examples,
                     device=args.device, seed=args.seed, batch_size=args.batch_size, progress=True,
-                    time_limit_s=args.time_limit_s)
+                    time_limit_s=args.time_limit_s, save_every_s=args.save_every_s)
     if args.method == "ais":
         result = evaluate_ais.evaluate_ais(args.run, steps=args.ais_steps, split=args.split, dataset=args.dataset,
                                            data_dir=args.data_dir, **settings)

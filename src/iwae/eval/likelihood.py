@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -31,7 +30,7 @@ from iwae.core.objectives import Objective
 from iwae.models import DeepLatentModel
 from iwae.platform import gemm
 from iwae.platform.compiled import Compiled
-from iwae.platform.device import seeded
+from iwae.platform.device import batch_seed, seeded
 from iwae.settings import check_integer
 
 GROUP_SIZES = (1, 5, 50)
@@ -181,11 +180,6 @@ def evaluation_matmul_path(model: DeepLatentModel, x: Tensor, k: int, chunk_size
     shapes = ("evaluation pass", type(model).__name__, *(tuple(p.shape) for p in model.parameters()),
               tuple(x[:batch_size].shape), min(k, chunk_size))
     return gemm.fastest_fp32_matmul(x.device, None, one_pass, shapes)
-
-
-def batch_seed(seed: int, index: int) -> int:
-    """The seed of the samples of batch ``index`` of an evaluation seeded with ``seed``: independent streams."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def concatenate(parts: list[WeightStatistics]) -> WeightStatistics:

@@ -239,10 +239,9 @@ def gradient_snr(
       estimators: any of "standard", "stl", "dreg".
       ks: the grid of K, total samples per example (for miwae and piwae, m groups of K / m).
       draws: gradients per pass; each setting takes 2 x draws backward passes (see the module docstring).
-      m, beta: the objective's groups (miwae, piwae) and ELBO weight (ciwae), for an objective given by name.
+      m, beta: the objective's groups (miwae, piwae) and ELBO weight (ciwae), for an objective given by name;
       reduction: the gradient of the "sum" (as in training) or the "mean" of the batch's bounds.
-      seed: seeds the samples; torch's global generator is restored afterwards.
-      progress: show a progress bar (on a terminal).
+      seed, progress: seeds the samples (torch's global generator is restored afterwards); show a progress bar.
 
     Returns:
       ``SNRResult`` with one ``SNRPoint`` per estimator, network and K, and the slopes against K.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from iwae.eval import likelihood
 from iwae.models import DeepLatentModel
 from iwae.platform import duration, memory
 from iwae.platform.device import resolve_device, seeded
-from iwae.runs import checkpoint, evaluation, rundir
+from iwae.runs import checkpoint, evaluation, resumable, rundir
 from iwae.settings import check_integer
 
 AIS_FILE = "eval_ais.json"
@@ -125,16 +125,60 @@ def check_ais_time(model: DeepLatentModel, x: Tensor, steps: Sequence[int], *, c
                             "steps", fits, "time_limit_s", steps=max(steps), examples=examples)
 
 
-def _sweep(model: nn.Module, x: Tensor, steps: list[int], *, chains: int, leapfrog: int, start: ais.Start,
-           seed: int, batch_size: int, progress: bool) -> tuple[list[dict[str, Any]], ais.AISResult]:
-    """AIS on ``x`` for each number of steps: one entry per run (its NLL, time and diagnostics), and the last run."""
-    sweep = []
-    for value in steps:
+def _plain(value: Any) -> Any:
+    """``value`` (tensors in tuples) on the CPU, its named tuples as plain ones: what ``resumable.Pieces`` keeps."""
+    if isinstance(value, Tensor):
+        return value.cpu()
+    if isinstance(value, tuple):
+        return tuple(_plain(item) for item in value)
+    return value
+
+
+def _run(piece: tuple[Tensor, Tensor, tuple[Tensor, Tensor]], device: torch.device) -> ais.Run:
+    """An AIS run kept by ``_plain``, back on ``device``."""
+    log_w, acceptance, (betas, log_step) = piece
+    return log_w.to(device), acceptance.to(device), ais.StepSizes(betas.to(device), log_step.to(device))
+
+
+def _pieces(pieces: resumable.Pieces, first: int, count: int,
+            batches: Callable[[int], Generator[Any, None, None]]) -> list[tuple[Any, float]]:
+    """Pieces ``first`` .. ``first + count - 1`` of ``pieces``, each a batch's result and its seconds: those finished
+    already, then the rest from ``batches(done)``, the generator of the batches from index ``done`` on."""
+    done = max(0, min(len(pieces.done) - first, count))
+    rest = batches(done)
+    while len(pieces.done) < first + count:
         began = time.perf_counter()
-        result = ais.ais_log_likelihood(model, x, steps=value, chains=chains, leapfrog=leapfrog, start=start,
-                                        seed=seed, batch_size=batch_size, progress=progress)
+        item = next(rest)
+        pieces.add((_plain(item), time.perf_counter() - began))
+    rest.close()
+    return pieces.done[first:first + count]
+
+
+def _importance_sampled(pieces: resumable.Pieces, model: DeepLatentModel, x: Tensor, k: int, *, seed: int,
+                        batch_size: int, progress: bool) -> likelihood.WeightStatistics:
+    """The k-sample importance-sampled statistics of ``x``: the first of ``pieces``, computed if it is not there."""
+    def statistics(done: int) -> Generator[tuple[Tensor, ...], None, None]:
+        with seeded(seed, x.device):
+            yield tuple(likelihood.importance_statistics(model, x, k, batch_size=batch_size, progress=progress))
+
+    return likelihood.WeightStatistics(*_pieces(pieces, 0, 1, statistics)[0][0]).to(x.device)
+
+
+def _sweep(model: nn.Module, x: Tensor, steps: list[int], *, chains: int, leapfrog: int, start: ais.Start,
+           seed: int, batch_size: int, progress: bool, pieces: resumable.Pieces
+           ) -> tuple[list[dict[str, Any]], ais.AISResult]:
+    """AIS on ``x`` for each number of steps: one entry per run (its NLL, time and diagnostics), and the last run.
+    Each run's batches are pieces of ``pieces`` after the first (the IS statistics)."""
+    sweep, count = [], math.ceil(len(x) / batch_size)
+    for position, value in enumerate(steps):
+        with ais.ais_bar(value, chains, count - max(0, min(len(pieces.done) - 1 - position * count, count)),
+                         progress) as bar:
+            runs = _pieces(pieces, 1 + position * count, count, lambda done, value=value, bar=bar: ais.ais_batches(
+                model, x[done * batch_size:], steps=value, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
+                batch_size=batch_size, first_batch=done, bar=bar))
+        result = ais.combine([_run(run, x.device) for run, _ in runs])
         nll, nll_se = _mean_se(-result.log_likelihood)
-        elapsed = time.perf_counter() - began
+        elapsed = sum(seconds for _, seconds in runs)
         sweep.append({"steps": value, "nll": nll, "nll_se": nll_se, "time_s": round(elapsed, 2),
                       **_diagnostics(result)})
     return sweep, result
@@ -157,11 +201,14 @@ def evaluate_ais(
     batch_size: int = 100,
     progress: bool = False,
     time_limit_s: float | None = duration.TIME_LIMIT_S,
+    save_every_s: float | None = resumable.SAVE_EVERY_S,
 ) -> dict[str, Any]:
     """AIS and the k-sample importance-sampled estimate of log p(x) on the same examples of a run's data.
 
     AIS runs once for each number of steps in ``steps``; the largest gives the reported ``nll``, and all of
-    them, with the IS bounds L_1, L_5, L_50, L_k, go into RUN/figures/ais_vs_steps.png.
+    them, with the IS bounds L_1, L_5, L_50, L_k, go into RUN/figures/ais_vs_steps.png. Finished batches are kept
+    every ``save_every_s`` seconds (None: never; ``iwae.runs.resumable``), for the same evaluation to continue
+    from; ``time_limit_s`` (None: no limit) refuses one estimated to take longer.
 
     Returns:
       The result also written to ``result_path(run_dir, "ais", ...)`` (RUN/eval_ais.json for the default
@@ -169,8 +216,7 @@ def evaluate_ais(
       examples of -log (1/C) sum_c w_c), ``steps``, ``chains``, ``leapfrog``, ``start``, ``schedule``, the
       chains' mean ``acceptance``, ``ess`` and ``step_size``; ``is_nll``, ``is_nll_se`` and ``k`` for the
       importance-sampled estimate, ``is_minus_ais`` (IS NLL minus AIS NLL, positive when AIS finds more mass)
-      with its paired standard error; ``sweep`` (one entry per number of steps); ``time_s`` and
-      ``time_per_example_s`` of the AIS runs.
+      with its paired standard error; ``sweep`` (one per number of steps); ``time_s``, ``time_per_example_s``.
     """
     steps = sorted(set(steps))
     for value in steps:
@@ -182,29 +228,45 @@ def evaluate_ais(
     ais.check_model(model, x, start)
     check_ais_cost(model, x, steps, x_dim=x.shape[1], chains=chains, leapfrog=leapfrog, start=start,
                    batch_size=batch_size, examples=len(x), limit_s=time_limit_s)
-    with seeded(seed, x.device):
-        stats = likelihood.importance_statistics(model, x, k, batch_size=batch_size, progress=progress)
+    path = result_path(run_dir, "ais", dataset=dataset, split=split, steps=steps[-1], chains=chains,
+                       leapfrog=leapfrog, start=start, k=k, examples=examples_named(examples, len(x)), seed=seed)
+    pieces = _kept(run_dir, path, {"method": "ais", "steps": steps, "chains": chains, "leapfrog": leapfrog,
+                                   "start": start, "k": k, "split": split, "data": loaded.name, "examples": len(x),
+                                   "seed": seed, "batch_size": batch_size}, save_every_s)
+    stats = _importance_sampled(pieces, model, x, k, seed=seed, batch_size=batch_size, progress=progress)
     sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
-                           batch_size=batch_size, progress=progress)
+                           batch_size=batch_size, progress=progress, pieces=pieces)
+    out = {"run": str(run_dir), "dataset": loaded.name, "split": split, "examples": len(x), "epoch": state["epoch"],
+           "seed": seed, "method": "ais", **_settings(steps[-1], chains, leapfrog, start),
+           **_ais_numbers(sweep, result, stats, k), "device": str(x.device)}
+    rundir.write_json(path, out)
+    (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
+    plots.plot_ais_vs_steps(figure_path(run_dir, path), out)
+    pieces.remove()
+    return {**out, "path": str(path)}
+
+
+def _ais_numbers(sweep: list[dict[str, Any]], result: ais.AISResult, stats: likelihood.WeightStatistics,
+                 k: int) -> dict[str, Any]:
+    """An AIS result's estimates beside the k-sample importance-sampled ones (see ``evaluate_ais``)."""
     is_nll, is_nll_se = _mean_se(-stats.log_likelihood)
     difference, difference_se = _mean_se(result.log_likelihood - stats.log_likelihood)
-    out = {
-        "run": str(run_dir), "dataset": loaded.name, "split": split, "examples": len(x), "epoch": state["epoch"],
-        "seed": seed, "method": "ais", **_settings(steps[-1], chains, leapfrog, start),
+    return {
         "nll": sweep[-1]["nll"], "nll_se": sweep[-1]["nll_se"], **_diagnostics(result),
         "k": k, "is_nll": is_nll, "is_nll_se": is_nll_se,
         "is_bounds": {str(g): _mean_se(b)[0] for g, b in stats.bounds.items()},
         "is_bounds_se": {str(g): _mean_se(b)[1] for g, b in stats.bounds.items()},
         "is_minus_ais": difference, "is_minus_ais_se": difference_se,
-        "sweep": sweep, "time_s": sweep[-1]["time_s"], "time_per_example_s": sweep[-1]["time_s"] / len(x),
-        "device": str(x.device),
+        "sweep": sweep, "time_s": sweep[-1]["time_s"],
+        "time_per_example_s": sweep[-1]["time_s"] / len(stats.log_likelihood),
     }
-    path = result_path(run_dir, "ais", dataset=dataset, split=split, steps=steps[-1], chains=chains,
-                       leapfrog=leapfrog, start=start, k=k, examples=examples_named(examples, len(x)), seed=seed)
-    rundir.write_json(path, out)
-    (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
-    plots.plot_ais_vs_steps(figure_path(run_dir, path), out)
-    return {**out, "path": str(path)}
+
+
+def _kept(run_dir: Path, result: Path, setting: dict[str, Any], save_every_s: float | None) -> resumable.Pieces:
+    """The finished batches of the evaluation with ``setting`` whose result goes to ``result``, from the run's
+    current checkpoint."""
+    digest = resumable.file_digest(run_dir / rundir.CHECKPOINT)
+    return resumable.Pieces(resumable.partial_path(result), {**setting, "checkpoint": digest}, save_every_s)
 
 
 def examples_named(asked: int | None, evaluated: int) -> int:
@@ -227,13 +289,15 @@ def evaluate_bdmc(
     batch_size: int = 100,
     progress: bool = False,
     time_limit_s: float | None = duration.TIME_LIMIT_S,
+    save_every_s: float | None = resumable.SAVE_EVERY_S,
 ) -> dict[str, Any]:
-    """Bidirectional Monte Carlo on ``examples`` examples simulated from a run's model.
+    """Bidirectional Monte Carlo on ``examples`` examples simulated from a run's model; the finished batches kept,
+    and the time limited, as for ``evaluate_ais``.
 
     Returns:
       The result also written to ``result_path(run_dir, "bdmc", ...)`` (RUN/eval_bdmc.json for the default
-      setting): ``log_p_lower`` and ``log_p_upper`` (means over the
-      simulated examples of the forward and backward AIS bounds, each with ``_se``), ``gap`` and ``gap_se``
+      setting): ``log_p_lower`` and ``log_p_upper`` (means over the simulated examples of the forward and
+      backward AIS bounds, each with ``_se``), ``gap`` and ``gap_se``
       (their difference, paired), ``nll`` and ``nll_se`` (the forward estimate as an NLL), the settings, the
       forward and backward chains' diagnostics, the k-sample IS estimate on the same simulated examples
       (``is_nll``, ``is_nll_se``), and ``time_s``, ``time_per_example_s``.
@@ -246,10 +310,13 @@ def evaluate_bdmc(
     state, model = checkpoint.load_model(run_dir, resolve_device(device))
     check_ais_cost(model, None, [steps], x_dim=state["x_dim"], chains=chains, leapfrog=leapfrog, start=start,
                    batch_size=batch_size, examples=examples, limit_s=time_limit_s)
-    began = time.perf_counter()
-    result = ais.bdmc(model, examples, steps=steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
-                      batch_size=batch_size, progress=progress)
-    elapsed = time.perf_counter() - began
+    path = result_path(run_dir, "bdmc", steps=steps, chains=chains, leapfrog=leapfrog, start=start, k=k,
+                       examples=examples, seed=seed)
+    pieces = _kept(run_dir, path, {"method": "bdmc", "steps": steps, "chains": chains, "leapfrog": leapfrog,
+                                   "start": start, "k": k, "examples": examples, "seed": seed,
+                                   "batch_size": batch_size}, save_every_s)
+    result, elapsed = _bdmc_batches(pieces, model, examples, steps=steps, chains=chains, leapfrog=leapfrog,
+                                    start=start, seed=seed, batch_size=batch_size, progress=progress)
     with seeded(seed, result.x.device):
         is_log_likelihood = likelihood.importance_statistics(model, result.x, k, batch_size=batch_size).log_likelihood
     lower, lower_se = _mean_se(result.forward.log_likelihood)
@@ -265,10 +332,24 @@ def evaluate_bdmc(
         "k": k, "is_nll": is_nll, "is_nll_se": is_nll_se,
         "time_s": round(elapsed, 2), "time_per_example_s": elapsed / examples, "device": str(result.x.device),
     }
-    path = result_path(run_dir, "bdmc", steps=steps, chains=chains, leapfrog=leapfrog, start=start, k=k,
-                       examples=examples, seed=seed)
     rundir.write_json(path, out)
+    pieces.remove()
     return {**out, "path": str(path)}
+
+
+def _bdmc_batches(pieces: resumable.Pieces, model: DeepLatentModel, examples: int, *, steps: int, chains: int,
+                  leapfrog: int, start: ais.Start, seed: int, batch_size: int, progress: bool
+                  ) -> tuple[ais.BDMCResult, float]:
+    """BDMC on ``examples`` simulated examples, its batches those of ``pieces``, and its seconds."""
+    count = math.ceil(examples / batch_size)
+    device = next(model.parameters()).device
+    with ais.ais_bar(steps, chains, count - min(len(pieces.done), count), progress, directions=2) as bar:
+        batches = _pieces(pieces, 0, count, lambda done: ais.bdmc_batches(
+            model, examples, steps=steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
+            batch_size=batch_size, first_batch=done, bar=bar))
+    result = ais.combine_bdmc([(x.to(device), _run(forward, device), _run(backward, device))
+                               for (x, forward, backward), _ in batches])
+    return result, sum(seconds for _, seconds in batches)
 
 
 def format_ais_table(result: dict[str, Any]) -> str:

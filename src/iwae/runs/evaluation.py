@@ -114,38 +114,25 @@ def evaluate_run(
     time_limit_s: float | None = duration.TIME_LIMIT_S,
     matmul: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run's latest checkpoint and write the result as JSON in the run directory.
+    """Evaluate a run's latest checkpoint and write the result as JSON in the run directory, refusing (SettingError,
+    RunDirError) a bad setting, passes too large for memory, an evaluation longer than ``time_limit_s`` or a run
+    directory that cannot be written before any work.
 
     Args:
-      run_dir: a directory written by ``iwae train``.
-      k: importance samples per example.
-      split: "test", "train" or "valid".
-      dataset: a dataset name or .npy/.npz path to evaluate on instead of the run's own data.
-      data_dir: where to find the dataset's files (default: the run's setting).
-      examples: evaluate on the first ``examples`` examples of the split only.
-      device: "cpu", "cuda" or "auto".
-      seed: seeds the samples (and the binarization of a dynamic training split).
-      chunk_size, batch_size: samples and examples per pass (memory ~ their product).
-      progress: show a progress bar with the time left (on a terminal).
-      compile: compile the evaluation passes (``importance_statistics``); None compiles evaluations of at
-        least ``AUTO_COMPILE_SAMPLES`` samples in all, where the compile time is won back.
-      loaded: the run's own data, loaded already (by its training), to evaluate on instead of loading it again.
-      save_every_s: write the finished batches beside the result this often (``iwae.runs.resumable``), so that
-        the evaluation, run again with the same setting after a kill, continues from them; None: never.
+      run_dir: a directory written by ``iwae train``; k: importance samples per example.
+      split, examples: "test", "train" or "valid", and its first ``examples`` examples only (default: all).
+      dataset, data_dir: a dataset name or .npy/.npz path to evaluate on instead of the run's own data, and where
+        to find its files (default: the run's); loaded: the run's own data, loaded already (by its training).
+      device: "cpu", "cuda" or "auto"; seed: seeds the samples (and the binarization of a dynamic train split).
+      chunk_size, batch_size: samples and examples per pass (memory ~ their product); progress: show a bar.
+      compile: compile the evaluation passes; None compiles those of at least ``AUTO_COMPILE_SAMPLES`` samples.
+      save_every_s: keep the finished batches beside the result this often, to continue from (None: never).
       time_limit_s: refuse an evaluation estimated (from a timed pass) to take longer; None: no limit.
-      matmul: the float32 matrix-multiply path on a CPU ("default" or "onednn"); None: that of the evaluation
-        being continued, else the faster on a pass, timed as it starts (``iwae.platform.gemm``).
+      matmul: the CPU's float32 matmul path (default, onednn); None: the continued evaluation's, else the faster.
 
-    Returns:
-      The result also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``
-      (a file per setting): ``nll`` and ``nll_se`` (mean and standard error over examples of
-      -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g keyed by g), ``ess`` and ``ess_per_k``
-      (the mean ESS over examples, and that divided by k: 1 when q is the posterior), ``active_units`` (one
-      count per stochastic layer, of ``latent_units``), and what was evaluated.
-
-    Raises:
-      SettingError: for a bad setting, passes too large for the memory available, or an evaluation longer than
-        ``time_limit_s``, before any work. RunDirError: if ``run_dir`` cannot be written, before any work.
+    Returns the result, also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``:
+      ``nll``, ``nll_se`` (over examples of -log (1/k) sum_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g keyed by
+      g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used.
     """
     for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         check_integer(value, name, 1)
@@ -154,13 +141,10 @@ def evaluate_run(
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
     out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, len(x)), seed=seed)
-    batch_size = min(batch_size, len(x))
-    compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
-    setting = {"method": "is", "k": k, "split": split, "data": loaded.name, "examples": len(x), "seed": seed,
-               "chunk_size": chunk_size, "batch_size": batch_size, "compile": compile}
-    pieces = _pieces(run_dir, out, setting, save_every_s)
-    if matmul is not None:
-        pieces.chosen["matmul"] = matmul
+    batch_size, compile = min(batch_size, len(x)), len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
+    pieces = _pieces(run_dir, out, {"method": "is", "k": k, "split": split, "data": loaded.name, "examples": len(x),
+                                    "seed": seed, "chunk_size": chunk_size, "batch_size": batch_size,
+                                    "compile": compile}, save_every_s, matmul)
     _prepare_passes(model, x, k, chunk_size, batch_size, pieces.chosen)
     with seeded(seed, x.device):
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
@@ -177,14 +161,18 @@ def evaluate_run(
 EVALUATE_FIX = "copy the run directory somewhere writable (cp -r RUN COPY) and evaluate the copy"
 
 
-def _pieces(run_dir: Path, out: Path, setting: dict[str, Any], save_every_s: float | None) -> resumable.Pieces:
+def _pieces(run_dir: Path, out: Path, setting: dict[str, Any], save_every_s: float | None,
+            matmul: str | None) -> resumable.Pieces:
     """The finished batches of the evaluation with ``setting`` whose result goes to ``out`` (this rank's, if
-    several), from the run's current checkpoint."""
+    several), from the run's current checkpoint; ``matmul``, if given, the path it is to multiply on."""
     path = resumable.partial_path(out)
     if distributed.world() > 1:
         path = path.with_name(f"{path.stem}-rank{distributed.rank()}{path.suffix}")
     digest = resumable.file_digest(run_dir / rundir.CHECKPOINT)
-    return resumable.Pieces(path, {**setting, "checkpoint": digest, "world": distributed.world()}, save_every_s)
+    pieces = resumable.Pieces(path, {**setting, "checkpoint": digest, "world": distributed.world()}, save_every_s)
+    if matmul is not None:
+        pieces.chosen["matmul"] = matmul
+    return pieces
 
 
 def _prepare_passes(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int,
