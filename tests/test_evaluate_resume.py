@@ -37,22 +37,39 @@ def iwae(*args: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
-def numbers(result: dict[str, object]) -> dict[str, object]:
-    """A result without what differs between two evaluations of one setting: the run's path and the time."""
-    return {key: value for key, value in result.items() if key not in ("run", "time_s")}
+def numbers(result: object) -> object:
+    """A result without what differs between two evaluations of one setting: the run's path and the times."""
+    if isinstance(result, list):
+        return [numbers(item) for item in result]
+    if isinstance(result, dict):
+        return {key: numbers(value) for key, value in result.items()
+                if key not in ("run", "time_s", "time_per_example_s")}
+    return result
 
 
-def test_an_evaluation_killed_at_random_moments_continues_to_the_uninterrupted_result(run: Path,
+# per method: the options of an evaluation long enough to be killed in the middle (16 batches), and its result
+KILLED = {
+    "is": (EVALUATE, "eval-test-k50000.json"),
+    "ais": (["--method", "ais", "--ais-steps", "150", "--chains", "2", "--leapfrog", "2", "--k", "10", "--examples",
+             "16", "--batch-size", "1", "--device", "cpu"], "eval_ais-test-s150-c2-l2-k10-n16.json"),
+    "bdmc": (["--method", "bdmc", "--ais-steps", "100", "--chains", "2", "--leapfrog", "2", "--k", "10",
+              "--examples", "16", "--batch-size", "1", "--device", "cpu"], "eval_bdmc-s100-c2-l2-k10-n16.json"),
+}
+
+
+@pytest.mark.parametrize("method", list(KILLED))
+def test_an_evaluation_killed_at_random_moments_continues_to_the_uninterrupted_result(method: str, run: Path,
                                                                                         tmp_path: Path) -> None:
+    options, name = KILLED[method]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     shutil.copytree(run, whole)
     shutil.copytree(run, killed)
-    assert iwae("evaluate", str(whole), *EVALUATE).wait() == 0
-    partial = resumable.partial_path(killed / "eval-test-k50000.json")
+    assert iwae("evaluate", str(whole), *options).wait() == 0
+    partial = resumable.partial_path(killed / name)
     draw = random.Random(0)
     continued = 0
     for attempt in range(4):
-        process = iwae("evaluate", str(killed), *EVALUATE, "--checkpoint-every", "0")
+        process = iwae("evaluate", str(killed), *options, "--checkpoint-every", "0")
         if attempt < 3:  # killed at a random moment once at least one batch is written
             while not partial.exists() and process.poll() is None:
                 time.sleep(0.05)
@@ -65,8 +82,7 @@ def test_an_evaluation_killed_at_random_moments_continues_to_the_uninterrupted_r
         assert process.returncode == -signal.SIGKILL and partial.is_file()
     assert process.returncode == 0 and continued >= 1  # the killed runs' work was kept
     assert not partial.exists()
-    assert numbers(json.loads((killed / "eval-test-k50000.json").read_text())) == numbers(
-        json.loads((whole / "eval-test-k50000.json").read_text()))
+    assert numbers(json.loads((killed / name).read_text())) == numbers(json.loads((whole / name).read_text()))
 
 
 def test_pieces_of_another_setting_are_never_reused(tmp_path: Path) -> None:
