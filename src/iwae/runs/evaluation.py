@@ -141,7 +141,7 @@ def evaluate_run(
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
     out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, len(x)), seed=seed)
-    batch_size, compile = min(batch_size, len(x)), len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
+    compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
     pieces = _pieces(run_dir, out, {"method": "is", "k": k, "split": split, "data": loaded.name, "examples": len(x),
                                     "seed": seed, "chunk_size": chunk_size, "batch_size": batch_size,
                                     "compile": compile}, save_every_s, matmul)
@@ -193,6 +193,7 @@ def _statistics_of_all_ranks(model: DeepLatentModel, x: Tensor, k: int, *, chunk
                              time_limit_s: float | None) -> WeightStatistics:
     """``importance_statistics`` of every example of ``x``: with several ranks, each takes whole batches and the
     ranks' statistics are gathered in order."""
+    batch_size = min(batch_size, len(x))
     mine = distributed.shard(math.ceil(len(x) / batch_size))
     stats = None
     if mine:
