@@ -183,8 +183,8 @@ def _prepare_passes(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, 
     memory.check_fits(memory.pass_bytes(model, x.shape[1], min(k, chunk_size) * batch_size, training=False),
                       x.device, "evaluating with {0} {chunk} and {1} {batch}", ("chunk_size", "batch_size"),
                       chunk=min(k, chunk_size), batch=batch_size)
-    if "matmul" not in chosen:
-        chosen["matmul"] = distributed.broadcast(evaluation_matmul_path(model, x, k, chunk_size, batch_size))
+    mine = chosen["matmul"] if "matmul" in chosen else evaluation_matmul_path(model, x, k, chunk_size, batch_size)
+    chosen["matmul"] = distributed.broadcast(mine)
     gemm.fastest_fp32_matmul(x.device, chosen["matmul"])
 
 
