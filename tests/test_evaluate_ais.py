@@ -25,20 +25,23 @@ def test_ais_writes_its_estimate_beside_importance_sampling(run: Path, capsys: p
     assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "3", "6", *FAST]) == 0
     out = capsys.readouterr().out
     assert "NLL, AIS" in out and "NLL, IS k=10" in out and "IS - AIS" in out
-    result = json.loads((run / evaluate_ais.AIS_FILE).read_text())
+    path = evaluate_ais.result_path(run, "ais", steps=6, chains=2, leapfrog=2, k=10, examples=3)
+    assert path.name == "eval_ais-test-s6-c2-l2-k10-n3.json" and f"written to {path}" in out
+    result = json.loads(path.read_text())
     assert result["steps"] == 6 and result["chains"] == 2 and result["examples"] == 3 and result["k"] == 10
     assert [entry["steps"] for entry in result["sweep"]] == [3, 6]
     assert result["nll"] == result["sweep"][-1]["nll"]
     assert result["is_minus_ais"] == pytest.approx(result["is_nll"] - result["nll"])
     for key in ("nll_se", "is_nll", "is_nll_se", "time_s", "acceptance", "ess"):
         assert result[key] == result[key]  # present and not NaN
-    assert (run / rundir.FIGURES / evaluate_ais.FIGURE).stat().st_size > 0
+    assert (run / rundir.FIGURES / "ais_vs_steps-test-s6-c2-l2-k10-n3.png").stat().st_size > 0
 
 
 def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", str(run), "--method", "bdmc", "--ais-steps", "4", *FAST]) == 0
     assert "BDMC gap" in capsys.readouterr().out
-    result = json.loads((run / evaluate_ais.BDMC_FILE).read_text())
+    result = json.loads(evaluate_ais.result_path(run, "bdmc", steps=4, chains=2, leapfrog=2, k=10, examples=3)
+                        .read_text())
     assert result["gap"] == pytest.approx(result["log_p_upper"] - result["log_p_lower"])
     assert result["nll"] == -result["log_p_lower"] and result["steps"] == 4 and result["examples"] == 3
 
@@ -56,8 +59,8 @@ def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.Capture
          "the number of simulated examples, --examples, must be positive; got 0"),
         (["--method", "ais", "--seed", "-1"], "--seed must be an integer from 0"),
         (["--method", "ais", "--split", "nope"], "unknown --split 'nope'"),
-        (["--method", "ais", "--chains", str(10**12)], f"AIS with --chains {10**12} and --batch-size 16 on --examples "
-         "16 needs about"),  # the tiny test split has 16
+        (["--method", "ais", "--chains", str(10**12)],  # the tiny test split has 16 examples
+         f"AIS of --ais-steps 1000 with --chains {10**12} and --batch-size 16 on --examples 16 needs about"),
         (["--method", "bdmc", "--examples", str(10**13)], f"on --examples {10**13} needs about"),
     ],
 )
@@ -69,3 +72,15 @@ def test_bad_settings_get_one_line_and_write_nothing(options: list[str], message
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("iwae: error: ") and message in err[0]
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_each_ais_setting_has_its_own_file(run: Path) -> None:
+    assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "3", *FAST]) == 0
+    assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "3", *FAST, "--split", "train"]) == 0
+    test = json.loads((run / "eval_ais-test-s3-c2-l2-k10-n3.json").read_text())
+    train = json.loads((run / "eval_ais-train-s3-c2-l2-k10-n3.json").read_text())
+    assert (test["split"], train["split"]) == ("test", "train")
+    assert evaluate_ais.result_path(run, "ais") == run / evaluate_ais.AIS_FILE  # the default setting's, as before
+    assert evaluate_ais.result_path(run, "bdmc") == run / evaluate_ais.BDMC_FILE
+    assert evaluate_ais.result_path(run, "ais", seed=1, start="encoder").name == (
+        "eval_ais-test-s1000-c16-l10-encoder-k5000-n100-seed1.json")

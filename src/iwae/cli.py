@@ -19,9 +19,19 @@ from iwae import __version__, data
 from iwae.core.objectives import ESTIMATORS, OBJECTIVES, REPARAMETERIZED_ESTIMATORS, SETTING_READERS
 from iwae.eval import likelihood, snr_diagnostics, splits
 from iwae.models import GaussianToy
-from iwae.platform import distributed, heap
+from iwae.platform import distributed, duration, heap
 from iwae.platform.device import resolve_device
-from iwae.runs import checkpoint, evaluate_ais, evaluation, lone_run, reproduce, rundir, snr_report, stacked_run
+from iwae.runs import (
+    checkpoint,
+    evaluate_ais,
+    evaluation,
+    lone_run,
+    reproduce,
+    resumable,
+    rundir,
+    snr_report,
+    stacked_run,
+)
 from iwae.runs import figures as run_figures
 from iwae.settings import SettingError, check_seed
 from iwae.training import config as train_config
@@ -130,11 +140,21 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the evaluation passes (torch.compile), or not; default: compile evaluations of "
                         f"at least {evaluation.AUTO_COMPILE_SAMPLES:,} samples (examples times k)")
+    parser.add_argument("--checkpoint-every", type=float, default=resumable.SAVE_EVERY_S, dest="save_every_s",
+                        metavar="SECONDS", help="write the finished part of the evaluation this often, beside its "
+                        "result; run the same command again after a kill to continue from it (default: "
+                        f"{resumable.SAVE_EVERY_S:g})")
+    parser.add_argument("--matmul", metavar="NAME", help="the CPU's float32 matrix-multiply path: default (torch's "
+                        "BLAS) or onednn; unset, that of the evaluation being continued, else the faster on a pass, "
+                        "timed as it starts")
+    parser.add_argument("--no-time-limit", action="store_const", const=None, default=duration.TIME_LIMIT_S,
+                        dest="time_limit_s", help="run an evaluation estimated to take longer than "
+                        f"{duration.format_duration(duration.TIME_LIMIT_S)}, rather than refuse it")
     gold = parser.add_argument_group("annealed importance sampling (--method ais or bdmc)")
     gold.add_argument("--method", choices=("is", "ais", "bdmc"), default="is",
                       help="is: importance sampling (eval.json); ais: AIS and IS on the same examples "
-                      f"({evaluate_ais.AIS_FILE}); bdmc: bidirectional Monte Carlo on data simulated from the model "
-                      f"({evaluate_ais.BDMC_FILE}) (default: is)")
+                      f"({evaluate_ais.AIS_FILE}, or a file named after the setting); bdmc: bidirectional Monte Carlo "
+                      f"on data simulated from the model ({evaluate_ais.BDMC_FILE}, likewise) (default: is)")
     gold.add_argument("--ais-steps", type=int, nargs="+", default=[1000], metavar="N",
                       help="intermediate distributions; several values for ais draw the estimate against them "
                       "(the largest is reported) (default: 1000)")
@@ -191,6 +211,9 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     snr.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the batch and samples (default: 0)")
     snr.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     snr.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the results")
+    snr.add_argument("--no-time-limit", action="store_const", const=None, default=duration.TIME_LIMIT_S,
+                     dest="time_limit_s", help="run a diagnostic estimated to take longer than "
+                     f"{duration.format_duration(duration.TIME_LIMIT_S)}, rather than refuse it")
 
 
 def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
@@ -306,7 +329,8 @@ def _run_evaluate_ais(args: argparse.Namespace) -> None:
 def _evaluate_ais(args: argparse.Namespace) -> None:
     examples = evaluate_ais.DEFAULT_EXAMPLES if args.examples is None else args.examples  # 0 is refused, not replaced
     settings = dict(chains=args.chains, leapfrog=args.leapfrog, start=args.start, k=args.k, examples=examples,
-                    device=args.device, seed=args.seed, batch_size=args.batch_size, progress=True)
+                    device=args.device, seed=args.seed, batch_size=args.batch_size, progress=True,
+                    time_limit_s=args.time_limit_s, save_every_s=args.save_every_s)
     if args.method == "ais":
         result = evaluate_ais.evaluate_ais(args.run, steps=args.ais_steps, split=args.split, dataset=args.dataset,
                                            data_dir=args.data_dir, **settings)
@@ -315,7 +339,7 @@ def _evaluate_ais(args: argparse.Namespace) -> None:
     else:
         result = evaluate_ais.evaluate_bdmc(args.run, steps=args.ais_steps[0], **settings)
     print(evaluate_ais.format_ais_table(result))
-    print(f"written to {args.run / (evaluate_ais.AIS_FILE if args.method == 'ais' else evaluate_ais.BDMC_FILE)}")
+    print(f"written to {result['path']}")
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
@@ -325,7 +349,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     result = evaluation.evaluate_run(
         args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
-        compile=args.compile,
+        compile=args.compile, save_every_s=args.save_every_s, time_limit_s=args.time_limit_s, matmul=args.matmul,
     )
     print(evaluation.format_evaluation(result))
     examples = evaluation.examples_evaluated(args.examples, result["examples"])
@@ -363,6 +387,8 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         x = splits.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
         snr_diagnostics.check_snr_memory(model, x.shape[1], len(x), args.k, device)
         title = f"{args.run.name} (epoch {state['epoch']})"
+    snr_diagnostics.check_snr_time(model, x, settings, estimators, args.k, args.draws, beta=args.beta,
+                                   limit_s=args.time_limit_s)
     results = [
         snr_diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
                                  seed=args.seed, progress=True)

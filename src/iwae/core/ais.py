@@ -47,6 +47,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Literal, NamedTuple
 
@@ -56,7 +57,8 @@ from torch.distributions import Distribution, constraints
 from tqdm import tqdm
 
 from iwae.models import DeepLatentModel
-from iwae.platform.device import seeded
+from iwae.platform import duration
+from iwae.platform.device import batch_seed, seeded
 from iwae.settings import SettingError
 
 Start = Literal["prior", "encoder"]
@@ -297,7 +299,13 @@ def check_settings(steps: int, chains: int, leapfrog: int, start: str) -> None:
                            value=start)
 
 
-def _result(runs: list[tuple[Tensor, Tensor, StepSizes]], sign: float = 1.0) -> AISResult:
+def check_simulated(n: int, name: str = "n") -> None:
+    """Raise SettingError (naming the setting ``name``) unless ``n``, a number of examples to simulate, is positive."""
+    if n < 1:
+        raise SettingError("the number of simulated examples, {0}, must be positive; got {value}", (name,), value=n)
+
+
+def combine(runs: list[tuple[Tensor, Tensor, StepSizes]], sign: float = 1.0) -> AISResult:
     """Join the per-batch outputs of ``anneal`` along the example dimension into an ``AISResult``; ``sign``
     -1 for backward runs, whose weights estimate 1 / p(x)."""
     log_w = torch.cat([run[0] for run in runs], 1)
@@ -318,6 +326,15 @@ def check_model(model: DeepLatentModel, x: Tensor, start: Start) -> None:
 
 def _latent_dims(model: DeepLatentModel) -> list[int]:
     return [z.shape[-1] for z in sample_prior(model, (1,))]
+
+
+def seconds_per_step(model: DeepLatentModel, x: Tensor, *, chains: int, leapfrog: int, start: Start) -> float:
+    """The wall time of one annealing step (an HMC transition of ``leapfrog`` leapfrog steps for ``chains`` chains
+    of every example of ``x``), timed on runs of two steps; torch's generator is left as it was."""
+    with torch.no_grad(), seeded(0, x.device):
+        path = Path(model, x, start, _latent_dims(model))
+        return duration.seconds_per_call(lambda: anneal(path, path.sample_start(chains), sigmoid_schedule(2),
+                                                        leapfrog, None))
 
 
 def _pilot(path: Path, chains: int, steps: int, leapfrog: int, bar: tqdm) -> StepSizes:
@@ -346,25 +363,52 @@ def ais_log_likelihood(
     transition one HMC move of ``leapfrog`` leapfrog steps, after a pilot run that sets the step sizes.
     Requires: every latent layer of the model (and of q, for the encoder start) continuous on R^d.
 
-    Examples run ``batch_size`` at a time, all chains together; peak memory is that of a forward and a backward
-    pass on C x ``batch_size`` rows, plus the pilot's step sizes (at most PILOT_STEPS x C x ``batch_size``),
-    whatever ``steps`` and ``leapfrog``. With ``seed``, the draws come from a generator seeded with it and
-    torch's global generator is left as it was.
+    Examples run ``batch_size`` at a time, all chains together (``ais_batches``); peak memory is that of a forward
+    and a backward pass on C x ``batch_size`` rows, plus the pilot's step sizes (at most PILOT_STEPS x C x
+    ``batch_size``), whatever ``steps`` and ``leapfrog``. With ``seed``, the draws come from generators seeded
+    with it and each batch's index, and torch's global generator is left as it was.
     """
+    check_settings(steps, chains, leapfrog, start)
+    with ais_bar(steps, chains, len(x.split(batch_size)), progress) as bar:
+        return combine(list(ais_batches(model, x, steps=steps, chains=chains, leapfrog=leapfrog, start=start,
+                                        seed=seed, batch_size=batch_size, bar=bar)))
+
+
+def ais_bar(steps: int, chains: int, batches: int, progress: bool, directions: int = 1) -> tqdm:
+    """A bar of the annealing steps of AIS runs (``directions`` 2: BDMC's forward and backward) over ``batches``
+    batches, pilots included, with the time left; shown on a terminal when ``progress``."""
+    return tqdm(total=(directions * steps + min(steps, PILOT_STEPS)) * batches,
+                desc=f"{'AIS' if directions == 1 else 'BDMC'} {steps} steps x {chains} chains", unit="step",
+                disable=None if progress else True)
+
+
+Run = tuple[Tensor, Tensor, StepSizes]  # one batch's ``anneal`` outputs: log w, acceptance, step sizes
+
+
+def _seeded_batches(seed: int | None, device: torch.device, first_batch: int, batches: int) -> Iterator[int]:
+    """The indices ``first_batch``, ... of ``batches`` batches, torch's generator seeded for each with ``seed``
+    and its index (then restored); with ``seed`` None, the generator is left to run on."""
+    with seeded(seed, device) if seed is not None else nullcontext():
+        for index in range(first_batch, first_batch + batches):
+            if seed is not None:
+                torch.manual_seed(batch_seed(seed, index))
+            yield index
+
+
+@torch.no_grad()
+def ais_batches(model: DeepLatentModel, x: Tensor, *, steps: int, chains: int, leapfrog: int, start: Start = "prior",
+                seed: int | None = 0, batch_size: int = 100, first_batch: int = 0,
+                bar: tqdm | None = None) -> Iterator[Run]:
+    """``ais_log_likelihood``'s AIS runs of one batch of ``x`` after another (``combine`` joins them): with
+    ``seed``, batch j (counted from ``first_batch``) draws from the generator seeded with ``batch_seed(seed,
+    j)``, so that a batch's run depends on the seed, its index and its examples alone."""
     check_settings(steps, chains, leapfrog, start)
     betas = sigmoid_schedule(steps)
     batches = x.split(batch_size)
-    runs = []
-    with (seeded(seed, x.device) if seed is not None else nullcontext()), tqdm(
-        total=(steps + min(steps, PILOT_STEPS)) * len(batches), desc=f"AIS {steps} steps x {chains} chains",
-        unit="step", disable=None if progress else True,
-    ) as bar:
-        dims = _latent_dims(model)
-        for batch in batches:
-            path = Path(model, batch, start, dims)
-            step_sizes = _pilot(path, chains, steps, leapfrog, bar)
-            runs.append(anneal(path, path.sample_start(chains), betas, leapfrog, step_sizes, bar))
-    return _result(runs)
+    for batch, _ in zip(batches, _seeded_batches(seed, x.device, first_batch, len(batches)), strict=True):
+        path = Path(model, batch, start, _latent_dims(model))
+        step_sizes = _pilot(path, chains, steps, leapfrog, bar)
+        yield anneal(path, path.sample_start(chains), betas, leapfrog, step_sizes, bar)
 
 
 @torch.no_grad()
@@ -385,25 +429,38 @@ def bdmc(
     Draws (z, x) ~ p(z) p(x | z), then runs ``ais_log_likelihood``'s chains forward from ``start`` (a
     stochastic lower bound of log p(x)) and backward from z, an exact posterior sample, with the schedule
     reversed (a stochastic upper bound). Both use the step sizes of one forward pilot run, which is independent
-    of z given x, as the backward run's unbiasedness requires. Arguments as for ``ais_log_likelihood``.
+    of z given x, as the backward run's unbiasedness requires. Arguments as for ``ais_log_likelihood``; the
+    batches are those of ``bdmc_batches``.
     """
     check_settings(steps, chains, leapfrog, start)
-    if n < 1:
-        raise SettingError("the number of simulated examples, {0}, must be positive; got {value}", ("n",), value=n)
+    check_simulated(n)
+    with ais_bar(steps, chains, math.ceil(n / batch_size), progress, directions=2) as bar:
+        return combine_bdmc(list(bdmc_batches(model, n, steps=steps, chains=chains, leapfrog=leapfrog, start=start,
+                                              seed=seed, batch_size=batch_size, bar=bar)))
+
+
+@torch.no_grad()
+def bdmc_batches(model: DeepLatentModel, n: int, *, steps: int, chains: int, leapfrog: int, start: Start = "prior",
+                 seed: int | None = 0, batch_size: int = 100, first_batch: int = 0,
+                 bar: tqdm | None = None) -> Iterator[tuple[Tensor, Run, Run]]:
+    """``bdmc``'s batches of at most ``batch_size`` of the ``n`` simulated examples, one after another: each its
+    simulated examples and its forward and backward runs, seeded as ``ais_batches``' are."""
+    check_settings(steps, chains, leapfrog, start)
     betas = sigmoid_schedule(steps)
     sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
-    forward, backward, simulated = [], [], []
-    with (seeded(seed, next(model.parameters()).device) if seed is not None else nullcontext()), tqdm(
-        total=(2 * steps + min(steps, PILOT_STEPS)) * len(sizes), desc=f"BDMC {steps} steps x {chains} chains",
-        unit="step", disable=None if progress else True,
-    ) as bar:
-        for size in sizes:
-            z = sample_prior(model, (size,))
-            x = model.decoder[0](z[0]).sample()
-            path = Path(model, x, start, [v.shape[-1] for v in z])
-            step_sizes = _pilot(path, chains, steps, leapfrog, bar)
-            forward.append(anneal(path, path.sample_start(chains), betas, leapfrog, step_sizes, bar))
-            exact = torch.cat(z, -1).expand(chains, size, -1).clone()
-            backward.append(anneal(path, exact, betas.flip(0), leapfrog, step_sizes, bar))
-            simulated.append(x)
-    return BDMCResult(torch.cat(simulated), _result(forward), _result(backward, sign=-1.0))
+    device = next(model.parameters()).device
+    for index in _seeded_batches(seed, device, first_batch, len(sizes) - first_batch):
+        size = sizes[index]
+        z = sample_prior(model, (size,))
+        x = model.decoder[0](z[0]).sample()
+        path = Path(model, x, start, [v.shape[-1] for v in z])
+        step_sizes = _pilot(path, chains, steps, leapfrog, bar)
+        forward = anneal(path, path.sample_start(chains), betas, leapfrog, step_sizes, bar)
+        exact = torch.cat(z, -1).expand(chains, size, -1).clone()
+        yield x, forward, anneal(path, exact, betas.flip(0), leapfrog, step_sizes, bar)
+
+
+def combine_bdmc(batches: list[tuple[Tensor, Run, Run]]) -> BDMCResult:
+    """The ``BDMCResult`` of ``bdmc_batches``' batches."""
+    return BDMCResult(torch.cat([x for x, _, _ in batches]), combine([f for _, f, _ in batches]),
+                      combine([b for _, _, b in batches], sign=-1.0))

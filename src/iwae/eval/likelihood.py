@@ -17,11 +17,10 @@ The active units are in ``iwae.eval.activity``; the exact log p(x) of small disc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -31,7 +30,7 @@ from iwae.core.objectives import Objective
 from iwae.models import DeepLatentModel
 from iwae.platform import gemm
 from iwae.platform.compiled import Compiled
-from iwae.platform.device import seeded
+from iwae.platform.device import batch_seed, seeded
 from iwae.settings import check_integer
 
 GROUP_SIZES = (1, 5, 50)
@@ -53,10 +52,14 @@ class WeightStatistics(NamedTuple):
     bounds: dict[int, Tensor]
     ess: Tensor
 
+    def to(self, device: torch.device | str) -> WeightStatistics:
+        """The same statistics on ``device``."""
+        return WeightStatistics(self.log_likelihood.to(device), {g: b.to(device) for g, b in self.bounds.items()},
+                                self.ess.to(device))
+
     def cpu(self) -> WeightStatistics:
         """The same statistics on the CPU."""
-        return WeightStatistics(self.log_likelihood.cpu(), {g: b.cpu() for g, b in self.bounds.items()},
-                                self.ess.cpu())
+        return self.to("cpu")
 
 
 @torch.no_grad()
@@ -74,54 +77,80 @@ def importance_statistics(
     first_batch: int = 0,
 ) -> WeightStatistics:
     """Statistics of k importance weights per example of ``x`` (B, D), drawn ``chunk_size`` at a time for
-    ``batch_size`` examples at a time.
+    ``batch_size`` examples at a time: those of ``batch_statistics``' batches, joined.
+
+    ``progress`` shows a bar of the samples drawn, with the time left (on a terminal).
+
+    Returns:
+      ``WeightStatistics`` in float64 on ``x``'s device, the bounds keyed by the g in ``group_sizes`` that
+      qualify, and by k.
+    """
+    with progress_bar(len(x), k, progress) as bar:
+        return concatenate(list(batch_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size,
+                                                 group_sizes=group_sizes, compile=compile, seed=seed,
+                                                 first_batch=first_batch, on_pass=bar.update)))
+
+
+def progress_bar(examples: int, k: int, progress: bool, done: int = 0) -> tqdm:
+    """A bar of the ``examples`` x ``k`` samples of an evaluation (``done`` examples finished already), with its
+    rate and the time left; shown on a terminal when ``progress``."""
+    return tqdm(total=examples * k, initial=done * k, desc=f"evaluating k={k}", unit="sample", unit_scale=True,
+                disable=None if progress else True)
+
+
+@torch.no_grad()
+def batch_statistics(
+    model: DeepLatentModel,
+    x: Tensor,
+    k: int = 5000,
+    *,
+    chunk_size: int = 500,
+    batch_size: int = EXAMPLES_PER_PASS,
+    group_sizes: tuple[int, ...] = GROUP_SIZES,
+    compile: bool = False,
+    seed: int | None = None,
+    first_batch: int = 0,
+    on_pass: Callable[[int], object] | None = None,
+) -> Iterator[WeightStatistics]:
+    """``WeightStatistics`` of k importance weights per example, for one batch of ``batch_size`` examples of
+    ``x`` (B, D) after another, drawn ``chunk_size`` at a time; ``on_pass(samples)`` after each pass.
 
     The samples come from torch's generator as it stands; or, with ``seed``, batch j (counted from
-    ``first_batch``) draws them from the generator seeded with ``batch_seed(seed, j)``, which is then restored,
-    and every batch has ``batch_size`` rows (the last padded) even when x has fewer examples. An example's
-    estimates then depend only on the seed, its batch's index and its batch's examples, so that ranks evaluating
-    their own whole batches (``iwae.platform.distributed``) get those of one process evaluating all of them.
+    ``first_batch``) draws them from the generator seeded with ``batch_seed(seed, j)``, which is restored
+    once the batches are done, and every batch has ``batch_size`` rows (the last padded) even when x has fewer
+    examples. An example's estimates then depend only on the seed, its batch's index and its batch's examples,
+    so that ranks evaluating their own whole batches (``iwae.platform.distributed``), or an evaluation continued
+    from its finished batches, get those of one process evaluating all of them.
 
     Peak memory is that of one ``model.log_weights`` call on ``batch_size`` examples and ``chunk_size``
     samples, whatever k and B. Group size g is reported when it divides both k and min(chunk_size, k), so
     no group straddles two chunks. The last batch is padded (with its first example) to ``batch_size``, so every
     pass has one shape; with ``compile`` the passes run as one program compiled by torch.compile, drawing
     the same random numbers as the eager passes.
-
-    Returns:
-      ``WeightStatistics`` in float64 on ``x``'s device, the bounds keyed by the g in ``group_sizes`` that
-      qualify, and by k.
     """
     for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         check_integer(value, name, 1)
     chunk_size = min(chunk_size, k)
     groups = [g for g in group_sizes if g < k and k % g == 0 and chunk_size % g == 0]
-    log_lik: list[Tensor] = []
-    log_ess: list[Tensor] = []
-    grouped: dict[int, list[Tensor]] = {g: [] for g in groups}
     batch_size = batch_size if seed is not None else min(batch_size, len(x))
     log_weights = model.log_weights
     if compile:
         log_weights = Compiled(model.log_weights, "the evaluator", options={"fallback_random": True})
-    bar = tqdm(total=len(x), desc=f"evaluating k={k}", unit="example", disable=None if progress else True)
-    with seeded(seed, x.device) if seed is not None else nullcontext(), bar:
+    with seeded(seed, x.device) if seed is not None else nullcontext():
         for index, batch in enumerate(x.split(batch_size), first_batch):
             if seed is not None:
                 torch.manual_seed(batch_seed(seed, index))
             n = len(batch)
             batch = torch.cat([batch, batch[:1].expand(batch_size - n, *batch.shape[1:])])
-            lse, lse_sq, group_sums = _weight_sums(log_weights, batch, n, k, chunk_size, groups)
-            log_lik.append(lse - math.log(k))
-            log_ess.append(2 * lse - lse_sq)
-            for g in groups:
-                grouped[g].append(group_sums[g] / (k // g))
-            bar.update(n)
-    ll = torch.cat(log_lik)
-    return WeightStatistics(ll, {**{g: torch.cat(v) for g, v in grouped.items()}, k: ll}, torch.cat(log_ess).exp())
+            lse, lse_sq, group_sums = _weight_sums(log_weights, batch, n, k, chunk_size, groups, on_pass)
+            log_lik = lse - math.log(k)
+            yield WeightStatistics(log_lik, {**{g: group_sums[g] / (k // g) for g in groups}, k: log_lik},
+                                   (2 * lse - lse_sq).exp())
 
 
 def _weight_sums(log_weights: Callable[[Tensor, int], Tensor], batch: Tensor, n: int, k: int, chunk_size: int,
-                 groups: list[int]) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+                 groups: list[int], on_pass: Callable[[int], object] | None
+                 ) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
     """log sum_i w_i, log sum_i w_i^2 and, per group size g, the sum of IWAE_g over the k/g groups, for the first
     ``n`` examples of ``batch``, from k samples drawn ``chunk_size`` at a time."""
     # float64 accumulators: sums over thousands of samples keep their precision for float32 models
@@ -135,6 +164,8 @@ def _weight_sums(log_weights: Callable[[Tensor, int], Tensor], batch: Tensor, n:
         lse_sq = torch.logaddexp(lse_sq, torch.logsumexp(2 * log_w, 0))
         for g in groups:
             group_sums[g] += bounds.miwae(log_w, c // g) * (c // g)  # the sum of IWAE_g over c/g groups
+        if on_pass is not None:
+            on_pass(c * n)
     return lse, lse_sq, group_sums
 
 
@@ -149,11 +180,6 @@ def evaluation_matmul_path(model: DeepLatentModel, x: Tensor, k: int, chunk_size
     shapes = ("evaluation pass", type(model).__name__, *(tuple(p.shape) for p in model.parameters()),
               tuple(x[:batch_size].shape), min(k, chunk_size))
     return gemm.fastest_fp32_matmul(x.device, None, one_pass, shapes)
-
-
-def batch_seed(seed: int, index: int) -> int:
-    """The seed of the samples of batch ``index`` of an evaluation seeded with ``seed``: independent streams."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def concatenate(parts: list[WeightStatistics]) -> WeightStatistics:

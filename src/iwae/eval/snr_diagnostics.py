@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from iwae.core.objectives import ESTIMATORS, REPARAMETERIZED_ESTIMATORS, SETTING_READERS, Objective, loss
-from iwae.platform import memory
+from iwae.platform import duration, memory
 from iwae.platform.device import seeded
 
 NETWORKS = ("inference", "generative")
@@ -197,6 +197,24 @@ def check_snr_memory(model: nn.Module, x_dim: int, examples: int, ks: Sequence[i
                       examples=examples)
 
 
+def check_snr_time(model: nn.Module, x: Tensor, settings: Sequence[tuple[str, int]], estimators: Sequence[str],
+                   ks: Sequence[int], draws: int, *, beta: float, limit_s: float | None) -> None:
+    """Refuse (SettingError) ``gradient_snr`` runs, one per (objective, m) of ``settings``, if a timed gradient
+    draw at the largest K says they would take more than ``limit_s`` seconds (each K is counted as the largest)."""
+    objective, m = settings[0]
+    obj = Objective(objective, max(ks), m if objective in SETTING_READERS["m"] else 1, beta)
+
+    def one_draw() -> None:
+        loss(model, x, obj, estimator=estimators[0]).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    with seeded(0, x.device):
+        seconds = duration.seconds_per_call(one_draw)
+    per_draw = 2 * len(settings) * len(estimators) * len(ks) * seconds  # 2 x draws gradients per setting and K
+    duration.check_duration(per_draw * draws, limit_s, "the gradient SNR with {0} {draws}", "draws",
+                            int(limit_s / per_draw) if limit_s is not None else draws, "time_limit_s", draws=draws)
+
+
 def _flat_grad(params: list[nn.Parameter]) -> Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).double()
 
@@ -225,10 +243,9 @@ def gradient_snr(
       estimators: any of "standard", "stl", "dreg".
       ks: the grid of K, total samples per example (for miwae and piwae, m groups of K / m).
       draws: gradients per pass; each setting takes 2 x draws backward passes (see the module docstring).
-      m, beta: the objective's groups (miwae, piwae) and ELBO weight (ciwae), for an objective given by name.
+      m, beta: the objective's groups (miwae, piwae) and ELBO weight (ciwae), for an objective given by name;
       reduction: the gradient of the "sum" (as in training) or the "mean" of the batch's bounds.
-      seed: seeds the samples; torch's global generator is restored afterwards.
-      progress: show a progress bar (on a terminal).
+      seed, progress: seeds the samples (torch's global generator is restored afterwards); show a progress bar.
 
     Returns:
       ``SNRResult`` with one ``SNRPoint`` per estimator, network and K, and the slopes against K.
@@ -238,14 +255,15 @@ def gradient_snr(
     params = {"inference": list(model.encoder.parameters()), "generative": list(model.decoder.parameters())}
     points: list[SNRPoint] = []
     settings = [(estimator, k) for estimator in estimators for k in ks]
-    with seeded(seed, x.device), tqdm(settings, desc=f"gradient SNR ({base.name})", disable=None if progress else True
-                                      ) as bar:
-        for estimator, k in bar:
+    with seeded(seed, x.device), tqdm(total=2 * draws * len(settings), desc=f"gradient SNR ({base.name})",
+                                      unit="draw", unit_scale=True, disable=None if progress else True) as bar:
+        for estimator, k in settings:
             obj = Objective(base.name, k, base.m, base.beta, base.alpha)
 
             def draw(obj: Objective = obj, estimator: str = estimator) -> dict[str, Tensor]:
                 model.zero_grad(set_to_none=True)
                 loss(model, x, obj, estimator=estimator, reduction=reduction).loss.backward()
+                bar.update(1)
                 return {network: _flat_grad(ps) for network, ps in params.items()}
 
             groups = base.m if base.name in SETTING_READERS["m"] else 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 
@@ -35,3 +36,9 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of the draws of batch ``index`` of a computation seeded with ``seed``: independent streams, so that a
+    batch's draws depend on the seed and its index alone."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from iwae import data
@@ -16,15 +17,16 @@ from iwae.eval.activity import ACTIVE_UNIT_EXAMPLES, ACTIVE_UNIT_THRESHOLD, post
 from iwae.eval.likelihood import (
     EXAMPLES_PER_PASS,
     WeightStatistics,
+    batch_statistics,
     concatenate,
     evaluation_matmul_path,
-    importance_statistics,
+    progress_bar,
 )
 from iwae.eval.splits import SPLITS, split_examples
 from iwae.models import DeepLatentModel
-from iwae.platform import distributed, gemm, memory
+from iwae.platform import distributed, duration, gemm, memory
 from iwae.platform.device import resolve_device, seeded
-from iwae.runs import checkpoint, rundir
+from iwae.runs import checkpoint, resumable, rundir
 from iwae.settings import SettingError, check_integer, check_seed
 
 DEFAULT_K = 5000
@@ -108,75 +110,131 @@ def evaluate_run(
     progress: bool = False,
     compile: bool | None = None,
     loaded: data.Dataset | None = None,
+    save_every_s: float | None = resumable.SAVE_EVERY_S,
+    time_limit_s: float | None = duration.TIME_LIMIT_S,
+    matmul: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run's latest checkpoint and write the result as JSON in the run directory.
+    """Evaluate a run's latest checkpoint and write the result as JSON in the run directory, refusing (SettingError,
+    RunDirError) a bad setting, passes too large for memory, an evaluation longer than ``time_limit_s`` or a run
+    directory that cannot be written before any work.
 
     Args:
-      run_dir: a directory written by ``iwae train``.
-      k: importance samples per example.
-      split: "test", "train" or "valid".
-      dataset: a dataset name or .npy/.npz path to evaluate on instead of the run's own data.
-      data_dir: where to find the dataset's files (default: the run's setting).
-      examples: evaluate on the first ``examples`` examples of the split only.
-      device: "cpu", "cuda" or "auto".
-      seed: seeds the samples (and the binarization of a dynamic training split).
-      chunk_size, batch_size: samples and examples per pass (memory ~ their product).
-      progress: show a progress bar (on a terminal).
-      compile: compile the evaluation passes (``importance_statistics``); None compiles evaluations of at
-        least ``AUTO_COMPILE_SAMPLES`` samples in all, where the compile time is won back.
-      loaded: the run's own data, loaded already (by its training), to evaluate on instead of loading it again.
+      run_dir: a directory written by ``iwae train``; k: importance samples per example.
+      split, examples: "test", "train" or "valid", and its first ``examples`` examples only (default: all).
+      dataset, data_dir: a dataset name or .npy/.npz path to evaluate on instead of the run's own data, and where
+        to find its files (default: the run's); loaded: the run's own data, loaded already (by its training).
+      device: "cpu", "cuda" or "auto"; seed: seeds the samples (and the binarization of a dynamic train split).
+      chunk_size, batch_size: samples and examples per pass (memory ~ their product); progress: show a bar.
+      compile: compile the evaluation passes; None compiles those of at least ``AUTO_COMPILE_SAMPLES`` samples.
+      save_every_s: keep the finished batches beside the result this often, to continue from (None: never).
+      time_limit_s: refuse an evaluation estimated (from a timed pass) to take longer; None: no limit.
+      matmul: the CPU's float32 matmul path (default, onednn); None: the continued evaluation's, else the faster.
 
-    Returns:
-      The result also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``
-      (a file per setting): ``nll`` and ``nll_se`` (mean and standard error over examples of
-      -log (1/k) sum_i w_i), ``k``, ``bounds`` and ``bounds_se`` (L_g keyed by g), ``ess`` and ``ess_per_k``
-      (the mean ESS over examples, and that divided by k: 1 when q is the posterior), ``active_units`` (one
-      count per stochastic layer, of ``latent_units``), and what was evaluated.
-
-    Raises:
-      SettingError: for a bad setting, or passes too large for the memory available, before any work.
+    Returns the result, also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``:
+      ``nll``, ``nll_se`` (over examples of -log (1/k) sum_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g keyed by
+      g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used.
     """
     for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         check_integer(value, name, 1)
+    rundir.check_writable(run_dir, EVALUATE_FIX)
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
-    _prepare_passes(model, x, k, chunk_size, batch_size)
-    if compile is None:
-        compile = len(x) * k >= AUTO_COMPILE_SAMPLES
+    out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, len(x)), seed=seed)
+    compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
+    pieces = _pieces(run_dir, out, {"method": "is", "k": k, "split": split, "data": loaded.name, "examples": len(x),
+                                    "seed": seed, "chunk_size": chunk_size, "batch_size": batch_size,
+                                    "compile": compile}, save_every_s, matmul)
+    _prepare_passes(model, x, k, chunk_size, batch_size, pieces.chosen)
     with seeded(seed, x.device):
-        stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=min(batch_size, len(x)),
-                                         seed=seed, progress=progress, compile=compile)
+        stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
+                                         progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
     result = _result(run_dir, loaded, split, state["epoch"], k, seed, stats, variances, time.perf_counter() - start)
     if distributed.rank() == 0:
-        evaluated = examples_evaluated(examples, result["examples"])
-        rundir.write_json(eval_path(run_dir, split, dataset, k=k, examples=evaluated, seed=seed), result)
+        rundir.write_json(out, result)
+    pieces.remove()
     return result
 
 
-def _prepare_passes(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int) -> None:
+# what to do about a run directory that the evaluation cannot write its result into
+EVALUATE_FIX = "copy the run directory somewhere writable (cp -r RUN COPY) and evaluate the copy"
+
+
+def _pieces(run_dir: Path, out: Path, setting: dict[str, Any], save_every_s: float | None,
+            matmul: str | None) -> resumable.Pieces:
+    """The finished batches of the evaluation with ``setting`` whose result goes to ``out`` (this rank's, if
+    several), from the run's current checkpoint; ``matmul``, if given, the path it is to multiply on."""
+    path = resumable.partial_path(out)
+    if distributed.world() > 1:
+        path = path.with_name(f"{path.stem}-rank{distributed.rank()}{path.suffix}")
+    digest = resumable.file_digest(run_dir / rundir.CHECKPOINT)
+    pieces = resumable.Pieces(path, {**setting, "checkpoint": digest, "world": distributed.world()}, save_every_s)
+    if matmul is not None:
+        pieces.chosen["matmul"] = matmul
+    return pieces
+
+
+def _prepare_passes(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int,
+                    chosen: dict[str, Any]) -> None:
     """Refuse passes too large for the memory available; switch to the faster float32 matrix-multiply path on
-    them (rank 0's, on every rank)."""
+    them (rank 0's, on every rank; that recorded in ``chosen`` by an evaluation being continued, else recorded
+    there)."""
     memory.check_fits(memory.pass_bytes(model, x.shape[1], min(k, chunk_size) * batch_size, training=False),
                       x.device, "evaluating with {0} {chunk} and {1} {batch}", ("chunk_size", "batch_size"),
                       chunk=min(k, chunk_size), batch=batch_size)
-    path = distributed.broadcast(evaluation_matmul_path(model, x, k, chunk_size, batch_size))
-    gemm.fastest_fp32_matmul(x.device, path)
+    mine = chosen["matmul"] if "matmul" in chosen else evaluation_matmul_path(model, x, k, chunk_size, batch_size)
+    chosen["matmul"] = distributed.broadcast(mine)
+    gemm.fastest_fp32_matmul(x.device, chosen["matmul"])
 
 
-def _statistics_of_all_ranks(model: DeepLatentModel, x: Tensor, k: int, *, chunk_size: int, batch_size: int, seed: int,
-                             progress: bool, compile: bool) -> WeightStatistics:
+def _statistics_of_all_ranks(model: DeepLatentModel, x: Tensor, k: int, *, chunk_size: int, batch_size: int,
+                             seed: int, progress: bool, compile: bool, pieces: resumable.Pieces,
+                             time_limit_s: float | None) -> WeightStatistics:
     """``importance_statistics`` of every example of ``x``: with several ranks, each takes whole batches and the
     ranks' statistics are gathered in order."""
+    batch_size = min(batch_size, len(x))
     mine = distributed.shard(math.ceil(len(x) / batch_size))
-    stats = importance_statistics(model, x[mine.start * batch_size: mine.stop * batch_size], k,
-                                  chunk_size=chunk_size, batch_size=batch_size, seed=seed, first_batch=mine.start,
-                                  progress=progress and distributed.rank() == 0, compile=compile) if mine else None
+    stats = None
+    if mine:
+        stats = _continued_statistics(model, x[mine.start * batch_size: mine.stop * batch_size], k,
+                                      chunk_size=chunk_size, batch_size=batch_size, seed=seed, first_batch=mine.start,
+                                      progress=progress and distributed.rank() == 0, compile=compile, pieces=pieces,
+                                      time_limit_s=time_limit_s)
     if distributed.world() > 1:
         parts = distributed.gather(None if stats is None else stats.cpu())
         stats = concatenate([part for part in parts if part is not None])
     return stats
+
+
+def _continued_statistics(model: DeepLatentModel, x: Tensor, k: int, *, chunk_size: int, batch_size: int, seed: int,
+                          first_batch: int, progress: bool, compile: bool, pieces: resumable.Pieces,
+                          time_limit_s: float | None) -> WeightStatistics:
+    """The statistics of ``x``'s batches, those in ``pieces`` read back and the rest evaluated (after a check of
+    their time), each added to ``pieces`` as it finishes."""
+    done = len(pieces.done)
+    rest = x[done * batch_size:]
+    _check_time(model, rest, k, chunk_size, batch_size, time_limit_s)
+    with progress_bar(len(x), k, progress, done=len(x) - len(rest)) as bar:
+        for stats in batch_statistics(model, rest, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
+                                      first_batch=first_batch + done, compile=compile, on_pass=bar.update):
+            pieces.add(tuple(stats.cpu()))
+    return concatenate([WeightStatistics(*piece) for piece in pieces.done]).to(x.device)
+
+
+def _check_time(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int,
+                limit_s: float | None) -> None:
+    """Refuse (SettingError) evaluating ``x``'s batches if a timed pass says it would take more than ``limit_s``."""
+    if len(x) == 0:
+        return
+    chunk = min(k, chunk_size)
+    with torch.no_grad():
+        seconds = duration.seconds_per_call(lambda: model.log_weights(x[:batch_size], chunk))
+    batches = math.ceil(len(x) / batch_size)
+    estimate = seconds * batches * math.ceil(k / chunk)
+    fits = int(limit_s / (seconds * batches)) * chunk if limit_s is not None else k
+    duration.check_duration(estimate, limit_s, "evaluating {examples} examples with {0} {k}", "k", fits,
+                            "time_limit_s", examples=len(x), k=k)
 
 
 def _result(run_dir: Path, loaded: data.Dataset, split: str, epoch: int, k: int, seed: int, stats: WeightStatistics,

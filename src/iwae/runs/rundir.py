@@ -59,9 +59,13 @@ def create(run_dir: Path) -> Path:
     return run_dir
 
 
-def check_writable(directory: Path) -> None:
+OUT_FIX = "choose an --out in a writable directory"
+
+
+def check_writable(directory: Path, fix: str = OUT_FIX) -> None:
     """Raise RunDirError unless ``directory`` is a directory, or can be created as one, that this process may
-    write in; nothing is created, so a command can check its output directory before it starts its work."""
+    write in; nothing is created, so a command can check its output directory before it starts its work. The
+    message of a directory that is not writable ends with ``fix``."""
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -69,8 +73,7 @@ def check_writable(directory: Path) -> None:
         raise RunDirError(f"cannot write into {directory}: {existing} is a file, not a directory; choose an --out "
                           "that is a directory or does not exist yet")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"cannot write into {directory}: {existing} is not writable; choose an --out in a "
-                          "writable directory")
+        raise RunDirError(f"cannot write into {directory}: {existing} is not writable; {fix}")
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -1,0 +1,84 @@
+"""The finished pieces of a long evaluation, kept in a file beside its result, so that an evaluation killed at any
+moment continues where it stopped.
+
+    RUN/<result>.partial.pt    the setting the pieces belong to and the pieces finished so far
+
+A piece's random draws depend only on the evaluation's seed and the piece's index, so an evaluation continued
+from its pieces gives the numbers of one that was never stopped. The file is written atomically and names its
+setting (method, k, split, examples, seed, pass sizes, the checkpoint's digest, ...): a file of another setting is
+never reused, and the finished result replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iwae.platform.files import write_atomic
+
+SUFFIX = ".partial.pt"
+SAVE_EVERY_S = 30.0  # the default interval between writes of the pieces: at most this much work is lost to a kill
+
+
+def partial_path(result: Path) -> Path:
+    """The file of the finished pieces of the evaluation whose result goes to ``result``."""
+    return result.with_name(result.stem + SUFFIX)
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes: what ties the pieces to the checkpoint they were computed from."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Pieces:
+    """The pieces of an evaluation with ``setting``, finished before (read from ``path``) and since; written back
+    every ``every_s`` seconds (0: after every piece; None: never). ``chosen`` holds what the evaluation chose as
+    it started (a matrix-multiply path, say), which a continued evaluation keeps, so that it computes alike."""
+
+    def __init__(self, path: Path, setting: dict[str, Any], every_s: float | None = SAVE_EVERY_S) -> None:
+        self.path, self.setting, self.every_s = path, setting, every_s
+        saved = self._read() if every_s is not None else {}
+        self.done: list[Any] = list(saved.get("pieces", []))
+        self.chosen: dict[str, Any] = dict(saved.get("chosen", {}))
+        self.saved_at = time.monotonic()
+        if self.done:
+            print(f"iwae: continuing from {path} ({len(self.done)} pieces done)", file=sys.stderr)
+
+    def _read(self) -> dict[str, Any]:
+        """What ``path`` holds if it holds this setting's pieces, else nothing (a missing, damaged or other file)."""
+        if not self.path.is_file():
+            return {}
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged file is started afresh, never fatal
+            return {}
+        if not isinstance(saved, dict) or saved.get("setting") != self.setting:
+            return {}
+        return saved
+
+    def add(self, piece: Any) -> None:
+        """Record a finished piece, and write the pieces if ``every_s`` has passed since they were last written."""
+        self.done.append(piece)
+        if self.every_s is not None and time.monotonic() - self.saved_at >= self.every_s:
+            self.save()
+
+    def save(self) -> None:
+        """Write the setting and the pieces so far, atomically."""
+        buffer = io.BytesIO()
+        torch.save({"setting": self.setting, "chosen": self.chosen, "pieces": self.done}, buffer)
+        write_atomic(self.path, lambda file: file.write(buffer.getvalue()))
+        self.saved_at = time.monotonic()
+
+    def remove(self) -> None:
+        """Delete the file, once the result it led to is written."""
+        self.path.unlink(missing_ok=True)

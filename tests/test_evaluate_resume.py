@@ -1,0 +1,164 @@
+"""Long evaluations: continued after a kill with the numbers of an uninterrupted one, refused when they could not
+finish, and refused at once when their result could not be written."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from iwae.cli import main
+from iwae.runs import resumable, rundir
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# 16 test examples one per batch, 100 passes each: long enough to be killed in the middle
+EVALUATE = ["--k", "50000", "--batch-size", "1", "--device", "cpu", "--no-compile", "--matmul", "default"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", "--dataset", tiny_dataset, "--epochs", "1", "--batch-size", "8", "--k", "4",
+                 "--monitor-examples", "8", "--eval-k", "0", "--device", "cpu", "--out", str(path)]) == 0
+    return path
+
+
+def iwae(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "iwae", *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def numbers(result: object) -> object:
+    """A result without what differs between two evaluations of one setting: the run's path and the times."""
+    if isinstance(result, list):
+        return [numbers(item) for item in result]
+    if isinstance(result, dict):
+        return {key: numbers(value) for key, value in result.items()
+                if key not in ("run", "time_s", "time_per_example_s")}
+    return result
+
+
+# per method: the options of an evaluation long enough to be killed in the middle (16 batches), and its result
+KILLED = {
+    "is": (EVALUATE, "eval-test-k50000.json"),
+    "ais": (["--method", "ais", "--ais-steps", "150", "--chains", "2", "--leapfrog", "2", "--k", "10", "--examples",
+             "16", "--batch-size", "1", "--device", "cpu"], "eval_ais-test-s150-c2-l2-k10-n16.json"),
+    "bdmc": (["--method", "bdmc", "--ais-steps", "100", "--chains", "2", "--leapfrog", "2", "--k", "10",
+              "--examples", "16", "--batch-size", "1", "--device", "cpu"], "eval_bdmc-s100-c2-l2-k10-n16.json"),
+}
+
+
+@pytest.mark.parametrize("method", list(KILLED))
+def test_an_evaluation_killed_at_random_moments_continues_to_the_uninterrupted_result(method: str, run: Path,
+                                                                                        tmp_path: Path) -> None:
+    options, name = KILLED[method]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    shutil.copytree(run, whole)
+    shutil.copytree(run, killed)
+    assert iwae("evaluate", str(whole), *options).wait() == 0
+    partial = resumable.partial_path(killed / name)
+    draw = random.Random(0)
+    continued = 0
+    for attempt in range(4):
+        process = iwae("evaluate", str(killed), *options, "--checkpoint-every", "0")
+        if attempt < 3:  # killed at a random moment once at least one batch is written
+            while not partial.exists() and process.poll() is None:
+                time.sleep(0.05)
+            time.sleep(draw.uniform(0.0, 1.0))
+            process.send_signal(signal.SIGKILL)
+        err = process.communicate()[1]
+        continued += "continuing from" in err
+        if process.returncode == 0:
+            break
+        assert process.returncode == -signal.SIGKILL and partial.is_file()
+    assert process.returncode == 0 and continued >= 1  # the killed runs' work was kept
+    assert not partial.exists()
+    assert numbers(json.loads((killed / name).read_text())) == numbers(json.loads((whole / name).read_text()))
+
+
+def test_pieces_of_another_setting_are_never_reused(tmp_path: Path) -> None:
+    path = tmp_path / "eval.partial.pt"
+    pieces = resumable.Pieces(path, {"k": 10, "seed": 0}, every_s=0)
+    pieces.chosen["matmul"] = "default"
+    pieces.add(torch.zeros(3))
+    assert len(resumable.Pieces(path, {"k": 10, "seed": 0}).done) == 1
+    assert resumable.Pieces(path, {"k": 10, "seed": 0}).chosen == {"matmul": "default"}
+    assert resumable.Pieces(path, {"k": 10, "seed": 1}).done == []
+    assert resumable.Pieces(path, {"k": 20, "seed": 0}).chosen == {}
+    path.write_bytes(b"damaged")
+    assert resumable.Pieces(path, {"k": 10, "seed": 0}).done == []
+
+
+def test_a_new_checkpoint_starts_the_evaluation_afresh(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    result = copy / "eval-test-k50000.json"
+    stale = resumable.Pieces(resumable.partial_path(result), {"anything": "else"}, every_s=0)
+    stale.add(torch.zeros(1))
+    process = iwae("evaluate", str(copy), *EVALUATE, "--checkpoint-every", "0")
+    _, err = process.communicate()
+    assert process.returncode == 0 and "continuing from" not in err
+
+
+def one_line(process: subprocess.Popen[str]) -> str:
+    _, err = process.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert process.returncode == 2 and len(lines) == 1 and lines[0].startswith("iwae: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--k", "100000000000000000000"], "use --k "),
+        (["--method", "ais", "--ais-steps", "1000000000000", "--examples", "2"], "use --ais-steps "),
+        (["--method", "bdmc", "--ais-steps", "1000000000000", "--examples", "2"], "use --ais-steps "),
+    ],
+)
+def test_evaluations_that_could_not_finish_are_refused_at_once(options: list[str], message: str, run: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    line = one_line(iwae("evaluate", str(run), *options, "--device", "cpu"))
+    assert "would take about" in line and message in line and "--no-time-limit" in line
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_gradient_draws_that_could_not_finish_are_refused_at_once(tmp_path: Path) -> None:
+    line = one_line(iwae("diagnose", "snr", "--toy", "--k", "3", "--draws", "1000000000000", "--out",
+                         str(tmp_path / "d")))
+    assert "would take about" in line and "use --draws " in line
+    assert not (tmp_path / "d").exists()
+
+
+# runs ``iwae evaluate`` as a user who may not write into the run directory, whoever runs the test (root may)
+READ_ONLY = """
+import os, sys
+from pathlib import Path
+from iwae.cli import main
+run, access = Path(sys.argv[1]).resolve(), os.access
+def refused(path, mode, **kw):
+    return False if Path(path).resolve() == run and mode & os.W_OK else access(path, mode, **kw)
+os.access = refused
+sys.exit(main(["evaluate", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.parametrize("method", ["is", "ais", "bdmc"])
+def test_a_read_only_run_directory_is_refused_before_any_work(method: str, run: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    process = subprocess.Popen([sys.executable, "-c", READ_ONLY, str(run), "--method", method, "--k", "100000000",
+                                "--ais-steps", "100000", "--examples", "2", "--device", "cpu"], env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = one_line(process)
+    assert f"cannot write into {run}" in line and "evaluate the copy" in line
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert not list(run.glob("eval*"))
+    assert rundir.CHECKPOINT in {p.name for p in run.iterdir()}
