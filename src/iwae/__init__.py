@@ -14,21 +14,29 @@ The package's layers, each importing only those above it in this list: ``iwae.se
 objectives, estimators, AIS), ``iwae.eval`` (likelihoods, active units, gradient SNR), ``iwae.training`` (settings,
 state, step, loop), ``iwae.plots``, ``iwae.runs`` (run directories: train, evaluate, draw, reproduce the paper's
 tables) and ``iwae.cli``.
+
+Importing ``iwae`` before torch sets OpenMP's passive wait policy (unless OMP_WAIT_POLICY is set): torch's threads
+then sleep rather than spin while they wait, which keeps a run on a shared machine at its fair share
+(``iwae.platform.threads``).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from iwae.platform import threads as _threads
 
-from iwae import data, models
-from iwae.core import bounds, objectives
-from iwae.core.ais import ais_log_likelihood
-from iwae.core.objectives import Objective, loss
-from iwae.eval.exact import exact_log_likelihood
-from iwae.eval.likelihood import log_likelihood
-from iwae.models import DeepLatentModel, burda, sbn
-from iwae.training.config import TrainConfig
+_threads.prefer_passive_wait()
+
+import importlib  # noqa: E402
+from typing import Any  # noqa: E402
+
+from iwae import data, models  # noqa: E402
+from iwae.core import bounds, objectives  # noqa: E402
+from iwae.core.ais import ais_log_likelihood  # noqa: E402
+from iwae.core.objectives import Objective, loss  # noqa: E402
+from iwae.eval.exact import exact_log_likelihood  # noqa: E402
+from iwae.eval.likelihood import log_likelihood  # noqa: E402
+from iwae.models import DeepLatentModel, burda, sbn  # noqa: E402
+from iwae.training.config import TrainConfig  # noqa: E402
 
 __version__ = "0.1.0"
 
