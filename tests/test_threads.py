@@ -158,3 +158,67 @@ def test_passive_wait_is_set_unless_the_user_chose() -> None:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={"PATH": "", **env}).stdout.strip()
         assert out == expected
+
+
+def _tiny_run(dataset: str, run: Path, *extra: str) -> list[str]:
+    return ["train", "--dataset", dataset, "--epochs", "1", "--batch-size", "8", "--k", "2", "--eval-k", "0",
+            "--monitor-examples", "8", "--device", "cpu", "--no-compile", "--matmul", "default", "--out", str(run),
+            *extra]
+
+
+def test_a_run_records_its_threads_and_resumes_on_them(tiny_dataset: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from iwae.cli import main
+    from iwae.runs import lone_run, rundir
+
+    monkeypatch.setattr(threads, "_used", [])
+    before = torch.get_num_threads()
+    try:
+        assert main(_tiny_run(tiny_dataset, tmp_path / "run", "--threads", "1")) == 0
+        assert "iwae: 1 torch thread: set by --threads" in capsys.readouterr().err
+        assert rundir.read_json(tmp_path / "run" / rundir.CONFIG)["threads"] == 1
+        threads.use_threads(2)  # the process moved on; the run resumes on its own count, unless given another
+        saved = lone_run.resumed_config(rundir.read_json(tmp_path / "run" / rundir.CONFIG), None, tmp_path / "run")
+        assert lone_run.resumed_threads(saved, None) == 1 and torch.get_num_threads() == 1
+        assert "iwae: 1 torch thread: the run's own count" in capsys.readouterr().err
+        given = lone_run.resumed_config(rundir.read_json(tmp_path / "run" / rundir.CONFIG), {"threads": 2},
+                                        tmp_path / "run")
+        assert lone_run.resumed_threads(given, {"threads": 2}) == 2
+        assert "iwae: 2 torch threads: set by --threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_config_from_before_the_setting_loads_and_chooses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iwae.runs import lone_run
+    from iwae.training.config import TrainConfig, resumed_config
+
+    saved = {k: v for k, v in TrainConfig(epochs=1).__dict__.items() if k != "threads"}
+    config = resumed_config(saved, None, tmp_path)
+    assert config.threads is None
+    monkeypatch.setattr(threads, "_used", [])
+    monkeypatch.setattr(threads, "choose", lambda: threads.ThreadChoice(1, "1 of 2 CPUs free"))
+    before = torch.get_num_threads()
+    try:
+        assert lone_run.resumed_threads(config, None) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_reproduce_runs_every_cell_on_its_threads(tmp_path: Path) -> None:
+    from iwae.runs import reproduce
+
+    cell = reproduce.GRIDS["dreg"]()[0]
+    config = reproduce.cell_config(cell, 0, reproduce.Options(budget=0.01, threads=1), tmp_path)
+    assert config.threads == 1
+    assert "--threads" not in reproduce.command("dreg", cell, config, tmp_path, 1)
+
+
+def test_every_command_takes_threads() -> None:
+    from iwae.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["train", "--out", "x"], ["evaluate", "run"], ["sample", "run"], ["diagnose", "snr", "--toy",
+                 "--out", "x"], ["reproduce", "dreg"]):
+        assert parser.parse_args([*argv, "--threads", "3"]).threads == 3

@@ -24,6 +24,7 @@ from iwae.eval.splits import SPLITS, split_examples
 from iwae.models import DeepLatentModel
 from iwae.platform import distributed, gemm, memory
 from iwae.platform.device import resolve_device, seeded
+from iwae.platform.threads import use_threads
 from iwae.runs import checkpoint, rundir
 from iwae.settings import SettingError, check_integer, check_seed
 
@@ -108,6 +109,7 @@ def evaluate_run(
     progress: bool = False,
     compile: bool | None = None,
     loaded: data.Dataset | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint and write the result as JSON in the run directory.
 
@@ -118,7 +120,7 @@ def evaluate_run(
       dataset: a dataset name or .npy/.npz path to evaluate on instead of the run's own data.
       data_dir: where to find the dataset's files (default: the run's setting).
       examples: evaluate on the first ``examples`` examples of the split only.
-      device: "cpu", "cuda" or "auto".
+      device, threads: "cpu", "cuda" or "auto"; torch's threads (None: ``iwae.platform.threads.use_threads``'s).
       seed: seeds the samples (and the binarization of a dynamic training split).
       chunk_size, batch_size: samples and examples per pass (memory ~ their product).
       progress: show a progress bar (on a terminal).
@@ -141,9 +143,8 @@ def evaluate_run(
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
-    _prepare_passes(model, x, k, chunk_size, batch_size)
-    if compile is None:
-        compile = len(x) * k >= AUTO_COMPILE_SAMPLES
+    _prepare_passes(model, x, k, chunk_size, batch_size, threads)
+    compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
     with seeded(seed, x.device):
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=min(batch_size, len(x)),
                                          seed=seed, progress=progress, compile=compile)
@@ -155,12 +156,14 @@ def evaluate_run(
     return result
 
 
-def _prepare_passes(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int) -> None:
-    """Refuse passes too large for the memory available; switch to the faster float32 matrix-multiply path on
-    them (rank 0's, on every rank)."""
+def _prepare_passes(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int,
+                    threads: int | None) -> None:
+    """Refuse passes too large for the memory available; run torch on ``threads`` (``use_threads``) and switch to
+    the faster float32 matrix-multiply path on the passes (rank 0's, on every rank)."""
     memory.check_fits(memory.pass_bytes(model, x.shape[1], min(k, chunk_size) * batch_size, training=False),
                       x.device, "evaluating with {0} {chunk} and {1} {batch}", ("chunk_size", "batch_size"),
                       chunk=min(k, chunk_size), batch=batch_size)
+    use_threads(threads)
     path = distributed.broadcast(evaluation_matmul_path(model, x, k, chunk_size, batch_size))
     gemm.fastest_fp32_matmul(x.device, path)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from iwae.platform.device import resolve_device
+from iwae.platform.threads import use_threads
 from iwae.runs import checkpoint, lone_run, rundir
 from iwae.training import preflight
 from iwae.training.config import TrainConfig, resolve_compile, resumed_config
@@ -52,7 +53,9 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     dataset = lone_run.load_training_data(configs[0], device)
     x_dim = dataset.train.shape[1]
     preflight.check_training_memory(configs[0], x_dim, device, seeds=len(configs))
-    configs = [resolve_compile(replace(c, device=str(device)), len(dataset.train), len(configs)) for c in configs]
+    count = use_threads(configs[0].threads)
+    configs = [resolve_compile(replace(c, device=str(device), threads=count), len(dataset.train), len(configs))
+               for c in configs]
     # the faster path on the stack's own step: its batched products may favour another path than a lone run's
     matmul = preflight.training_matmul_path(configs[0], x_dim, device, len(configs),
                                         functools.partial(stacked_timing_step, seeds=len(configs)))
@@ -104,6 +107,10 @@ def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress
         return [rundir.read_json(d / rundir.EVAL) if c.eval_k else None for d, c in zip(dirs, configs, strict=True)]
     if len({(state.epoch, state.step) for state in states}) != 1:
         raise ValueError(f"the seeds of {out} are at different positions; resume each with iwae train --resume")
+    count = lone_run.resumed_threads(configs[0], changes)
+    for state in states:
+        state.config = replace(state.config, threads=count)
+    configs = [state.config for state in states]
     dataset = lone_run.load_training_data(configs[0], device)
     preflight.check_training_memory(configs[0], states[0].x_dim, device, seeds=len(configs))
     with StopOnSignal() as stop:
