@@ -22,21 +22,21 @@ then sleep rather than spin while they wait, which keeps a run on a shared machi
 
 from __future__ import annotations
 
-from iwae.platform import threads as _threads
+import os
 
-_threads.prefer_passive_wait()
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
 
-import importlib  # noqa: E402
-from typing import Any  # noqa: E402
+import importlib
+from typing import Any
 
-from iwae import data, models  # noqa: E402
-from iwae.core import bounds, objectives  # noqa: E402
-from iwae.core.ais import ais_log_likelihood  # noqa: E402
-from iwae.core.objectives import Objective, loss  # noqa: E402
-from iwae.eval.exact import exact_log_likelihood  # noqa: E402
-from iwae.eval.likelihood import log_likelihood  # noqa: E402
-from iwae.models import DeepLatentModel, burda, sbn  # noqa: E402
-from iwae.training.config import TrainConfig  # noqa: E402
+from iwae import data, models
+from iwae.core import bounds, objectives
+from iwae.core.ais import ais_log_likelihood
+from iwae.core.objectives import Objective, loss
+from iwae.eval.exact import exact_log_likelihood
+from iwae.eval.likelihood import log_likelihood
+from iwae.models import DeepLatentModel, burda, sbn
+from iwae.training.config import TrainConfig
 
 __version__ = "0.1.0"
 

@@ -7,9 +7,10 @@ Under torchrun the ranks on one machine share its free CPUs. On a shared machine
 fair share: OpenMP threads spin at their barriers waiting for siblings, and a team with more threads than free
 CPUs waits on a descheduled thread at every parallel region.
 
-OpenMP's passive wait policy (``prefer_passive_wait``: a waiting thread sleeps rather than spins) bounds the
+OpenMP's passive wait policy (OMP_WAIT_POLICY=PASSIVE: a waiting thread sleeps rather than spins) bounds the
 damage when the machine's load changes after the choice, or when two runs that start together each find the
-machine free; OpenMP reads it once, when torch loads it, so ``iwae`` sets it before importing torch.
+machine free; OpenMP reads it once, when torch loads it, so importing ``iwae`` sets it (unless it is set) before
+importing torch.
 
 The number is chosen once per process (``use_threads``), at the start of a command, and printed with its reason;
 a run records it (a different thread count changes the rounding of some reductions, so a run that is to be
@@ -44,12 +45,6 @@ class ThreadChoice:
 
     def line(self) -> str:
         return f"{self.threads} torch thread{'s' if self.threads != 1 else ''}: {self.reason}"
-
-
-def prefer_passive_wait() -> None:
-    """Have OpenMP's waiting threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the user set a policy; effective only
-    when called before torch is first imported."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def affinity() -> set[int]:
