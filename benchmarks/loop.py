@@ -51,7 +51,9 @@ from iwae.training.step import TrainStep, make_adam
 BATCH = 20
 # training images per epoch, per k: an epoch of a few seconds on one core
 EXAMPLES = {1: 6000, 50: 800}
-EPOCHS = 4
+EPOCHS = 3
+# a run still going this many seconds after it started is stopped (SIGTERM: it checkpoints), its epochs kept
+TIMEOUT_S = 40.0
 BUSY = [sys.executable, "-c", "while True: pass"]
 
 
@@ -88,7 +90,8 @@ def command(dataset: Path, k: int, out: Path, *options: str) -> list[str]:
 
 def epochs(out: Path) -> tuple[list[float], list[float]]:
     """Per epoch of the run in ``out``: examples/s of its minibatches, and with its upkeep (monitor, checkpoint)."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = out / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     walls = [0.0] + [r["wall_time_s"] for r in records]
     examples = [r["examples_per_s"] * r["epoch_time_s"] for r in records]
     upkeep = [n / (b - a) for n, a, b in zip(examples, walls, walls[1:], strict=True)]
@@ -103,15 +106,25 @@ def run_together(commands: list[list[str]], env: dict[str, str], busy: bool = Fa
             time.sleep(0.5)  # busy before the runs look at the machine
         processes = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                      for c in commands]
-        errors = [p.communicate()[1] for p in processes]
+        deadline = time.monotonic() + TIMEOUT_S
+        errors = [_finish(p, deadline) for p in processes]
     finally:
         if spinner is not None:
             spinner.kill()
             spinner.wait()
     for process, error in zip(processes, errors, strict=True):
-        if process.returncode != 0:
+        if process.returncode not in (0, 128 + 15):
             raise RuntimeError(f"iwae train failed:\n{error}")
     return [next((line for line in e.splitlines() if "torch thread" in line), "?") for e in errors]
+
+
+def _finish(process: subprocess.Popen, deadline: float) -> str:
+    """The stderr of ``process``, stopped with SIGTERM if it runs past ``deadline``."""
+    try:
+        return process.communicate(timeout=max(0.0, deadline - time.monotonic()))[1]
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        return process.communicate()[1]
 
 
 def shared(ks: list[int], names: list[str], folder: Path) -> None:
@@ -127,12 +140,12 @@ def shared(ks: list[int], names: list[str], folder: Path) -> None:
             for scenario, outs in runs.items():
                 lines[scenario] = run_together([command(dataset, k, out, *options) for out in outs], env,
                                                busy=scenario == "busy thread")
-            quiet = statistics.median(epochs(runs["quiet"][0])[0])
+            quiet = statistics.median(epochs(runs["quiet"][0])[0] or [EXAMPLES[k] / TIMEOUT_S])
             for scenario, outs in runs.items():
                 for out, line in zip(outs, lines[scenario], strict=True):
                     rates = epochs(out)[0]
-                    ratios = [rate / quiet for rate in rates]
-                    shown = " ".join(f"{rate:6.0f}" for rate in rates)
+                    ratios = [rate / quiet for rate in rates] or [EXAMPLES[k] / TIMEOUT_S / quiet]
+                    shown = " ".join(f"{rate:6.0f}" for rate in rates) + " -" * (EPOCHS - len(rates))
                     print(f"{k:>3} {name:8} {scenario:12} {shown:>34} {min(ratios):9.2f} "
                           f"{statistics.median(ratios):7.2f}  {line.removeprefix('iwae: ')}", flush=True)
 
