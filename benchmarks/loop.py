@@ -94,7 +94,7 @@ def epochs(out: Path) -> tuple[list[float], list[float]]:
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     walls = [0.0] + [r["wall_time_s"] for r in records]
     examples = [r["examples_per_s"] * r["epoch_time_s"] for r in records]
-    upkeep = [n / (b - a) for n, a, b in zip(examples, walls, walls[1:], strict=True)]
+    upkeep = [n / (b - a) for n, a, b in zip(examples, walls[:-1], walls[1:], strict=True)]
     return [r["examples_per_s"] for r in records], upkeep
 
 
