@@ -98,15 +98,17 @@ def epochs(out: Path) -> tuple[list[float], list[float]]:
     return [r["examples_per_s"] for r in records], upkeep
 
 
-def run_together(commands: list[list[str]], env: dict[str, str], busy: bool = False) -> list[str]:
-    """Run ``commands`` at once (beside a busy thread, if ``busy``); return each one's thread line."""
+def run_together(commands: list[list[str]], env: dict[str, str], busy: bool = False,
+                 timeout: float = TIMEOUT_S) -> list[str]:
+    """Run ``commands`` at once (beside a busy thread, if ``busy``), stopping them after ``timeout`` seconds;
+    return each one's thread line."""
     spinner = subprocess.Popen(BUSY) if busy else None
     try:
         if spinner is not None:
             time.sleep(0.5)  # busy before the runs look at the machine
         processes = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                      for c in commands]
-        deadline = time.monotonic() + TIMEOUT_S
+        deadline = time.monotonic() + timeout
         errors = [_finish(p, deadline) for p in processes]
     finally:
         if spinner is not None:
@@ -173,7 +175,7 @@ def loop_against_step(ks: list[int], rounds: int, folder: Path) -> None:
         dataset = write_slice(k, folder)
         for r in range(rounds):
             out = folder / f"loop-{k}-{r}"
-            line = run_together([command(dataset, k, out, "--compile")], env)[0]
+            line = run_together([command(dataset, k, out, "--compile")], env, timeout=600.0)[0]
             loop, upkeep = (statistics.median(rates[1:]) for rates in epochs(out))
             count = int(line.split("iwae: ")[-1].split()[0]) if "iwae: " in line else torch.get_num_threads()
             step = bare_step(k, count, 3.0)
