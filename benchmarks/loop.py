@@ -115,7 +115,7 @@ def run_together(commands: list[list[str]], env: dict[str, str], busy: bool = Fa
             spinner.kill()
             spinner.wait()
     for process, error in zip(processes, errors, strict=True):
-        if process.returncode not in (0, 128 + 15):
+        if process.returncode not in (0, 128 + 15, -15):  # stopped by SIGTERM, in the loop or after it
             raise RuntimeError(f"iwae train failed:\n{error}")
     return [next((line for line in e.splitlines() if "torch thread" in line), "?") for e in errors]
 
