@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,13 @@ from iwae.training import signals
 
 # tests of the GPU's paths (CUDA graphs, its generators), run wherever a GPU is
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+THREAD_CHOICE = re.compile(r"iwae: \d+ torch threads?: ")
+
+
+def messages(stderr: str) -> list[str]:
+    """The lines of a command's stderr, less the thread choice every command prints at start."""
+    return [line for line in stderr.strip().splitlines() if not THREAD_CHOICE.match(line)]
 
 
 def same_matmul_as(run: Path) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import messages
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -282,8 +283,8 @@ def test_an_npz_of_test_data_only_is_not_trained_on(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "iwae.cli", "train", "--dataset", str(path), *TINY, "--out",
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == (f"iwae: error: {path} holds only 'test', no 'train' array to train on; save the "
-                                   "training data beside it, e.g. numpy.savez(path, train=x_train, test=x_test).")
+    assert messages(done.stderr) == [(f"iwae: error: {path} holds only 'test', no 'train' array to train on; save the "
+                                     "training data beside it, e.g. numpy.savez(path, train=x_train, test=x_test).")]
     assert not (tmp_path / "run").exists()
 
 

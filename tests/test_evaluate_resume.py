@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import messages
 
 from iwae.cli import main
 from iwae.runs import resumable, rundir
@@ -111,7 +112,7 @@ def test_a_new_checkpoint_starts_the_evaluation_afresh(run: Path, tmp_path: Path
 
 def one_line(process: subprocess.Popen[str]) -> str:
     _, err = process.communicate(timeout=300)
-    lines = err.strip().splitlines()
+    lines = messages(err)
     assert process.returncode == 2 and len(lines) == 1 and lines[0].startswith("iwae: error: "), err
     return lines[0]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import overlapping, tick_label_boxes
+from conftest import messages, overlapping, tick_label_boxes
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -254,8 +254,8 @@ def test_a_table_of_which_no_cell_has_its_data_fails_and_says_so(tmp_path: Path)
                            "0.001", "--data-dir", str(empty), "--out", str(out)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines()[:-1] == ["iwae: dreg-k5: skipped, data missing"]
-    assert done.stderr.splitlines()[-1].startswith(
+    assert messages(done.stderr)[:-1] == ["iwae: dreg-k5: skipped, data missing"]
+    assert messages(done.stderr)[-1].startswith(
         "iwae: error: no cell of dreg was trained, the data of every one missing (the report out/report.md lists "
         f"them): mnist: Downloading {(tmp_path / 'no-mirror').as_uri()}/mnist/train-images-idx3-ubyte.gz failed")
     assert "Traceback" not in done.stderr

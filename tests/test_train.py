@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import same_matmul_as
+from conftest import messages, same_matmul_as
 
 from iwae.platform import files
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
@@ -369,7 +369,7 @@ def test_a_file_size_limit_stops_training_with_one_line_and_no_temporary_file(
     done = subprocess.run(resume_command(run), env=ENV, capture_output=True, text=True, timeout=300,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert done.returncode == 2, done.stderr
-    (line,) = done.stderr.strip().splitlines()
+    (line,) = messages(done.stderr)
     assert re.fullmatch(rf"iwae: error: cannot write {run / rundir.CHECKPOINT}: it needs [\d.]+ [KM]B, more than this "
                         rf"process's file size limit allows; checkpoint.pt is left as it was; raise the limit "
                         rf"\(ulimit -f\), then continue with: iwae train --resume {run}", line), line
@@ -394,9 +394,9 @@ def test_a_run_in_use_is_refused_naming_its_process_and_a_killed_ones_lock_block
         first.kill()
         first.wait()
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == (
+    assert messages(done.stderr) == [
         f"iwae: error: {run} is in use by process {first.pid} (cli.py {' '.join(first.args[3:])}); wait for it to "
-        f"end, or stop it (kill {first.pid}), then run this command again")
+        f"end, or stop it (kill {first.pid}), then run this command again"]
     assert (run / runlock.LOCK).is_file()  # left by the killed process, its lock gone with it
     with runlock.locked(run):
         assert (run / runlock.LOCK).read_text().startswith(f"{os.getpid()} ")

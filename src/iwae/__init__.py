@@ -14,9 +14,17 @@ The package's layers, each importing only those above it in this list: ``iwae.se
 objectives, estimators, AIS), ``iwae.eval`` (likelihoods, active units, gradient SNR), ``iwae.training`` (settings,
 state, step, loop), ``iwae.plots``, ``iwae.runs`` (run directories: train, evaluate, draw, reproduce the paper's
 tables) and ``iwae.cli``.
+
+Importing ``iwae`` before torch sets OpenMP's passive wait policy (unless OMP_WAIT_POLICY is set): torch's threads
+then sleep rather than spin while they wait, which keeps a run on a shared machine at its fair share
+(``iwae.platform.threads``).
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
 
 import importlib
 from typing import Any

@@ -21,6 +21,7 @@ from iwae.eval import likelihood, snr_diagnostics, splits
 from iwae.models import GaussianToy
 from iwae.platform import distributed, duration, heap
 from iwae.platform.device import resolve_device
+from iwae.platform.threads import use_threads
 from iwae.runs import (
     checkpoint,
     evaluate_ais,
@@ -108,10 +109,17 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--matmul", str, "the CPU's float32 matrix-multiply path: default (torch's BLAS) or onednn; "
             "unset, the faster on the run's step, timed as it starts (a run records it: give a stack's to a lone "
             "run of one of its seeds to multiply alike)")
+    _option(group, "--threads", int, "torch's threads; unset, one per CPU that other processes leave free, as "
+            "measured at start (a run records it, and a resumed run reuses it unless given another)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                        help="compile the training step into one program (torch.compile; a CUDA graph on a GPU), or "
                        f"not; default: compile runs of at least {train_config.AUTO_COMPILE_STEPS:,} steps or "
                        f"{train_config.AUTO_COMPILE_SAMPLES:,} samples (steps x batch size x k x seeds)")
+
+
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N", help="torch's threads (default: one per CPU that other "
+                        "processes leave free, as measured at start)")
 
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
@@ -162,6 +170,7 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     gold.add_argument("--leapfrog", type=int, default=10, metavar="L", help="leapfrog steps per HMC move (default: 10)")
     gold.add_argument("--start", choices=("prior", "encoder"), default="prior",
                       help="AIS starts from the prior or from q(z|x) (default: prior)")
+    _threads_option(parser)
 
 
 def _sample_parser(commands: argparse._SubParsersAction) -> None:
@@ -174,6 +183,7 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=int, default=100, metavar="N", help="number of model samples (default: 100)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    _threads_option(parser)
 
 
 def _int_list(text: str) -> list[int]:
@@ -214,6 +224,7 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     snr.add_argument("--no-time-limit", action="store_const", const=None, default=duration.TIME_LIMIT_S,
                      dest="time_limit_s", help="run a diagnostic estimated to take longer than "
                      f"{duration.format_duration(duration.TIME_LIMIT_S)}, rather than refuse it")
+    _threads_option(snr)
 
 
 def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
@@ -233,6 +244,9 @@ def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", metavar="DIR", help="where to look for dataset files (also $IWAE_DATA_DIR)")
     parser.add_argument("--cells", nargs="+", metavar="CELL",
                         help="run and report only these cells of TABLE (with any cell one of them continues)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch's threads for every cell (default: one per "
+                        "CPU that other processes leave free, as measured at start; under torchrun, shared by the "
+                        "ranks on each machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,6 +333,7 @@ _AIS_OPTIONS = {"steps": "ais_steps", "n": "examples"}
 
 
 def _run_evaluate_ais(args: argparse.Namespace) -> None:
+    use_threads(args.threads)
     try:
         _evaluate_ais(args)
     except SettingError as error:  # name the options as typed: --ais-steps, not steps
@@ -350,6 +365,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
         compile=args.compile, save_every_s=args.save_every_s, time_limit_s=args.time_limit_s, matmul=args.matmul,
+        threads=args.threads,
     )
     print(evaluation.format_evaluation(result))
     examples = evaluation.examples_evaluated(args.examples, result["examples"])
@@ -358,6 +374,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> None:
+    use_threads(args.threads)
     for path in run_figures.make_figures(args.run, device=args.device, seed=args.seed, n=args.n):
         print(path)
 
@@ -369,6 +386,7 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         raise UsageError(f"--examples must be a positive number; got {args.examples}")
     check_seed(args.seed)
     rundir.check_writable(args.out)
+    use_threads(args.threads)
     estimators = args.estimators.split(",")
     settings = [(objective, m) for objective in args.objectives.split(",")
                 for m in (args.m if objective in SETTING_READERS["m"] else [1])]  # M groups matter to these only
@@ -401,7 +419,8 @@ def _run_diagnose(args: argparse.Namespace) -> None:
 
 def _run_reproduce(args: argparse.Namespace) -> None:
     options = reproduce.Options(budget=args.budget, seeds=args.seeds, eval_k=args.eval_k, device=args.device,
-                                data_dir=args.data_dir, cells=None if args.cells is None else tuple(args.cells))
+                                data_dir=args.data_dir, cells=None if args.cells is None else tuple(args.cells),
+                                threads=args.threads)
     paths = reproduce.run_table(args.table, args.out or Path(args.table), options)
     for path in paths.values():
         print(path)

@@ -26,6 +26,7 @@ from iwae.eval.splits import SPLITS, split_examples
 from iwae.models import DeepLatentModel
 from iwae.platform import distributed, duration, gemm, memory
 from iwae.platform.device import resolve_device, seeded
+from iwae.platform.threads import use_threads
 from iwae.runs import checkpoint, resumable, rundir
 from iwae.settings import SettingError, check_integer, check_seed
 
@@ -113,6 +114,7 @@ def evaluate_run(
     save_every_s: float | None = resumable.SAVE_EVERY_S,
     time_limit_s: float | None = duration.TIME_LIMIT_S,
     matmul: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint and write the result as JSON in the run directory, refusing (SettingError,
     RunDirError) a bad setting, passes too large for memory, an evaluation longer than ``time_limit_s`` or a run
@@ -120,14 +122,14 @@ def evaluate_run(
 
     Args:
       run_dir: a directory written by ``iwae train``; k: importance samples per example.
-      split, examples: "test", "train" or "valid", and its first ``examples`` examples only (default: all).
+      split, examples: "test", "train" or "valid"; that many of its examples, a random subset (default: all).
       dataset, data_dir: a dataset name or .npy/.npz path to evaluate on instead of the run's own data, and where
         to find its files (default: the run's); loaded: the run's own data, loaded already (by its training).
-      device: "cpu", "cuda" or "auto"; seed: seeds the samples (and the binarization of a dynamic train split).
+      device, threads, seed: "cpu", "cuda" or "auto"; torch's threads (None: chosen); seeds the samples.
       chunk_size, batch_size: samples and examples per pass (memory ~ their product); progress: show a bar.
       compile: compile the evaluation passes; None compiles those of at least ``AUTO_COMPILE_SAMPLES`` samples.
-      save_every_s: keep the finished batches beside the result this often, to continue from (None: never).
-      time_limit_s: refuse an evaluation estimated (from a timed pass) to take longer; None: no limit.
+      save_every_s, time_limit_s: keep the finished batches this often, to continue from; refuse an evaluation
+        estimated (from a timed pass) to take longer (None: never, no limit).
       matmul: the CPU's float32 matmul path (default, onednn); None: the continued evaluation's, else the faster.
 
     Returns the result, also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``:
@@ -145,14 +147,13 @@ def evaluate_run(
     pieces = _pieces(run_dir, out, {"method": "is", "k": k, "split": split, "data": loaded.name, "examples": len(x),
                                     "seed": seed, "chunk_size": chunk_size, "batch_size": batch_size,
                                     "compile": compile}, save_every_s, matmul)
-    _prepare_passes(model, x, k, chunk_size, batch_size, pieces.chosen)
+    _prepare_passes(model, x, k, chunk_size, batch_size, pieces.chosen, threads)
     with seeded(seed, x.device):
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
                                          progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
     result = _result(run_dir, loaded, split, state["epoch"], k, seed, stats, variances, time.perf_counter() - start)
-    if distributed.rank() == 0:
-        rundir.write_json(out, result)
+    distributed.on_rank_zero(lambda: rundir.write_json(out, result))
     pieces.remove()
     return result
 
@@ -176,13 +177,14 @@ def _pieces(run_dir: Path, out: Path, setting: dict[str, Any], save_every_s: flo
 
 
 def _prepare_passes(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batch_size: int,
-                    chosen: dict[str, Any]) -> None:
-    """Refuse passes too large for the memory available; switch to the faster float32 matrix-multiply path on
-    them (rank 0's, on every rank; that recorded in ``chosen`` by an evaluation being continued, else recorded
-    there)."""
+                    chosen: dict[str, Any], threads: int | None = None) -> None:
+    """Refuse passes too large for the memory available; run torch on ``threads`` (``use_threads``); switch to the
+    faster float32 matrix-multiply path on them (rank 0's, on every rank; that recorded in ``chosen`` by an
+    evaluation being continued, else recorded there)."""
     memory.check_fits(memory.pass_bytes(model, x.shape[1], min(k, chunk_size) * batch_size, training=False),
                       x.device, "evaluating with {0} {chunk} and {1} {batch}", ("chunk_size", "batch_size"),
                       chunk=min(k, chunk_size), batch=batch_size)
+    use_threads(threads)
     mine = chosen["matmul"] if "matmul" in chosen else evaluation_matmul_path(model, x, k, chunk_size, batch_size)
     chosen["matmul"] = distributed.broadcast(mine)
     gemm.fastest_fp32_matmul(x.device, chosen["matmul"])

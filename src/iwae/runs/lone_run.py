@@ -18,6 +18,7 @@ import torch
 from iwae import data
 from iwae.platform import distributed
 from iwae.platform.device import resolve_device
+from iwae.platform.threads import use_threads
 from iwae.runs import checkpoint, evaluation, rundir, runlock
 from iwae.runs import figures as run_figures
 from iwae.training.config import TrainConfig, resolve_compile, resumed_config
@@ -56,7 +57,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
         written; ``Interrupted`` after checkpointing on SIGINT/SIGTERM.
     """
     device = resolve_device(config.device)
-    config = replace(config, device=str(device))
+    config = replace(config, device=str(device), threads=use_threads(config.threads))
     dataset = load_training_data(config, device)
     x_dim = dataset.train.shape[1]
     check_training_memory(config, x_dim, device)
@@ -93,12 +94,13 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
     """
     with runlock.locked(run_dir) if distributed.rank() == 0 and run_dir.is_dir() else nullcontext():
         saved = checkpoint.load(run_dir)
-        state = TrainingState.from_checkpoint(saved, resumed_config(saved["config"], changes, run_dir))
-        config = state.config
-        if state.epoch == config.epochs and (run_dir / rundir.EVAL).is_file():
+        config = resumed_config(saved["config"], changes, run_dir)
+        if saved["epoch"] == config.epochs and (run_dir / rundir.EVAL).is_file():
             print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
             return rundir.read_json(run_dir / rundir.EVAL)
-        rundir.check_metrics(run_dir, state.epoch)
+        rundir.check_metrics(run_dir, saved["epoch"])
+        config = replace(config, threads=resumed_threads(config, changes))
+        state = TrainingState.from_checkpoint(saved, config)
         device = resolve_device(config.device)
         dataset = load_training_data(config, device)
         check_training_memory(config, state.x_dim, device)
@@ -106,6 +108,13 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
             distributed.on_rank_zero(lambda: rundir.truncate_metrics(run_dir, state.epoch))
             fit(LoneSeed(state, state.new_model(), dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
         return finish(config, run_dir, device, progress, dataset)
+
+
+def resumed_threads(config: TrainConfig, changes: dict[str, Any] | None) -> int:
+    """Run torch on the thread count a resumed run recorded (``config.threads``), or on the one given again in
+    ``changes``; a run that recorded none gets this machine's (``iwae.platform.threads``). Returns the count."""
+    given = changes is not None and changes.get("threads") is not None
+    return use_threads(config.threads, "set by --threads" if given else "the run's own count")
 
 
 def finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: bool | None,

@@ -29,7 +29,7 @@ import statistics
 import sys
 import textwrap
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 from iwae import data
 from iwae.platform import distributed
 from iwae.platform.device import resolve_device
+from iwae.platform.threads import use_threads
 from iwae.runs import lone_run, rundir, stacked_run
 from iwae.runs.published import PUBLISHED, Published, burda_cell
 from iwae.training import config as train_config
@@ -118,7 +119,8 @@ TITLES = {
 class Options:
     """How a table is run: ``budget`` scales the schedule's epochs, ``seeds`` runs seeds 0..seeds-1, ``eval_k``
     samples per test example of the final evaluation; ``device`` and ``data_dir`` as for ``iwae train``;
-    ``cells`` names the cells to run and report (None: all; see ``select``)."""
+    ``cells`` names the cells to run and report (None: all; see ``select``); ``threads``, torch's threads for
+    every cell (None: one per CPU that other processes leave free, shared by torchrun's ranks on a machine)."""
 
     budget: float = 1.0
     seeds: int = 1
@@ -126,6 +128,7 @@ class Options:
     device: str = "auto"
     data_dir: str | None = None
     cells: tuple[str, ...] | None = None
+    threads: int | None = None
 
 
 def check(table: str, options: Options) -> None:
@@ -174,7 +177,7 @@ def cell_config(cell: Cell, seed: int, options: Options, out: Path) -> TrainConf
         settings["epochs"] = max(1, round(CONTINUATION_EPOCHS * options.budget))
     init_from = None if cell.init_from is None else str(run_dir(out, cell.init_from, seed))
     return TrainConfig(**settings, seed=seed, eval_k=options.eval_k, device=options.device,
-                       data_dir=options.data_dir, init_from=init_from)
+                       data_dir=options.data_dir, init_from=init_from, threads=options.threads)
 
 
 def run_dir(out: Path, cell: str, seed: int) -> Path:
@@ -187,7 +190,7 @@ def command(table: str, cell: Cell, config: TrainConfig, out: Path, seeds: int) 
     defaults = TrainConfig(epochs=1)
     flags = []
     for key, value in asdict(config).items():
-        if key in ("seed", "device", "data_dir", "init_from", "compile", "matmul") or value is None:
+        if key in ("seed", "device", "data_dir", "init_from", "compile", "matmul", "threads") or value is None:
             continue
         if config.schedule == "burda" and key in ("epochs", "lr"):
             continue  # fixed by the schedule
@@ -299,6 +302,8 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
     """
     check(table, options)
     rundir.check_writable(out)
+    # every cell, new or resumed, on this process's threads: with torchrun's ranks, no more than the CPUs in all
+    options = replace(options, threads=use_threads(options.threads))
     cells = select(table, options.cells) if cells is None else cells
     say = log or (lambda line: print(f"iwae: {line}", file=sys.stderr))
     missing = {}
@@ -308,7 +313,9 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
             missing[dataset] = reason
     configs = {cell.name: [cell_config(cell, s, options, out) for s in range(options.seeds)] for cell in cells}
     check_existing(cells, configs, out, options.device)
-    changes = {} if options.data_dir is None else {"data_dir": options.data_dir}  # where the data is now
+    changes: dict[str, Any] = {"threads": options.threads}
+    if options.data_dir is not None:
+        changes["data_dir"] = options.data_dir  # where the data is now
     where = f" on {distributed.name()}" if distributed.launched() else ""
     for level in levels(cells):
         runnable = [cell for cell in level if cell.settings["dataset"] not in missing]

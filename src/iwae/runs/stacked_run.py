@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from iwae.platform.device import resolve_device
+from iwae.platform.threads import use_threads
 from iwae.runs import checkpoint, lone_run, rundir, runlock
 from iwae.training import preflight
 from iwae.training.config import TrainConfig, resolve_compile, resumed_config
@@ -53,7 +54,9 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     dataset = lone_run.load_training_data(configs[0], device)
     x_dim = dataset.train.shape[1]
     preflight.check_training_memory(configs[0], x_dim, device, seeds=len(configs))
-    configs = [resolve_compile(replace(c, device=str(device)), len(dataset.train), len(configs)) for c in configs]
+    count = use_threads(configs[0].threads)
+    configs = [resolve_compile(replace(c, device=str(device), threads=count), len(dataset.train), len(configs))
+               for c in configs]
     # the faster path on the stack's own step: its batched products may favour another path than a lone run's
     matmul = preflight.training_matmul_path(configs[0], x_dim, device, len(configs),
                                         functools.partial(stacked_timing_step, seeds=len(configs)))
@@ -115,6 +118,10 @@ def _resume_stacked(out: Path, changes: dict[str, Any] | None, progress: bool | 
         raise ValueError(f"the seeds of {out} are at different positions; resume each with iwae train --resume")
     for path, state in zip(dirs, states, strict=True):
         rundir.check_metrics(path, state.epoch)
+    count = lone_run.resumed_threads(configs[0], changes)
+    for state in states:
+        state.config = replace(state.config, threads=count)
+    configs = [state.config for state in states]
     dataset = lone_run.load_training_data(configs[0], device)
     preflight.check_training_memory(configs[0], states[0].x_dim, device, seeds=len(configs))
     with StopOnSignal() as stop:

@@ -19,9 +19,9 @@ from iwae.platform.device import resolve_device
 from iwae.settings import SettingError, check_integer, check_positive, check_seed
 
 SCHEDULES = ("constant", "burda")
-# Settings that do not change the trajectory, so a resumed run may use new values. (The device is not one:
-# CPU and GPU generators have different states, so a run continues on the kind of device it started on.)
-RUNTIME_KEYS = ("data_dir", "checkpoint_every_s", "compile")
+# Settings that change the trajectory by float rounding at most, so a resumed run may use new values. (The device
+# is not one: CPU and GPU generators have different states, so a run continues on the kind of device it started on.)
+RUNTIME_KEYS = ("data_dir", "checkpoint_every_s", "compile", "threads")
 # compile=None (auto) compiles runs of at least this many steps, or of at least this many samples drawn in all
 # (steps x batch size x k x stacked seeds): compiling costs tens of seconds on a CPU, which only a long run wins
 # back (by less launch overhead per step, and by fused kernels per sample), so a short run is never slower.
@@ -42,6 +42,8 @@ class TrainConfig:
     (``iwae.training.step``), False runs it eagerly, None decides by the run's length (``resolve_compile``); the
     two modes differ by float rounding only, and a run records the mode it used. ``matmul``: the float32
     matrix-multiply path (``iwae.platform.gemm``), None for the fastest one here; a run records the path it used.
+    ``threads``: torch's threads (``iwae.platform.threads``), None for one per CPU that other processes leave
+    free; a run records the count it used, and resumes on it unless given another.
     """
 
     dataset: str = "digits"
@@ -71,6 +73,7 @@ class TrainConfig:
     compile: bool | None = None
     matmul: str | None = None
     init_from: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.model != "burda":
@@ -107,6 +110,8 @@ class TrainConfig:
                                value=self.checkpoint_every_s)
         if self.data_split not in ("paper", "code"):
             raise SettingError("unknown {0} {value!r}; choose paper or code", ("data_split",), value=self.data_split)
+        if self.threads is not None:
+            check_integer(self.threads, "threads", 1)
         if self.matmul not in (None, *gemm.PATHS):
             raise SettingError("unknown {0} {value!r}; choose {known}", ("matmul",), value=self.matmul,
                                known=" or ".join(gemm.PATHS))

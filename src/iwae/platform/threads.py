@@ -1,0 +1,175 @@
+"""How many threads torch runs: one per CPU that this process may use and that no other process keeps busy.
+
+The CPUs a process may use are its affinity mask, capped by its cgroup's CPU quota (a container limited to 1.5
+CPUs gets 1 thread, whatever the machine's core count). Of those, the CPUs other processes keep busy are read
+from ``/proc/stat`` over a short interval while this process waits (less this process's own CPU time in it).
+Under torchrun the ranks on one machine share its free CPUs. On a shared machine this is what keeps a run at its
+fair share: OpenMP threads spin at their barriers waiting for siblings, and a team with more threads than free
+CPUs waits on a descheduled thread at every parallel region.
+
+OpenMP's passive wait policy (OMP_WAIT_POLICY=PASSIVE: a waiting thread sleeps rather than spins) bounds the
+damage when the machine's load changes after the choice, or when two runs that start together each find the
+machine free; OpenMP reads it once, when torch loads it, so importing ``iwae`` sets it (unless it is set) before
+importing torch.
+
+The number is chosen once per process (``use_threads``), at the start of a command, and printed with its reason;
+a run records it (a different thread count changes the rounding of some reductions, so a run that is to be
+repeated bit for bit is repeated with the same count, which ``--threads`` sets).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from iwae.settings import check_integer
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# how long the other processes' load is sampled at start, in seconds
+SAMPLE_S = 0.25
+# the ranks of a torchrun launch on this machine
+LOCAL_RANKS = "LOCAL_WORLD_SIZE"
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The thread count torch will run with, and why (as printed at start)."""
+
+    threads: int
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.threads} torch thread{'s' if self.threads != 1 else ''}: {self.reason}"
+
+
+def affinity() -> set[int]:
+    """The CPUs this process may run on."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def cgroup_quota(cgroup_file: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup and its ancestors, the smallest, in CPUs (v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``); None if there is none."""
+    try:
+        lines = cgroup_file.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            base, name = root, "cpu.max"
+        elif "cpu" in controllers.split(","):
+            base, name = root / controllers, "cpu.cfs_quota_us"
+        else:
+            continue
+        folder = base / path.strip("/")
+        for parent in (folder, *folder.parents):
+            quotas.append(_read_quota(parent / name))
+            if parent == base:
+                break
+    found = [quota for quota in quotas if quota is not None]
+    return min(found) if found else None
+
+
+def _read_quota(path: Path) -> float | None:
+    try:
+        text = path.read_text().split()
+        if path.name == "cpu.max":
+            quota, period = text[0], text[1]
+        else:
+            quota, period = text[0], (path.parent / "cpu.cfs_period_us").read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    if quota in ("max", "-1") or float(period) <= 0:
+        return None
+    return float(quota) / float(period)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, capped by its cgroup's quota (at least 1)."""
+    cpus = len(affinity())
+    quota = cgroup_quota()
+    return max(1, min(cpus, math.floor(quota)) if quota is not None else cpus)
+
+
+def _cpu_times(cpus: set[int]) -> tuple[float, float]:
+    """(busy, total) seconds summed over ``cpus`` from /proc/stat."""
+    busy = total = 0.0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name = line.split(maxsplit=1)[0]
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        values = [float(v) for v in line.split()[1:9]]  # user nice system idle iowait irq softirq steal
+        idle = values[3] + values[4]
+        total += sum(values)
+        busy += sum(values) - idle
+    ticks = os.sysconf("SC_CLK_TCK")
+    return busy / ticks, total / ticks
+
+
+def busy_cpus(cpus: set[int], seconds: float = SAMPLE_S) -> float:
+    """How many of ``cpus`` other processes keep busy, averaged over ``seconds`` (this process's own CPU time in
+    that interval, such as a thread of its own at work, is not counted)."""
+    try:
+        busy0, total0 = _cpu_times(cpus)
+        own0 = time.process_time()
+        time.sleep(seconds)
+        busy1, total1 = _cpu_times(cpus)
+        own1 = time.process_time()
+    except (OSError, ValueError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    others = max(0.0, (busy1 - busy0) - (own1 - own0))
+    return min(float(len(cpus)), len(cpus) * others / (total1 - total0))
+
+
+def choose() -> ThreadChoice:
+    """The thread count that fits the machine as it is: OMP_NUM_THREADS if set, else one per usable CPU that other
+    processes leave free, shared among torchrun's ranks on this machine (at least 1)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return ThreadChoice(int(os.environ["OMP_NUM_THREADS"]), "set by OMP_NUM_THREADS")
+    usable, cpus = usable_cpus(), affinity()
+    free = max(1, min(usable, math.floor(len(cpus) - busy_cpus(cpus) + 0.5)))
+    reason = f"{free} of {usable} CPUs free"
+    ranks = int(os.environ.get(LOCAL_RANKS, "1"))
+    if ranks > 1:
+        free, reason = max(1, free // ranks), f"{reason}, shared by {ranks} ranks"
+    return ThreadChoice(free, reason)
+
+
+_used: list[ThreadChoice] = []  # the choice in force in this process (set by use_threads)
+
+
+def use_threads(requested: int | None = None, reason: str = "set by --threads",
+                say: Callable[[str], None] | None = None) -> int:
+    """Run torch on ``requested`` threads (``reason`` says why), or, for None, on the count already in use in this
+    process or else on ``choose``'s; return the count. The choice is printed (by ``say``; default: to stderr as
+    ``iwae: 2 torch threads: 2 of 2 CPUs free``) when it changes.
+
+    Raises:
+      SettingError: for a count that is not a positive integer.
+    """
+    import torch  # here, so that importing this module leaves OpenMP's environment to be set first
+
+    if requested is not None:
+        check_integer(requested, "threads", 1)
+        choice = ThreadChoice(requested, reason)
+    elif _used:
+        choice = _used[-1]
+    else:
+        choice = choose()
+    if not _used or _used[-1].threads != choice.threads:
+        (say or (lambda line: print(f"iwae: {line}", file=sys.stderr)))(choice.line())
+    _used[:] = [choice]
+    torch.set_num_threads(choice.threads)
+    return choice.threads
