@@ -16,8 +16,10 @@ and prints the medians (over rounds and epochs) of
     wall         its epochs' examples over their wall time (``epoch_wall_s``: the test bound and the checkpoint
                  included), from its second epoch on (the first's holds the command's start and the compilation)
 
-and their ratios to the bare step's examples/s. Both sides use the same number of torch threads (``--threads``,
-the command's through ``OMP_NUM_THREADS``) and matmul path (``--matmul``). A scenario (``SCENARIOS``) is a setting
+and their ratios to the bare step's examples/s; and the fastest epoch's over the fastest timing of the bare step
+(on a machine that other work slows by turns, the fastest of each side is the least disturbed). Both sides use the
+same number of torch threads (``--threads``, the command's through ``OMP_NUM_THREADS``) and matmul path
+(``--matmul``). A scenario (``SCENARIOS``) is a setting
 of the command: its extra environment and arguments; ``train_rates`` runs the command once in it.
 
     python benchmarks/loop.py [--k 1 50] [--batch-size 20] [--epochs 2] [--rounds 3] [--threads 1]
@@ -164,9 +166,11 @@ def measure(k: int, args: argparse.Namespace, data: list[str], folder: Path) -> 
             step_rate = statistics.median(bares)
             loop_rate = statistics.median(e.steps for e in epochs)
             wall_rate = statistics.median(e.wall for e in epochs if not e.first) if args.epochs > 1 else float("nan")
+            best = max(e.steps for e in epochs) / max(bares)
             print(f"K={k:<3} {scenario.name:<8} bare step {step_rate:7.0f}  loop {loop_rate:7.0f}  "
                   f"wall {wall_rate:7.0f} examples/s   loop/step {loop_rate / step_rate:5.3f}  "
-                  f"wall/step {wall_rate / step_rate:5.3f}   ({len(epochs)} epochs, {len(bares)} bare timings: "
+                  f"wall/step {wall_rate / step_rate:5.3f}  best loop/best step {best:5.3f}   ({len(epochs)} epochs "
+                  f"{min(e.steps for e in epochs):.0f}-{max(e.steps for e in epochs):.0f}, {len(bares)} bare timings "
                   f"{min(bares):.0f}-{max(bares):.0f})", flush=True)
 
 
