@@ -23,7 +23,7 @@ same number of torch threads (``--threads``, the command's through ``OMP_NUM_THR
 of the command: its extra environment and arguments; ``train_rates`` runs the command once in it.
 
     python benchmarks/loop.py [--k 1 50] [--batch-size 20] [--epochs 2] [--rounds 3] [--threads 1]
-                              [--bare-steps 500] [--estimator standard] [--matmul default]
+                              [--bare-steps 500] [--estimator standard] [--matmul default] [--examples N]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from own_process import OwnProcess
 
+from iwae import data
 from iwae.training import config as train_config
 from iwae.training import lone
 
@@ -73,16 +74,24 @@ class EpochRate:
     first: bool
 
 
-def dataset_args(folder: Path) -> list[str]:
-    """The command's data arguments: MNIST where ``$IWAE_DATA_DIR`` holds it, else a synthetic set written to
-    ``folder`` (12,000 + 1,000 examples of 784 pixels, 81 % of them 0, the rest uniform grey levels)."""
+def dataset_args(folder: Path, examples: int | None) -> list[str]:
+    """The command's data arguments: MNIST where ``$IWAE_DATA_DIR`` holds it (its first ``examples`` training
+    images, if given, and 1,000 test images, written to ``folder``), else a synthetic set written there (``examples``
+    or 12,000 examples and 1,000 test examples of 784 pixels, 81 % of them 0, the rest uniform grey levels)."""
     data_dir = os.environ.get("IWAE_DATA_DIR")
-    if data_dir and (Path(data_dir) / "mnist").is_dir():
+    mnist = bool(data_dir) and (Path(data_dir) / "mnist").is_dir()
+    if mnist and examples is None:
         return ["--dataset", "mnist", "--data-dir", data_dir]
-    rng = np.random.default_rng(0)
-    images = rng.random((13_000, 784), dtype=np.float32) * (rng.random((13_000, 784)) < 0.19)
-    path = folder / "synthetic-784.npz"
-    np.savez(path, train=images[:12_000], test=images[12_000:])
+    if mnist:
+        dataset = data.load("mnist", data_dir, download=False)
+        train, test = dataset.train[:examples].numpy(), dataset.test[:1000].numpy()
+    else:
+        rng = np.random.default_rng(0)
+        n = examples or 12_000
+        images = rng.random((n + 1000, 784), dtype=np.float32) * (rng.random((n + 1000, 784)) < 0.19)
+        train, test = images[:n], images[n:]
+    path = folder / f"{'mnist' if mnist else 'synthetic'}-{len(train)}.npz"
+    np.savez(path, train=train, test=test)
     return ["--dataset", str(path)]
 
 
@@ -184,15 +193,17 @@ def main() -> None:
     parser.add_argument("--bare-steps", type=int, default=500, help="steps of each timing of the bare step")
     parser.add_argument("--estimator", default="standard")
     parser.add_argument("--matmul", default="default", help="the float32 matmul path of both sides")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="train on the first N MNIST images (shorter epochs; a step costs the same)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # the bare step's process takes the main process's
     with tempfile.TemporaryDirectory() as folder:
-        data = dataset_args(Path(folder))
+        data_args = dataset_args(Path(folder), args.examples)
         print(f"iwae train against its bare compiled step: 1-layer model, IWAE bound, {args.estimator} estimator, "
-              f"B={args.batch_size}, {data[1]}, {args.threads} thread(s), {args.matmul} matmul; median examples/s "
-              f"over {args.rounds} runs of {args.epochs} epoch(s) and the bare step's timings around them")
+              f"B={args.batch_size}, {Path(data_args[1]).name}, {args.threads} thread(s), {args.matmul} matmul; "
+              f"median examples/s over {args.rounds} runs of {args.epochs} epoch(s) and the bare step's timings")
         for k in args.k:
-            measure(k, args, data, Path(folder))
+            measure(k, args, data_args, Path(folder))
 
 
 if __name__ == "__main__":
