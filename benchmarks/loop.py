@@ -1,20 +1,27 @@
-"""``iwae train`` as a user runs it, against the bare step, and on a machine shared with another process.
+"""``iwae train`` as a user runs it: against its bare compiled step, and on a machine shared with other work.
 
-Both modes run the real command (``python -m iwae.cli train``: its loop with the progress bar, the per-epoch
-monitor bound, checkpoints and metrics) in a subprocess on a slice of MNIST's training images (``$IWAE_DATA_DIR``;
-random binary images of its shape when absent), 1 stochastic layer, B = 20, ``--matmul default``, no final
-evaluation, and read each epoch's examples/s from its ``metrics.jsonl``: ``examples_per_s`` (the epoch's
-minibatches) and, from ``wall_time_s``, the epoch with its monitor bound and checkpoint (``with upkeep``).
+Both modes run the command itself (``python -m iwae train``: its loop, progress bar, per-epoch test bound,
+checkpoints and metrics) in subprocesses, 1 stochastic layer, IWAE bound, ``--eval-k 0``, on MNIST
+(``$IWAE_DATA_DIR``; a synthetic 784-d set of MNIST's sparsity when it is absent), and read each epoch's
+examples/s from the run's ``metrics.jsonl``: ``examples_per_s`` (its training steps: gathers, binarizations and
+steps, the step's compilation left out) and over ``epoch_wall_s`` (test bound and checkpoint included).
 
-    python benchmarks/loop.py step [--k 1 50] [--rounds 2]
-        ``iwae train --compile`` against the bare compiled step (``TrainStep(compile=True)`` on a fixed minibatch,
-        in this process, on the thread count the run printed), in turns within each round; the run's epochs
-        after its first (which loads the compiled program) against the step's examples/s of the same round.
+    python benchmarks/loop.py step [--k 1 50] [--batch-size 20] [--epochs 2] [--rounds 3] [--threads 1]
+                                   [--bare-steps 500] [--estimator standard] [--matmul default] [--examples N]
+        The command with ``--compile``, its progress bar on a pseudo-terminal, by turns with the bare compiled
+        step (``iwae.training.lone.lone_timing_step`` on a fixed random binary minibatch of B x 784, in a process
+        of its own, timed over ``--bare-steps`` steps before and after each run). Prints the medians (over rounds
+        and epochs) of ``loop`` (examples_per_s) and ``wall`` (over epoch_wall_s, from the second epoch on: the
+        first holds the command's start) and their ratios to the bare step's; and the fastest epoch over the
+        fastest bare timing (on a machine that other work slows by turns, the least disturbed of each). Both sides
+        run ``--threads`` torch threads (the command's through ``OMP_NUM_THREADS``) on the ``--matmul`` path.
 
-    python benchmarks/loop.py shared [--k 1 50] [--policies iwae torch one passive]
-        for each thread policy, a run on the quiet machine, one beside a busy thread (``python -c 'while True:
-        pass'``), and two identical runs started together; every epoch's examples/s as a fraction of the quiet
-        run's median. The policies:
+    python benchmarks/loop.py shared [--k 1 50] [--policies iwae torch one passive] [--epochs 3]
+        For each thread policy, with the command's defaults (DReG; compiled or not as it chooses), B = 20,
+        ``--matmul default``, on a slice of the training images (``SHARED_EXAMPLES``): a run on the quiet
+        machine, one beside a busy thread (``python -c 'while True: pass'``), and two identical runs started
+        together; every epoch's examples/s as a fraction of the quiet run's median. A run still going after
+        ``SHARED_TIMEOUT_S`` is stopped (SIGTERM: it checkpoints) and its finished epochs kept. The policies:
           iwae     the default: one thread per CPU that other processes leave free, measured at start, with
                    OpenMP's passive wait policy (what ``iwae train`` does unless told otherwise)
           torch    torch's own settings: a thread per usable CPU, OpenMP's wait policy unset (spin, then sleep)
@@ -31,34 +38,156 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the bare step waits as iwae's runs do: set before torch loads
 
 import argparse
+import fcntl
 import json
+import pty
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from own_process import OwnProcess
 
 from iwae import data
-from iwae.core.objectives import Objective
-from iwae.models import burda
 from iwae.platform import threads
-from iwae.training.step import TrainStep, make_adam
+from iwae.training import config as train_config
+from iwae.training import lone
 
-BATCH = 20
-# training images per epoch, per k: an epoch of a few seconds on one core
-EXAMPLES = {1: 6000, 50: 800}
-EPOCHS = 3
-# a run still going this many seconds after it started is stopped (SIGTERM: it checkpoints), its epochs kept
-TIMEOUT_S = 40.0
+# training images per epoch of the shared mode, per k: an epoch of a few seconds on one core
+SHARED_EXAMPLES = {1: 6000, 50: 800}
+# a run of the shared mode still going this many seconds after it started is stopped
+SHARED_TIMEOUT_S = 40.0
 BUSY = [sys.executable, "-c", "while True: pass"]
 
 
+@dataclass(frozen=True)
+class EpochRate:
+    """One epoch of an ``iwae train`` run: examples/s of its training steps, and over its wall time."""
+
+    steps: float
+    wall: float
+    first: bool
+
+
+def dataset_args(folder: Path, examples: int | None) -> list[str]:
+    """The command's data arguments: MNIST where ``$IWAE_DATA_DIR`` holds it (its first ``examples`` training
+    images, if given, and 1,000 test images, written to ``folder``), else a synthetic set written there (``examples``
+    or 12,000 examples and 1,000 test examples of 784 pixels, 81 % of them 0, the rest uniform grey levels)."""
+    data_dir = os.environ.get("IWAE_DATA_DIR")
+    mnist = bool(data_dir) and (Path(data_dir) / "mnist").is_dir()
+    if mnist and examples is None:
+        return ["--dataset", "mnist", "--data-dir", data_dir]
+    if mnist:
+        dataset = data.load("mnist", data_dir, download=False)
+        train, test = dataset.train[:examples].numpy(), dataset.test[:1000].numpy()
+    else:
+        rng = np.random.default_rng(0)
+        n = examples or 12_000
+        images = rng.random((n + 1000, 784), dtype=np.float32) * (rng.random((n + 1000, 784)) < 0.19)
+        train, test = images[:n], images[n:]
+    path = folder / f"{'mnist' if mnist else 'synthetic'}-{len(train)}.npz"
+    np.savez(path, train=train, test=test)
+    return ["--dataset", str(path)]
+
+
+def train_command(run: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "iwae", "train", "--out", str(run), "--layers", "1", "--objective", "iwae",
+            "--eval-k", "0", "--device", "cpu", "--seed", "0", *args]
+
+
+def epoch_rates(run: Path) -> list[EpochRate]:
+    """Each finished epoch of the run in ``run``, from its metrics."""
+    metrics = run / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    return [EpochRate(r["examples_per_s"], r["examples_per_s"] * r["epoch_time_s"] / r["epoch_wall_s"],
+                      r["epoch"] == 1) for r in records]
+
+
+def on_terminal(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``command`` with its stdout and stderr on a pseudo-terminal of 120 columns (as a user's terminal, where the
+    progress bar draws itself); its exit code and the last 4,000 characters it wrote."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    tail = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed with the process
+                return
+            if not chunk:
+                return
+            tail.extend(chunk)
+            del tail[:-4000]
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    code = process.wait()
+    reader.join(timeout=5)
+    os.close(leader)
+    return code, tail.decode(errors="replace")
+
+
+def bare_step(k: int, batch_size: int, estimator: str) -> dict[str, object]:
+    """For a worker process: the runner "bare" of the compiled step, warmed up (compiled)."""
+    config = train_config.TrainConfig(layers=1, objective="iwae", k=k, estimator=estimator, epochs=1,
+                                      batch_size=batch_size, compile=True)
+    step = lone.lone_timing_step(config, 784, torch.device("cpu"))
+    for _ in range(3):
+        step()
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            step()
+
+    return {"bare": run}
+
+
+def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], folder: Path) -> None:
+    """Print the loop's and the bare step's examples/s at ``k`` and their ratios."""
+    train_args = [*data_args, "--k", str(k), "--estimator", args.estimator, "--batch-size", str(args.batch_size),
+                  "--epochs", str(args.epochs), "--matmul", args.matmul, "--compile"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with OwnProcess(bare_step, k, args.batch_size, args.estimator, matmul_path=args.matmul) as worker:
+        bare = worker.runner("bare")
+
+        def bare_rate() -> float:
+            start = time.perf_counter()
+            bare(args.bare_steps)
+            return args.bare_steps * args.batch_size / (time.perf_counter() - start)
+
+        bares, epochs = [bare_rate()], []
+        for _ in range(args.rounds):
+            run = Path(tempfile.mkdtemp(dir=folder)) / "run"
+            code, tail = on_terminal(train_command(run, *train_args), env)
+            if code:
+                raise RuntimeError(f"iwae train exited with {code}:\n{tail}")
+            epochs += epoch_rates(run)
+            bares.append(bare_rate())
+    step_rate = statistics.median(bares)
+    loop_rate = statistics.median(e.steps for e in epochs)
+    wall_rate = statistics.median(e.wall for e in epochs if not e.first) if args.epochs > 1 else float("nan")
+    best = max(e.steps for e in epochs) / max(bares)
+    print(f"K={k:<3} bare step {step_rate:7.0f}  loop {loop_rate:7.0f}  wall {wall_rate:7.0f} examples/s   "
+          f"loop/step {loop_rate / step_rate:5.3f}  wall/step {wall_rate / step_rate:5.3f}  best loop/best step "
+          f"{best:5.3f}   ({len(epochs)} epochs {min(e.steps for e in epochs):.0f}-"
+          f"{max(e.steps for e in epochs):.0f}, {len(bares)} bare timings {min(bares):.0f}-{max(bares):.0f})",
+          flush=True)
+
+
 def policies() -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Per policy, the options of ``iwae train`` and its environment."""
+    """Per thread policy, the options of ``iwae train`` and its environment."""
     usable = str(threads.usable_cpus())
     env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     return {
@@ -69,38 +198,8 @@ def policies() -> dict[str, tuple[list[str], dict[str, str]]]:
     }
 
 
-def write_slice(k: int, folder: Path) -> Path:
-    """An .npz of EXAMPLES[k] training and 1000 test images of MNIST (or random binary ones of its shape)."""
-    try:
-        mnist = data.load("mnist", os.environ.get("IWAE_DATA_DIR"))
-        train, test = mnist.train[: EXAMPLES[k]].numpy(), mnist.test[:1000].numpy()
-    except data.DataError:
-        rng = np.random.default_rng(0)
-        train, test = ((rng.random((n, 784)) < 0.5).astype(np.float32) for n in (EXAMPLES[k], 1000))
-    path = folder / f"mnist-{k}.npz"
-    np.savez(path, train=train, test=test)
-    return path
-
-
-def command(dataset: Path, k: int, out: Path, *options: str) -> list[str]:
-    return [sys.executable, "-m", "iwae.cli", "train", "--dataset", str(dataset), "--k", str(k), "--batch-size",
-            str(BATCH), "--layers", "1", "--epochs", str(EPOCHS), "--eval-k", "0", "--matmul", "default",
-            "--out", str(out), *options]
-
-
-def epochs(out: Path) -> tuple[list[float], list[float]]:
-    """Per epoch of the run in ``out``: examples/s of its minibatches, and with its upkeep (monitor, checkpoint)."""
-    metrics = out / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    walls = [0.0] + [r["wall_time_s"] for r in records]
-    examples = [r["examples_per_s"] * r["epoch_time_s"] for r in records]
-    upkeep = [n / (b - a) for n, a, b in zip(examples, walls[:-1], walls[1:], strict=True)]
-    return [r["examples_per_s"] for r in records], upkeep
-
-
-def run_together(commands: list[list[str]], env: dict[str, str], busy: bool = False,
-                 timeout: float = TIMEOUT_S) -> list[str]:
-    """Run ``commands`` at once (beside a busy thread, if ``busy``), stopping them after ``timeout`` seconds;
+def run_together(commands: list[list[str]], env: dict[str, str], busy: bool) -> list[str]:
+    """Run ``commands`` at once (beside a busy thread, if ``busy``), stopping them after ``SHARED_TIMEOUT_S``;
     return each one's thread line."""
     spinner = subprocess.Popen(BUSY) if busy else None
     try:
@@ -108,7 +207,7 @@ def run_together(commands: list[list[str]], env: dict[str, str], busy: bool = Fa
             time.sleep(0.5)  # busy before the runs look at the machine
         processes = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                      for c in commands]
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + SHARED_TIMEOUT_S
         errors = [_finish(p, deadline) for p in processes]
     finally:
         if spinner is not None:
@@ -129,74 +228,65 @@ def _finish(process: subprocess.Popen, deadline: float) -> str:
         return process.communicate()[1]
 
 
-def shared(ks: list[int], names: list[str], folder: Path) -> None:
+def shared(k: int, args: argparse.Namespace, folder: Path) -> None:
+    """Print, per policy and scenario, each epoch's examples/s at ``k`` and its ratio to the quiet run's."""
+    data_args = dataset_args(folder, SHARED_EXAMPLES[k])
+    train_args = [*data_args, "--k", str(k), "--batch-size", "20", "--epochs", str(args.epochs), "--matmul",
+                  "default"]
     table = policies()
-    print(f"{'k':>3} {'policy':8} {'scenario':12} {'ex/s by epoch':>34} {'min ratio':>9} {'median':>7}  thread line")
-    for k in ks:
-        dataset = write_slice(k, folder)
-        for name in names:
-            options, env = table[name]
-            runs = {"quiet": [folder / f"{name}-{k}-quiet"], "busy thread": [folder / f"{name}-{k}-busy"],
-                    "second run": [folder / f"{name}-{k}-pair{i}" for i in (0, 1)]}
-            lines = {}
-            for scenario, outs in runs.items():
-                lines[scenario] = run_together([command(dataset, k, out, *options) for out in outs], env,
-                                               busy=scenario == "busy thread")
-            quiet = statistics.median(epochs(runs["quiet"][0])[0] or [EXAMPLES[k] / TIMEOUT_S])
-            for scenario, outs in runs.items():
-                for out, line in zip(outs, lines[scenario], strict=True):
-                    rates = epochs(out)[0]
-                    ratios = [rate / quiet for rate in rates] or [EXAMPLES[k] / TIMEOUT_S / quiet]
-                    shown = " ".join(f"{rate:6.0f}" for rate in rates) + " -" * (EPOCHS - len(rates))
-                    print(f"{k:>3} {name:8} {scenario:12} {shown:>34} {min(ratios):9.2f} "
-                          f"{statistics.median(ratios):7.2f}  {line.removeprefix('iwae: ')}", flush=True)
-
-
-def bare_step(k: int, count: int, seconds: float) -> float:
-    """Examples/s of the compiled step on ``count`` threads, timed for ``seconds`` after a warm-up."""
-    torch.set_num_threads(count)
-    model = burda(layers=1, x_dim=784)
-    step = TrainStep(model, make_adam(model, 1e-3, (0.9, 0.999), 1e-4), Objective("iwae", k), "dreg", compile=True)
-    x = (torch.rand(BATCH, 784) < 0.5).float()
-    for _ in range(20):
-        step(x)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step(x)
-        done += 1
-    return done * BATCH / (time.perf_counter() - start)
-
-
-def loop_against_step(ks: list[int], rounds: int, folder: Path) -> None:
-    print(f"{'k':>3} {'round':>5} {'iwae train ex/s':>16} {'with upkeep':>12} {'bare step':>10} {'ratio':>6} "
-          f"{'upkeep':>7}  thread line")
-    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
-    for k in ks:
-        dataset = write_slice(k, folder)
-        for r in range(rounds):
-            out = folder / f"loop-{k}-{r}"
-            line = run_together([command(dataset, k, out, "--compile")], env, timeout=600.0)[0]
-            loop, upkeep = (statistics.median(rates[1:]) for rates in epochs(out))
-            count = int(line.split("iwae: ")[-1].split()[0]) if "iwae: " in line else torch.get_num_threads()
-            step = bare_step(k, count, 3.0)
-            print(f"{k:>3} {r:>5} {loop:16.0f} {upkeep:12.0f} {step:10.0f} {loop / step:6.2f} {upkeep / step:7.2f}  "
-                  f"{line.removeprefix('iwae: ')}", flush=True)
+    for name in args.policies:
+        options, env = table[name]
+        runs = {"quiet": [folder / f"{name}-{k}-quiet"], "busy thread": [folder / f"{name}-{k}-busy"],
+                "second run": [folder / f"{name}-{k}-pair{i}" for i in (0, 1)]}
+        lines = {scenario: run_together([train_command(run, *train_args, *options) for run in runs_], env,
+                                        busy=scenario == "busy thread") for scenario, runs_ in runs.items()}
+        floor = SHARED_EXAMPLES[k] / SHARED_TIMEOUT_S  # a run that finished no epoch ran slower than this
+        quiet = statistics.median([e.steps for e in epoch_rates(runs["quiet"][0])] or [floor])
+        for scenario, runs_ in runs.items():
+            for run, line in zip(runs_, lines[scenario], strict=True):
+                rates = [e.steps for e in epoch_rates(run)]
+                ratios = [rate / quiet for rate in rates] or [floor / quiet]
+                shown = " ".join(f"{rate:6.0f}" for rate in rates) + " -" * (args.epochs - len(rates))
+                print(f"{k:>3} {name:8} {scenario:12} {shown:>34} {min(ratios):9.2f} "
+                      f"{statistics.median(ratios):7.2f}  {line.removeprefix('iwae: ')}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("step", "shared"))
-    parser.add_argument("--k", type=int, nargs="+", default=[1, 50], choices=sorted(EXAMPLES))
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--policies", nargs="+", default=list(policies()), choices=list(policies()))
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 50])
+    parser.add_argument("--batch-size", type=int, default=20, help="step mode")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of each run (default: step 2, shared 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="step mode: iwae train runs per K")
+    parser.add_argument("--threads", type=int, default=1, help="step mode: torch threads of both sides")
+    parser.add_argument("--bare-steps", type=int, default=500, help="step mode: steps of each bare timing")
+    parser.add_argument("--estimator", default="standard", help="step mode")
+    parser.add_argument("--matmul", default="default", help="step mode: the float32 matmul path of both sides")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="step mode: train on the first N MNIST images (shorter epochs; a step costs the same)")
+    parser.add_argument("--policies", nargs="+", default=list(policies()), choices=list(policies()),
+                        help="shared mode")
     args = parser.parse_args()
-    print(f"cpus usable {threads.usable_cpus()}, torch {torch.__version__}, {EPOCHS} epochs of "
-          + ", ".join(f"{EXAMPLES[k]} images at k={k}" for k in args.k))
-    with tempfile.TemporaryDirectory() as folder:
-        if args.mode == "shared":
-            shared(args.k, args.policies, Path(folder))
+    if args.mode == "shared" and any(k not in SHARED_EXAMPLES for k in args.k):
+        parser.error(f"the shared mode runs --k in {sorted(SHARED_EXAMPLES)}")
+    args.epochs = args.epochs or (2 if args.mode == "step" else 3)
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        if args.mode == "step":
+            torch.set_num_threads(args.threads)  # the bare step's process takes the main process's
+            data_args = dataset_args(folder, args.examples)
+            print(f"iwae train against its bare compiled step: B={args.batch_size}, {Path(data_args[1]).name}, "
+                  f"{args.estimator} estimator, {args.threads} thread(s), {args.matmul} matmul; median examples/s "
+                  f"over {args.rounds} runs of {args.epochs} epoch(s) and the bare step's timings")
+            for k in args.k:
+                loop_against_step(k, args, data_args, folder)
         else:
-            loop_against_step(args.k, args.rounds, Path(folder))
+            print(f"cpus usable {threads.usable_cpus()}, torch {torch.__version__}, {args.epochs} epochs of "
+                  + ", ".join(f"{SHARED_EXAMPLES[k]} images at k={k}" for k in args.k))
+            print(f"{'k':>3} {'policy':8} {'scenario':12} {'ex/s by epoch':>34} {'min ratio':>9} {'median':>7}  "
+                  "thread line")
+            for k in args.k:
+                shared(k, args, folder)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from iwae.models import DeepLatentModel, build_model
 from iwae.platform import distributed, gemm
 from iwae.platform.device import seeded
 from iwae.training.config import TrainConfig, schedule
+from iwae.training.minibatches import EpochMinibatches
 from iwae.training.state import SeedStreams, TrainingState
 from iwae.training.step import TrainStep, make_adam
 
@@ -47,12 +48,17 @@ class LoneSeed:
         self.batches = None if state.batches is None else state.batches.to(device)
         self.step.bound_sum.fill_(state.bound_sum)
         self.x_dim = state.x_dim
+        self.minibatches: EpochMinibatches | None = None
 
     def epoch_batches(self) -> Tensor:
         return data.epoch_batches(len(self.dataset.train), self.configs[0].batch_size, self.streams.data)
 
-    def train_on(self, batches: Tensor, step: int) -> None:
-        self.step(self.dataset.minibatch(batches[step], self.streams.data)[self.rows])
+    def draw_from(self, batches: Tensor, step: int) -> None:
+        self.minibatches = EpochMinibatches(self.dataset.train, batches.unsqueeze(0), [self.streams.data],
+                                            self.dataset.binarization == "dynamic", step)
+
+    def train_on(self, step: int) -> None:
+        self.step(self.minibatches(step)[0, self.rows])
 
     def monitor(self, x: Tensor) -> list[float]:
         config = self.configs[0]
@@ -64,7 +70,11 @@ class LoneSeed:
         return [TrainingState(config=self.configs[0], x_dim=self.x_dim, model=self.model.state_dict(),
                               optimizer=self.optimizer.state_dict(), epoch=epoch, step=step, batches=batches,
                               bound_sum=self.step.bound_sum.item(), epoch_time_s=epoch_time_s,
-                              wall_time_s=wall_time_s, rng=self.streams.state())]
+                              wall_time_s=wall_time_s, rng=self.streams.state(self._data_state(step, batches)))]
+
+    def _data_state(self, step: int, batches: Tensor | None) -> Tensor | None:
+        """The data stream's state at minibatch ``step`` of ``batches`` (None: at an epoch's end, its own)."""
+        return None if batches is None or self.minibatches is None else self.minibatches.stream_states(step)[0]
 
     def summary(self, bounds: list[float], test_bounds: list[float], examples_per_s: float) -> str:
         return f"train bound {bounds[0]:.2f} test bound {test_bounds[0]:.2f} {examples_per_s:.0f} examples/s"

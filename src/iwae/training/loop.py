@@ -5,11 +5,15 @@ training bound, computes the test bound on a fixed subset, records the epoch and
 seed alone and a stack of seeds (how a step is taken, how the seeds' states are cut from the model) is the
 ``Seeds`` it is given; where it writes (a run directory, a stack's commit) are the ``Outputs`` it is given.
 
-The whole training set lives on the device as one tensor; a minibatch is a gather plus a Bernoulli draw there, the
-epoch's permutation comes from a seeded ``torch.Generator``, and the bound is summed on the device and read once per
-epoch, so a step never waits for the host. After every epoch (and every ``checkpoint_every_s`` seconds, and on
-SIGINT/SIGTERM after the current step) the state is checkpointed, so that a resumed run continues to bit-for-bit
-the same parameters (on a CPU).
+The whole training set lives on the device as one tensor; the epoch's permutation comes from a seeded
+``torch.Generator``, its minibatches are gathered and binarized there a chunk of steps at a time
+(``iwae.training.minibatches``), and the bound is summed on the device and read once per epoch, so a step is the
+compiled step on a view of the chunk and never waits for the host. An epoch's record gives the speed of its
+training steps (``examples_per_s``, ``epoch_time_s``: the steps alone, the step's compilation left out) and its
+wall time (``epoch_wall_s``: since the previous record, the test bound and the previous checkpoint included).
+
+After every epoch (and every ``checkpoint_every_s`` seconds, and on SIGINT/SIGTERM after the current step) the state
+is checkpointed, so that a resumed run continues to bit-for-bit the same parameters (on a CPU).
 """
 
 from __future__ import annotations
@@ -48,8 +52,11 @@ class Seeds(Protocol):
     def epoch_batches(self) -> Tensor:
         """The minibatches' indices of a new epoch, drawn from the seeds' data streams."""
 
-    def train_on(self, batches: Tensor, step: int) -> None:
-        """Take the training step on minibatch ``step`` of ``batches``."""
+    def draw_from(self, batches: Tensor, step: int) -> None:
+        """Train on the minibatches of ``batches`` (``epoch_batches``'s) from minibatch ``step`` on."""
+
+    def train_on(self, step: int) -> None:
+        """Take the training step on minibatch ``step`` of the epoch's ``batches``."""
 
     def monitor(self, x: Tensor) -> list[float]:
         """Each seed's mean bound on the examples ``x``."""
@@ -99,6 +106,8 @@ class _Loop:
         self.epoch, self.step, self.batches = start.epoch, start.step, seeds.batches
         self.session_start, self.wall_time_base = time.perf_counter(), start.wall_time_s
         self.epoch_start = time.perf_counter() - start.epoch_time_s
+        self.last_record = self.session_start  # when the previous epoch was recorded (or the session started)
+        self.compilation_counted = False
         self.next_checkpoint = time.monotonic() + self.config.checkpoint_every_s
         self.bounds: list[float] = []
 
@@ -132,11 +141,13 @@ class _Loop:
             self.batches = self.seeds.epoch_batches()
             self.seeds.step.bound_sum.zero_()
             self.epoch_start = time.perf_counter()
+        self.seeds.draw_from(self.batches, self.step)
         while self.step < self.steps_per_epoch:
-            self.seeds.train_on(self.batches, self.step)
+            self.seeds.train_on(self.step)
             self.step += 1
             if self.step % REPORT_EVERY and self.step < self.steps_per_epoch and not self.stop.here():
                 continue
+            self._discount_compilation()
             bar.update(self.epoch * self.steps_per_epoch + self.step - bar.n)
             stopped = self.stop.agreed()
             if stopped or time.monotonic() >= self.next_checkpoint:
@@ -162,15 +173,25 @@ class _Loop:
         if not self.outputs.writer:
             return
         test_bounds = self.seeds.monitor(self.monitor_x)
+        recorded = time.perf_counter()
+        epoch_wall, self.last_record = recorded - self.last_record, recorded
         for s, (bound, test_bound) in enumerate(zip(self.bounds, test_bounds, strict=True)):
             self.outputs.record(s, {
                 "epoch": self.epoch, "stage": stage + 1, "lr": lr, "train_bound": bound, "test_bound": test_bound,
-                "examples_per_s": examples / epoch_time, "epoch_time_s": epoch_time, "wall_time_s": self._wall_time(),
+                "examples_per_s": examples / epoch_time, "epoch_time_s": epoch_time, "epoch_wall_s": epoch_wall,
+                "wall_time_s": self._wall_time(),
             })
         self._save()
         if bar.disable:
             print(f"epoch {self.epoch}/{config.epochs} stage {stage + 1} lr {lr:.2e} "
                   + self.seeds.summary(self.bounds, test_bounds, examples / epoch_time), file=sys.stderr)
+
+    def _discount_compilation(self) -> None:
+        """Leave the step's compilation (its first call in this process) out of the epoch's training time."""
+        seconds = self.seeds.step.compile_seconds
+        if seconds is not None and not self.compilation_counted:
+            self.epoch_start += seconds
+            self.compilation_counted = True
 
     def _wall_time(self) -> float:
         return self.wall_time_base + time.perf_counter() - self.session_start

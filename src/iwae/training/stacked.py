@@ -33,6 +33,7 @@ from iwae.models.drawn import with_draws
 from iwae.platform import gemm
 from iwae.platform.device import seeded
 from iwae.training.config import TrainConfig, schedule
+from iwae.training.minibatches import EpochMinibatches
 from iwae.training.state import SeedStreams, TrainingState
 from iwae.training.step import TrainStep, make_adam
 
@@ -182,14 +183,18 @@ class StackedSeeds:
                               compile=bool(config.compile), bound_shape=(len(states),))
         self.batches = None if states[0].batches is None else torch.stack([s.batches for s in states]).to(device)
         self.step.bound_sum.copy_(torch.tensor([state.bound_sum for state in states], dtype=torch.float64))
+        self.minibatches: EpochMinibatches | None = None
 
     def epoch_batches(self) -> Tensor:
         return torch.stack([data.epoch_batches(len(self.dataset.train), self.configs[0].batch_size, streams.data)
                             for streams in self.streams])
 
-    def train_on(self, batches: Tensor, step: int) -> None:
-        x = torch.stack([self.dataset.minibatch(batches[s, step], streams.data)
-                         for s, streams in enumerate(self.streams)])
+    def draw_from(self, batches: Tensor, step: int) -> None:
+        self.minibatches = EpochMinibatches(self.dataset.train, batches, [streams.data for streams in self.streams],
+                                            self.dataset.binarization == "dynamic", step)
+
+    def train_on(self, step: int) -> None:
+        x = self.minibatches(step)
         self.noise.draw(self.configs[0].k, self.configs[0].batch_size, x.dtype, x.device)
         self.step(x)
 
@@ -204,12 +209,14 @@ class StackedSeeds:
     def states(self, epoch: int, step: int, batches: Tensor | None, epoch_time_s: float, wall_time_s: float
                ) -> list[TrainingState]:
         states = []
+        data = (self.minibatches.stream_states(step) if batches is not None and self.minibatches is not None
+                else [None] * len(self.streams))  # at an epoch's end, the generators' own
         for s, (config, streams) in enumerate(zip(self.configs, self.streams, strict=True)):
             model, optimizer = seed_state(self.model, self.optimizer, s)
             states.append(TrainingState(
                 config=config, x_dim=self.x_dim, model=model, optimizer=optimizer, epoch=epoch, step=step,
                 batches=None if batches is None else batches[s], bound_sum=self.step.bound_sum[s].item(),
-                epoch_time_s=epoch_time_s, wall_time_s=wall_time_s, rng=streams.state()))
+                epoch_time_s=epoch_time_s, wall_time_s=wall_time_s, rng=streams.state(data[s])))
         return states
 
     def summary(self, bounds: list[float], test_bounds: list[float], examples_per_s: float) -> str:

@@ -28,11 +28,13 @@ class SeedStreams:
     noise: torch.Generator
     data: torch.Generator
 
-    def state(self) -> dict[str, Tensor]:
+    def state(self, data: Tensor | None = None) -> dict[str, Tensor]:
         """The streams' states as a checkpoint's ``rng``: "cpu" (on a GPU, torch's global CPU generator), "cuda"
-        on a GPU (the noise), and "data"; "cpu" is the noise on a CPU."""
+        on a GPU (the noise), and "data"; "cpu" is the noise on a CPU. ``data``: the data stream's state to record
+        instead of its generator's (that of a position inside a chunk of minibatches drawn ahead)."""
         on_gpu = self.noise.device.type == "cuda"
-        state = {"cpu": torch.get_rng_state() if on_gpu else self.noise.get_state(), "data": self.data.get_state()}
+        state = {"cpu": torch.get_rng_state() if on_gpu else self.noise.get_state(),
+                 "data": self.data.get_state() if data is None else data}
         if on_gpu:
             state["cuda"] = self.noise.get_state()
         return state

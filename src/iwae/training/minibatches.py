@@ -1,0 +1,81 @@
+"""An epoch's minibatches, gathered and binarized a chunk of steps at a time, in buffers that stay put.
+
+Drawn one by one (``Dataset.minibatch``), a minibatch costs a gather, a uniform draw and a comparison, each an
+operator call with its Python around it and a new tensor, between every two steps. ``EpochMinibatches`` draws the
+minibatches of about ``CHUNK_BYTES`` of examples at once: one gather of all their rows, each step's uniform draw
+filled into its own slice of the chunk's noise from the seed's data generator in step order, and one comparison;
+a step's minibatch is then a view of the chunk. The numbers drawn, and their order in the data stream, are those
+of one ``binarize`` per step, on every device (a step's draw is the same call on a slice of the same shape), so a
+run draws exactly what it drew one minibatch at a time.
+
+A checkpoint taken inside a chunk records the data stream as it stands after the finished steps' draws, not after
+the chunk's: ``stream_states(step)`` replays the chunk's draws up to ``step`` from the stream's state at the
+chunk's start, so that a resumed run, which draws its first chunk from ``step``, continues the same stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# the examples of a chunk (its gathered rows, its noise and its binary minibatches: each this size) fit in the
+# L2 cache of a core; a chunk has at least one step
+CHUNK_BYTES = 1 << 20
+
+
+class EpochMinibatches:
+    """The minibatches of an epoch for S seeds, from minibatch ``step`` on: ``minibatches(i)`` is minibatch i of
+    every seed, (S, B, D), valid until the next chunk is drawn.
+
+    Args:
+      train: the training examples (N, D), on the training device.
+      batches: each seed's minibatch indices into ``train``, (S, n, B) (``iwae.data.epoch_batches``, stacked).
+      generators: each seed's data generator, which draws its binarizations.
+      dynamic: whether the examples are binarized afresh (``Dataset.binarization == "dynamic"``), or used as they are.
+      step: the first minibatch drawn (0, or where a resumed run continues its epoch).
+    """
+
+    def __init__(self, train: Tensor, batches: Tensor, generators: list[torch.Generator], dynamic: bool,
+                 step: int) -> None:
+        seeds, _, batch = batches.shape
+        self.train, self.batches, self.generators, self.dynamic = train, batches, generators, dynamic
+        self.chunk = max(1, CHUNK_BYTES // (seeds * batch * train.shape[1] * train.element_size()))
+        like = {"dtype": train.dtype, "device": train.device}
+        self.rows = torch.empty(self.chunk, seeds, batch, train.shape[1], **like)
+        self.noise = torch.empty(seeds, self.chunk, batch, train.shape[1], **like) if dynamic else None
+        self.x = torch.empty_like(self.rows) if dynamic else self.rows
+        self.start = self.end = step  # the chunk drawn holds minibatches start .. end - 1
+        self.states = [generator.get_state() for generator in generators]  # the streams at the chunk's start
+
+    def __call__(self, step: int) -> Tensor:
+        if not self.start <= step < self.end:
+            self._draw(step)
+        return self.x[step - self.start]
+
+    def _draw(self, step: int) -> None:
+        """Draw the chunk of minibatches that starts at ``step`` (it ends with the epoch)."""
+        end = min(step + self.chunk, self.batches.shape[1])
+        n, width = end - step, self.train.shape[1]
+        self.states = [generator.get_state() for generator in self.generators]
+        indices = self.batches[:, step:end].transpose(0, 1).reshape(-1)
+        torch.index_select(self.train, 0, indices, out=self.rows[:n].view(-1, width))
+        if self.noise is not None:
+            for noise, generator in zip(self.noise, self.generators, strict=True):
+                for i in range(n):  # minibatch i's draw, as binarize draws it
+                    noise[i].uniform_(generator=generator)
+            torch.lt(self.noise[:, :n].transpose(0, 1), self.rows[:n], out=self.x[:n])
+        self.start, self.end = step, end
+
+    def stream_states(self, step: int) -> list[Tensor]:
+        """Each seed's data generator state after the draws of the minibatches before ``step`` (one of the chunk
+        drawn, or its end)."""
+        if self.noise is None or step == self.end:
+            return [generator.get_state() for generator in self.generators]
+        states = []
+        for state in self.states:
+            generator = torch.Generator(self.train.device)
+            generator.set_state(state)
+            for i in range(step - self.start):
+                torch.empty_like(self.noise[0, i]).uniform_(generator=generator)
+            states.append(generator.get_state())
+        return states

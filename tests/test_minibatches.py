@@ -1,0 +1,44 @@
+"""An epoch's minibatches drawn a chunk at a time are those drawn one by one, from the same data stream."""
+
+import pytest
+import torch
+
+from iwae.data import Dataset, epoch_batches
+from iwae.training import minibatches
+from iwae.training.minibatches import EpochMinibatches
+
+
+def one_by_one(dataset: Dataset, batches: torch.Tensor, generator: torch.Generator, start: int
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Minibatches ``start`` .. n - 1 as ``Dataset.minibatch`` draws them, and the stream's state before each
+    (and after the last)."""
+    xs, states = [], [generator.get_state()]
+    for idx in batches[start:]:
+        xs.append(dataset.minibatch(idx, generator))
+        states.append(generator.get_state())
+    return xs, states
+
+
+@pytest.mark.parametrize("binarization", ["dynamic", "static"])
+@pytest.mark.parametrize("start", [0, 3])
+def test_chunks_draw_what_one_minibatch_at_a_time_draws(monkeypatch: pytest.MonkeyPatch, binarization: str,
+                                                        start: int) -> None:
+    monkeypatch.setattr(minibatches, "CHUNK_BYTES", 4 * 2 * 5 * 7 * 4)  # chunks of 4 minibatches of 2 x 5 examples
+    dataset = Dataset("random", torch.rand(57, 7), torch.rand(3, 7), binarization)
+    seeds = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    batches = torch.stack([epoch_batches(57, 5, generator) for generator in seeds])  # 11 minibatches per seed
+    expected = [one_by_one(dataset, batches[s], torch.Generator().set_state(g.get_state()), start)
+                for s, g in enumerate(seeds)]
+    chunked = EpochMinibatches(dataset.train, batches, seeds, binarization == "dynamic", start)
+    assert chunked.chunk == 4
+    for i, step in enumerate(range(start, 11)):
+        # a checkpoint before this step records each stream where drawing one by one leaves it
+        for s, state in enumerate(chunked.stream_states(step)):
+            assert torch.equal(state, expected[s][1][i]), (step, s)
+        x = chunked(step)
+        assert x.shape == (2, 5, 7)
+        for s in range(2):
+            assert torch.equal(x[s], expected[s][0][i]), (step, s)
+    for s, state in enumerate(chunked.stream_states(11)):  # the epoch's end
+        assert torch.equal(state, expected[s][1][-1])
+        assert torch.equal(seeds[s].get_state(), expected[s][1][-1])
