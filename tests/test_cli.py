@@ -32,7 +32,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
-    lines = err.strip().splitlines()
+    lines = messages(err)
     assert len(lines) == 1, err
     assert lines[0].startswith("iwae: error: ")
     return lines[0]
@@ -371,7 +371,7 @@ def test_a_run_too_large_for_memory_is_refused_at_once_with_nothing_written(
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
     assert time.perf_counter() - start < 60
     assert done.returncode == 2, done.stderr
-    (line,) = done.stderr.strip().splitlines()
+    (line,) = messages(done.stderr)
     expected = (rf"iwae: error: {what} --k 2000000 and --batch-size 20 needs about [\d.]+ [GT]B of memory, "
                 rf"but [\d.]+ [KMGT]?B is available on cpu; use a smaller {smaller}")
     assert re.fullmatch(expected, line), line

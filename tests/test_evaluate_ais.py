@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import messages
 
 from iwae.cli import main
 from iwae.runs import evaluate_ais, rundir
@@ -69,7 +70,7 @@ def test_bad_settings_get_one_line_and_write_nothing(options: list[str], message
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     capsys.readouterr()
     assert main(["evaluate", str(run), *options, "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = messages(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("iwae: error: ") and message in err[0]
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
