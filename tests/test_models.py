@@ -12,7 +12,10 @@ from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
 
 from iwae.core import bounds
+from iwae.core.ais import ais_log_likelihood
 from iwae.core.objectives import loss
+from iwae.eval.activity import active_units
+from iwae.eval.exact import exact_log_likelihood
 from iwae.models import (
     BernoulliLayer,
     DeepLatentModel,
@@ -22,6 +25,7 @@ from iwae.models import (
     StandardNormal,
     bernoulli_log_density,
     burda,
+    sbn,
 )
 
 
@@ -98,6 +102,12 @@ def test_data_of_another_dimension_is_refused_naming_the_models() -> None:
         loss(model, torch.ones(4, 17), "iwae", k=3)
     with pytest.raises(ValueError, match=message):
         model.log_weights(torch.ones(4, 17), 3)
+    with pytest.raises(ValueError, match=message):
+        ais_log_likelihood(model, torch.ones(4, 17), steps=2, chains=2, leapfrog=1)
+    with pytest.raises(ValueError, match=message):
+        active_units(model, torch.ones(4, 17))
+    with pytest.raises(ValueError, match=message.replace("16", "6").replace("17", "7")):
+        exact_log_likelihood(sbn([3], x_dim=6), torch.ones(4, 7))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])

@@ -355,7 +355,8 @@ def ais_log_likelihood(
     batch_size: int = 100,
     progress: bool = False,
 ) -> AISResult:
-    """The AIS estimate of log p(x) per example of ``x`` (B, D), with its diagnostics (see ``AISResult``).
+    """The AIS estimate of log p(x) per example of ``x`` (B, D; as ``DeepLatentModel.as_input`` takes it), with its
+    diagnostics (see ``AISResult``).
 
     Approximates: log p(x) = log integral p(x, z) dz.
     With: log (1/C) sum_c w_c over C = ``chains`` independent AIS chains of T = ``steps`` intermediate
@@ -369,6 +370,7 @@ def ais_log_likelihood(
     with it and each batch's index, and torch's global generator is left as it was.
     """
     check_settings(steps, chains, leapfrog, start)
+    x = model.as_input(x)
     with ais_bar(steps, chains, len(x.split(batch_size)), progress) as bar:
         return combine(list(ais_batches(model, x, steps=steps, chains=chains, leapfrog=leapfrog, start=start,
                                         seed=seed, batch_size=batch_size, bar=bar)))
