@@ -10,8 +10,8 @@ of MNIST's shape when the files are not there), then times, each in a fresh proc
                  matrix-multiply path and compilation, after a first pass (the compilation, when compiled), as
                  ``benchmarks/evaluate_memory.py`` times it;
 
-and prints both and their ratio. ``--examples N`` evaluates the first N test images only (the full 10,000 at
-k = 5000 take minutes on a small CPU).
+and prints both and their ratio. ``--examples N`` evaluates a seeded random subset of N test images (the
+command's ``--examples``; the full 10,000 at k = 5000 take minutes on a small CPU).
 
     python benchmarks/evaluate_command.py [--examples 10000] [--k 5000] [--layers 1] [--device cpu]
 """
