@@ -380,6 +380,25 @@ def test_a_file_size_limit_stops_training_with_one_line_and_no_temporary_file(
 
 
 @pytest.mark.parametrize("seeds", [[], pytest.param(["--seeds", "2"], marks=pytest.mark.slow)])
+def test_a_first_checkpoint_that_cannot_be_written_leaves_nothing_in_the_way(
+    tiny_dataset: str, tmp_path: Path, seeds: list[str]
+) -> None:
+    run = tmp_path / "run"
+    command = train_command(tiny_dataset, "--out", str(run), "--epochs", "2", "--matmul", "default", "--no-compile",
+                            *seeds)
+    limit = 8192  # the configuration fits, a checkpoint does not
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == 2, done.stderr
+    (line,) = messages(done.stderr)
+    assert line.startswith(f"iwae: error: cannot write {run}/"), line
+    assert line.endswith("raise the limit (ulimit -f), then run the same command again"), line
+    assert run.is_dir() and not any(run.iterdir())
+    run_to_completion(command)
+    assert [r["epoch"] for r in rundir.read_metrics(run / "seed-1" if seeds else run)] == [1, 2]
+
+
+@pytest.mark.parametrize("seeds", [[], pytest.param(["--seeds", "2"], marks=pytest.mark.slow)])
 def test_a_run_in_use_is_refused_naming_its_process_and_a_killed_ones_lock_blocks_nothing(
     tiny_dataset: str, tmp_path: Path, seeds: list[str]
 ) -> None:

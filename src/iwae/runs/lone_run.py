@@ -73,8 +73,9 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
             def create() -> None:
                 rundir.create(run_dir)
                 held.enter_context(runlock.locked(run_dir))
-                rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
-                checkpoint.save(run_dir, state.checkpoint())
+                with rundir.unstarted([run_dir / rundir.CONFIG]):
+                    rundir.write_json(run_dir / rundir.CONFIG, asdict(config))
+                    checkpoint.save(run_dir, state.checkpoint())
 
             distributed.on_rank_zero(create)
             fit(LoneSeed(state, model, dataset), dataset, state, stop, _lone_outputs(run_dir, progress))

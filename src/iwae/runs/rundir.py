@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from iwae.platform.files import append_durably, write_atomic
+from iwae.platform.files import DiskFullError, append_durably, write_atomic
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -31,6 +34,23 @@ STACK = "stack.json"  # in the directory of a stacked run, beside its seed-<s> r
 
 class RunDirError(ValueError):
     """A run directory cannot be created or written; the message names the directory and the fix."""
+
+
+@contextmanager
+def unstarted(paths: list[Path]) -> Iterator[None]:
+    """Remove ``paths`` (the files and directories a new run made) if the block fails, so that a run whose first
+    checkpoint could not be written (a full disk) leaves nothing that stops the same command from running again."""
+    try:
+        yield
+    except Exception as error:
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        if isinstance(error, DiskFullError):
+            raise DiskFullError(f"{error}, then run the same command again") from error
+        raise
 
 
 def create(run_dir: Path) -> Path:

@@ -69,12 +69,13 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
                 rundir.create(out)
             held.enter_context(runlock.locked(out))
             dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
-            for config, path in zip(configs, dirs, strict=True):
-                rundir.write_json(path / rundir.CONFIG, asdict(config))
-            started = [start(c, dataset, None if c.init_from is None else
-                             checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)) for c in configs]
-            states = [state for state, _ in started]
-            _commit(out, dirs, states)
+            with rundir.unstarted(dirs):
+                for config, path in zip(configs, dirs, strict=True):
+                    rundir.write_json(path / rundir.CONFIG, asdict(config))
+                started = [start(c, dataset, None if c.init_from is None else
+                                 checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)) for c in configs]
+                states = [state for state, _ in started]
+                _commit(out, dirs, states)
             fit(StackedSeeds(states, [model for _, model in started], dataset), dataset, states[0], stop,
                 _stack_outputs(out, dirs))
         return [lone_run.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
