@@ -107,5 +107,6 @@ def main() -> None:
     ratio = statistics.median(ratios)
     print(f"median ratio {ratio:.3f} (target: at most 1.15: {'met' if ratio <= 1.15 else 'NOT met'})")
 
+
 if __name__ == "__main__":
     main()

@@ -117,9 +117,9 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
                        f"{train_config.AUTO_COMPILE_SAMPLES:,} samples (steps x batch size x k x seeds)")
 
 
-def _threads_option(parser: argparse.ArgumentParser) -> None:
+def _threads_option(parser: argparse.ArgumentParser, more: str = "") -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="torch's threads (default: one per CPU that other "
-                        "processes leave free, as measured at start)")
+                        f"processes leave free, as measured at start{more})")
 
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
@@ -244,9 +244,7 @@ def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", metavar="DIR", help="where to look for dataset files (also $IWAE_DATA_DIR)")
     parser.add_argument("--cells", nargs="+", metavar="CELL",
                         help="run and report only these cells of TABLE (with any cell one of them continues)")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch's threads for every cell (default: one per "
-                        "CPU that other processes leave free, as measured at start; under torchrun, shared by the "
-                        "ranks on each machine)")
+    _threads_option(parser, "; for every cell; under torchrun, shared by the ranks on each machine")
 
 
 def build_parser() -> argparse.ArgumentParser:
