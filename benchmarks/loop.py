@@ -8,9 +8,11 @@ steps, the step's compilation left out) and over ``epoch_wall_s`` (test bound an
 
     python benchmarks/loop.py step [--k 1 50] [--batch-size 20] [--epochs 2] [--rounds 3] [--threads 1]
                                    [--bare-steps 500] [--estimator standard] [--matmul default] [--examples N]
+                                   [--device cpu]
         The command with ``--compile``, its progress bar on a pseudo-terminal, by turns with the bare compiled
         step (``iwae.training.lone.lone_timing_step`` on a fixed random binary minibatch of B x 784, in a process
-        of its own, timed over ``--bare-steps`` steps before and after each run). Prints the medians (over rounds
+        of its own, timed over ``--bare-steps`` steps before and after each run; on a GPU, the step's CUDA graph
+        replayed, timed until the GPU has finished them). Prints the medians (over rounds
         and epochs) of ``loop`` (examples_per_s) and ``wall`` (over epoch_wall_s, from the second epoch on: the
         first holds the command's start) and their ratios to the bare step's; and the fastest epoch over the
         fastest bare timing (on a machine that other work slows by turns, the least disturbed of each). Both sides
@@ -98,9 +100,9 @@ def dataset_args(folder: Path, examples: int | None) -> list[str]:
     return ["--dataset", str(path)]
 
 
-def train_command(run: Path, *args: str) -> list[str]:
+def train_command(run: Path, *args: str, device: str = "cpu") -> list[str]:
     return [sys.executable, "-m", "iwae", "train", "--out", str(run), "--layers", "1", "--objective", "iwae",
-            "--eval-k", "0", "--device", "cpu", "--seed", "0", *args]
+            "--eval-k", "0", "--device", device, "--seed", "0", *args]
 
 
 def epoch_rates(run: Path) -> list[EpochRate]:
@@ -139,17 +141,20 @@ def on_terminal(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     return code, tail.decode(errors="replace")
 
 
-def bare_step(k: int, batch_size: int, estimator: str) -> dict[str, object]:
-    """For a worker process: the runner "bare" of the compiled step, warmed up (compiled)."""
+def bare_step(k: int, batch_size: int, estimator: str, device: str) -> dict[str, object]:
+    """For a worker process: the runner "bare" of the compiled step on ``device``, warmed up (compiled; on a GPU,
+    its CUDA graph recorded)."""
     config = train_config.TrainConfig(layers=1, objective="iwae", k=k, estimator=estimator, epochs=1,
                                       batch_size=batch_size, compile=True)
-    step = lone.lone_timing_step(config, 784, torch.device("cpu"))
+    step = lone.lone_timing_step(config, 784, torch.device(device))
     for _ in range(3):
         step()
 
     def run(n: int) -> None:
         for _ in range(n):
             step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return {"bare": run}
 
@@ -159,7 +164,7 @@ def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], fo
     train_args = [*data_args, "--k", str(k), "--estimator", args.estimator, "--batch-size", str(args.batch_size),
                   "--epochs", str(args.epochs), "--matmul", args.matmul, "--compile"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    with OwnProcess(bare_step, k, args.batch_size, args.estimator, matmul_path=args.matmul) as worker:
+    with OwnProcess(bare_step, k, args.batch_size, args.estimator, args.device, matmul_path=args.matmul) as worker:
         bare = worker.runner("bare")
 
         def bare_rate() -> float:
@@ -170,7 +175,7 @@ def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], fo
         bares, epochs = [bare_rate()], []
         for _ in range(args.rounds):
             run = Path(tempfile.mkdtemp(dir=folder)) / "run"
-            code, tail = on_terminal(train_command(run, *train_args), env)
+            code, tail = on_terminal(train_command(run, *train_args, device=args.device), env)
             if code:
                 raise RuntimeError(f"iwae train exited with {code}:\n{tail}")
             epochs += epoch_rates(run)
@@ -262,6 +267,7 @@ def main() -> None:
     parser.add_argument("--bare-steps", type=int, default=500, help="step mode: steps of each bare timing")
     parser.add_argument("--estimator", default="standard", help="step mode")
     parser.add_argument("--matmul", default="default", help="step mode: the float32 matmul path of both sides")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="step mode: where both sides run")
     parser.add_argument("--examples", type=int, default=None,
                         help="step mode: train on the first N MNIST images (shorter epochs; a step costs the same)")
     parser.add_argument("--policies", nargs="+", default=list(policies()), choices=list(policies()),
@@ -275,8 +281,9 @@ def main() -> None:
         if args.mode == "step":
             torch.set_num_threads(args.threads)  # the bare step's process takes the main process's
             data_args = dataset_args(folder, args.examples)
-            print(f"iwae train against its bare compiled step: B={args.batch_size}, {Path(data_args[1]).name}, "
-                  f"{args.estimator} estimator, {args.threads} thread(s), {args.matmul} matmul; median examples/s "
+            print(f"iwae train against its bare compiled step on {args.device}: B={args.batch_size}, "
+                  f"{Path(data_args[1]).name}, {args.estimator} estimator, {args.threads} thread(s), {args.matmul} "
+                  "matmul; median examples/s "
                   f"over {args.rounds} runs of {args.epochs} epoch(s) and the bare step's timings")
             for k in args.k:
                 loop_against_step(k, args, data_args, folder)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import CUDA
 
 from iwae.data import Dataset, epoch_batches
 from iwae.training import minibatches
@@ -19,15 +20,17 @@ def one_by_one(dataset: Dataset, batches: torch.Tensor, generator: torch.Generat
     return xs, states
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("binarization", ["dynamic", "static"])
 @pytest.mark.parametrize("start", [0, 3])
 def test_chunks_draw_what_one_minibatch_at_a_time_draws(monkeypatch: pytest.MonkeyPatch, binarization: str,
-                                                        start: int) -> None:
-    monkeypatch.setattr(minibatches, "CHUNK_BYTES", 4 * 2 * 5 * 7 * 4)  # chunks of 4 minibatches of 2 x 5 examples
-    dataset = Dataset("random", torch.rand(57, 7), torch.rand(3, 7), binarization)
-    seeds = [torch.Generator().manual_seed(s) for s in (0, 1)]
+                                                        start: int, device: str) -> None:
+    # chunks of 4 minibatches of 2 x 5 examples
+    monkeypatch.setattr(minibatches, "CPU_CHUNK_BYTES" if device == "cpu" else "GPU_CHUNK_BYTES", 4 * 2 * 5 * 7 * 4)
+    dataset = Dataset("random", torch.rand(57, 7), torch.rand(3, 7), binarization).to(device)
+    seeds = [torch.Generator(device).manual_seed(s) for s in (0, 1)]
     batches = torch.stack([epoch_batches(57, 5, generator) for generator in seeds])  # 11 minibatches per seed
-    expected = [one_by_one(dataset, batches[s], torch.Generator().set_state(g.get_state()), start)
+    expected = [one_by_one(dataset, batches[s], torch.Generator(device).set_state(g.get_state()), start)
                 for s, g in enumerate(seeds)]
     chunked = EpochMinibatches(dataset.train, batches, seeds, binarization == "dynamic", start)
     assert chunked.chunk == 4
@@ -42,3 +45,11 @@ def test_chunks_draw_what_one_minibatch_at_a_time_draws(monkeypatch: pytest.Monk
     for s, state in enumerate(chunked.stream_states(11)):  # the epoch's end
         assert torch.equal(state, expected[s][1][-1])
         assert torch.equal(seeds[s].get_state(), expected[s][1][-1])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_chunk_holds_no_more_than_the_epoch_has_left(device: str) -> None:
+    train = torch.rand(57, 7, device=device)
+    batches = epoch_batches(57, 5, torch.Generator(device).manual_seed(0)).unsqueeze(0)  # 11 minibatches
+    chunked = EpochMinibatches(train, batches, [torch.Generator(device)], True, 8)
+    assert chunked.chunk == 3 and chunked.rows.shape[0] == 3

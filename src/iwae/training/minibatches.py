@@ -2,11 +2,13 @@
 
 Drawn one by one (``Dataset.minibatch``), a minibatch costs a gather, a uniform draw and a comparison, each an
 operator call with its Python around it and a new tensor, between every two steps. ``EpochMinibatches`` draws the
-minibatches of about ``CHUNK_BYTES`` of examples at once: one gather of all their rows, each step's uniform draw
-filled into its own slice of the chunk's noise from the seed's data generator in step order, and one comparison;
-a step's minibatch is then a view of the chunk. The numbers drawn, and their order in the data stream, are those
-of one ``binarize`` per step, on every device (a step's draw is the same call on a slice of the same shape), so a
-run draws exactly what it drew one minibatch at a time.
+minibatches of about ``chunk_bytes(device)`` of examples at once (on a CPU a chunk that stays in a core's cache;
+on a GPU most or all of the epoch, so that between two replays of the step's CUDA graph there is no other work):
+one gather of all their rows, each step's uniform draw filled into its own slice of the chunk's noise from the
+seed's data generator in step order, and one comparison; a step's minibatch is then a view of the chunk. The
+numbers drawn, and their order in the data stream, are those of one ``binarize`` per step, on every device (a
+step's draw is the same call on a slice of the same shape), so a run draws exactly what it drew one minibatch at
+a time, whatever the chunk's size.
 
 A checkpoint taken inside a chunk records the data stream as it stands after the finished steps' draws, not after
 the chunk's: ``stream_states(step)`` replays the chunk's draws up to ``step`` from the stream's state at the
@@ -18,9 +20,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# the examples of a chunk (its gathered rows, its noise and its binary minibatches: each this size) fit in the
-# L2 cache of a core; a chunk has at least one step
-CHUNK_BYTES = 1 << 20
+# the examples of a chunk (its gathered rows, its noise and its binary minibatches: each this size): on a CPU they
+# fit in the L2 cache of a core; on a GPU they hold an epoch of a paper's MNIST run (2,500 minibatches of 20 x 784
+# float32) for up to 3 stacked seeds. A chunk has at least one step, and no more than the epoch has left.
+CPU_CHUNK_BYTES = 1 << 20
+GPU_CHUNK_BYTES = 1 << 29
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """The bytes of examples a chunk holds on ``device``."""
+    return CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
 
 
 class EpochMinibatches:
@@ -39,7 +48,8 @@ class EpochMinibatches:
                  step: int) -> None:
         seeds, _, batch = batches.shape
         self.train, self.batches, self.generators, self.dynamic = train, batches, generators, dynamic
-        self.chunk = max(1, CHUNK_BYTES // (seeds * batch * train.shape[1] * train.element_size()))
+        step_bytes = seeds * batch * train.shape[1] * train.element_size()
+        self.chunk = max(1, min(chunk_bytes(train.device) // step_bytes, batches.shape[1] - step))
         like = {"dtype": train.dtype, "device": train.device}
         self.rows = torch.empty(self.chunk, seeds, batch, train.shape[1], **like)
         self.noise = torch.empty(seeds, self.chunk, batch, train.shape[1], **like) if dynamic else None
