@@ -145,6 +145,21 @@ class ConvEncoder(nn.Module):
         return Independent(Normal(loc, log_scale.exp()), 1)
 
 
+def test_the_support_check_leaves_a_compiled_program_alone() -> None:
+    # the flag that the first eager call sets is not read when compiled: a guard on it would compile anew every
+    # program that calls the model once an eager call has checked (a training step, after the first epoch's test
+    # bound; on a GPU, where every guard is checked, also recording a second CUDA graph)
+    torch.manual_seed(0)
+    model, x = burda(1, 16), (torch.rand(4, 16) < 0.5).float()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(lambda x: loss(model, x, "iwae", k=3).loss, backend="eager", fullgraph=True)
+    compiled(x)
+    loss(model, x, "iwae", k=3)  # eagerly: checks the support
+    compiled(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_data_outside_the_decoders_support_warn_once(recwarn: pytest.WarningsRecorder) -> None:
     """Grey levels given to a Bernoulli decoder: a warning from loss() and from log_weights(), one per model
     (only its first batch is checked); binary data: none."""

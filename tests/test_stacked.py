@@ -44,7 +44,9 @@ def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, setti
     # Compiled on a CPU, a seed computes what its lone run computes, element for element: the same parameters, bit
     # for bit. Eagerly, torch's CPU kernels of the reductions over K (softmax, logsumexp) and of the matrix
     # products round differently for a stack's (K, S, B) tensors than for a lone run's (K, B), so the parameters
-    # (of size ~0.25) agree to the documented float32 tolerance (docs/design.md; measured: at most 3.4e-6).
+    # (of size ~0.25) agree to the documented float32 tolerance (docs/design.md; measured: at most 3.4e-6). On a
+    # GPU the stack's batched products round differently from the lone run's too (measured on an H200 with torch
+    # 2.11: one parameter of 40,000 off by 2.5e-5 after these 104 steps).
     configs = [config(tiny_dataset, seed, **settings) for seed in (0, 3)]
     stacked_run.train_stacked(configs, tmp_path / "stack", progress=False)
     recorded = [checkpoint.load(tmp_path / "stack" / f"seed-{c.seed}")["config"] for c in configs]
@@ -61,7 +63,8 @@ def test_each_seed_follows_its_lone_run(tiny_dataset: str, tmp_path: Path, setti
             if bit_for_bit:
                 assert torch.equal(ours["model"][name], value), name
             else:
-                torch.testing.assert_close(ours["model"][name], value, rtol=0, atol=2e-5)
+                atol = 2e-5 if settings.get("device", "cpu") == "cpu" else 1e-4
+                torch.testing.assert_close(ours["model"][name], value, rtol=0, atol=atol)
         # the seeds' generators are where the lone run's are: the same draws follow
         for key in ("cpu", "data", *(["cuda"] if settings.get("device") == "cuda" else [])):
             assert torch.equal(ours["rng"][key], theirs["rng"][key]), key

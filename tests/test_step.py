@@ -132,6 +132,8 @@ def test_inductor_step_equals_eager() -> None:
 def test_cuda_graph_step_equals_eager(layers: int, objective: str, estimator: str) -> None:
     """On a GPU the compiled step runs as a CUDA graph: its first call warms up, the second records the graph and
     later ones replay it, drawing their random numbers (graph-safe) as the eager step does."""
+    if estimator == "dreg" and torch.torch_version.TorchVersion(torch.__version__) < "2.13":
+        pytest.skip("torch < 2.13 does not compile the steps that rescale path gradients (docs/performance.md)")
     torch.manual_seed(0)
     x = (torch.rand(4, 784, device="cuda") < 0.3).float()
     model = burda(layers, train_mean=x.mean(0)).cuda()
@@ -145,7 +147,7 @@ def test_cuda_graph_follows_the_learning_rate_schedule() -> None:
     torch.manual_seed(0)
     x = (torch.rand(4, 784, device="cuda") < 0.3).float()
     model = burda(1, train_mean=x.mean(0)).cuda()
-    results = []
+    results, grads = [], []
     for compile in (False, True):
         copied = copy.deepcopy(model)
         step = TrainStep(copied, make_adam(copied, 1e-3, (0.9, 0.999), 1e-4), Objective("iwae", 4), "standard",
@@ -154,13 +156,14 @@ def test_cuda_graph_follows_the_learning_rate_schedule() -> None:
             step.set_lr(lr)
             torch.manual_seed(100 + i)
             step(x)
+            if i == 0 and not compile:  # after Adam's first step, exp_avg = (1 - beta1) * gradient
+                grads = [step.optimizer.state[p]["exp_avg"] / 0.1 for p in step.params]
             if i == 2:
                 graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
         assert step.compiled == compile
         results.append(copied)
-    for (name, a), b in zip(results[0].named_parameters(), results[1].parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    assert_parameters_close(results[0], results[1], grads)
 
 
 @pytest.mark.slow
@@ -267,6 +270,7 @@ def test_a_compiled_run_resumes_bit_for_bit(tiny_dataset: str, tmp_path: Path, m
     config = tiny_config(tiny_dataset, compile=True, epochs=2, device=device,
                          estimator="standard" if device == "cuda" else "dreg")
     lone_run.train(config, tmp_path / "reference", progress=False)
+    torch._dynamo.reset()  # each run as in a process of its own (on a GPU, with CUDA graphs of its own)
     run, calls, original = tmp_path / "interrupted", 0, TrainStep.__call__
 
     def interrupted_call(self: TrainStep, x: torch.Tensor) -> None:

@@ -118,8 +118,10 @@ class DeepLatentModel(nn.Module):
 
     def _check_support(self, p_x: Distribution, x: Tensor) -> None:
         """Warn if the data lie outside the support of p(x | z), e.g. grey levels for a Bernoulli decoder:
-        checked on the first batch this model sees (one check, so training steps never wait for it)."""
-        if self._support_checked or torch.compiler.is_compiling():
+        checked on the first batch this model sees (one check, so training steps never wait for it). Compiled,
+        nothing is checked and the flag is not read, so that a compiled program does not depend on it (a guard on
+        it would compile the program again once the first eager call has set it)."""
+        if torch.compiler.is_compiling() or self._support_checked:
             return
         self._support_checked = True
         try:
