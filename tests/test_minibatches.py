@@ -53,3 +53,12 @@ def test_a_chunk_holds_no_more_than_the_epoch_has_left(device: str) -> None:
     batches = epoch_batches(57, 5, torch.Generator(device).manual_seed(0)).unsqueeze(0)  # 11 minibatches
     chunked = EpochMinibatches(train, batches, [torch.Generator(device)], True, 8)
     assert chunked.chunk == 3 and chunked.rows.shape[0] == 3
+
+
+def test_the_cpu_generator_draws_in_one_call_what_it_draws_in_several() -> None:
+    # what EpochMinibatches relies on to draw a chunk's uniforms in one call on a CPU
+    for sizes in ([1, 1], [5, 17], [15, 1], [16, 16], [2897, 3111, 0, 40], [3, 70_000]):
+        one, several = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        whole = torch.empty(sum(sizes)).uniform_(generator=one)
+        parts = torch.cat([torch.empty(size).uniform_(generator=several) for size in sizes])
+        assert torch.equal(whole, parts) and torch.equal(one.get_state(), several.get_state()), sizes

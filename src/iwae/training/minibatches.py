@@ -4,11 +4,12 @@ Drawn one by one (``Dataset.minibatch``), a minibatch costs a gather, a uniform 
 operator call with its Python around it and a new tensor, between every two steps. ``EpochMinibatches`` draws the
 minibatches of about ``chunk_bytes(device)`` of examples at once (on a CPU a chunk that stays in a core's cache;
 on a GPU most or all of the epoch, so that between two replays of the step's CUDA graph there is no other work):
-one gather of all their rows, each step's uniform draw filled into its own slice of the chunk's noise from the
-seed's data generator in step order, and one comparison; a step's minibatch is then a view of the chunk. The
-numbers drawn, and their order in the data stream, are those of one ``binarize`` per step, on every device (a
-step's draw is the same call on a slice of the same shape), so a run draws exactly what it drew one minibatch at
-a time, whatever the chunk's size.
+one gather of all their rows, the uniforms of all their steps drawn from the seed's data generator in step
+order, and one comparison; a step's minibatch is then a view of the chunk. The numbers drawn, and their order in
+the data stream, are those of one ``binarize`` per step, on every device and whatever the chunk's size: on a GPU
+each step's uniforms are drawn by a call of their own on a slice of ``binarize``'s shape; on a CPU the chunk's
+are drawn by one call, which torch's CPU generator fills with the numbers that one call per step would draw,
+one after another (``test_minibatches`` checks this).
 
 A checkpoint taken inside a chunk records the data stream as it stands after the finished steps' draws, not after
 the chunk's: ``stream_states(step)`` replays the chunk's draws up to ``step`` from the stream's state at the
@@ -71,8 +72,7 @@ class EpochMinibatches:
         torch.index_select(self.train, 0, indices, out=self.rows[:n].view(-1, width))
         if self.noise is not None:
             for noise, generator in zip(self.noise, self.generators, strict=True):
-                for i in range(n):  # minibatch i's draw, as binarize draws it
-                    noise[i].uniform_(generator=generator)
+                draw_uniforms(noise[:n], generator)
             torch.lt(self.noise[:, :n].transpose(0, 1), self.rows[:n], out=self.x[:n])
         self.start, self.end = step, end
 
@@ -85,7 +85,17 @@ class EpochMinibatches:
         for state in self.states:
             generator = torch.Generator(self.train.device)
             generator.set_state(state)
-            for i in range(step - self.start):
-                torch.empty_like(self.noise[0, i]).uniform_(generator=generator)
+            draw_uniforms(torch.empty_like(self.noise[0, : step - self.start]), generator)
             states.append(generator.get_state())
         return states
+
+
+def draw_uniforms(noise: Tensor, generator: torch.Generator) -> Tensor:
+    """Fill ``noise`` (n, B, D), contiguous, with the uniforms of n minibatches drawn one after another from
+    ``generator``, as ``binarize`` draws each: on a CPU by one call (torch's CPU generator fills n x m numbers with
+    those of n calls of m), elsewhere by a call per minibatch."""
+    if noise.device.type == "cpu":
+        return noise.uniform_(generator=generator)
+    for minibatch in noise:
+        minibatch.uniform_(generator=generator)
+    return noise
