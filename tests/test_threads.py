@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -71,7 +72,7 @@ def test_one_thread_per_free_cpu(two_cpus: pytest.MonkeyPatch, busy: float, expe
 def test_a_quota_below_the_free_cpus_caps_the_count(two_cpus: pytest.MonkeyPatch) -> None:
     two_cpus.setattr(threads, "cgroup_quota", lambda: 1.5)
     two_cpus.setattr(threads, "busy_cpus", lambda cpus, seconds=0.0: 0.0)
-    assert threads.choose() == threads.ThreadChoice(1, "1 of 1 CPUs free")
+    assert threads.choose() == threads.ThreadChoice(1, "1 of 1 CPUs free", from_free_cpus=True)
 
 
 def test_torchrun_ranks_share_the_free_cpus(two_cpus: pytest.MonkeyPatch) -> None:
@@ -135,6 +136,48 @@ def test_use_threads_sets_torch_and_says_so_once(monkeypatch: pytest.MonkeyPatch
     finally:
         torch.set_num_threads(before)
     assert said == ["1 torch thread: 1 of 2 CPUs free", "2 torch threads: set by --threads"]
+
+
+def paced_by_threads(seconds: dict[int, float]) -> object:
+    """A workload that takes ``seconds[n]`` on n torch threads, and draws from the global generator."""
+    def workload() -> None:
+        torch.rand(3)
+        time.sleep(seconds[torch.get_num_threads()])
+    return workload
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [({2: 0.004, 1: 0.001}, 1), ({2: 0.001, 1: 0.004}, 2)])
+def test_a_count_from_the_free_cpus_drops_to_one_where_the_step_runs_faster_on_one(
+        monkeypatch: pytest.MonkeyPatch, seconds: dict[int, float], expected: int) -> None:
+    monkeypatch.setattr(threads, "_used", [])
+    monkeypatch.setattr(threads, "choose", lambda: threads.ThreadChoice(2, "2 of 2 CPUs free", from_free_cpus=True))
+    said: list[str] = []
+    before = torch.get_num_threads()
+    try:
+        torch.manual_seed(0)
+        assert threads.fastest(paced_by_threads(seconds), say=said.append) == expected
+        assert torch.get_num_threads() == expected
+        # the global generator left as it was
+        assert torch.equal(torch.rand(1), torch.rand(1, generator=torch.Generator().manual_seed(0)))
+    finally:
+        torch.set_num_threads(before)
+    assert said[0] == "2 torch threads: 2 of 2 CPUs free"
+    if expected == 1:
+        assert re.fullmatch(r"1 torch thread: 2 of 2 CPUs free, but this run's step is faster on 1 \(\S+ ms against "
+                            r"\S+ ms on 2\)", said[1])
+    assert len(said) == (2 if expected == 1 else 1)
+
+
+@pytest.mark.parametrize("reason", ["set by --threads", "the run's own count"])
+def test_a_count_the_user_set_is_never_timed(monkeypatch: pytest.MonkeyPatch, reason: str) -> None:
+    monkeypatch.setattr(threads, "_used", [])
+    before = torch.get_num_threads()
+    try:
+        threads.use_threads(2, reason, say=lambda line: None)
+        timed: list[int] = []
+        assert threads.fastest(lambda: timed.append(1)) == 2 and not timed
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("count", [0, -1, 1.5, True])

@@ -12,19 +12,18 @@ accurate; elsewhere (GPUs, other CPUs) torch's default stays.
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
 
+from iwae.platform import timing
+
 DEFAULT, ONEDNN = "default", "onednn"
 PATHS = (DEFAULT, ONEDNN)
 # accepted error of a path, as a multiple of the default path's error against the float64 product
 ACCURACY_FACTOR = 4.0
-# each timed measurement of a workload repeats it for at least this long
-MEASUREMENT_SECONDS = 0.03
 _accurate: dict[str, bool] = {}  # per path, whether it passed the accuracy check (checked once per process)
 _chosen: dict[Hashable, str] = {}  # the path chosen per workload key (measured once per process)
 
@@ -57,27 +56,10 @@ def relative_errors(rows: int = 1000, inner: int = 200, cols: int = 784) -> dict
 
 
 def measure(workload: Callable[[], object], rounds: int = 9) -> dict[str, float]:
-    """Per path, the median seconds of one call of ``workload``, timed in ``rounds`` interleaved rounds (each
-    path once per round, each time repeated for at least ``MEASUREMENT_SECONDS``) after a warm-up. The global
+    """Per path, the median seconds of one call of ``workload``, timed by turns (``timing.by_turns``). The global
     random number generators are left as they were."""
-    seconds: dict[str, list[float]] = {path: [] for path in PATHS}
-    with torch.random.fork_rng(devices=[]), using_matmul_path(DEFAULT):
-        warmup = []
-        for path in PATHS:  # oneDNN builds its kernels on first use
-            _set_path(path)
-            workload()
-            start = time.perf_counter()
-            workload()
-            warmup.append(time.perf_counter() - start)
-        repeats = max(1, round(MEASUREMENT_SECONDS / max(min(warmup), 1e-6)))
-        for _ in range(rounds):
-            for path in PATHS:
-                _set_path(path)
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    workload()
-                seconds[path].append((time.perf_counter() - start) / repeats)
-    return {path: statistics.median(times) for path, times in seconds.items()}
+    with using_matmul_path(DEFAULT):  # oneDNN builds its kernels on first use: the warm-up
+        return timing.by_turns(workload, {path: functools.partial(_set_path, path) for path in PATHS}, rounds)
 
 
 def choose(workload: Callable[[], object]) -> str:

@@ -12,13 +12,17 @@ damage when the machine's load changes after the choice, or when two runs that s
 machine free; OpenMP reads it once, when torch loads it, so importing ``iwae`` sets it (unless it is set) before
 importing torch.
 
-The number is chosen once per process (``use_threads``), at the start of a command, and printed with its reason;
-a run records it (a different thread count changes the rounding of some reductions, so a run that is to be
+The number is chosen once per process (``use_threads``), at the start of a command, and printed with its reason.
+More threads than one do not always pay: a small step (a batch of 20 at k = 1, say) can spend more on each
+parallel region than it gains. So a new training run whose count came from the free CPUs times its own step on
+that count and on one thread (``fastest``) and keeps the faster, saying so when it drops to one. A run records
+its count (a different thread count changes the rounding of some reductions, so a run that is to be
 repeated bit for bit is repeated with the same count, which ``--threads`` sets).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -42,6 +46,7 @@ class ThreadChoice:
 
     threads: int
     reason: str
+    from_free_cpus: bool = False  # counted from the free CPUs (not set by the user): ``fastest`` may lower it
 
     def line(self) -> str:
         return f"{self.threads} torch thread{'s' if self.threads != 1 else ''}: {self.reason}"
@@ -144,7 +149,7 @@ def choose() -> ThreadChoice:
     ranks = int(os.environ.get(LOCAL_RANKS, "1"))
     if ranks > 1:
         free, reason = max(1, free // ranks), f"{reason}, shared by {ranks} ranks"
-    return ThreadChoice(free, reason)
+    return ThreadChoice(free, reason, from_free_cpus=ranks == 1)
 
 
 _used: list[ThreadChoice] = []  # the choice in force in this process (set by use_threads)
@@ -173,3 +178,26 @@ def use_threads(requested: int | None = None, reason: str = "set by --threads",
     _used[:] = [choice]
     torch.set_num_threads(choice.threads)
     return choice.threads
+
+
+def fastest(workload: Callable[[], object], say: Callable[[str], None] | None = None) -> int:
+    """The thread count in force, or 1 where ``workload`` (a call of a run's own step) runs faster on one thread
+    than on that count; timed by turns (``timing.by_turns``), the global random generators left as they were. Only
+    a count that ``choose`` counted from the free CPUs is lowered, never one the user set (or a run recorded); the
+    new choice is printed (by ``say``, as ``use_threads`` prints). Returns the count in force."""
+    import torch
+
+    from iwae.platform import timing
+
+    if not _used:
+        use_threads(say=say)
+    current = _used[-1]
+    if not current.from_free_cpus or current.threads == 1:
+        return current.threads
+    seconds = timing.by_turns(workload, {n: functools.partial(torch.set_num_threads, n) for n in (current.threads, 1)},
+                              rounds=5)
+    torch.set_num_threads(current.threads)
+    if seconds[1] < seconds[current.threads]:
+        return use_threads(1, f"{current.reason}, but this run's step is faster on 1 ({seconds[1] * 1e3:.2f} ms "
+                              f"against {seconds[current.threads] * 1e3:.2f} ms on {current.threads})", say)
+    return current.threads

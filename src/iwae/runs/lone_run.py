@@ -24,7 +24,7 @@ from iwae.runs import figures as run_figures
 from iwae.training.config import TrainConfig, resolve_compile, resumed_config
 from iwae.training.lone import LoneSeed
 from iwae.training.loop import Outputs, fit
-from iwae.training.preflight import check_training_memory, training_matmul_path
+from iwae.training.preflight import check_training_memory, training_threads_and_path
 from iwae.training.signals import StopOnSignal
 from iwae.training.state import TrainingState, start
 
@@ -62,8 +62,8 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     x_dim = dataset.train.shape[1]
     check_training_memory(config, x_dim, device)
     config = resolve_compile(config, len(dataset.train))
-    matmul = distributed.broadcast(training_matmul_path(config, x_dim, device))  # the ranks multiply alike
-    config = replace(config, matmul=matmul)
+    count, matmul = training_threads_and_path(config, x_dim, device)
+    config = replace(config, threads=count, matmul=distributed.broadcast(matmul))  # the ranks multiply alike
     with ExitStack() as held:  # the run directory's lock, once it exists, until the run is evaluated
         with StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
             parameters = (None if config.init_from is None

@@ -1,5 +1,5 @@
-"""What a run settles before its first step: that it fits in memory, and the float32 matrix-multiply path it
-multiplies on."""
+"""What a run settles before its first step: that it fits in memory, its thread count, and the float32
+matrix-multiply path it multiplies on."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from iwae.eval import likelihood
 from iwae.models import build_model
-from iwae.platform import distributed, gemm, memory
+from iwae.platform import distributed, gemm, memory, threads
 from iwae.training.config import TrainConfig
 from iwae.training.lone import lone_timing_step
 
@@ -37,15 +37,32 @@ def check_training_memory(config: TrainConfig, x_dim: int, device: torch.device,
     memory.check_fits(needed, device, what, names, k=config.k, batch_size=config.batch_size, seeds=seeds)
 
 
+Workload = Callable[[TrainConfig, int, torch.device], Callable[[], None]]
+
+
+def training_threads_and_path(config: TrainConfig, x_dim: int, device: torch.device, seeds: int = 1,
+                              workload: Workload = lone_timing_step) -> tuple[int, str]:
+    """A new run's torch thread count and float32 matrix-multiply path, each the faster on the run's own kind of
+    step (``workload``, as for ``training_matmul_path``): first the count (on a CPU, outside torchrun, one thread
+    where the step runs faster on it than on the count taken from the free CPUs: ``threads.fastest``), then the
+    path on that count."""
+    step = functools.cache(lambda: workload(config, x_dim, device))
+    count = torch.get_num_threads()
+    if device.type == "cpu" and not distributed.launched():
+        count = threads.fastest(lambda: step()())
+    return count, training_matmul_path(config, x_dim, device, seeds, workload, step)
+
+
 def training_matmul_path(config: TrainConfig, x_dim: int, device: torch.device, seeds: int = 1,
-                         workload: Callable[[TrainConfig, int, torch.device], Callable[[], None]] = lone_timing_step
-                         ) -> str:
+                         workload: Workload = lone_timing_step,
+                         step: Callable[[], Callable[[], None]] | None = None) -> str:
     """A new run's float32 matrix-multiply path: ``config.matmul`` if set, else the faster one on the run's own
     kind of step, ``workload(config, x_dim, device)`` (a lone run's ``lone_timing_step``; a stack of ``seeds``
-    seeds, its own), measured once per process for runs alike. (A compiled step is compiled here first, and the
-    run's own step then finds its graph in inductor's cache.) The throwaway step is built only when there is
-    something to time, on generators that ``gemm.measure`` forks, so the global ones are left as they were."""
-    step = functools.cache(lambda: workload(config, x_dim, device))
+    seeds, its own; ``step``: a function that returns it, built once), measured once per process for runs alike.
+    (A compiled step is compiled here first, and the run's own step then finds its graph in inductor's cache.) The
+    throwaway step is built only when there is something to time, on generators that ``gemm.measure`` forks, so
+    the global ones are left as they were."""
+    step = step or functools.cache(lambda: workload(config, x_dim, device))
     key = ("training step", config.model, config.layers, x_dim, config.batch_size, config.objective, config.k,
            config.m, config.estimator, bool(config.compile), seeds)
     return gemm.fastest_fp32_matmul(device, config.matmul, lambda: step()(), key)
