@@ -45,10 +45,11 @@ def training_threads_and_path(config: TrainConfig, x_dim: int, device: torch.dev
     """A new run's torch thread count and float32 matrix-multiply path, each the faster on the run's own kind of
     step (``workload``, as for ``training_matmul_path``): first the count (on a CPU, outside torchrun, one thread
     where the step runs faster on it than on the count taken from the free CPUs: ``threads.fastest``), then the
-    path on that count."""
+    path on that count. The count is timed where building the step costs little (it runs eagerly) or where the
+    path is to be chosen too (which times the same step), not for a compiled step whose path is given."""
     step = functools.cache(lambda: workload(config, x_dim, device))
     count = torch.get_num_threads()
-    if device.type == "cpu" and not distributed.launched():
+    if device.type == "cpu" and not distributed.launched() and (not config.compile or config.matmul is None):
         count = threads.fastest(lambda: step()())
     return count, training_matmul_path(config, x_dim, device, seeds, workload, step)
 
