@@ -123,6 +123,7 @@ def test_a_busy_thread_elsewhere_is_seen() -> None:
 
 def test_use_threads_sets_torch_and_says_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "_used", [])
+    monkeypatch.setattr(threads, "_chosen", [])
     monkeypatch.setattr(threads, "choose", lambda: threads.ThreadChoice(1, "1 of 2 CPUs free"))
     said: list[str] = []
     before = torch.get_num_threads()
@@ -150,6 +151,7 @@ def paced_by_threads(seconds: dict[int, float]) -> object:
 def test_a_count_from_the_free_cpus_drops_to_one_where_the_step_runs_faster_on_one(
         monkeypatch: pytest.MonkeyPatch, seconds: dict[int, float], expected: int) -> None:
     monkeypatch.setattr(threads, "_used", [])
+    monkeypatch.setattr(threads, "_chosen", [])
     monkeypatch.setattr(threads, "choose", lambda: threads.ThreadChoice(2, "2 of 2 CPUs free", from_free_cpus=True))
     said: list[str] = []
     before = torch.get_num_threads()
@@ -162,7 +164,12 @@ def test_a_count_from_the_free_cpus_drops_to_one_where_the_step_runs_faster_on_o
     finally:
         torch.set_num_threads(before)
     assert said[0] == "2 torch threads: 2 of 2 CPUs free"
+    try:  # the process's own choice stays for what follows the run (its evaluation, another run)
+        assert threads.use_threads(say=said.append) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     if expected == 1:
+        assert said.pop() == "2 torch threads: 2 of 2 CPUs free"
         assert re.fullmatch(r"1 torch thread: 2 of 2 CPUs free, but this run's step is faster on 1 \(\S+ ms against "
                             r"\S+ ms on 2\)", said[1])
     assert len(said) == (2 if expected == 1 else 1)
@@ -171,6 +178,7 @@ def test_a_count_from_the_free_cpus_drops_to_one_where_the_step_runs_faster_on_o
 @pytest.mark.parametrize("reason", ["set by --threads", "the run's own count"])
 def test_a_count_the_user_set_is_never_timed(monkeypatch: pytest.MonkeyPatch, reason: str) -> None:
     monkeypatch.setattr(threads, "_used", [])
+    monkeypatch.setattr(threads, "_chosen", [])
     before = torch.get_num_threads()
     try:
         threads.use_threads(2, reason, say=lambda line: None)
@@ -216,6 +224,7 @@ def test_a_run_records_its_threads_and_resumes_on_them(tiny_dataset: str, tmp_pa
     from iwae.runs import lone_run, rundir
 
     monkeypatch.setattr(threads, "_used", [])
+    monkeypatch.setattr(threads, "_chosen", [])
     before = torch.get_num_threads()
     try:
         assert main(_tiny_run(tiny_dataset, tmp_path / "run", "--threads", "1")) == 0
@@ -241,6 +250,7 @@ def test_a_config_from_before_the_setting_loads_and_chooses(tmp_path: Path, monk
     config = resumed_config(saved, None, tmp_path)
     assert config.threads is None
     monkeypatch.setattr(threads, "_used", [])
+    monkeypatch.setattr(threads, "_chosen", [])
     monkeypatch.setattr(threads, "choose", lambda: threads.ThreadChoice(1, "1 of 2 CPUs free"))
     before = torch.get_num_threads()
     try:

@@ -152,52 +152,60 @@ def choose() -> ThreadChoice:
     return ThreadChoice(free, reason, from_free_cpus=ranks == 1)
 
 
-_used: list[ThreadChoice] = []  # the choice in force in this process (set by use_threads)
+_used: list[ThreadChoice] = []  # the choice in force in this process
+_chosen: list[ThreadChoice] = []  # the process's own choice (use_threads'), which ``fastest`` may lower for a run
 
 
 def use_threads(requested: int | None = None, reason: str = "set by --threads",
                 say: Callable[[str], None] | None = None) -> int:
-    """Run torch on ``requested`` threads (``reason`` says why), or, for None, on the count already in use in this
-    process or else on ``choose``'s; return the count. The choice is printed (by ``say``; default: to stderr as
-    ``iwae: 2 torch threads: 2 of 2 CPUs free``) when it changes.
+    """Run torch on ``requested`` threads (``reason`` says why), or, for None, on the count this process chose
+    before (by an earlier call; not a run's lowering by ``fastest``) or else on ``choose``'s; return the count.
+    The choice is printed (by ``say``; default: to stderr as ``iwae: 2 torch threads: 2 of 2 CPUs free``) when
+    the count in force changes.
 
     Raises:
       SettingError: for a count that is not a positive integer.
     """
-    import torch  # here, so that importing this module leaves OpenMP's environment to be set first
-
     if requested is not None:
         check_integer(requested, "threads", 1)
         choice = ThreadChoice(requested, reason)
-    elif _used:
-        choice = _used[-1]
+    elif _chosen:
+        choice = _chosen[-1]
     else:
         choice = choose()
+    _chosen[:] = [choice]
+    _put_in_force(choice, say)
+    return choice.threads
+
+
+def _put_in_force(choice: ThreadChoice, say: Callable[[str], None] | None) -> None:
+    import torch  # here, so that importing this module leaves OpenMP's environment to be set first
+
     if not _used or _used[-1].threads != choice.threads:
         (say or (lambda line: print(f"iwae: {line}", file=sys.stderr)))(choice.line())
     _used[:] = [choice]
     torch.set_num_threads(choice.threads)
-    return choice.threads
 
 
 def fastest(workload: Callable[[], object], say: Callable[[str], None] | None = None) -> int:
-    """The thread count in force, or 1 where ``workload`` (a call of a run's own step) runs faster on one thread
+    """The process's thread count, or 1 where ``workload`` (a call of a run's own step) runs faster on one thread
     than on that count; timed by turns (``timing.by_turns``), the global random generators left as they were. Only
-    a count that ``choose`` counted from the free CPUs is lowered, never one the user set (or a run recorded); the
-    new choice is printed (by ``say``, as ``use_threads`` prints). Returns the count in force."""
+    a count that ``choose`` counted from the free CPUs is lowered, never one the user set (or a run recorded). The
+    count is put in force (and printed, by ``say``, as ``use_threads`` prints, when it changes) for the run; the
+    process's own choice stays, and a later ``use_threads()`` returns to it. Returns the count."""
     import torch
 
     from iwae.platform import timing
 
-    if not _used:
-        use_threads(say=say)
-    current = _used[-1]
-    if not current.from_free_cpus or current.threads == 1:
-        return current.threads
-    seconds = timing.by_turns(workload, {n: functools.partial(torch.set_num_threads, n) for n in (current.threads, 1)},
+    use_threads(say=say)
+    chosen = _chosen[-1]
+    if not chosen.from_free_cpus or chosen.threads == 1:
+        return chosen.threads
+    seconds = timing.by_turns(workload, {n: functools.partial(torch.set_num_threads, n) for n in (chosen.threads, 1)},
                               rounds=5)
-    torch.set_num_threads(current.threads)
-    if seconds[1] < seconds[current.threads]:
-        return use_threads(1, f"{current.reason}, but this run's step is faster on 1 ({seconds[1] * 1e3:.2f} ms "
-                              f"against {seconds[current.threads] * 1e3:.2f} ms on {current.threads})", say)
-    return current.threads
+    torch.set_num_threads(chosen.threads)
+    if seconds[1] < seconds[chosen.threads]:
+        _put_in_force(ThreadChoice(1, f"{chosen.reason}, but this run's step is faster on 1 ({seconds[1] * 1e3:.2f} "
+                                      f"ms against {seconds[chosen.threads] * 1e3:.2f} ms on {chosen.threads})"), say)
+        return 1
+    return chosen.threads
