@@ -62,7 +62,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
     x_dim = dataset.train.shape[1]
     check_training_memory(config, x_dim, device)
     config = resolve_compile(config, len(dataset.train))
-    count, matmul = training_threads_and_path(config, x_dim, device)
+    count, matmul = training_threads_and_path(config, x_dim, device, len(dataset.train))
     config = replace(config, threads=count, matmul=distributed.broadcast(matmul))  # the ranks multiply alike
     with ExitStack() as held:  # the run directory's lock, once it exists, until the run is evaluated
         with StopOnSignal() as stop:  # from here on a signal waits for a checkpoint

@@ -58,7 +58,7 @@ def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | Non
     configs = [resolve_compile(replace(c, device=str(device), threads=count), len(dataset.train), len(configs))
                for c in configs]
     # the faster count and path on the stack's own step: its batched products may favour others than a lone run's
-    count, matmul = preflight.training_threads_and_path(configs[0], x_dim, device, len(configs),
+    count, matmul = preflight.training_threads_and_path(configs[0], x_dim, device, len(dataset.train), len(configs),
                                                         functools.partial(stacked_timing_step, seeds=len(configs)))
     configs = [replace(c, threads=count, matmul=matmul) for c in configs]
     with ExitStack() as held:  # the stack's lock, once its directory exists, until its seeds are evaluated

@@ -38,18 +38,23 @@ def check_training_memory(config: TrainConfig, x_dim: int, device: torch.device,
 
 
 Workload = Callable[[TrainConfig, int, torch.device], Callable[[], None]]
+# runs of fewer steps than this keep the thread count as chosen: timing it (about half a second) costs about what
+# it could save them
+THREAD_TIMING_MIN_STEPS = 500
 
 
-def training_threads_and_path(config: TrainConfig, x_dim: int, device: torch.device, seeds: int = 1,
-                              workload: Workload = lone_timing_step) -> tuple[int, str]:
+def training_threads_and_path(config: TrainConfig, x_dim: int, device: torch.device, train_examples: int,
+                              seeds: int = 1, workload: Workload = lone_timing_step) -> tuple[int, str]:
     """A new run's torch thread count and float32 matrix-multiply path, each the faster on the run's own kind of
     step (``workload``, as for ``training_matmul_path``): first the count (on a CPU, outside torchrun, one thread
     where the step runs faster on it than on the count taken from the free CPUs: ``threads.fastest``), then the
-    path on that count. The count is timed where building the step costs little (it runs eagerly) or where the
-    path is to be chosen too (which times the same step), not for a compiled step whose path is given."""
+    path on that count. The count is timed for runs of at least ``THREAD_TIMING_MIN_STEPS`` steps (on
+    ``train_examples`` examples), where building the step costs little (it runs eagerly) or where the path is to be
+    chosen too (which times the same step), not for a compiled step whose path is given."""
     step = functools.cache(lambda: workload(config, x_dim, device))
     count = torch.get_num_threads()
-    if device.type == "cpu" and not distributed.launched() and (not config.compile or config.matmul is None):
+    timed = config.steps(train_examples) >= THREAD_TIMING_MIN_STEPS and (not config.compile or config.matmul is None)
+    if device.type == "cpu" and not distributed.launched() and timed:
         count = threads.fastest(lambda: step()())
     return count, training_matmul_path(config, x_dim, device, seeds, workload, step)
 
