@@ -51,7 +51,7 @@ out, cells = Path(sys.argv[1]), tuple(sys.argv[2:])
 options = reproduce.Options(budget=0.1, seeds=4, device="cuda", cells=cells)
 print(reproduce.write_report("burda-table1", out, reproduce.select("burda-table1", cells), options, {})["md"])
 EOF
-cat "$RUNS/report.md" | sed -n 1,12p
+sed -n 1,12p "$RUNS/report.md"
 tar czf "$OUT/results.tar.gz" --exclude=checkpoint.pt --exclude='*.tmp' "$RUNS"
 find "$RUNS" -name checkpoint.pt | tar czf - -T - | split -b 15M - "$OUT/checkpoints.tar.gz.part-"
 ls -la "$OUT"

@@ -55,15 +55,26 @@ def main() -> None:
         return data.epoch_batches(len(dataset.train), BATCH, generator)[: args.steps]
 
     def on_fixed() -> Callable[[], None]:
-        return lambda: [step(fixed) for _ in range(args.steps)]
+        def run() -> None:
+            for _ in range(args.steps):
+                step(fixed)
+        return run
 
     def on_real() -> Callable[[], None]:
         minibatches = [dataset.minibatch(idx, generator) for idx in epoch()]
-        return lambda: [step(x) for x in minibatches]
+
+        def run() -> None:
+            for x in minibatches:
+                step(x)
+        return run
 
     def on_loop() -> Callable[[], None]:
         chunks = EpochMinibatches(dataset.train, epoch().unsqueeze(0), [generator], True, 0)
-        return lambda: [step(chunks(i)[0]) for i in range(args.steps)]
+
+        def run() -> None:
+            for i in range(args.steps):
+                step(chunks(i)[0])
+        return run
 
     times: dict[str, list[float]] = {"fixed": [], "real": [], "loop": []}
     for _ in range(args.rounds):
