@@ -7,6 +7,9 @@
 #      report is written from the runs as they are, and everything is packed into $OUT.
 # Run from the repository root with the MNIST files in $IWAE_DATA_DIR (default .gpudata):
 #   OUT=/tmp/gpu DEADLINE_S=500 bash benchmarks/gpu_session.sh
+# MEASURE=0 leaves out the loop benchmark and the tests (the whole call for the cells); CELLS="mnist-l1-iwae-k50"
+# trains only the cells named. Cells resume from the checkpoints under $RUNS (restore them first: cat the parts
+# of an earlier call | tar xz, in the repository root).
 # $OUT then holds results.tar.gz (the logs, report.md/csv, curves.png and each seed's config.json, metrics.jsonl and
 # eval*.json) and checkpoints.tar.gz.part-* (the runs' checkpoints, to continue them: cat the parts | tar xz).
 set -u
@@ -14,8 +17,9 @@ export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 IWAE_DATA_DIR="${IWAE_DATA_DIR:-
 OUT="${OUT:?set OUT to the folder the results go to}"
 DEADLINE_S="${DEADLINE_S:-500}"
 RUNS="results/burda-table1-gpu"
-LOGS="$RUNS/logs"
-CELLS=(mnist-l1-vae-k1 mnist-l1-iwae-k50)
+LOGS="$RUNS/logs/$(date -u +%Y%m%dT%H%M%SZ)"  # this call's logs
+read -ra CELLS <<< "${CELLS:-mnist-l1-vae-k1 mnist-l1-iwae-k50}"
+MEASURE="${MEASURE:-1}"
 mkdir -p "$OUT" "$LOGS"
 left() { echo $((DEADLINE_S - SECONDS)); }
 
@@ -23,8 +27,10 @@ left() { echo $((DEADLINE_S - SECONDS)); }
   python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$LOGS/machine.log"
 
-timeout -s TERM 150 python3 benchmarks/loop.py step --device cuda --k 1 50 --rounds 1 --epochs 2 \
-  --bare-steps 4000 2>&1 | tee "$LOGS/loop.log"
+if [ "$MEASURE" = 1 ]; then
+  timeout -s TERM 150 python3 benchmarks/loop.py step --device cuda --k 1 50 --rounds 1 --epochs 2 \
+    --bare-steps 4000 2>&1 | tee "$LOGS/loop.log"
+fi
 
 (
   for cell in "${CELLS[@]}"; do
@@ -36,12 +42,15 @@ timeout -s TERM 150 python3 benchmarks/loop.py step --device cuda --k 1 50 --rou
 ) > "$LOGS/cells.log" 2>&1 &
 cells=$!
 
-timeout -s TERM 150 python3 -m pytest -q -p no:cacheprovider tests/test_minibatches.py tests/test_step.py \
-  tests/test_stacked.py tests/test_data_batching.py -k "cuda or graph" -v --tb=short 2>&1 | tee "$LOGS/tests.log" | tail -n 25
+if [ "$MEASURE" = 1 ]; then
+  timeout -s TERM 150 python3 -m pytest -q -p no:cacheprovider tests/test_minibatches.py tests/test_step.py \
+    tests/test_stacked.py tests/test_data_batching.py -k "cuda or graph" -v --tb=short 2>&1 | tee "$LOGS/tests.log" \
+    | tail -n 25
+fi
 
 wait "$cells"
 tail -n 3 "$LOGS/cells.log"
-python3 - "$RUNS" "${CELLS[@]}" <<'EOF' 2>&1 | tee -a "$LOGS/cells.log"
+python3 - "$RUNS" mnist-l1-vae-k1 mnist-l1-iwae-k50 <<'EOF' 2>&1 | tee -a "$LOGS/cells.log"
 import sys
 from pathlib import Path
 
