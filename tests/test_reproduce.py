@@ -106,6 +106,54 @@ def test_an_unfinished_run_resumes_to_the_uninterrupted_parameters(
 
 
 @pytest.mark.slow
+def test_a_new_cell_takes_one_thread_where_its_step_is_faster_on_one_and_resumes_on_it(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from iwae.platform import gemm, threads, timing
+    from iwae.training import preflight
+
+    def a_process_that_finds_two_cpus_free() -> None:
+        monkeypatch.setattr(threads, "_used", [])
+        monkeypatch.setattr(threads, "_chosen", [])
+        monkeypatch.setattr(threads, "choose", lambda: threads.ThreadChoice(2, "2 of 2 CPUs free",
+                                                                            from_free_cpus=True))
+
+    a_process_that_finds_two_cpus_free()
+    monkeypatch.setattr(preflight, "THREAD_TIMING_MIN_STEPS", 1)
+    monkeypatch.setattr(gemm, "_chosen", {})
+    # the step timed by turns: faster on one thread than on two (the matmul paths alike)
+    monkeypatch.setattr(timing, "by_turns", lambda workload, settings, rounds: {
+        setting: 0.001 if setting == 1 else 0.004 for setting in settings})
+    cells = tiny_grid(tiny_dataset)[:1]
+    counts, append = [], rundir.append_metrics
+
+    def record_threads_and_fail_in_epoch_3(run_dir: Path, record: dict) -> None:
+        append(run_dir, record)
+        counts.append(torch.get_num_threads())
+        if len(counts) == 5:  # seed 0's third epoch
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(rundir, "append_metrics", record_threads_and_fail_in_epoch_3)
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            reproduce.run_table(TABLE, tmp_path, OPTIONS, cells=cells, progress=False, log=lambda line: None)
+        assert counts == [1] * 5
+        for seed in (0, 1):
+            assert rundir.read_json(reproduce.run_dir(tmp_path, cells[0].name, seed) / rundir.CONFIG)["threads"] == 1
+        a_process_that_finds_two_cpus_free()  # a later command: the cell resumes on the count it recorded
+        counts.clear()
+        monkeypatch.setattr(rundir, "append_metrics", lambda run_dir, record: (append(run_dir, record),
+                                                                               counts.append(torch.get_num_threads())))
+        log: list[str] = []
+        reproduce.run_table(TABLE, tmp_path, OPTIONS, cells=cells, progress=False, log=log.append)
+        assert log == [f"{cells[0].name}: resumed (2 seeds stacked)"]
+        assert counts == [1] * 14  # epochs 3 to 9 of both seeds
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
 def test_a_command_with_another_budget_is_refused_before_anything_runs(
     finished: tuple[Path, list[str]], tiny_dataset: str, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,

@@ -29,7 +29,7 @@ import statistics
 import sys
 import textwrap
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,8 @@ class Options:
     """How a table is run: ``budget`` scales the schedule's epochs, ``seeds`` runs seeds 0..seeds-1, ``eval_k``
     samples per test example of the final evaluation; ``device`` and ``data_dir`` as for ``iwae train``;
     ``cells`` names the cells to run and report (None: all; see ``select``); ``threads``, torch's threads for
-    every cell (None: one per CPU that other processes leave free, shared by torchrun's ranks on a machine)."""
+    every cell (None: one per CPU that other processes leave free, shared by torchrun's ranks on a machine, or one
+    for a new cell whose step runs faster on one; a resumed cell on the count it recorded)."""
 
     budget: float = 1.0
     seeds: int = 1
@@ -302,8 +303,11 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
     """
     check(table, options)
     rundir.check_writable(out)
-    # every cell, new or resumed, on this process's threads: with torchrun's ranks, no more than the CPUs in all
-    options = replace(options, threads=use_threads(options.threads))
+    # this process's thread count (under torchrun, its rank's share of the machine's CPUs). A new cell trains on
+    # it, or, where the count came from the free CPUs, on one thread if its own step runs faster on one (as
+    # ``iwae train`` does); a resumed cell on the count it recorded (so that it resumes bit for bit), unless
+    # --threads gives another or torchrun's ranks share the machine
+    count = use_threads(options.threads)
     cells = select(table, options.cells) if cells is None else cells
     say = log or (lambda line: print(f"iwae: {line}", file=sys.stderr))
     missing = {}
@@ -313,7 +317,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
             missing[dataset] = reason
     configs = {cell.name: [cell_config(cell, s, options, out) for s in range(options.seeds)] for cell in cells}
     check_existing(cells, configs, out, options.device)
-    changes: dict[str, Any] = {"threads": options.threads}
+    changes: dict[str, Any] = {"threads": count} if options.threads is not None or distributed.launched() else {}
     if options.data_dir is not None:
         changes["data_dir"] = options.data_dir  # where the data is now
     where = f" on {distributed.name()}" if distributed.launched() else ""
