@@ -57,7 +57,10 @@ class Compiled:
 
     def __init__(self, fn: Callable[..., Any], what: str, *, backend: str | Callable[..., Any] = "inductor",
                  options: dict[str, Any] | None = None, dynamo_config: dict[str, Any] | None = None) -> None:
-        self.fn, self.what, self.dynamo_config = fn, what, dynamo_config or {}
+        self.fn, self.what = fn, what
+        # dynamo's settings, in force at every call (any call may recompile): one patch, made here (making one
+        # builds a class) and entered at each call
+        self._dynamo_config = torch._dynamo.config.patch(**(dynamo_config or {}))
         options = {"post_grad_custom_post_pass": UnfuseBiasOnCpu(), "cpp.use_decompose_tanh": True, **(options or {})}
 
         def call(*args: Any) -> Any:
@@ -76,7 +79,7 @@ class Compiled:
             return self.fn(*args)
         start = time.perf_counter()
         try:
-            with torch._dynamo.config.patch(**self.dynamo_config):
+            with self._dynamo_config:
                 result = self.compiled_fn(*args)
         except Exception as error:  # any failure of tracing or code generation: run eagerly instead
             if self.seconds is not None:
