@@ -6,7 +6,7 @@ from conftest import CUDA
 
 from iwae.data import Dataset, epoch_batches
 from iwae.training import minibatches
-from iwae.training.minibatches import EpochMinibatches
+from iwae.training.minibatches import EpochMinibatches, draws_ahead
 
 
 def one_by_one(dataset: Dataset, batches: torch.Tensor, generator: torch.Generator, start: int
@@ -20,11 +20,11 @@ def one_by_one(dataset: Dataset, batches: torch.Tensor, generator: torch.Generat
     return xs, states
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize(("device", "ahead"), [("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=CUDA)])
 @pytest.mark.parametrize("binarization", ["dynamic", "static"])
 @pytest.mark.parametrize("start", [0, 3])
 def test_chunks_draw_what_one_minibatch_at_a_time_draws(monkeypatch: pytest.MonkeyPatch, binarization: str,
-                                                        start: int, device: str) -> None:
+                                                        start: int, device: str, ahead: bool) -> None:
     # chunks of 4 minibatches of 2 x 5 examples
     monkeypatch.setattr(minibatches, "CPU_CHUNK_BYTES" if device == "cpu" else "GPU_CHUNK_BYTES", 4 * 2 * 5 * 7 * 4)
     dataset = Dataset("random", torch.rand(57, 7), torch.rand(3, 7), binarization).to(device)
@@ -32,9 +32,11 @@ def test_chunks_draw_what_one_minibatch_at_a_time_draws(monkeypatch: pytest.Monk
     batches = torch.stack([epoch_batches(57, 5, generator) for generator in seeds])  # 11 minibatches per seed
     expected = [one_by_one(dataset, batches[s], torch.Generator(device).set_state(g.get_state()), start)
                 for s, g in enumerate(seeds)]
-    chunked = EpochMinibatches(dataset.train, batches, seeds, binarization == "dynamic", start)
+    chunked = EpochMinibatches(dataset.train, batches, seeds, binarization == "dynamic", start, ahead)
     assert chunked.chunk == 4
     for i, step in enumerate(range(start, 11)):
+        if ahead and step > start:  # past the first chunk, the one after the chunk in use is drawn (or drawing)
+            assert (chunked.next is not None) == (chunked.drawn.end < 11)
         # a checkpoint before this step records each stream where drawing one by one leaves it
         for s, state in enumerate(chunked.stream_states(step)):
             assert torch.equal(state, expected[s][1][i]), (step, s)
@@ -52,7 +54,24 @@ def test_a_chunk_holds_no_more_than_the_epoch_has_left(device: str) -> None:
     train = torch.rand(57, 7, device=device)
     batches = epoch_batches(57, 5, torch.Generator(device).manual_seed(0)).unsqueeze(0)  # 11 minibatches
     chunked = EpochMinibatches(train, batches, [torch.Generator(device)], True, 8)
-    assert chunked.chunk == 3 and chunked.rows.shape[0] == 3
+    assert chunked.chunk == 3 and chunked.buffers[0][0].shape[0] == 3
+
+
+def test_chunks_are_drawn_ahead_on_a_cpu_that_torchs_threads_leave_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(minibatches.threads, "usable_cpus", lambda: 2)
+    monkeypatch.delenv(minibatches.threads.LOCAL_RANKS, raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert draws_ahead(torch.device("cpu"))
+        assert not draws_ahead(torch.device("cuda"))
+        monkeypatch.setenv(minibatches.threads.LOCAL_RANKS, "2")  # two ranks of one thread on two CPUs
+        assert not draws_ahead(torch.device("cpu"))
+        monkeypatch.delenv(minibatches.threads.LOCAL_RANKS)
+        torch.set_num_threads(2)
+        assert not draws_ahead(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_cpu_generator_draws_in_one_call_what_it_draws_in_several() -> None:

@@ -244,6 +244,28 @@ def test_adam_update_is_torch_adams() -> None:
             torch.testing.assert_close(moments[name], adam.state[theirs][name], rtol=1e-6, atol=1e-9)
 
 
+def test_adam_update_sets_moments_below_the_smallest_normal_float_to_zero() -> None:
+    """A weight whose gradient stays zero after one step: torch.optim.Adam's first moment decays into the denormal
+    floats; the compiled step's update sets it to zero there, and the parameters are torch's."""
+    torch.manual_seed(0)
+    param = torch.randn(100)
+    reference = param.clone().requires_grad_()
+    adam = torch.optim.Adam([reference], lr=1e-3, eps=1e-4)
+    state = {"step": torch.tensor(0.0), "exp_avg": torch.zeros(100), "exp_avg_sq": torch.zeros(100)}
+    tiny = torch.finfo(torch.float32).tiny
+    for i in range(900):  # 0.1 * 0.9^899 of a unit gradient: about 1e-42
+        grad = torch.randn(100) if i == 0 else torch.zeros(100)
+        adam_update([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], torch.tensor(1e-3),
+                    0.9, 0.999, 1e-4)
+        reference.grad = grad
+        adam.step()
+    theirs = adam.state[reference]["exp_avg"]
+    denormal = (theirs != 0) & (theirs.abs() < tiny)
+    assert denormal.sum() > 50  # torch's moments are denormal
+    assert torch.equal(state["exp_avg"], torch.where(theirs.abs() < tiny, 0.0, theirs))  # ours are zero there
+    torch.testing.assert_close(param, reference.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_auto_compile_counts_steps_and_samples() -> None:
     # 30,000 steps of 1,000 samples on 60,000 examples
     config = train_config.TrainConfig(epochs=10, k=50, batch_size=20)

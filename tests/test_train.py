@@ -155,6 +155,27 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("call", [13, 14])
+def test_minibatches_drawn_ahead_train_and_resume_as_those_drawn_in_turn(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: int
+) -> None:
+    from iwae.training import lone, minibatches
+
+    monkeypatch.setattr(minibatches, "CPU_CHUNK_BYTES", 3 * 8 * 16 * 4)  # chunks of 3 minibatches of 8 x 16
+    monkeypatch.setattr(lone, "draws_ahead", lambda device: False)
+    lone_run.train(tiny_config(tiny_dataset), tmp_path / "reference", progress=False)
+    monkeypatch.setattr(lone, "draws_ahead", lambda device: True)
+    lone_run.train(tiny_config(tiny_dataset), tmp_path / "ahead", progress=False)
+    assert_same_parameters(tmp_path / "reference", tmp_path / "ahead")
+    run = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:  # stopped inside a chunk (after step 5 of epoch 2), or at its end (6)
+        interrupt_at_call(patch, call, signal.SIGINT)
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(tiny_config(tiny_dataset), run, progress=False)
+    lone_run.resume(run, progress=False)
+    assert_same_parameters(tmp_path / "reference", run)
+
+
 @pytest.mark.slow
 def test_resume_refuses_a_different_configuration(tiny_dataset: str, tmp_path: Path) -> None:
     run = tmp_path / "run"

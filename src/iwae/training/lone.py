@@ -18,7 +18,7 @@ from iwae.models import DeepLatentModel, build_model
 from iwae.platform import distributed, gemm
 from iwae.platform.device import seeded
 from iwae.training.config import TrainConfig, schedule
-from iwae.training.minibatches import EpochMinibatches
+from iwae.training.minibatches import EpochMinibatches, draws_ahead
 from iwae.training.state import SeedStreams, TrainingState
 from iwae.training.step import TrainStep, make_adam
 
@@ -49,13 +49,14 @@ class LoneSeed:
         self.step.bound_sum.fill_(state.bound_sum)
         self.x_dim = state.x_dim
         self.minibatches: EpochMinibatches | None = None
+        self.ahead = draws_ahead(device)
 
     def epoch_batches(self) -> Tensor:
         return data.epoch_batches(len(self.dataset.train), self.configs[0].batch_size, self.streams.data)
 
     def draw_from(self, batches: Tensor, step: int) -> None:
         self.minibatches = EpochMinibatches(self.dataset.train, batches.unsqueeze(0), [self.streams.data],
-                                            self.dataset.binarization == "dynamic", step)
+                                            self.dataset.binarization == "dynamic", step, self.ahead)
 
     def train_on(self, step: int) -> None:
         self.step(self.minibatches(step)[0, self.rows])

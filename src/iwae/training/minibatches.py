@@ -11,6 +11,11 @@ each step's uniforms are drawn by a call of their own on a slice of ``binarize``
 are drawn by one call, which torch's CPU generator fills with the numbers that one call per step would draw,
 one after another (``test_minibatches`` checks this).
 
+On a CPU where torch's threads leave a usable CPU free (``draws_ahead``: one thread for a small step), the next
+chunk is drawn ahead, on a thread of its own, while the steps run on the chunk before, into a second set of
+buffers. The draws are the same, in the same order: the steps ask for their minibatches in order, and only that
+thread draws from the data streams until the chunk is taken (or a checkpoint asks where the streams stand).
+
 A checkpoint taken inside a chunk records the data stream as it stands after the finished steps' draws, not after
 the chunk's: ``stream_states(step)`` replays the chunk's draws up to ``step`` from the stream's state at the
 chunk's start, so that a resumed run, which draws its first chunk from ``step``, continues the same stream.
@@ -18,8 +23,15 @@ chunk's start, so that a resumed run, which draws its first chunk from ``step``,
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from iwae.platform import threads
 
 # the examples of a chunk (its gathered rows, its noise and its binary minibatches: each this size): on a CPU they
 # fit in the L2 cache of a core; on a GPU they hold an epoch of a paper's MNIST run (2,500 minibatches of 20 x 784
@@ -33,9 +45,34 @@ def chunk_bytes(device: torch.device) -> int:
     return CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
 
 
+def draws_ahead(device: torch.device) -> bool:
+    """Whether the next chunk is drawn ahead, on a thread of its own: on a CPU where torch's threads (of every
+    torchrun rank on this machine) leave a usable CPU (``threads.usable_cpus``) free."""
+    ranks = int(os.environ.get(threads.LOCAL_RANKS, "1"))
+    return device.type == "cpu" and torch.get_num_threads() * ranks < threads.usable_cpus()
+
+
+@functools.cache
+def _drawer() -> ThreadPoolExecutor:
+    """The thread that draws chunks ahead (one for the process: chunks are drawn one after another)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="iwae-minibatches")
+
+
+@dataclass
+class _Chunk:
+    """Minibatches ``start`` .. ``end`` - 1 of the epoch, ``x`` (end - start, S, B, D), drawn into buffer set
+    ``buffer`` from the data streams as they stood at ``states``."""
+
+    start: int
+    end: int
+    states: list[Tensor]
+    x: Tensor | None = None
+    buffer: int = 0
+
+
 class EpochMinibatches:
     """The minibatches of an epoch for S seeds, from minibatch ``step`` on: ``minibatches(i)`` is minibatch i of
-    every seed, (S, B, D), valid until the next chunk is drawn.
+    every seed, (S, B, D), valid until a minibatch of another chunk is asked for. They are asked for in order.
 
     Args:
       train: the training examples (N, D), on the training device.
@@ -43,49 +80,68 @@ class EpochMinibatches:
       generators: each seed's data generator, which draws its binarizations.
       dynamic: whether the examples are binarized afresh (``Dataset.binarization == "dynamic"``), or used as they are.
       step: the first minibatch drawn (0, or where a resumed run continues its epoch).
+      ahead: draw the next chunk on a thread of its own while the steps run (``draws_ahead``).
     """
 
     def __init__(self, train: Tensor, batches: Tensor, generators: list[torch.Generator], dynamic: bool,
-                 step: int) -> None:
+                 step: int, ahead: bool = False) -> None:
         seeds, _, batch = batches.shape
         self.train, self.batches, self.generators, self.dynamic = train, batches, generators, dynamic
         step_bytes = seeds * batch * train.shape[1] * train.element_size()
         self.chunk = max(1, min(chunk_bytes(train.device) // step_bytes, batches.shape[1] - step))
         like = {"dtype": train.dtype, "device": train.device}
-        self.rows = torch.empty(self.chunk, seeds, batch, train.shape[1], **like)
-        self.noise = torch.empty(seeds, self.chunk, batch, train.shape[1], **like) if dynamic else None
-        self.x = torch.empty_like(self.rows) if dynamic else self.rows
-        self.start = self.end = step  # the chunk drawn holds minibatches start .. end - 1
-        self.states = [generator.get_state() for generator in generators]  # the streams at the chunk's start
+        self.buffers = []  # (rows, noise, x): the gathered rows, their uniforms, the binary minibatches
+        for _ in range(2 if ahead else 1):
+            rows = torch.empty(self.chunk, seeds, batch, train.shape[1], **like)
+            noise = torch.empty(seeds, self.chunk, batch, train.shape[1], **like) if dynamic else None
+            self.buffers.append((rows, noise, torch.empty_like(rows) if dynamic else rows))
+        self.ahead = ahead
+        self.drawn = _Chunk(step, step, self._states())  # the chunk the steps are on (none yet)
+        self.next: Future[_Chunk] | None = None  # the chunk after it, being drawn ahead
 
     def __call__(self, step: int) -> Tensor:
-        if not self.start <= step < self.end:
-            self._draw(step)
-        return self.x[step - self.start]
+        if not self.drawn.start <= step < self.drawn.end:
+            ahead = self._take_next()
+            self.drawn = ahead if ahead is not None else self._draw(step, 0)
+            if self.ahead and self.drawn.end < self.batches.shape[1]:
+                self.next = _drawer().submit(self._draw, self.drawn.end, 1 - self.drawn.buffer)
+        return self.drawn.x[step - self.drawn.start]
 
-    def _draw(self, step: int) -> None:
-        """Draw the chunk of minibatches that starts at ``step`` (it ends with the epoch)."""
+    def _take_next(self) -> _Chunk | None:
+        """The chunk drawn ahead (waiting for it), or None."""
+        ahead, self.next = (self.next.result() if self.next is not None else None), None
+        return ahead
+
+    def _states(self) -> list[Tensor]:
+        return [generator.get_state() for generator in self.generators]
+
+    def _draw(self, step: int, buffer: int) -> _Chunk:
+        """Draw the chunk of minibatches that starts at ``step`` (it ends with the epoch) into buffer set
+        ``buffer``."""
         end = min(step + self.chunk, self.batches.shape[1])
         n, width = end - step, self.train.shape[1]
-        self.states = [generator.get_state() for generator in self.generators]
+        rows, noise, x = self.buffers[buffer]
+        states = self._states()
         indices = self.batches[:, step:end].transpose(0, 1).reshape(-1)
-        torch.index_select(self.train, 0, indices, out=self.rows[:n].view(-1, width))
-        if self.noise is not None:
-            for noise, generator in zip(self.noise, self.generators, strict=True):
-                draw_uniforms(noise[:n], generator)
-            torch.lt(self.noise[:, :n].transpose(0, 1), self.rows[:n], out=self.x[:n])
-        self.start, self.end = step, end
+        torch.index_select(self.train, 0, indices, out=rows[:n].view(-1, width))
+        if noise is not None:
+            for seed_noise, generator in zip(noise, self.generators, strict=True):
+                draw_uniforms(seed_noise[:n], generator)
+            torch.lt(noise[:, :n].transpose(0, 1), rows[:n], out=x[:n])
+        return _Chunk(step, end, states, x, buffer)
 
     def stream_states(self, step: int) -> list[Tensor]:
         """Each seed's data generator state after the draws of the minibatches before ``step`` (one of the chunk
-        drawn, or its end)."""
-        if self.noise is None or step == self.end:
-            return [generator.get_state() for generator in self.generators]
+        the steps are on, or its end)."""
+        if not self.dynamic:  # the minibatches draw nothing
+            return self._states()
+        if step == self.drawn.end:  # where the chunk after it starts
+            return self.next.result().states if self.next is not None else self._states()
         states = []
-        for state in self.states:
+        for state in self.drawn.states:
             generator = torch.Generator(self.train.device)
             generator.set_state(state)
-            draw_uniforms(torch.empty_like(self.noise[0, : step - self.start]), generator)
+            draw_uniforms(torch.empty_like(self.buffers[0][1][0, : step - self.drawn.start]), generator)
             states.append(generator.get_state())
         return states
 

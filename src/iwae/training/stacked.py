@@ -33,7 +33,7 @@ from iwae.models.drawn import with_draws
 from iwae.platform import gemm
 from iwae.platform.device import seeded
 from iwae.training.config import TrainConfig, schedule
-from iwae.training.minibatches import EpochMinibatches
+from iwae.training.minibatches import EpochMinibatches, draws_ahead
 from iwae.training.state import SeedStreams, TrainingState
 from iwae.training.step import TrainStep, make_adam
 
@@ -184,6 +184,7 @@ class StackedSeeds:
         self.batches = None if states[0].batches is None else torch.stack([s.batches for s in states]).to(device)
         self.step.bound_sum.copy_(torch.tensor([state.bound_sum for state in states], dtype=torch.float64))
         self.minibatches: EpochMinibatches | None = None
+        self.ahead = draws_ahead(device)
 
     def epoch_batches(self) -> Tensor:
         return torch.stack([data.epoch_batches(len(self.dataset.train), self.configs[0].batch_size, streams.data)
@@ -191,7 +192,7 @@ class StackedSeeds:
 
     def draw_from(self, batches: Tensor, step: int) -> None:
         self.minibatches = EpochMinibatches(self.dataset.train, batches, [streams.data for streams in self.streams],
-                                            self.dataset.binarization == "dynamic", step)
+                                            self.dataset.binarization == "dynamic", step, self.ahead)
 
     def train_on(self, step: int) -> None:
         x = self.minibatches(step)

@@ -165,12 +165,21 @@ def adam_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     into one small tensor that the per-element kernels read. torch's own single-tensor update leaves them as
     scalar expressions, which inductor recomputes (two ``pow`` and a ``sqrt``) for every vector of every
     parameter: per-parameter constants are computed once per step, never per element.
+
+    A moment that falls below the smallest normal float (``torch.finfo(dtype).tiny``, 1.2e-38 in float32) is set
+    to zero. A weight whose gradient stays zero (that of a pixel that stays black in minibatch after minibatch)
+    has its first moment decay by beta1 at every step, into the denormal floats, which a CPU computes many times
+    more slowly than normal ones, at every step from then on. The update such a moment would make is below the
+    rounding of every parameter that is not itself within a few powers of ten of the smallest float.
     """
     for step in steps:
         step += 1
     step_sizes = torch.stack([lr / (1 - beta1**step) for step in steps])
     correction_sqrts = torch.stack([(1 - beta2**step).sqrt() for step in steps])
     for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        tiny = torch.finfo(param.dtype).tiny
         exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg.masked_fill_(exp_avg.abs() < tiny, 0.0)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg_sq.masked_fill_(exp_avg_sq < tiny, 0.0)
         param.sub_(step_sizes[i] * exp_avg / (exp_avg_sq.sqrt() / correction_sqrts[i] + eps))
