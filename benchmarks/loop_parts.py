@@ -8,9 +8,11 @@ thread (``--threads``), the step compiled as ``iwae train`` compiles it, on the 
     real       ``--steps`` MNIST minibatches binarized before the round (a new real minibatch every step)
     loop       the minibatches as the loop draws them (``iwae.training.minibatches.EpochMinibatches``: a chunk's
                rows gathered and binarized at once, the step on a view of the chunk), the draws timed with the step
+    ahead      the same, the next chunk drawn ahead on a thread of its own (as the loop draws them where torch's
+               threads leave a CPU free)
 
-Prints the median microseconds per step of each, and real - fixed (what real data cost the step itself) and
-loop - real (what drawing them costs).
+Prints the median microseconds per step of each, and real - fixed (what real data cost the step itself),
+loop - real (what drawing them costs) and ahead - real (what is left of it when they are drawn ahead).
 
     python benchmarks/loop_parts.py [--k 1] [--steps 1200] [--rounds 3] [--threads 1]
 """
@@ -68,17 +70,19 @@ def main() -> None:
                 step(x)
         return run
 
-    def on_loop() -> Callable[[], None]:
-        chunks = EpochMinibatches(dataset.train, epoch().unsqueeze(0), [generator], True, 0)
+    def drawn(ahead: bool) -> Callable[[], Callable[[], None]]:
+        def prepare() -> Callable[[], None]:
+            chunks = EpochMinibatches(dataset.train, epoch().unsqueeze(0), [generator], True, 0, ahead)
 
-        def run() -> None:
-            for i in range(args.steps):
-                step(chunks(i)[0])
-        return run
+            def run() -> None:
+                for i in range(args.steps):
+                    step(chunks(i)[0])
+            return run
+        return prepare
 
-    times: dict[str, list[float]] = {"fixed": [], "real": [], "loop": []}
+    times: dict[str, list[float]] = {"fixed": [], "real": [], "loop": [], "ahead": []}
     for _ in range(args.rounds):
-        for name, prepare in (("fixed", on_fixed), ("real", on_real), ("loop", on_loop)):
+        for name, prepare in (("fixed", on_fixed), ("real", on_real), ("loop", drawn(False)), ("ahead", drawn(True))):
             run = prepare()
             start = time.perf_counter()
             run()
@@ -87,8 +91,9 @@ def main() -> None:
     for name, values in times.items():
         print(f"{name:6} {median[name]:7.0f} us/step  (rounds {min(values):.0f}-{max(values):.0f})")
     print(f"real - fixed {median['real'] - median['fixed']:+.0f} us/step; loop - real "
-          f"{median['loop'] - median['real']:+.0f} us/step; loop / fixed {median['fixed'] / median['loop']:.3f} "
-          "(the loop's speed over the bare step's)")
+          f"{median['loop'] - median['real']:+.0f} us/step; ahead - real {median['ahead'] - median['real']:+.0f} "
+          f"us/step; loop / fixed {median['fixed'] / median['loop']:.3f}, ahead / fixed "
+          f"{median['fixed'] / median['ahead']:.3f} (the loop's speed over the bare step's)")
 
 
 if __name__ == "__main__":
