@@ -12,7 +12,8 @@ written as one function that ``torch.compile(fullgraph=True)`` turns into a sing
 and update; ``torch._dynamo.config.trace_autograd_ops`` lets it trace ``torch.autograd.grad``). The eager step
 runs the same function uncompiled, so the two differ by float rounding only: the compiled program draws its
 random numbers with torch's own generators (inductor's ``fallback_random``), in the same order as eager, and
-the optimizer's state is that of a ``torch.optim.Adam``, so checkpoints are the same in both modes. The
+the optimizer's state is that of a ``torch.optim.Adam``, so checkpoints are the same in both modes (the compiled
+update also sets to zero the moments below the smallest normal float, which torch's keeps: ``adam_update``). The
 learning rate is a tensor the step reads, so a schedule changes it without recompiling.
 
 On a CPU, the compiled program calls its kernels from C++ (inductor's ``cpp_wrapper``) rather than from Python,
