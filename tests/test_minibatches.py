@@ -1,5 +1,9 @@
 """An epoch's minibatches drawn a chunk at a time are those drawn one by one, from the same data stream."""
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 from conftest import CUDA
@@ -72,6 +76,31 @@ def test_chunks_are_drawn_ahead_on_a_cpu_that_torchs_threads_leave_free(monkeypa
         assert not draws_ahead(torch.device("cpu"))
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_forked_child_draws_ahead_as_its_parent_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child forked after its parent drew ahead has no drawing thread of its parent's: it makes its own."""
+    monkeypatch.setattr(minibatches, "CPU_CHUNK_BYTES", 2 * 5 * 7 * 4)  # chunks of 2 minibatches of 5 x 7
+
+    def epoch() -> torch.Tensor:
+        train = torch.rand(57, 7, generator=torch.Generator().manual_seed(0))
+        batches = epoch_batches(57, 5, torch.Generator().manual_seed(1)).unsqueeze(0)
+        chunked = EpochMinibatches(train, batches, [torch.Generator().manual_seed(2)], True, 0, ahead=True)
+        return torch.stack([chunked(step) for step in range(11)])
+
+    expected = epoch()
+    pid = os.fork()
+    if pid == 0:  # the child (no OpenMP team of its own after a fork): exit 0 if it drew the parent's minibatches
+        torch.set_num_threads(1)
+        os._exit(0 if torch.equal(epoch(), expected) else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child waited for a drawing thread it does not have")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_the_cpu_generator_draws_in_one_call_what_it_draws_in_several() -> None:

@@ -53,8 +53,9 @@ def draws_ahead(device: torch.device) -> bool:
 
 
 @functools.cache
-def _drawer() -> ThreadPoolExecutor:
-    """The thread that draws chunks ahead (one for the process: chunks are drawn one after another)."""
+def _drawer(pid: int) -> ThreadPoolExecutor:
+    """The thread that draws chunks ahead in process ``pid`` (one per process, as chunks are drawn one after
+    another; a forked child, which has no thread of its parent's, makes its own)."""
     return ThreadPoolExecutor(1, thread_name_prefix="iwae-minibatches")
 
 
@@ -104,7 +105,7 @@ class EpochMinibatches:
             ahead = self._take_next()
             self.drawn = ahead if ahead is not None else self._draw(step, 0)
             if self.ahead and self.drawn.end < self.batches.shape[1]:
-                self.next = _drawer().submit(self._draw, self.drawn.end, 1 - self.drawn.buffer)
+                self.next = _drawer(os.getpid()).submit(self._draw, self.drawn.end, 1 - self.drawn.buffer)
         return self.drawn.x[step - self.drawn.start]
 
     def _take_next(self) -> _Chunk | None:
