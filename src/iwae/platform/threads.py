@@ -138,6 +138,11 @@ def busy_cpus(cpus: set[int], seconds: float = SAMPLE_S) -> float:
     return min(float(len(cpus)), len(cpus) * others / (total1 - total0))
 
 
+def local_ranks() -> int:
+    """The ranks of a torchrun launch on this machine (1 outside torchrun)."""
+    return int(os.environ.get(LOCAL_RANKS, "1"))
+
+
 def choose() -> ThreadChoice:
     """The thread count that fits the machine as it is: OMP_NUM_THREADS if set, else one per usable CPU that other
     processes leave free, shared among torchrun's ranks on this machine (at least 1)."""
@@ -146,7 +151,7 @@ def choose() -> ThreadChoice:
     usable, cpus = usable_cpus(), affinity()
     free = max(1, min(usable, math.floor(len(cpus) - busy_cpus(cpus) + 0.5)))
     reason = f"{free} of {usable} CPUs free"
-    ranks = int(os.environ.get(LOCAL_RANKS, "1"))
+    ranks = local_ranks()
     if ranks > 1:
         free, reason = max(1, free // ranks), f"{reason}, shared by {ranks} ranks"
     return ThreadChoice(free, reason, from_free_cpus=ranks == 1)

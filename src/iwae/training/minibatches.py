@@ -48,8 +48,7 @@ def chunk_bytes(device: torch.device) -> int:
 def draws_ahead(device: torch.device) -> bool:
     """Whether the next chunk is drawn ahead, on a thread of its own: on a CPU where torch's threads (of every
     torchrun rank on this machine) leave a usable CPU (``threads.usable_cpus``) free."""
-    ranks = int(os.environ.get(threads.LOCAL_RANKS, "1"))
-    return device.type == "cpu" and torch.get_num_threads() * ranks < threads.usable_cpus()
+    return device.type == "cpu" and torch.get_num_threads() * threads.local_ranks() < threads.usable_cpus()
 
 
 @functools.cache
@@ -97,7 +96,7 @@ class EpochMinibatches:
             noise = torch.empty(seeds, self.chunk, batch, train.shape[1], **like) if dynamic else None
             self.buffers.append((rows, noise, torch.empty_like(rows) if dynamic else rows))
         self.ahead = ahead
-        self.drawn = _Chunk(step, step, self._states())  # the chunk the steps are on (none yet)
+        self.drawn = _Chunk(step, step, [])  # the chunk the steps are on (none yet: nothing to replay)
         self.next: Future[_Chunk] | None = None  # the chunk after it, being drawn ahead
 
     def __call__(self, step: int) -> Tensor:
