@@ -92,6 +92,27 @@ def test_a_run_chooses_on_its_own_training_step(monkeypatch: pytest.MonkeyPatch)
     assert torch.equal(torch.get_rng_state(), rng)  # the throwaway model and its steps drew on a forked generator
 
 
+@pytest.mark.parametrize("has_choice", [False, True])
+def test_a_compiled_step_is_built_to_time_threads_only_where_its_path_is_timed_too(
+        monkeypatch: pytest.MonkeyPatch, has_choice: bool) -> None:
+    monkeypatch.setattr(gemm, "has_choice", lambda device: has_choice)
+    monkeypatch.setattr(preflight.threads, "fastest", lambda workload: workload() or 1)
+    monkeypatch.setattr(gemm, "_chosen", {})
+    monkeypatch.setattr(gemm, "choose", lambda workload: workload() or gemm.DEFAULT)
+    built: list[int] = []
+
+    def workload(config: train_config.TrainConfig, x_dim: int, device: torch.device) -> Callable[[], None]:
+        built.append(1)
+        return lambda: None
+
+    config = train_config.TrainConfig(k=5, epochs=1000, compile=True, batch_size=20)
+    with gemm.using_matmul_path(gemm.DEFAULT):
+        count, path = preflight.training_threads_and_path(config, 784, torch.device("cpu"), 60_000,
+                                                          workload=workload)
+    assert built == ([1] if has_choice else [])  # built once, for both timings, or not at all
+    assert path == gemm.DEFAULT and count == (1 if has_choice else torch.get_num_threads())
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_gradients_agree_on_both_paths(layers: int) -> None:
     torch.manual_seed(0)

@@ -245,8 +245,8 @@ def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--cells", nargs="+", metavar="CELL",
                         help="run and report only these cells of TABLE (with any cell one of them continues)")
     _threads_option(parser, "; under torchrun, shared by the ranks on each machine; a new cell drops to one "
-                    "where its step runs faster on one, a resumed cell runs on the count it recorded; given, "
-                    "for every cell")
+                    "where its step runs faster on one, and a resumed cell runs on the count it recorded. "
+                    "N, if given, is used by every cell")
 
 
 def build_parser() -> argparse.ArgumentParser:

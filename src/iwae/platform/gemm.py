@@ -36,8 +36,9 @@ def _current_path() -> str:
     return ONEDNN if torch.backends.mkldnn.matmul.fp32_precision == "bf16" else DEFAULT
 
 
-def _onednn_available(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.backends.mkldnn.is_available()
+def has_choice(device: torch.device | str) -> bool:
+    """Whether float32 products on ``device`` have a second path to choose (oneDNN's, on a CPU build with it)."""
+    return torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
 
 
 def relative_errors(rows: int = 1000, inner: int = 200, cols: int = 784) -> dict[str, float]:
@@ -85,7 +86,7 @@ def fastest_fp32_matmul(device: torch.device | str, path: str | None = None,
     if path not in (None, *PATHS):
         raise ValueError(f"unknown matrix-multiply path {path!r}; choose {DEFAULT} or {ONEDNN}")
     device = torch.device(device)
-    if not _onednn_available(device):
+    if not has_choice(device):
         return DEFAULT
     if path is None:
         if workload is None:

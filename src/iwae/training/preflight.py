@@ -50,10 +50,11 @@ def training_threads_and_path(config: TrainConfig, x_dim: int, device: torch.dev
     where the step runs faster on it than on the count taken from the free CPUs: ``threads.fastest``), then the
     path on that count. The count is timed for runs of at least ``THREAD_TIMING_MIN_STEPS`` steps (on
     ``train_examples`` examples), where building the step costs little (it runs eagerly) or where the path is to be
-    chosen too (which times the same step), not for a compiled step whose path is given."""
+    chosen too (which times the same step), not for a compiled step whose path is given or has no choice."""
     step = functools.cache(lambda: workload(config, x_dim, device))
     count = torch.get_num_threads()
-    timed = config.steps(train_examples) >= THREAD_TIMING_MIN_STEPS and (not config.compile or config.matmul is None)
+    path_timed = config.matmul is None and gemm.has_choice(device)
+    timed = config.steps(train_examples) >= THREAD_TIMING_MIN_STEPS and (not config.compile or path_timed)
     if device.type == "cpu" and not distributed.launched() and timed:
         count = threads.fastest(lambda: step()())
     return count, training_matmul_path(config, x_dim, device, seeds, workload, step)
