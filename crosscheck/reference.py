@@ -50,6 +50,17 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------------- data
+def subset_indices(n: int, examples: int) -> np.ndarray:
+    """The test images of a subset (each epoch's test bound; an evaluation shrunk by --eval-examples): the first
+    ``examples`` of a permutation of ``n`` drawn by torch's generator seeded with 0, in file order. That is how
+    `iwae` documents its subsets, so both sides' curves are on the same images (a random subset: the first images
+    of the file are not representative of the rest)."""
+    import torch  # only for its permutation, to pick the same images
+
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return np.sort(permutation[:examples].numpy())
+
+
 def read_idx_images(path: Path) -> np.ndarray:
     """Read a gzip IDX3 image file into a uint8 array of shape (n, rows * cols)."""
     with gzip.open(path, "rb") as f:
@@ -300,6 +311,7 @@ def run_seed(args: argparse.Namespace, seed: int, train: np.ndarray, test_bin: n
     write_json(out / "config.json", config)
 
     train_dev, test_dev = jnp.asarray(train), jnp.asarray(test_bin)
+    monitor_x = test_dev[subset_indices(len(test_bin), TEST_BOUND_EXAMPLES)]
     lr_dtype = jax.ShapeDtypeStruct((), jnp.float32)  # compiled ahead, so that epoch times exclude compilation
     epoch_fn = make_epoch_fn(args.objective, args.k, steps).lower(state, train_dev, key, lr_dtype).compile()
     test_bound_fn = make_test_bound_fn(args.objective, args.k)
@@ -310,7 +322,7 @@ def run_seed(args: argparse.Namespace, seed: int, train: np.ndarray, test_bin: n
         state, train_bound = epoch_fn(state, train_dev, k_epoch, jnp.asarray(lr, jnp.float32))
         train_bound = float(train_bound)
         elapsed = time.perf_counter() - t0
-        test_bound = float(test_bound_fn(state["params"], test_dev[:TEST_BOUND_EXAMPLES], k_test))
+        test_bound = float(test_bound_fn(state["params"], monitor_x, k_test))
         row = {
             "epoch": epoch,
             "lr": lr,
@@ -330,10 +342,11 @@ def run_seed(args: argparse.Namespace, seed: int, train: np.ndarray, test_bin: n
 
     t0 = time.perf_counter()
     ll_fn = make_log_likelihood_fn(args.eval_k, min(args.eval_sample_chunk, args.eval_k))
-    n, chunk = args.eval_examples, args.eval_example_chunk
+    eval_x = test_dev[subset_indices(len(test_bin), args.eval_examples)]
+    n, chunk = len(eval_x), args.eval_example_chunk
     eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), 2**31 - 1)
     lls = [
-        ll_fn(state["params"], test_dev[i : min(i + chunk, n)], jax.random.fold_in(eval_key, i))
+        ll_fn(state["params"], eval_x[i : min(i + chunk, n)], jax.random.fold_in(eval_key, i))
         for i in range(0, n, chunk)
     ]
     ll = np.concatenate([np.asarray(a, np.float64) for a in lls])

@@ -22,10 +22,12 @@ import pytest
 import torch
 from conftest import messages, same_matmul_as
 
+from iwae import data
+from iwae.eval import splits
 from iwae.platform import files
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
 from iwae.training import config as train_config
-from iwae.training import signals
+from iwae.training import lone, signals
 from iwae.training import step as train_step
 from iwae.training.config import TrainConfig
 
@@ -118,6 +120,17 @@ def test_a_run_writes_config_metrics_checkpoint_evaluation_and_figures(tiny_data
     assert saved["nll"] > 0 and saved["nll_se"] > 0 and set(saved["bounds"]) == {"1", "5", "20"}
     figures = {path.name for path in (run / rundir.FIGURES).iterdir()}
     assert figures == {"samples.png", "reconstructions.png", "training.png", "bound_vs_k.png"}
+
+
+def test_the_monitor_bound_is_on_a_random_test_subset(tiny_dataset: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monitored: list[torch.Tensor] = []
+    monitor = lone.LoneSeed.monitor
+    monkeypatch.setattr(lone.LoneSeed, "monitor", lambda seeds, x: monitored.append(x) or monitor(seeds, x))
+    lone_run.train(tiny_config(tiny_dataset, epochs=1, monitor_examples=5), tmp_path / "run", progress=False)
+    test = data.load(tiny_dataset).test
+    assert len(monitored) == 1 and torch.equal(monitored[0], splits.subset(test, 5))  # as evaluate --examples 5
+    assert not torch.equal(monitored[0], test[:5])
 
 
 def interrupt_at_call(monkeypatch: pytest.MonkeyPatch, call: int, sig: signal.Signals) -> None:

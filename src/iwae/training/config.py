@@ -37,10 +37,11 @@ class TrainConfig:
     network "sbn-H1-...-HL" (binary latents: ``estimator`` vimco or rws). ``epochs`` and ``lr`` are resolved
     from the schedule: "burda" fixes both (``schedule_scale`` multiplies each stage's 3^i epochs, rounded, at
     least 1); "constant" needs ``epochs`` and uses ``lr`` (default 1e-3). ``eval_k`` = 0 skips the final
-    evaluation; ``monitor_examples`` is the size of the fixed test subset on which each epoch's test bound
-    is computed. ``compile``: True compiles the training step into one program
-    (``iwae.training.step``), False runs it eagerly, None decides by the run's length (``resolve_compile``); the
-    two modes differ by float rounding only, and a run records the mode it used. ``matmul``: the float32
+    evaluation; ``monitor_examples`` is the size of the fixed random test subset on which each epoch's test
+    bound is computed (``iwae.eval.splits.subset``: the examples ``iwae evaluate --examples`` takes).
+    ``compile``: True compiles the training step into one program (``iwae.training.step``), False runs it
+    eagerly, None decides by the run's length (``resolve_compile``); the two modes differ by float rounding only,
+    and a run records the mode it used. ``matmul``: the float32
     matrix-multiply path (``iwae.platform.gemm``), None for the fastest one here; a run records the path it used.
     ``threads``: torch's threads (``iwae.platform.threads``), None for one per CPU that other processes leave
     free; a run records the count it used, and resumes on it unless given another.

@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from iwae.data import Dataset
+from iwae.eval import splits
 from iwae.platform import distributed
 from iwae.platform.files import DiskFullError
 from iwae.training.config import TrainConfig, learning_rate, schedule
@@ -102,7 +103,7 @@ class _Loop:
         self.seeds, self.stop, self.outputs = seeds, stop, outputs
         self.config, self.stages = seeds.configs[0], schedule(seeds.configs[0])
         self.steps_per_epoch = len(dataset.train) // self.config.batch_size
-        self.monitor_x = dataset.test[: self.config.monitor_examples]
+        self.monitor_x = splits.subset(dataset.test, self.config.monitor_examples)
         self.epoch, self.step, self.batches = start.epoch, start.step, seeds.batches
         self.session_start, self.wall_time_base = time.perf_counter(), start.wall_time_s
         self.epoch_start = time.perf_counter() - start.epoch_time_s
