@@ -10,6 +10,7 @@ For each k, E[L_k] is the mean of 300 independent L_k per example, shown with 2 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def main() -> None:
     figure.suptitle("SBN with 10 binary latents, 20 visible units: 300 draws of L_k per k, bars 2 SE", fontsize=9)
     out = Path(__file__).with_name("sbn-enumeration.png")
     figure.savefig(out, dpi=120)
-    print(out)
+    print(os.path.relpath(out))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Evaluating a run with annealed importance sampling (``iwae evaluate RUN --method ais|bdmc``).
 
-    RUN/eval_ais.json              AIS on the first N examples of a split, beside the k-sample importance-
-                                   sampled estimate on the same examples
+    RUN/eval_ais.json              AIS on N examples of a split (a seeded random subset, as ``iwae evaluate
+                                   --examples`` takes), beside the k-sample importance-sampled estimate on them
     RUN/eval_bdmc.json             BDMC on N examples simulated from the model: forward and backward AIS
     RUN/figures/ais_vs_steps.png   the AIS estimate against the number of steps, and IS against k
 

@@ -68,7 +68,7 @@ def load_examples(
     seed: int, loaded: data.Dataset | None = None,
 ) -> tuple[dict[str, Any], DeepLatentModel, data.Dataset, Tensor]:
     """A run's checkpoint state and model on ``device``, the data it is evaluated on (its own, or ``dataset``;
-    ``loaded`` if given: the run's own data, loaded already), and the first ``examples`` (default: all) binary
+    ``loaded`` if given: the run's own data, loaded already), and ``examples`` (default: all) binary
     examples of ``split`` (see ``split_examples``).
 
     Raises:
