@@ -271,3 +271,24 @@ def test_a_zero_probability_sample_keeps_the_loss_finite(objective: str, estimat
     torch.testing.assert_close(result.loss.detach(), -result.bound.mean())
     result.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_piwae_keeps_gradients_finite_where_a_samples_weight_is_subnormal(estimator: str) -> None:
+    """PIWAE rescales the path gradient of sample i by (its MIWAE weight) / (its IWAE weight a_i): where a_i is
+    positive but below the smallest normal float, the ratio would overflow, so that sample passes no path
+    gradient (the module's stated limitation), and the gradients stay finite."""
+    torch.manual_seed(0)
+    model = burda(2, x_dim=12)
+    x = torch.bernoulli(torch.full((1, 12), 0.5))
+    objective = Objective("piwae", 4, m=4)
+    subnormal = 0
+    for draw in range(40):
+        torch.manual_seed(draw)
+        model.zero_grad()
+        result = loss(model, x, objective, estimator=estimator)
+        result.loss.backward()
+        a = objective.weights(result.log_w)[0]
+        subnormal += int(((a > 0) & (a < torch.finfo(a.dtype).tiny)).any())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), draw
+    assert subnormal > 0  # the case arose

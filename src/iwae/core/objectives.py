@@ -23,8 +23,9 @@ parameters in the forward pass, and nothing else.
 Requires: a reparameterizable q (``rsample``) for these three estimators. For a q that cannot be
 reparameterized (discrete latents) the score-function estimators ``vimco`` and ``rws`` of
 ``iwae.core.score_function`` train the IWAE bound; ``loss`` dispatches to them.
-Limitation: the rescaling divides by a_i, so for PIWAE a group whose share of the total weight underflows
-the dtype (below about 1e-38 in float32) passes no path gradient to the inference network.
+Limitation: the rescaling divides by a_i, so for PIWAE a sample whose share of the total weight is below the
+dtype's smallest normal number (about 1e-38 in float32), where the ratio could overflow, passes no path gradient
+to the inference network.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def loss(
     a = obj.weights(log_w)[0] if obj.name == "piwae" else inference  # the two bounds differ for PIWAE only
     path = dreg if estimator == "dreg" else inference
     if rescaled:
-        ratio = torch.where(a > 0, path / a, torch.zeros_like(a))
+        ratio = torch.where(a >= torch.finfo(a.dtype).tiny, path / a, torch.zeros_like(a))  # else it may overflow
         for latent in z:
             _scale_path_gradient(latent, ratio)
     surrogate = score_function.weighted_sum(a, log_p) - (path * log_q).sum(0)
