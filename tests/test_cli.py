@@ -430,3 +430,100 @@ def test_errors_reach_a_real_terminal_as_one_line(tmp_path: Path) -> None:
         "iwae: error: unknown --objective 'nope'; choose one of elbo, iwae, miwae, ciwae, piwae, vr"
     ]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing model", "missing rng", "misshapen weight", "misshapen moment"])
+@pytest.mark.parametrize("command", [["train", "--resume"], ["evaluate"], ["sample"]])
+def test_a_checkpoint_damaged_inside_is_named_as_such(damage: str, command: list[str], finished_run: Path,
+                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    state = torch.load(run / rundir.CHECKPOINT, weights_only=True)
+    if damage.startswith("missing"):
+        del state[damage.split()[1]]
+    elif damage == "misshapen weight":
+        name = next(iter(state["model"]))
+        state["model"][name] = state["model"][name][:, :3]
+    else:
+        state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+    torch.save(state, run / rundir.CHECKPOINT)
+    line = one_line_error(capsys, [*command, str(run)])
+    assert f"{run / rundir.CHECKPOINT} is a damaged checkpoint: " in line
+    assert line.endswith("restore it from a copy, or start a new run with a new --out")
+
+
+def test_a_resumed_run_writes_its_config_again_before_training(tiny_dataset: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", tiny_dataset, *TINY[2:], "--epochs", "3", "--eval-k", "0", "--threads", "1",
+                 "--out", str(run)]) == 0
+    state = torch.load(run / rundir.CHECKPOINT, weights_only=True)
+    state["epoch"] = 1  # as if stopped after its first epoch
+    torch.save(state, run / rundir.CHECKPOINT)
+    rundir.truncate_metrics(run, 1)
+    (run / rundir.CONFIG).write_text('{"dataset": ')  # damaged
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--resume", str(run), "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    config = json.loads((run / rundir.CONFIG).read_text())
+    assert config["threads"] == 2 and config["epochs"] == 3 and config["dataset"] == tiny_dataset
+
+
+def test_diagnosing_a_model_with_discrete_latents_says_what_to_diagnose(
+        tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "sbn"
+    assert main(["train", "--dataset", tiny_dataset, *TINY, "--model", "sbn-8-4", "--estimator", "vimco",
+                 "--eval-k", "0", "--out", str(run)]) == 0
+    capsys.readouterr()
+    line = one_line_error(capsys, ["diagnose", "snr", str(run), "--k", "2,4", "--draws", "2", "--out",
+                                   str(tmp_path / "snr")])
+    assert line.endswith("has discrete latents, which the reparameterized estimators measured here cannot train; "
+                         "diagnose a run of the burda model, or --toy")
+    assert not (tmp_path / "snr").exists()
+
+
+def test_evaluating_a_file_asks_for_a_runs_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "file"
+    file.write_text("not a run")
+    line = one_line_error(capsys, ["evaluate", str(file)])
+    assert "--out" not in line and line.endswith("give the directory of a run started with iwae train --out")
+
+
+@pytest.mark.parametrize("argv", [["train", "--dataset", "digits", "--out", ""],
+                                  ["reproduce", "burda-table1", "--out", ""],
+                                  ["evaluate", "RUN", "--checkpoint-every", "-1"]])
+def test_an_empty_out_and_a_negative_evaluation_checkpoint_interval_are_refused(
+        argv: list[str], finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(capsys, [str(finished_run) if arg == "RUN" else arg for arg in argv])
+    assert "an empty path; give a directory" in line or "--checkpoint-every must be a number of seconds >= 0" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_grid_is_continued_by_its_own_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from iwae.runs import reproduce
+    from iwae.training.signals import Interrupted
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise Interrupted("training stopped by SIGINT in epoch 1/9 after step 5/10; checkpoint saved",
+                          signal.SIGINT, "iwae train --resume out/cell/seed-0")
+
+    monkeypatch.setattr(reproduce, "run_table", stopped)
+    argv = ["reproduce", "burda-table1", "--budget", "0.001", "--out", str(tmp_path / "grid")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == ("iwae: training stopped by SIGINT in epoch 1/9 after step 5/10; checkpoint saved; "
+                           f"continue with: iwae reproduce burda-table1 --budget 0.001 --out {tmp_path / 'grid'}")
+
+
+def test_an_undefined_standard_error_is_written_as_null(finished_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert main(["evaluate", str(run), "--k", "5", "--examples", "1", "--device", "cpu"]) == 0
+    text = (run / "eval-test-k5-n1.json").read_text()
+    assert "NaN" not in text and json.loads(text)["nll_se"] is None  # strict JSON: one example has no spread

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import shlex
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -67,7 +69,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
         description="Train a model into a new run directory (--out), or continue one (--resume).",
     )
     where = parser.add_argument_group("run directory")
-    where.add_argument("--out", type=Path, metavar="DIR", help="a new run directory (it must not exist, or be empty)")
+    where.add_argument("--out", type=_directory, metavar="DIR",
+                       help="a new run directory (it must not exist, or be empty)")
     where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
     where.add_argument("--seeds", type=int, metavar="S", help="train seeds --seed .. --seed + S - 1 together as one "
                        "vectorized model, into DIR/seed-<s> (each an ordinary run directory)")
@@ -186,6 +189,12 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
     _threads_option(parser)
 
 
+def _directory(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a directory (. for this one)")
+    return Path(text)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(item) for item in text.split(",")]
@@ -220,7 +229,7 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
                      help="the batch size (default: the run's batch size; 256 for the toy)")
     snr.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the batch and samples (default: 0)")
     snr.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    snr.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the results")
+    snr.add_argument("--out", type=_directory, required=True, metavar="DIR", help="where to write the results")
     snr.add_argument("--no-time-limit", action="store_const", const=None, default=duration.TIME_LIMIT_S,
                      dest="time_limit_s", help="run a diagnostic estimated to take longer than "
                      f"{duration.format_duration(duration.TIME_LIMIT_S)}, rather than refuse it")
@@ -234,7 +243,7 @@ def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
         "unfinished ones resumed), then write OUT/report.md, OUT/report.csv and OUT/curves.png.",
     )
     parser.add_argument("table", metavar="TABLE", help=f"one of {', '.join(reproduce.GRIDS)}")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="where the runs and reports go (default: TABLE)")
+    parser.add_argument("--out", type=_directory, metavar="DIR", help="where the runs and reports go (default: TABLE)")
     parser.add_argument("--budget", type=float, default=1.0, metavar="FRACTION",
                         help="scale every stage of the paper's 3280-epoch schedule by this (default: 1)")
     parser.add_argument("--seeds", type=int, default=1, metavar="S", help="seeds 0..S-1 of every cell (default: 1)")
@@ -324,7 +333,8 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
         out = args.out
     for seed, result in zip(rundir.read_json(out / stacked_run.STACK)["seeds"], results, strict=True):
         if result is not None:
-            print(f"seed-{seed}: NLL {result['nll']:.2f} +- {result['nll_se']:.2f} nats (k={result['k']})")
+            se = math.nan if result["nll_se"] is None else result["nll_se"]  # null in JSON: one example
+            print(f"seed-{seed}: NLL {result['nll']:.2f} +- {se:.2f} nats (k={result['k']})")
     print(f"run directories: {out}/seed-*")
 
 
@@ -358,6 +368,8 @@ def _evaluate_ais(args: argparse.Namespace) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
+    if not args.save_every_s >= 0:
+        raise UsageError(f"--checkpoint-every must be a number of seconds >= 0; got {args.save_every_s}")
     if args.method != "is":
         _run_evaluate_ais(args)
         return
@@ -401,6 +413,9 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         device = resolve_device(args.device)
         state, model = checkpoint.load_model(args.run, device)
         config = state["config"]
+        if config.get("model", "burda") != "burda":
+            raise UsageError(f"{args.run}'s model ({config['model']}) has discrete latents, which the reparameterized "
+                             "estimators measured here cannot train; diagnose a run of the burda model, or --toy")
         loaded = data.load(config["dataset"], config["data_dir"], split=config["data_split"]).to(device)
         x = splits.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
         snr_diagnostics.check_snr_memory(model, x.shape[1], len(x), args.k, device)
@@ -445,18 +460,22 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     heap.retain_freed_memory()
     options: dict[str, str] = {}
+    command = None
     try:
         args = build_parser().parse_args(argv)
-        options = args.options
+        options, command = args.options, args.command
         _check_launch(args)
         with distributed.session("gloo" if args.command == "reproduce" else None):  # reproduce's ranks only wait
             {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
              "reproduce": _run_reproduce}[args.command](args)
     except signals.Interrupted as stop:
+        if command == "reproduce":  # the grid's command resumes every cell, then writes the report
+            stop = stop.continued_by(f"iwae {shlex.join(sys.argv[1:] if argv is None else argv)}")
         print(f"iwae: {stop}", file=sys.stderr)
         return 128 + stop.signal
     except KeyboardInterrupt:
-        print("iwae: interrupted", file=sys.stderr)
+        kept = "; the same command continues from the batches it kept" if command == "evaluate" else ""
+        print(f"iwae: interrupted{kept}", file=sys.stderr)
         return 130
     except (ValueError, OSError, FloatingPointError) as error:
         message = error.message(lambda name: options.get(name, name)) if isinstance(error, SettingError) else error

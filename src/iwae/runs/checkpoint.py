@@ -33,6 +33,8 @@ from iwae.platform.files import write_atomic
 from iwae.runs.rundir import CHECKPOINT, STACK
 
 CHECKPOINT_FORMAT = 1
+KEYS = ("config", "x_dim", "model", "optimizer", "epoch", "step", "batches", "bound_sum", "epoch_time_s",
+        "wall_time_s", "rng")  # every checkpoint's entries (see the module docstring)
 
 
 class CheckpointError(ValueError):
@@ -91,7 +93,37 @@ def read(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not an iwae checkpoint of format {CHECKPOINT_FORMAT}; start a new run with a new --out"
         )
+    damage = _damage(state)
+    if damage:
+        raise CheckpointError(f"{path} is a damaged checkpoint: {damage}; {fix}")
     return state
+
+
+def _damage(state: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's contents, if anything: a missing entry, or parameters (or Adam's moments)
+    that do not fit the model its configuration describes."""
+    missing = [key for key in KEYS if key not in state]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no memory, no draws
+            model = build_model(state["config"].get("model", "burda"), state["config"]["layers"], state["x_dim"])
+        expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        saved = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
+        moments = state["optimizer"]["state"]
+        parameters = [tuple(parameter.shape) for parameter in model.parameters()]
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        return f"its configuration, model or optimizer entry is not what iwae writes ({type(error).__name__}: {error})"
+    if saved != expected:
+        wrong = sorted(name for name in expected.keys() | saved.keys() if expected.get(name) != saved.get(name))
+        return f"its parameters do not fit the model its configuration describes ({', '.join(wrong[:3])})"
+    for index, moment in moments.items():
+        if not 0 <= int(index) < len(parameters):
+            return f"its optimizer holds moments of parameter {index}, of {len(parameters)}"
+        for name, value in moment.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) != parameters[int(index)]:
+                return f"Adam's {name} of parameter {index} has shape {tuple(value.shape)}, not its parameter's"
+    return None
 
 
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], DeepLatentModel]:

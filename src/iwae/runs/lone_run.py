@@ -107,6 +107,9 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
         check_training_memory(config, state.x_dim, device)
         with StopOnSignal() as stop:
             distributed.on_rank_zero(lambda: rundir.truncate_metrics(run_dir, state.epoch))
+            # the settings as resumed (threads and the other runtime settings may change), from the checkpoint:
+            # a damaged config.json is rewritten before any work rather than found after it
+            distributed.on_rank_zero(lambda: rundir.write_json(run_dir / rundir.CONFIG, asdict(config)))
             fit(LoneSeed(state, state.new_model(), dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
         return finish(config, run_dir, device, progress, dataset)
 

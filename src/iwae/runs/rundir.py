@@ -14,6 +14,7 @@ over the target: ``os.replace`` is atomic on POSIX, so readers see the old file 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -90,16 +91,29 @@ def check_writable(directory: Path, fix: str = OUT_FIX) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise RunDirError(f"cannot write into {directory}: {existing} is a file, not a directory; choose an --out "
-                          "that is a directory or does not exist yet")
+        choose = ("choose an --out that is a directory or does not exist yet" if fix == OUT_FIX
+                  else "give the directory of a run started with iwae train --out")
+        raise RunDirError(f"cannot write into {directory}: {existing} is a file, not a directory; {choose}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"cannot write into {directory}: {existing} is not writable; {fix}")
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write ``value`` as indented JSON, atomically."""
-    text = json.dumps(value, indent=2) + "\n"
+    """Write ``value`` as indented JSON, atomically; an undefined float (NaN: a standard error of one example, the
+    slope of one point) is written as null, which JSON parsers other than Python's accept. (Infinities, such as
+    VR-max's alpha = -inf, are kept as Python writes them.)"""
+    text = json.dumps(_nan_to_none(value), indent=2) + "\n"
     write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(item) for item in value]
+    return value
 
 
 def read_json(path: Path) -> Any:

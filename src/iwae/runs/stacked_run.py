@@ -128,6 +128,7 @@ def _resume_stacked(out: Path, changes: dict[str, Any] | None, progress: bool | 
     with StopOnSignal() as stop:
         for path, state in zip(dirs, states, strict=True):
             rundir.truncate_metrics(path, state.epoch)
+            rundir.write_json(path / rundir.CONFIG, asdict(state.config))  # as resumed (repaired if damaged)
         models = [state.new_model() for state in states]
         fit(StackedSeeds(states, models, dataset), dataset, states[0], stop, _stack_outputs(out, dirs))
     return [lone_run.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]

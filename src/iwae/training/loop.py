@@ -135,7 +135,7 @@ class _Loop:
         distributed.barrier()  # rank 0 has written the last checkpoint, which every rank evaluates
         if stopped:
             raise Interrupted(f"training stopped by {stopped.name} after the last epoch, before the evaluation; "
-                              f"checkpoint saved; finish with: iwae train --resume {self.outputs.where}", stopped)
+                              "checkpoint saved", stopped, f"iwae train --resume {self.outputs.where}", "finish with")
 
     def _train_epoch(self, bar: tqdm) -> None:
         if self.batches is None:
@@ -156,8 +156,8 @@ class _Loop:
                 if stopped:
                     raise Interrupted(
                         f"training stopped by {stopped.name} in epoch {self.epoch + 1}/{self.config.epochs} after "
-                        f"step {self.step}/{self.steps_per_epoch}; checkpoint saved; continue with: "
-                        f"iwae train --resume {self.outputs.where}", stopped,
+                        f"step {self.step}/{self.steps_per_epoch}; checkpoint saved", stopped,
+                        f"iwae train --resume {self.outputs.where}",
                     )
 
     def _end_epoch(self, stage: int, lr: float, bar: tqdm) -> None:

@@ -12,11 +12,16 @@ from iwae.platform import distributed
 
 
 class Interrupted(Exception):
-    """Training stopped on ``signal`` after writing a checkpoint; the message says how to continue."""
+    """Training stopped on ``sig`` after writing a checkpoint: ``what`` happened, and the message adds the
+    ``command`` that continues it (``verb``: "continue with", or "finish with")."""
 
-    def __init__(self, message: str, sig: signal.Signals) -> None:
-        super().__init__(message)
-        self.signal = sig
+    def __init__(self, what: str, sig: signal.Signals, command: str, verb: str = "continue with") -> None:
+        super().__init__(f"{what}; {verb}: {command}")
+        self.what, self.signal, self.verb = what, sig, verb
+
+    def continued_by(self, command: str) -> Interrupted:
+        """The same stop, continued by another ``command`` (that of a grid of runs, say)."""
+        return Interrupted(self.what, self.signal, command, self.verb)
 
 
 class StopOnSignal:
