@@ -527,3 +527,23 @@ def test_an_undefined_standard_error_is_written_as_null(finished_run: Path, tmp_
     assert main(["evaluate", str(run), "--k", "5", "--examples", "1", "--device", "cpu"]) == 0
     text = (run / "eval-test-k5-n1.json").read_text()
     assert "NaN" not in text and json.loads(text)["nll_se"] is None  # strict JSON: one example has no spread
+
+
+def test_a_run_directory_that_cannot_be_locked_says_to_use_a_copy(
+        finished_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from iwae.runs import runlock
+
+    open_file = os.open
+
+    def immutable(path: object, *args: object) -> int:  # as on a directory made immutable (chattr +i)
+        if str(path).endswith(runlock.LOCK):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return open_file(path, *args)
+
+    monkeypatch.setattr(runlock.os, "open", immutable)
+    line = one_line_error(capsys, ["train", "--resume", str(finished_run)])
+    assert line == (f"iwae: error: cannot lock {finished_run} (writing {finished_run / runlock.LOCK}: Operation not "
+                    "permitted); copy the run directory somewhere writable (cp -r RUN COPY) and use the copy")

@@ -44,7 +44,11 @@ def locked(directory: Path) -> Iterator[None]:
 def _acquire(path: Path, directory: Path) -> int:
     """A descriptor of ``path`` holding its exclusive lock, the path still naming the file locked."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as error:  # a read-only or immutable run directory
+            raise PermissionError(f"cannot lock {directory} (writing {path}: {error.strerror}); copy the run "
+                                  "directory somewhere writable (cp -r RUN COPY) and use the copy") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
