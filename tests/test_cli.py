@@ -487,7 +487,7 @@ def test_evaluating_a_file_asks_for_a_runs_directory(tmp_path: Path, capsys: pyt
     file = tmp_path / "file"
     file.write_text("not a run")
     line = one_line_error(capsys, ["evaluate", str(file)])
-    assert "--out" not in line and line.endswith("give the directory of a run started with iwae train --out")
+    assert "choose an --out" not in line and line.endswith("give the directory of a run started with iwae train --out")
 
 
 @pytest.mark.parametrize("argv", [["train", "--dataset", "digits", "--out", ""],
