@@ -107,10 +107,10 @@ def _damage(state: dict[str, Any]) -> str | None:
         return f"it lacks {', '.join(missing)}"
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no memory, no draws
-            model = build_model(state["config"].get("model", "burda"), state["config"]["layers"], state["x_dim"])
+            model = _model(state)
         expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         saved = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
-        moments = state["optimizer"]["state"]
+        moments = {int(index): moment for index, moment in state["optimizer"]["state"].items()}
         parameters = [tuple(parameter.shape) for parameter in model.parameters()]
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         return f"its configuration, model or optimizer entry is not what iwae writes ({type(error).__name__}: {error})"
@@ -118,18 +118,23 @@ def _damage(state: dict[str, Any]) -> str | None:
         wrong = sorted(name for name in expected.keys() | saved.keys() if expected.get(name) != saved.get(name))
         return f"its parameters do not fit the model its configuration describes ({', '.join(wrong[:3])})"
     for index, moment in moments.items():
-        if not 0 <= int(index) < len(parameters):
+        if not 0 <= index < len(parameters):
             return f"its optimizer holds moments of parameter {index}, of {len(parameters)}"
         for name, value in moment.items():
-            if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) != parameters[int(index)]:
+            if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) != parameters[index]:
                 return f"Adam's {name} of parameter {index} has shape {tuple(value.shape)}, not its parameter's"
     return None
+
+
+def _model(state: dict[str, Any]) -> DeepLatentModel:
+    """A new model of the architecture a checkpoint's configuration describes."""
+    return build_model(state["config"].get("model", "burda"), state["config"]["layers"], state["x_dim"])
 
 
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], DeepLatentModel]:
     """A run's latest checkpoint (see ``load``) and its model with the checkpoint's parameters, on ``device``."""
     state = load(run_dir)
-    model = build_model(state["config"].get("model", "burda"), state["config"]["layers"], state["x_dim"])
+    model = _model(state)
     model.load_state_dict(state["model"])
     return state, model.to(device)
 
