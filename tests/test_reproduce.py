@@ -373,8 +373,8 @@ def _traceable_numbers(out: Path, cell: str, seeds: int) -> set[str]:
     numbers |= {str(c["epochs"]) for c in configs} | {f"{c['schedule_scale']:g}" for c in configs}
     numbers.add(f"{OPTIONS.budget:g}")  # a continued cell's budget is the --budget of the Made-by line
     numbers.add(f"{sum(m[-1]['wall_time_s'] / m[-1].get('stacked_seeds', 1) for m in metrics):.0f}")
-    rates = [sum(r["examples_per_s"] * r["epoch_time_s"] / c["batch_size"] for r in m)
-             / sum(r["epoch_time_s"] for r in m) for m, c in zip(metrics, configs, strict=True)]
+    rates = [statistics.median(r["examples_per_s"] for r in m) / c["batch_size"]
+             for m, c in zip(metrics, configs, strict=True)]
     numbers.add(f"{statistics.fmean(rates):.1f}")
     return numbers
 
@@ -395,3 +395,19 @@ def test_every_number_in_a_report_is_traceable_to_a_run_file(finished: tuple[Pat
                 assert number in allowed, f"{cell}: {number} (in {value!r}) comes from no run file"
                 checked += 1
     assert checked >= 3 * 10  # three cells with runs, each with its NLLs, AUs, published value and protocol
+
+
+def test_steps_per_s_is_the_median_epochs_so_a_paused_epoch_does_not_lower_it(tmp_path: Path) -> None:
+    cell = Cell("mnist-l1-vae-k1", {**reproduce.BASE, "objective": "elbo", "k": 1})
+    epochs = [(1, 900.0, 60.0), (2, 1000.0, 50.0), (3, 20.0, 2500.0), (4, 1100.0, 45.0)]  # epoch 3 was stopped
+    for seed, scale in ((0, 1.0), (1, 2.0)):
+        path = reproduce.run_dir(tmp_path, cell.name, seed)
+        path.mkdir(parents=True)
+        rundir.write_json(path / rundir.CONFIG, {"epochs": 4, "device": "cpu", "batch_size": 20})
+        for epoch, rate, seconds in epochs:
+            rundir.append_metrics(path, {"epoch": epoch, "lr": 1e-3, "train_bound": -90.0, "test_bound": -90.0,
+                                         "examples_per_s": rate * scale, "epoch_time_s": seconds,
+                                         "wall_time_s": 10.0 * epoch})
+    result = reproduce.collect(tmp_path, cell, seeds=2, missing=None)
+    # seed 0: median of 20, 900, 1000, 1100 examples/s is 950, 47.5 steps of 20; seed 1: 95 steps/s
+    assert result.steps_per_s == pytest.approx((47.5 + 95.0) / 2)

@@ -7,8 +7,9 @@ checkpoints (seeds added by a later command with more seeds train beside the fin
 another budget, evaluation k or device are refused), and writes
 
     OUT/report.md     the table: per cell our test NLL (mean +- sd over seeds, and each seed's), active units, the
-                      published value and our difference from it, the protocol used, device, wall time, steps/s,
-                      and the command that trains the cell; cells whose data is missing, with the reason
+                      published value and our difference from it, the protocol used, device, wall time, steps/s
+                      of the training loop at its median epoch, and the command that trains the cell; cells
+                      whose data is missing, with the reason
     OUT/report.csv    the same, one row per cell
     OUT/curves.png    the test bound (on the monitor subset) against epoch for every cell and seed
 
@@ -384,9 +385,8 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
             result.epochs, result.device = config["epochs"], config["device"]
             batch = config["batch_size"]
             if metrics:
-                steps = sum(m["examples_per_s"] * m["epoch_time_s"] / batch for m in metrics)
-                seconds = sum(m["epoch_time_s"] for m in metrics)
-                rates.append(steps / seconds)
+                # the median epoch: an epoch slowed or paused by other work on the machine does not move it
+                rates.append(statistics.median(m["examples_per_s"] for m in metrics) / batch)
                 # seeds trained as one stack share its wall time
                 result.wall_time_s += metrics[-1]["wall_time_s"] / metrics[-1].get("stacked_seeds", 1)
         result.curves[seed] = [(m["epoch"], m["test_bound"]) for m in metrics]
@@ -484,7 +484,8 @@ def render_markdown(table: str, out: Path, options: Options, table_rows: list[di
         f"Made by `{made_by}`. Test NLL in nats (lower is better): mean +- sd over seeds, estimated with "
         f"k = {options.eval_k} importance samples per test example; difference = ours - published. Budget "
         f"{options.budget:g}: every stage of the paper's schedule (3^i epochs at 1e-3 * 10^(-i/7), i = 0..7) "
-        "is scaled by it.", "",
+        "is scaled by it. Steps/s: training steps per second at the median epoch of each seed, averaged over "
+        "seeds.", "",
         "| cell | NLL | per seed | AU | published | diff | published AU | epochs | budget | device | wall s | "
         "steps/s | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
