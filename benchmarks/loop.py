@@ -18,30 +18,30 @@ steps, the step's compilation left out) and over ``epoch_wall_s`` (test bound an
         fastest bare timing (on a machine that other work slows by turns, the least disturbed of each). Both sides
         run ``--threads`` torch threads (the command's through ``OMP_NUM_THREADS``) on the ``--matmul`` path.
 
-    python benchmarks/loop.py shared [--k 1 50] [--policies iwae torch one passive] [--epochs 3]
+    python benchmarks/loop.py shared [--k 1 50] [--policies iwae torch one passive spin1000] [--epochs 3]
         For each thread policy, with the command's defaults (DReG; compiled or not as it chooses), B = 20,
         ``--matmul default``, on a slice of the training images (``SHARED_EXAMPLES``): a run on the quiet
         machine, one beside a busy thread (``python -c 'while True: pass'``), and two identical runs started
         together; every epoch's examples/s as a fraction of the quiet run's median. A run still going after
         ``SHARED_TIMEOUT_S`` is stopped (SIGTERM: it checkpoints) and its finished epochs kept. The policies:
           iwae     the default: one thread per CPU that other processes leave free, measured at start, with
-                   OpenMP's passive wait policy (what ``iwae train`` does unless told otherwise)
-          torch    torch's own settings: a thread per usable CPU, OpenMP's wait policy unset (spin, then sleep)
+                   OpenMP's short spin (``iwae.platform.threads.OPENMP_WAIT``: what ``iwae train`` does unless
+                   told otherwise)
+          torch    torch's own settings: a thread per usable CPU, OpenMP's wait left to OpenMP (spin long, then
+                   sleep)
           one      --threads 1
           passive  a thread per usable CPU, OMP_WAIT_POLICY=PASSIVE
+          spin1000 a thread per usable CPU, libgomp's threads spinning 1,000 times before they sleep
 
 Run it on a quiet machine; each mode prints its ratios, measured side by side in one run.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the bare step waits as iwae's runs do: set before torch loads
-
 import argparse
 import fcntl
 import json
+import os
 import pty
 import statistics
 import struct
@@ -194,12 +194,14 @@ def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], fo
 def policies() -> dict[str, tuple[list[str], dict[str, str]]]:
     """Per thread policy, the options of ``iwae train`` and its environment."""
     usable = str(threads.usable_cpus())
-    env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    chosen = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", *threads.OPENMP_WAIT)  # what this process's import of iwae set
+    env = {key: value for key, value in os.environ.items() if key not in chosen}
     return {
         "iwae": ([], env),
         "torch": (["--threads", usable], {**env, "OMP_WAIT_POLICY": ""}),  # empty: libgomp's default policy
         "one": (["--threads", "1"], env),
         "passive": (["--threads", usable], {**env, "OMP_WAIT_POLICY": "PASSIVE"}),
+        "spin1000": (["--threads", usable], {**env, "GOMP_SPINCOUNT": "1000"}),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -203,12 +204,27 @@ def test_threads_set_after_torch_starts_take_effect() -> None:
     assert out == ["1", "1"]
 
 
-def test_passive_wait_is_set_unless_the_user_chose() -> None:
-    code = "import os, iwae\nprint(os.environ['OMP_WAIT_POLICY'])"
-    for env, expected in (({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={"PATH": "", **env}).stdout.strip()
-        assert out == expected
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, {"OMP_WAIT_POLICY": None, **threads.OPENMP_WAIT}),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None, "KMP_BLOCKTIME": None}),
+    ({"GOMP_SPINCOUNT": "INFINITY"}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "INFINITY", "KMP_BLOCKTIME": None}),
+])
+def test_a_short_openmp_spin_is_set_before_torch_loads_unless_the_user_chose_a_wait(
+        env: dict[str, str], expected: dict[str, str | None]) -> None:
+    # the environment as it stands when torch starts to load, which is when OpenMP reads it
+    code = """if True:
+        import json, os, sys
+        seen = {}
+        class Watch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" and not seen:
+                    seen.update({key: os.environ.get(key) for key in sys.argv[1:]})
+        sys.meta_path.insert(0, Watch())
+        import iwae
+        print(json.dumps(seen))"""
+    out = subprocess.run([sys.executable, "-c", code, *expected], capture_output=True, text=True, check=True,
+                         env={"PATH": "", **env}).stdout
+    assert json.loads(out) == expected
 
 
 def _tiny_run(dataset: str, run: Path, *extra: str) -> list[str]:

@@ -15,16 +15,18 @@ objectives, estimators, AIS), ``iwae.eval`` (likelihoods, active units, gradient
 state, step, loop), ``iwae.plots``, ``iwae.runs`` (run directories: train, evaluate, draw, reproduce the paper's
 tables) and ``iwae.cli``.
 
-Importing ``iwae`` before torch sets OpenMP's passive wait policy (unless OMP_WAIT_POLICY is set): torch's threads
-then sleep rather than spin while they wait, which keeps a run on a shared machine at its fair share
-(``iwae.platform.threads``).
+Importing ``iwae`` before torch sets how long torch's OpenMP threads spin before they sleep while they wait
+(unless OMP_WAIT_POLICY or the spin is set): briefly, which keeps a run on a shared machine near its fair share
+(``iwae.platform.threads.OPENMP_WAIT``).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
+from iwae.platform.threads import openmp_wait
+
+os.environ.update(openmp_wait(os.environ))  # read once, when torch loads OpenMP
 
 import importlib
 from typing import Any

@@ -7,10 +7,12 @@ Under torchrun the ranks on one machine share its free CPUs. On a shared machine
 fair share: OpenMP threads spin at their barriers waiting for siblings, and a team with more threads than free
 CPUs waits on a descheduled thread at every parallel region.
 
-OpenMP's passive wait policy (OMP_WAIT_POLICY=PASSIVE: a waiting thread sleeps rather than spins) bounds the
-damage when the machine's load changes after the choice, or when two runs that start together each find the
-machine free; OpenMP reads it once, when torch loads it, so importing ``iwae`` sets it (unless it is set) before
-importing torch.
+How long an OpenMP thread spins at a barrier before it sleeps bounds the damage when the machine's load changes
+after the choice, or when two runs that start together each find the machine free. Spinning for long (OpenMP's
+default) collapses such runs; sleeping at once (the passive policy, OMP_WAIT_POLICY=PASSIVE) makes every parallel
+region wait for a wake-up, which slows a step of small products on two threads even on a quiet machine
+(docs/performance.md measures both). Importing ``iwae`` sets a short spin (``OPENMP_WAIT``) unless the user
+chose a policy or a spin; OpenMP reads it once, when torch loads it, so ``iwae`` sets it before importing torch.
 
 The number is chosen once per process (``use_threads``), at the start of a command, and printed with its reason.
 More threads than one do not always pay: a small step (a batch of 20 at k = 1, say) can spend more on each
@@ -27,17 +29,28 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from iwae.settings import check_integer
 
+# OpenMP's wait at a barrier, set on import unless the user set the policy or one of these: libgomp's threads
+# (the OpenMP of torch's Linux wheels) spin 300 times, then sleep; those of LLVM's and Intel's OpenMP sleep at
+# once, as under the passive policy
+OPENMP_WAIT = {"GOMP_SPINCOUNT": "300", "KMP_BLOCKTIME": "0"}
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # how long the other processes' load is sampled at start, in seconds
 SAMPLE_S = 0.25
 # the ranks of a torchrun launch on this machine
 LOCAL_RANKS = "LOCAL_WORLD_SIZE"
+
+
+def openmp_wait(environ: Mapping[str, str]) -> dict[str, str]:
+    """The OpenMP settings to add to ``environ`` before torch loads: ``OPENMP_WAIT``, unless it already sets the
+    wait policy or one of them."""
+    chosen = any(name in environ for name in ("OMP_WAIT_POLICY", *OPENMP_WAIT))
+    return {} if chosen else dict(OPENMP_WAIT)
 
 
 @dataclass(frozen=True)
