@@ -86,6 +86,41 @@ def test_an_evaluation_killed_at_random_moments_continues_to_the_uninterrupted_r
     assert numbers(json.loads((killed / name).read_text())) == numbers(json.loads((whole / name).read_text()))
 
 
+def test_an_evaluation_stopped_by_sigterm_says_how_it_continues(run: Path, tmp_path: Path) -> None:
+    options, name = KILLED["is"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    shutil.copytree(run, whole)
+    shutil.copytree(run, stopped)
+    assert iwae("evaluate", str(whole), *options).wait() == 0
+    partial = resumable.partial_path(stopped / name)
+    process = iwae("evaluate", str(stopped), *options, "--checkpoint-every", "0")
+    while not partial.exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate()[1]
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert messages(err)[-1] == ("iwae: the evaluation (its finished batches kept) stopped by SIGTERM; continue "
+                                 f"with: iwae evaluate {stopped} {' '.join(options)} --checkpoint-every 0"), err
+    continued = iwae("evaluate", str(stopped), *options)
+    assert continued.wait() == 0 and "continuing from" in continued.communicate()[1]
+    assert numbers(json.loads((stopped / name).read_text())) == numbers(json.loads((whole / name).read_text()))
+
+
+def test_pieces_written_only_now_and_then_are_written_when_the_work_stops(tmp_path: Path) -> None:
+    path = tmp_path / "eval.partial.pt"
+    pieces = resumable.Pieces(path, {"k": 10}, every_s=3600)
+    with pytest.raises(KeyboardInterrupt), pieces.kept_on_stop():
+        pieces.add(torch.zeros(1))
+        pieces.add(torch.ones(1))
+        assert not path.exists()  # not yet due
+        raise KeyboardInterrupt
+    assert [piece.item() for piece in resumable.Pieces(path, {"k": 10}).done] == [0.0, 1.0]
+    with pytest.raises(KeyboardInterrupt), resumable.Pieces(tmp_path / "never.pt", {"k": 10}, every_s=None
+                                                             ).kept_on_stop():
+        raise KeyboardInterrupt
+    assert not (tmp_path / "never.pt").exists()  # pieces that are never written stay so
+
+
 def test_pieces_of_another_setting_are_never_reused(tmp_path: Path) -> None:
     path = tmp_path / "eval.partial.pt"
     pieces = resumable.Pieces(path, {"k": 10, "seed": 0}, every_s=0)

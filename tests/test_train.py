@@ -168,6 +168,31 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_the_final_evaluation_names_the_command_that_finishes_the_run(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals
+) -> None:
+    reference = lone_run.train(tiny_config(tiny_dataset, eval_k=10), tmp_path / "reference", progress=False)
+    run = tmp_path / "stopped"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    original = evaluation.batch_statistics
+
+    def signalled(*args: object, **kwargs: object) -> object:
+        signal.raise_signal(sig)
+        yield from original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "batch_statistics", signalled)
+        with pytest.raises(signals.Interrupted, match=re.escape(
+                f"its evaluation stopped by {sig.name}; finish with: iwae train --resume {run}")) as stopped:
+            lone_run.train(tiny_config(tiny_dataset, eval_k=10), run, progress=False)
+    assert stopped.value.signal == sig
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # handlers restored
+    assert checkpoint.load(run)["epoch"] == 3 and not (run / rundir.EVAL).exists()
+    assert lone_run.resume(run, progress=False)["nll"] == reference["nll"]
+    assert json.loads((run / rundir.EVAL).read_text())["nll"] == reference["nll"]
+
+
 @pytest.mark.parametrize("call", [13, 14])
 def test_minibatches_drawn_ahead_train_and_resume_as_those_drawn_in_turn(
     tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: int

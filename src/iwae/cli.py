@@ -3,7 +3,8 @@ library.
 
 Mistakes a user can fix (options, data, run directories, checkpoints) are reported as one line,
 ``iwae: error: <problem>; <fix>``, with exit status 2 and no traceback. A training run stopped by SIGINT
-or SIGTERM checkpoints first and exits with 128 + the signal's number.
+or SIGTERM checkpoints first, an evaluation keeps its finished batches, and either says the command that continues
+it and exits with 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -370,9 +371,15 @@ def _evaluate_ais(args: argparse.Namespace) -> None:
 def _run_evaluate(args: argparse.Namespace) -> None:
     if not args.save_every_s >= 0:
         raise UsageError(f"--checkpoint-every must be a number of seconds >= 0; got {args.save_every_s}")
-    if args.method != "is":
-        _run_evaluate_ais(args)
-        return
+    # stopped, it keeps its finished batches, and the same command (``main`` names it) continues from them
+    with signals.raising_on_signal("the evaluation (its finished batches kept)", "the same command"):
+        if args.method != "is":
+            _run_evaluate_ais(args)
+        else:
+            _evaluate_by_importance_sampling(args)
+
+
+def _evaluate_by_importance_sampling(args: argparse.Namespace) -> None:
     result = evaluation.evaluate_run(
         args.run, k=args.k, split=args.split, dataset=args.dataset, data_dir=args.data_dir, examples=args.examples,
         device=args.device, seed=args.seed, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=True,
@@ -469,13 +476,12 @@ def main(argv: list[str] | None = None) -> int:
             {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
              "reproduce": _run_reproduce}[args.command](args)
     except signals.Interrupted as stop:
-        if command == "reproduce":  # the grid's command resumes every cell, then writes the report
+        if command in ("reproduce", "evaluate"):  # the same command resumes the grid's cells, or the evaluation
             stop = stop.continued_by(f"iwae {shlex.join(sys.argv[1:] if argv is None else argv)}")
         print(f"iwae: {stop}", file=sys.stderr)
         return 128 + stop.signal
     except KeyboardInterrupt:
-        kept = "; the same command continues from the batches it kept" if command == "evaluate" else ""
-        print(f"iwae: interrupted{kept}", file=sys.stderr)
+        print("iwae: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, FloatingPointError) as error:
         message = error.message(lambda name: options.get(name, name)) if isinstance(error, SettingError) else error

@@ -146,10 +146,11 @@ def _pieces(pieces: resumable.Pieces, first: int, count: int,
     already, then the rest from ``batches(done)``, the generator of the batches from index ``done`` on."""
     done = max(0, min(len(pieces.done) - first, count))
     rest = batches(done)
-    while len(pieces.done) < first + count:
-        began = time.perf_counter()
-        item = next(rest)
-        pieces.add((_plain(item), time.perf_counter() - began))
+    with pieces.kept_on_stop():
+        while len(pieces.done) < first + count:
+            began = time.perf_counter()
+            item = next(rest)
+            pieces.add((_plain(item), time.perf_counter() - began))
     rest.close()
     return pieces.done[first:first + count]
 

@@ -217,7 +217,7 @@ def _continued_statistics(model: DeepLatentModel, x: Tensor, k: int, *, chunk_si
     done = len(pieces.done)
     rest = x[done * batch_size:]
     _check_time(model, rest, k, chunk_size, batch_size, time_limit_s)
-    with progress_bar(len(x), k, progress, done=len(x) - len(rest)) as bar:
+    with progress_bar(len(x), k, progress, done=len(x) - len(rest)) as bar, pieces.kept_on_stop():
         for stats in batch_statistics(model, rest, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
                                       first_batch=first_batch + done, compile=compile, on_pass=bar.update):
             pieces.add(tuple(stats.cpu()))

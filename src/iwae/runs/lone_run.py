@@ -25,7 +25,7 @@ from iwae.training.config import TrainConfig, resolve_compile, resumed_config
 from iwae.training.lone import LoneSeed
 from iwae.training.loop import Outputs, fit
 from iwae.training.preflight import check_training_memory, training_threads_and_path
-from iwae.training.signals import StopOnSignal
+from iwae.training.signals import StopOnSignal, raising_on_signal
 from iwae.training.state import TrainingState, start
 
 
@@ -123,11 +123,14 @@ def resumed_threads(config: TrainConfig, changes: dict[str, Any] | None) -> int:
 
 def finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: bool | None,
            dataset: data.Dataset) -> dict[str, Any] | None:
-    """The final evaluation (unless ``eval_k`` is 0) and the figures of a trained run, on its ``dataset``."""
+    """The final evaluation (unless ``eval_k`` is 0) and the figures of a trained run, on its ``dataset``; stopped
+    by SIGINT or SIGTERM, it raises ``Interrupted`` naming the command that finishes them."""
     result = None
-    if config.eval_k:
-        result = evaluation.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
-                                       progress=progress is not False, loaded=dataset)
-    if distributed.rank() == 0:
-        run_figures.make_figures(run_dir, device=device, loaded=dataset)
+    with raising_on_signal("the run trained all its epochs; its evaluation", f"iwae train --resume {run_dir}",
+                                   "finish with"):
+        if config.eval_k:
+            result = evaluation.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
+                                           progress=progress is not False, loaded=dataset)
+        if distributed.rank() == 0:
+            run_figures.make_figures(run_dir, device=device, loaded=dataset)
     return result

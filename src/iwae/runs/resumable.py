@@ -1,5 +1,5 @@
 """The finished pieces of a long evaluation, kept in a file beside its result, so that an evaluation killed at any
-moment continues where it stopped.
+moment continues where it stopped (stopped by Ctrl-C or a signal, it first writes what it finished).
 
     RUN/<result>.partial.pt    the setting the pieces belong to and the pieces finished so far
 
@@ -15,6 +15,8 @@ import hashlib
 import io
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,17 @@ class Pieces:
         torch.save({"setting": self.setting, "chosen": self.chosen, "pieces": self.done}, buffer)
         write_atomic(self.path, lambda file: file.write(buffer.getvalue()))
         self.saved_at = time.monotonic()
+
+    @contextmanager
+    def kept_on_stop(self) -> Iterator[None]:
+        """Within the block, an exception (a stop by Ctrl-C or a signal, an error) first writes the pieces finished
+        since they were last written, so that none of them is lost."""
+        try:
+            yield
+        except BaseException:
+            if self.every_s is not None and self.done:
+                self.save()
+            raise
 
     def remove(self) -> None:
         """Delete the file, once the result it led to is written."""

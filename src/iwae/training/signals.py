@@ -1,10 +1,13 @@
-"""Stopping a training run cleanly on SIGINT or SIGTERM: the loop finishes its step, checkpoints, and raises
-``Interrupted``, whose message says how to continue."""
+"""Stopping work cleanly on SIGINT or SIGTERM, with a message that says how to continue: a training run finishes
+its step, checkpoints and raises ``Interrupted`` (``StopOnSignal``); work that keeps its own progress (an
+evaluation's finished batches) raises it where it stands (``raising_on_signal``)."""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -58,3 +61,24 @@ class StopOnSignal:
         """The signal received by this process or, training with several ranks, by any of them."""
         number = distributed.maximum(0 if self.received is None else int(self.received))
         return signal.Signals(number) if number else None
+
+
+@contextmanager
+def raising_on_signal(what: str, command: str, verb: str = "continue with") -> Iterator[None]:
+    """Within the block, SIGINT or SIGTERM raises ``Interrupted`` at once ("``what`` stopped by SIGTERM; ``verb``:
+    ``command``"), as SIGINT alone would raise KeyboardInterrupt, where SIGTERM would end the process without a
+    word. For work with no step to finish first, which keeps what it has done as it stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        sig = signal.Signals(signum)
+        raise Interrupted(f"{what} stopped by {sig.name}", sig, command, verb)
+
+    previous = {sig: signal.signal(sig, stop) for sig in StopOnSignal.SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
