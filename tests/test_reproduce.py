@@ -184,6 +184,22 @@ def test_a_run_directory_is_refused_as_the_grids_out(finished: tuple[Path, list[
 
 
 @pytest.mark.slow
+def test_another_tables_grid_is_refused_as_the_out(finished: tuple[Path, list[str]], tiny_dataset: str,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    shutil.copytree(finished[0], out)
+    report = (out / "report.md").read_bytes()
+    for table in ("dreg", "burda-table1"):  # cells of table 2 that dreg lacks, and one that table 1 lacks
+        with pytest.raises(ValueError, match=f"holds runs of cells that {table} does not have .*"
+                                             f"vae-k1-to-iwae-k50.*give {table} an --out of its own"):
+            reproduce.run_table(table, out, OPTIONS, progress=False, log=lambda line: None)
+    assert (out / "report.md").read_bytes() == report
+    for name in ("standard-k1", "mnist-l1-vae-k5"):
+        assert not (out / name).exists()
+    reproduce.check_same_table(TABLE, out)  # its own grid is accepted
+
+
+@pytest.mark.slow
 def test_more_seeds_are_trained_beside_the_finished_ones(
     finished: tuple[Path, list[str]], tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -264,6 +264,20 @@ def _seeds_text(seeds: int) -> str:
     return f"{seeds} seeds stacked" if seeds > 1 else "1 seed"
 
 
+def check_same_table(table: str, out: Path) -> None:
+    """Raise ValueError if ``out`` holds runs of cells that ``table`` does not have: another table's grid, whose
+    report this table's would be written over."""
+    if not out.is_dir():
+        return
+    known = {cell.name for cell in GRIDS[table]()}
+    others = sorted(path.name for path in out.iterdir() if path.is_dir() and path.name not in known and (
+        stacked_run.is_stacked(path) or any((seed / rundir.CONFIG).is_file() for seed in path.glob("seed-*"))))
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(f"{shown(out)} holds runs of cells that {table} does not have ({listed}): another table's "
+                         f"grid, whose report this one would replace; give {table} an --out of its own")
+
+
 def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out: Path, device: str) -> None:
     """Raise ValueError if a run already in ``out`` was started with settings other than these (another
     --budget, --eval-k or --device): continuing it, or reporting it, under this command's would mislabel it."""
@@ -304,6 +318,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
     """
     check(table, options)
     rundir.check_writable(out)
+    check_same_table(table, out)
     # this process's thread count (under torchrun, its rank's share of the machine's CPUs). A new cell trains on
     # it, or, where the count came from the free CPUs, on one thread if its own step runs faster on one (as
     # ``iwae train`` does); a resumed cell on the count it recorded (so that it resumes bit for bit), unless
