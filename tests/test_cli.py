@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,24 @@ def test_corrupt_checkpoint(damage: str, command: list[str], finished_run: Path,
     assert "are not a complete PyTorch archive (the file was cut short, or is some other file)" in line
     assert line.endswith("restore it from a copy, or start a new run with a new --out")
     assert "weights_only" not in line.lower() and "weights only" not in line.lower()
+
+
+@pytest.mark.parametrize("command", [["train", "--resume"], ["evaluate"], ["sample"]])
+def test_a_checkpoint_with_a_flipped_bit_is_refused(command: list[str], finished_run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / rundir.CHECKPOINT
+    saved = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:  # a bit in the middle of the largest tensor's bytes
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    header = record.header_offset + 30 + len(record.orig_filename.encode()) + len(record.extra)
+    saved[header + record.file_size // 2] ^= 0x04
+    path.write_bytes(bytes(saved))
+    line = one_line_error(capsys, [*command, str(run)])
+    assert line == (f"iwae: error: {path} is a damaged checkpoint: its record {record.filename} no longer matches the "
+                    "checksum written with it (bits changed on the disk or in a copy); restore it from a copy, or "
+                    "start a new run with a new --out")
 
 
 @pytest.mark.parametrize("command", [["evaluate"], ["sample"], ["diagnose", "snr"], ["train", "--init-from"]])

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,14 @@ def test_pieces_of_another_setting_are_never_reused(tmp_path: Path) -> None:
     assert resumable.Pieces(path, {"k": 20, "seed": 0}).chosen == {}
     path.write_bytes(b"damaged")
     assert resumable.Pieces(path, {"k": 10, "seed": 0}).done == []
+    pieces = resumable.Pieces(path, {"k": 10, "seed": 0}, every_s=0)
+    pieces.add(torch.full((1000,), 7.0))
+    saved = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:  # a bit in the middle of the piece's numbers
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    saved[record.header_offset + 30 + len(record.orig_filename.encode()) + len(record.extra) + 2000] ^= 0x01
+    path.write_bytes(bytes(saved))
+    assert resumable.Pieces(path, {"k": 10, "seed": 0}).done == []  # a changed number is never counted
 
 
 def test_a_new_checkpoint_starts_the_evaluation_afresh(run: Path, tmp_path: Path) -> None:

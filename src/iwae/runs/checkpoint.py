@@ -15,6 +15,9 @@ A checkpoint is a dict saved with ``torch.save`` and written atomically (``rundi
     rng         the states of torch's global generator (CPU, and CUDA on a GPU) used by ``rsample``, and
                 of the data generator that draws permutations and binarizations
 
+Every record of the archive carries its CRC-32, checked when the file is read, so that bits changed on the disk
+or in a copy are found before a run trains or is evaluated on them.
+
 Restoring all of it replays the same random streams from the same position, so on a CPU a resumed run
 ends with bit-for-bit the parameters of an uninterrupted one.
 """
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from iwae.models import DeepLatentModel, build_model
 from iwae.platform.files import write_atomic
+from iwae.runs import archives
 from iwae.runs.rundir import CHECKPOINT, STACK
 
 CHECKPOINT_FORMAT = 1
@@ -42,8 +46,9 @@ class CheckpointError(ValueError):
 
 
 def save(run_dir: Path, state: dict[str, Any], name: str = CHECKPOINT) -> None:
-    """Write ``state`` (see the module docstring) to RUN/``name`` (RUN/checkpoint.pt) atomically."""
-    write_atomic(run_dir / name, lambda file: torch.save({"format": CHECKPOINT_FORMAT, **state}, file))
+    """Write ``state`` (see the module docstring) to RUN/``name`` (RUN/checkpoint.pt) atomically, each record with
+    its checksum (``iwae.runs.archives``)."""
+    write_atomic(run_dir / name, lambda file: archives.save({"format": CHECKPOINT_FORMAT, **state}, file))
 
 
 def load(run_dir: Path) -> dict[str, Any]:
@@ -81,6 +86,12 @@ def read(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is corrupt or not a checkpoint: its {path.stat().st_size} bytes are not a complete PyTorch "
             f"archive (the file was cut short, or is some other file); {fix}"
+        )
+    changed = archives.changed_record(path)
+    if changed is not None:
+        raise CheckpointError(
+            f"{path} is a damaged checkpoint: its record {changed} no longer matches the checksum written with it "
+            f"(bits changed on the disk or in a copy); {fix}"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

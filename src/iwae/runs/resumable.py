@@ -6,7 +6,8 @@ moment continues where it stopped (stopped by Ctrl-C or a signal, it first write
 A piece's random draws depend only on the evaluation's seed and the piece's index, so an evaluation continued
 from its pieces gives the numbers of one that was never stopped. The file is written atomically and names its
 setting (method, k, split, examples, seed, pass sizes, the checkpoint's digest, ...): a file of another setting is
-never reused, and the finished result replaces it.
+never reused, nor is one whose bytes no longer match their checksums (``iwae.runs.archives``); the finished result
+replaces it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from iwae.platform.files import write_atomic
+from iwae.runs import archives
 
 SUFFIX = ".partial.pt"
 SAVE_EVERY_S = 30.0  # the default interval between writes of the pieces: at most this much work is lost to a kill
@@ -58,7 +60,7 @@ class Pieces:
 
     def _read(self) -> dict[str, Any]:
         """What ``path`` holds if it holds this setting's pieces, else nothing (a missing, damaged or other file)."""
-        if not self.path.is_file():
+        if not self.path.is_file() or archives.changed_record(self.path) is not None:
             return {}
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -77,7 +79,7 @@ class Pieces:
     def save(self) -> None:
         """Write the setting and the pieces so far, atomically."""
         buffer = io.BytesIO()
-        torch.save({"setting": self.setting, "chosen": self.chosen, "pieces": self.done}, buffer)
+        archives.save({"setting": self.setting, "chosen": self.chosen, "pieces": self.done}, buffer)
         write_atomic(self.path, lambda file: file.write(buffer.getvalue()))
         self.saved_at = time.monotonic()
 
