@@ -1,8 +1,9 @@
-"""Fixtures shared by the trainer, evaluator and command-line tests."""
+"""Fixtures and helpers shared by the trainer, evaluator and command-line tests."""
 
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,18 @@ THREAD_CHOICE = re.compile(r"iwae: \d+ torch threads?: ")
 def messages(stderr: str) -> list[str]:
     """The lines of a command's stderr, less the thread choice every command prints at start."""
     return [line for line in stderr.strip().splitlines() if not THREAD_CHOICE.match(line)]
+
+
+def flip_a_bit_inside(path: Path) -> str:
+    """Flip one bit in the middle of the bytes of the largest record of the zip archive ``path`` (a file of
+    ``torch.save``'s, the record a tensor's); return the record's name."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    start = record.header_offset + 30 + len(record.orig_filename.encode()) + len(record.extra)  # after its header
+    data[start + record.file_size // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+    return record.filename
 
 
 def same_matmul_as(run: Path) -> list[str]:

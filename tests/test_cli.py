@@ -10,13 +10,12 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import messages
+from conftest import flip_a_bit_inside, messages
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -243,14 +242,9 @@ def test_a_checkpoint_with_a_flipped_bit_is_refused(command: list[str], finished
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     path = run / rundir.CHECKPOINT
-    saved = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as archive:  # a bit in the middle of the largest tensor's bytes
-        record = max(archive.infolist(), key=lambda info: info.file_size)
-    header = record.header_offset + 30 + len(record.orig_filename.encode()) + len(record.extra)
-    saved[header + record.file_size // 2] ^= 0x04
-    path.write_bytes(bytes(saved))
+    record = flip_a_bit_inside(path)
     line = one_line_error(capsys, [*command, str(run)])
-    assert line == (f"iwae: error: {path} is a damaged checkpoint: its record {record.filename} no longer matches the "
+    assert line == (f"iwae: error: {path} is a damaged checkpoint: its record {record} no longer matches the "
                     "checksum written with it (bits changed on the disk or in a copy); restore it from a copy, or "
                     "start a new run with a new --out")
 

@@ -127,7 +127,7 @@ def finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: b
     by SIGINT or SIGTERM, it raises ``Interrupted`` naming the command that finishes them."""
     result = None
     with raising_on_signal("the run trained all its epochs; its evaluation", f"iwae train --resume {run_dir}",
-                                   "finish with"):
+                           "finish with"):
         if config.eval_k:
             result = evaluation.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
                                            progress=progress is not False, loaded=dataset)

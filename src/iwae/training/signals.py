@@ -43,14 +43,10 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
-        self._restore()
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _restore(self._previous)
 
     def __exit__(self, *exc: object) -> None:
-        self._restore()
+        _restore(self._previous)
 
     def here(self) -> bool:
         """Whether to act on a signal after this step: if one came, and this process trains alone (ranks
@@ -80,5 +76,10 @@ def raising_on_signal(what: str, command: str, verb: str = "continue with") -> I
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _restore(previous)
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    """Put back the handlers that ``previous`` maps each signal to."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
