@@ -17,6 +17,10 @@ steps, the step's compilation left out) and over ``epoch_wall_s`` (test bound an
         first holds the command's start) and their ratios to the bare step's; and the fastest epoch over the
         fastest bare timing (on a machine that other work slows by turns, the least disturbed of each). Both sides
         run ``--threads`` torch threads (the command's through ``OMP_NUM_THREADS``) on the ``--matmul`` path.
+        A second bare step, timed by turns with the first, trains the model as the command starts it on
+        ``--bare-steps`` distinct minibatches of the command's data, binarized beforehand (a new one every step,
+        as in the loop): the step on the data the loop gives it, whose cost beyond the fixed minibatch's is the
+        data's, not the loop's; its line gives the loop's ratios to it.
 
     python benchmarks/loop.py shared [--k 1 50] [--policies iwae torch one passive spin1000] [--epochs 3]
         For each thread policy, with the command's defaults (DReG; compiled or not as it chooses), B = 20,
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import itertools
 import json
 import os
 import pty
@@ -51,6 +56,7 @@ import tempfile
 import termios
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +67,8 @@ from own_process import OwnProcess
 from iwae import data
 from iwae.platform import threads
 from iwae.training import config as train_config
-from iwae.training import lone
+from iwae.training import lone, state
+from iwae.training.step import TrainStep, make_adam
 
 # training images per epoch of the shared mode, per k: an epoch of a few seconds on one core
 SHARED_EXAMPLES = {1: 6000, 50: 800}
@@ -141,22 +148,38 @@ def on_terminal(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     return code, tail.decode(errors="replace")
 
 
-def bare_step(k: int, batch_size: int, estimator: str, device: str) -> dict[str, object]:
-    """For a worker process: the runner "bare" of the compiled step on ``device``, warmed up (compiled; on a GPU,
-    its CUDA graph recorded)."""
+def bare_step(k: int, batch_size: int, estimator: str, device: str, data_args: list[str], minibatches: int
+              ) -> dict[str, object]:
+    """For a worker process: the runners of the compiled step on ``device``, warmed up (compiled; on a GPU, its CUDA
+    graph recorded): "bare" on a fixed random binary minibatch (``lone.lone_timing_step``, a fresh model), "real" on
+    ``minibatches`` minibatches of the command's data drawn beforehand, in turn, with the model as ``iwae train``
+    starts it (seed 0)."""
     config = train_config.TrainConfig(layers=1, objective="iwae", k=k, estimator=estimator, epochs=1,
                                       batch_size=batch_size, compile=True)
-    step = lone.lone_timing_step(config, 784, torch.device(device))
-    for _ in range(3):
-        step()
+    steps = {"bare": lone.lone_timing_step(config, 784, torch.device(device))}
+    data_dir = data_args[data_args.index("--data-dir") + 1] if "--data-dir" in data_args else None
+    dataset = data.load(data_args[1], data_dir, download=False).to(device)
+    _, model = state.start(config, dataset)
+    real_step = TrainStep(model, make_adam(model, 1e-3, (config.beta1, config.beta2), config.adam_eps),
+                          config.objective_spec(), estimator, compile=True)
+    generator = torch.Generator(device).manual_seed(0)
+    xs = [dataset.minibatch(idx, generator)
+          for idx in data.epoch_batches(len(dataset.train), batch_size, generator)[:minibatches]]
+    turn = itertools.cycle(xs)
+    steps["real"] = lambda: real_step(next(turn))
 
-    def run(n: int) -> None:
-        for _ in range(n):
+    def runner(step: Callable[[], None]) -> Callable[[int], None]:
+        for _ in range(3):
             step()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    return {"bare": run}
+        def run(n: int) -> None:
+            for _ in range(n):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    return {name: runner(step) for name, step in steps.items()}
 
 
 def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], folder: Path) -> None:
@@ -164,23 +187,28 @@ def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], fo
     train_args = [*data_args, "--k", str(k), "--estimator", args.estimator, "--batch-size", str(args.batch_size),
                   "--epochs", str(args.epochs), "--matmul", args.matmul, "--compile"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    with OwnProcess(bare_step, k, args.batch_size, args.estimator, args.device, matmul_path=args.matmul) as worker:
-        bare = worker.runner("bare")
+    with OwnProcess(bare_step, k, args.batch_size, args.estimator, args.device, data_args, args.bare_steps,
+                    matmul_path=args.matmul) as worker:
+        runners = {name: worker.runner(name) for name in ("bare", "real")}
 
-        def bare_rate() -> float:
-            start = time.perf_counter()
-            bare(args.bare_steps)
-            return args.bare_steps * args.batch_size / (time.perf_counter() - start)
+        def bare_rates() -> None:
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run(args.bare_steps)
+                timings[name].append(args.bare_steps * args.batch_size / (time.perf_counter() - start))
 
-        bares, epochs = [bare_rate()], []
+        timings: dict[str, list[float]] = {"bare": [], "real": []}
+        epochs: list[EpochRate] = []
+        bare_rates()
         for _ in range(args.rounds):
             run = Path(tempfile.mkdtemp(dir=folder)) / "run"
             code, tail = on_terminal(train_command(run, *train_args, device=args.device), env)
             if code:
                 raise RuntimeError(f"iwae train exited with {code}:\n{tail}")
             epochs += epoch_rates(run)
-            bares.append(bare_rate())
-    step_rate = statistics.median(bares)
+            bare_rates()
+    bares, reals = timings["bare"], timings["real"]
+    step_rate, real_rate = statistics.median(bares), statistics.median(reals)
     loop_rate = statistics.median(e.steps for e in epochs)
     wall_rate = statistics.median(e.wall for e in epochs if not e.first) if args.epochs > 1 else float("nan")
     best = max(e.steps for e in epochs) / max(bares)
@@ -188,6 +216,9 @@ def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], fo
           f"loop/step {loop_rate / step_rate:5.3f}  wall/step {wall_rate / step_rate:5.3f}  best loop/best step "
           f"{best:5.3f}   ({len(epochs)} epochs {min(e.steps for e in epochs):.0f}-"
           f"{max(e.steps for e in epochs):.0f}, {len(bares)} bare timings {min(bares):.0f}-{max(bares):.0f})",
+          flush=True)
+    print(f"      on real minibatches: bare step {real_rate:7.0f}   loop/step {loop_rate / real_rate:5.3f}  best "
+          f"loop/best step {max(e.steps for e in epochs) / max(reals):5.3f}   ({min(reals):.0f}-{max(reals):.0f})",
           flush=True)
 
 
