@@ -309,6 +309,30 @@ def test_bad_input_is_one_line_and_writes_nothing(argv: list[str], message: str,
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_finished_cells_are_reported_without_their_data(finished: tuple[Path, list[str]], tiny_dataset: str,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "grid"
+    shutil.copytree(finished[0], out)
+    looked_for: list[str] = []
+
+    def gone(name: str, *args: object, **kwargs: object) -> None:
+        looked_for.append(name)
+        raise reproduce.data.DataError(f"{name} is gone")
+
+    monkeypatch.setattr(reproduce.data, "load", gone)  # no dataset can be read, nor downloaded
+    log: list[str] = []
+    reproduce.run_table(TABLE, out, OPTIONS, cells=tiny_grid(tiny_dataset), progress=False, log=log.append)
+    assert looked_for == ["/nonexistent/absent.npz"]  # the only cell still to train
+    assert log[:3] == [f"{cell}: skipped (2 seeds stacked)" for cell in
+                       ("mnist-l1-vae-k1", "mnist-l1-iwae-k50", "vae-k1-to-iwae-k50")]
+    with (out / "report.csv").open() as file:
+        status = {row["cell"]: row["status"] for row in csv.DictReader(file)}
+    assert list(status.values())[:3] == ["done"] * 3
+    assert status["iwae-k50-to-vae-k1"].startswith("data missing")
+    assert "- /nonexistent/absent.npz: /nonexistent/absent.npz is gone" in (out / "report.md").read_text()
+
+
 def test_a_table_of_which_no_cell_has_its_data_fails_and_says_so(tmp_path: Path) -> None:
     out, empty = tmp_path / "out", tmp_path / "empty"
     empty.mkdir()

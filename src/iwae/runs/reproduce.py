@@ -225,6 +225,11 @@ def missing_data(dataset: str, data_dir: str | None) -> str | None:
     return None
 
 
+def cell_finished(out: Path, cell: Cell, options: Options) -> bool:
+    """Whether every seed of ``cell`` in the grid ``out`` trained all its epochs and was evaluated."""
+    return all(is_finished(run_dir(out, cell.name, seed)) for seed in range(options.seeds))
+
+
 def is_finished(path: Path) -> bool:
     """Whether the run in ``path`` trained all its epochs and was evaluated."""
     if not (path / rundir.EVAL).is_file() or not (path / rundir.CONFIG).is_file():
@@ -327,7 +332,8 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
     cells = select(table, options.cells) if cells is None else cells
     say = log or (lambda line: print(f"iwae: {line}", file=sys.stderr))
     missing = {}
-    for dataset in sorted({cell.settings["dataset"] for cell in cells}):
+    # the data of the cells still to train (a finished cell needs none: its report comes from its run files)
+    for dataset in sorted({cell.settings["dataset"] for cell in cells if not cell_finished(out, cell, options)}):
         reason = missing_data(dataset, options.data_dir)
         if reason is not None:
             missing[dataset] = reason
@@ -432,7 +438,7 @@ def rows(table: str, out: Path, cells: list[Cell], options: Options, missing: di
     published = PUBLISHED[table]
     table_rows, results = [], []
     for cell in cells:
-        reason = missing.get(cell.settings["dataset"])
+        reason = None if cell_finished(out, cell, options) else missing.get(cell.settings["dataset"])
         result = collect(out, cell, options.seeds, None if reason is None else
                          f"data missing: {cell.settings['dataset']} (see Missing)")
         results.append(result)
