@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import messages, same_matmul_as
 
-from iwae import data
+from iwae import cli, data, plots
 from iwae.eval import splits
 from iwae.platform import files
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
@@ -191,6 +191,27 @@ def test_a_signal_in_the_final_evaluation_names_the_command_that_finishes_the_ru
     assert checkpoint.load(run)["epoch"] == 3 and not (run / rundir.EVAL).exists()
     assert lone_run.resume(run, progress=False)["nll"] == reference["nll"]
     assert json.loads((run / rundir.EVAL).read_text())["nll"] == reference["nll"]
+
+
+def test_a_signal_while_the_figures_are_drawn_names_the_command_that_draws_them(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    original = plots.plot_training
+
+    def signalled(*args: object, **kwargs: object) -> object:
+        signal.raise_signal(signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(plots, "plot_training", signalled)
+        with pytest.raises(signals.Interrupted, match=re.escape(
+                f"its figures stopped by SIGTERM; draw them with: iwae sample {run}")):
+            lone_run.train(tiny_config(tiny_dataset, eval_k=10), run, progress=False)
+    assert (run / rundir.EVAL).is_file() and not (run / rundir.FIGURES / "training.png").exists()
+    assert cli.main(["sample", str(run), "--device", "cpu"]) == 0
+    assert {path.name for path in (run / rundir.FIGURES).iterdir()} == {
+        "samples.png", "reconstructions.png", "training.png", "bound_vs_k.png"}
 
 
 @pytest.mark.parametrize("call", [13, 14])

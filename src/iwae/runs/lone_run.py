@@ -124,13 +124,16 @@ def resumed_threads(config: TrainConfig, changes: dict[str, Any] | None) -> int:
 def finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: bool | None,
            dataset: data.Dataset) -> dict[str, Any] | None:
     """The final evaluation (unless ``eval_k`` is 0) and the figures of a trained run, on its ``dataset``; stopped
-    by SIGINT or SIGTERM, it raises ``Interrupted`` naming the command that finishes them."""
+    by SIGINT or SIGTERM, it raises ``Interrupted`` naming the command that finishes them: ``iwae train --resume``
+    during the evaluation, ``iwae sample`` during the figures (the run, evaluated, is finished for ``--resume``)."""
     result = None
     with raising_on_signal("the run trained all its epochs; its evaluation", f"iwae train --resume {run_dir}",
                            "finish with"):
         if config.eval_k:
             result = evaluation.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
                                            progress=progress is not False, loaded=dataset)
-        if distributed.rank() == 0:
+    if distributed.rank() == 0:
+        with raising_on_signal("the run trained and was evaluated; its figures", f"iwae sample {run_dir}",
+                               "draw them with"):
             run_figures.make_figures(run_dir, device=device, loaded=dataset)
     return result
