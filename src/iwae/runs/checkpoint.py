@@ -24,7 +24,6 @@ ends with bit-for-bit the parameters of an uninterrupted one.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -82,19 +81,18 @@ def read(path: Path) -> dict[str, Any]:
         CheckpointError: if the file cannot be read (truncated, corrupt, or not written by ``save``).
     """
     fix = "restore it from a copy, or start a new run with a new --out"
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose index sits at the very end
-        raise CheckpointError(
-            f"{path} is corrupt or not a checkpoint: its {path.stat().st_size} bytes are not a complete PyTorch "
-            f"archive (the file was cut short, or is some other file); {fix}"
-        )
-    changed = archives.changed_record(path)
-    if changed is not None:
-        raise CheckpointError(
-            f"{path} is a damaged checkpoint: its record {changed} no longer matches the checksum written with it "
-            f"(bits changed on the disk or in a copy); {fix}"
-        )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = archives.load(path)
+    except archives.NotAnArchive as error:
+        raise CheckpointError(
+            f"{path} is corrupt or not a checkpoint: its {error.size} bytes are not a complete PyTorch archive (the "
+            f"file was cut short, or is some other file); {fix}"
+        ) from None
+    except archives.ChangedRecord as error:
+        raise CheckpointError(
+            f"{path} is a damaged checkpoint: its record {error.record} no longer matches the checksum written with "
+            f"it (bits changed on the disk or in a copy); {fix}"
+        ) from None
     except Exception as error:  # torch.load reports damage as any of a dozen exception types
         raise CheckpointError(
             f"{path} is corrupt or not a checkpoint: it is a PyTorch archive, but a damaged one or one holding "

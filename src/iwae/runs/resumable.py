@@ -21,8 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from iwae.platform.files import write_atomic
 from iwae.runs import archives
 
@@ -60,11 +58,11 @@ class Pieces:
 
     def _read(self) -> dict[str, Any]:
         """What ``path`` holds if it holds this setting's pieces, else nothing (a missing, damaged or other file)."""
-        if not self.path.is_file() or archives.changed_record(self.path) is not None:
+        if not self.path.is_file():
             return {}
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged file is started afresh, never fatal
+            saved = archives.load(self.path)
+        except Exception:  # a damaged file (cut short, a changed record, unreadable) is started afresh, never fatal
             return {}
         if not isinstance(saved, dict) or saved.get("setting") != self.setting:
             return {}
