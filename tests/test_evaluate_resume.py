@@ -119,6 +119,11 @@ def test_pieces_written_only_now_and_then_are_written_when_the_work_stops(tmp_pa
                                                              ).kept_on_stop():
         raise KeyboardInterrupt
     assert not (tmp_path / "never.pt").exists()  # pieces that are never written stay so
+    continued = resumable.Pieces(path, {"k": 10}, every_s=3600)
+    written = path.stat().st_mtime_ns
+    with pytest.raises(KeyboardInterrupt), continued.kept_on_stop():
+        raise KeyboardInterrupt
+    assert path.stat().st_mtime_ns == written  # nothing new since they were read: not written again
 
 
 def test_pieces_of_another_setting_are_never_reused(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ class Pieces:
         saved = self._read() if every_s is not None else {}
         self.done: list[Any] = list(saved.get("pieces", []))
         self.chosen: dict[str, Any] = dict(saved.get("chosen", {}))
-        self.saved_at = time.monotonic()
+        self.saved_at, self.written = time.monotonic(), len(self.done)  # when, and how many pieces the file holds
         if self.done:
             print(f"iwae: continuing from {path} ({len(self.done)} pieces done)", file=sys.stderr)
 
@@ -79,7 +79,7 @@ class Pieces:
         buffer = io.BytesIO()
         archives.save({"setting": self.setting, "chosen": self.chosen, "pieces": self.done}, buffer)
         write_atomic(self.path, lambda file: file.write(buffer.getvalue()))
-        self.saved_at = time.monotonic()
+        self.saved_at, self.written = time.monotonic(), len(self.done)
 
     @contextmanager
     def kept_on_stop(self) -> Iterator[None]:
@@ -88,7 +88,7 @@ class Pieces:
         try:
             yield
         except BaseException:
-            if self.every_s is not None and self.done:
+            if self.every_s is not None and len(self.done) > self.written:
                 self.save()
             raise
 
