@@ -103,6 +103,23 @@ def test_a_forked_child_draws_ahead_as_its_parent_does(monkeypatch: pytest.Monke
     assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
+def test_the_drawing_thread_runs_its_work_in_order_and_wakes_after_idling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(minibatches, "IDLE_S", 0.02)
+    drawer = minibatches._Drawer()
+    done: list[int] = []
+    futures = [drawer.submit(done.append, i) for i in range(5)]
+    assert [future.result(timeout=5) for future in futures] == [None] * 5 and done == list(range(5))
+    time.sleep(0.1)  # idle for longer than IDLE_S: the thread waits to be woken
+    assert drawer.submit(lambda a, b: a + b, 2, 3).result(timeout=5) == 5
+
+    def fails() -> None:
+        raise ValueError("a drawing that failed")
+
+    with pytest.raises(ValueError, match="a drawing that failed"):  # raised where the result is taken
+        drawer.submit(fails).result(timeout=5)
+    assert drawer.submit(int, "7").result(timeout=5) == 7  # and the thread goes on
+
+
 def test_the_cpu_generator_draws_in_one_call_what_it_draws_in_several() -> None:
     # what EpochMinibatches relies on to draw a chunk's uniforms in one call on a CPU
     for sizes in ([1, 1], [5, 17], [15, 1], [16, 16], [2897, 3111, 0, 40], [3, 70_000]):

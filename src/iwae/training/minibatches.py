@@ -14,7 +14,9 @@ one after another (``test_minibatches`` checks this).
 On a CPU where torch's threads leave a usable CPU free (``draws_ahead``: one thread for a small step), the next
 chunk is drawn ahead, on a thread of its own, while the steps run on the chunk before, into a second set of
 buffers. The draws are the same, in the same order: the steps ask for their minibatches in order, and only that
-thread draws from the data streams until the chunk is taken (or a checkpoint asks where the streams stand).
+thread draws from the data streams until the chunk is taken (or a checkpoint asks where the streams stand). The
+drawing thread looks for its next chunk every ``POLL_S`` seconds instead of being woken for it: waking it from the
+training thread at every chunk slowed the steps (docs/performance.md).
 
 A checkpoint taken inside a chunk records the data stream as it stands after the finished steps' draws, not after
 the chunk's: ``stream_states(step)`` replays the chunk's draws up to ``step`` from the stream's state at the
@@ -25,8 +27,13 @@ from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +45,9 @@ from iwae.platform import threads
 # float32) for up to 3 stacked seeds. A chunk has at least one step, and no more than the epoch has left.
 CPU_CHUNK_BYTES = 1 << 20
 GPU_CHUNK_BYTES = 1 << 29
+# the drawing thread looks for a chunk to draw this often, and after this long without one waits to be woken
+POLL_S = 0.001
+IDLE_S = 1.0
 
 
 def chunk_bytes(device: torch.device) -> int:
@@ -51,11 +61,42 @@ def draws_ahead(device: torch.device) -> bool:
     return device.type == "cpu" and torch.get_num_threads() * threads.local_ranks() < threads.usable_cpus()
 
 
+class _Drawer:
+    """A thread that runs the functions submitted to it, one after another, each one's result in a Future. It looks
+    for the next one every ``POLL_S`` seconds, so that submitting one wakes nothing; once it has had none for
+    ``IDLE_S`` seconds it waits for one, and the next submission wakes it."""
+
+    def __init__(self) -> None:
+        self.work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="iwae-minibatches", daemon=True).start()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self.work.put((future, function, args))
+        return future
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            try:
+                waited = time.monotonic() - idle_since >= IDLE_S
+                future, function, args = self.work.get() if waited else self.work.get_nowait()
+            except queue.Empty:
+                time.sleep(POLL_S)
+                continue
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(*args))
+                except BaseException as error:  # raised again where the result is taken
+                    future.set_exception(error)
+            idle_since = time.monotonic()
+
+
 @functools.cache
-def _drawer(pid: int) -> ThreadPoolExecutor:
+def _drawer(pid: int) -> _Drawer:
     """The thread that draws chunks ahead in process ``pid`` (one per process, as chunks are drawn one after
     another; a forked child, which has no thread of its parent's, makes its own)."""
-    return ThreadPoolExecutor(1, thread_name_prefix="iwae-minibatches")
+    return _Drawer()
 
 
 @dataclass
