@@ -79,8 +79,8 @@ class _Drawer:
         idle_since = time.monotonic()
         while True:
             try:
-                waited = time.monotonic() - idle_since >= IDLE_S
-                future, function, args = self.work.get() if waited else self.work.get_nowait()
+                idle = time.monotonic() - idle_since >= IDLE_S
+                future, function, args = self.work.get() if idle else self.work.get_nowait()
             except queue.Empty:
                 time.sleep(POLL_S)
                 continue
