@@ -392,8 +392,9 @@ class CellResult:
 
 
 def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResult:
-    """The results of a cell's runs as far as they got (an unfinished seed has no NLL)."""
-    result = CellResult(cell.name, list(range(seeds)), [], [], None, "", 0.0, None, {}, missing)
+    """The results of a cell's runs as far as they got (an unfinished seed has no NLL); ``missing``, why its data
+    is absent, kept while a seed is unfinished (a finished cell's row comes from its run files)."""
+    result = CellResult(cell.name, list(range(seeds)), [], [], None, "", 0.0, None, {})
     rates: list[float] = []
     for seed in range(seeds):
         path = run_dir(out, cell.name, seed)
@@ -412,6 +413,7 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
                 result.wall_time_s += metrics[-1]["wall_time_s"] / metrics[-1].get("stacked_seeds", 1)
         result.curves[seed] = [(m["epoch"], m["test_bound"]) for m in metrics]
     result.steps_per_s = statistics.fmean(rates) if rates else None
+    result.missing = missing if None in result.nll else None
     return result
 
 
@@ -438,9 +440,9 @@ def rows(table: str, out: Path, cells: list[Cell], options: Options, missing: di
     published = PUBLISHED[table]
     table_rows, results = [], []
     for cell in cells:
-        reason = None if cell_finished(out, cell, options) else missing.get(cell.settings["dataset"])
-        result = collect(out, cell, options.seeds, None if reason is None else
-                         f"data missing: {cell.settings['dataset']} (see Missing)")
+        dataset = cell.settings["dataset"]
+        result = collect(out, cell, options.seeds,
+                         f"data missing: {dataset} (see Missing)" if dataset in missing else None)
         results.append(result)
         mean, sd = summary(result.nll)
         paper: Published | None = published.get(cell.name)
