@@ -56,9 +56,8 @@ def load(path: Path) -> Any:
     return torch.load(content, map_location="cpu", weights_only=True)
 
 
-def _changed_record(archive: Path | IO[bytes]) -> str | None:
-    """The first record of the zip ``archive`` (a path or a file) whose bytes no longer match their CRC-32, or None if
-    all match."""
+def _changed_record(archive: IO[bytes]) -> str | None:
+    """The first record of the zip file ``archive`` whose bytes no longer match their CRC-32, or None if all match."""
     try:
         with zipfile.ZipFile(archive) as opened:
             return opened.testzip()
