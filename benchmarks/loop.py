@@ -9,18 +9,18 @@ steps, the step's compilation left out) and over ``epoch_wall_s`` (test bound an
     python benchmarks/loop.py step [--k 1 50] [--batch-size 20] [--epochs 2] [--rounds 3] [--threads 1]
                                    [--bare-steps 500] [--estimator standard] [--matmul default] [--examples N]
                                    [--device cpu]
-        The command with ``--compile``, its progress bar on a pseudo-terminal, by turns with the bare compiled
-        step (``iwae.training.lone.lone_timing_step`` on a fixed random binary minibatch of B x 784, in a process
-        of its own, timed over ``--bare-steps`` steps before and after each run; on a GPU, the step's CUDA graph
-        replayed, timed until the GPU has finished them). Prints the medians (over rounds
-        and epochs) of ``loop`` (examples_per_s) and ``wall`` (over epoch_wall_s, from the second epoch on: the
-        first holds the command's start) and their ratios to the bare step's; and the fastest epoch over the
-        fastest bare timing (on a machine that other work slows by turns, the least disturbed of each). Both sides
-        run ``--threads`` torch threads (the command's through ``OMP_NUM_THREADS``) on the ``--matmul`` path.
-        A second bare step, timed by turns with the first, trains the model as the command starts it on
-        ``--bare-steps`` distinct minibatches of the command's data, binarized beforehand (a new one every step,
-        as in the loop): the step on the data the loop gives it, whose cost beyond the fixed minibatch's is the
-        data's, not the loop's; its line gives the loop's ratios to it.
+        The command with ``--compile``, its progress bar on a pseudo-terminal, by turns with the bare compiled step
+        (``iwae.training.lone.lone_timing_step`` on a fixed random binary minibatch of B x 784, timed over
+        ``--bare-steps`` steps after as many untimed, before and after each run, each time in a new process, as each run
+        of the command is one; on a GPU, the step's CUDA graph replayed, timed until the GPU has finished them). Prints
+        the medians (over rounds and epochs) of ``loop`` (examples_per_s) and ``wall`` (over epoch_wall_s, from the
+        second epoch on: the first holds the command's start) and their ratios to the bare step's; and the fastest epoch
+        over the fastest bare timing (on a machine that other work slows by turns, the least disturbed of each). Both
+        sides run ``--threads`` torch threads (the command's through ``OMP_NUM_THREADS``) on the ``--matmul`` path. A
+        second bare step, timed by turns with the first, trains the model as the command starts it on ``--bare-steps``
+        distinct minibatches of the command's data, binarized beforehand (a new one every step, as in the loop): the
+        step on the data the loop gives it, whose cost beyond the fixed minibatch's is the data's, not the loop's; its
+        line gives the loop's ratios to it.
 
     python benchmarks/loop.py shared [--k 1 50] [--policies iwae torch one passive spin1000] [--epochs 3]
         For each thread policy, with the command's defaults (DReG; compiled or not as it chooses), B = 20,
@@ -187,26 +187,29 @@ def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], fo
     train_args = [*data_args, "--k", str(k), "--estimator", args.estimator, "--batch-size", str(args.batch_size),
                   "--epochs", str(args.epochs), "--matmul", args.matmul, "--compile"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    with OwnProcess(bare_step, k, args.batch_size, args.estimator, args.device, data_args, args.bare_steps,
-                    matmul_path=args.matmul) as worker:
-        runners = {name: worker.runner(name) for name in ("bare", "real")}
 
-        def bare_rates() -> None:
-            for name, run in runners.items():
+    def bare_rates() -> None:
+        """Time the bare steps in a process of their own, as each of the command's runs has its own: a process's
+        speed differs from another's by a few percent, so that neither side rests on one process's."""
+        with OwnProcess(bare_step, k, args.batch_size, args.estimator, args.device, data_args, args.bare_steps,
+                        matmul_path=args.matmul) as worker:
+            for name in timings:
+                run = worker.runner(name)
+                run(args.bare_steps)
                 start = time.perf_counter()
                 run(args.bare_steps)
                 timings[name].append(args.bare_steps * args.batch_size / (time.perf_counter() - start))
 
-        timings: dict[str, list[float]] = {"bare": [], "real": []}
-        epochs: list[EpochRate] = []
+    timings: dict[str, list[float]] = {"bare": [], "real": []}
+    epochs: list[EpochRate] = []
+    bare_rates()
+    for _ in range(args.rounds):
+        run = Path(tempfile.mkdtemp(dir=folder)) / "run"
+        code, tail = on_terminal(train_command(run, *train_args, device=args.device), env)
+        if code:
+            raise RuntimeError(f"iwae train exited with {code}:\n{tail}")
+        epochs += epoch_rates(run)
         bare_rates()
-        for _ in range(args.rounds):
-            run = Path(tempfile.mkdtemp(dir=folder)) / "run"
-            code, tail = on_terminal(train_command(run, *train_args, device=args.device), env)
-            if code:
-                raise RuntimeError(f"iwae train exited with {code}:\n{tail}")
-            epochs += epoch_rates(run)
-            bare_rates()
     bares, reals = timings["bare"], timings["real"]
     step_rate, real_rate = statistics.median(bares), statistics.median(reals)
     loop_rate = statistics.median(e.steps for e in epochs)
