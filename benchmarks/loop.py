@@ -187,6 +187,8 @@ def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], fo
     train_args = [*data_args, "--k", str(k), "--estimator", args.estimator, "--batch-size", str(args.batch_size),
                   "--epochs", str(args.epochs), "--matmul", args.matmul, "--compile"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    timings: dict[str, list[float]] = {"bare": [], "real": []}  # examples/s of each bare step, a timing per process
+    epochs: list[EpochRate] = []
 
     def bare_rates() -> None:
         """Time the bare steps in a process of their own, as each of the command's runs has its own: a process's
@@ -200,8 +202,6 @@ def loop_against_step(k: int, args: argparse.Namespace, data_args: list[str], fo
                 run(args.bare_steps)
                 timings[name].append(args.bare_steps * args.batch_size / (time.perf_counter() - start))
 
-    timings: dict[str, list[float]] = {"bare": [], "real": []}
-    epochs: list[EpochRate] = []
     bare_rates()
     for _ in range(args.rounds):
         run = Path(tempfile.mkdtemp(dir=folder)) / "run"
