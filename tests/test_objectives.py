@@ -207,6 +207,8 @@ def test_refused_combinations_name_the_problem() -> None:
         loss(model, x, "iwea", k=5)
     with pytest.raises(ValueError, match="m must be a positive integer dividing k"):
         loss(model, x, "piwae", k=10, m=3)
+    with pytest.raises(ValueError, match="m must be a positive integer dividing k"):
+        loss(model, x, "miwae", k=4, m=True)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         loss(model, x, "iwae", k=0)
     with pytest.raises(ValueError, match="beta must lie in"):

@@ -87,6 +87,25 @@ def test_compiled_step_equals_eager_on_linear_gaussian(objective: str, estimator
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step_equals_eager_in_float64(backend: str) -> None:
+    """In float64 the compiled step takes eager's steps to float64 rounding, its 0-d parameter (the likelihood's
+    log sigma) included."""
+    torch.manual_seed(0)
+    model = LinearGaussian(6, 3).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    spec = Objective("iwae", 4)
+    eager, eager_step, _ = run_steps(model, x, spec, "dreg", compile=False, steps=3)
+    compiled, compiled_step, _ = run_steps(model, x, spec, "dreg", compile=backend, steps=3)
+    assert compiled_step.compiled
+    assert compiled_step.bound_sum.item() == pytest.approx(eager_step.bound_sum.item(), rel=1e-12)
+    for (name, before), p, q in zip(model.named_parameters(), eager.parameters(), compiled.parameters(),
+                                    strict=True):
+        assert (p - before).abs().max() > 1e-4, f"{name} did not move"
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-15, msg=name)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("layers", "objective", "estimator"), BURDA_CASES)
 def test_compiled_step_equals_eager_on_burda_models(layers: int, objective: str, estimator: str) -> None:
     torch.manual_seed(0)

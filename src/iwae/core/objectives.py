@@ -73,7 +73,8 @@ class Objective:
                                known=", ".join(OBJECTIVES))
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise SettingError("{0} must be a positive integer number of samples; got {0}={k}", ("k",), k=self.k)
-        if self.name in SETTING_READERS["m"] and (not isinstance(self.m, int) or self.m < 1 or self.k % self.m):
+        if self.name in SETTING_READERS["m"] and (isinstance(self.m, bool) or not isinstance(self.m, int)
+                                                  or self.m < 1 or self.k % self.m):
             raise SettingError("{0} must be a positive integer dividing {1} for {name}; got {0}={m}, {1}={k}",
                                ("m", "k"), name=self.name, m=self.m, k=self.k)
         if self.name == "ciwae" and not 0.0 <= self.beta <= 1.0:

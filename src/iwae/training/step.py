@@ -77,7 +77,7 @@ class TrainStep:
         self.reduction, self.all_reduce = reduction, all_reduce
         self.params = list(optimizer.param_groups[0]["params"])
         device = self.params[0].device
-        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float64, device=device)
         self.bound_sum = torch.zeros(bound_shape, dtype=torch.float64, device=device)
         group, state = optimizer.param_groups[0], optimizer.state
         self._hyper = {"beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"],
@@ -172,12 +172,19 @@ def adam_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     has its first moment decay by beta1 at every step, into the denormal floats, which a CPU computes many times
     more slowly than normal ones, at every step from then on. The update such a moment would make is below the
     rounding of every parameter that is not itself within a few powers of ten of the smallest float.
+
+    The bias corrections are computed in each parameter's precision (the step counts are float32 tensors, as
+    torch.optim.Adam keeps them; ``lr`` is rounded to it from any precision), and a 0-d parameter and its moments
+    are updated through 1-d views: torch.compile (2.13) drops an in-place write to a 0-d float64 tensor made under
+    ``torch.no_grad``.
     """
     for step in steps:
         step += 1
-    step_sizes = torch.stack([lr / (1 - beta1**step) for step in steps])
-    correction_sqrts = torch.stack([(1 - beta2**step).sqrt() for step in steps])
-    for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+    counts = [step.to(param.dtype) for step, param in zip(steps, params, strict=True)]
+    step_sizes = torch.stack([lr.to(t.dtype) / (1 - beta1**t) for t in counts])
+    correction_sqrts = torch.stack([(1 - beta2**t).sqrt() for t in counts])
+    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        param, grad, exp_avg, exp_avg_sq = (t.view(1) if t.dim() == 0 else t for t in tensors)
         tiny = torch.finfo(param.dtype).tiny
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg.masked_fill_(exp_avg.abs() < tiny, 0.0)
