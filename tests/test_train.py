@@ -372,6 +372,25 @@ def test_sigkill_at_random_moments_leaves_a_checkpoint_to_resume_exactly(
     assert [record["epoch"] for record in rundir.read_metrics(run)] == list(range(1, EPOCHS + 1))
 
 
+def test_a_run_stopped_before_its_first_step_resumes_exactly(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # killed before its first step, a run holds only the checkpoint written at its start (no Adam state yet)
+    config = tiny_config(tiny_dataset, matmul="default")
+    lone_run.train(config, tmp_path / "whole", progress=False)
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lone_run, "fit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            lone_run.train(config, tmp_path / "run", progress=False)
+    assert checkpoint.load(tmp_path / "run")["optimizer"] is None
+    lone_run.resume(tmp_path / "run", progress=False)
+    assert_same_parameters(tmp_path / "whole", tmp_path / "run")
+
+
 def test_resume_refuses_to_lose_a_checkpointed_epochs_record(
     tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -119,7 +119,8 @@ def _damage(state: dict[str, Any]) -> str | None:
             model = _model(state)
         expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         saved = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
-        moments = {int(index): moment for index, moment in state["optimizer"]["state"].items()}
+        optimizer = state["optimizer"]  # None in the checkpoint a run writes at its start, before its first step
+        moments = {} if optimizer is None else {int(index): moment for index, moment in optimizer["state"].items()}
         parameters = [tuple(parameter.shape) for parameter in model.parameters()]
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         return f"its configuration, model or optimizer entry is not what iwae writes ({type(error).__name__}: {error})"
