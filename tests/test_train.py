@@ -264,6 +264,22 @@ def test_a_fresh_run_never_overwrites_an_existing_one(tiny_dataset: str, tmp_pat
     assert (run / rundir.CHECKPOINT).read_bytes() == saved
 
 
+def test_a_directory_in_the_way_of_a_new_run_is_named_for_what_it_holds(tiny_dataset: str, tmp_path: Path) -> None:
+    config = tiny_config(tiny_dataset, epochs=1)
+    stopped = tmp_path / "stopped"  # killed between writing its configuration and its first checkpoint
+    stopped.mkdir()
+    (stopped / rundir.CONFIG).write_text(json.dumps(asdict(config)))
+    with pytest.raises(rundir.RunDirError, match="stopped before its first checkpoint, with nothing to resume; "
+                                                 "delete the directory and run the same command again"):
+        lone_run.train(config, stopped, progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(rundir.RunDirError, match="holds files that are not a run's; choose a new --out"):
+        lone_run.train(config, other, progress=False)
+    assert [path.name for path in other.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("IWAE_DATA_DIR"), reason="needs the MNIST files: set IWAE_DATA_DIR")
 def test_a_short_mnist_run_learns(tmp_path: Path) -> None:

@@ -62,10 +62,14 @@ def create(run_dir: Path) -> Path:
             or written.
     """
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise RunDirError(
-            f"run directory {run_dir} already exists and is not empty; choose a new --out, "
-            f"or continue that run with: iwae train --resume {run_dir}"
-        )
+        if (run_dir / CHECKPOINT).is_file() or (run_dir / STACK).is_file():
+            what = f"holds a run; choose a new --out, or continue that run with: iwae train --resume {run_dir}"
+        elif (run_dir / CONFIG).is_file():  # killed between writing its configuration and its first checkpoint
+            what = ("holds a run stopped before its first checkpoint, with nothing to resume; delete the directory "
+                    "and run the same command again, or choose a new --out")
+        else:
+            what = "holds files that are not a run's; choose a new --out"
+        raise RunDirError(f"run directory {run_dir} already exists and {what}")
     check_writable(run_dir)  # names a file in the way
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
