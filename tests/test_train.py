@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import messages, same_matmul_as
 
+import iwae
 from iwae import cli, data, plots
 from iwae.eval import splits
 from iwae.platform import files
@@ -262,6 +263,16 @@ def test_a_fresh_run_never_overwrites_an_existing_one(tiny_dataset: str, tmp_pat
     with pytest.raises(rundir.RunDirError, match="already exists"):
         lone_run.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
     assert (run / rundir.CHECKPOINT).read_bytes() == saved
+
+
+def test_the_run_functions_take_their_directory_as_a_string(tiny_dataset: str, tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    assert iwae.train(tiny_config(tiny_dataset, epochs=1, matmul="default"), run, progress=False) is None
+    assert iwae.resume(run, progress=False) is None  # finished: nothing to train, and no evaluation asked for
+    assert iwae.evaluate_run(run, k=2, examples=4)["k"] == 2
+    stacked = str(tmp_path / "stacked")
+    configs = [tiny_config(tiny_dataset, epochs=1, seed=seed) for seed in (0, 1)]
+    assert iwae.train_stacked(configs, stacked, progress=False) == [None, None]
 
 
 def test_a_directory_in_the_way_of_a_new_run_is_named_for_what_it_holds(tiny_dataset: str, tmp_path: Path) -> None:

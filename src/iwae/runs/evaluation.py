@@ -97,7 +97,7 @@ def load_examples(
 
 
 def evaluate_run(
-    run_dir: Path,
+    run_dir: Path | str,
     *,
     k: int = DEFAULT_K,
     split: str = "test",
@@ -136,6 +136,7 @@ def evaluate_run(
       ``nll``, ``nll_se`` (over examples of -log (1/k) sum_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g keyed by
       g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used.
     """
+    run_dir = Path(run_dir)
     for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         check_integer(value, name, 1)
     rundir.check_writable(run_dir, EVALUATE_FIX)

@@ -46,7 +46,7 @@ def _lone_outputs(run_dir: Path, progress: bool | None) -> Outputs:
                    progress=progress, name=f"train {run_dir.name}")
 
 
-def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> dict[str, Any] | None:
+def train(config: TrainConfig, run_dir: Path | str, *, progress: bool | None = None) -> dict[str, Any] | None:
     """Train a new run in ``run_dir`` (which must not exist, or be empty) and evaluate it.
 
     Returns:
@@ -56,6 +56,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
       ValueError (DataError, RunDirError): for an unusable dataset or run directory, before anything is
         written; ``Interrupted`` after checkpointing on SIGINT/SIGTERM.
     """
+    run_dir = Path(run_dir)
     device = resolve_device(config.device)
     config = replace(config, device=str(device), threads=use_threads(config.threads))
     dataset = load_training_data(config, device)
@@ -82,7 +83,7 @@ def train(config: TrainConfig, run_dir: Path, *, progress: bool | None = None) -
         return finish(config, run_dir, device, progress, dataset)
 
 
-def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bool | None = None
+def resume(run_dir: Path | str, changes: dict[str, Any] | None = None, *, progress: bool | None = None
            ) -> dict[str, Any] | None:
     """Continue the run in ``run_dir`` from its checkpoint, and evaluate it when it finishes.
 
@@ -93,6 +94,7 @@ def resume(run_dir: Path, changes: dict[str, Any] | None = None, *, progress: bo
       CheckpointError: for a missing or unreadable checkpoint. ValueError: naming every setting in
         ``changes`` that differs from the run's. RunInUseError: while another process trains or evaluates the run.
     """
+    run_dir = Path(run_dir)
     with runlock.locked(run_dir) if distributed.rank() == 0 and run_dir.is_dir() else nullcontext():
         saved = checkpoint.load(run_dir)
         config = resumed_config(saved["config"], changes, run_dir)

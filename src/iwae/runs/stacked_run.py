@@ -44,11 +44,12 @@ def check_configs(configs: list[TrainConfig]) -> None:
         raise ValueError("the seeds of a stack must share every setting but the seed and --init-from")
 
 
-def train_stacked(configs: list[TrainConfig], out: Path, *, progress: bool | None = None,
+def train_stacked(configs: list[TrainConfig], out: Path | str, *, progress: bool | None = None,
                   beside_finished: bool = False) -> list[dict | None]:
     """Train one run per configuration (same settings, distinct seeds) together into OUT/seed-<seed>, and
     evaluate each; returns the evaluations (None where ``eval_k`` is 0). OUT must be new or empty, or, with
     ``beside_finished``, may hold the finished runs of other seeds (whose stack record the new one replaces)."""
+    out = Path(out)
     check_configs(configs)
     device = resolve_device(configs[0].device)
     dataset = lone_run.load_training_data(configs[0], device)
