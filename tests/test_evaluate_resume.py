@@ -18,7 +18,8 @@ import torch
 from conftest import flip_a_bit_inside, messages
 
 from iwae.cli import main
-from iwae.runs import resumable, rundir
+from iwae.platform import gemm
+from iwae.runs import evaluation, resumable, rundir
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 16 test examples one per batch, 100 passes each: long enough to be killed in the middle
@@ -207,3 +208,15 @@ def test_a_read_only_run_directory_is_refused_before_any_work(method: str, run: 
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     assert not list(run.glob("eval*"))
     assert rundir.CHECKPOINT in {p.name for p in run.iterdir()}
+
+
+def test_an_evaluation_records_the_matmul_path_that_repeats_it(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    first = evaluation.evaluate_run(copy, k=20, examples=8, seed=3)  # the path timed as the faster
+    assert first["matmul"] in gemm.PATHS
+    for path in gemm.PATHS:
+        again = evaluation.evaluate_run(copy, k=20, examples=8, seed=3, matmul=path)
+        assert again["matmul"] == path
+        if path == first["matmul"]:
+            assert numbers(again) == numbers(first)

@@ -153,7 +153,8 @@ def evaluate_run(
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
                                          progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
-    result = _result(run_dir, loaded, split, state["epoch"], k, seed, stats, variances, time.perf_counter() - start)
+    result = _result(run_dir, loaded, split, state["epoch"], k, seed, stats, variances, time.perf_counter() - start,
+                     pieces.chosen["matmul"])
     distributed.on_rank_zero(lambda: rundir.write_json(out, result))
     pieces.remove()
     return result
@@ -241,7 +242,7 @@ def _check_time(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batc
 
 
 def _result(run_dir: Path, loaded: data.Dataset, split: str, epoch: int, k: int, seed: int, stats: WeightStatistics,
-            variances: list[Tensor], seconds: float) -> dict[str, Any]:
+            variances: list[Tensor], seconds: float, matmul: str) -> dict[str, Any]:
     """An evaluation's result (see ``evaluate_run``) from the statistics of its examples."""
     nll = -stats.log_likelihood.cpu()
     n = len(nll)
@@ -264,6 +265,7 @@ def _result(run_dir: Path, loaded: data.Dataset, split: str, epoch: int, k: int,
         "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
         "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
         "time_s": round(seconds, 2),
+        "matmul": matmul,
     }
 
 
