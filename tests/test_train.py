@@ -275,6 +275,26 @@ def test_the_run_functions_take_their_directory_as_a_string(tiny_dataset: str, t
     assert iwae.train_stacked(configs, stacked, progress=False) == [None, None]
 
 
+def test_a_run_on_a_file_named_relative_to_its_directory_is_found_from_anywhere(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    for folder in (work, elsewhere):
+        folder.mkdir()
+    shutil.copy(tiny_dataset, work / "mine.npz")
+    monkeypatch.chdir(work)
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, 12, signal.SIGINT)  # in epoch 2 of 3
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(tiny_config("mine.npz", matmul="default"), work / "run", progress=False)
+    assert rundir.read_json(work / "run" / rundir.CONFIG)["dataset"] == str(work / "mine.npz")
+    with pytest.raises(ValueError, match="different configuration: dataset"):
+        lone_run.resume(work / "run", {"dataset": "../elsewhere/mine.npz"}, progress=False)
+    lone_run.resume(work / "run", {"dataset": "mine.npz"}, progress=False)  # the same file, named as at the start
+    monkeypatch.chdir(elsewhere)
+    assert evaluation.evaluate_run(work / "run", k=2)["dataset"] == str(work / "mine.npz")
+
+
 def test_a_directory_in_the_way_of_a_new_run_is_named_for_what_it_holds(tiny_dataset: str, tmp_path: Path) -> None:
     config = tiny_config(tiny_dataset, epochs=1)
     stopped = tmp_path / "stopped"  # killed between writing its configuration and its first checkpoint

@@ -139,6 +139,13 @@ def load(
     return Dataset(key, tensors["train"], tensors["test"], binarization, tensors.get("valid"), image_shape)
 
 
+def recorded_name(name: PathLike) -> str:
+    """The name a run records for dataset ``name``: a catalogue name as it is, the path of a user's .npy/.npz file
+    made absolute, so that the run's data is found from whatever directory it is resumed or evaluated in."""
+    key = os.fspath(name)
+    return str(Path(key).expanduser().absolute()) if key.endswith((".npy", ".npz")) else key
+
+
 def _spec(key: str, split: Split) -> _Spec | None:
     """How to read the dataset named ``key`` (None for a user's file), checked to have ``split``."""
     spec = _SPECS.get(key)

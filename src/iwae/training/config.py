@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from iwae.core.objectives import Objective
+from iwae.data import recorded_name
 from iwae.models import sbn_widths
 from iwae.platform import gemm
 from iwae.platform.device import resolve_device
@@ -77,6 +78,7 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        self.dataset = recorded_name(self.dataset)
         if self.model != "burda":
             sbn_widths(self.model)  # validates the name
         # validates the objective's name, k, m, beta and alpha, and the estimator for it and the model's q
@@ -166,6 +168,9 @@ def resumed_config(saved: dict[str, Any], changes: dict[str, Any] | None, run_di
     changes = dict(changes or {})
     if "device" in changes:
         changes["device"] = str(resolve_device(changes["device"]))  # compared as resolved, like the saved one
+    if "dataset" in changes:  # both compared as runs record them (older runs saved a user's file as given)
+        changes["dataset"] = recorded_name(changes["dataset"])
+        saved = {**saved, "dataset": recorded_name(saved["dataset"])}
     differing = [key for key, value in changes.items() if key not in RUNTIME_KEYS and saved.get(key) != value]
     if differing:
         listed = ", ".join(f"{key} (run: {saved.get(key)!r}, given: {changes[key]!r})" for key in differing)
