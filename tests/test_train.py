@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import messages, same_matmul_as
@@ -293,6 +294,33 @@ def test_a_run_on_a_file_named_relative_to_its_directory_is_found_from_anywhere(
     lone_run.resume(work / "run", {"dataset": "mine.npz"}, progress=False)  # the same file, named as at the start
     monkeypatch.chdir(elsewhere)
     assert evaluation.evaluate_run(work / "run", k=2)["dataset"] == str(work / "mine.npz")
+
+
+def test_a_run_knows_its_file_again_changed_or_moved(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine, moved = tmp_path / "mine.npz", tmp_path / "moved" / "mine.npz"
+    shutil.copy(tiny_dataset, mine)
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, 12, signal.SIGINT)  # in epoch 2 of 3
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(tiny_config(str(mine), matmul="default"), run, progress=False)
+    assert rundir.read_json(run / rundir.CONFIG)["dataset_sha256"] == data.user_file_sha256(mine)
+    original = mine.read_bytes()
+    arrays = dict(np.load(mine))
+    np.savez(mine, train=arrays["train"][::-1], test=arrays["test"])  # the same shape, other data
+    for use in (lambda: lone_run.resume(run, progress=False), lambda: evaluation.evaluate_run(run, k=2)):
+        with pytest.raises(data.DataError, match=f"{mine} has changed since the run started on it"):
+            use()
+    moved.parent.mkdir()
+    moved.write_bytes(original)
+    shutil.copy(mine, tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="different configuration: dataset"):  # not the run's file
+        lone_run.resume(run, {"dataset": str(tmp_path / "other.npz")}, progress=False)
+    lone_run.resume(run, {"dataset": str(moved)}, progress=False)
+    assert rundir.read_json(run / rundir.CONFIG)["dataset"] == str(moved)
+    assert evaluation.evaluate_run(run, k=2)["dataset"] == str(moved)
 
 
 def test_a_directory_in_the_way_of_a_new_run_is_named_for_what_it_holds(tiny_dataset: str, tmp_path: Path) -> None:

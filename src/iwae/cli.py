@@ -423,7 +423,8 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         if config.get("model", "burda") != "burda":
             raise UsageError(f"{args.run}'s model ({config['model']}) has discrete latents, which the reparameterized "
                              "estimators measured here cannot train; diagnose a run of the burda model, or --toy")
-        loaded = data.load(config["dataset"], config["data_dir"], split=config["data_split"]).to(device)
+        loaded = data.load(config["dataset"], config["data_dir"], split=config["data_split"],
+                           sha256=config.get("dataset_sha256")).to(device)
         x = splits.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
         snr_diagnostics.check_snr_memory(model, x.shape[1], len(x), args.k, device)
         title = f"{args.run.name} (epoch {state['epoch']})"

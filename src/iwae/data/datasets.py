@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from iwae.data.batching import binarize
-from iwae.data.catalogue import FILES
+from iwae.data.catalogue import FILES, file_digest
 from iwae.data.errors import DataError
 from iwae.data.formats import read_amat, read_chardata, read_idx_images, read_user_arrays
 from iwae.data.sources import locate
@@ -85,6 +85,7 @@ def load(
     split: Split = "paper",
     test_fraction: float = 0.1,
     eval_seed: int = 0,
+    sha256: str | None = None,
 ) -> Dataset:
     """Load a dataset by name, or a user's array file, into memory.
 
@@ -92,13 +93,11 @@ def load(
         ``mnist``: LeCun's IDX files, 60,000 train / 10,000 test, dynamic. ``split="code"``: the official
             IWAE code's split, the first 59,600 training images for training and the last 400 as ``valid``.
         ``fashion-mnist``: Zalando's IDX files, 60,000 / 10,000, dynamic.
-        ``binarized-mnist``: Larochelle's fixed binarization, 50,000 train / 10,000 valid / 10,000 test,
-            static.
+        ``binarized-mnist``: Larochelle's fixed binarization, 50,000 train / 10,000 valid / 10,000 test, static.
         ``omniglot``: the IWAE paper's 28x28 ``chardata.mat``, 24,345 train / 8,070 test, dynamic.
             ``split="code"``: the official code's split, the training set shuffled by
             ``numpy.random.RandomState(123).permutation`` and its last 1,345 held out as ``valid``.
-        ``digits``: scikit-learn's bundled 8x8 digits (no download), intensity/16, dynamic; the first 1,500
-            images train, the last 297 test.
+        ``digits``: scikit-learn's 8x8 digits (no download), intensity/16, dynamic; the first 1,500 train, the last 297.
         a path ending in ``.npy`` or ``.npz``: the user's (N, D) array(s) with values in [0, 1]. An .npz
             may hold ``train`` and optionally ``valid``/``test``; without ``test``, a ``test_fraction`` of
             the rows, chosen by a permutation seeded with 0, is held out as the test set. Static if every
@@ -116,10 +115,11 @@ def load(
         split: "paper" (the paper's train/test split) or "code" (the official code's held-out split).
         test_fraction: the fraction of a user's array held out as test set when the file has no ``test``.
         eval_seed: the seed of the one-time binarization of ``test`` (and of ``valid``, with seed + 1).
+        sha256: the SHA-256 that a user's file must have (the one its run recorded: ``user_file_sha256``).
 
     Raises:
-        DataError: for an unknown name, an unavailable split, a missing, unverifiable or corrupt file, or a
-            user array of the wrong shape, dtype or value range.
+        DataError: for an unknown name, an unavailable split, a missing, unverifiable, corrupt or changed file, or
+            a user array of the wrong shape, dtype or value range.
     """
     key = os.fspath(name)
     spec = _spec(key, split)
@@ -129,7 +129,7 @@ def load(
             arrays = _code_split(arrays, spec.code_holdout, spec.code_shuffle_seed)
         binarization, image_shape = spec.binarization, spec.image_shape
     else:
-        arrays, binarization, image_shape = _user_arrays(key, test_fraction)
+        arrays, binarization, image_shape = _user_arrays(key, test_fraction, sha256)
     tensors = {split_name: torch.from_numpy(np.asarray(a, np.float32)) for split_name, a in arrays.items()}
     if binarization == "dynamic":
         for offset, held_out in enumerate(("test", "valid")):
@@ -146,6 +146,15 @@ def recorded_name(name: PathLike) -> str:
     return str(Path(key).expanduser().absolute()) if key.endswith((".npy", ".npz")) else key
 
 
+def user_file_sha256(name: PathLike) -> str | None:
+    """The SHA-256 of the user's .npy/.npz file ``name``, which a run records to know its file again (changed, or
+    moved); None for a catalogue name (whose files are checked against their published checksums) or a file that
+    is not there."""
+    key = os.fspath(name)
+    path = Path(key).expanduser()
+    return file_digest(path, "sha256") if key.endswith((".npy", ".npz")) and path.is_file() else None
+
+
 def _spec(key: str, split: Split) -> _Spec | None:
     """How to read the dataset named ``key`` (None for a user's file), checked to have ``split``."""
     spec = _SPECS.get(key)
@@ -156,14 +165,15 @@ def _spec(key: str, split: Split) -> _Spec | None:
     return spec
 
 
-def _user_arrays(key: str, test_fraction: float) -> tuple[Arrays, Binarization, tuple[int, int] | None]:
+def _user_arrays(key: str, test_fraction: float, sha256: str | None
+                 ) -> tuple[Arrays, Binarization, tuple[int, int] | None]:
     """A user's .npy/.npz file's arrays (see ``load``), their binarization and image shape (square, or None)."""
     if not key.endswith((".npy", ".npz")):
         raise DataError(
             f"Dataset '{key}' is unknown; choose one of {', '.join(DATASETS)}, or give the path of a .npy or "
             ".npz file of shape (N, D) with values in [0, 1]."
         )
-    arrays = _read_user(Path(key), test_fraction)
+    arrays = _read_user(Path(key), test_fraction, sha256)
     binary = all(np.isin(array, (0, 1)).all() for array in arrays.values())
     side = math.isqrt(arrays["train"].shape[1])
     image_shape = (side, side) if side * side == arrays["train"].shape[1] else None
@@ -207,11 +217,14 @@ def _read_digits(data_dir: PathLike | None, download: bool) -> Arrays:
     return {"train": images[:-DIGITS_TEST], "test": images[-DIGITS_TEST:]}
 
 
-def _read_user(path: Path, test_fraction: float) -> Arrays:
+def _read_user(path: Path, test_fraction: float, sha256: str | None) -> Arrays:
     if not path.is_file():
         raise DataError(
             f"{path} does not exist; give the path of a .npy or .npz file of shape (N, D) with values in [0, 1]."
         )
+    if sha256 is not None and file_digest(path, "sha256") != sha256:
+        raise DataError(f"{path} has changed since the run started on it (its SHA-256 is not the one the run "
+                        "recorded); restore the file the run trained on, or start a new run on this one")
     arrays = read_user_arrays(path)
     if "test" in arrays:
         return arrays

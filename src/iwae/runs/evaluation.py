@@ -85,7 +85,8 @@ def load_examples(
     config = state["config"]
     split_protocol = config["data_split"] if dataset is None else "paper"
     if loaded is None:
-        loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol)
+        loaded = data.load(dataset or config["dataset"], data_dir or config["data_dir"], split=split_protocol,
+                           sha256=None if dataset else config.get("dataset_sha256"))
     loaded = loaded.to(torch_device)
     x = split_examples(loaded, split, seed, examples)
     if x.shape[1] != state["x_dim"]:
@@ -136,10 +137,7 @@ def evaluate_run(
       ``nll``, ``nll_se`` (over examples of -log (1/k) sum_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g keyed by
       g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used.
     """
-    run_dir = Path(run_dir)
-    for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
-        check_integer(value, name, 1)
-    rundir.check_writable(run_dir, EVALUATE_FIX)
+    run_dir = _checked(Path(run_dir), k=k, chunk_size=chunk_size, batch_size=batch_size)
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
@@ -153,8 +151,7 @@ def evaluate_run(
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
                                          progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
-    result = _result(run_dir, loaded, split, state["epoch"], k, seed, stats, variances, time.perf_counter() - start,
-                     pieces.chosen["matmul"])
+    result = _result(run_dir, loaded, split, state["epoch"], k, seed, stats, variances, start, pieces.chosen)
     distributed.on_rank_zero(lambda: rundir.write_json(out, result))
     pieces.remove()
     return result
@@ -241,9 +238,18 @@ def _check_time(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batc
                             "time_limit_s", examples=len(x), k=k)
 
 
+def _checked(run_dir: Path, **sizes: int) -> Path:
+    """``run_dir``, after refusing a size of the evaluation below 1 and a run directory it cannot write in."""
+    for name, value in sizes.items():
+        check_integer(value, name, 1)
+    rundir.check_writable(run_dir, EVALUATE_FIX)
+    return run_dir
+
+
 def _result(run_dir: Path, loaded: data.Dataset, split: str, epoch: int, k: int, seed: int, stats: WeightStatistics,
-            variances: list[Tensor], seconds: float, matmul: str) -> dict[str, Any]:
-    """An evaluation's result (see ``evaluate_run``) from the statistics of its examples."""
+            variances: list[Tensor], start: float, chosen: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's result (see ``evaluate_run``) from the statistics of its examples, started at ``start``
+    (``time.perf_counter``) with the ``chosen`` matmul path."""
     nll = -stats.log_likelihood.cpu()
     n = len(nll)
     return {
@@ -264,8 +270,8 @@ def _result(run_dir: Path, loaded: data.Dataset, split: str, epoch: int, k: int,
         "latent_units": [len(v) for v in variances],
         "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
         "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
-        "time_s": round(seconds, 2),
-        "matmul": matmul,
+        "time_s": round(time.perf_counter() - start, 2),
+        "matmul": chosen["matmul"],
     }
 
 

@@ -24,7 +24,8 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
     memory.check_fits(memory.pass_bytes(model, state["x_dim"], n, training=False), torch_device,
                       "drawing {0} {n} samples", ("n",), n=n)
     config = state["config"]
-    dataset = loaded or data.load(config["dataset"], config["data_dir"], split=config["data_split"])
+    dataset = loaded or data.load(config["dataset"], config["data_dir"], split=config["data_split"],
+                                  sha256=config.get("dataset_sha256"))
     shape = plots.image_shape(dataset.test.shape[1], dataset.image_shape)
     columns = 10 if shape[0] > 1 else 1
     out = run_dir / rundir.FIGURES

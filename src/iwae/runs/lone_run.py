@@ -31,7 +31,8 @@ from iwae.training.state import TrainingState, start
 
 def load_training_data(config: TrainConfig, device: torch.device) -> data.Dataset:
     """The run's dataset on ``device``, checked to hold a minibatch (shared among the ranks, if several)."""
-    dataset = data.load(config.dataset, config.data_dir, split=config.data_split).to(device)
+    dataset = data.load(config.dataset, config.data_dir, split=config.data_split,
+                        sha256=config.dataset_sha256).to(device)
     if config.batch_size > len(dataset.train):
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(dataset.train)} training examples of "
                          f"{config.dataset}; choose a smaller --batch-size")
@@ -58,7 +59,8 @@ def train(config: TrainConfig, run_dir: Path | str, *, progress: bool | None = N
     """
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
-    config = replace(config, device=str(device), threads=use_threads(config.threads))
+    config = replace(config, device=str(device), threads=use_threads(config.threads),
+                     dataset_sha256=data.user_file_sha256(config.dataset))
     dataset = load_training_data(config, device)
     x_dim = dataset.train.shape[1]
     check_training_memory(config, x_dim, device)

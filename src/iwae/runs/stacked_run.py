@@ -16,6 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from iwae import data
 from iwae.platform.device import resolve_device
 from iwae.platform.threads import use_threads
 from iwae.runs import checkpoint, lone_run, rundir, runlock
@@ -56,8 +57,9 @@ def train_stacked(configs: list[TrainConfig], out: Path | str, *, progress: bool
     x_dim = dataset.train.shape[1]
     preflight.check_training_memory(configs[0], x_dim, device, seeds=len(configs))
     count = use_threads(configs[0].threads)
-    configs = [resolve_compile(replace(c, device=str(device), threads=count), len(dataset.train), len(configs))
-               for c in configs]
+    digest = data.user_file_sha256(configs[0].dataset)
+    configs = [resolve_compile(replace(c, device=str(device), threads=count, dataset_sha256=digest),
+                               len(dataset.train), len(configs)) for c in configs]
     # the faster count and path on the stack's own step: its batched products may favour others than a lone run's
     count, matmul = preflight.training_threads_and_path(configs[0], x_dim, device, len(dataset.train), len(configs),
                                                         functools.partial(stacked_timing_step, seeds=len(configs)))

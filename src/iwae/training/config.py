@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from iwae.core.objectives import Objective
-from iwae.data import recorded_name
+from iwae.data import recorded_name, user_file_sha256
 from iwae.models import sbn_widths
 from iwae.platform import gemm
 from iwae.platform.device import resolve_device
@@ -45,7 +45,10 @@ class TrainConfig:
     and a run records the mode it used. ``matmul``: the float32
     matrix-multiply path (``iwae.platform.gemm``), None for the fastest one here; a run records the path it used.
     ``threads``: torch's threads (``iwae.platform.threads``), None for one per CPU that other processes leave
-    free; a run records the count it used, and resumes on it unless given another.
+    free; a run records the count it used, and resumes on it unless given another. ``dataset``: a catalogue
+    name, or a user's .npy/.npz file, which a run records by its absolute path and its SHA-256
+    (``dataset_sha256``, set when the run starts): a changed file is refused, and a moved one is named again with
+    ``dataset`` when the run is resumed.
     """
 
     dataset: str = "digits"
@@ -76,6 +79,7 @@ class TrainConfig:
     matmul: str | None = None
     init_from: str | None = None
     threads: int | None = None
+    dataset_sha256: str | None = None
 
     def __post_init__(self) -> None:
         self.dataset = recorded_name(self.dataset)
@@ -171,6 +175,9 @@ def resumed_config(saved: dict[str, Any], changes: dict[str, Any] | None, run_di
     if "dataset" in changes:  # both compared as runs record them (older runs saved a user's file as given)
         changes["dataset"] = recorded_name(changes["dataset"])
         saved = {**saved, "dataset": recorded_name(saved["dataset"])}
+        digest = saved.get("dataset_sha256")
+        if digest is not None and user_file_sha256(changes["dataset"]) == digest:  # the run's file, moved
+            saved["dataset"] = changes["dataset"]
     differing = [key for key, value in changes.items() if key not in RUNTIME_KEYS and saved.get(key) != value]
     if differing:
         listed = ", ".join(f"{key} (run: {saved.get(key)!r}, given: {changes[key]!r})" for key in differing)
