@@ -323,6 +323,21 @@ def test_a_run_knows_its_file_again_changed_or_moved(
     assert evaluation.evaluate_run(run, k=2)["dataset"] == str(moved)
 
 
+def test_an_evaluation_inside_an_epoch_says_where_in_it(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, 12, signal.SIGINT)  # in epoch 2 of 3
+        with pytest.raises(signals.Interrupted):
+            lone_run.train(tiny_config(tiny_dataset, matmul="default"), run, progress=False)
+    saved = checkpoint.load(run)
+    assert saved["epoch"] == 1 and 0 < saved["step"] < 8
+    result = evaluation.evaluate_run(run, k=2)
+    assert (result["epoch"], result["step"]) == (1, saved["step"])
+    assert f"{run} after epoch 1 and {saved['step']} minibatches of epoch 2" in evaluation.format_evaluation(result)
+
+
 def test_a_directory_in_the_way_of_a_new_run_is_named_for_what_it_holds(tiny_dataset: str, tmp_path: Path) -> None:
     config = tiny_config(tiny_dataset, epochs=1)
     stopped = tmp_path / "stopped"  # killed between writing its configuration and its first checkpoint

@@ -151,7 +151,7 @@ def evaluate_run(
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
                                          progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
-    result = _result(run_dir, loaded, split, state["epoch"], k, seed, stats, variances, start, pieces.chosen)
+    result = _result(run_dir, loaded, split, state, k, seed, stats, variances, start, pieces.chosen)
     distributed.on_rank_zero(lambda: rundir.write_json(out, result))
     pieces.remove()
     return result
@@ -246,10 +246,10 @@ def _checked(run_dir: Path, **sizes: int) -> Path:
     return run_dir
 
 
-def _result(run_dir: Path, loaded: data.Dataset, split: str, epoch: int, k: int, seed: int, stats: WeightStatistics,
-            variances: list[Tensor], start: float, chosen: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation's result (see ``evaluate_run``) from the statistics of its examples, started at ``start``
-    (``time.perf_counter``) with the ``chosen`` matmul path."""
+def _result(run_dir: Path, loaded: data.Dataset, split: str, state: dict[str, Any], k: int, seed: int,
+            stats: WeightStatistics, variances: list[Tensor], start: float, chosen: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's result (see ``evaluate_run``) from the statistics of its examples, of the checkpoint
+    ``state``, started at ``start`` (``time.perf_counter``) with the ``chosen`` matmul path."""
     nll = -stats.log_likelihood.cpu()
     n = len(nll)
     return {
@@ -257,7 +257,8 @@ def _result(run_dir: Path, loaded: data.Dataset, split: str, epoch: int, k: int,
         "dataset": loaded.name,
         "split": split,
         "examples": n,
-        "epoch": epoch,
+        "epoch": state["epoch"],
+        "step": state["step"],
         "k": k,
         "seed": seed,
         "nll": nll.mean().item(),
@@ -294,7 +295,8 @@ def format_evaluation(result: dict[str, Any]) -> str:
     k = result["k"]
     rows = [
         ("data", f"{result['dataset']} {result['split']}, {result['examples']} examples"),
-        ("checkpoint", f"{result['run']} after epoch {result['epoch']}"),
+        ("checkpoint", f"{result['run']} after epoch {result['epoch']}" + (
+            f" and {result['step']} minibatches of epoch {result['epoch'] + 1}" if result.get("step") else "")),
         (f"NLL (k={k})", f"{result['nll']:.2f} +- {result['nll_se']:.2f} nats (standard error over examples)"),
     ]
     rows += [
