@@ -218,8 +218,8 @@ def test_user_npz_binary_is_static_and_keeps_its_splits(tmp_path):
         (np.zeros((4, 0)), "has shape (4, 0); expected (N, D) with one example per row, N and D >= 1"),
         (np.array([["a", "b"], ["c", "d"]]), "has dtype <U1"),
         (np.array([[0.5, np.nan], [0.0, 1.0]]), "NaN"),
-        (np.array([[0, 255], [3, 4]], np.uint8), "values from 0 to 255"),
-        (np.array([[-0.5, 0.2], [0.0, 1.0]]), "values from -0.5 to 1.0"),
+        (np.array([[0, 255], [3, 4]], np.uint8), "values from 0 to 255; expected values in [0, 1] (divide 8-bit"),
+        (np.array([[-0.5, 0.2], [0.0, 1.0]]), "values from -0.5 to 1.0; expected values in [0, 1] (rescale them"),
     ],
 )
 def test_user_array_refused(tmp_path, array, fragment):
@@ -236,7 +236,9 @@ def test_user_npz_problems(tmp_path):
     np.savez(tmp_path / "held-out.npz", valid=np.zeros((4, 2)), test=np.zeros((4, 2)))
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
     np.save(tmp_path / "objects.npy", np.array([[0.5, None]], dtype=object))
+    np.savez(tmp_path / "empty.npz")
     cases = {
+        "empty.npz": "holds no arrays; save the training data in it, e.g. numpy.savez(path, train=x_train)",
         "keys.npz": "holds arrays ['a', 'b']",
         "widths.npz": "different widths",
         "test.npz": "holds only 'test', no 'train' array to train on; save the training data beside it, e.g. "
@@ -281,7 +283,7 @@ def test_user_test_fraction_must_leave_both_sets(tmp_path, fraction):
     np.save(tmp_path / "x.npy", np.zeros((10, 4)))
     with pytest.raises(DataError) as error:
         load(tmp_path / "x.npy", test_fraction=fraction)
-    _one_line_naming(error, "x.npy", "test_fraction")
+    _one_line_naming(error, "x.npy", "test_fraction", "save a 'test' array beside 'train'")
 
 
 def test_unknown_name_and_split(tmp_path):

@@ -233,7 +233,8 @@ def _read_user(path: Path, test_fraction: float, sha256: str | None) -> Arrays:
     if not 1 <= n_test < n:
         raise DataError(
             f"{path} has no 'test' array and test_fraction {test_fraction} of its {n} rows leaves an empty "
-            "train or test set; choose a fraction that holds out at least one row and keeps one."
+            "train or test set; save a 'test' array beside 'train' (numpy.savez(path, train=x_train, "
+            "test=x_test)), or give the file more rows."
         )
     order = np.random.default_rng(USER_SPLIT_SEED).permutation(n)
     return {**arrays, "train": arrays["train"][order[:-n_test]], "test": arrays["train"][order[-n_test:]]}

@@ -20,6 +20,7 @@ from iwae.data.errors import DataError
 _IDX_UBYTE_3D = b"\x00\x00\x08\x03"
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
+_EMPTY_ZIP_MAGIC = b"PK\x05\x06"  # a zip of no files: numpy.savez(path) with no arrays
 _CHARDATA_SIDE = 28
 
 
@@ -107,6 +108,8 @@ def read_user_arrays(path: Path) -> dict[str, np.ndarray]:
     """
     with path.open("rb") as file:
         magic = file.read(len(_NPY_MAGIC))
+    if magic.startswith(_EMPTY_ZIP_MAGIC):
+        raise DataError(f"{path} holds no arrays; save the training data in it, e.g. numpy.savez(path, train=x_train).")
     if not magic.startswith((_NPY_MAGIC, _ZIP_MAGIC)):
         raise DataError(
             f"{path} is not an array file written by numpy (it starts with neither the .npy header nor the .npz "
@@ -170,7 +173,6 @@ def check_unit_interval(array: np.ndarray, label: str) -> np.ndarray:
         raise DataError(f"{label} contains NaN or infinite values; expected real numbers in [0, 1].")
     low, high = array.min(), array.max()
     if low < 0 or high > 1:
-        raise DataError(
-            f"{label} has values from {low} to {high}; expected values in [0, 1] (divide 8-bit images by 255)."
-        )
+        fix = "divide 8-bit images by 255" if low >= 0 and high <= 255 else "rescale them into [0, 1]"
+        raise DataError(f"{label} has values from {low} to {high}; expected values in [0, 1] ({fix}).")
     return array
