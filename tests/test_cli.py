@@ -205,6 +205,13 @@ def test_unwritable_output_directory(tiny_dataset: str, tmp_path: Path, capsys: 
         assert "choose an --out that is a directory or does not exist yet" in line
 
 
+def test_evaluate_refuses_the_ais_options_for_importance_sampling(finished_run: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    line = one_line_error(capsys, ["evaluate", str(finished_run), "--k", "4", "--ais-steps", "5", "--start", "encoder"])
+    assert line.endswith("--ais-steps, --start apply to --method ais or bdmc, not to importance sampling; drop them, "
+                         "or choose --method ais or bdmc")
+
+
 def test_an_existing_run_is_never_overwritten(finished_run: Path, tiny_dataset: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     before = {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()}

@@ -167,12 +167,12 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
                       help="is: importance sampling (eval.json); ais: AIS and IS on the same examples "
                       f"({evaluate_ais.AIS_FILE}, or a file named after the setting); bdmc: bidirectional Monte Carlo "
                       f"on data simulated from the model ({evaluate_ais.BDMC_FILE}, likewise) (default: is)")
-    gold.add_argument("--ais-steps", type=int, nargs="+", default=[1000], metavar="N",
+    gold.add_argument("--ais-steps", type=int, nargs="+", metavar="N",
                       help="intermediate distributions; several values for ais draw the estimate against them "
                       "(the largest is reported) (default: 1000)")
-    gold.add_argument("--chains", type=int, default=16, metavar="C", help="AIS chains per example (default: 16)")
-    gold.add_argument("--leapfrog", type=int, default=10, metavar="L", help="leapfrog steps per HMC move (default: 10)")
-    gold.add_argument("--start", choices=("prior", "encoder"), default="prior",
+    gold.add_argument("--chains", type=int, metavar="C", help="AIS chains per example (default: 16)")
+    gold.add_argument("--leapfrog", type=int, metavar="L", help="leapfrog steps per HMC move (default: 10)")
+    gold.add_argument("--start", choices=("prior", "encoder"),
                       help="AIS starts from the prior or from q(z|x) (default: prior)")
     _threads_option(parser)
 
@@ -341,6 +341,8 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
 
 # the library's names of settings that the command line names otherwise
 _AIS_OPTIONS = {"steps": "ais_steps", "n": "examples"}
+# the options of --method ais and bdmc alone (unset: the library's defaults), by their names in ``args``
+_AIS_ONLY = {"ais_steps": "steps", "chains": "chains", "leapfrog": "leapfrog", "start": "start"}
 
 
 def _run_evaluate_ais(args: argparse.Namespace) -> None:
@@ -353,6 +355,10 @@ def _run_evaluate_ais(args: argparse.Namespace) -> None:
 
 
 def _evaluate_ais(args: argparse.Namespace) -> None:
+    for name, setting in _AIS_ONLY.items():
+        if getattr(args, name) is None:
+            default = evaluate_ais.DEFAULTS[setting]
+            setattr(args, name, [default] if name == "ais_steps" else default)
     examples = evaluate_ais.DEFAULT_EXAMPLES if args.examples is None else args.examples  # 0 is refused, not replaced
     settings = dict(chains=args.chains, leapfrog=args.leapfrog, start=args.start, k=args.k, examples=examples,
                     device=args.device, seed=args.seed, batch_size=args.batch_size, progress=True,
@@ -373,6 +379,11 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         raise UsageError(f"--checkpoint-every must be a number of seconds >= 0; got {args.save_every_s}")
     # stopped, it keeps its finished batches, and the same command (``main`` names it) continues from them
     with signals.raising_on_signal("the evaluation (its finished batches kept)", "the same command"):
+        given = [name for name in _AIS_ONLY if getattr(args, name) is not None]
+        if args.method == "is" and given:
+            options = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UsageError(f"{options} apply to --method ais or bdmc, not to importance sampling; drop them, or "
+                             "choose --method ais or bdmc")
         if args.method != "is":
             _run_evaluate_ais(args)
         else:
