@@ -257,3 +257,12 @@ def test_a_grid_of_m(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert set(json.loads((out / "slopes.json").read_text())) == {"iwae", "miwae-m1", "miwae-m2"}
     with pytest.raises(ValueError, match="must divide"):
         snr_diagnostics.check_settings("piwae", ["dreg"], [4, 6], 3, m=4)
+
+
+def test_one_k_is_measured_and_said_to_fit_no_slope(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "snr"
+    assert main(["diagnose", "snr", "--toy", "--examples", "8", "--estimators", "dreg", "--k", "4", "--draws", "3",
+                 "--out", str(out)]) == 0
+    assert "iwae: one K in --k: the SNR at it is measured, and no slope against K fitted" in capsys.readouterr().err
+    with (out / "snr.csv").open() as file:
+        assert {row["k"] for row in csv.DictReader(file)} == {"4"}
