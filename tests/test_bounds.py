@@ -10,6 +10,7 @@ import torch
 from scipy.special import logsumexp
 
 from iwae.core import bounds
+from iwae.core.objectives import Objective
 
 
 def reference(name: str, log_w: np.ndarray, param: float | int | None = None) -> np.ndarray:
@@ -97,6 +98,11 @@ def test_vr_limits(dtype: torch.dtype) -> None:
     for alpha in (-1e3, -1e5):
         gap = log_w.amax(0).double() - bounds.vr(log_w, alpha).double()
         assert (gap >= -1e-3).all() and (gap <= math.log(50) / abs(1 - alpha) + 1e-3).all()
+    # orders so large that (1 - alpha) log w overflows the dtype: the max and the min, and their one-hot weights
+    for alpha, extreme in ((-1e37, log_w.amax(0)), (1e37, log_w.amin(0))):
+        torch.testing.assert_close(bounds.vr(log_w, alpha), extreme)
+        weights = Objective("vr", 50, alpha=alpha).weights(log_w)[0]
+        assert torch.equal(weights, (log_w == extreme).to(dtype))
 
 
 def test_vr_is_non_increasing_in_alpha() -> None:

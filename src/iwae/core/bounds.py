@@ -129,17 +129,22 @@ def vr(log_w: Tensor, alpha: float) -> Tensor:
     if alpha == 1.0:
         return elbo(log_w)
     k = _num_samples(log_w)
-    scale = 1.0 - alpha
-    scaled = scale * log_w
-    shift = scaled.amax(0)
-    # an infinite maximum (only zero weights, or a zero weight raised to 1 - alpha < 0) is not subtracted, as
-    # in logsumexp, so that the bound is -inf there rather than nan
-    shift = torch.where(shift.isfinite(), shift, 0.0)
-    centred = scaled - shift
+    centred, dominant = renyi_exponents(log_w, alpha)
     # log (1/K) sum_i exp(centred_i), which is divided by (1 - alpha) below: near alpha = 1 the log1p form
     # keeps its relative precision; where one weight dominates, logsumexp does.
     mean_expm1 = torch.expm1(centred).mean(0)
     log_mean = torch.where(
         mean_expm1 > -0.5, torch.log1p(mean_expm1), torch.logsumexp(centred, 0) - math.log(k)
     )
-    return (shift + log_mean) / scale
+    return dominant + log_mean / (1.0 - alpha)
+
+
+def renyi_exponents(log_w: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """The exponents (1 - alpha)(log w_i - c) of the VR bound's sum of w_i^(1 - alpha) / w_c^(1 - alpha), and c:
+    the log-weight whose power dominates the sum (the largest for alpha < 1, the smallest for alpha > 1), so that
+    every exponent is at most 0 and none overflows, whatever alpha. An infinite c (only zero weights, or a zero
+    weight raised to 1 - alpha < 0) is taken as 0, as logsumexp does, so that the bound is -inf there, not nan."""
+    scale = 1.0 - alpha
+    dominant = log_w.amax(0) if scale > 0 else log_w.amin(0)
+    dominant = torch.where(dominant.isfinite(), dominant, 0.0)
+    return scale * (log_w - dominant), dominant

@@ -136,7 +136,7 @@ class Objective:
             return self.beta / k + (1 - self.beta) * w, self.beta / k + (1 - self.beta) * w * w
         if self.alpha == -math.inf:
             return torch.nn.functional.one_hot(log_w.argmax(0), k).movedim(-1, 0).to(log_w.dtype), None
-        v = torch.softmax((1.0 - self.alpha) * log_w, 0)
+        v = torch.softmax(bounds.renyi_exponents(log_w, self.alpha)[0], 0)
         return v, self.alpha * v + (1.0 - self.alpha) * v * v
 
 
