@@ -122,6 +122,9 @@ def test_invalid_arguments_name_the_problem() -> None:
         bounds.miwae(log_w, 4)
     with pytest.raises(ValueError, match="m must be a positive integer dividing"):
         bounds.miwae(log_w, 0)
+    with pytest.raises(ValueError, match="m must be a positive integer dividing"):
+        bounds.miwae(log_w, True)
+    torch.testing.assert_close(bounds.miwae(log_w, np.int64(2)), bounds.miwae(log_w, 2))  # numpy's integers too
     with pytest.raises(ValueError, match="beta must lie in"):
         bounds.ciwae(log_w, 1.5)
     for alpha in (math.nan, math.inf):

@@ -18,6 +18,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -66,9 +67,9 @@ def iwae(log_w: Tensor) -> Tensor:
 def group_samples(log_w: Tensor, m: int) -> Tensor:
     """Reshape (m*k, *batch) log-weights into (k, m, *batch): sample i of group j is log_w[j*k + i]."""
     total = _num_samples(log_w)
-    if not isinstance(m, int) or m < 1 or total % m:
-        raise ValueError(f"m must be a positive integer dividing the number of samples K={total}; got m={m}")
-    return log_w.reshape(m, total // m, *log_w.shape[1:]).transpose(0, 1)
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1 or total % m:
+        raise ValueError(f"m must be a positive integer dividing the number of samples K={total}; got m={m!r}")
+    return log_w.reshape(int(m), total // int(m), *log_w.shape[1:]).transpose(0, 1)
 
 
 def miwae(log_w: Tensor, m: int) -> Tensor:
