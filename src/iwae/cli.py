@@ -422,9 +422,6 @@ def _run_diagnose(args: argparse.Namespace) -> None:
                 for m in (args.m if objective in SETTING_READERS["m"] else [1])]  # M groups matter to these only
     for objective, m in settings:  # every setting is checked before any work is done
         snr_diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
-    if len(set(args.k)) < 2:
-        print("iwae: one K in --k: the SNR at it is measured, and no slope against K fitted (give two or more K)",
-              file=sys.stderr)
     if args.toy:
         toy = GaussianToy()  # its dimension's parameters only, to estimate the memory before drawing the data
         snr_diagnostics.check_snr_memory(toy, toy.mu.numel(), args.examples or 256, args.k, resolve_device("cpu"))
@@ -444,6 +441,9 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         title = f"{args.run.name} (epoch {state['epoch']})"
     snr_diagnostics.check_snr_time(model, x, settings, estimators, args.k, args.draws, beta=args.beta,
                                    limit_s=args.time_limit_s)
+    if len(set(args.k)) < 2:
+        print("iwae: one K in --k: the SNR at it is measured, and no slope against K fitted (give two or more K)",
+              file=sys.stderr)
     results = [
         snr_diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
                                  seed=args.seed, progress=True)

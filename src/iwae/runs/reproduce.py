@@ -299,7 +299,8 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
             # a run continues on the device it started on, unless this command names another
             wanted["device"] = saved.get("device") if asked_device is None else asked_device
             differing = [key for key, value in wanted.items()
-                         if key not in (*train_config.RUNTIME_KEYS, "matmul", "init_from") and saved.get(key) != value]
+                         if key not in (*train_config.RUNTIME_KEYS, "matmul", "init_from", "dataset_sha256")
+                         and saved.get(key) != value]
             if differing:
                 listed = ", ".join(f"{key} {saved.get(key)!r} (this command: {wanted[key]!r})" for key in differing)
                 options = sorted({names[key] for key in differing if key in names}) or ["the settings"]
