@@ -286,6 +286,9 @@ def test_combinations_that_are_undefined_are_refused() -> None:
         loss(model, x, "iwae", k=1, estimator="vimco")
     with pytest.raises(ValueError, match="unknown model 'sbn-0'"):
         TrainConfig(model="sbn-0", estimator="rws", epochs=1)
+    for surrogate in (score_function.vimco, score_function.rws):  # never broadcast: samples paired as drawn
+        with pytest.raises(ValueError, match=r"same shape \(K, \*batch\).*got \(3, 2\) and \(3, 1\)"):
+            surrogate(torch.zeros(3, 2), torch.zeros(3, 1))
 
 
 @pytest.mark.slow

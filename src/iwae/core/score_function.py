@@ -50,6 +50,14 @@ def check_vimco_samples(k: int) -> None:
         raise ValueError(f"vimco needs k >= 2 samples for its leave-one-out baseline; got k={k}")
 
 
+def _check_same_shape(log_p: Tensor, log_q: Tensor) -> None:
+    """Raise ValueError unless log p(x, z_i) and log q(z_i | x) come in the same shape (K, *batch): broadcast, they
+    would pair samples that were not drawn together."""
+    if log_p.shape != log_q.shape:
+        raise ValueError(f"log_p and log_q must have the same shape (K, *batch), one entry per sample z_i; got "
+                         f"{tuple(log_p.shape)} and {tuple(log_q.shape)}")
+
+
 def vimco(log_p: Tensor, log_q: Tensor) -> Tensor:
     """The VIMCO surrogate per example (see the module docstring), shape ``batch``.
 
@@ -57,6 +65,7 @@ def vimco(log_p: Tensor, log_q: Tensor) -> Tensor:
       log_p: log p(x, z_i), shape (K, *batch), K >= 2, differentiable in the generative network.
       log_q: log q(z_i | x) at the same z_i, differentiable in the inference network.
     """
+    _check_same_shape(log_p, log_q)
     k = log_p.shape[0]
     check_vimco_samples(k)
     log_w = (log_p - log_q).detach()
@@ -76,6 +85,7 @@ def vimco(log_p: Tensor, log_q: Tensor) -> Tensor:
 def rws(log_p: Tensor, log_q: Tensor) -> Tensor:
     """The reweighted wake-sleep surrogate per example (wake-phase q update; see the module docstring), shape
     ``batch``; arguments as for ``vimco``."""
+    _check_same_shape(log_p, log_q)
     weights = torch.softmax((log_p - log_q).detach(), 0)
     return weighted_sum(weights, log_p + log_q)
 

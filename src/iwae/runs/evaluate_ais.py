@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from iwae import plots
 from iwae.core import ais
+from iwae.data.catalogue import file_digest
 from iwae.eval import likelihood
 from iwae.models import DeepLatentModel
 from iwae.platform import duration, memory
@@ -266,7 +267,7 @@ def _ais_numbers(sweep: list[dict[str, Any]], result: ais.AISResult, stats: like
 def _kept(run_dir: Path, result: Path, setting: dict[str, Any], save_every_s: float | None) -> resumable.Pieces:
     """The finished batches of the evaluation with ``setting`` whose result goes to ``result``, from the run's
     current checkpoint."""
-    digest = resumable.file_digest(run_dir / rundir.CHECKPOINT)
+    digest = file_digest(run_dir / rundir.CHECKPOINT, "sha256")  # ties the pieces to their checkpoint
     return resumable.Pieces(resumable.partial_path(result), {**setting, "checkpoint": digest}, save_every_s)
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from iwae import data
+from iwae.data.catalogue import file_digest
 from iwae.eval.activity import ACTIVE_UNIT_EXAMPLES, ACTIVE_UNIT_THRESHOLD, posterior_mean_variances
 from iwae.eval.likelihood import (
     EXAMPLES_PER_PASS,
@@ -168,7 +169,7 @@ def _pieces(run_dir: Path, out: Path, setting: dict[str, Any], save_every_s: flo
     path = resumable.partial_path(out)
     if distributed.world() > 1:
         path = path.with_name(f"{path.stem}-rank{distributed.rank()}{path.suffix}")
-    digest = resumable.file_digest(run_dir / rundir.CHECKPOINT)
+    digest = file_digest(run_dir / rundir.CHECKPOINT, "sha256")  # ties the pieces to their checkpoint
     pieces = resumable.Pieces(path, {**setting, "checkpoint": digest, "world": distributed.world()}, save_every_s)
     if matmul is not None:
         pieces.chosen["matmul"] = matmul

@@ -12,7 +12,6 @@ replaces it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import sys
 import time
@@ -31,15 +30,6 @@ SAVE_EVERY_S = 30.0  # the default interval between writes of the pieces: at mos
 def partial_path(result: Path) -> Path:
     """The file of the finished pieces of the evaluation whose result goes to ``result``."""
     return result.with_name(result.stem + SUFFIX)
-
-
-def file_digest(path: Path) -> str:
-    """The SHA-256 of a file's bytes: what ties the pieces to the checkpoint they were computed from."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Pieces:
