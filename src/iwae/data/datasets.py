@@ -143,7 +143,7 @@ def recorded_name(name: PathLike) -> str:
     """The name a run records for dataset ``name``: a catalogue name as it is, the path of a user's .npy/.npz file
     made absolute, so that the run's data is found from whatever directory it is resumed or evaluated in."""
     key = os.fspath(name)
-    return str(Path(key).expanduser().absolute()) if key.endswith((".npy", ".npz")) else key
+    return str(Path(key).expanduser().absolute()) if _is_user_file(key) else key
 
 
 def user_file_sha256(name: PathLike) -> str | None:
@@ -152,7 +152,12 @@ def user_file_sha256(name: PathLike) -> str | None:
     is not there."""
     key = os.fspath(name)
     path = Path(key).expanduser()
-    return file_digest(path, "sha256") if key.endswith((".npy", ".npz")) and path.is_file() else None
+    return file_digest(path, "sha256") if _is_user_file(key) and path.is_file() else None
+
+
+def _is_user_file(key: str) -> bool:
+    """Whether dataset ``key`` names a user's .npy/.npz file rather than a catalogue dataset."""
+    return key.endswith((".npy", ".npz"))
 
 
 def _spec(key: str, split: Split) -> _Spec | None:
@@ -168,7 +173,7 @@ def _spec(key: str, split: Split) -> _Spec | None:
 def _user_arrays(key: str, test_fraction: float, sha256: str | None
                  ) -> tuple[Arrays, Binarization, tuple[int, int] | None]:
     """A user's .npy/.npz file's arrays (see ``load``), their binarization and image shape (square, or None)."""
-    if not key.endswith((".npy", ".npz")):
+    if not _is_user_file(key):
         raise DataError(
             f"Dataset '{key}' is unknown; choose one of {', '.join(DATASETS)}, or give the path of a .npy or "
             ".npz file of shape (N, D) with values in [0, 1]."

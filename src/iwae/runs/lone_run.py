@@ -59,9 +59,9 @@ def train(config: TrainConfig, run_dir: Path | str, *, progress: bool | None = N
     """
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
-    config = replace(config, device=str(device), threads=use_threads(config.threads),
-                     dataset_sha256=data.user_file_sha256(config.dataset))
+    config = replace(config, device=str(device), threads=use_threads(config.threads))
     dataset = load_training_data(config, device)
+    config = replace(config, dataset_sha256=data.user_file_sha256(config.dataset))  # once it has loaded
     x_dim = dataset.train.shape[1]
     check_training_memory(config, x_dim, device)
     config = resolve_compile(config, len(dataset.train))
