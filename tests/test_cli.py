@@ -567,3 +567,20 @@ def test_a_run_directory_that_cannot_be_locked_says_to_use_a_copy(
     line = one_line_error(capsys, ["train", "--resume", str(finished_run)])
     assert line == (f"iwae: error: cannot lock {finished_run} (writing {finished_run / runlock.LOCK}: Operation not "
                     "permitted); copy the run directory somewhere writable (cp -r RUN COPY) and use the copy")
+
+
+def test_a_run_with_one_test_example_finishes_resumes_and_draws(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # one example has no standard error: NaN in the result, null in eval.json, and NaN again where it is read back
+    rng = np.random.default_rng(0)
+    path = tmp_path / "one-test.npz"
+    np.savez(path, train=(rng.random((40, 16)) < 0.4).astype(np.float32),
+             test=(rng.random((1, 16)) < 0.4).astype(np.float32))
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", str(path), *TINY, "--eval-k", "10", "--out", str(run)]) == 0
+    assert json.loads((run / rundir.EVAL).read_text())["nll_se"] is None
+    assert (run / "figures" / "bound_vs_k.png").is_file()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert re.search(r"^NLL \(k=10\) +-?\d+\.\d\d \+- nan nats", capsys.readouterr().out, re.M)
+    assert main(["sample", str(run), "--n", "4", "--device", "cpu"]) == 0
+    assert np.isnan(evaluation.read_evaluation(run / rundir.EVAL)["bounds_se"]["10"])

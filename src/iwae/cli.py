@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import shlex
 import sys
 from dataclasses import MISSING, fields
@@ -334,8 +333,7 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
         out = args.out
     for seed, result in zip(rundir.read_json(out / stacked_run.STACK)["seeds"], results, strict=True):
         if result is not None:
-            se = math.nan if result["nll_se"] is None else result["nll_se"]  # null in JSON: one example
-            print(f"seed-{seed}: NLL {result['nll']:.2f} +- {se:.2f} nats (k={result['k']})")
+            print(f"seed-{seed}: NLL {result['nll']:.2f} +- {result['nll_se']:.2f} nats (k={result['k']})")
     print(f"run directories: {out}/seed-*")
 
 

@@ -44,6 +44,19 @@ def own_k(run_dir: Path) -> int:
     return rundir.read_json(run_dir / rundir.CONFIG).get("eval_k") or DEFAULT_K
 
 
+def read_evaluation(path: Path) -> dict[str, Any]:
+    """An evaluation result as ``evaluate_run`` returned it, from its file: the standard errors that JSON holds as
+    null (those of one example, undefined) are NaN again, as the result had them."""
+    result = rundir.read_json(path)
+    result["nll_se"] = _nan_if_null(result["nll_se"])
+    result["bounds_se"] = {g: _nan_if_null(se) for g, se in result["bounds_se"].items()}
+    return result
+
+
+def _nan_if_null(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def eval_path(run_dir: Path, split: str = "test", dataset: str | None = None, *, k: int | None = None,
               examples: int | None = None, seed: int = 0) -> Path:
     """The file that holds the evaluation of a run with these settings: one file per setting, so that no

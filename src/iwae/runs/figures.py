@@ -46,5 +46,5 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
         written.append(plots.plot_training(out / "training.png", metrics))
     own_evaluation = evaluation.eval_path(run_dir)
     if own_evaluation.is_file():
-        written.append(plots.plot_bound_vs_k(out / "bound_vs_k.png", rundir.read_json(own_evaluation)))
+        written.append(plots.plot_bound_vs_k(out / "bound_vs_k.png", evaluation.read_evaluation(own_evaluation)))
     return written

@@ -102,7 +102,7 @@ def resume(run_dir: Path | str, changes: dict[str, Any] | None = None, *, progre
         config = resumed_config(saved["config"], changes, run_dir)
         if saved["epoch"] == config.epochs and (run_dir / rundir.EVAL).is_file():
             print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
-            return rundir.read_json(run_dir / rundir.EVAL)
+            return evaluation.read_evaluation(run_dir / rundir.EVAL)
         rundir.check_metrics(run_dir, saved["epoch"])
         config = replace(config, threads=resumed_threads(config, changes))
         state = TrainingState.from_checkpoint(saved, config)

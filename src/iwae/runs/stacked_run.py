@@ -19,7 +19,7 @@ from typing import Any
 from iwae import data
 from iwae.platform.device import resolve_device
 from iwae.platform.threads import use_threads
-from iwae.runs import checkpoint, lone_run, rundir, runlock
+from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
 from iwae.training import preflight
 from iwae.training.config import TrainConfig, resolve_compile, resumed_config
 from iwae.training.loop import Outputs, fit
@@ -117,7 +117,8 @@ def _resume_stacked(out: Path, changes: dict[str, Any] | None, progress: bool | 
     if all(s.epoch == c.epochs for s, c in zip(states, configs, strict=True)) and all(
             (d / rundir.EVAL).is_file() or not c.eval_k for d, c in zip(dirs, configs, strict=True)):
         print(f"iwae: {out} finished all {configs[0].epochs} epochs already", file=sys.stderr)
-        return [rundir.read_json(d / rundir.EVAL) if c.eval_k else None for d, c in zip(dirs, configs, strict=True)]
+        return [evaluation.read_evaluation(d / rundir.EVAL) if c.eval_k else None
+                for d, c in zip(dirs, configs, strict=True)]
     if len({(state.epoch, state.step) for state in states}) != 1:
         raise ValueError(f"the seeds of {out} are at different positions; resume each with iwae train --resume")
     for path, state in zip(dirs, states, strict=True):
