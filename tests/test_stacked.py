@@ -195,3 +195,14 @@ def test_stacked_run_killed_at_random_moments_resumes_exactly(tiny_dataset: str,
             assert all(torch.equal(value, ours["optimizer"]["state"][index][key]) for key, value in moments.items())
         epochs = [m["epoch"] for m in rundir.read_metrics(run / f"seed-{seed}")]
         assert epochs == list(range(1, EPOCHS + 1))
+
+
+def test_a_finished_stack_records_its_moved_file(tiny_dataset: str, tmp_path: Path) -> None:
+    mine, moved = tmp_path / "mine.npz", tmp_path / "moved.npz"
+    mine.write_bytes(Path(tiny_dataset).read_bytes())
+    stacked_run.train_stacked([config(str(mine), seed, epochs=1) for seed in (0, 1)], tmp_path / "s", progress=False)
+    mine.rename(moved)
+    stacked_run.resume_stacked(tmp_path / "s", {"dataset": str(moved)}, progress=False)
+    for seed in (0, 1):
+        assert checkpoint.load(tmp_path / "s" / f"seed-{seed}")["config"]["dataset"] == str(moved)
+        assert evaluation.evaluate_run(tmp_path / "s" / f"seed-{seed}", k=2)["dataset"] == str(moved)

@@ -28,6 +28,7 @@ from iwae import cli, data, plots
 from iwae.eval import splits
 from iwae.platform import files
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
+from iwae.runs import figures as run_figures
 from iwae.training import config as train_config
 from iwae.training import lone, signals
 from iwae.training import step as train_step
@@ -321,6 +322,27 @@ def test_a_run_knows_its_file_again_changed_or_moved(
     lone_run.resume(run, {"dataset": str(moved)}, progress=False)
     assert rundir.read_json(run / rundir.CONFIG)["dataset"] == str(moved)
     assert evaluation.evaluate_run(run, k=2)["dataset"] == str(moved)
+
+
+@pytest.mark.parametrize("eval_k", [0, 3])
+def test_a_finished_run_records_its_moved_file_for_every_command(tiny_dataset: str, tmp_path: Path,
+                                                                   eval_k: int) -> None:
+    mine, moved = tmp_path / "mine.npz", tmp_path / "moved" / "mine.npz"
+    shutil.copy(tiny_dataset, mine)
+    run = tmp_path / "run"
+    lone_run.train(tiny_config(str(mine), epochs=1, eval_k=eval_k), run, progress=False)
+    moved.parent.mkdir()
+    mine.rename(moved)
+    for use in (lambda: evaluation.evaluate_run(run, k=2), lambda: run_figures.make_figures(run, n=2)):
+        with pytest.raises(data.DataError, match=re.escape(f"{mine}, the file the run trained on, does not exist; "
+                                                           "if it has moved, give the run its new place once with: "
+                                                           "iwae train --resume RUN --dataset NEW_PATH")):
+            use()
+    lone_run.resume(run, {"dataset": str(moved)}, progress=False)
+    assert checkpoint.load(run)["config"]["dataset"] == str(moved)
+    assert rundir.read_json(run / rundir.CONFIG)["dataset"] == str(moved)
+    assert evaluation.evaluate_run(run, k=2)["dataset"] == str(moved)
+    assert len(run_figures.make_figures(run, n=2)) >= 3
 
 
 def test_an_evaluation_inside_an_epoch_says_where_in_it(

@@ -100,6 +100,7 @@ def resume(run_dir: Path | str, changes: dict[str, Any] | None = None, *, progre
     with runlock.locked(run_dir) if distributed.rank() == 0 and run_dir.is_dir() else nullcontext():
         saved = checkpoint.load(run_dir)
         config = resumed_config(saved["config"], changes, run_dir)
+        distributed.on_rank_zero(lambda: record_moved_dataset(run_dir, saved, config.dataset))
         if saved["epoch"] == config.epochs and (run_dir / rundir.EVAL).is_file():
             print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
             return evaluation.read_evaluation(run_dir / rundir.EVAL)
@@ -116,6 +117,19 @@ def resume(run_dir: Path | str, changes: dict[str, Any] | None = None, *, progre
             distributed.on_rank_zero(lambda: rundir.write_json(run_dir / rundir.CONFIG, asdict(config)))
             fit(LoneSeed(state, state.new_model(), dataset), dataset, state, stop, _lone_outputs(run_dir, progress))
         return finish(config, run_dir, device, progress, dataset)
+
+
+def record_moved_dataset(run_dir: Path, saved: dict[str, Any], dataset: str) -> None:
+    """Record ``dataset`` as the data of the run in ``run_dir`` (checkpoint ``saved``), in its checkpoint and its
+    config.json, where it differs from the recorded one: the run's own file at a new place (``resumed_config``
+    accepts it when its SHA-256 is the recorded one), which every command then finds there, the run finished or
+    not."""
+    if dataset == saved["config"]["dataset"]:
+        return
+    recorded = {**saved["config"], "dataset": dataset}
+    checkpoint.save(run_dir, {**saved, "config": recorded})
+    rundir.write_json(run_dir / rundir.CONFIG, recorded)
+    print(f"iwae: {run_dir} now reads its data from {dataset}", file=sys.stderr)
 
 
 def resumed_threads(config: TrainConfig, changes: dict[str, Any] | None) -> int:

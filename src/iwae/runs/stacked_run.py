@@ -112,6 +112,8 @@ def _resume_stacked(out: Path, changes: dict[str, Any] | None, progress: bool | 
     saved = [checkpoint.load(path) for path in dirs]
     states = [TrainingState.from_checkpoint(s, resumed_config(s["config"], changes, path))
               for s, path in zip(saved, dirs, strict=True)]
+    for path, s, state in zip(dirs, saved, states, strict=True):
+        lone_run.record_moved_dataset(path, s, state.config.dataset)
     configs = [state.config for state in states]
     device = resolve_device(configs[0].device)
     if all(s.epoch == c.epochs for s, c in zip(states, configs, strict=True)) and all(
