@@ -10,6 +10,9 @@ import hashlib
 import http.server
 import math
 import os
+import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -247,3 +250,26 @@ def test_failed_download_leaves_nothing(server, isolated, monkeypatch, mode, fra
     assert fragment in message and f"{server}/{mode}/{remote.folder}/{remote.name}" in message
     assert "--data-dir" in message and "\n" not in message
     assert _files_under(isolated) == {}
+
+
+def test_a_download_removes_the_parts_of_killed_downloads_and_is_readable_by_all(server, isolated, monkeypatch):
+    monkeypatch.setenv("IWAE_DATA_URL", server + "/good")
+    remote = FILES["mnist"]["test"]
+    folder = isolated / remote.folder
+    folder.mkdir(parents=True)
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    host = socket.gethostname()
+    killed = folder / f".{remote.name}.{exited}@{host}.abc.part"  # its process ended without removing it
+    running = folder / f".{remote.name}.{os.getpid()}@{host}.def.part"  # a download still under way
+    other_host = folder / f".{remote.name}.{exited}@not-{host}.ghi.part"  # on a shared folder: not ours to judge
+    for part in (killed, running, other_host):
+        part.write_bytes(b"partial")
+    mask = os.umask(0o022)
+    try:
+        path = locate(remote, None, download=True)
+    finally:
+        os.umask(mask)
+    assert path.parent == folder
+    assert not killed.exists() and running.exists() and other_host.exists()
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -1,12 +1,16 @@
 """Download one catalogued file: stream it to a temporary file beside the target, verify it, rename it.
 
 The target appears only once its checksum matches, so an interrupted, truncated or altered download never
-leaves a file that a later run could mistake for the real one. The base URL can be replaced by a mirror
+leaves a file that a later run could mistake for the real one. The temporary file is named after its process
+(``.<name>.<pid>@<host>.<random>.part``), so that one left by a process that was killed (no ``except`` runs on
+SIGKILL, nor on SIGTERM's default action) is removed by the next download of the file on that host, while a
+download still running beside it is left alone. The base URL can be replaced by a mirror
 with the same layout as a data directory (``<mirror>/<folder>/<name>``) through ``IWAE_DATA_URL``.
 """
 
 import http.client
 import os
+import socket
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -39,7 +43,9 @@ def fetch(remote: RemoteFile, target: Path, how_to_supply: str) -> Path:
     """
     url = source_url(remote)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{remote.name}.", suffix=".part")
+    owner = f"{os.getpid()}@{socket.gethostname()}"
+    _remove_abandoned_parts(target.parent, remote.name)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{remote.name}.{owner}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -50,11 +56,37 @@ def fetch(remote: RemoteFile, target: Path, how_to_supply: str) -> Path:
                 f"The download of {remote.name} from {url} has {remote.algorithm} {actual}, expected "
                 f"{remote.digest}, so it was not kept; {how_to_supply}."
             )
+        os.chmod(tmp, 0o666 & ~_umask())  # as a file the user creates (mkstemp's is private to its owner)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def _remove_abandoned_parts(folder: Path, name: str) -> None:
+    """Delete the partial downloads of ``name`` in ``folder`` whose process, on this host, no longer runs."""
+    host = socket.gethostname()
+    for part in folder.glob(f".{name}.*.part"):
+        pid, at, rest = part.name[len(name) + 2:].partition("@")
+        if at and pid.isdigit() and rest.startswith(f"{host}.") and not _running(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _stream(url: str, out: BinaryIO, label: str, how_to_supply: str) -> None:
