@@ -175,6 +175,8 @@ def test_generative_gradient_is_the_same_for_every_estimator() -> None:
     (["--seed", str(2**64)], "--seed must be an integer from 0 to 2**63 - 1"),
     (["--k", f"2,{10**11}"], f"diagnosing with --k {10**11} and --examples 256 needs about"),
     (["--k", "2", "--examples", str(10**11)], f"diagnosing with --k 2 and --examples {10**11} needs about"),
+    (["--m", "2", "--k", "2,4"], "--m is read by miwae and piwae only, and --objectives has neither"),
+    (["--objectives", "iwae,miwae", "--beta", "0.3"], "--beta is read by ciwae only, and --objectives has neither"),
 ])
 def test_bad_input_is_one_line(options: list[str], message: str, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -266,3 +268,14 @@ def test_one_k_is_measured_and_said_to_fit_no_slope(tmp_path: Path, capsys: pyte
     assert "iwae: one K in --k: the SNR at it is measured, and no slope against K fitted" in capsys.readouterr().err
     with (out / "snr.csv").open() as file:
         assert {row["k"] for row in csv.DictReader(file)} == {"4"}
+
+
+def test_a_setting_given_twice_is_measured_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "snr"
+    assert main(["diagnose", "snr", "--toy", "--examples", "8", "--objectives", "iwae,miwae,iwae", "--m", "2,2",
+                 "--estimators", "dreg,dreg", "--k", "2,4,2", "--draws", "3", "--out", str(out)]) == 0
+    with (out / "snr.csv").open() as file:
+        rows = [(row["objective"], row["m"], row["estimator"], row["network"], row["k"])
+                for row in csv.DictReader(file)]
+    assert len(rows) == len(set(rows)) == 2 * 2 * 2  # (iwae, miwae m=2) x networks x K
+    assert set(json.loads((out / "slopes.json").read_text())) == {"iwae", "miwae"}

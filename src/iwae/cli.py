@@ -202,6 +202,11 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,10,100; got {text!r}") from None
 
 
+def _once_each(items: list[str] | list[int]) -> list:
+    """``items`` without repeats, in their order: a setting given twice is measured once."""
+    return list(dict.fromkeys(items))
+
+
 def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("diagnose", help="gradient diagnostics: iwae diagnose snr ...",
                                  description="Diagnostics of a model's gradient estimators.")
@@ -220,9 +225,9 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
                      help=f"comma-separated, from {', '.join(REPARAMETERIZED_ESTIMATORS)} (default: all)")
     snr.add_argument("--k", type=_int_list, default=[1, 10, 100, 1000], metavar="LIST",
                      help="the grid of K, total samples per example (default: 1,10,100,1000)")
-    snr.add_argument("--m", type=_int_list, default=[1], metavar="LIST",
+    snr.add_argument("--m", type=_int_list, metavar="LIST",
                      help="the grid of M, groups for miwae and piwae; each must divide every K (default: 1)")
-    snr.add_argument("--beta", type=float, default=0.5, help="the ELBO's weight, for ciwae (default: 0.5)")
+    snr.add_argument("--beta", type=float, help="the ELBO's weight, for ciwae (default: 0.5)")
     snr.add_argument("--draws", type=int, default=100, metavar="N",
                      help="gradient draws per pass; each setting costs 2N backward passes (default: 100)")
     snr.add_argument("--examples", type=int, metavar="N",
@@ -415,8 +420,13 @@ def _run_diagnose(args: argparse.Namespace) -> None:
     check_seed(args.seed)
     rundir.check_writable(args.out)
     use_threads(args.threads)
-    estimators = args.estimators.split(",")
-    settings = [(objective, m) for objective in args.objectives.split(",")
+    objectives, estimators = _once_each(args.objectives.split(",")), _once_each(args.estimators.split(","))
+    for option, readers in SETTING_READERS.items():
+        if getattr(args, option, None) is not None and not set(objectives) & set(readers):
+            raise UsageError(f"--{option} is read by {' and '.join(readers)} only, and --objectives has neither; drop "
+                             f"--{option}, or add {readers[0]} to --objectives")
+    args.m, args.beta = _once_each(args.m or [1]), 0.5 if args.beta is None else args.beta
+    settings = [(objective, m) for objective in objectives
                 for m in (args.m if objective in SETTING_READERS["m"] else [1])]  # M groups matter to these only
     for objective, m in settings:  # every setting is checked before any work is done
         snr_diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
