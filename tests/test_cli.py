@@ -82,6 +82,18 @@ def test_samples_keep_their_aspect_and_a_small_grid_stays_legible(
             saved_figures[0].get_figwidth() / saved_figures[0].get_figheight(), rel=0.01)
 
 
+@pytest.mark.parametrize("width", [1, 10, 64])
+def test_image_titles_fit_inside_their_figure(width: int, tmp_path: Path, saved_figures: list[Figure]) -> None:
+    grid = np.zeros((300, width))  # a strip of data that is not square images, down to one value wide
+    plots.plot_images(tmp_path / "grids.png", {"samples (Bernoulli means)": grid, "reconstruction": grid})
+    (fig,) = saved_figures
+    bounds = fig.bbox
+    for ax in fig.axes:
+        title = ax.title.get_window_extent()
+        assert bounds.x0 <= title.x0 and title.x1 <= bounds.x1 and bounds.y0 <= title.y0 and title.y1 <= bounds.y1
+        assert title.y0 >= ax.get_window_extent().y1  # above its grid
+
+
 def test_bound_vs_k_labels_its_error_bars(finished_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     saved = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig) or path)

@@ -15,6 +15,7 @@ Drawn with matplotlib's object-oriented API, which renders to PNG without a disp
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,20 +78,27 @@ def _save(fig: Figure, path: Path) -> Path:
 def plot_images(path: Path, panels: dict[str, np.ndarray]) -> Path:
     """One or more image grids side by side, titled by the keys of ``panels``, each pixel square: the figure is
     sized to the grids, drawn at one scale (4 in high, or 12 in wide in all if they are wider than 3:1, and never
-    under ``MIN_PIXEL_IN`` a pixel, so that a small grid stays legible)."""
+    under ``MIN_PIXEL_IN`` a pixel, so that a small grid stays legible), each panel at least ``TITLE_MIN_CHARS``
+    characters of its title wide (the title wrapped to the panel's width)."""
     rows = max(grid.shape[0] for grid in panels.values())
     cols = sum(grid.shape[1] for grid in panels.values())
     scale = max(MIN_PIXEL_IN, min(4.0 / rows, 12.0 / cols))
-    fig = Figure(figsize=(max(2.0, cols * scale + 0.2 * len(panels)), max(1.0, rows * scale) + 0.5),
-                 layout="constrained")
-    for i, (title, grid) in enumerate(panels.items()):
+    widths = [max(grid.shape[1] * scale, TITLE_MIN_CHARS * TITLE_CHAR_IN) for grid in panels.values()]
+    titles = [textwrap.wrap(title, int(width / TITLE_CHAR_IN), break_long_words=False)
+              for title, width in zip(panels, widths, strict=True)]
+    title_in = 0.6 + TITLE_LINE_IN * max(len(lines) for lines in titles)
+    fig = Figure(figsize=(sum(widths) + 0.2 * len(panels), max(1.0, rows * scale) + title_in), layout="constrained")
+    for i, (grid, lines) in enumerate(zip(panels.values(), titles, strict=True)):
         ax = fig.add_subplot(1, len(panels), i + 1)
         ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
-        ax.set_title(title)
+        ax.set_title("\n".join(lines))
         ax.set_axis_off()
     return _save(fig, path)
 
 
+TITLE_CHAR_IN = 0.09  # inches a character of a title takes, about, at matplotlib's default size
+TITLE_LINE_IN = 0.2  # inches a line of a title takes
+TITLE_MIN_CHARS = 15  # a panel is at least this many characters of its title wide (wrapped to lines this long)
 MIN_PIXEL_IN = 0.02  # inches drawn per pixel of an image grid, at least: 2.4 pixels of the PNG, at 120 dpi
 
 
