@@ -451,3 +451,11 @@ def test_steps_per_s_is_the_median_epochs_so_a_paused_epoch_does_not_lower_it(tm
     result = reproduce.collect(tmp_path, cell, seeds=2, missing=None)
     # seed 0: median of 20, 900, 1000, 1100 examples/s is 950, 47.5 steps of 20; seed 1: 95 steps/s
     assert result.steps_per_s == pytest.approx((47.5 + 95.0) / 2)
+
+
+def test_the_title_states_a_budget_other_than_the_papers() -> None:
+    assert reproduce.title("burda-table1", reproduce.Options(budget=1)) == reproduce.TITLES["burda-table1"]
+    assert reproduce.title("burda-table1", reproduce.Options(budget=0.001)).endswith(
+        " — REDUCED BUDGET 0.001 of the paper's schedule (9 of 3280 epochs)")
+    assert reproduce.title("burda-table1", reproduce.Options(budget=2)).endswith(
+        " — BUDGET 2 of the paper's schedule (6560 of 3280 epochs)")

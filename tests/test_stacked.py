@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,8 +21,9 @@ from conftest import CUDA, same_matmul_as
 
 from iwae import cli
 from iwae.platform import gemm
-from iwae.runs import checkpoint, evaluation, lone_run, rundir, stacked_run
+from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock, stacked_run
 from iwae.training import config as train_config
+from iwae.training import signals
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -206,3 +209,67 @@ def test_a_finished_stack_records_its_moved_file(tiny_dataset: str, tmp_path: Pa
     for seed in (0, 1):
         assert checkpoint.load(tmp_path / "s" / f"seed-{seed}")["config"]["dataset"] == str(moved)
         assert evaluation.evaluate_run(tmp_path / "s" / f"seed-{seed}", k=2)["dataset"] == str(moved)
+
+
+def test_a_stack_holds_its_seeds_so_no_lone_resume_trains_one_meanwhile(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, refused = tmp_path / "s", []
+
+    def refuses_lone_resumes(body: Callable[..., object]) -> Callable[..., object]:
+        def checked(*args: object, **kwargs: object) -> object:
+            for seed in (0, 1):
+                with pytest.raises(runlock.RunInUseError):
+                    lone_run.resume(out / f"seed-{seed}", progress=False)
+                refused.append(seed)
+            return body(*args, **kwargs)
+        return checked
+
+    monkeypatch.setattr(stacked_run, "fit", refuses_lone_resumes(stacked_run.fit))
+    stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1) for seed in (0, 1)], out, progress=False)
+    monkeypatch.setattr(stacked_run, "_resume_stacked", refuses_lone_resumes(stacked_run._resume_stacked))
+    stacked_run.resume_stacked(out, progress=False)
+    assert refused == [0, 1, 0, 1]
+    assert lone_run.resume(out / "seed-1", progress=False) is None  # the stack done, a seed is a run of its own
+
+
+def test_a_stack_of_a_model_with_discrete_latents_is_refused_before_anything_is_written(
+    tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--dataset", tiny_dataset, "--model", "sbn-8", "--estimator", "vimco", "--k", "4",
+            "--epochs", "1", "--batch-size", "8", "--seeds", "2", "--matmul", "default", "--out", str(tmp_path / "s")]
+    assert cli.main(argv) == 2
+    assert "stacked seeds need the burda model's Gaussian latents, and sbn-8 has discrete ones" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_stack_stopped_in_its_evaluation_names_the_stack_to_resume(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, original = tmp_path / "s", evaluation.batch_statistics
+
+    def signalled(*args: object, **kwargs: object) -> object:
+        signal.raise_signal(signal.SIGINT)
+        yield from original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "batch_statistics", signalled)
+        with pytest.raises(signals.Interrupted, match=re.escape(f"finish with: iwae train --resume {out}") + "$"):
+            stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1, eval_k=3) for seed in (0, 1)], out,
+                                      progress=False)
+    assert [result["k"] for result in stacked_run.resume_stacked(out, progress=False)] == [3, 3]
+
+
+def test_a_stack_resumes_with_its_own_settings_given_again(tiny_dataset: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1) for seed in (0, 1)], tmp_path / "s",
+                              progress=False)
+    assert cli.main(["train", "--resume", str(tmp_path / "s"), "--k", "4", "--batch-size", "8"]) == 0
+    assert cli.main(["train", "--resume", str(tmp_path / "s"), "--k", "2"]) == 2
+    assert "different configuration: k (run: 4, given: 2)" in capsys.readouterr().err
+    assert cli.main(["train", "--dataset", tiny_dataset, "--epochs", "1", "--seed", str(2**63 - 2), "--seeds", "3",
+                     "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"--seed {2**63 - 2} with --seeds 3 takes the seeds {2**63 - 2} to {2**63}, past 2**63 - 1; choose a "
+        f"--seed of at most {2**63 - 3}")

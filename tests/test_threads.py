@@ -254,6 +254,9 @@ def test_a_run_records_its_threads_and_resumes_on_them(tiny_dataset: str, tmp_pa
                                         tmp_path / "run")
         assert lone_run.resumed_threads(given, {"threads": 2}) == 2
         assert "iwae: 2 torch threads: set by --threads" in capsys.readouterr().err
+        threads.use_threads(1)  # a grid's own count; a resumed cell's is its own, and the next cell's the grid's
+        assert lone_run.resumed_threads(given, {"threads": 2}) == 2 and torch.get_num_threads() == 2
+        assert threads.use_threads() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 

@@ -36,7 +36,7 @@ from iwae.runs import (
     stacked_run,
 )
 from iwae.runs import figures as run_figures
-from iwae.settings import SettingError, check_seed
+from iwae.settings import SEED_LIMIT, SettingError, check_seed
 from iwae.training import config as train_config
 from iwae.training import preflight, signals
 
@@ -322,14 +322,16 @@ def _check_objective_options(given: dict[str, Any]) -> None:
 
 def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
     if args.resume is not None:
-        if set(given) - set(train_config.RUNTIME_KEYS):
-            raise UsageError(f"{args.resume} is a stacked run; resume it with --resume {args.resume} alone")
         results = stacked_run.resume_stacked(args.resume, given)
         out = args.resume
     else:
         if args.seeds < 1:
             raise UsageError(f"--seeds must be a positive number of seeds; got {args.seeds}")
         config = train_config.TrainConfig(**given)
+        if config.seed + args.seeds > SEED_LIMIT:
+            raise UsageError(f"--seed {config.seed} with --seeds {args.seeds} takes the seeds {config.seed} to "
+                             f"{config.seed + args.seeds - 1}, past 2**63 - 1; choose a --seed of at most "
+                             f"{SEED_LIMIT - args.seeds}")
         # a stack too large for memory even on data of one dimension is refused before its seeds' configurations
         # are made (the estimate grows with the data's dimension; the real one is checked once the data is read)
         preflight.check_training_memory(config, 1, resolve_device(config.device), seeds=args.seeds)

@@ -196,6 +196,19 @@ def use_threads(requested: int | None = None, reason: str = "set by --threads",
     return choice.threads
 
 
+def use_run_threads(count: int, reason: str, say: Callable[[str], None] | None = None) -> int:
+    """Run torch on ``count`` threads for one run (a resumed run's recorded count, or the one given again for it;
+    ``reason`` says which), printed as ``use_threads`` prints it; the process's own choice stays, so that a later
+    ``use_threads()`` (the next cell of a grid) returns to it. Returns the count.
+
+    Raises:
+      SettingError: for a count that is not a positive integer.
+    """
+    check_integer(count, "threads", 1)
+    _put_in_force(ThreadChoice(count, reason), say)
+    return count
+
+
 def _put_in_force(choice: ThreadChoice, say: Callable[[str], None] | None) -> None:
     import torch  # here, so that importing this module leaves OpenMP's environment to be set first
 

@@ -18,7 +18,7 @@ import torch
 from iwae import data
 from iwae.platform import distributed
 from iwae.platform.device import resolve_device
-from iwae.platform.threads import use_threads
+from iwae.platform.threads import use_run_threads, use_threads
 from iwae.runs import checkpoint, evaluation, rundir, runlock
 from iwae.runs import figures as run_figures
 from iwae.training.config import TrainConfig, resolve_compile, resumed_config
@@ -134,19 +134,23 @@ def record_moved_dataset(run_dir: Path, saved: dict[str, Any], dataset: str) -> 
 
 def resumed_threads(config: TrainConfig, changes: dict[str, Any] | None) -> int:
     """Run torch on the thread count a resumed run recorded (``config.threads``), or on the one given again in
-    ``changes``; a run that recorded none gets this machine's (``iwae.platform.threads``). Returns the count."""
+    ``changes``, for this run only (the process's own choice stays for the next: ``use_run_threads``); a run that
+    recorded none gets this machine's (``iwae.platform.threads``). Returns the count."""
+    if config.threads is None:
+        return use_threads()
     given = changes is not None and changes.get("threads") is not None
-    return use_threads(config.threads, "set by --threads" if given else "the run's own count")
+    return use_run_threads(config.threads, "set by --threads" if given else "the run's own count")
 
 
 def finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: bool | None,
-           dataset: data.Dataset) -> dict[str, Any] | None:
+           dataset: data.Dataset, resumed_as: Path | None = None) -> dict[str, Any] | None:
     """The final evaluation (unless ``eval_k`` is 0) and the figures of a trained run, on its ``dataset``; stopped
     by SIGINT or SIGTERM, it raises ``Interrupted`` naming the command that finishes them: ``iwae train --resume``
-    during the evaluation, ``iwae sample`` during the figures (the run, evaluated, is finished for ``--resume``)."""
+    (of ``resumed_as``: a stack's directory, whose resume evaluates every seed; default ``run_dir``) during the
+    evaluation, ``iwae sample`` during the figures (the run, evaluated, is finished for ``--resume``)."""
     result = None
-    with raising_on_signal("the run trained all its epochs; its evaluation", f"iwae train --resume {run_dir}",
-                           "finish with"):
+    with raising_on_signal("the run trained all its epochs; its evaluation",
+                           f"iwae train --resume {resumed_as or run_dir}", "finish with"):
         if config.eval_k:
             result = evaluation.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
                                            progress=progress is not False, loaded=dataset)

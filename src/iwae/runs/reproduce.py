@@ -303,7 +303,7 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
                          and saved.get(key) != value]
             if differing:
                 listed = ", ".join(f"{key} {saved.get(key)!r} (this command: {wanted[key]!r})" for key in differing)
-                options = sorted({names[key] for key in differing if key in names}) or ["the settings"]
+                options = sorted({names[key] for key in differing if key in names}) or ["settings"]
                 raise ValueError(f"{path} was started with {listed}; give the {' and '.join(options)} it was "
                                  "started with, or a new --out")
 
@@ -469,12 +469,12 @@ def rows(table: str, out: Path, cells: list[Cell], options: Options, missing: di
 
 
 def title(table: str, options: Options) -> str:
-    """The report's title, which states a reduced budget."""
+    """The report's title, which states a budget other than the paper's."""
     text = TITLES[table]
     if options.budget != 1:
         epochs = sum(e for e, _ in train_config.burda_schedule(options.budget))
-        text += (f" — REDUCED BUDGET {options.budget:g} of the paper's schedule ({epochs} of {PAPER_EPOCHS} "
-                 "epochs)")
+        budget = "REDUCED BUDGET" if options.budget < 1 else "BUDGET"
+        text += f" — {budget} {options.budget:g} of the paper's schedule ({epochs} of {PAPER_EPOCHS} epochs)"
     return text
 
 

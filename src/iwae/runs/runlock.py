@@ -13,7 +13,7 @@ import fcntl
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 LOCK = ".lock"
@@ -39,6 +39,19 @@ def locked(directory: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def all_locked(directories: list[Path]) -> Iterator[None]:
+    """Hold the locks of all ``directories`` (those of a stack's seeds) for the body of the ``with``.
+
+    Raises:
+        RunInUseError: if another process holds one of them (those taken before it are released).
+    """
+    with ExitStack() as held:
+        for directory in directories:
+            held.enter_context(locked(directory))
+        yield
 
 
 def _acquire(path: Path, directory: Path) -> int:

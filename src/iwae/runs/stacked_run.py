@@ -43,6 +43,9 @@ def check_configs(configs: list[TrainConfig]) -> None:
     common = [{k: v for k, v in asdict(c).items() if k not in PER_SEED} for c in configs]
     if any(c != common[0] for c in common) or len({c.seed for c in configs}) != len(configs):
         raise ValueError("the seeds of a stack must share every setting but the seed and --init-from")
+    if configs[0].model != "burda":  # a stack draws its seeds' Gaussian noise itself (``stacked.SeedNoise``)
+        raise ValueError(f"stacked seeds need the burda model's Gaussian latents, and {configs[0].model} has "
+                         "discrete ones; train each seed alone (iwae train --seed S), or use --model burda")
 
 
 def train_stacked(configs: list[TrainConfig], out: Path | str, *, progress: bool | None = None,
@@ -64,7 +67,9 @@ def train_stacked(configs: list[TrainConfig], out: Path | str, *, progress: bool
     count, matmul = preflight.training_threads_and_path(configs[0], x_dim, device, len(dataset.train), len(configs),
                                                         functools.partial(stacked_timing_step, seeds=len(configs)))
     configs = [replace(c, threads=count, matmul=matmul) for c in configs]
-    with ExitStack() as held:  # the stack's lock, once its directory exists, until its seeds are evaluated
+    initial = [None if c.init_from is None else checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)
+               for c in configs]
+    with ExitStack() as held:  # the locks of the stack and its seeds, once they exist, until the seeds are evaluated
         with StopOnSignal() as stop:
             if beside_finished:
                 out.mkdir(parents=True, exist_ok=True)
@@ -72,16 +77,16 @@ def train_stacked(configs: list[TrainConfig], out: Path | str, *, progress: bool
                 rundir.create(out)
             held.enter_context(runlock.locked(out))
             dirs = [rundir.create(out / f"seed-{c.seed}") for c in configs]
+            held.enter_context(runlock.all_locked(dirs))
             with rundir.unstarted(dirs):
                 for config, path in zip(configs, dirs, strict=True):
                     rundir.write_json(path / rundir.CONFIG, asdict(config))
-                started = [start(c, dataset, None if c.init_from is None else
-                                 checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)) for c in configs]
+                started = [start(c, dataset, parameters) for c, parameters in zip(configs, initial, strict=True)]
                 states = [state for state, _ in started]
                 _commit(out, dirs, states)
             fit(StackedSeeds(states, [model for _, model in started], dataset), dataset, states[0], stop,
                 _stack_outputs(out, dirs))
-        return [lone_run.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
+        return [lone_run.finish(c, d, device, progress, dataset, out) for c, d in zip(configs, dirs, strict=True)]
 
 
 def is_stacked(path: Path) -> bool:
@@ -93,9 +98,11 @@ def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress
                    ) -> list[dict | None]:
     """Continue the stacked run in ``out`` from its last committed checkpoint, and evaluate each seed.
     ``changes`` as for ``lone_run.resume``, applied to every seed (e.g. a new ``data_dir``). RunInUseError while
-    another process trains or evaluates the stack."""
+    another process trains or evaluates the stack or one of its seeds."""
     with runlock.locked(out) if out.is_dir() else nullcontext():
-        return _resume_stacked(out, changes, progress)
+        seeds = [out / f"seed-{s}" for s in rundir.read_json(out / STACK)["seeds"]] if is_stacked(out) else []
+        with runlock.all_locked([path for path in seeds if path.is_dir()]):  # no lone --resume of a seed meanwhile
+            return _resume_stacked(out, changes, progress)
 
 
 def _resume_stacked(out: Path, changes: dict[str, Any] | None, progress: bool | None) -> list[dict | None]:
@@ -137,7 +144,7 @@ def _resume_stacked(out: Path, changes: dict[str, Any] | None, progress: bool | 
             rundir.write_json(path / rundir.CONFIG, asdict(state.config))  # as resumed (repaired if damaged)
         models = [state.new_model() for state in states]
         fit(StackedSeeds(states, models, dataset), dataset, states[0], stop, _stack_outputs(out, dirs))
-    return [lone_run.finish(c, d, device, progress, dataset) for c, d in zip(configs, dirs, strict=True)]
+    return [lone_run.finish(c, d, device, progress, dataset, out) for c, d in zip(configs, dirs, strict=True)]
 
 
 def _stack_outputs(out: Path, dirs: list[Path]) -> Outputs:
