@@ -273,3 +273,10 @@ def test_a_stack_resumes_with_its_own_settings_given_again(tiny_dataset: str, tm
     assert capsys.readouterr().err.strip().endswith(
         f"--seed {2**63 - 2} with --seeds 3 takes the seeds {2**63 - 2} to {2**63}, past 2**63 - 1; choose a "
         f"--seed of at most {2**63 - 3}")
+
+
+def test_a_stack_from_a_missing_run_leaves_no_directory(tiny_dataset: str, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="no checkpoint in"):
+        stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1, init_from=str(tmp_path / "none"))
+                                   for seed in (0, 1)], tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
