@@ -505,7 +505,8 @@ def render_markdown(table: str, out: Path, options: Options, table_rows: list[di
                + (f" --cells {' '.join(options.cells)}" if options.cells else ""))
     lines = [
         f"# {title(table, options)}", "",
-        f"Made by `{made_by}`. Test NLL in nats (lower is better): mean +- sd over seeds, estimated with "
+        f"Made by `{made_by}`. Test NLL in nats (lower is better): mean +- sd over seeds (sd: the sample standard "
+        "deviation, n - 1 in its denominator), estimated with "
         f"k = {options.eval_k} importance samples per test example; difference = ours - published. Budget "
         f"{options.budget:g}: every stage of the paper's schedule (3^i epochs at 1e-3 * 10^(-i/7), i = 0..7) "
         "is scaled by it. Steps/s: training steps per second at the median epoch of each seed, averaged over "
