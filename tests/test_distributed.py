@@ -208,6 +208,37 @@ def test_a_run_stopped_by_sigterm_to_torchrun_resumes_exactly(tiny_dataset: str,
     assert_parameters(tmp_path / "alone", tmp_path / "whole", exact=False)
 
 
+SLOW_STEPS = """
+import os, signal, sys, time
+from iwae import cli
+from iwae.platform import gemm
+from iwae.training import loop, step
+gemm.choose = lambda workload: gemm.DEFAULT
+loop.AGREE_S = 1.0
+take, taken = step.TrainStep.__call__, []
+def slow(self, x):
+    time.sleep(0.2)
+    take(self, x)
+    taken.append(1)
+    if len(taken) == {signal_at} and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+step.TrainStep.__call__ = slow
+sys.exit(cli.main())
+"""
+
+
+def test_ranks_with_slow_steps_agree_on_a_signal_within_seconds(tiny_dataset: str, tmp_path: Path) -> None:
+    """Where 16 steps take longer than ``loop.AGREE_S`` (here 1 s, steps of 0.2 s), the ranks agree on a signal
+    more often: torchrun kills its ranks 30 s after forwarding a SIGTERM, which would lose every step since the
+    last checkpoint."""
+    args = ["train", "--out", str(tmp_path / "run"), "--dataset", tiny_dataset, "--epochs", "2", "--batch-size", "2",
+            "--k", "2", "--eval-k", "0", "--monitor-examples", "8", "--device", "cpu", "--no-compile"]
+    results = finish(ranks(args, command=[sys.executable, "-c", SLOW_STEPS.format(signal_at=3)]))
+    assert all(status != 0 and "training stopped by SIGTERM" in stderr for status, stderr in results), results
+    state = checkpoint.load(tmp_path / "run")
+    assert state["epoch"] == 0 and 3 <= state["step"] <= 8  # not at step 16 of 32, the next report without it
+
+
 GRID = """
 import sys
 from pathlib import Path

@@ -40,6 +40,9 @@ from iwae.training.step import TrainStep
 
 # The progress bar and the checkpoint clock are looked at every this many steps (a signal after every step).
 REPORT_EVERY = 16
+# Ranks training together act on a signal at a report, where they agree on it; torchrun kills a rank 30 s after its
+# SIGTERM, so where REPORT_EVERY steps take longer than this, their reports come every this many seconds of steps.
+AGREE_S = 5.0
 
 
 class Seeds(Protocol):
@@ -109,6 +112,9 @@ class _Loop:
         self.epoch_start = time.perf_counter() - start.epoch_time_s
         self.last_record = self.session_start  # when the previous epoch was recorded (or the session started)
         self.compilation_counted = False
+        # steps from one report to the next, the same on every rank; ranks training together time their first step
+        self.report_every = REPORT_EVERY if distributed.world() == 1 else 1
+        self.report_at, self.steps_timed_from = 0, (self.step, time.perf_counter())
         self.next_checkpoint = time.monotonic() + self.config.checkpoint_every_s
         self.bounds: list[float] = []
 
@@ -143,14 +149,16 @@ class _Loop:
             self.seeds.step.bound_sum.zero_()
             self.epoch_start = time.perf_counter()
         self.seeds.draw_from(self.batches, self.step)
+        self.report_at, self.steps_timed_from = self.step + self.report_every, (self.step, time.perf_counter())
         while self.step < self.steps_per_epoch:
             self.seeds.train_on(self.step)
             self.step += 1
-            if self.step % REPORT_EVERY and self.step < self.steps_per_epoch and not self.stop.here():
+            if self.step < self.report_at and self.step < self.steps_per_epoch and not self.stop.here():
                 continue
             self._discount_compilation()
             bar.update(self.epoch * self.steps_per_epoch + self.step - bar.n)
             stopped = self.stop.agreed()
+            self._time_reports()
             if stopped or time.monotonic() >= self.next_checkpoint:
                 self._save()
                 if stopped:
@@ -186,6 +194,16 @@ class _Loop:
         if bar.disable:
             print(f"epoch {self.epoch}/{config.epochs} stage {stage + 1} lr {lr:.2e} "
                   + self.seeds.summary(self.bounds, test_bounds, examples / epoch_time), file=sys.stderr)
+
+    def _time_reports(self) -> None:
+        """Set the step of the next report: ``REPORT_EVERY`` steps on, or, for ranks training together, fewer where
+        those would take longer than ``AGREE_S`` at the slowest rank's pace since the last report (agreed on by
+        every rank, so that all of them report, and agree on a signal, after the same steps)."""
+        if distributed.world() > 1:
+            first, started = self.steps_timed_from
+            step_us = distributed.maximum(math.ceil(1e6 * (time.perf_counter() - started) / (self.step - first)))
+            self.report_every = max(1, min(REPORT_EVERY, int(AGREE_S * 1e6 / max(step_us, 1))))
+        self.report_at, self.steps_timed_from = self.step + self.report_every, (self.step, time.perf_counter())
 
     def _discount_compilation(self) -> None:
         """Leave the step's compilation (its first call in this process) out of the epoch's training time."""
