@@ -29,7 +29,7 @@ from iwae.core.objectives import Objective
 from iwae.eval import likelihood
 from iwae.models import burda
 from iwae.platform import distributed, gemm
-from iwae.runs import checkpoint, evaluation, lone_run, reproduce, rundir
+from iwae.runs import checkpoint, evaluation, lone_run, reproduce, rundir, runlock
 from iwae.runs.reproduce import Options
 from iwae.training.config import TrainConfig
 from iwae.training.step import TrainStep, make_adam
@@ -376,3 +376,13 @@ def test_the_compiled_step_keeps_the_all_reduce_in_its_graph(tmp_path: Path) -> 
         torch.testing.assert_close(two_ranks["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     # the bound of steps 2.. is taken at parameters that differ by float rounding
     torch.testing.assert_close(two_ranks["bound"], one["bound"], rtol=1e-5, atol=0)
+
+
+def test_a_run_in_use_is_refused_by_every_rank_in_one_line(tiny_dataset: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    succeed(ranks(["train", "--out", str(run), "--dataset", tiny_dataset, "--eval-k", "0", *TRAIN]))
+    with runlock.locked(run):  # this process trains it, say
+        results = finish(ranks(["train", "--resume", str(run)]))
+    in_use = f"{run} is in use by process {os.getpid()}"
+    assert [status for status, _ in results] == [2, 2]
+    assert in_use in results[0][1] and f"rank 0 failed: {in_use}" in results[1][1], results

@@ -8,7 +8,7 @@ batch, the step sums the ranks' gradients, and rank 0 alone writes; the trajecto
 from __future__ import annotations
 
 import sys
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,8 @@ def resume(run_dir: Path | str, changes: dict[str, Any] | None = None, *, progre
         ``changes`` that differs from the run's. RunInUseError: while another process trains or evaluates the run.
     """
     run_dir = Path(run_dir)
-    with runlock.locked(run_dir) if distributed.rank() == 0 and run_dir.is_dir() else nullcontext():
+    with ExitStack() as held:  # rank 0 holds the lock; every rank learns if it could not
+        distributed.on_rank_zero(lambda: held.enter_context(runlock.locked(run_dir)) if run_dir.is_dir() else None)
         saved = checkpoint.load(run_dir)
         config = resumed_config(saved["config"], changes, run_dir)
         distributed.on_rank_zero(lambda: record_moved_dataset(run_dir, saved, config.dataset))
