@@ -386,3 +386,11 @@ def test_a_run_in_use_is_refused_by_every_rank_in_one_line(tiny_dataset: str, tm
     in_use = f"{run} is in use by process {os.getpid()}"
     assert [status for status, _ in results] == [2, 2]
     assert in_use in results[0][1] and f"rank 0 failed: {in_use}" in results[1][1], results
+
+
+def test_torchrun_passes_on_the_groups_of_miwae(tiny_dataset: str, tmp_path: Path) -> None:
+    # torchrun takes --m for an ambiguous abbreviation of its own options; --groups is the same setting
+    run = tmp_path / "run"
+    succeed([torchrun(["train", "--out", str(run), "--dataset", tiny_dataset, "--eval-k", "0", *TRAIN,
+                       "--objective", "miwae", "--groups", "2"])])
+    assert rundir.read_json(run / rundir.CONFIG)["m"] == 2

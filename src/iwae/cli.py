@@ -53,14 +53,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _option(group: argparse._ActionGroup, flag: str, type_: type, help_: str, dest: str | None = None,
-            metavar: str | None = None) -> None:
+            metavar: str | None = None, aliases: tuple[str, ...] = ()) -> None:
     """A training option that is absent from the parsed namespace unless given, so that a resumed run
     can tell what was given again; its help shows ``TrainConfig``'s default."""
     dest = dest or flag.lstrip("-").replace("-", "_")
     default = _DEFAULTS.get(dest)
     shown = f" (default: {default})" if default is not None else ""
     metavar = metavar or {int: "N", float: "X", str: "NAME"}[type_]
-    group.add_argument(flag, dest=dest, type=type_, default=argparse.SUPPRESS, metavar=metavar, help=help_ + shown)
+    group.add_argument(flag, *aliases, dest=dest, type=type_, default=argparse.SUPPRESS, metavar=metavar,
+                       help=help_ + shown)
 
 
 def _train_parser(commands: argparse._SubParsersAction) -> None:
@@ -86,7 +87,9 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--layers", int, "stochastic layers of the paper's architecture: 1 or 2")
     _option(group, "--objective", str, f"the bound trained on: {', '.join(OBJECTIVES)}")
     _option(group, "--k", int, "samples per example", metavar="K")
-    _option(group, "--m", int, "groups of samples, for miwae and piwae (must divide k)", metavar="M")
+    _option(group, "--m", int, "groups of samples, for miwae and piwae (must divide k); also --groups, which "
+            "torchrun passes on (it takes --m for an abbreviation of its own options)", metavar="M",
+            aliases=("--groups",))
     _option(group, "--beta", float, "the ELBO's weight, for ciwae")
     _option(group, "--alpha", float, "the Renyi order, for vr (write --alpha=-inf for VR-max)")
     _option(group, "--estimator", str, f"the inference network's gradient: {', '.join(ESTIMATORS)}")
