@@ -394,3 +394,19 @@ def test_torchrun_passes_on_the_groups_of_miwae(tiny_dataset: str, tmp_path: Pat
     succeed([torchrun(["train", "--out", str(run), "--dataset", tiny_dataset, "--eval-k", "0", *TRAIN,
                        "--objective", "miwae", "--groups", "2"])])
     assert rundir.read_json(run / rundir.CONFIG)["m"] == 2
+
+
+def test_an_evaluation_stopped_under_torchrun_says_to_continue_it_under_torchrun(tiny_dataset: str,
+                                                                                 tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    succeed(ranks(["train", "--out", str(run), "--dataset", tiny_dataset, "--eval-k", "0", *TRAIN]))
+    evaluating = ranks(["evaluate", str(run), "--k", "50000", "--batch-size", "1", "--device", "cpu", "--no-compile",
+                        "--checkpoint-every", "0"])
+    deadline = time.monotonic() + WAIT_S
+    while not list(run.glob("*.partial-rank*.pt")):  # a batch finished
+        assert all(p.poll() is None for p in evaluating) and time.monotonic() < deadline
+        time.sleep(0.05)
+    for process in evaluating:
+        process.send_signal(signal.SIGTERM)
+    stderr = [err for _, err in finish(evaluating)]
+    assert "continue with: iwae evaluate" in stderr[0] and "under torchrun with 2 ranks again" in stderr[0], stderr

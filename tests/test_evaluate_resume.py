@@ -221,3 +221,15 @@ def test_an_evaluation_records_the_matmul_path_that_repeats_it(run: Path, tmp_pa
         assert again["matmul"] == path
         if path == first["matmul"]:
             assert numbers(again) == numbers(first)
+
+
+def test_a_finished_evaluation_removes_the_batches_kept_by_any_number_of_ranks(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    partial = resumable.partial_path(copy / "eval-test-k10.json")
+    left = [partial, *(partial.with_name(f"{partial.stem}-rank{r}{partial.suffix}") for r in (0, 1))]
+    other = resumable.partial_path(copy / "eval-test-k20.json")  # another evaluation's, still to be continued
+    for path in (*left, other):
+        path.write_bytes(b"batches of a stopped evaluation")
+    evaluation.evaluate_run(copy, k=10, device="cpu")
+    assert not any(path.exists() for path in left) and other.exists()

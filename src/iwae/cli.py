@@ -505,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
              "reproduce": _run_reproduce}[args.command](args)
     except signals.Interrupted as stop:
         if command in ("reproduce", "evaluate"):  # the same command resumes the grid's cells, or the evaluation
-            stop = stop.continued_by(f"iwae {shlex.join(sys.argv[1:] if argv is None else argv)}")
+            again = f"iwae {shlex.join(sys.argv[1:] if argv is None else argv)}"
+            if command == "evaluate" and distributed.world() > 1:  # each rank keeps its own batches, for its like
+                again = f"{again}, under torchrun with {distributed.world()} ranks again"
+            stop = stop.continued_by(again)
         print(f"iwae: {stop}", file=sys.stderr)
         return 128 + stop.signal
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ RUN/eval-*.json (one file per other setting)."""
 
 from __future__ import annotations
 
+import glob
 import math
 import time
 from pathlib import Path
@@ -168,7 +169,16 @@ def evaluate_run(
     result = _result(run_dir, loaded, split, state, k, seed, stats, variances, start, pieces.chosen)
     distributed.on_rank_zero(lambda: rundir.write_json(out, result))
     pieces.remove()
+    distributed.on_rank_zero(lambda: _remove_partials(out))
     return result
+
+
+def _remove_partials(out: Path) -> None:
+    """Delete the finished batches of every evaluation whose result ``out`` now holds: those kept by each rank of
+    an evaluation under torchrun, or by one process, that another number of ranks then finished afresh."""
+    path = resumable.partial_path(out)
+    for partial in [path, *path.parent.glob(f"{glob.escape(path.stem)}-rank*{path.suffix}")]:
+        partial.unlink(missing_ok=True)
 
 
 # what to do about a run directory that the evaluation cannot write its result into
