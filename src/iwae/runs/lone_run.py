@@ -2,7 +2,8 @@
 each then evaluates it and draws its figures. ``LoneSeed`` is the loop's view of one seed (``iwae.training.loop.fit``).
 
 Under torchrun the loop is data parallel (``iwae.platform.distributed``): each rank trains on its rows of every global
-batch, the step sums the ranks' gradients, and rank 0 alone writes; the trajectory is that of one process.
+batch, the step sums the ranks' gradients, and rank 0 alone writes; the trajectory is that of one process up to
+float rounding.
 """
 
 from __future__ import annotations

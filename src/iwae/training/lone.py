@@ -2,7 +2,7 @@
 
 Under torchrun the seed is trained data parallel (``iwae.platform.distributed``): each rank trains on its rows of
 every global batch, the step sums the ranks' gradients, and rank 0 alone writes; the trajectory is that of one
-process.
+process up to float rounding (the ranks' gradients are summed in another order).
 """
 
 from __future__ import annotations
