@@ -384,7 +384,7 @@ def test_a_run_in_use_is_refused_by_every_rank_in_one_line(tiny_dataset: str, tm
     with runlock.locked(run):  # this process trains it, say
         results = finish(ranks(["train", "--resume", str(run)]))
     in_use = f"{run} is in use by process {os.getpid()}"
-    assert [status for status, _ in results] == [2, 2]
+    assert [status for status, _ in results] == [2, 2], results
     assert in_use in results[0][1] and f"rank 0 failed: {in_use}" in results[1][1], results
 
 

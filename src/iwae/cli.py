@@ -491,6 +491,17 @@ def _check_launch(args: argparse.Namespace) -> None:
                          "spreads seeds and cells over ranks)")
 
 
+def _continued(stop: signals.Interrupted, command: str, argv: list[str]) -> signals.Interrupted:
+    """``stop`` of ``command``, named with the command line that continues it: the same one for a grid's cells or
+    an evaluation (under torchrun with as many ranks, for an evaluation, whose ranks keep their own batches)."""
+    if command not in ("reproduce", "evaluate"):
+        return stop
+    again = f"iwae {shlex.join(argv)}"
+    if command == "evaluate" and distributed.world() > 1:
+        again = f"{again}, under torchrun with {distributed.world()} ranks again"
+    return stop.continued_by(again)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     heap.retain_freed_memory()
@@ -501,14 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         options, command = args.options, args.command
         _check_launch(args)
         with distributed.session("gloo" if args.command == "reproduce" else None):  # reproduce's ranks only wait
-            {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
-             "reproduce": _run_reproduce}[args.command](args)
+            try:
+                {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
+                 "reproduce": _run_reproduce}[args.command](args)
+            except signals.Interrupted as stop:
+                raise _continued(stop, command, sys.argv[1:] if argv is None else argv) from None
     except signals.Interrupted as stop:
-        if command in ("reproduce", "evaluate"):  # the same command resumes the grid's cells, or the evaluation
-            again = f"iwae {shlex.join(sys.argv[1:] if argv is None else argv)}"
-            if command == "evaluate" and distributed.world() > 1:  # each rank keeps its own batches, for its like
-                again = f"{again}, under torchrun with {distributed.world()} ranks again"
-            stop = stop.continued_by(again)
         print(f"iwae: {stop}", file=sys.stderr)
         return 128 + stop.signal
     except KeyboardInterrupt:

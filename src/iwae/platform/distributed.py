@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout, suppress
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -132,9 +132,20 @@ def session(backend: str | None = None) -> Iterator[None]:
         raise _lost(error) from error
     except RuntimeError as error:
         if not _is_collective_failure(error):
+            _leave()
             raise
         raise _lost(error) from error
+    except BaseException:
+        _leave()
+        raise
     dist.destroy_process_group()
+
+
+def _leave() -> None:
+    """Take this rank out of the job on an error of its own (the other ranks alive): a process group left to the
+    interpreter's exit can abort it there (SIGABRT) once another rank has closed its connections."""
+    with suppress(Exception):
+        dist.destroy_process_group()
 
 
 def _first_line(error: BaseException) -> str:
@@ -242,6 +253,8 @@ def on_rank_zero(fn: Callable[[], T]) -> T | None:
             error = caught
     message = [None if error is None else _first_line(error)]
     dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        dist.barrier()  # every rank has the message before any of them, raising, leaves the job
     if error is not None:
         raise error
     if message[0] is not None:
