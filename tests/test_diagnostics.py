@@ -176,6 +176,7 @@ def test_generative_gradient_is_the_same_for_every_estimator() -> None:
     (["--k", f"2,{10**11}"], f"diagnosing with --k {10**11} and --examples 256 needs about"),
     (["--k", "2", "--examples", str(10**11)], f"diagnosing with --k 2 and --examples {10**11} needs about"),
     (["--m", "2", "--k", "2,4"], "--m is read by miwae and piwae only, and --objectives has neither"),
+    (["--device", "cuda"], "the Gaussian toy (--toy) is diagnosed on the CPU; drop --device cuda"),
     (["--objectives", "iwae,miwae", "--beta", "0.3"], "--beta is read by ciwae only, and --objectives has neither"),
 ])
 def test_bad_input_is_one_line(options: list[str], message: str, tmp_path: Path,

@@ -420,6 +420,8 @@ def _run_sample(args: argparse.Namespace) -> None:
 def _run_diagnose(args: argparse.Namespace) -> None:
     if (args.run is None) == (not args.toy):
         raise UsageError("give a run directory RUN, or --toy for the built-in Gaussian toy (not both)")
+    if args.toy and args.device not in ("auto", "cpu"):
+        raise UsageError(f"the Gaussian toy (--toy) is diagnosed on the CPU; drop --device {args.device}")
     if args.examples is not None and args.examples < 1:
         raise UsageError(f"--examples must be a positive number; got {args.examples}")
     check_seed(args.seed)
