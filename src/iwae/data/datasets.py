@@ -223,11 +223,11 @@ def _read_digits(data_dir: PathLike | None, download: bool) -> Arrays:
 
 
 def _read_user(path: Path, test_fraction: float, sha256: str | None) -> Arrays:
-    if not path.is_file() and sha256 is not None:  # a run's own file
-        raise DataError(f"{path}, the file the run trained on, does not exist; if it has moved, give the run its new "
-                        "place once with: iwae train --resume RUN --dataset NEW_PATH (the file is known by its "
-                        "SHA-256), and every command finds it there")
     if not path.is_file():
+        if sha256 is not None:  # a run's own file
+            raise DataError(f"{path}, the file the run trained on, does not exist; if it has moved, give the run its "
+                            "new place once with: iwae train --resume RUN --dataset NEW_PATH (the file is known by "
+                            "its SHA-256), and every command finds it there")
         raise DataError(
             f"{path} does not exist; give the path of a .npy or .npz file of shape (N, D) with values in [0, 1]."
         )

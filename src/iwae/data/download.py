@@ -43,9 +43,9 @@ def fetch(remote: RemoteFile, target: Path, how_to_supply: str) -> Path:
     """
     url = source_url(remote)
     target.parent.mkdir(parents=True, exist_ok=True)
-    owner = f"{os.getpid()}@{socket.gethostname()}"
-    _remove_abandoned_parts(target.parent, remote.name)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{remote.name}.{owner}.", suffix=".part")
+    host = socket.gethostname()
+    _remove_abandoned_parts(target.parent, remote.name, host)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{remote.name}.{os.getpid()}@{host}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -64,9 +64,9 @@ def fetch(remote: RemoteFile, target: Path, how_to_supply: str) -> Path:
     return target
 
 
-def _remove_abandoned_parts(folder: Path, name: str) -> None:
-    """Delete the partial downloads of ``name`` in ``folder`` whose process, on this host, no longer runs."""
-    host = socket.gethostname()
+def _remove_abandoned_parts(folder: Path, name: str, host: str) -> None:
+    """Delete the partial downloads of ``name`` in ``folder`` whose process, on ``host`` (this one), no longer
+    runs."""
     for part in folder.glob(f".{name}.*.part"):
         pid, at, rest = part.name[len(name) + 2:].partition("@")
         if at and pid.isdigit() and rest.startswith(f"{host}.") and not _running(int(pid)):

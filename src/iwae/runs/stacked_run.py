@@ -100,14 +100,14 @@ def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress
     ``changes`` as for ``lone_run.resume``, applied to every seed (e.g. a new ``data_dir``). RunInUseError while
     another process trains or evaluates the stack or one of its seeds."""
     with runlock.locked(out) if out.is_dir() else nullcontext():
-        seeds = [out / f"seed-{s}" for s in rundir.read_json(out / STACK)["seeds"]] if is_stacked(out) else []
-        with runlock.all_locked([path for path in seeds if path.is_dir()]):  # no lone --resume of a seed meanwhile
-            return _resume_stacked(out, changes, progress)
+        record = rundir.read_json(out / STACK)
+        dirs = [out / f"seed-{s}" for s in record["seeds"]]
+        with runlock.all_locked([path for path in dirs if path.is_dir()]):  # no lone --resume of a seed meanwhile
+            return _resume_stacked(out, record, dirs, changes, progress)
 
 
-def _resume_stacked(out: Path, changes: dict[str, Any] | None, progress: bool | None) -> list[dict | None]:
-    record = rundir.read_json(out / STACK)
-    dirs = [out / f"seed-{s}" for s in record["seeds"]]
+def _resume_stacked(out: Path, record: dict[str, Any], dirs: list[Path], changes: dict[str, Any] | None,
+                    progress: bool | None) -> list[dict | None]:
     for path in dirs:  # complete (or discard) an interrupted commit
         pending = path / NEXT
         if pending.is_file():

@@ -114,7 +114,7 @@ class _Loop:
         self.compilation_counted = False
         # steps from one report to the next, the same on every rank; ranks training together time their first step
         self.report_every = REPORT_EVERY if distributed.world() == 1 else 1
-        self.report_at, self.steps_timed_from = 0, (self.step, time.perf_counter())
+        self._report_from_here()
         self.next_checkpoint = time.monotonic() + self.config.checkpoint_every_s
         self.bounds: list[float] = []
 
@@ -149,7 +149,7 @@ class _Loop:
             self.seeds.step.bound_sum.zero_()
             self.epoch_start = time.perf_counter()
         self.seeds.draw_from(self.batches, self.step)
-        self.report_at, self.steps_timed_from = self.step + self.report_every, (self.step, time.perf_counter())
+        self._report_from_here()
         while self.step < self.steps_per_epoch:
             self.seeds.train_on(self.step)
             self.step += 1
@@ -203,6 +203,10 @@ class _Loop:
             first, started = self.steps_timed_from
             step_us = distributed.maximum(math.ceil(1e6 * (time.perf_counter() - started) / (self.step - first)))
             self.report_every = max(1, min(REPORT_EVERY, int(AGREE_S * 1e6 / max(step_us, 1))))
+        self._report_from_here()
+
+    def _report_from_here(self) -> None:
+        """Report ``report_every`` steps after the current one, and time the steps until then."""
         self.report_at, self.steps_timed_from = self.step + self.report_every, (self.step, time.perf_counter())
 
     def _discount_compilation(self) -> None:
