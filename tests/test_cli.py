@@ -57,6 +57,21 @@ def test_train_evaluate_and_sample(finished_run: Path, capsys: pytest.CaptureFix
     assert len(capsys.readouterr().out.split()) == 4
 
 
+def test_an_evaluation_file_edited_by_hand_is_named_not_a_key_error(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    result = json.loads((run / rundir.EVAL).read_text())
+    del result["bounds_se"], result["ess"]
+    (run / rundir.EVAL).write_text(json.dumps(result))
+    for argv in (["sample", str(run), "--n", "4", "--device", "cpu"], ["train", "--resume", str(run)]):
+        assert main(argv) == 2
+        line = messages(capsys.readouterr().err)[-1]
+        assert f"{run / rundir.EVAL} is not an evaluation written by iwae (it lacks bounds_se, ess)" in line
+        assert line.endswith(f"evaluate the run again with iwae evaluate {run}")
+
+
 def test_fewer_images_than_columns_leave_no_empty_tiles() -> None:
     grid = plots.image_grid(torch.ones(7, 16), (4, 4), columns=10)
     assert grid.shape == (1 + 4 + 1, 1 + 7 * (4 + 1))

@@ -45,10 +45,21 @@ def own_k(run_dir: Path) -> int:
     return rundir.read_json(run_dir / rundir.CONFIG).get("eval_k") or DEFAULT_K
 
 
+# what the readers of an evaluation's file take from it (format_evaluation, the figures, a finished run's resume)
+EVALUATION_KEYS = ("run", "epoch", "dataset", "split", "examples", "k", "nll", "nll_se", "bounds", "bounds_se", "ess",
+                   "active_units", "active_units_examples", "active_units_threshold")
+
+
 def read_evaluation(path: Path) -> dict[str, Any]:
     """An evaluation result as ``evaluate_run`` returned it, from its file: the standard errors that JSON holds as
     null (those of one example, undefined) are NaN again, as the result had them."""
     result = rundir.read_json(path)
+    missing = [key for key in EVALUATION_KEYS if key not in result] if isinstance(result, dict) else EVALUATION_KEYS
+    if missing:
+        raise rundir.RunDirError(
+            f"{path} is not an evaluation written by iwae (it lacks {', '.join(missing)}); remove it and evaluate "
+            f"the run again with iwae evaluate {path.parent}"
+        )
     result["nll_se"] = _nan_if_null(result["nll_se"])
     result["bounds_se"] = {g: _nan_if_null(se) for g, se in result["bounds_se"].items()}
     return result
@@ -329,7 +340,7 @@ def format_evaluation(result: dict[str, Any]) -> str:
     ]
     rows += [
         ("ESS", f"{result['ess']:.1f} of {k}"),
-        ("ESS/k", f"{result['ess_per_k']:.4f} (1 when q is the posterior)"),
+        ("ESS/k", f"{result['ess'] / k:.4f} (1 when q is the posterior)"),
         ("active units", f"{_active_units_of(result)} (variance of the posterior mean over "
          f"{result['active_units_examples']} training examples > {result['active_units_threshold']})"),
     ]
