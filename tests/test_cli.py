@@ -72,6 +72,20 @@ def test_an_evaluation_file_edited_by_hand_is_named_not_a_key_error(
         assert line.endswith(f"evaluate the run again with iwae evaluate {run}")
 
 
+@pytest.mark.parametrize(("other", "this"), [
+    (["--model", "sbn-4-2", "--estimator", "vimco"], "the sigmoid belief net sbn-4-2"),
+    (["--layers", "2"], "the paper's with 2 stochastic layers"),
+])
+def test_init_from_a_run_of_another_architecture_names_both(other: list[str], this: str, finished_run: Path,
+                                                           tiny_dataset: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    line = one_line_error(capsys, ["train", "--dataset", tiny_dataset, *TINY, *other, "--init-from",
+                                   str(finished_run), "--out", str(tmp_path / "run")])
+    assert f"cannot start from {finished_run}: its model is the paper's with 1 stochastic layer for data of " \
+           f"dimension 16, this run's {this} for 16" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_fewer_images_than_columns_leave_no_empty_tiles() -> None:
     grid = plots.image_grid(torch.ones(7, 16), (4, 4), columns=10)
     assert grid.shape == (1 + 4 + 1, 1 + 7 * (4 + 1))
@@ -142,6 +156,8 @@ def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pyte
                        "miwae"),
         (["--objective", "vr", "--beta", "0.3"], "--beta applies to --objective ciwae only, not vr"),
         (["--objective", "ciwae", "--alpha", "0"], "--alpha applies to --objective vr only, not ciwae"),
+        (["--model", "sbn-4-2", "--estimator", "vimco", "--layers", "1"],
+         "--layers applies to --model burda only, not sbn-4-2, whose layers are the widths in its name; drop --layers"),
         (["--schedule", "burda"], "--epochs and --lr do not apply to --schedule burda"),
         (["--k", "many"], "argument --k: invalid int value: 'many'; see iwae train --help"),
         (["--device", "tpu"], "unknown device 'tpu'"),

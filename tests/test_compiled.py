@@ -3,6 +3,9 @@ compiling many models one after another, as a grid does."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import warnings
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from iwae.platform.compiled import Compiled, UnfuseBiasOnCpu
+from iwae.training import signals
 
 
 def layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -50,3 +54,18 @@ def test_compiled_tanh_is_within_2e_7_of_tanh() -> None:
     x = torch.cat([torch.linspace(-12, 12, 100_001), torch.logspace(-30, 0, 1001), -torch.logspace(-30, 0, 1001)])
     compiled = Compiled(torch.tanh, "tanh")
     torch.testing.assert_close(compiled(x), torch.tanh(x), rtol=0, atol=2e-7)
+
+
+def test_a_stop_while_compiling_stops_the_work_not_the_compilation() -> None:
+    # a signal handled while the backend compiles raises Interrupted inside torch.compile, which wraps the
+    # exceptions of a backend as its own failure: the stop must reach the caller, not become an eager fallback
+    def stopped_backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs here
+        return graph.forward
+
+    compiled = Compiled(lambda x: x + 1, "a sum", backend=stopped_backend)
+    with signals.raising_on_signal("the sum", "iwae again"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(signals.Interrupted, match="the sum stopped by SIGTERM; continue with: iwae again"):
+            compiled(torch.ones(3))

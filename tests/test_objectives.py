@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -194,6 +195,19 @@ def test_loss_value_is_minus_the_bound() -> None:
                 bound = Objective(objective, 10, **PARAMS).bound(result.log_w)
                 torch.testing.assert_close(result.bound, bound)
                 torch.testing.assert_close(result.loss.detach(), -reduce(bound))
+
+
+def test_numpy_integers_count_samples_and_groups_as_ints_do() -> None:
+    model = burda(1, x_dim=20)
+    x = (torch.rand(4, 20) < 0.5).float()
+    for objective in ("iwae", "miwae", "piwae"):
+        plain = Objective(objective, 10, m=5)
+        given = Objective(objective, np.int64(10), m=np.int32(5))
+        assert given == plain and type(given.k) is int and type(given.m) is int
+        torch.manual_seed(0)
+        expected = loss(model, x, objective, k=10, m=5).loss
+        torch.manual_seed(0)
+        torch.testing.assert_close(loss(model, x, objective, k=np.int64(10), m=np.int64(5)).loss, expected)
 
 
 def test_refused_combinations_name_the_problem() -> None:

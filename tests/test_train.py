@@ -90,6 +90,7 @@ def test_config_resolves_the_schedule_and_survives_a_round_trip() -> None:
         ({"objective": "miwae", "k": 10, "m": 3}, "m must be a positive integer dividing k"),
         ({"objective": "vr", "alpha": float("-inf")}, "no DReG estimator"),
         ({"layers": 3}, "layers must be 1 or 2"),
+        ({"model": "sbn-4-2", "estimator": "vimco", "layers": 2}, "layers applies to the paper's architecture"),
         ({"schedule": "cosine"}, "unknown schedule"),
         ({"schedule": "burda", "epochs": 5}, "epochs and lr do not apply to schedule burda"),
         ({"epochs": None}, "give the number of epochs"),

@@ -299,7 +299,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
         raise UsageError(f"--seeds starts a new stacked run; to continue the run in {args.resume}, drop --seeds: "
                          f"iwae train --resume {args.resume}")
     if args.resume is None:
-        _check_objective_options(given)
+        _check_unread_options(given)
     if args.seeds is not None or (args.resume is not None and stacked_run.is_stacked(args.resume)):
         return _run_train_stacked(args, given)
     if args.resume is not None:
@@ -314,13 +314,18 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     return result
 
 
-def _check_objective_options(given: dict[str, Any]) -> None:
-    """Refuse an option that the run's objective does not read (e.g. --m with iwae), rather than ignore it."""
+def _check_unread_options(given: dict[str, Any]) -> None:
+    """Refuse an option that the run's objective or model does not read (e.g. --m with iwae, --layers with a
+    sigmoid belief net), rather than ignore it."""
     objective = given.get("objective", _DEFAULTS["objective"])
     for name, objectives in SETTING_READERS.items():
         if name in given and objective not in objectives:
             raise UsageError(f"--{name} applies to --objective {' or '.join(objectives)} only, not {objective}; "
                              f"drop --{name}, or choose --objective {objectives[0]}")
+    model = given.get("model", _DEFAULTS["model"])
+    if "layers" in given and model != "burda":
+        raise UsageError(f"--layers applies to --model burda only, not {model}, whose layers are the widths in its "
+                         "name; drop --layers")
 
 
 def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:

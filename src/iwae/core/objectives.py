@@ -31,6 +31,7 @@ to the inference network.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -71,6 +72,10 @@ class Objective:
         if self.name not in OBJECTIVES:
             raise SettingError("unknown {0} {name!r}; choose one of {known}", ("objective",), name=self.name,
                                known=", ".join(OBJECTIVES))
+        for name in ("k", "m"):  # numpy's integers too, as plain ints
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise SettingError("{0} must be a positive integer number of samples; got {0}={k}", ("k",), k=self.k)
         if self.name in SETTING_READERS["m"] and (isinstance(self.m, bool) or not isinstance(self.m, int)

@@ -149,12 +149,20 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[
     return state, model.to(device)
 
 
-def initial_parameters(source: Path, layers: int, x_dim: int) -> dict[str, Tensor]:
-    """The parameters of the run in ``source`` (a run's ``init_from``), checked to fit a model of ``layers``
-    stochastic layers for data of dimension ``x_dim``."""
+def initial_parameters(source: Path, model: str, layers: int, x_dim: int) -> dict[str, Tensor]:
+    """The parameters of the run in ``source`` (a run's ``init_from``), checked to fit a ``model`` ("burda" with
+    ``layers`` stochastic layers, or a sigmoid belief net "sbn-...") for data of dimension ``x_dim``."""
     state = load(source)
-    if state["config"]["layers"] != layers or state["x_dim"] != x_dim:
-        raise ValueError(f"cannot start from {source}: its model has {state['config']['layers']} stochastic layers "
-                         f"for data of dimension {state['x_dim']}, this run {layers} for {x_dim}; give "
+    theirs = (state["config"].get("model", "burda"), state["config"]["layers"], state["x_dim"])
+    if _architecture(*theirs[:2]) != _architecture(model, layers) or theirs[2] != x_dim:
+        raise ValueError(f"cannot start from {source}: its model is {_architecture(*theirs[:2])} for data of "
+                         f"dimension {theirs[2]}, this run's {_architecture(model, layers)} for {x_dim}; give "
                          "--init-from a run of the same architecture and data")
     return state["model"]
+
+
+def _architecture(model: str, layers: int) -> str:
+    """A model's architecture in words: the paper's with its stochastic layers, or a sigmoid belief net's name."""
+    if model == "burda":
+        return f"the paper's with {layers} stochastic layer{'s' if layers > 1 else ''}"
+    return f"the sigmoid belief net {model}"

@@ -70,8 +70,8 @@ def train(config: TrainConfig, run_dir: Path | str, *, progress: bool | None = N
     config = replace(config, threads=count, matmul=distributed.broadcast(matmul))  # the ranks multiply alike
     with ExitStack() as held:  # the run directory's lock, once it exists, until the run is evaluated
         with StopOnSignal() as stop:  # from here on a signal waits for a checkpoint
-            parameters = (None if config.init_from is None
-                          else checkpoint.initial_parameters(Path(config.init_from), config.layers, x_dim))
+            parameters = None if config.init_from is None else checkpoint.initial_parameters(
+                Path(config.init_from), config.model, config.layers, x_dim)
             state, model = start(config, dataset, parameters)  # the same on every rank
 
             def create() -> None:

@@ -67,8 +67,8 @@ def train_stacked(configs: list[TrainConfig], out: Path | str, *, progress: bool
     count, matmul = preflight.training_threads_and_path(configs[0], x_dim, device, len(dataset.train), len(configs),
                                                         functools.partial(stacked_timing_step, seeds=len(configs)))
     configs = [replace(c, threads=count, matmul=matmul) for c in configs]
-    initial = [None if c.init_from is None else checkpoint.initial_parameters(Path(c.init_from), c.layers, x_dim)
-               for c in configs]
+    initial = [None if c.init_from is None
+               else checkpoint.initial_parameters(Path(c.init_from), c.model, c.layers, x_dim) for c in configs]
     with ExitStack() as held:  # the locks of the stack and its seeds, once they exist, until the seeds are evaluated
         with StopOnSignal() as stop:
             if beside_finished:

@@ -87,6 +87,9 @@ class TrainConfig:
             sbn_widths(self.model)  # validates the name
         # validates the objective's name, k, m, beta and alpha, and the estimator for it and the model's q
         self.objective_spec().check_estimator(self.estimator, reparameterized=self.model == "burda")
+        if self.model != "burda" and self.layers != 1:
+            raise SettingError("{0} applies to the paper's architecture ({1} burda); the layers of {value} are the "
+                               "widths in its name", ("layers", "model"), value=self.model)
         if self.layers not in (1, 2):
             raise SettingError("{0} must be 1 or 2 (the paper's architectures); got {value}", ("layers",),
                                value=self.layers)

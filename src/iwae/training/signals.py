@@ -14,9 +14,12 @@ from typing import Any
 from iwae.platform import distributed
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """Training stopped on ``sig`` after writing a checkpoint: ``what`` happened, and the message adds the
-    ``command`` that continues it (``verb``: "continue with", or "finish with")."""
+    ``command`` that continues it (``verb``: "continue with", or "finish with").
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: raised from a signal handler, it can surface inside any code
+    (torch.compile's, a reader's), and no ``except Exception`` there may take it for a failure of its own."""
 
     def __init__(self, what: str, sig: signal.Signals, command: str, verb: str = "continue with") -> None:
         super().__init__(f"{what}; {verb}: {command}")
