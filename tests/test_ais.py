@@ -17,8 +17,10 @@ from torch import nn
 from torch.distributions import Bernoulli, Independent, MultivariateNormal
 
 from iwae.core import ais
-from iwae.core.ais import ais_log_likelihood
-from iwae.models import DeepLatentModel, LinearGaussian
+from iwae.core.ais import ais_log_likelihood, bdmc
+from iwae.eval.exact import exact_log_likelihood
+from iwae.eval.likelihood import log_likelihood
+from iwae.models import DeepLatentModel, LinearGaussian, sbn
 from iwae.models.linear_gaussian import AffineGaussianEncoder, GaussianPrior, LinearGaussianLikelihood
 
 
@@ -159,6 +161,8 @@ class CoinPrior(nn.Module):
         ({"chains": 0}, "chains must be a positive integer"),
         ({"leapfrog": -1}, "leapfrog must be a positive integer"),
         ({"start": "posterior"}, "start must be one of prior, encoder"),
+        ({"batch_size": 0}, "batch_size must be a positive integer; got 0"),
+        ({"batch_size": -1}, "batch_size must be a positive integer; got -1"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(settings: dict, message: str) -> None:
@@ -166,6 +170,21 @@ def test_bad_settings_are_refused_in_one_line(settings: dict, message: str) -> N
     with pytest.raises(ValueError, match=message) as error:
         ais_log_likelihood(model, x, **{"steps": 2, "chains": 2, "leapfrog": 2, **settings})
     assert "\n" not in str(error.value)
+
+
+def test_no_examples_and_a_fractional_number_to_simulate_are_refused_in_one_line() -> None:
+    model, x, _ = model_and_data(2)
+    calls = [
+        (lambda: ais_log_likelihood(model, x[:0], steps=2, chains=2, leapfrog=2), "x holds no examples"),
+        (lambda: log_likelihood(model, x[:0], k=10), "x holds no examples"),
+        (lambda: exact_log_likelihood(sbn([2], 4), torch.ones(0, 4)), "x holds no examples"),
+        (lambda: bdmc(model, 2.5, steps=2, chains=2, leapfrog=2), "must be a positive integer; got 2.5"),
+        (lambda: bdmc(model, 4, steps=2, chains=2, leapfrog=2, batch_size=0), "batch_size must be a positive"),
+    ]
+    for call, message in calls:
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
 
 
 def test_discrete_latents_are_refused_in_one_line() -> None:

@@ -11,15 +11,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import flip_a_bit_inside, messages
 
+from iwae import plots
 from iwae.cli import main
+from iwae.core import ais
+from iwae.eval import likelihood
 from iwae.platform import gemm
-from iwae.runs import evaluation, resumable, rundir
+from iwae.runs import archives, evaluation, resumable, rundir
+from iwae.training import signals
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # 16 test examples one per batch, 100 passes each: long enough to be killed in the middle
@@ -104,6 +109,39 @@ def test_an_evaluation_stopped_by_sigterm_says_how_it_continues(run: Path, tmp_p
                                  f"with: iwae evaluate {stopped} {' '.join(options)} --checkpoint-every 0"), err
     continued = iwae("evaluate", str(stopped), *options)
     assert continued.wait() == 0 and "continuing from" in continued.communicate()[1]
+    assert numbers(json.loads((stopped / name).read_text())) == numbers(json.loads((whole / name).read_text()))
+
+
+@pytest.mark.parametrize(("method", "after_the_batches"), [("bdmc", "importance_statistics"),
+                                                         ("ais", "plot_ais_vs_steps")])
+def test_a_stop_after_the_ais_batches_keeps_them_all(method: str, after_the_batches: str, run: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # BDMC's IS estimate, and AIS's figure, come after the last batch: a stop there keeps every batch (none was
+    # due to be written yet), and the same command then finishes from them alone, to the uninterrupted numbers
+    options, name = KILLED[method]
+    options = [*options[:options.index("--examples") + 1], "3", *options[options.index("--examples") + 2:]]
+    name = name.replace("n16", "n3")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    shutil.copytree(run, whole)
+    shutil.copytree(run, stopped)
+    assert main(["evaluate", str(whole), *options]) == 0
+    module = likelihood if method == "bdmc" else plots
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise signals.Interrupted("the evaluation stopped by SIGTERM", signal.SIGTERM, "the same command")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(module, after_the_batches, stop)
+        assert main(["evaluate", str(stopped), *options, "--checkpoint-every", "3600"]) == 128 + signal.SIGTERM
+    kept = archives.load(resumable.partial_path(stopped / name))["pieces"]
+    assert len(kept) == {"bdmc": 3, "ais": 1 + 3}[method]  # AIS's first piece: the IS estimate
+
+    def annealed_again(*args: object, **kwargs: object) -> Iterator[None]:
+        pytest.fail("a kept batch was annealed again")
+        yield
+
+    monkeypatch.setattr(ais, f"{method}_batches", annealed_again)
+    assert main(["evaluate", str(stopped), *options]) == 0
     assert numbers(json.loads((stopped / name).read_text())) == numbers(json.loads((whole / name).read_text()))
 
 

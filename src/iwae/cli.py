@@ -135,11 +135,11 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
         "bounds L_1, L_5, L_50 and L_k, the effective sample size and the active units. The run's own evaluation "
         "(its test split, every example, seed 0, the k of its training's final evaluation, else 5000) is written "
         "to RUN/eval.json; any other setting to a file named after it, e.g. RUN/eval-test-k10-n50.json, so no "
-        "evaluation replaces another.",
+        "evaluation replaces one of another k, split, data, examples or seed.",
     )
     parser.add_argument("run", type=Path, help="a run directory written by iwae train")
     parser.add_argument("--k", type=int, default=5000, metavar="K", help="samples per example (default: 5000)")
-    parser.add_argument("--split", default="test", metavar="SPLIT", help="test, train or valid (default: test)")
+    parser.add_argument("--split", metavar="SPLIT", help="test, train or valid (default: test)")
     parser.add_argument("--dataset", metavar="NAME_OR_PATH",
                         help="evaluate on this dataset name or .npy/.npz file instead of the run's")
     parser.add_argument("--data-dir", metavar="DIR", help="where to look for dataset files (default: the run's)")
@@ -148,7 +148,8 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
                         "ais; bdmc simulates N examples, default 100)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
-    parser.add_argument("--chunk-size", type=int, default=500, metavar="N", help="samples per pass (default: 500)")
+    parser.add_argument("--chunk-size", type=int, metavar="N",
+                        help=f"samples per pass (default: {likelihood.CHUNK_SIZE})")
     parser.add_argument("--batch-size", type=int, default=likelihood.EXAMPLES_PER_PASS, metavar="N",
                         help=f"examples per pass (default: {likelihood.EXAMPLES_PER_PASS})")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -356,6 +357,9 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
 _AIS_OPTIONS = {"steps": "ais_steps", "n": "examples"}
 # the options of --method ais and bdmc alone (unset: the library's defaults), by their names in ``args``
 _AIS_ONLY = {"ais_steps": "steps", "chains": "chains", "leapfrog": "leapfrog", "start": "start"}
+# the options of importance sampling alone, and those of the run's data (bdmc simulates its own), unset by default
+_IS_ONLY = ("chunk_size", "compile", "matmul")
+_DATA = ("split", "dataset", "data_dir")
 
 
 def _run_evaluate_ais(args: argparse.Namespace) -> None:
@@ -397,6 +401,15 @@ def _run_evaluate(args: argparse.Namespace) -> None:
             options = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(f"{options} apply to --method ais or bdmc, not to importance sampling; drop them, or "
                              "choose --method ais or bdmc")
+        unread = [name for name in (*_IS_ONLY, *(_DATA if args.method == "bdmc" else ())) if args.method != "is"
+                  and getattr(args, name) is not None]
+        if unread:
+            options = ", ".join("--" + name.replace("_", "-") for name in unread)
+            simulated = " (which simulates its examples from the model)" if args.method == "bdmc" else ""
+            verb, them = ("does", "it") if len(unread) == 1 else ("do", "them")
+            raise UsageError(f"{options} {verb} not apply to --method {args.method}{simulated}; drop {them}")
+        args.split = "test" if args.split is None else args.split
+        args.chunk_size = likelihood.CHUNK_SIZE if args.chunk_size is None else args.chunk_size
         if args.method != "is":
             _run_evaluate_ais(args)
         else:

@@ -8,7 +8,7 @@ text, so the library reports its own names and the command line reports the opti
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any
 
 SEED_LIMIT = 2**63  # seeds are integers in [0, 2**63): what numpy's SeedSequence and every torch generator accept
@@ -46,3 +46,9 @@ def check_positive(value: float, name: str) -> None:
     """Raise SettingError unless ``value`` is a finite number > 0."""
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise SettingError("{0} must be a finite number > 0; got {value}", (name,), value=value)
+
+
+def check_examples(x: Sized, name: str = "x") -> None:
+    """Raise SettingError if ``x`` (a batch of examples along its first dimension) holds none."""
+    if len(x) == 0:
+        raise SettingError("{0} holds no examples; give at least one", (name,))

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from iwae.models import DeepLatentModel
 from iwae.platform import duration
 from iwae.platform.device import batch_seed, seeded
-from iwae.settings import SettingError
+from iwae.settings import SettingError, check_examples
 
 Start = Literal["prior", "encoder"]
 STARTS = ("prior", "encoder")
@@ -68,6 +68,7 @@ TARGET_ACCEPTANCE = 0.65
 ADAPT_RATE = 0.5
 INITIAL_STEP_SIZE = 0.05
 PILOT_STEPS = 100
+TIMED_LEAPFROG = 10  # the most leapfrog steps a timed HMC transition takes (seconds_per_step)
 
 
 class AISResult(NamedTuple):
@@ -289,9 +290,9 @@ def anneal(
     return log_w, acceptance, trace
 
 
-def check_settings(steps: int, chains: int, leapfrog: int, start: str) -> None:
+def check_settings(steps: int, chains: int, leapfrog: int, start: str, *, batch_size: int) -> None:
     """Raise SettingError naming the first setting that AIS cannot run with."""
-    for name, value in (("steps", steps), ("chains", chains), ("leapfrog", leapfrog)):
+    for name, value in (("steps", steps), ("chains", chains), ("leapfrog", leapfrog), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingError("{0} must be a positive integer; got {value}", (name,), value=value)
     if start not in STARTS:
@@ -301,8 +302,9 @@ def check_settings(steps: int, chains: int, leapfrog: int, start: str) -> None:
 
 def check_simulated(n: int, name: str = "n") -> None:
     """Raise SettingError (naming the setting ``name``) unless ``n``, a number of examples to simulate, is positive."""
-    if n < 1:
-        raise SettingError("the number of simulated examples, {0}, must be positive; got {value}", (name,), value=n)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SettingError("the number of simulated examples, {0}, must be a positive integer; got {value}", (name,),
+                           value=n)
 
 
 def combine(runs: list[tuple[Tensor, Tensor, StepSizes]], sign: float = 1.0) -> AISResult:
@@ -330,11 +332,14 @@ def _latent_dims(model: DeepLatentModel) -> list[int]:
 
 def seconds_per_step(model: DeepLatentModel, x: Tensor, *, chains: int, leapfrog: int, start: Start) -> float:
     """The wall time of one annealing step (an HMC transition of ``leapfrog`` leapfrog steps for ``chains`` chains
-    of every example of ``x``), timed on runs of two steps; torch's generator is left as it was."""
+    of every example of ``x``), timed on runs of two steps of at most ``TIMED_LEAPFROG`` leapfrog steps and scaled
+    to ``leapfrog`` (so that timing a step never takes as long as the step); torch's generator is left as it was."""
+    timed = min(leapfrog, TIMED_LEAPFROG)
     with torch.no_grad(), seeded(0, x.device):
         path = Path(model, x, start, _latent_dims(model))
-        return duration.seconds_per_call(lambda: anneal(path, path.sample_start(chains), sigmoid_schedule(2),
-                                                        leapfrog, None))
+        seconds = duration.seconds_per_call(lambda: anneal(path, path.sample_start(chains), sigmoid_schedule(2),
+                                                           timed, None))
+    return seconds * leapfrog / timed
 
 
 def _pilot(path: Path, chains: int, steps: int, leapfrog: int, bar: tqdm) -> StepSizes:
@@ -369,8 +374,9 @@ def ais_log_likelihood(
     ``batch_size``), whatever ``steps`` and ``leapfrog``. With ``seed``, the draws come from generators seeded
     with it and each batch's index, and torch's global generator is left as it was.
     """
-    check_settings(steps, chains, leapfrog, start)
+    check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
     x = model.as_input(x)
+    check_examples(x)
     with ais_bar(steps, chains, len(x.split(batch_size)), progress) as bar:
         return combine(list(ais_batches(model, x, steps=steps, chains=chains, leapfrog=leapfrog, start=start,
                                         seed=seed, batch_size=batch_size, bar=bar)))
@@ -404,7 +410,7 @@ def ais_batches(model: DeepLatentModel, x: Tensor, *, steps: int, chains: int, l
     """``ais_log_likelihood``'s AIS runs of one batch of ``x`` after another (``combine`` joins them): with
     ``seed``, batch j (counted from ``first_batch``) draws from the generator seeded with ``batch_seed(seed,
     j)``, so that a batch's run depends on the seed, its index and its examples alone."""
-    check_settings(steps, chains, leapfrog, start)
+    check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
     betas = sigmoid_schedule(steps)
     batches = x.split(batch_size)
     for batch, _ in zip(batches, _seeded_batches(seed, x.device, first_batch, len(batches)), strict=True):
@@ -434,7 +440,7 @@ def bdmc(
     of z given x, as the backward run's unbiasedness requires. Arguments as for ``ais_log_likelihood``; the
     batches are those of ``bdmc_batches``.
     """
-    check_settings(steps, chains, leapfrog, start)
+    check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
     check_simulated(n)
     with ais_bar(steps, chains, math.ceil(n / batch_size), progress, directions=2) as bar:
         return combine_bdmc(list(bdmc_batches(model, n, steps=steps, chains=chains, leapfrog=leapfrog, start=start,
@@ -447,7 +453,7 @@ def bdmc_batches(model: DeepLatentModel, n: int, *, steps: int, chains: int, lea
                  bar: tqdm | None = None) -> Iterator[tuple[Tensor, Run, Run]]:
     """``bdmc``'s batches of at most ``batch_size`` of the ``n`` simulated examples, one after another: each its
     simulated examples and its forward and backward runs, seeded as ``ais_batches``' are."""
-    check_settings(steps, chains, leapfrog, start)
+    check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
     betas = sigmoid_schedule(steps)
     sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
     device = next(model.parameters()).device

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from iwae.models import DeepLatentModel, enumerate_values, value_count
+from iwae.settings import check_examples
 
 MAX_STATES = 2**20
 
@@ -26,6 +27,7 @@ def exact_log_likelihood(model: DeepLatentModel, x: Tensor, *, max_states: int =
         configurations (use ``log_likelihood``, the importance-sampled estimate, for such models).
     """
     x = model.as_input(x)
+    check_examples(x)
     layers = [model.prior()]  # p(z_L), then p(z_l | z_{l+1}) at z_{l+1} = 0, top-down: only their kinds and shapes
     for layer in reversed(model.conditionals[1:]):
         layers.insert(0, layer(torch.zeros(layers[0].event_shape, dtype=x.dtype, device=x.device)))

@@ -31,7 +31,7 @@ from iwae.models import DeepLatentModel
 from iwae.platform import gemm
 from iwae.platform.compiled import Compiled
 from iwae.platform.device import batch_seed, seeded
-from iwae.settings import check_integer
+from iwae.settings import check_examples, check_integer
 
 GROUP_SIZES = (1, 5, 50)
 # Evaluation passes cover at most about this many (sample, example) rows (16 examples x 500 samples), so that a
@@ -39,6 +39,7 @@ GROUP_SIZES = (1, 5, 50)
 # rather than mapping (and page-faulting) a buffer afresh on every pass.
 PASS_ROWS = 8192
 EXAMPLES_PER_PASS = 16
+CHUNK_SIZE = 500  # samples per pass, by default
 
 
 class WeightStatistics(NamedTuple):
@@ -68,7 +69,7 @@ def importance_statistics(
     x: Tensor,
     k: int = 5000,
     *,
-    chunk_size: int = 500,
+    chunk_size: int = CHUNK_SIZE,
     batch_size: int = EXAMPLES_PER_PASS,
     group_sizes: tuple[int, ...] = GROUP_SIZES,
     progress: bool = False,
@@ -85,6 +86,7 @@ def importance_statistics(
       ``WeightStatistics`` in float64 on ``x``'s device, the bounds keyed by the g in ``group_sizes`` that
       qualify, and by k.
     """
+    check_examples(x)
     with progress_bar(len(x), k, progress) as bar:
         return concatenate(list(batch_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size,
                                                  group_sizes=group_sizes, compile=compile, seed=seed,
@@ -104,7 +106,7 @@ def batch_statistics(
     x: Tensor,
     k: int = 5000,
     *,
-    chunk_size: int = 500,
+    chunk_size: int = CHUNK_SIZE,
     batch_size: int = EXAMPLES_PER_PASS,
     group_sizes: tuple[int, ...] = GROUP_SIZES,
     compile: bool = False,
@@ -194,7 +196,7 @@ def log_likelihood(
     x: Tensor,
     k: int = 5000,
     *,
-    chunk_size: int = 500,
+    chunk_size: int = CHUNK_SIZE,
     batch_size: int = EXAMPLES_PER_PASS,
     seed: int | None = None,
 ) -> Tensor:

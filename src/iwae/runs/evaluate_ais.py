@@ -120,9 +120,14 @@ def check_ais_time(model: DeepLatentModel, x: Tensor, steps: Sequence[int], *, c
     seconds = ais.seconds_per_step(model, x[:batch_size], chains=chains, leapfrog=leapfrog, start=start)
     per_batch = sum(directions * value + min(value, ais.PILOT_STEPS) for value in steps)
     batches = math.ceil(examples / batch_size)
+    estimate = seconds * batches * per_batch
+    if limit_s is not None and seconds * batches * (directions + 1) > limit_s:  # too long at a single step:
+        duration.check_duration(estimate, limit_s, "AIS of {steps} steps with {0} {leapfrog} on {examples} examples",
+                                "leapfrog", int(leapfrog * limit_s / estimate), "time_limit_s", steps=max(steps),
+                                leapfrog=leapfrog, examples=examples)  # name the leapfrog steps
     affordable = int(limit_s / (seconds * batches)) if limit_s is not None else per_batch
     fits = max((affordable - ais.PILOT_STEPS) // directions, 1)
-    duration.check_duration(seconds * batches * per_batch, limit_s, "AIS of {0} {steps} on {examples} examples",
+    duration.check_duration(estimate, limit_s, "AIS of {0} {steps} on {examples} examples",
                             "steps", fits, "time_limit_s", steps=max(steps), examples=examples)
 
 
@@ -222,8 +227,8 @@ def evaluate_ais(
     """
     steps = sorted(set(steps))
     for value in steps:
-        ais.check_settings(value, chains, leapfrog, start)
-    check_integer(batch_size, "batch_size", 1)
+        ais.check_settings(value, chains, leapfrog, start, batch_size=batch_size)
+    check_integer(k, "k", 1)
     rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
     state, model, loaded, x = evaluation.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                                      examples=examples, device=device, seed=seed)
@@ -235,15 +240,16 @@ def evaluate_ais(
     pieces = _kept(run_dir, path, {"method": "ais", "steps": steps, "chains": chains, "leapfrog": leapfrog,
                                    "start": start, "k": k, "split": split, "data": loaded.name, "examples": len(x),
                                    "seed": seed, "batch_size": batch_size}, save_every_s)
-    stats = _importance_sampled(pieces, model, x, k, seed=seed, batch_size=batch_size, progress=progress)
-    sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
-                           batch_size=batch_size, progress=progress, pieces=pieces)
-    out = {"run": str(run_dir), "dataset": loaded.name, "split": split, "examples": len(x), "epoch": state["epoch"],
-           "seed": seed, "method": "ais", **_settings(steps[-1], chains, leapfrog, start),
-           **_ais_numbers(sweep, result, stats, k), "device": str(x.device)}
-    rundir.write_json(path, out)
-    (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
-    plots.plot_ais_vs_steps(figure_path(run_dir, path), out)
+    with pieces.kept_on_stop():  # and until the figure is drawn: a stop keeps every finished batch
+        stats = _importance_sampled(pieces, model, x, k, seed=seed, batch_size=batch_size, progress=progress)
+        sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
+                               batch_size=batch_size, progress=progress, pieces=pieces)
+        out = {"run": str(run_dir), "dataset": loaded.name, "split": split, "examples": len(x),
+               "epoch": state["epoch"], "seed": seed, "method": "ais", **_settings(steps[-1], chains, leapfrog, start),
+               **_ais_numbers(sweep, result, stats, k), "device": str(x.device)}
+        rundir.write_json(path, out)
+        (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
+        plots.plot_ais_vs_steps(figure_path(run_dir, path), out)
     pieces.remove()
     return {**out, "path": str(path)}
 
@@ -304,9 +310,9 @@ def evaluate_bdmc(
       forward and backward chains' diagnostics, the k-sample IS estimate on the same simulated examples
       (``is_nll``, ``is_nll_se``), and ``time_s``, ``time_per_example_s``.
     """
-    ais.check_settings(steps, chains, leapfrog, start)
+    ais.check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
+    check_integer(k, "k", 1)
     examples = DEFAULT_EXAMPLES if examples is None else examples
-    check_integer(batch_size, "batch_size", 1)
     ais.check_simulated(examples, "examples")
     rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
     state, model = checkpoint.load_model(run_dir, resolve_device(device))
@@ -317,10 +323,12 @@ def evaluate_bdmc(
     pieces = _kept(run_dir, path, {"method": "bdmc", "steps": steps, "chains": chains, "leapfrog": leapfrog,
                                    "start": start, "k": k, "examples": examples, "seed": seed,
                                    "batch_size": batch_size}, save_every_s)
-    result, elapsed = _bdmc_batches(pieces, model, examples, steps=steps, chains=chains, leapfrog=leapfrog,
-                                    start=start, seed=seed, batch_size=batch_size, progress=progress)
-    with seeded(seed, result.x.device):
-        is_log_likelihood = likelihood.importance_statistics(model, result.x, k, batch_size=batch_size).log_likelihood
+    with pieces.kept_on_stop():  # and through the IS estimate after them: a stop keeps every finished batch
+        result, elapsed = _bdmc_batches(pieces, model, examples, steps=steps, chains=chains, leapfrog=leapfrog,
+                                        start=start, seed=seed, batch_size=batch_size, progress=progress)
+        with seeded(seed, result.x.device):
+            is_log_likelihood = likelihood.importance_statistics(model, result.x, k,
+                                                                 batch_size=batch_size).log_likelihood
     lower, lower_se = _mean_se(result.forward.log_likelihood)
     upper, upper_se = _mean_se(result.backward.log_likelihood)
     gap, gap_se = _mean_se(result.gap)

@@ -17,6 +17,7 @@ from iwae import data
 from iwae.data.catalogue import file_digest
 from iwae.eval.activity import ACTIVE_UNIT_EXAMPLES, ACTIVE_UNIT_THRESHOLD, posterior_mean_variances
 from iwae.eval.likelihood import (
+    CHUNK_SIZE,
     EXAMPLES_PER_PASS,
     WeightStatistics,
     batch_statistics,
@@ -133,7 +134,7 @@ def evaluate_run(
     examples: int | None = None,
     device: str = "auto",
     seed: int = 0,
-    chunk_size: int = 500,
+    chunk_size: int = CHUNK_SIZE,
     batch_size: int = EXAMPLES_PER_PASS,
     progress: bool = False,
     compile: bool | None = None,
@@ -161,7 +162,9 @@ def evaluate_run(
 
     Returns the result, also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``:
       ``nll``, ``nll_se`` (over examples of -log (1/k) sum_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g keyed by
-      g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used.
+      g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used
+      (``matmul``, ``chunk_size``, ``batch_size``: at one seed, the pass sizes decide which draws each example
+      and layer gets, so other pass sizes give other, equally valid, numbers).
     """
     run_dir = _checked(Path(run_dir), k=k, chunk_size=chunk_size, batch_size=batch_size)
     start = time.perf_counter()
@@ -177,7 +180,8 @@ def evaluate_run(
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
                                          progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
-    result = _result(run_dir, loaded, split, state, k, seed, stats, variances, start, pieces.chosen)
+    result = {**_result(run_dir, loaded, split, state, k, seed, stats, variances, start, pieces.chosen),
+              "chunk_size": chunk_size, "batch_size": batch_size}
     distributed.on_rank_zero(lambda: rundir.write_json(out, result))
     pieces.remove()
     distributed.on_rank_zero(lambda: _remove_partials(out))
