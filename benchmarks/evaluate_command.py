@@ -7,7 +7,8 @@ of MNIST's shape when the files are not there), then times, each in a fresh proc
   the command    ``iwae evaluate RUN --k K --examples N``, start to exit (loading, checks, compiling as it
                  chooses, the evaluation, the active units, writing the result);
   the evaluator  ``iwae.eval.likelihood.importance_statistics`` on the same model, examples, k, seed, pass sizes,
-                 matrix-multiply path and compilation, after a first pass (the compilation, when compiled), as
+                 matrix-multiply path and compilation, after a first pass (the compilation, when compiled: the
+                 timed call then compiles its own evaluator from inductor's cache, as the command does), as
                  ``benchmarks/evaluate_memory.py`` times it;
 
 by turns over ``--rounds`` rounds, and prints each round's times and their ratio, and the median ratio (on a

@@ -2,10 +2,12 @@
 
 Each measurement runs in a fresh subprocess that loads the 10,000 test images (binarized once, from
 IWAE_DATA_DIR; random binary stand-ins of the same shape when the files are not there), builds the paper's
-model and runs ``iwae.eval.likelihood.importance_statistics`` with its default chunk (500 samples) and batch (32
+model and runs ``iwae.eval.likelihood.importance_statistics`` with its default chunk (500 samples) and batch (16
 examples) sizes, on the fastest fp32 matmul path (``iwae.platform.gemm``) as ``iwae evaluate`` does; ``--compile``
-compiles the evaluator. A first pass on one batch (the compilation, with ``--compile``) comes before the
-measurement. On a CPU it reports the peak resident memory of the process during the evaluation (Linux:
+compiles the evaluator. A first pass on one batch (the compilation, with ``--compile``, which fills inductor's
+cache) comes before the measurement. Each call compiles an evaluator of its own, as ``iwae evaluate`` does, so the
+measured evaluation includes its tracing and the loading of its kernels from that cache (a fraction of a second).
+On a CPU it reports the peak resident memory of the process during the evaluation (Linux:
 the high-water mark VmHWM, reset just before through /proc/self/clear_refs) and its increase over the
 resident memory just before; on a GPU, ``torch.cuda.max_memory_allocated`` and its increase.
 
@@ -58,7 +60,8 @@ def measure(test_file: Path, layers: int, k: int, examples: int, device_name: st
     memory in use before, the time taken, and the NLL (the mean of -log p(x) over the examples).
 
     A first pass on one batch of one chunk (compiling the evaluator with ``compile``) comes before the
-    measurement, and is timed as ``first_pass_seconds``; the evaluation itself then draws its samples from a
+    measurement, and is timed as ``first_pass_seconds`` (the measured call compiles its own evaluator again, from
+    inductor's cache); the evaluation itself then draws its samples from a
     generator seeded with 0, so the eager and compiled evaluators see the same random numbers."""
     heap.retain_freed_memory()  # as the iwae command does
     device = resolve_device(device_name)
@@ -125,7 +128,8 @@ def main() -> None:
     subset = "all" if examples == len(images) else f"the first {examples} of"
     print(f"evaluating k={args.k} on {subset} {len(images)} images ({source}), device {args.device}")
     if examples < len(images):
-        print("(a subset: peak memory does not depend on the number of examples, which are evaluated 32 at a time)")
+        print("(a subset: peak memory does not depend on the number of examples, which are evaluated "
+              f"{BATCH_SIZE} at a time)")
     with tempfile.TemporaryDirectory() as tmp:
         test_file = Path(tmp) / "test.pt"
         torch.save(images, test_file)

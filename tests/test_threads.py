@@ -140,6 +140,23 @@ def test_use_threads_sets_torch_and_says_so_once(monkeypatch: pytest.MonkeyPatch
     assert said == ["1 torch thread: 1 of 2 CPUs free", "2 torch threads: set by --threads"]
 
 
+def test_more_threads_than_usable_cpus_are_used_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "_used", [])
+    monkeypatch.setattr(threads, "_chosen", [])
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    said: list[str] = []
+    before = torch.get_num_threads()
+    try:
+        assert threads.use_threads(3, say=said.append) == 3
+        assert threads.use_run_threads(2, "the run's own count", say=said.append) == 2
+        assert threads.use_run_threads(4, "the run's own count", say=said.append) == 4
+    finally:
+        torch.set_num_threads(before)
+    assert said == ["3 torch threads: set by --threads; more than the 2 CPUs this process may use, so slower",
+                    "2 torch threads: the run's own count",
+                    "4 torch threads: the run's own count; more than the 2 CPUs this process may use, so slower"]
+
+
 def paced_by_threads(seconds: dict[int, float]) -> object:
     """A workload that takes ``seconds[n]`` on n torch threads, and draws from the global generator."""
     def workload() -> None:

@@ -104,8 +104,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     _option(group, "--beta2", float, "Adam's beta2")
     _option(group, "--adam-eps", float, "Adam's epsilon")
     _option(group, "--seed", int, "seed of initialisation, sampling, shuffling and binarization")
-    _option(group, "--init-from", str, "start from the parameters of the finished run in DIR (fresh optimizer)",
-            metavar="DIR")
+    _option(group, "--init-from", str, "start from the parameters of the run in DIR, as its latest checkpoint holds "
+            "them (fresh optimizer)", metavar="DIR")
     group = parser.add_argument_group("running")
     _option(group, "--eval-k", int, "samples per example of the final evaluation (0 skips it)")
     _option(group, "--monitor-examples", int, "test examples on which each epoch's test bound is computed")

@@ -186,7 +186,7 @@ def use_threads(requested: int | None = None, reason: str = "set by --threads",
     """
     if requested is not None:
         check_integer(requested, "threads", 1)
-        choice = ThreadChoice(requested, reason)
+        choice = ThreadChoice(requested, _beyond_usable(requested, reason))
     elif _chosen:
         choice = _chosen[-1]
     else:
@@ -205,8 +205,15 @@ def use_run_threads(count: int, reason: str, say: Callable[[str], None] | None =
       SettingError: for a count that is not a positive integer.
     """
     check_integer(count, "threads", 1)
-    _put_in_force(ThreadChoice(count, reason), say)
+    _put_in_force(ThreadChoice(count, _beyond_usable(count, reason)), say)
     return count
+
+
+def _beyond_usable(count: int, reason: str) -> str:
+    """``reason`` for a count given by the user or a run, and a warning where it exceeds the usable CPUs (threads
+    that wait on each other's turns on a CPU, which can run many times slower than one per CPU)."""
+    usable = usable_cpus()
+    return f"{reason}; more than the {usable} CPUs this process may use, so slower" if count > usable else reason
 
 
 def _put_in_force(choice: ThreadChoice, say: Callable[[str], None] | None) -> None:
