@@ -401,19 +401,26 @@ def _run_evaluate(args: argparse.Namespace) -> None:
             options = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(f"{options} apply to --method ais or bdmc, not to importance sampling; drop them, or "
                              "choose --method ais or bdmc")
-        unread = [name for name in (*_IS_ONLY, *(_DATA if args.method == "bdmc" else ())) if args.method != "is"
-                  and getattr(args, name) is not None]
-        if unread:
-            options = ", ".join("--" + name.replace("_", "-") for name in unread)
-            simulated = " (which simulates its examples from the model)" if args.method == "bdmc" else ""
-            verb, them = ("does", "it") if len(unread) == 1 else ("do", "them")
-            raise UsageError(f"{options} {verb} not apply to --method {args.method}{simulated}; drop {them}")
+        if args.method != "is":
+            _refuse_unread_by_ais(args)
         args.split = "test" if args.split is None else args.split
         args.chunk_size = likelihood.CHUNK_SIZE if args.chunk_size is None else args.chunk_size
         if args.method != "is":
             _run_evaluate_ais(args)
         else:
             _evaluate_by_importance_sampling(args)
+
+
+def _refuse_unread_by_ais(args: argparse.Namespace) -> None:
+    """Refuse the options of importance sampling alone given to --method ais or bdmc, and those of the run's data
+    given to bdmc (which simulates its examples), rather than ignore them."""
+    names = (*_IS_ONLY, *(_DATA if args.method == "bdmc" else ()))
+    unread = [name for name in names if getattr(args, name) is not None]
+    if unread:
+        options = ", ".join("--" + name.replace("_", "-") for name in unread)
+        simulated = " (which simulates its examples from the model)" if args.method == "bdmc" else ""
+        verb, them = ("does", "it") if len(unread) == 1 else ("do", "them")
+        raise UsageError(f"{options} {verb} not apply to --method {args.method}{simulated}; drop {them}")
 
 
 def _evaluate_by_importance_sampling(args: argparse.Namespace) -> None:
