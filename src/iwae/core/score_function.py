@@ -69,10 +69,6 @@ def vimco(log_p: Tensor, log_q: Tensor) -> Tensor:
     k = log_p.shape[0]
     check_vimco_samples(k)
     log_w = (log_p - log_q).detach()
-    # the signal is a difference of two log-means, unchanged by a shift of the log-weights: taken from log-weights
-    # shifted to a maximum of 0, it keeps float32's precision where log w is far from 0 (-1e4 would round to 1e-3)
-    top = log_w.amax(0)
-    log_w = log_w - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     bound = bounds.iwae(log_w)
     weights = torch.softmax(log_w, 0)
     replaced = log_w.expand(k, *log_w.shape).clone()  # row i: the K log-weights with log w_i replaced

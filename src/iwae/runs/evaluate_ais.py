@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -237,10 +238,9 @@ def evaluate_ais(
                    batch_size=batch_size, examples=len(x), limit_s=time_limit_s)
     path = result_path(run_dir, "ais", dataset=dataset, split=split, steps=steps[-1], chains=chains,
                        leapfrog=leapfrog, start=start, k=k, examples=examples_named(examples, len(x)), seed=seed)
-    pieces = _kept(run_dir, path, {"method": "ais", "steps": steps, "chains": chains, "leapfrog": leapfrog,
-                                   "start": start, "k": k, "split": split, "data": loaded.name, "examples": len(x),
-                                   "seed": seed, "batch_size": batch_size}, save_every_s)
-    with pieces.kept_on_stop():  # and until the figure is drawn: a stop keeps every finished batch
+    with _kept(run_dir, path, {"method": "ais", "steps": steps, "chains": chains, "leapfrog": leapfrog, "start": start,
+                               "k": k, "split": split, "data": loaded.name, "examples": len(x), "seed": seed,
+                               "batch_size": batch_size}, save_every_s) as pieces:
         stats = _importance_sampled(pieces, model, x, k, seed=seed, batch_size=batch_size, progress=progress)
         sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
                                batch_size=batch_size, progress=progress, pieces=pieces)
@@ -250,7 +250,6 @@ def evaluate_ais(
         rundir.write_json(path, out)
         (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
         plots.plot_ais_vs_steps(figure_path(run_dir, path), out)
-    pieces.remove()
     return {**out, "path": str(path)}
 
 
@@ -270,11 +269,17 @@ def _ais_numbers(sweep: list[dict[str, Any]], result: ais.AISResult, stats: like
     }
 
 
-def _kept(run_dir: Path, result: Path, setting: dict[str, Any], save_every_s: float | None) -> resumable.Pieces:
-    """The finished batches of the evaluation with ``setting`` whose result goes to ``result``, from the run's
-    current checkpoint."""
+@contextmanager
+def _kept(run_dir: Path, result: Path, setting: dict[str, Any], save_every_s: float | None
+          ) -> Iterator[resumable.Pieces]:
+    """Within the block, the finished batches of the evaluation with ``setting`` whose result goes to ``result``,
+    from the run's current checkpoint: all of them written if the block stops (after the last batch too, while
+    the result is made), removed once it ends."""
     digest = file_digest(run_dir / rundir.CHECKPOINT, "sha256")  # ties the pieces to their checkpoint
-    return resumable.Pieces(resumable.partial_path(result), {**setting, "checkpoint": digest}, save_every_s)
+    pieces = resumable.Pieces(resumable.partial_path(result), {**setting, "checkpoint": digest}, save_every_s)
+    with pieces.kept_on_stop():
+        yield pieces
+    pieces.remove()
 
 
 def examples_named(asked: int | None, evaluated: int) -> int:
@@ -320,30 +325,28 @@ def evaluate_bdmc(
                    batch_size=batch_size, examples=examples, limit_s=time_limit_s)
     path = result_path(run_dir, "bdmc", steps=steps, chains=chains, leapfrog=leapfrog, start=start, k=k,
                        examples=examples, seed=seed)
-    pieces = _kept(run_dir, path, {"method": "bdmc", "steps": steps, "chains": chains, "leapfrog": leapfrog,
-                                   "start": start, "k": k, "examples": examples, "seed": seed,
-                                   "batch_size": batch_size}, save_every_s)
-    with pieces.kept_on_stop():  # and through the IS estimate after them: a stop keeps every finished batch
+    with _kept(run_dir, path, {"method": "bdmc", "steps": steps, "chains": chains, "leapfrog": leapfrog,
+                               "start": start, "k": k, "examples": examples, "seed": seed, "batch_size": batch_size},
+               save_every_s) as pieces:
         result, elapsed = _bdmc_batches(pieces, model, examples, steps=steps, chains=chains, leapfrog=leapfrog,
                                         start=start, seed=seed, batch_size=batch_size, progress=progress)
         with seeded(seed, result.x.device):
             is_log_likelihood = likelihood.importance_statistics(model, result.x, k,
                                                                  batch_size=batch_size).log_likelihood
-    lower, lower_se = _mean_se(result.forward.log_likelihood)
-    upper, upper_se = _mean_se(result.backward.log_likelihood)
-    gap, gap_se = _mean_se(result.gap)
-    is_nll, is_nll_se = _mean_se(-is_log_likelihood)
-    out = {
-        "run": str(run_dir), "data": "simulated from the model", "examples": examples, "epoch": state["epoch"],
-        "seed": seed, "method": "bdmc", **_settings(steps, chains, leapfrog, start),
-        "nll": -lower, "nll_se": lower_se, "log_p_lower": lower, "log_p_lower_se": lower_se,
-        "log_p_upper": upper, "log_p_upper_se": upper_se, "gap": gap, "gap_se": gap_se,
-        "forward": _diagnostics(result.forward), "backward": _diagnostics(result.backward),
-        "k": k, "is_nll": is_nll, "is_nll_se": is_nll_se,
-        "time_s": round(elapsed, 2), "time_per_example_s": elapsed / examples, "device": str(result.x.device),
-    }
-    rundir.write_json(path, out)
-    pieces.remove()
+        lower, lower_se = _mean_se(result.forward.log_likelihood)
+        upper, upper_se = _mean_se(result.backward.log_likelihood)
+        gap, gap_se = _mean_se(result.gap)
+        is_nll, is_nll_se = _mean_se(-is_log_likelihood)
+        out = {
+            "run": str(run_dir), "data": "simulated from the model", "examples": examples, "epoch": state["epoch"],
+            "seed": seed, "method": "bdmc", **_settings(steps, chains, leapfrog, start),
+            "nll": -lower, "nll_se": lower_se, "log_p_lower": lower, "log_p_lower_se": lower_se,
+            "log_p_upper": upper, "log_p_upper_se": upper_se, "gap": gap, "gap_se": gap_se,
+            "forward": _diagnostics(result.forward), "backward": _diagnostics(result.backward),
+            "k": k, "is_nll": is_nll, "is_nll_se": is_nll_se,
+            "time_s": round(elapsed, 2), "time_per_example_s": elapsed / examples, "device": str(result.x.device),
+        }
+        rundir.write_json(path, out)
     return {**out, "path": str(path)}
 
 

@@ -163,8 +163,7 @@ def evaluate_run(
     Returns the result, also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``:
       ``nll``, ``nll_se`` (over examples of -log (1/k) sum_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g keyed by
       g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used
-      (``matmul``, ``chunk_size``, ``batch_size``: at one seed, the pass sizes decide which draws each example
-      and layer gets, so other pass sizes give other, equally valid, numbers).
+      (``matmul``, and the pass sizes, which decide which of the seed's draws each example and layer gets).
     """
     run_dir = _checked(Path(run_dir), k=k, chunk_size=chunk_size, batch_size=batch_size)
     start = time.perf_counter()
@@ -180,8 +179,7 @@ def evaluate_run(
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
                                          progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
-    result = {**_result(run_dir, loaded, split, state, k, seed, stats, variances, start, pieces.chosen),
-              "chunk_size": chunk_size, "batch_size": batch_size}
+    result = _result(run_dir, loaded, state, stats, variances, start, pieces)
     distributed.on_rank_zero(lambda: rundir.write_json(out, result))
     pieces.remove()
     distributed.on_rank_zero(lambda: _remove_partials(out))
@@ -285,10 +283,11 @@ def _checked(run_dir: Path, **sizes: int) -> Path:
     return run_dir
 
 
-def _result(run_dir: Path, loaded: data.Dataset, split: str, state: dict[str, Any], k: int, seed: int,
-            stats: WeightStatistics, variances: list[Tensor], start: float, chosen: dict[str, Any]) -> dict[str, Any]:
+def _result(run_dir: Path, loaded: data.Dataset, state: dict[str, Any], stats: WeightStatistics,
+            variances: list[Tensor], start: float, pieces: resumable.Pieces) -> dict[str, Any]:
     """An evaluation's result (see ``evaluate_run``) from the statistics of its examples, of the checkpoint
-    ``state``, started at ``start`` (``time.perf_counter``) with the ``chosen`` matmul path."""
+    ``state``, started at ``start`` (``time.perf_counter``), with the setting and matmul path of its ``pieces``."""
+    split, k, seed = pieces.setting["split"], pieces.setting["k"], pieces.setting["seed"]
     nll = -stats.log_likelihood.cpu()
     n = len(nll)
     return {
@@ -311,7 +310,9 @@ def _result(run_dir: Path, loaded: data.Dataset, split: str, state: dict[str, An
         "active_units_examples": min(ACTIVE_UNIT_EXAMPLES, len(loaded.train)),
         "active_units_threshold": ACTIVE_UNIT_THRESHOLD,
         "time_s": round(time.perf_counter() - start, 2),
-        "matmul": chosen["matmul"],
+        "matmul": pieces.chosen["matmul"],
+        "chunk_size": pieces.setting["chunk_size"],
+        "batch_size": pieces.setting["batch_size"],
     }
 
 
