@@ -16,6 +16,7 @@ from iwae.core.ais import ais_log_likelihood
 from iwae.core.objectives import loss
 from iwae.eval.activity import active_units
 from iwae.eval.exact import exact_log_likelihood
+from iwae.eval.likelihood import log_likelihood
 from iwae.models import (
     BernoulliLayer,
     DeepLatentModel,
@@ -108,6 +109,34 @@ def test_data_of_another_dimension_is_refused_naming_the_models() -> None:
         active_units(model, torch.ones(4, 17))
     with pytest.raises(ValueError, match=message.replace("16", "6").replace("17", "7")):
         exact_log_likelihood(sbn([3], x_dim=6), torch.ones(4, 7))
+
+
+@pytest.mark.parametrize("x_dim", [36, None])
+def test_data_not_a_batch_of_vectors_is_refused_with_its_fix(x_dim: int | None) -> None:
+    # one example, or images left unflattened: named with their shape and the fix, by every function that takes x,
+    # before any of them counts or splits the examples (a vector would be taken for 36 examples)
+    model = burda(1, x_dim=36)
+    model.x_dim = x_dim
+    calls = [lambda x: loss(model, x, "iwae", k=3), lambda x: model.log_weights(x, 3),
+             lambda x: log_likelihood(model, x, k=3), lambda x: active_units(model, x),
+             lambda x: ais_log_likelihood(model, x, steps=2, chains=2, leapfrog=1)]
+    for call in calls:
+        with pytest.raises(ValueError) as error:
+            call(torch.ones(36))
+        assert str(error.value) == "x has shape (36,); give a batch of examples of shape (B, D): x[None] for a " \
+                                   "single example"
+        if x_dim is not None:  # unflattened images: flattened, not a model for rows of 6
+            with pytest.raises(ValueError) as error:
+                call(torch.ones(4, 6, 6))
+            assert str(error.value) == ("x has shape (4, 6, 6), but the model is built for data of dimension "
+                                        "x_dim=36; give x of shape (B, 36): x.flatten(1) flattens each example")
+
+
+def test_no_examples_are_refused_in_one_line() -> None:
+    model = burda(1, x_dim=4)
+    for call in (lambda: loss(model, torch.ones(0, 4), "iwae", k=3), lambda: active_units(model, torch.ones(0, 4))):
+        with pytest.raises(ValueError, match=r"^x holds no examples; give at least one$"):
+            call()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])

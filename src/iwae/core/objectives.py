@@ -40,7 +40,7 @@ from torch import Tensor
 
 from iwae.core import bounds, score_function
 from iwae.models.latent import DeepLatentModel
-from iwae.settings import SettingError
+from iwae.settings import SettingError, check_examples
 
 OBJECTIVES = ("elbo", "iwae", "miwae", "ciwae", "piwae", "vr")
 # the objectives that read each of ``Objective``'s settings beyond k (the others ignore it)
@@ -189,6 +189,7 @@ def loss(
     obj.check_estimator(estimator)
     if isinstance(model, DeepLatentModel):
         x = model.as_input(x)
+    check_examples(x)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
     if estimator in score_function.ESTIMATORS:

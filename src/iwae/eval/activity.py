@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from iwae.models import DeepLatentModel
+from iwae.settings import check_examples
 
 ACTIVE_UNIT_EXAMPLES = 500
 
@@ -19,6 +20,7 @@ def posterior_mean_variances(model: DeepLatentModel, x: Tensor) -> list[Tensor]:
     mean, shape (d_l,); for layer l >= 2 the mean is that of q(z_l | z_{l-1}) at one z_{l-1} sampled from q. ``x``
     as ``DeepLatentModel.as_input`` takes it."""
     variances, h = [], model.as_input(x)
+    check_examples(h)
     for layer in model.encoder:
         q = layer(h)
         variances.append(q.mean.var(0, unbiased=False))

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,16 +61,25 @@ class DeepLatentModel(nn.Module):
         self.x_dim = x_dim
 
     def as_input(self, x: Tensor) -> Tensor:
-        """``x`` checked to fit the model: of its dimension ``x_dim`` (if known), and of its parameters' dtype,
-        cast to it where every value stays the same (integers or bools, and 0/1 or 8-bit data in float64).
+        """``x`` checked to fit the model: vectors of the model's dimension ``x_dim`` (if known) along its last
+        dimension, with at least one batch dimension before it (B, D; a stack of seeds adds one), and of its
+        parameters' dtype, cast to it where every value stays the same (integers or bools, and 0/1 or 8-bit data in
+        float64).
 
         Raises:
-            ValueError: naming the model's x_dim or dtype and the fix, rather than a failure deep inside torch.
+            ValueError: naming the shape, x_dim or dtype and the fix, rather than a failure deep inside torch.
         """
-        if self.x_dim is not None and (x.dim() == 0 or x.shape[-1] != self.x_dim):
+        if x.dim() < 2:
+            raise ValueError(f"x has shape {tuple(x.shape)}; give a batch of examples of shape (B, D): x[None] for "
+                             "a single example")
+        if self.x_dim is not None and x.shape[-1] != self.x_dim and math.prod(x.shape[1:]) == self.x_dim:
+            raise ValueError(f"x has shape {tuple(x.shape)}, but the model is built for data of dimension "
+                             f"x_dim={self.x_dim}; give x of shape (B, {self.x_dim}): x.flatten(1) flattens each "
+                             "example")
+        if self.x_dim is not None and x.shape[-1] != self.x_dim:
             raise ValueError(f"x has shape {tuple(x.shape)}, but the model is built for data of dimension "
                              f"x_dim={self.x_dim}; give x of shape (B, {self.x_dim}), or build the model for "
-                             f"x_dim={x.shape[-1] if x.dim() else 'D'}")
+                             f"x_dim={x.shape[-1]}")
         dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
         if dtype is None or x.dtype == dtype:
             return x
