@@ -182,8 +182,7 @@ def loss(
         reparameterized, "vimco" or "rws" (see ``iwae.core.score_function``; objective iwae only).
       reduction: "mean" or "sum" of the per-example bounds (Burda et al. use the sum over a batch).
 
-    Returns:
-      ``Loss(loss, bound, log_w)``.
+    Returns ``Loss(loss, bound, log_w)``.
     """
     obj = objective if isinstance(objective, Objective) else Objective(objective, k, m, beta, alpha)
     obj.check_estimator(estimator)

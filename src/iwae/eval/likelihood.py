@@ -86,7 +86,8 @@ def importance_statistics(
       ``WeightStatistics`` in float64 on ``x``'s device, the bounds keyed by the g in ``group_sizes`` that
       qualify, and by k.
     """
-    x = model.as_input(x)  # a batch (B, D), before it is counted and split
+    if isinstance(model, DeepLatentModel):
+        x = model.as_input(x)  # a batch (B, D), before it is counted and split
     check_examples(x)
     with progress_bar(len(x), k, progress) as bar:
         return concatenate(list(batch_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size,
