@@ -72,14 +72,11 @@ class DeepLatentModel(nn.Module):
         if x.dim() < 2:
             raise ValueError(f"x has shape {tuple(x.shape)}; give a batch of examples of shape (B, D): x[None] for "
                              "a single example")
-        if self.x_dim is not None and x.shape[-1] != self.x_dim and math.prod(x.shape[1:]) == self.x_dim:
-            raise ValueError(f"x has shape {tuple(x.shape)}, but the model is built for data of dimension "
-                             f"x_dim={self.x_dim}; give x of shape (B, {self.x_dim}): x.flatten(1) flattens each "
-                             "example")
         if self.x_dim is not None and x.shape[-1] != self.x_dim:
+            fix = (": x.flatten(1) flattens each example" if math.prod(x.shape[1:]) == self.x_dim
+                   else f", or build the model for x_dim={x.shape[-1]}")
             raise ValueError(f"x has shape {tuple(x.shape)}, but the model is built for data of dimension "
-                             f"x_dim={self.x_dim}; give x of shape (B, {self.x_dim}), or build the model for "
-                             f"x_dim={x.shape[-1]}")
+                             f"x_dim={self.x_dim}; give x of shape (B, {self.x_dim}){fix}")
         dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
         if dtype is None or x.dtype == dtype:
             return x

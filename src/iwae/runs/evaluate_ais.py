@@ -150,14 +150,14 @@ def _run(piece: tuple[Tensor, Tensor, tuple[Tensor, Tensor]], device: torch.devi
 def _pieces(pieces: resumable.Pieces, first: int, count: int,
             batches: Callable[[int], Generator[Any, None, None]]) -> list[tuple[Any, float]]:
     """Pieces ``first`` .. ``first + count - 1`` of ``pieces``, each a batch's result and its seconds: those finished
-    already, then the rest from ``batches(done)``, the generator of the batches from index ``done`` on."""
+    already, then the rest from ``batches(done)``, the generator of the batches from index ``done`` on (kept on a
+    stop by the block of ``_kept`` that ``pieces`` come from)."""
     done = max(0, min(len(pieces.done) - first, count))
     rest = batches(done)
-    with pieces.kept_on_stop():
-        while len(pieces.done) < first + count:
-            began = time.perf_counter()
-            item = next(rest)
-            pieces.add((_plain(item), time.perf_counter() - began))
+    while len(pieces.done) < first + count:
+        began = time.perf_counter()
+        item = next(rest)
+        pieces.add((_plain(item), time.perf_counter() - began))
     rest.close()
     return pieces.done[first:first + count]
 
