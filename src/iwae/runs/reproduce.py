@@ -258,7 +258,9 @@ def run_cell(configs: list[TrainConfig], path: Path, *, changes: dict[str, Any] 
         lone_run.resume(run, changes, progress=progress)
     if started:
         done.append(f"resumed ({len(started)} {'run' if len(started) == 1 else 'runs'} alone)")
-    new = [config for config in configs if not (runs[config.seed] / rundir.CHECKPOINT).is_file()]
+    # a finished run needs no checkpoint (results are kept without them)
+    new = [config for config in configs if not (runs[config.seed] / rundir.CHECKPOINT).is_file()
+           and not is_finished(runs[config.seed])]
     if new:
         stacked_run.train_stacked(new, path, progress=progress, beside_finished=True)
         done.append(f"trained ({_seeds_text(len(new))})")
