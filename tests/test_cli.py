@@ -161,6 +161,8 @@ def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pyte
         (["--schedule", "burda"], "--epochs and --lr do not apply to --schedule burda"),
         (["--k", "many"], "argument --k: invalid int value: 'many'; see iwae train --help"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--data-dir", "."], "reads none there; drop --data-dir"),  # a user's file
+        (["--data-dir", "/nonexistent/typo"], "--data-dir /nonexistent/typo is not a directory; give the folder"),
     ],
 )
 def test_bad_training_options(

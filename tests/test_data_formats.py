@@ -43,6 +43,19 @@ def test_idx_bad_magic(tmp_path):
     _one_line_naming(error, "labels.gz", "00000801", "00000803")
 
 
+def test_idx_cut_inside_its_header(tmp_path):
+    (tmp_path / "short.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03\x00\x00"))
+    with pytest.raises(DataError) as error:
+        read_idx_images(tmp_path / "short.gz")
+    _one_line_naming(error, "short.gz", "ends after 6 bytes, inside the 16-byte header")
+
+
+def test_a_directory_named_as_a_users_file_is_called_one(tmp_path):
+    (tmp_path / "arrays.npy").mkdir()
+    with pytest.raises(DataError, match=r"arrays\.npy is a directory; give the path of a \.npy or \.npz file"):
+        load(tmp_path / "arrays.npy")
+
+
 def test_idx_wrong_size(tmp_path):
     _write_idx(tmp_path / "short.gz", np.zeros((4, 3, 3)), drop=5)
     with pytest.raises(DataError) as error:
@@ -196,6 +209,12 @@ def test_user_npy_grey_is_dynamic_with_seeded_test_split(tmp_path):
     order = np.random.default_rng(0).permutation(50)
     assert torch.equal(data.train, torch.from_numpy(x[order[:40]].astype(np.float32)))
     assert set(data.test.unique().tolist()) == {0.0, 1.0}
+
+
+def test_user_file_named_from_home(tmp_path, monkeypatch):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((50, 16)))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert torch.equal(load("~/x.npy").train, load(tmp_path / "x.npy").train)
 
 
 def test_user_npz_binary_is_static_and_keeps_its_splits(tmp_path):

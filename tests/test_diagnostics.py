@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import messages
+from conftest import messages, overlapping, tick_label_boxes
 from matplotlib.figure import Figure
 from scipy import stats
 from test_cli import one_line_error
 
-from iwae import plots
+from iwae import data, plots
 from iwae.cli import main
 from iwae.core import bounds
 from iwae.core.objectives import loss
@@ -171,6 +172,9 @@ def test_generative_gradient_is_the_same_for_every_estimator() -> None:
                               "reparameterized ones; choose from standard, stl, dreg"),
     (["--k", "1,x"], "comma-separated integers"),
     (["--objectives", "elbo"], "not diagnosed"),
+    (["--objectives", "iwae,"], "objective '' is unknown; choose one of iwae, miwae, ciwae, piwae"),
+    (["--objectives", "miwae", "--m", "0", "--k", "10,20"], "m must be a positive integer number of groups for "
+                                                            "miwae; got m=0"),
     (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1; got -1"),
     (["--seed", str(2**64)], "--seed must be an integer from 0 to 2**63 - 1"),
     (["--k", f"2,{10**11}"], f"diagnosing with --k {10**11} and --examples 256 needs about"),
@@ -184,6 +188,16 @@ def test_bad_input_is_one_line(options: list[str], message: str, tmp_path: Path,
     out = tmp_path / "out"
     assert message in one_line_error(capsys, ["diagnose", "snr", "--toy", *options, "--out", str(out)])
     assert not out.exists()
+
+
+def test_the_library_takes_numpy_integers_and_refuses_a_bare_string() -> None:
+    x = GaussianToy.sample_data(8, seed=0)
+    model = GaussianToy.near_optimum(x, seed=0)
+    result, expected = (gradient_snr(model, x, "iwae", ["dreg"], ks, 3) for ks in (np.array([2, 4]), [2, 4]))
+    assert [(p.k, p.network, p.snr) for p in result.points] == [(p.k, p.network, p.snr) for p in expected.points]
+    assert all(type(p.k) is int for p in result.points)
+    with pytest.raises(ValueError, match=re.escape("estimators must be a list of names; got the string 'dreg'")):
+        gradient_snr(model, x, "iwae", "dreg", [2, 4], 3)
 
 
 def test_an_output_directory_that_cannot_be_written_is_refused_before_the_work(
@@ -232,6 +246,10 @@ def test_diagnose_a_trained_run(tiny_dataset: str, tmp_path: Path, capsys: pytes
     slopes = json.loads((out / "slopes.json").read_text())
     assert set(slopes) == {"iwae", "piwae"} and set(slopes["iwae"]["stl"]) == {"inference", "generative"}
     assert (out / "snr.png").stat().st_size > 0
+    examples = len(data.load(tiny_dataset).train)
+    line = one_line_error(capsys, ["diagnose", "snr", str(run), "--examples", str(examples + 1), "--k", "2",
+                                   "--draws", "3", "--device", "cpu", "--out", str(tmp_path / "more")])
+    assert f"--examples {examples + 1} is more than the {examples} training examples" in line
 
 
 def test_snr_legends_sit_outside_the_data(tmp_path: Path, saved_figures: list[Figure]) -> None:
@@ -245,6 +263,15 @@ def test_snr_legends_sit_outside_the_data(tmp_path: Path, saved_figures: list[Fi
         assert not legend.overlaps(ax.get_window_extent())
         boxes += [legend, ax.get_tightbbox()]
     assert all(fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1) for box in boxes)
+
+
+@pytest.mark.parametrize("ks", [[3, 10, 30], [2, 3, 4], [1, 10, 100, 1000]])
+def test_snr_tick_labels_name_the_k_grid_apart(ks: list[int], tmp_path: Path, saved_figures: list[Figure]) -> None:
+    model = GaussianToy.near_optimum(x := GaussianToy.sample_data(8, seed=0))
+    plots.plot_snr(tmp_path / "snr.png", [gradient_snr(model, x, "iwae", ["dreg"], ks, draws=3)], "toy", ["iwae"])
+    (ax,) = saved_figures[0].axes
+    boxes = tick_label_boxes(ax.xaxis)
+    assert len(boxes) >= 2 and not overlapping([box.padded(3) for box in boxes])  # a gap between labels
 
 
 def test_a_grid_of_m(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -233,7 +233,7 @@ def test_more_seeds_are_trained_beside_the_finished_ones(
     assert stamps == {path: path.stat().st_mtime_ns for path in stamps}  # seeds 0 and 1 were left alone
     for cell in cells:
         for seed in range(4):
-            assert reproduce.is_finished(reproduce.run_dir(out, cell.name, seed))
+            assert rundir.is_finished(reproduce.run_dir(out, cell.name, seed))
     with (out / "report.csv").open() as file:
         table = {row["cell"]: row for row in csv.DictReader(file)}
     assert all(len(table[cell.name]["nll_per_seed"].split()) == 4 for cell in cells)
@@ -241,6 +241,37 @@ def test_more_seeds_are_trained_beside_the_finished_ones(
     log.clear()
     reproduce.run_table(TABLE, out, more, cells=cells, progress=False, log=log.append)
     assert log == [f"{cell.name}: skipped (4 seeds stacked)" for cell in cells]
+
+
+@pytest.mark.slow
+def test_a_continued_cell_whose_base_runs_were_kept_without_checkpoints_is_refused_before_training(
+    finished: tuple[Path, list[str]], tiny_dataset: str, tmp_path: Path,
+) -> None:
+    reference, _ = finished
+    out = tmp_path / "grid"
+    shutil.copytree(reference, out)
+    base, other, continued = tiny_grid(tiny_dataset)[:3]
+    for seed in range(2):
+        (reproduce.run_dir(out, base.name, seed) / rundir.CHECKPOINT).unlink()
+    for cell in (other, continued):  # still to train
+        shutil.rmtree(out / cell.name)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{reproduce.run_dir(out, continued.name, 0)} starts from the parameters of "
+            f"{reproduce.run_dir(out, base.name, 0)}, a finished run kept without its checkpoint.pt")):
+        reproduce.run_table(TABLE, out, OPTIONS, cells=[base, other, continued], progress=False, log=lambda line: None)
+    assert not (out / other.name).exists() and not (out / continued.name).exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_a_cell_whose_seeds_ran_on_several_devices_lists_them(finished: tuple[Path, list[str]],
+                                                              tiny_dataset: str, tmp_path: Path) -> None:
+    reference, _ = finished
+    out = tmp_path / "grid"
+    shutil.copytree(reference, out)
+    cell = tiny_grid(tiny_dataset)[0]
+    path = reproduce.run_dir(out, cell.name, 0) / rundir.CONFIG
+    rundir.write_json(path, {**rundir.read_json(path), "device": "cuda:0"})  # seed 0 trained on a GPU
+    assert reproduce.collect(out, cell, 2, None).device == "cuda:0, cpu"
 
 
 @pytest.mark.slow

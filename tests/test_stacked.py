@@ -134,6 +134,7 @@ def test_a_stacked_run_resumes_with_new_runtime_settings(tiny_dataset: str, tmp_
         stacked_run.train_stacked([config(tiny_dataset, seed, epochs=3) for seed in (0, 1)], tmp_path / "s",
                               progress=False)
     monkeypatch.undo()
+    (tmp_path / "moved").mkdir()
     assert cli.main(["train", "--resume", str(tmp_path / "s"), "--data-dir", str(tmp_path / "moved"),
                      "--checkpoint-every", "7"]) == 0
     for seed in (0, 1):
@@ -259,6 +260,29 @@ def test_a_stack_stopped_in_its_evaluation_names_the_stack_to_resume(
             stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1, eval_k=3) for seed in (0, 1)], out,
                                       progress=False)
     assert [result["k"] for result in stacked_run.resume_stacked(out, progress=False)] == [3, 3]
+
+
+def test_a_stack_stopped_in_a_later_seeds_evaluation_keeps_the_earlier_seeds(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, original = tmp_path / "s", evaluation.evaluate_run
+    evaluated: list[str] = []
+
+    def stopped_at_seed_1(run_dir: Path, **kwargs: object) -> dict:
+        evaluated.append(Path(run_dir).name)
+        if Path(run_dir).name == "seed-1" and len(evaluated) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return original(run_dir, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_run", stopped_at_seed_1)
+    with pytest.raises(signals.Interrupted, match=re.escape(f"finish with: iwae train --resume {out}") + "$"):
+        stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1, eval_k=3) for seed in (0, 1)], out,
+                                  progress=False)
+    first = (out / "seed-0" / rundir.EVAL).read_bytes()
+    results = stacked_run.resume_stacked(out, progress=False)
+    assert evaluated == ["seed-0", "seed-1", "seed-1"]  # seed 0's finished evaluation kept
+    assert (out / "seed-0" / rundir.EVAL).read_bytes() == first
+    assert [result["k"] for result in results] == [3, 3] and all(rundir.is_finished(out / f"seed-{s}") for s in (0, 1))
 
 
 def test_a_stack_resumes_with_its_own_settings_given_again(tiny_dataset: str, tmp_path: Path,

@@ -197,6 +197,52 @@ def test_a_signal_in_the_final_evaluation_names_the_command_that_finishes_the_ru
     assert json.loads((run / rundir.EVAL).read_text())["nll"] == reference["nll"]
 
 
+def test_an_earlier_checkpoints_evaluation_is_not_taken_for_the_final_one(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = lone_run.train(tiny_config(tiny_dataset, eval_k=10), tmp_path / "reference", progress=False)
+    run, append = tmp_path / "run", rundir.append_metrics
+
+    def killed_after_epoch_2(run_dir: Path, record: dict) -> None:
+        append(run_dir, record)
+        if record["epoch"] == 2:
+            raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rundir, "append_metrics", killed_after_epoch_2)
+        with pytest.raises(RuntimeError, match="killed"):
+            lone_run.train(tiny_config(tiny_dataset, eval_k=10), run, progress=False)
+    # a look at the run while it trains: the run's own evaluation file, of the checkpoint after epoch 1
+    assert evaluation.evaluate_run(run, k=10)["epoch"] == 1 and (run / rundir.EVAL).is_file()
+    original = evaluation.batch_statistics
+
+    def signalled(*args: object, **kwargs: object) -> object:
+        signal.raise_signal(signal.SIGTERM)
+        yield from original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:  # the run trains to its end and is stopped in its final evaluation
+        patch.setattr(evaluation, "batch_statistics", signalled)
+        with pytest.raises(signals.Interrupted, match="its evaluation stopped"):
+            lone_run.resume(run, progress=False)
+    assert checkpoint.load(run)["epoch"] == 3 and not rundir.is_finished(run)
+    assert lone_run.resume(run, progress=False)["nll"] == reference["nll"]
+    assert json.loads((run / rundir.EVAL).read_text())["epoch"] == 3 and rundir.is_finished(run)
+
+
+def test_a_finished_run_kept_without_its_checkpoint_is_named_so(tiny_dataset: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    lone_run.train(tiny_config(tiny_dataset, epochs=1, eval_k=3), run, progress=False)
+    (run / rundir.CHECKPOINT).unlink()  # as results are kept
+    assert rundir.is_finished(run)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(
+            f"{run} is a finished run kept without its checkpoint.pt (as results are kept): its evaluation is "
+            f"{run / rundir.EVAL}; restore its checkpoint.pt")):
+        lone_run.resume(run, progress=False)
+    with pytest.raises(rundir.RunDirError, match="holds a finished run kept without its checkpoint \\(as results "
+                                                 "are kept\\); choose a new --out"):
+        lone_run.train(tiny_config(tiny_dataset, epochs=1, eval_k=3), run, progress=False)
+
+
 def test_a_signal_while_the_figures_are_drawn_names_the_command_that_draws_them(
     tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -369,6 +415,11 @@ def test_a_directory_in_the_way_of_a_new_run_is_named_for_what_it_holds(tiny_dat
     with pytest.raises(rundir.RunDirError, match="stopped before its first checkpoint, with nothing to resume; "
                                                  "delete the directory and run the same command again"):
         lone_run.train(config, stopped, progress=False)
+    stack = tmp_path / "stack"  # seeds trained together, killed before their first checkpoint
+    (stack / "seed-0").mkdir(parents=True)
+    (stack / "seed-0" / rundir.CONFIG).write_text(json.dumps(asdict(config)))
+    with pytest.raises(rundir.RunDirError, match="stopped before its first checkpoint"):
+        rundir.create(stack)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

@@ -323,6 +323,10 @@ def _check_unread_options(given: dict[str, Any]) -> None:
         if name in given and objective not in objectives:
             raise UsageError(f"--{name} applies to --objective {' or '.join(objectives)} only, not {objective}; "
                              f"drop --{name}, or choose --objective {objectives[0]}")
+    dataset = given.get("dataset", _DEFAULTS["dataset"])
+    if "data_dir" in given and not data.reads_data_dir(dataset):
+        raise UsageError(f"--data-dir is where the files of mnist, omniglot and the other downloaded datasets are "
+                         f"searched for; --dataset {dataset} reads none there; drop --data-dir")
     model = given.get("model", _DEFAULTS["model"])
     if "layers" in given and model != "burda":
         raise UsageError(f"--layers applies to --model burda only, not {model}, whose layers are the widths in its "
@@ -476,9 +480,12 @@ def _run_diagnose(args: argparse.Namespace) -> None:
                              "estimators measured here cannot train; diagnose a run of the burda model, or --toy")
         loaded = data.load(config["dataset"], config["data_dir"], split=config["data_split"],
                            sha256=config.get("dataset_sha256")).to(device)
+        if args.examples is not None and args.examples > len(loaded.train):
+            raise UsageError(f"--examples {args.examples} is more than the {len(loaded.train)} training examples of "
+                             f"{loaded.name}; give at most {len(loaded.train)}")
         x = splits.split_examples(loaded, "train", args.seed, args.examples or config["batch_size"])
         snr_diagnostics.check_snr_memory(model, x.shape[1], len(x), args.k, device)
-        title = f"{args.run.name} (epoch {state['epoch']})"
+        title = f"{args.run.name} (epoch {state['epoch']}, a batch of {len(x)})"
     snr_diagnostics.check_snr_time(model, x, settings, estimators, args.k, args.draws, beta=args.beta,
                                    limit_s=args.time_limit_s)
     if len(set(args.k)) < 2:
@@ -503,8 +510,12 @@ def _run_reproduce(args: argparse.Namespace) -> None:
         print(path)
 
 
-def _check_launch(args: argparse.Namespace) -> None:
-    """Refuse, under torchrun, the commands that run in one process only."""
+def _check_command(args: argparse.Namespace) -> None:
+    """Refuse a --data-dir that is not a directory, and, under torchrun, the commands that run in one process only."""
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise UsageError(f"--data-dir {data_dir} is not a directory; give the folder that holds the dataset's files "
+                         "(or its mnist/, omniglot/, ... folders), or drop it to search $IWAE_DATA_DIR and the cache")
     if not distributed.launched():
         return
     alone = {"sample": "iwae sample", "diagnose": "iwae diagnose"}.get(args.command)
@@ -537,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         options, command = args.options, args.command
-        _check_launch(args)
+        _check_command(args)
         with distributed.session("gloo" if args.command == "reproduce" else None):  # reproduce's ranks only wait
             try:
                 {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,

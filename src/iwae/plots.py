@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from torch import Tensor
 
 from iwae.models import DeepLatentModel
@@ -169,5 +170,8 @@ def plot_snr(path: Path, results: Sequence[Any], title: str, names: Sequence[str
                             label=f"{estimator}, {network} (slope {slope.slope:+.2f} ± {slope.se:.2f})")
         ax.set(xscale="log", yscale="log", xlabel="K (samples per example)", ylabel="gradient SNR",
                title=f"{title}: {name}")
+        ks = sorted({p.k for p in result.points})  # the grid's own K labelled, and no other
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)  # below, off the data
     return _save(fig, path)

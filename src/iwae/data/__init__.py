@@ -6,8 +6,8 @@ minibatches of one epoch. Anything wrong with the data raises ``DataError`` with
 """
 
 from iwae.data.batching import binarize, epoch_batches
-from iwae.data.datasets import DATASETS, Dataset, load, recorded_name, user_file_sha256
+from iwae.data.datasets import DATASETS, Dataset, load, reads_data_dir, recorded_name, user_file_sha256
 from iwae.data.errors import DataError
 
-__all__ = ["DATASETS", "DataError", "Dataset", "binarize", "epoch_batches", "load", "recorded_name",
-           "user_file_sha256"]
+__all__ = ["DATASETS", "DataError", "Dataset", "binarize", "epoch_batches", "load", "reads_data_dir",
+           "recorded_name", "user_file_sha256"]

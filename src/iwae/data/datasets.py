@@ -155,6 +155,13 @@ def user_file_sha256(name: PathLike) -> str | None:
     return file_digest(path, "sha256") if _is_user_file(key) and path.is_file() else None
 
 
+def reads_data_dir(name: PathLike) -> bool:
+    """Whether dataset ``name`` is read from files searched for in a data directory (``load``'s ``data_dir``): a
+    catalogue dataset other than ``digits`` (bundled with scikit-learn), not a user's file."""
+    key = os.fspath(name)
+    return not _is_user_file(key) and key != "digits"
+
+
 def _is_user_file(key: str) -> bool:
     """Whether dataset ``key`` names a user's .npy/.npz file rather than a catalogue dataset."""
     return key.endswith((".npy", ".npz"))
@@ -178,7 +185,7 @@ def _user_arrays(key: str, test_fraction: float, sha256: str | None
             f"Dataset '{key}' is unknown; choose one of {', '.join(DATASETS)}, or give the path of a .npy or "
             ".npz file of shape (N, D) with values in [0, 1]."
         )
-    arrays = _read_user(Path(key), test_fraction, sha256)
+    arrays = _read_user(Path(key).expanduser(), test_fraction, sha256)
     binary = all(np.isin(array, (0, 1)).all() for array in arrays.values())
     side = math.isqrt(arrays["train"].shape[1])
     image_shape = (side, side) if side * side == arrays["train"].shape[1] else None
@@ -228,8 +235,9 @@ def _read_user(path: Path, test_fraction: float, sha256: str | None) -> Arrays:
             raise DataError(f"{path}, the file the run trained on, does not exist; if it has moved, give the run its "
                             "new place once with: iwae train --resume RUN --dataset NEW_PATH (the file is known by "
                             "its SHA-256), and every command finds it there")
+        what = "is a directory" if path.is_dir() else "does not exist"
         raise DataError(
-            f"{path} does not exist; give the path of a .npy or .npz file of shape (N, D) with values in [0, 1]."
+            f"{path} {what}; give the path of a .npy or .npz file of shape (N, D) with values in [0, 1]."
         )
     if sha256 is not None and file_digest(path, "sha256") != sha256:
         raise DataError(f"{path} has changed since the run started on it (its SHA-256 is not the one the run "

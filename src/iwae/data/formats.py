@@ -31,9 +31,11 @@ def read_idx_images(path: Path) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path} is not a complete gzip file ({error}); delete it and fetch it again.") from error
     if data[:4] != _IDX_UBYTE_3D or len(data) < 16:
+        found = (f"its header starts {data[:4].hex()}" if data[:4] != _IDX_UBYTE_3D
+                 else f"it ends after {len(data)} bytes, inside the 16-byte header")
         raise DataError(
-            f"{path} does not hold IDX images: its header starts {data[:4].hex()}, expected "
-            f"{_IDX_UBYTE_3D.hex()}; delete it and fetch it again."
+            f"{path} does not hold IDX images: {found}, expected a header starting {_IDX_UBYTE_3D.hex()}; delete it "
+            "and fetch it again."
         )
     n, rows, cols = struct.unpack(">3I", data[4:16])
     if len(data) != 16 + n * rows * cols:

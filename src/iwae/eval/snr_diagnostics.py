@@ -27,6 +27,7 @@ squares with weights (SNR / se)^2, and its standard error is sqrt(1 / sum_i w_i 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +35,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from iwae.core.objectives import ESTIMATORS, REPARAMETERIZED_ESTIMATORS, SETTING_READERS, Objective, loss
+from iwae.core.objectives import (
+    ESTIMATORS,
+    OBJECTIVES,
+    REPARAMETERIZED_ESTIMATORS,
+    SETTING_READERS,
+    Objective,
+    loss,
+)
 from iwae.platform import duration, memory
 from iwae.platform.device import seeded
 
@@ -164,12 +172,19 @@ def check_settings(objective: str | Objective, estimators: Sequence[str], ks: Se
                    m: int = 1, beta: float = 0.5) -> Objective:
     """The objective (K to be replaced by each of ``ks``), after checking every argument of ``gradient_snr``;
     ValueError naming the first problem and its fix."""
-    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+    if not ks or any(not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1 for k in ks):
         raise ValueError(f"the K grid must be positive integers; got {list(ks)}")
-    objective = objective if isinstance(objective, Objective) else Objective(objective, max(m, 1), m, beta)
-    if objective.name not in GRADIENT_OBJECTIVES:
-        raise ValueError(f"objective {objective.name!r} is not diagnosed (its gradient is the ELBO's or has no "
-                         f"SNR law); choose one of {', '.join(GRADIENT_OBJECTIVES)}")
+    name = objective.name if isinstance(objective, Objective) else objective
+    if name not in GRADIENT_OBJECTIVES:
+        what = ("is not diagnosed (its gradient is the ELBO's or has no SNR law)" if name in OBJECTIVES
+                else "is unknown")
+        raise ValueError(f"objective {name!r} {what}; choose one of {', '.join(GRADIENT_OBJECTIVES)}")
+    if not isinstance(objective, Objective):
+        if name in SETTING_READERS["m"] and (not isinstance(m, numbers.Integral) or isinstance(m, bool) or m < 1):
+            raise ValueError(f"m must be a positive integer number of groups for {name}; got m={m}")
+        objective = Objective(name, m, m, beta)
+    if isinstance(estimators, str):
+        raise ValueError(f"estimators must be a list of names; got the string {estimators!r}: give [{estimators!r}]")
     if not estimators:
         raise ValueError("no estimators given; choose from " + ", ".join(REPARAMETERIZED_ESTIMATORS))
     for estimator in estimators:
@@ -250,8 +265,9 @@ def gradient_snr(
     Returns:
       ``SNRResult`` with one ``SNRPoint`` per estimator, network and K, and the slopes against K.
     """
-    estimators, ks = list(estimators), sorted(set(ks))
+    ks = sorted(set(ks))
     base = check_settings(objective, estimators, ks, draws, m=m, beta=beta)
+    estimators, ks = list(estimators), [int(k) for k in ks]
     params = {"inference": list(model.encoder.parameters()), "generative": list(model.decoder.parameters())}
     points: list[SNRPoint] = []
     settings = [(estimator, k) for estimator in estimators for k in ks]

@@ -33,7 +33,7 @@ from torch import Tensor
 from iwae.models import DeepLatentModel, build_model
 from iwae.platform.files import write_atomic
 from iwae.runs import archives
-from iwae.runs.rundir import CHECKPOINT, STACK
+from iwae.runs.rundir import CHECKPOINT, EVAL, STACK, is_finished
 
 CHECKPOINT_FORMAT = 1
 KEYS = ("config", "x_dim", "model", "optimizer", "epoch", "step", "batches", "bound_sum", "epoch_time_s",
@@ -63,6 +63,11 @@ def load(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{run_dir} holds a stacked run, whose seeds are run directories of their own; give one of them, "
             f"e.g. {run_dir / (seeds[0] if seeds else 'seed-0')}"
+        )
+    if not path.is_file() and is_finished(run_dir):
+        raise CheckpointError(
+            f"{run_dir} is a finished run kept without its {CHECKPOINT} (as results are kept): its evaluation is "
+            f"{run_dir / EVAL}; restore its {CHECKPOINT} to evaluate, draw from or continue it"
         )
     if not path.is_file():
         reason = ("it is a file, not a directory" if run_dir.is_file() else "the directory does not exist"

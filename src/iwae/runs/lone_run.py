@@ -103,7 +103,7 @@ def resume(run_dir: Path | str, changes: dict[str, Any] | None = None, *, progre
         saved = checkpoint.load(run_dir)
         config = resumed_config(saved["config"], changes, run_dir)
         distributed.on_rank_zero(lambda: record_moved_dataset(run_dir, saved, config.dataset))
-        if saved["epoch"] == config.epochs and (run_dir / rundir.EVAL).is_file():
+        if saved["epoch"] == config.epochs and rundir.has_final_evaluation(run_dir, config.epochs):
             print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
             return evaluation.read_evaluation(run_dir / rundir.EVAL)
         rundir.check_metrics(run_dir, saved["epoch"])

@@ -227,15 +227,7 @@ def missing_data(dataset: str, data_dir: str | None) -> str | None:
 
 def cell_finished(out: Path, cell: Cell, options: Options) -> bool:
     """Whether every seed of ``cell`` in the grid ``out`` trained all its epochs and was evaluated."""
-    return all(is_finished(run_dir(out, cell.name, seed)) for seed in range(options.seeds))
-
-
-def is_finished(path: Path) -> bool:
-    """Whether the run in ``path`` trained all its epochs and was evaluated."""
-    if not (path / rundir.EVAL).is_file() or not (path / rundir.CONFIG).is_file():
-        return False
-    metrics = rundir.read_metrics(path)
-    return bool(metrics) and metrics[-1]["epoch"] == rundir.read_json(path / rundir.CONFIG)["epochs"]
+    return all(rundir.is_finished(run_dir(out, cell.name, seed)) for seed in range(options.seeds))
 
 
 def run_cell(configs: list[TrainConfig], path: Path, *, changes: dict[str, Any] | None = None,
@@ -245,22 +237,22 @@ def run_cell(configs: list[TrainConfig], path: Path, *, changes: dict[str, Any] 
     ``changes`` as for ``lone_run.resume``), and training the seeds not yet started together as one stacked run
     (``iwae.training.stacked``), beside those that have."""
     runs = {config.seed: path / f"seed-{config.seed}" for config in configs}
-    if all(is_finished(run) for run in runs.values()):
+    if all(rundir.is_finished(run) for run in runs.values()):
         return f"skipped ({_seeds_text(len(runs))})"
     done = []
     if stacked_run.is_stacked(path):
         stack = rundir.read_json(path / stacked_run.STACK)["seeds"]
-        if not all(is_finished(path / f"seed-{seed}") for seed in stack):
+        if not all(rundir.is_finished(path / f"seed-{seed}") for seed in stack):
             stacked_run.resume_stacked(path, changes, progress=progress)
             done.append(f"resumed ({_seeds_text(len(stack))})")
-    started = [run for run in runs.values() if (run / rundir.CHECKPOINT).is_file() and not is_finished(run)]
+    started = [run for run in runs.values() if (run / rundir.CHECKPOINT).is_file() and not rundir.is_finished(run)]
     for run in started:
         lone_run.resume(run, changes, progress=progress)
     if started:
         done.append(f"resumed ({len(started)} {'run' if len(started) == 1 else 'runs'} alone)")
     # a finished run needs no checkpoint (results are kept without them)
     new = [config for config in configs if not (runs[config.seed] / rundir.CHECKPOINT).is_file()
-           and not is_finished(runs[config.seed])]
+           and not rundir.is_finished(runs[config.seed])]
     if new:
         stacked_run.train_stacked(new, path, progress=progress, beside_finished=True)
         done.append(f"trained ({_seeds_text(len(new))})")
@@ -287,7 +279,8 @@ def check_same_table(table: str, out: Path) -> None:
 
 def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out: Path, device: str) -> None:
     """Raise ValueError if a run already in ``out`` was started with settings other than these (another
-    --budget, --eval-k or --device): continuing it, or reporting it, under this command's would mislabel it."""
+    --budget, --eval-k or --device): continuing it, or reporting it, under this command's would mislabel it; or if a
+    run still to start from a base cell's run would find it kept without its checkpoint."""
     if (out / rundir.CHECKPOINT).is_file() or stacked_run.is_stacked(out):
         raise ValueError(f"{out} holds a training run, not a grid's runs; give the grid an --out of its own")
     names = {"schedule_scale": "--budget", "epochs": "--budget", "eval_k": "--eval-k", "device": "--device"}
@@ -295,6 +288,7 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
     for cell in cells:
         for config in configs[cell.name]:
             path = run_dir(out, cell.name, config.seed)
+            _check_base(path, config)
             if not (path / rundir.CONFIG).is_file():
                 continue
             saved, wanted = rundir.read_json(path / rundir.CONFIG), asdict(config)
@@ -308,6 +302,18 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
                 options = sorted({names[key] for key in differing if key in names}) or ["settings"]
                 raise ValueError(f"{path} was started with {listed}; give the {' and '.join(options)} it was "
                                  "started with, or a new --out")
+
+
+def _check_base(path: Path, config: TrainConfig) -> None:
+    """Raise ValueError if the run in ``path``, still to start from the parameters of a base cell's run, would find
+    that run kept without its checkpoint."""
+    base = None if config.init_from is None else Path(config.init_from)
+    if base is None or (path / rundir.CHECKPOINT).is_file() or rundir.is_finished(path):
+        return
+    if rundir.is_finished(base) and not (base / rundir.CHECKPOINT).is_file():
+        raise ValueError(f"{path} starts from the parameters of {base}, a finished run kept without its "
+                         f"{rundir.CHECKPOINT} (as results are kept); restore its checkpoint, or give the grid a new "
+                         "--out")
 
 
 def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | None = None,
@@ -402,12 +408,14 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
     for seed in range(seeds):
         path = run_dir(out, cell.name, seed)
         metrics = rundir.read_metrics(path)
-        evaluation = rundir.read_json(path / rundir.EVAL) if is_finished(path) else None
+        evaluation = rundir.read_json(path / rundir.EVAL) if rundir.is_finished(path) else None
         result.nll.append(None if evaluation is None else evaluation["nll"])
         result.active_units.append(None if evaluation is None else "+".join(map(str, evaluation["active_units"])))
         if (path / rundir.CONFIG).is_file():
             config = rundir.read_json(path / rundir.CONFIG)
-            result.epochs, result.device = config["epochs"], config["device"]
+            result.epochs = config["epochs"]
+            # every device its seeds ran on (seeds added later may have run elsewhere)
+            result.device = ", ".join(dict.fromkeys([*filter(None, result.device.split(", ")), config["device"]]))
             batch = config["batch_size"]
             if metrics:
                 # the median epoch: an epoch slowed or paused by other work on the machine does not move it

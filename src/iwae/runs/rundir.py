@@ -62,9 +62,16 @@ def create(run_dir: Path) -> Path:
             or written.
     """
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if (run_dir / CHECKPOINT).is_file() or (run_dir / STACK).is_file():
+        stacked = (run_dir / STACK).is_file()
+        seeds = [config.parent for config in sorted(run_dir.glob(f"seed-*/{CONFIG}"))]
+        runs = seeds if stacked else [run_dir]
+        if runs and all(is_finished(run) and not (run / CHECKPOINT).is_file() for run in runs):
+            kept = ("finished runs kept without their checkpoints" if stacked
+                    else "a finished run kept without its checkpoint")
+            what = f"holds {kept} (as results are kept); choose a new --out"
+        elif (run_dir / CHECKPOINT).is_file() or stacked:
             what = f"holds a run; choose a new --out, or continue that run with: iwae train --resume {run_dir}"
-        elif (run_dir / CONFIG).is_file():  # killed between writing its configuration and its first checkpoint
+        elif (run_dir / CONFIG).is_file() or seeds:  # killed between writing the configuration and the checkpoint
             what = ("holds a run stopped before its first checkpoint, with nothing to resume; delete the directory "
                     "and run the same command again, or choose a new --out")
         else:
@@ -128,6 +135,26 @@ def read_json(path: Path) -> Any:
         raise RunDirError(f"{path} does not exist; is {path.parent} a run directory made by iwae train?") from error
     except (OSError, ValueError) as error:
         raise RunDirError(f"{path} is not readable JSON ({error}); restore it or re-create it") from error
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` trained all its epochs and holds its final evaluation, whether or not its
+    checkpoint is kept (results are kept without theirs)."""
+    if not (run_dir / CONFIG).is_file():
+        return False
+    epochs = read_json(run_dir / CONFIG)["epochs"]
+    metrics = read_metrics(run_dir)
+    return bool(metrics) and metrics[-1]["epoch"] == epochs and has_final_evaluation(run_dir, epochs)
+
+
+def has_final_evaluation(run_dir: Path, epochs: int) -> bool:
+    """Whether RUN/eval.json evaluates the run's checkpoint after its last epoch (of ``epochs``): ``iwae evaluate``
+    of an earlier checkpoint writes the same file, which the run's final evaluation then replaces."""
+    path = run_dir / EVAL
+    if not path.is_file():
+        return False
+    result = read_json(path)
+    return isinstance(result, dict) and result.get("epoch") == epochs
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -123,8 +123,10 @@ def _resume_stacked(out: Path, record: dict[str, Any], dirs: list[Path], changes
         lone_run.record_moved_dataset(path, s, state.config.dataset)
     configs = [state.config for state in states]
     device = resolve_device(configs[0].device)
+    evaluated = [bool(c.eval_k) and rundir.has_final_evaluation(d, c.epochs)
+                 for d, c in zip(dirs, configs, strict=True)]
     if all(s.epoch == c.epochs for s, c in zip(states, configs, strict=True)) and all(
-            (d / rundir.EVAL).is_file() or not c.eval_k for d, c in zip(dirs, configs, strict=True)):
+            done or not c.eval_k for done, c in zip(evaluated, configs, strict=True)):
         print(f"iwae: {out} finished all {configs[0].epochs} epochs already", file=sys.stderr)
         return [evaluation.read_evaluation(d / rundir.EVAL) if c.eval_k else None
                 for d, c in zip(dirs, configs, strict=True)]
@@ -144,7 +146,10 @@ def _resume_stacked(out: Path, record: dict[str, Any], dirs: list[Path], changes
             rundir.write_json(path / rundir.CONFIG, asdict(state.config))  # as resumed (repaired if damaged)
         models = [state.new_model() for state in states]
         fit(StackedSeeds(states, models, dataset), dataset, states[0], stop, _stack_outputs(out, dirs))
-    return [lone_run.finish(c, d, device, progress, dataset, out) for c, d in zip(configs, dirs, strict=True)]
+    # a seed evaluated before a stop in another's final evaluation keeps its evaluation
+    return [evaluation.read_evaluation(d / rundir.EVAL) if done
+            else lone_run.finish(c, d, device, progress, dataset, out)
+            for c, d, done in zip(configs, dirs, evaluated, strict=True)]
 
 
 def _stack_outputs(out: Path, dirs: list[Path]) -> Outputs:
