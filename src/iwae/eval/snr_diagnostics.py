@@ -265,8 +265,7 @@ def gradient_snr(
     Returns:
       ``SNRResult`` with one ``SNRPoint`` per estimator, network and K, and the slopes against K.
     """
-    ks = sorted(set(ks))
-    base = check_settings(objective, estimators, ks, draws, m=m, beta=beta)
+    base = check_settings(objective, estimators, ks := sorted(set(ks)), draws, m=m, beta=beta)
     estimators, ks = list(estimators), [int(k) for k in ks]
     params = {"inference": list(model.encoder.parameters()), "generative": list(model.decoder.parameters())}
     points: list[SNRPoint] = []
