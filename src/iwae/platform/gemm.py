@@ -13,6 +13,7 @@ accurate; elsewhere (GPUs, other CPUs) torch's default stays.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
@@ -24,7 +25,7 @@ DEFAULT, ONEDNN = "default", "onednn"
 PATHS = (DEFAULT, ONEDNN)
 # accepted error of a path, as a multiple of the default path's error against the float64 product
 ACCURACY_FACTOR = 4.0
-_accurate: dict[str, bool] = {}  # per path, whether it passed the accuracy check (checked once per process)
+_errors: dict[str, float] = {}  # per path, its relative error (``relative_errors``, measured once per process)
 _chosen: dict[Hashable, str] = {}  # the path chosen per workload key (measured once per process)
 
 
@@ -63,13 +64,35 @@ def measure(workload: Callable[[], object], rounds: int = 9) -> dict[str, float]
         return timing.by_turns(workload, {path: functools.partial(_set_path, path) for path in PATHS}, rounds)
 
 
+def accurate(path: str) -> bool:
+    """Whether ``path`` multiplies to float32 rounding on this CPU: within ``ACCURACY_FACTOR`` times the default
+    path's error against the float64 product. (oneDNN's path is, on CPUs that split each operand into several
+    bfloat16 parts; on others it multiplies in one bfloat16 part, with an error some 1000 times larger.)"""
+    if not _errors:
+        _errors.update(relative_errors())
+    return _errors[path] <= ACCURACY_FACTOR * max(_errors[DEFAULT], 1e-7)
+
+
+def inaccuracy(path: str) -> str:
+    """Why ``path`` is not used on this CPU, for a message."""
+    return (f"oneDNN's float32 path is not accurate to float32 on this CPU (a relative error of "
+            f"{_errors[path]:.1e}, the default path's {_errors[DEFAULT]:.1e})")
+
+
+def run_path(recorded: str | None, device: torch.device | str) -> str:
+    """The path a resumed run multiplies on: the one it ``recorded`` (None: the default, that of runs before the
+    setting), or the default path where the recorded one is not accurate on this CPU (said once on stderr): the
+    two differ by float rounding, as a run resumed on another CPU does anyway."""
+    path = recorded or DEFAULT
+    if has_choice(device) and not accurate(path):
+        print(f"iwae: {inaccuracy(path)}; the run continues on the default path", file=sys.stderr)
+        path = DEFAULT
+    return fastest_fp32_matmul(device, path)
+
+
 def choose(workload: Callable[[], object]) -> str:
     """The faster of the accurate paths on ``workload`` (the default path when oneDNN's is not accurate here)."""
-    if not _accurate:
-        errors = relative_errors()
-        _accurate.update({path: error <= ACCURACY_FACTOR * max(errors[DEFAULT], 1e-7)
-                          for path, error in errors.items()})
-    if not _accurate[ONEDNN]:
+    if not accurate(ONEDNN):
         return DEFAULT
     seconds = measure(workload)
     return ONEDNN if seconds[ONEDNN] < seconds[DEFAULT] else DEFAULT
@@ -88,6 +111,8 @@ def fastest_fp32_matmul(device: torch.device | str, path: str | None = None,
     device = torch.device(device)
     if not has_choice(device):
         return DEFAULT
+    if path is not None and not accurate(path):
+        raise ValueError(f"{inaccuracy(path)}; give --matmul {DEFAULT}")
     if path is None:
         if workload is None:
             raise ValueError("fastest_fp32_matmul needs a workload to time, or a path")

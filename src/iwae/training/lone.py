@@ -39,7 +39,7 @@ class LoneSeed:
         if state.optimizer is not None:
             self.optimizer.load_state_dict(state.optimizer)
         # the run's own path, so that it resumes bit for bit (runs that predate the setting used the default)
-        gemm.fastest_fp32_matmul(device, config.matmul or gemm.DEFAULT)
+        gemm.run_path(config.matmul, device)
         self.rows = distributed.rows(config.batch_size)
         self.step = TrainStep(distributed.sharded_draws(self.model, self.rows, config.batch_size), self.optimizer,
                               config.objective_spec(), config.estimator, compile=bool(config.compile),

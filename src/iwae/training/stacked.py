@@ -178,7 +178,7 @@ class StackedSeeds:
         self.optimizer = make_adam(self.model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
         if states[0].optimizer is not None:
             self.optimizer.load_state_dict(_stack_optimizer([state.optimizer for state in states]))
-        gemm.fastest_fp32_matmul(device, config.matmul or gemm.DEFAULT)  # the run's own path
+        gemm.run_path(config.matmul, device)  # the run's own path
         self.step = TrainStep(self.model, self.optimizer, config.objective_spec(), config.estimator,
                               compile=bool(config.compile), bound_shape=(len(states),))
         self.batches = None if states[0].batches is None else torch.stack([s.batches for s in states]).to(device)
