@@ -326,7 +326,8 @@ def test_refusals(tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
                  ["train", "--out", str(tmp_path / "s"), "--seeds", "2", "--dataset", tiny_dataset]):
         assert "runs in one process, not under torchrun" in cli_error(capsys, argv)
     monkeypatch.setattr(distributed, "world", lambda: 2)
-    with pytest.raises(distributed.DistributedError, match="global batch of 7 examples does not divide among 2 ranks"):
+    with pytest.raises(distributed.DistributedError, match=r"global batch of 7 examples does not divide among 2 ranks; "
+                                                           r"run on a number of ranks that divides it \(1, 7\)"):
         lone_run.train(TrainConfig(dataset=tiny_dataset, epochs=1, batch_size=7, device="cpu"), tmp_path / "odd")
     assert not (tmp_path / "odd").exists()
     monkeypatch.setattr(distributed, "rank", lambda: 1)

@@ -180,8 +180,10 @@ def rows(batch_size: int) -> slice:
     """
     w = world()
     if batch_size % w:
-        raise DistributedError(f"the global batch of {batch_size} examples does not divide among {w} ranks; choose a "
-                               f"--batch-size that is a multiple of {w}, or a number of ranks that divides it")
+        divisors = ", ".join(str(d) for d in range(1, batch_size + 1) if batch_size % d == 0)
+        raise DistributedError(f"the global batch of {batch_size} examples does not divide among {w} ranks; run on a "
+                               f"number of ranks that divides it ({divisors}), or start a new run with a --batch-size "
+                               f"that is a multiple of {w} (a resumed run keeps its batch size)")
     n = batch_size // w
     return slice(rank() * n, (rank() + 1) * n)
 
