@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from conftest import messages, same_matmul_as
 import iwae
 from iwae import cli, data, plots
 from iwae.eval import splits
-from iwae.platform import files
+from iwae.platform import distributed, files
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
 from iwae.runs import figures as run_figures
 from iwae.training import config as train_config
@@ -241,6 +241,22 @@ def test_a_finished_run_kept_without_its_checkpoint_is_named_so(tiny_dataset: st
     with pytest.raises(rundir.RunDirError, match="holds a finished run kept without its checkpoint \\(as results "
                                                  "are kept\\); choose a new --out"):
         lone_run.train(tiny_config(tiny_dataset, epochs=1, eval_k=3), run, progress=False)
+
+
+def test_a_final_evaluation_stopped_under_torchrun_says_to_finish_it_with_as_many_ranks(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config(tiny_dataset, epochs=1, eval_k=10)
+    lone_run.train(replace(config, eval_k=0), tmp_path / "run", progress=False)
+    monkeypatch.setattr(distributed, "world", lambda: 2)  # each rank keeps its own batches
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(evaluation, "evaluate_run", stopped)
+    with pytest.raises(signals.Interrupted, match=re.escape(
+            f"finish with: iwae train --resume {tmp_path / 'run'}, under torchrun with 2 ranks again")):
+        lone_run.finish(config, tmp_path / "run", torch.device("cpu"), False, data.load(tiny_dataset))
 
 
 def test_a_signal_while_the_figures_are_drawn_names_the_command_that_draws_them(

@@ -151,8 +151,10 @@ def finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: b
     (of ``resumed_as``: a stack's directory, whose resume evaluates every seed; default ``run_dir``) during the
     evaluation, ``iwae sample`` during the figures (the run, evaluated, is finished for ``--resume``)."""
     result = None
-    with raising_on_signal("the run trained all its epochs; its evaluation",
-                           f"iwae train --resume {resumed_as or run_dir}", "finish with"):
+    again = f"iwae train --resume {resumed_as or run_dir}"
+    if distributed.world() > 1:  # each rank keeps its own finished batches
+        again += f", under torchrun with {distributed.world()} ranks again"
+    with raising_on_signal("the run trained all its epochs; its evaluation", again, "finish with"):
         if config.eval_k:
             result = evaluation.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
                                            progress=progress is not False, loaded=dataset)
