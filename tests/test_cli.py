@@ -162,6 +162,8 @@ def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pyte
         (["--k", "many"], "argument --k: invalid int value: 'many'; see iwae train --help"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--data-dir", "."], "reads none there; drop --data-dir"),  # a user's file
+        (["--schedule-scale", "0.01"], "--schedule-scale scales --schedule burda's stages only; with --schedule "
+                                       "constant give the length with --epochs"),
         (["--data-dir", "/nonexistent/typo"], "--data-dir /nonexistent/typo is not a directory; give the folder"),
     ],
 )

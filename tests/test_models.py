@@ -157,6 +157,9 @@ def test_data_that_a_cast_would_change_are_refused_naming_the_dtypes() -> None:
                        r"exact in float32; give x.to\(torch.float32\), or move the model to float64 with "
                        r"model.to\(torch.float64\)"):
         loss(burda(1, x_dim=16), x, "iwae", k=3)
+    integers = torch.full((4, 16), 2**25 + 1, dtype=torch.int64)  # a model cannot move to integers
+    with pytest.raises(ValueError, match=r"exact in float32; give x.to\(torch.float32\)$"):
+        loss(burda(1, x_dim=16), integers, "iwae", k=3)
     with pytest.warns(UserWarning, match="outside the support"):  # grey levels: only their dtype matters here
         assert loss(burda(1, x_dim=16).double(), x, "iwae", k=3).loss.dtype == torch.float64
 

@@ -82,9 +82,10 @@ class DeepLatentModel(nn.Module):
             return x
         cast = x.to(dtype) if not x.is_complex() else None
         if cast is None or not torch.equal(cast.to(x.dtype), x):
+            move = (f", or move the model to {_name(x.dtype)} with model.to({x.dtype})" if x.is_floating_point()
+                    else "")
             raise ValueError(f"x is {_name(x.dtype)}, the model's parameters {_name(dtype)}, and not every value of x "
-                             f"is exact in {_name(dtype)}; give x.to({dtype}), or move the model to {_name(x.dtype)} "
-                             f"with model.to({x.dtype})")
+                             f"is exact in {_name(dtype)}; give x.to({dtype}){move}")
         return cast
 
     @property

@@ -98,8 +98,10 @@ def resume(run_dir: Path | str, changes: dict[str, Any] | None = None, *, progre
         ``changes`` that differs from the run's. RunInUseError: while another process trains or evaluates the run.
     """
     run_dir = Path(run_dir)
-    with ExitStack() as held:  # rank 0 holds the lock; every rank learns if it could not
-        distributed.on_rank_zero(lambda: held.enter_context(runlock.locked(run_dir)) if run_dir.is_dir() else None)
+    if not run_dir.is_dir():
+        checkpoint.load(run_dir)  # raises, naming what is there instead of a run
+    with ExitStack() as held:  # rank 0 holds the lock before it reads the run; every rank learns if it could not
+        distributed.on_rank_zero(lambda: held.enter_context(runlock.locked(run_dir)))
         saved = checkpoint.load(run_dir)
         config = resumed_config(saved["config"], changes, run_dir)
         distributed.on_rank_zero(lambda: record_moved_dataset(run_dir, saved, config.dataset))

@@ -106,6 +106,9 @@ class TrainConfig:
         else:
             if self.epochs is None:
                 raise SettingError("give the number of epochs with {0}, or use {1} burda", ("epochs", "schedule"))
+            if self.schedule_scale != 1.0:
+                raise SettingError("{0} scales {1} burda's stages only; with {1} {value} give the length with {2}",
+                                   ("schedule_scale", "schedule", "epochs"), value=self.schedule)
             self.lr = 1e-3 if self.lr is None else self.lr
             check_positive(self.lr, "lr")
         for name, low in (("epochs", 1), ("batch_size", 1), ("eval_k", 0), ("monitor_examples", 1)):
