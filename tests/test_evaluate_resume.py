@@ -254,7 +254,7 @@ def test_an_evaluation_records_the_matmul_path_that_repeats_it(run: Path, tmp_pa
     shutil.copytree(run, copy)
     first = evaluation.evaluate_run(copy, k=20, examples=8, seed=3)  # the path timed as the faster
     assert first["matmul"] in gemm.PATHS
-    for path in gemm.PATHS:
+    for path in [path for path in gemm.PATHS if gemm.accurate(path)]:  # (an inaccurate one is refused: test_gemm)
         again = evaluation.evaluate_run(copy, k=20, examples=8, seed=3, matmul=path)
         assert again["matmul"] == path
         if path == first["matmul"]:
