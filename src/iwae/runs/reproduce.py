@@ -405,6 +405,7 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
     is absent, kept while a seed is unfinished (a finished cell's row comes from its run files)."""
     result = CellResult(cell.name, list(range(seeds)), [], [], None, "", 0.0, None, {})
     rates: list[float] = []
+    devices: list[str] = []  # every device its seeds ran on (seeds added later may have run elsewhere)
     for seed in range(seeds):
         path = run_dir(out, cell.name, seed)
         metrics = rundir.read_metrics(path)
@@ -414,8 +415,7 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
         if (path / rundir.CONFIG).is_file():
             config = rundir.read_json(path / rundir.CONFIG)
             result.epochs = config["epochs"]
-            # every device its seeds ran on (seeds added later may have run elsewhere)
-            result.device = ", ".join(dict.fromkeys([*filter(None, result.device.split(", ")), config["device"]]))
+            devices.append(config["device"])
             batch = config["batch_size"]
             if metrics:
                 # the median epoch: an epoch slowed or paused by other work on the machine does not move it
@@ -424,6 +424,7 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
                 result.wall_time_s += metrics[-1]["wall_time_s"] / metrics[-1].get("stacked_seeds", 1)
         result.curves[seed] = [(m["epoch"], m["test_bound"]) for m in metrics]
     result.steps_per_s = statistics.fmean(rates) if rates else None
+    result.device = ", ".join(dict.fromkeys(devices))
     result.missing = missing if None in result.nll else None
     return result
 
