@@ -24,7 +24,7 @@ iwae="$code/.venv/bin/iwae"
 start() {  # log, command... (not when a process of this machine already runs it)
     local log="$1"; shift
     if pgrep -f -- "$*" > /dev/null; then echo "already running: $*"; return; fi
-    (cd "$runs" && setsid nohup "$@" >> "$parent/longruns/$log" 2>&1 < /dev/null &)
+    (cd "$runs" && exec setsid -f nohup "$@" >> "$parent/longruns/$log" 2>&1 < /dev/null)
 }
 start k50.log "$iwae" reproduce burda-table1 --budget 1 --seeds 1 --threads 1 --cells mnist-l1-iwae-k50 \
     --out full-protocol-iwae-k50
@@ -41,4 +41,4 @@ seed1() {  # cell objective k
 }
 export -f seed1; export second iwae main
 start seed1.log bash -c 'seed1 mnist-l1-iwae-k5 iwae 5 && seed1 mnist-l1-vae-k1 elbo 1'
-echo "started: k50 (log $parent/longruns/k50.log), seed 1 of k5 then VAE (log $parent/longruns/seed1.log)"
+echo "logs: k50 in $parent/longruns/k50.log, seed 1 of k5 then VAE in $parent/longruns/seed1.log"
