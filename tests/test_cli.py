@@ -411,7 +411,11 @@ def test_each_evaluation_setting_has_its_own_file(finished_run: Path) -> None:
     assert name() == name("test", None, k=10) == "eval.json"  # the run's own k: its training's --eval-k 10
     assert name(k=5000) == "eval-test-k5000.json"
     assert name("train") == "eval-train-k10.json"
-    assert name("test", "some/where/my.npz", k=7) == "eval-my-test-k7.json"
+    mine = name("test", "some/where/my.npz", k=7)
+    assert re.fullmatch(r"eval-my-[0-9a-f]{8}-test-k7\.json", mine)
+    # one stem in two folders, and a file named like a catalogue dataset: files of their own
+    assert mine != name("test", "else/where/my.npz", k=7)
+    assert name("test", "mnist", k=7) == "eval-mnist-test-k7.json" != name("test", "x/mnist.npz", k=7)
     assert name(k=10, examples=50) == "eval-test-k10-n50.json"
     assert name(k=10, seed=3) == "eval-test-k10-seed3.json"
     settings = [dict(k=k, examples=n, seed=seed) for k in (10, 11) for n in (None, 5) for seed in (0, 1)]
@@ -475,7 +479,7 @@ def test_evaluate_on_the_users_own_data(finished_run: Path, tmp_path: Path,
     own = tmp_path / "own.npy"
     np.save(own, np.random.default_rng(2).random((10, 16)) < 0.5)
     assert main(["evaluate", str(finished_run), "--dataset", str(own), "--k", "5", "--device", "cpu"]) == 0
-    result = json.loads((finished_run / "eval-own-test-k5.json").read_text())
+    result = json.loads(evaluation.eval_path(finished_run, "test", str(own), k=5).read_text())
     assert result["dataset"] == str(own) and result["examples"] == 1  # .npy without a test split: 10% held out
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((10, 9)))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from iwae.data import DataError, load
+from iwae.data import DataError, load, sources
 from iwae.data.catalogue import FILES, RemoteFile, file_digest
 from iwae.data.sources import locate
 
@@ -161,6 +161,52 @@ def test_local_file_with_wrong_checksum_is_reported_and_left_alone(tmp_path, iso
     actual = hashlib.sha256(b"not the toy").hexdigest()
     assert f"{tmp_path / 'toy.bin'} has sha256 {actual}, expected {remote.digest}" in str(error.value)
     assert (tmp_path / "toy.bin").read_bytes() == b"not the toy"
+
+
+def test_a_file_of_another_dataset_of_that_name_is_skipped(tmp_path, isolated, monkeypatch):
+    """MNIST's and Fashion-MNIST's files share their names: one dataset's file, found where the other's is looked
+    for, is passed over for a copy further on (here the cache's), and named if there is none."""
+    mine, theirs = _toy_remote(b"mine"), RemoteFile("theirs", "toy.bin", "http://127.0.0.1:9/", "sha256",
+                                                    hashlib.sha256(b"theirs").hexdigest())
+    monkeypatch.setattr(sources, "FILES", {"mine": {"x": mine}, "theirs": {"x": theirs}})
+    (tmp_path / "toy.bin").write_bytes(b"theirs")
+    (isolated / "toy").mkdir(parents=True)
+    (isolated / "toy" / "toy.bin").write_bytes(b"mine")
+    assert locate(mine, tmp_path, download=False) == isolated / "toy" / "toy.bin"
+    (isolated / "toy" / "toy.bin").unlink()
+    with pytest.raises(DataError) as error:
+        locate(mine, tmp_path, download=False)
+    message = str(error.value)
+    assert f"{tmp_path / 'toy.bin'} is the file of theirs/, skipped" in message and "\n" not in message
+    assert (tmp_path / "toy.bin").read_bytes() == b"theirs"
+
+
+def test_data_folders_that_are_not_folders_are_refused(tmp_path, isolated, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    for given, env, named in [(tmp_path / "a-file", None, "data_dir"), (tmp_path / "absent", None, "data_dir"),
+                              (None, tmp_path / "absent", "$IWAE_DATA_DIR")]:
+        if env is not None:
+            monkeypatch.setenv("IWAE_DATA_DIR", str(env))
+        with pytest.raises(DataError) as error:
+            locate(_toy_remote(b"toy"), given, download=True)
+        message = str(error.value)
+        assert message.startswith(f"{named} is {given or env}, which is ") and "give the folder" in message
+    assert not isolated.exists()  # nothing downloaded past it
+
+
+def test_an_unusable_cache_or_mirror_is_named(tmp_path, isolated, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DataError) as error:
+        locate(_toy_remote(b"toy"), None, download=True)
+    assert "Cannot download toy.bin into" in str(error.value) and "set XDG_CACHE_HOME" in str(error.value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-home"))
+    monkeypatch.setenv("IWAE_DATA_URL", "notaurl")
+    with pytest.raises(DataError) as error:
+        locate(_toy_remote(b"toy"), None, download=True)
+    message = str(error.value)
+    assert "(made from $IWAE_DATA_URL, which is 'notaurl')" in message and "https://host/path" in message
+    assert not list((tmp_path / "cache-home").rglob("*.part"))
 
 
 # downloads from a local server

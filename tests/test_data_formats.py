@@ -238,7 +238,11 @@ def test_user_npz_binary_is_static_and_keeps_its_splits(tmp_path):
         (np.array([["a", "b"], ["c", "d"]]), "has dtype <U1"),
         (np.array([[0.5, np.nan], [0.0, 1.0]]), "NaN"),
         (np.array([[0, 255], [3, 4]], np.uint8), "values from 0 to 255; expected values in [0, 1] (divide 8-bit"),
-        (np.array([[-0.5, 0.2], [0.0, 1.0]]), "values from -0.5 to 1.0; expected values in [0, 1] (rescale them"),
+        (np.array([[-0.5, 0.2], [0.0, 1.0]]), "values from -0.5 to 1.0; expected values in [0, 1] (rescale or"),
+        # grey levels a little past 1, or in [0, 2]: dividing by 255 would squash them, not fix them
+        (np.array([[0.0, 1.0000001], [0.3, 1.0]]), "expected values in [0, 1] (rescale or clip them into [0, 1])"),
+        (np.array([[0.0, 2.0], [0.5, 1.5]]), "expected values in [0, 1] (rescale or clip them into [0, 1])"),
+        (np.array([[0.0, 255.0], [3.0, 4.0]]), "expected values in [0, 1] (divide 8-bit images by 255)"),
     ],
 )
 def test_user_array_refused(tmp_path, array, fragment):
@@ -303,6 +307,27 @@ def test_user_test_fraction_must_leave_both_sets(tmp_path, fraction):
     with pytest.raises(DataError) as error:
         load(tmp_path / "x.npy", test_fraction=fraction)
     _one_line_naming(error, "x.npy", "test_fraction", "save a 'test' array beside 'train'")
+
+
+@pytest.mark.parametrize(("setting", "fragment"), [
+    ({"test_fraction": float("nan")}, "test_fraction must be a number between 0 and 1"),
+    ({"test_fraction": "0.1"}, "test_fraction must be a number between 0 and 1"),
+    ({"eval_seed": 2**64}, "eval_seed must be an integer from 0 to 2**63 - 2"),
+    ({"eval_seed": 2**63 - 1}, "eval_seed must be an integer from 0 to 2**63 - 2"),  # valid's seed would overflow
+    ({"eval_seed": -1}, "eval_seed must be an integer"),
+    ({"eval_seed": 1.5}, "eval_seed must be an integer"),
+])
+def test_load_settings_refused_in_one_line(tmp_path, setting, fragment):
+    np.save(tmp_path / "x.npy", np.zeros((10, 4)))
+    with pytest.raises(DataError) as error:
+        load(tmp_path / "x.npy", **setting)
+    _one_line_naming(error, fragment)
+
+
+def test_user_file_extension_in_capitals(tmp_path):
+    np.save(tmp_path / "upper.npy", np.full((10, 4), 0.5))
+    (tmp_path / "upper.npy").rename(tmp_path / "upper.NPY")
+    assert load(tmp_path / "upper.NPY").train.shape == (9, 4)
 
 
 def test_unknown_name_and_split(tmp_path):

@@ -81,6 +81,13 @@ def test_config_resolves_the_schedule_and_survives_a_round_trip() -> None:
         assert TrainConfig(**json.loads(json.dumps(asdict(config)))) == config
 
 
+def test_config_records_the_data_folder_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run started with a relative --data-dir finds its data from any directory it is resumed or evaluated in."""
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(epochs=1, data_dir="data").data_dir == str(tmp_path / "data")
+    assert TrainConfig(epochs=1).data_dir is None
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

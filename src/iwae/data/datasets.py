@@ -122,6 +122,7 @@ def load(
             a user array of the wrong shape, dtype or value range.
     """
     key = os.fspath(name)
+    _check_numbers(test_fraction, eval_seed)
     spec = _spec(key, split)
     if spec is not None:
         arrays = spec.read(data_dir, download)
@@ -162,9 +163,21 @@ def reads_data_dir(name: PathLike) -> bool:
     return not _is_user_file(key) and key != "digits"
 
 
+def _check_numbers(test_fraction: float, eval_seed: int) -> None:
+    """Refuse a ``test_fraction`` that is not a finite number (one that leaves an empty train or test set is
+    refused where the rows are counted), or an ``eval_seed`` that is no integer in [0, 2**63 - 2] (``valid`` is
+    binarized with ``eval_seed + 1``, and ``torch.Generator.manual_seed`` takes at most 2**63 - 1)."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, int | float | np.floating) or not (
+            math.isfinite(test_fraction)):
+        raise DataError(f"test_fraction must be a number between 0 and 1 (the share of the rows held out as the "
+                        f"test set); got {test_fraction!r}.")
+    if isinstance(eval_seed, bool) or not isinstance(eval_seed, int | np.integer) or not 0 <= eval_seed < 2**63 - 1:
+        raise DataError(f"eval_seed must be an integer from 0 to 2**63 - 2; got {eval_seed!r}.")
+
+
 def _is_user_file(key: str) -> bool:
     """Whether dataset ``key`` names a user's .npy/.npz file rather than a catalogue dataset."""
-    return key.endswith((".npy", ".npz"))
+    return key.lower().endswith((".npy", ".npz"))
 
 
 def _spec(key: str, split: Split) -> _Spec | None:

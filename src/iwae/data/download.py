@@ -38,14 +38,19 @@ def fetch(remote: RemoteFile, target: Path, how_to_supply: str) -> Path:
     """Download ``remote`` to ``target``, keeping it only if complete and its checksum matches.
 
     Raises:
-        DataError: on an HTTP or network error, a connection closed before the announced length, or a
-            checksum mismatch; the partial download is deleted first.
+        DataError: on a folder it cannot write to, a URL it cannot read, an HTTP or network error, a connection
+            closed before the announced length, or a checksum mismatch; the partial download is deleted first.
     """
     url = source_url(remote)
-    target.parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
-    _remove_abandoned_parts(target.parent, remote.name, host)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{remote.name}.{os.getpid()}@{host}.", suffix=".part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_parts(target.parent, remote.name, host)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{remote.name}.{os.getpid()}@{host}.",
+                                        suffix=".part")
+    except OSError as error:
+        raise DataError(f"Cannot download {remote.name} into {target.parent} ({error.strerror}); set "
+                        f"XDG_CACHE_HOME to a folder you can write to, or {how_to_supply}.") from error
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -101,6 +106,11 @@ def _stream(url: str, out: BinaryIO, label: str, how_to_supply: str) -> None:
                     out.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+    except ValueError as error:  # urllib's "unknown url type"
+        given = os.environ.get(MIRROR_ENV)
+        mirror = f" (made from ${MIRROR_ENV}, which is {given!r})" if given else ""
+        raise DataError(f"Cannot download {url}{mirror}: {error}; give a mirror's URL such as https://host/path or "
+                        f"file:///folder, or {how_to_supply}.") from error
     except (OSError, http.client.HTTPException) as error:
         raise DataError(f"Downloading {url} failed ({error}); {how_to_supply}.") from error
     if total is not None and received != total:

@@ -175,6 +175,7 @@ def check_unit_interval(array: np.ndarray, label: str) -> np.ndarray:
         raise DataError(f"{label} contains NaN or infinite values; expected real numbers in [0, 1].")
     low, high = array.min(), array.max()
     if low < 0 or high > 1:
-        fix = "divide 8-bit images by 255" if low >= 0 and high <= 255 else "rescale them into [0, 1]"
+        eight_bit = low >= 0 and high <= 255 and np.array_equal(array, np.rint(array))  # whole grey levels
+        fix = "divide 8-bit images by 255" if eight_bit else "rescale or clip them into [0, 1]"
         raise DataError(f"{label} has values from {low} to {high}; expected values in [0, 1] ({fix}).")
     return array

@@ -5,6 +5,7 @@ RUN/eval-*.json (one file per other setting)."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -77,13 +78,15 @@ def eval_path(run_dir: Path, split: str = "test", dataset: str | None = None, *,
 
     RUN/eval.json is the run's own evaluation: its own test split, every example, seed 0, and k None or
     ``own_k(run_dir)`` (what training's final evaluation writes, and ``iwae sample`` draws). Any other
-    setting goes to RUN/eval[-<data>]-<split>-k<k>[-n<examples>][-seed<seed>].json, <data> being the stem of
-    ``dataset``'s name or path.
+    setting goes to RUN/eval[-<data>]-<split>-k<k>[-n<examples>][-seed<seed>].json, <data> being a catalogue
+    dataset's name, or a user's file's stem and the first 8 hex digits of the SHA-256 of its absolute path (so that
+    files of one name in two folders, or a file named like a catalogue dataset, have evaluations of their own).
     """
     if dataset is None and split == "test" and examples is None and seed == 0 and k in (None, own_k(run_dir)):
         return run_dir / rundir.EVAL
     k = own_k(run_dir) if k is None else k
-    parts = [Path(dataset).stem] if dataset is not None else []
+    parts = [] if dataset is None else [dataset] if dataset in data.DATASETS else [
+        f"{Path(dataset).stem}-{hashlib.sha256(data.recorded_name(dataset).encode()).hexdigest()[:8]}"]
     parts += [split, f"k{k}"]
     parts += [f"n{examples}"] if examples is not None else []
     parts += [f"seed{seed}"] if seed != 0 else []

@@ -83,6 +83,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.dataset = recorded_name(self.dataset)
+        if self.data_dir is not None:  # recorded absolute: the run's data is found from any directory
+            self.data_dir = str(Path(self.data_dir).expanduser().absolute())
         if self.model != "burda":
             sbn_widths(self.model)  # validates the name
         # validates the objective's name, k, m, beta and alpha, and the estimator for it and the model's q
