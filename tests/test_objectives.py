@@ -11,11 +11,17 @@ import torch
 from torch import Tensor
 
 from iwae.core import bounds
-from iwae.core.objectives import OBJECTIVES, Objective, loss
+from iwae.core.objectives import OBJECTIVES, SETTING_READERS, Objective, loss
 from iwae.core.objectives import REPARAMETERIZED_ESTIMATORS as ESTIMATORS
 from iwae.models import DeepLatentModel, LinearGaussian, burda
+from iwae.settings import SettingError
 
 PARAMS = {"m": 5, "beta": 0.3, "alpha": 0.5}
+
+
+def settings_of(objective: str) -> dict:
+    """The settings of ``PARAMS`` that ``objective`` reads."""
+    return {name: value for name, value in PARAMS.items() if objective in SETTING_READERS[name]}
 
 
 def perturbed_linear_gaussian(seed: int = 0) -> LinearGaussian:
@@ -81,7 +87,8 @@ def test_exact_posterior_zeroes_stl_and_dreg_inference_gradients(objective: str)
         for estimator in ESTIMATORS:
             if objective == "vr" and estimator == "dreg" and PARAMS["alpha"] == -math.inf:
                 continue
-            inference, generative = estimator_gradients(model, x, seed, estimator, objective, k=10, **PARAMS)
+            inference, generative = estimator_gradients(model, x, seed, estimator, objective, k=10,
+                                                        **settings_of(objective))
             if estimator == "standard":
                 assert inference.abs().max() > 1e-3
             else:
@@ -139,9 +146,9 @@ def test_dreg_matches_standard_in_expectation_for_every_objective(objective: str
 def test_generative_gradient_is_the_same_for_every_estimator(objective: str) -> None:
     model = burda(2, x_dim=30).double()
     x = (torch.rand(3, 30) < 0.3).double()
-    reference = estimator_gradients(model, x, 0, "standard", objective, k=10, **PARAMS)[1]
+    reference = estimator_gradients(model, x, 0, "standard", objective, k=10, **settings_of(objective))[1]
     for estimator in ("stl", "dreg"):
-        generative = estimator_gradients(model, x, 0, estimator, objective, k=10, **PARAMS)[1]
+        generative = estimator_gradients(model, x, 0, estimator, objective, k=10, **settings_of(objective))[1]
         torch.testing.assert_close(generative, reference, rtol=1e-10, atol=1e-12)
 
 
@@ -191,8 +198,9 @@ def test_loss_value_is_minus_the_bound() -> None:
     for objective in OBJECTIVES:
         for estimator in ESTIMATORS:
             for reduction, reduce in (("mean", torch.mean), ("sum", torch.sum)):
-                result = loss(model, x, objective, k=10, estimator=estimator, reduction=reduction, **PARAMS)
-                bound = Objective(objective, 10, **PARAMS).bound(result.log_w)
+                result = loss(model, x, objective, k=10, estimator=estimator, reduction=reduction,
+                              **settings_of(objective))
+                bound = Objective(objective, 10, **settings_of(objective)).bound(result.log_w)
                 torch.testing.assert_close(result.bound, bound)
                 torch.testing.assert_close(result.loss.detach(), -reduce(bound))
 
@@ -200,7 +208,7 @@ def test_loss_value_is_minus_the_bound() -> None:
 def test_numpy_integers_count_samples_and_groups_as_ints_do() -> None:
     model = burda(1, x_dim=20)
     x = (torch.rand(4, 20) < 0.5).float()
-    for objective in ("iwae", "miwae", "piwae"):
+    for objective in ("miwae", "piwae"):
         plain = Objective(objective, 10, m=5)
         given = Objective(objective, np.int64(10), m=np.int32(5))
         assert given == plain and type(given.k) is int and type(given.m) is int
@@ -235,11 +243,12 @@ def test_refused_combinations_name_the_problem() -> None:
 def test_standard_estimator_is_the_plain_gradient_of_the_bound(objective: str) -> None:
     model = burda(2, x_dim=30).double()
     x = (torch.rand(3, 30) < 0.3).double()
-    inference, generative = estimator_gradients(model, x, 0, "standard", objective, k=10, **PARAMS)
+    inference, generative = estimator_gradients(model, x, 0, "standard", objective, k=10, **settings_of(objective))
     torch.manual_seed(0)
     model.zero_grad()
     log_w = model.log_weights(x, 10)
-    inference_bound = Objective("miwae" if objective == "piwae" else objective, 10, **PARAMS).bound(log_w)
+    inference_objective = "miwae" if objective == "piwae" else objective
+    inference_bound = Objective(inference_objective, 10, **settings_of(inference_objective)).bound(log_w)
     (-inference_bound.mean()).backward()
     torch.testing.assert_close(inference, flat_grad(list(model.encoder.parameters())), rtol=1e-10, atol=1e-12)
     if objective != "piwae":
@@ -256,14 +265,16 @@ def test_piwae_trains_inference_on_miwae_and_generative_on_iwae(estimator: str) 
 
 
 class _BoundedSupportDecoder(torch.nn.Module):
-    """p(x | z) = Uniform(z - 1, z + 1) per unit: a sample z with |x - z| >= 1 has p(x, z) = 0."""
+    """p(x | z) = Uniform(z + shift - 1, z + shift + 1) per unit: a sample z with |x - z - shift| >= 1 has
+    p(x, z) = 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, shift: float = 0.0) -> None:
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+        self.shift = shift
 
     def forward(self, z: Tensor) -> torch.distributions.Distribution:
-        centre = self.scale * z
+        centre = self.scale * z + self.shift
         uniform = torch.distributions.Uniform(centre - 1, centre + 1, validate_args=False)
         return torch.distributions.Independent(uniform, 1)
 
@@ -271,6 +282,7 @@ class _BoundedSupportDecoder(torch.nn.Module):
 @pytest.mark.parametrize(("objective", "estimator", "params"), [
     *[("iwae", e, {}) for e in (*ESTIMATORS, "vimco", "rws")],
     *[("vr", e, {"alpha": 0.5}) for e in ESTIMATORS], ("vr", "stl", {"alpha": -math.inf}),
+    *[("piwae", e, {"m": 2}) for e in ESTIMATORS],  # its MIWAE side may hold a group of zero weights
 ])
 @pytest.mark.filterwarnings("ignore:the data x lie outside the support")  # of p(x | z) for some z: the point here
 def test_a_zero_probability_sample_keeps_the_loss_finite(objective: str, estimator: str, params: dict) -> None:
@@ -287,6 +299,61 @@ def test_a_zero_probability_sample_keeps_the_loss_finite(objective: str, estimat
     torch.testing.assert_close(result.loss.detach(), -result.bound.mean())
     result.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("objective", [*OBJECTIVES, "vr-max"])
+def test_a_group_of_zero_weights_has_weights_zero_not_nan(objective: str) -> None:
+    """Where every weight of an example (or, for MIWAE, of one of its groups) is 0, a_i and the DReG weights are 0
+    (CIWAE: its ELBO part's beta / K), not the nan of softmax over -inf, and MIWAE's other group keeps its weights:
+    PIWAE, whose generative bound (IWAE) stays finite, trains on them."""
+    inf = math.inf
+    log_w = torch.tensor([[-1.0, -inf], [-2.0, -inf], [-inf, -inf], [-inf, -inf]], dtype=torch.float64)
+    settings = {"alpha": -inf} if objective == "vr-max" else {**settings_of(objective), "m": 2} if objective in (
+        "miwae", "piwae") else settings_of(objective)
+    spec = Objective("vr" if objective == "vr-max" else objective, 4, **settings)
+    for inference in (False, True):
+        for weights in spec.weights(log_w, inference):
+            if weights is not None:
+                assert not weights.isnan().any(), (inference, weights)
+                if objective not in ("elbo", "ciwae", "vr-max"):  # 1/K, beta/K, the argmax's one-hot, regardless
+                    assert (weights[2:] == 0).all() and (weights[:, 1] == 0).all()
+                    assert (weights[:2, 0] > 0).all()
+
+
+@pytest.mark.parametrize(("objective", "estimator"), [
+    *[(o, e) for o in OBJECTIVES for e in ESTIMATORS], ("vr", "vr-max"), ("iwae", "vimco"), ("iwae", "rws")])
+@pytest.mark.filterwarnings("ignore:the data x lie outside the support")
+def test_an_example_of_probability_zero_gives_an_infinite_loss(objective: str, estimator: str) -> None:
+    """Where every sample of an example has p(x, z_i) = 0, the bound is -inf and the loss +inf (minus the bound),
+    not the nan of -inf - -inf."""
+    model = LinearGaussian(1, 1, generator=torch.Generator().manual_seed(0)).double()
+    model = DeepLatentModel([model.q], [_BoundedSupportDecoder(shift=100.0)], model.decoder[1])
+    x = torch.tensor([[0.5]], dtype=torch.float64)
+    settings = {"alpha": -math.inf} if estimator == "vr-max" else settings_of(objective)
+    if objective in ("miwae", "piwae"):
+        settings["m"] = 2
+    result = loss(model, x, objective, k=4, estimator="stl" if estimator == "vr-max" else estimator, **settings)
+    assert result.bound.item() == -math.inf and result.loss.item() == math.inf
+
+
+def test_settings_an_objective_does_not_read_are_refused() -> None:
+    model = burda(1, x_dim=20)
+    x = (torch.rand(4, 20) < 0.5).float()
+    cases = [
+        (lambda: loss(model, x, "iwae", 4, m=2), "m applies only to objective miwae or piwae, not iwae"),
+        (lambda: loss(model, x, "vr", 4, beta=0.2), "beta applies only to objective ciwae, not vr"),
+        (lambda: Objective("ciwae", 4, alpha=2.0), "alpha applies only to objective vr, not ciwae"),
+        (lambda: loss(model, x, Objective("iwae", 3), k=7), "k given with an Objective, which carries its own"),
+        (lambda: loss(model, x, Objective("vr", 3), k=7, alpha=2), "k and alpha given with an Objective"),
+        (lambda: loss(model, x, "vr", 4, alpha="a"), "alpha must be a real number; got alpha='a'"),
+        (lambda: Objective("vr", 4, alpha=True), "alpha must be a real number; got alpha=True"),
+        (lambda: loss(model, x, "iwae", k="5"), "k must be a positive integer number of samples; got k='5'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(SettingError) as error:
+            call()
+        assert message in str(error.value) and "\n" not in str(error.value)
+    assert loss(model, x, Objective("vr", 3, alpha=2.0)).log_w.shape == (3, 4)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

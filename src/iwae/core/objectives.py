@@ -77,7 +77,16 @@ class Objective:
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 object.__setattr__(self, name, int(value))
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise SettingError("{0} must be a positive integer number of samples; got {0}={k}", ("k",), k=self.k)
+            raise SettingError("{0} must be a positive integer number of samples; got {0}={k!r}", ("k",), k=self.k)
+        for name in ("beta", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise SettingError("{0} must be a real number; got {0}={value!r}", (name,), value=value)
+        for name, readers in SETTING_READERS.items():
+            if self.name not in readers and getattr(self, name) != _DEFAULTS[name]:
+                raise SettingError("{0} applies only to objective {readers}, not {objective}; leave {0} out, or "
+                                   "choose the objective that reads it", (name,), readers=" or ".join(readers),
+                                   objective=self.name)
         if self.name in SETTING_READERS["m"] and (isinstance(self.m, bool) or not isinstance(self.m, int)
                                                   or self.m < 1 or self.k % self.m):
             raise SettingError("{0} must be a positive integer dividing {1} for {name}; got {0}={m}, {1}={k}",
@@ -131,18 +140,28 @@ class Objective:
             a = torch.full_like(log_w, 1.0 / k)
             return a, a
         if name == "iwae":
-            w = torch.softmax(log_w, 0)
+            w = _normalized(log_w)
             return w, w * w
         if name == "miwae":
-            w = torch.softmax(bounds.group_samples(log_w, self.m), 0).transpose(0, 1).reshape(log_w.shape)
+            w = _normalized(bounds.group_samples(log_w, self.m)).transpose(0, 1).reshape(log_w.shape)
             return w / self.m, w * w / self.m
         if name == "ciwae":
-            w = torch.softmax(log_w, 0)
+            w = _normalized(log_w)
             return self.beta / k + (1 - self.beta) * w, self.beta / k + (1 - self.beta) * w * w
         if self.alpha == -math.inf:
             return torch.nn.functional.one_hot(log_w.argmax(0), k).movedim(-1, 0).to(log_w.dtype), None
-        v = torch.softmax(bounds.renyi_exponents(log_w, self.alpha)[0], 0)
+        v = _normalized(bounds.renyi_exponents(log_w, self.alpha)[0])
         return v, self.alpha * v + (1.0 - self.alpha) * v * v
+
+
+def _normalized(log_w: Tensor) -> Tensor:
+    """The normalized weights softmax(log w) along dim 0: 0, not nan, where every log-weight is -inf (a bound
+    that is -inf there; for MIWAE a group of zero weights, beside others that keep its bound finite)."""
+    return torch.where(log_w.amax(0) == -math.inf, 0.0, torch.softmax(log_w, 0))
+
+
+# the settings' defaults, which an objective that does not read a setting must leave it at
+_DEFAULTS = {name: Objective.__dataclass_fields__[name].default for name in SETTING_READERS}
 
 
 class Loss(NamedTuple):
@@ -163,12 +182,12 @@ def loss(
     model: DeepLatentModel,
     x: Tensor,
     objective: str | Objective = "iwae",
-    k: int = 50,
+    k: int | None = None,
     estimator: str = "dreg",
     *,
-    m: int = 1,
-    beta: float = 0.5,
-    alpha: float = 0.5,
+    m: int | None = None,
+    beta: float | None = None,
+    alpha: float | None = None,
     reduction: str = "mean",
 ) -> Loss:
     """The surrogate loss for ``objective`` on a batch ``x`` (B, D), with ``estimator``'s gradient.
@@ -177,14 +196,22 @@ def loss(
       model: a ``DeepLatentModel`` (or any module with its ``sample_posterior``, ``log_joint`` and
         ``log_posterior``).
       x: a batch of data, shape (B, D): checked and cast by ``DeepLatentModel.as_input``.
-      objective: an ``Objective`` or its name (then ``k``, ``m``, ``beta`` and ``alpha`` configure it).
+      objective: an ``Objective``, or its name: then ``k`` (default 50), ``m``, ``beta`` and ``alpha`` (those
+        the objective reads; ``Objective``'s defaults) configure it. An ``Objective`` carries its own, and is
+        refused with any of them.
       estimator: "standard", "stl" or "dreg" (the inference network's gradient), or for a q that cannot be
         reparameterized, "vimco" or "rws" (see ``iwae.core.score_function``; objective iwae only).
       reduction: "mean" or "sum" of the per-example bounds (Burda et al. use the sum over a batch).
 
     Returns ``Loss(loss, bound, log_w)``.
     """
-    obj = objective if isinstance(objective, Objective) else Objective(objective, k, m, beta, alpha)
+    settings = {name: value for name, value in (("k", k), ("m", m), ("beta", beta), ("alpha", alpha))
+                if value is not None}
+    if isinstance(objective, Objective) and settings:
+        named = " and ".join(f"{{{i}}}" for i in range(len(settings)))
+        raise SettingError(named + " given with an Objective, which carries its own; set them in the Objective, or "
+                           "give the objective's name", tuple(settings))
+    obj = objective if isinstance(objective, Objective) else Objective(objective, **{"k": 50, **settings})
     obj.check_estimator(estimator)
     if isinstance(model, DeepLatentModel):
         x = model.as_input(x)
@@ -196,9 +223,7 @@ def loss(
         log_p, log_q = model.log_joint(x, sample.z), model.log_posterior(x, sample)
         surrogate = score_function.SURROGATES[estimator](log_p, log_q)
         log_w = (log_p - log_q).detach()
-        bound = obj.bound(log_w)
-        per_example = surrogate - surrogate.detach() + bound
-        return Loss(-(per_example.mean() if reduction == "mean" else per_example.sum()), bound, log_w)
+        return _loss(surrogate, obj.bound(log_w), log_w, reduction)
 
     sample = model.sample_posterior(x, obj.k)
     obj.check_estimator(estimator, sample.reparameterized)
@@ -216,6 +241,11 @@ def loss(
         for latent in z:
             _scale_path_gradient(latent, ratio)
     surrogate = score_function.weighted_sum(a, log_p) - (path * log_q).sum(0)
-    bound = obj.bound(log_w)
-    per_example = surrogate - surrogate.detach() + bound
+    return _loss(surrogate, obj.bound(log_w), log_w, reduction)
+
+
+def _loss(surrogate: Tensor, bound: Tensor, log_w: Tensor, reduction: str) -> Loss:
+    """The ``Loss`` of per-example ``surrogate``s and ``bound``s: its value minus the reduced bound (+inf where a
+    bound is -inf, not the nan of -inf - -inf), its gradient the surrogates'."""
+    per_example = torch.where(surrogate.isfinite(), surrogate - surrogate.detach(), 0.0) + bound
     return Loss(-(per_example.mean() if reduction == "mean" else per_example.sum()), bound, log_w)
