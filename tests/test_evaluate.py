@@ -156,3 +156,21 @@ def test_a_limited_evaluation_uses_a_random_subset_the_same_for_every_seed() -> 
     torch.testing.assert_close(split_examples(dataset, "test", 3, 100), small)
     torch.testing.assert_close(split_examples(dataset, "test", 0, None), test)
     torch.testing.assert_close(split_examples(dataset, "test", 0, 5000), test)
+
+
+def test_a_limited_evaluation_of_dynamic_training_data_binarizes_its_subsets_alike() -> None:
+    # At one seed, the training examples of --examples N are those of a larger N binarized alike, and all of them
+    # are the whole split's binarization (drawn a block of rows at a time, more rows than one block here)
+    from iwae.data import Dataset, binarize
+    from iwae.eval import splits
+
+    train = torch.rand(2 * splits.BINARIZE_ROWS + 300, 3, generator=torch.Generator().manual_seed(1))
+    dataset = Dataset("grey", train, torch.zeros(4, 3), "dynamic")
+    whole = binarize(train, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(splits.split_examples(dataset, "train", 5), whole)
+    rows = torch.arange(len(train)).unsqueeze(1)
+    for n in (100, 3000):
+        chosen = splits.subset(rows, n).squeeze(1)  # the rows of --examples n
+        torch.testing.assert_close(splits.split_examples(dataset, "train", 5, n), whole[chosen])
+    small = splits.split_examples(dataset, "train", 5, 100)
+    assert not torch.equal(splits.split_examples(dataset, "train", 6, 100), small)  # the seed draws the binarization

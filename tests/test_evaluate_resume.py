@@ -22,6 +22,7 @@ from iwae import plots
 from iwae.cli import main
 from iwae.core import ais
 from iwae.eval import likelihood
+from iwae.eval.activity import posterior_mean_variances
 from iwae.platform import gemm
 from iwae.runs import archives, evaluation, resumable, rundir
 from iwae.training import signals
@@ -143,6 +144,39 @@ def test_a_stop_after_the_ais_batches_keeps_them_all(method: str, after_the_batc
     monkeypatch.setattr(ais, f"{method}_batches", annealed_again)
     assert main(["evaluate", str(stopped), *options]) == 0
     assert numbers(json.loads((stopped / name).read_text())) == numbers(json.loads((whole / name).read_text()))
+
+
+def test_a_stop_after_the_last_batch_finishes_to_the_uninterrupted_numbers(tiny_dataset: str, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # a stop between the last batch and the active units keeps every batch: the same command then finishes from
+    # them alone (no batch left to evaluate), and the active units' draws (z1, for the second layer's) are those of
+    # the uninterrupted evaluation, not shifted by the draws of the batches it did not evaluate again
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(["train", "--dataset", tiny_dataset, "--epochs", "1", "--batch-size", "8", "--k", "4", "--layers",
+                 "2", "--monitor-examples", "8", "--eval-k", "0", "--device", "cpu", "--out", str(whole)]) == 0
+    shutil.copytree(whole, stopped)
+    options = ["--k", "20", "--batch-size", "5", "--device", "cpu", "--no-compile", "--matmul", "default"]
+    name, found = "eval-test-k20.json", []
+
+    def spy(*args: object) -> list[torch.Tensor]:
+        variances = posterior_mean_variances(*args)
+        found.append(variances)
+        return variances
+
+    def stop(*args: object) -> None:
+        raise signals.Interrupted("the evaluation stopped by SIGTERM", signal.SIGTERM, "the same command")
+
+    monkeypatch.setattr(evaluation, "posterior_mean_variances", spy)
+    assert main(["evaluate", str(whole), *options]) == 0
+    with monkeypatch.context() as patched:
+        patched.setattr(evaluation, "posterior_mean_variances", stop)
+        assert main(["evaluate", str(stopped), *options]) == 128 + signal.SIGTERM
+    assert len(archives.load(resumable.partial_path(stopped / name))["pieces"]) == 4  # 16 examples, 5 a batch
+    assert main(["evaluate", str(stopped), *options]) == 0
+    assert numbers(json.loads((stopped / name).read_text())) == numbers(json.loads((whole / name).read_text()))
+    assert len(found) == 2 and len(found[0]) == 2
+    for uninterrupted, continued in zip(*found, strict=True):
+        assert torch.equal(uninterrupted, continued)
 
 
 def test_pieces_written_only_now_and_then_are_written_when_the_work_stops(tmp_path: Path) -> None:

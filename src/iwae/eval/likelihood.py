@@ -134,6 +134,8 @@ def batch_statistics(
     """
     for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         check_integer(value, name, 1)
+    if len(x) == 0:  # no batch (an evaluation continued after its last one)
+        return
     chunk_size = min(chunk_size, k)
     groups = [g for g in group_sizes if g < k and k % g == 0 and chunk_size % g == 0]
     batch_size = batch_size if seed is not None else min(batch_size, len(x))

@@ -181,9 +181,12 @@ def evaluate_run(
     with seeded(seed, x.device):
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
                                          progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
+    # a stop from here on keeps every batch; the active units are drawn afresh from the seed, whatever the passes
+    # above drew (a continued evaluation's draw less)
+    with pieces.kept_on_stop(), seeded(seed, x.device):
         variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
-    result = _result(run_dir, loaded, state, stats, variances, start, pieces)
-    distributed.on_rank_zero(lambda: rundir.write_json(out, result))
+        result = _result(run_dir, loaded, state, stats, variances, start, pieces)
+        distributed.on_rank_zero(lambda: rundir.write_json(out, result))
     pieces.remove()
     distributed.on_rank_zero(lambda: _remove_partials(out))
     return result
