@@ -619,6 +619,37 @@ def test_a_run_directory_that_cannot_be_locked_says_to_use_a_copy(
     assert line == (f"iwae: error: cannot lock {finished_run} (writing {finished_run / runlock.LOCK}: Operation not "
                     "permitted); copy the run directory somewhere writable (cp -r RUN COPY) and use the copy")
 
+    def read_only(path: object, *args: object) -> int:  # on a file system mounted read-only (EROFS, no PermissionError)
+        if str(path).endswith(runlock.LOCK):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return open_file(path, *args)
+
+    monkeypatch.setattr(runlock.os, "open", read_only)
+    line = one_line_error(capsys, ["train", "--resume", str(finished_run)])
+    assert line.startswith(f"iwae: error: cannot lock {finished_run} (writing {finished_run / runlock.LOCK}: Read-only")
+
+
+def test_a_directory_turned_read_only_names_the_write_that_failed_not_the_lock(tmp_path: Path) -> None:
+    # the lock file cannot be removed from a directory made read-only while the lock was held: the error that stopped
+    # the work is the one raised
+    import errno
+    import os
+
+    from iwae.runs import runlock
+
+    unlink = Path.unlink
+
+    def read_only(path: Path, missing_ok: bool = False) -> None:
+        if path.name == runlock.LOCK:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    with pytest.raises(OSError, match=r"metrics\.jsonl"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "unlink", read_only)
+        with runlock.locked(tmp_path):
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "metrics.jsonl"))
+    assert os.path.exists(tmp_path / runlock.LOCK)
+
 
 def test_a_run_with_one_test_example_finishes_resumes_and_draws(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import CUDA, same_matmul_as
 
-from iwae import cli
+from iwae import cli, plots
 from iwae.platform import gemm
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock, stacked_run
 from iwae.training import config as train_config
@@ -283,6 +283,27 @@ def test_a_stack_stopped_in_a_later_seeds_evaluation_keeps_the_earlier_seeds(
     assert evaluated == ["seed-0", "seed-1", "seed-1"]  # seed 0's finished evaluation kept
     assert (out / "seed-0" / rundir.EVAL).read_bytes() == first
     assert [result["k"] for result in results] == [3, 3] and all(rundir.is_finished(out / f"seed-{s}") for s in (0, 1))
+
+
+def test_a_stack_stopped_in_seed_0s_figures_names_its_resume_which_finishes_every_seed(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, original = tmp_path / "s", plots.plot_training
+
+    def signalled(*args: object, **kwargs: object) -> object:
+        signal.raise_signal(signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(plots, "plot_training", signalled)
+        with pytest.raises(signals.Interrupted, match=re.escape(f"draw them with: iwae train --resume {out}") + "$"):
+            stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1, eval_k=3) for seed in (0, 1)], out,
+                                      progress=False)
+    assert not (out / "seed-1" / rundir.EVAL).exists()
+    stacked_run.resume_stacked(out, progress=False)
+    for seed in (0, 1):
+        assert {path.name for path in (out / f"seed-{seed}" / rundir.FIGURES).iterdir()} == {
+            "samples.png", "reconstructions.png", "training.png", "bound_vs_k.png"}
 
 
 def test_a_stack_resumes_with_its_own_settings_given_again(tiny_dataset: str, tmp_path: Path,

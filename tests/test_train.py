@@ -287,6 +287,35 @@ def test_a_signal_while_the_figures_are_drawn_names_the_command_that_draws_them(
         "samples.png", "reconstructions.png", "training.png", "bound_vs_k.png"}
 
 
+def test_a_finished_run_that_lacks_figures_gets_them_on_resume(tiny_dataset: str, tmp_path: Path) -> None:
+    # a run killed (SIGKILL: no message) while it drew its figures is finished for --resume, which draws them
+    run = tmp_path / "run"
+    lone_run.train(tiny_config(tiny_dataset, eval_k=10), run, progress=False)
+    drawn = {path.name: path.read_bytes() for path in (run / rundir.FIGURES).iterdir()}
+    for name in ("training.png", "bound_vs_k.png"):
+        (run / rundir.FIGURES / name).unlink()
+    lone_run.resume(run, progress=False)
+    assert {path.name: path.read_bytes() for path in (run / rundir.FIGURES).iterdir()} == drawn
+
+
+def test_a_full_disk_in_the_final_evaluation_names_the_command_that_finishes_it(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    write_atomic = rundir.write_atomic
+
+    def full(path: Path, *args: object, **kwargs: object) -> None:
+        if path.name == rundir.EVAL:
+            raise files.disk_full(path, 10_000, kept=True)
+        write_atomic(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir, "write_atomic", full)
+    with pytest.raises(files.DiskFullError) as error:
+        lone_run.train(tiny_config(tiny_dataset, eval_k=10), run, progress=False)
+    assert str(error.value).startswith(f"no space to write {run / rundir.EVAL}")
+    assert str(error.value).endswith(f", then finish with: iwae train --resume {run}")
+
+
 @pytest.mark.parametrize("call", [13, 14])
 def test_minibatches_drawn_ahead_train_and_resume_as_those_drawn_in_turn(
     tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: int

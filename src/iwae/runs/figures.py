@@ -13,6 +13,15 @@ from iwae.runs import checkpoint, evaluation, rundir
 from iwae.settings import check_integer, check_seed
 
 
+def missing(run_dir: Path) -> bool:
+    """Whether a figure that ``make_figures`` draws for the run in ``run_dir`` is not there (a run stopped, or
+    killed, while it drew them)."""
+    names = ["samples.png", "reconstructions.png"]
+    names += ["training.png"] if rundir.read_metrics(run_dir) else []
+    names += ["bound_vs_k.png"] if evaluation.eval_path(run_dir).is_file() else []
+    return any(not (run_dir / rundir.FIGURES / name).is_file() for name in names)
+
+
 def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int = 0, n: int = 100,
                  loaded: data.Dataset | None = None) -> list[Path]:
     """Draw a run's figures from its checkpoint, metrics and evaluation (``n`` model samples, ``n // 2``

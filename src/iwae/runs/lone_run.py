@@ -19,6 +19,7 @@ import torch
 from iwae import data
 from iwae.platform import distributed
 from iwae.platform.device import resolve_device
+from iwae.platform.files import DiskFullError
 from iwae.platform.threads import use_run_threads, use_threads
 from iwae.runs import checkpoint, evaluation, rundir, runlock
 from iwae.runs import figures as run_figures
@@ -107,6 +108,7 @@ def resume(run_dir: Path | str, changes: dict[str, Any] | None = None, *, progre
         distributed.on_rank_zero(lambda: record_moved_dataset(run_dir, saved, config.dataset))
         if saved["epoch"] == config.epochs and rundir.has_final_evaluation(run_dir, config.epochs):
             print(f"iwae: {run_dir} finished all {config.epochs} epochs already", file=sys.stderr)
+            draw_missing_figures(config, run_dir)
             return evaluation.read_evaluation(run_dir / rundir.EVAL)
         rundir.check_metrics(run_dir, saved["epoch"])
         config = replace(config, threads=resumed_threads(config, changes))
@@ -151,17 +153,36 @@ def finish(config: TrainConfig, run_dir: Path, device: torch.device, progress: b
     """The final evaluation (unless ``eval_k`` is 0) and the figures of a trained run, on its ``dataset``; stopped
     by SIGINT or SIGTERM, it raises ``Interrupted`` naming the command that finishes them: ``iwae train --resume``
     (of ``resumed_as``: a stack's directory, whose resume evaluates every seed; default ``run_dir``) during the
-    evaluation, ``iwae sample`` during the figures (the run, evaluated, is finished for ``--resume``)."""
+    evaluation, and during the figures ``iwae sample`` (of a stack: its ``--resume``, which evaluates the seeds after
+    this one and draws the figures a seed lacks)."""
     result = None
     again = f"iwae train --resume {resumed_as or run_dir}"
     if distributed.world() > 1:  # each rank keeps its own finished batches
         again += f", under torchrun with {distributed.world()} ranks again"
     with raising_on_signal("the run trained all its epochs; its evaluation", again, "finish with"):
         if config.eval_k:
-            result = evaluation.evaluate_run(run_dir, k=config.eval_k, device=str(device), data_dir=config.data_dir,
-                                           progress=progress is not False, loaded=dataset)
+            try:
+                result = evaluation.evaluate_run(run_dir, k=config.eval_k, device=str(device),
+                                               data_dir=config.data_dir, progress=progress is not False,
+                                               loaded=dataset)
+            except DiskFullError as error:
+                raise DiskFullError(f"{error}, then finish with: {again}") from error
     if distributed.rank() == 0:
-        with raising_on_signal("the run trained and was evaluated; its figures", f"iwae sample {run_dir}",
-                               "draw them with"):
-            run_figures.make_figures(run_dir, device=device, loaded=dataset)
+        _draw_figures(run_dir, device, dataset, resumed_as)
     return result
+
+
+def draw_missing_figures(config: TrainConfig, run_dir: Path, resumed_as: Path | None = None) -> None:
+    """Draw the figures of the finished run in ``run_dir`` if some are missing (its figures were stopped or killed);
+    ``resumed_as`` as for ``finish``."""
+    if distributed.rank() == 0 and run_figures.missing(run_dir):
+        print(f"iwae: drawing the figures of {run_dir}, which some were missing", file=sys.stderr)
+        _draw_figures(run_dir, resolve_device(config.device), None, resumed_as)
+
+
+def _draw_figures(run_dir: Path, device: torch.device, dataset: data.Dataset | None, resumed_as: Path | None) -> None:
+    """A run's figures; stopped, the message names ``iwae sample RUN``, and for a stack (``resumed_as``) the resume
+    that finishes its other seeds."""
+    how = f"iwae sample {run_dir}" if resumed_as is None else f"iwae train --resume {resumed_as}"
+    with raising_on_signal("the run trained and was evaluated; its figures", how, "draw them with"):
+        run_figures.make_figures(run_dir, device=device, loaded=dataset)

@@ -9,11 +9,12 @@ finds, once it holds the lock, that the path no longer names the file it locked,
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 LOCK = ".lock"
@@ -37,7 +38,8 @@ def locked(directory: Path) -> Iterator[None]:
         os.write(fd, f"{os.getpid()} {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n".encode())
         yield
     finally:
-        path.unlink(missing_ok=True)
+        with suppress(OSError):  # a directory turned read-only: the error that stopped the body is the one to tell
+            path.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
 
 
@@ -59,7 +61,9 @@ def _acquire(path: Path, directory: Path) -> int:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError as error:  # a read-only or immutable run directory
+        except OSError as error:  # a read-only or immutable run directory, or file system
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             raise PermissionError(f"cannot lock {directory} (writing {path}: {error.strerror}); copy the run "
                                   "directory somewhere writable (cp -r RUN COPY) and use the copy") from None
         try:

@@ -128,6 +128,8 @@ def _resume_stacked(out: Path, record: dict[str, Any], dirs: list[Path], changes
     if all(s.epoch == c.epochs for s, c in zip(states, configs, strict=True)) and all(
             done or not c.eval_k for done, c in zip(evaluated, configs, strict=True)):
         print(f"iwae: {out} finished all {configs[0].epochs} epochs already", file=sys.stderr)
+        for d, c in zip(dirs, configs, strict=True):
+            lone_run.draw_missing_figures(c, d, out)
         return [evaluation.read_evaluation(d / rundir.EVAL) if c.eval_k else None
                 for d, c in zip(dirs, configs, strict=True)]
     if len({(state.epoch, state.step) for state in states}) != 1:
@@ -146,10 +148,15 @@ def _resume_stacked(out: Path, record: dict[str, Any], dirs: list[Path], changes
             rundir.write_json(path / rundir.CONFIG, asdict(state.config))  # as resumed (repaired if damaged)
         models = [state.new_model() for state in states]
         fit(StackedSeeds(states, models, dataset), dataset, states[0], stop, _stack_outputs(out, dirs))
-    # a seed evaluated before a stop in another's final evaluation keeps its evaluation
-    return [evaluation.read_evaluation(d / rundir.EVAL) if done
-            else lone_run.finish(c, d, device, progress, dataset, out)
+    # a seed evaluated before a stop in another's final evaluation keeps its evaluation (and gets the figures it lacks)
+    return [_evaluated(c, d, out) if done else lone_run.finish(c, d, device, progress, dataset, out)
             for c, d, done in zip(configs, dirs, evaluated, strict=True)]
+
+
+def _evaluated(config: TrainConfig, run_dir: Path, out: Path) -> dict[str, Any]:
+    """The evaluation of a seed evaluated already, its missing figures drawn."""
+    lone_run.draw_missing_figures(config, run_dir, out)
+    return evaluation.read_evaluation(run_dir / rundir.EVAL)
 
 
 def _stack_outputs(out: Path, dirs: list[Path]) -> Outputs:
