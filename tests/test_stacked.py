@@ -306,6 +306,20 @@ def test_a_stack_stopped_in_seed_0s_figures_names_its_resume_which_finishes_ever
             "samples.png", "reconstructions.png", "training.png", "bound_vs_k.png"}
 
 
+def test_a_damaged_stack_record_is_named_in_one_line(tiny_dataset: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s"
+    stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1, eval_k=0) for seed in (0, 1)], out,
+                              progress=False)
+    capsys.readouterr()
+    for damaged in ('[]', '{"seeds": "0", "epoch": 1, "step": 0}', '{"seeds": [0, 0], "epoch": 1, "step": 0}',
+                    '{"seeds": [0, 1]}', '{"seeds": [0, 1, 2], "epoch": 1, "step": 0}'):
+        (out / stacked_run.STACK).write_text(damaged)
+        assert cli.main(["train", "--resume", str(out)]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"iwae: error: {out / stacked_run.STACK}") and "iwae train --resume" in line, line
+
+
 def test_a_stack_resumes_with_its_own_settings_given_again(tiny_dataset: str, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1) for seed in (0, 1)], tmp_path / "s",

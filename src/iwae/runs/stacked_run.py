@@ -100,10 +100,35 @@ def resume_stacked(out: Path, changes: dict[str, Any] | None = None, *, progress
     ``changes`` as for ``lone_run.resume``, applied to every seed (e.g. a new ``data_dir``). RunInUseError while
     another process trains or evaluates the stack or one of its seeds."""
     with runlock.locked(out) if out.is_dir() else nullcontext():
-        record = rundir.read_json(out / STACK)
+        record = _read_stack(out)
         dirs = [out / f"seed-{s}" for s in record["seeds"]]
         with runlock.all_locked([path for path in dirs if path.is_dir()]):  # no lone --resume of a seed meanwhile
             return _resume_stacked(out, record, dirs, changes, progress)
+
+
+def _read_stack(out: Path) -> dict[str, Any]:
+    """The stack record of ``out``: its seeds (distinct integers, each with its directory) and its position.
+
+    Raises:
+      RunDirError: naming the file, for a record of any other form.
+    """
+    record = rundir.read_json(out / STACK)
+
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    seeds = record.get("seeds") if isinstance(record, dict) else None
+    if not (isinstance(seeds, list) and seeds and all(count(s) for s in seeds) and len(set(seeds)) == len(seeds)
+            and count(record.get("epoch")) and count(record.get("step"))):
+        raise rundir.RunDirError(f"{out / STACK} is damaged (not a list of distinct seeds with the epoch and step "
+                                 "they stand at); each seed-*/ directory in it is a run that resumes alone: iwae "
+                                 f"train --resume {out}/seed-S")
+    missing = [s for s in seeds if not (out / f"seed-{s}").is_dir()]
+    if missing:
+        raise rundir.RunDirError(f"{out / STACK} names seeds {missing} that have no seed-S directory in {out}; each "
+                                 f"seed-*/ directory there is a run that resumes alone: iwae train --resume "
+                                 f"{out}/seed-S")
+    return record
 
 
 def _resume_stacked(out: Path, record: dict[str, Any], dirs: list[Path], changes: dict[str, Any] | None,
