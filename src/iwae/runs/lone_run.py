@@ -176,7 +176,7 @@ def draw_missing_figures(config: TrainConfig, run_dir: Path, resumed_as: Path | 
     """Draw the figures of the finished run in ``run_dir`` if some are missing (its figures were stopped or killed);
     ``resumed_as`` as for ``finish``."""
     if distributed.rank() == 0 and run_figures.missing(run_dir):
-        print(f"iwae: drawing the figures of {run_dir}, which some were missing", file=sys.stderr)
+        print(f"iwae: {run_dir} lacks some of its figures; drawing them", file=sys.stderr)
         _draw_figures(run_dir, resolve_device(config.device), None, resumed_as)
 
 
