@@ -205,13 +205,7 @@ def loss(
 
     Returns ``Loss(loss, bound, log_w)``.
     """
-    settings = {name: value for name, value in (("k", k), ("m", m), ("beta", beta), ("alpha", alpha))
-                if value is not None}
-    if isinstance(objective, Objective) and settings:
-        named = " and ".join(f"{{{i}}}" for i in range(len(settings)))
-        raise SettingError(named + " given with an Objective, which carries its own; set them in the Objective, or "
-                           "give the objective's name", tuple(settings))
-    obj = objective if isinstance(objective, Objective) else Objective(objective, **{"k": 50, **settings})
+    obj = _objective(objective, k=k, m=m, beta=beta, alpha=alpha)
     obj.check_estimator(estimator)
     if isinstance(model, DeepLatentModel):
         x = model.as_input(x)
@@ -242,6 +236,19 @@ def loss(
             _scale_path_gradient(latent, ratio)
     surrogate = score_function.weighted_sum(a, log_p) - (path * log_q).sum(0)
     return _loss(surrogate, obj.bound(log_w), log_w, reduction)
+
+
+def _objective(objective: str | Objective, **given: float | None) -> Objective:
+    """``objective``, or the objective of that name with the settings ``given`` (those not None; k 50 unless given);
+    refused (SettingError) with settings beside an ``Objective``, which carries its own."""
+    settings = {name: value for name, value in given.items() if value is not None}
+    if not isinstance(objective, Objective):
+        return Objective(objective, **{"k": 50, **settings})
+    if settings:
+        named = " and ".join(f"{{{i}}}" for i in range(len(settings)))
+        raise SettingError(named + " given with an Objective, which carries its own; set them in the Objective, or "
+                           "give the objective's name", tuple(settings))
+    return objective
 
 
 def _loss(surrogate: Tensor, bound: Tensor, log_w: Tensor, reduction: str) -> Loss:

@@ -133,11 +133,17 @@ def load(
         arrays, binarization, image_shape = _user_arrays(key, test_fraction, sha256)
     tensors = {split_name: torch.from_numpy(np.asarray(a, np.float32)) for split_name, a in arrays.items()}
     if binarization == "dynamic":
-        for offset, held_out in enumerate(("test", "valid")):
-            if held_out in tensors:
-                generator = torch.Generator().manual_seed(eval_seed + offset)
-                tensors[held_out] = binarize(tensors[held_out], generator)
+        tensors = _held_out_binarized(tensors, eval_seed)
     return Dataset(key, tensors["train"], tensors["test"], binarization, tensors.get("valid"), image_shape)
+
+
+def _held_out_binarized(tensors: dict[str, Tensor], eval_seed: int) -> dict[str, Tensor]:
+    """``tensors`` with ``test`` binarized once with seed ``eval_seed``, and ``valid`` with ``eval_seed + 1``."""
+    binarized = dict(tensors)
+    for offset, held_out in enumerate(("test", "valid")):
+        if held_out in tensors:
+            binarized[held_out] = binarize(tensors[held_out], torch.Generator().manual_seed(eval_seed + offset))
+    return binarized
 
 
 def recorded_name(name: PathLike) -> str:

@@ -181,15 +181,20 @@ def evaluate_run(
     with seeded(seed, x.device):
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
                                          progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
-    # a stop from here on keeps every batch; the active units are drawn afresh from the seed, whatever the passes
-    # above drew (a continued evaluation's draw less)
-    with pieces.kept_on_stop(), seeded(seed, x.device):
-        variances = posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
-        result = _result(run_dir, loaded, state, stats, variances, start, pieces)
+    with pieces.kept_on_stop():  # a stop from here on keeps every batch
+        result = _result(run_dir, loaded, state, stats, _unit_variances(model, loaded, seed, x.device), start, pieces)
         distributed.on_rank_zero(lambda: rundir.write_json(out, result))
     pieces.remove()
     distributed.on_rank_zero(lambda: _remove_partials(out))
     return result
+
+
+def _unit_variances(model: DeepLatentModel, loaded: data.Dataset, seed: int, device: torch.device
+                           ) -> list[Tensor]:
+    """``posterior_mean_variances`` on the active units' training examples, drawn afresh from ``seed``, whatever
+    the evaluation's passes drew before (a continued evaluation's draw less)."""
+    with seeded(seed, device):
+        return posterior_mean_variances(model, split_examples(loaded, "train", seed, ACTIVE_UNIT_EXAMPLES))
 
 
 def _remove_partials(out: Path) -> None:
