@@ -149,6 +149,13 @@ def test_snr_scaling_laws_on_the_toy() -> None:
         assert abs(slopes["dreg"][network].slope - 0.5) < 0.15
 
 
+def test_a_diagnosis_of_several_objectives_gives_each_the_settings_it_reads() -> None:
+    # iwae diagnose snr --objectives iwae,miwae,ciwae --m 2 --beta 0.3: one m and beta for all, each reads its own
+    for name, m, beta in (("iwae", 1, 0.5), ("miwae", 2, 0.5), ("ciwae", 1, 0.3)):
+        objective = snr_diagnostics.check_settings(name, ["dreg"], [2, 4], 10, m=2, beta=0.3)
+        assert (objective.name, objective.m, objective.beta) == (name, m, beta)
+
+
 def test_generative_gradient_is_the_same_for_every_estimator() -> None:
     x = GaussianToy.sample_data(16, seed=0)
     model = GaussianToy.near_optimum(x)
@@ -157,7 +164,8 @@ def test_generative_gradient_is_the_same_for_every_estimator() -> None:
         for estimator in ("standard", "stl", "dreg"):
             torch.manual_seed(0)
             model.zero_grad()
-            loss(model, x, objective, k=10, m=2, estimator=estimator).loss.backward()
+            groups = {"m": 2} if objective in ("miwae", "piwae") else {}
+            loss(model, x, objective, k=10, estimator=estimator, **groups).loss.backward()
             grads.append(model.mu.grad.clone())
         torch.testing.assert_close(grads[1], grads[0])
         torch.testing.assert_close(grads[2], grads[0])

@@ -182,7 +182,7 @@ def check_settings(objective: str | Objective, estimators: Sequence[str], ks: Se
     if not isinstance(objective, Objective):
         if name in SETTING_READERS["m"] and (not isinstance(m, numbers.Integral) or isinstance(m, bool) or m < 1):
             raise ValueError(f"m must be a positive integer number of groups for {name}; got m={m}")
-        objective = Objective(name, m, m, beta)
+        objective = _objective(name, m, m, beta)
     if isinstance(estimators, str):
         raise ValueError(f"estimators must be a list of names; got the string {estimators!r}: give [{estimators!r}]")
     if not estimators:
@@ -212,12 +212,19 @@ def check_snr_memory(model: nn.Module, x_dim: int, examples: int, ks: Sequence[i
                       examples=examples)
 
 
+def _objective(name: str, k: int, m: int, beta: float) -> Objective:
+    """The objective ``name`` of ``k`` samples with those of the diagnosis's ``m`` and ``beta`` that it reads (one
+    diagnosis runs several objectives on one ``m`` and ``beta``)."""
+    return Objective(name, k, **{key: value for key, value in (("m", m), ("beta", beta))
+                                 if name in SETTING_READERS[key]})
+
+
 def check_snr_time(model: nn.Module, x: Tensor, settings: Sequence[tuple[str, int]], estimators: Sequence[str],
                    ks: Sequence[int], draws: int, *, beta: float, limit_s: float | None) -> None:
     """Refuse (SettingError) ``gradient_snr`` runs, one per (objective, m) of ``settings``, if a timed gradient
     draw at the largest K says they would take more than ``limit_s`` seconds (each K is counted as the largest)."""
     objective, m = settings[0]
-    obj = Objective(objective, max(ks), m if objective in SETTING_READERS["m"] else 1, beta)
+    obj = _objective(objective, max(ks), m, beta)
 
     def one_draw() -> None:
         loss(model, x, obj, estimator=estimators[0]).loss.backward()
