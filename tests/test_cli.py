@@ -600,6 +600,15 @@ def test_an_undefined_standard_error_is_written_as_null(finished_run: Path, tmp_
     assert "NaN" not in text and json.loads(text)["nll_se"] is None  # strict JSON: one example has no spread
 
 
+def test_data_dir_on_resume_is_refused_where_the_runs_dataset_reads_none(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = one_line_error(capsys, ["train", "--resume", str(finished_run), "--data-dir", str(tmp_path)])
+    assert line.startswith("iwae: error: --data-dir is where the files of mnist") and "the run trains on" in line
+    assert line.endswith("which reads none there; drop --data-dir")
+    assert "data_dir" not in json.loads((finished_run / rundir.CONFIG).read_text()) or json.loads(
+        (finished_run / rundir.CONFIG).read_text())["data_dir"] is None
+
+
 def test_a_run_directory_that_cannot_be_locked_says_to_use_a_copy(
         finished_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import errno

@@ -301,6 +301,8 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
                          f"iwae train --resume {args.resume}")
     if args.resume is None:
         _check_unread_options(given)
+    elif "data_dir" in given:
+        _check_data_dir(_resumed_dataset(args.resume), "the run trains on")
     if args.seeds is not None or (args.resume is not None and stacked_run.is_stacked(args.resume)):
         return _run_train_stacked(args, given)
     if args.resume is not None:
@@ -323,14 +325,29 @@ def _check_unread_options(given: dict[str, Any]) -> None:
         if name in given and objective not in objectives:
             raise UsageError(f"--{name} applies to --objective {' or '.join(objectives)} only, not {objective}; "
                              f"drop --{name}, or choose --objective {objectives[0]}")
-    dataset = given.get("dataset", _DEFAULTS["dataset"])
-    if "data_dir" in given and not data.reads_data_dir(dataset):
-        raise UsageError(f"--data-dir is where the files of mnist, omniglot and the other downloaded datasets are "
-                         f"searched for; --dataset {dataset} reads none there; drop --data-dir")
+    if "data_dir" in given:
+        _check_data_dir(given.get("dataset", _DEFAULTS["dataset"]), "--dataset")
     model = given.get("model", _DEFAULTS["model"])
     if "layers" in given and model != "burda":
         raise UsageError(f"--layers applies to --model burda only, not {model}, whose layers are the widths in its "
                          "name; drop --layers")
+
+
+def _check_data_dir(dataset: str | None, named: str) -> None:
+    """Refuse --data-dir for ``dataset`` (``named`` so in the message; None: not known), which reads no files there."""
+    if dataset is not None and not data.reads_data_dir(dataset):
+        raise UsageError(f"--data-dir is where the files of mnist, omniglot and the other downloaded datasets are "
+                         f"searched for; {named} {dataset}, which reads none there; drop --data-dir")
+
+
+def _resumed_dataset(run: Path) -> str | None:
+    """The dataset the run, or stack, in ``run`` trains on, from its config.json (a stack's: its first seed's);
+    None where none can be read (the resume then says why)."""
+    config = next(run.glob(f"seed-*/{rundir.CONFIG}"), None) if stacked_run.is_stacked(run) else run / rundir.CONFIG
+    try:
+        return rundir.read_json(config)["dataset"] if config is not None else None
+    except (rundir.RunDirError, TypeError, KeyError):
+        return None
 
 
 def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
