@@ -134,9 +134,9 @@ def test_a_stacked_run_resumes_with_new_runtime_settings(tiny_dataset: str, tmp_
         stacked_run.train_stacked([config(tiny_dataset, seed, epochs=3) for seed in (0, 1)], tmp_path / "s",
                               progress=False)
     monkeypatch.undo()
-    (tmp_path / "moved").mkdir()
-    assert cli.main(["train", "--resume", str(tmp_path / "s"), "--data-dir", str(tmp_path / "moved"),
-                     "--checkpoint-every", "7"]) == 0
+    (tmp_path / "moved").mkdir()  # (the command line refuses --data-dir for a user's file, which reads none there)
+    assert stacked_run.resume_stacked(tmp_path / "s", {"data_dir": str(tmp_path / "moved"), "checkpoint_every_s": 7},
+                                      progress=False)
     for seed in (0, 1):
         state = checkpoint.load(tmp_path / "s" / f"seed-{seed}")
         assert state["epoch"] == 3
