@@ -174,9 +174,12 @@ def test_a_command_with_another_budget_is_refused_before_anything_runs(
 
 
 @pytest.mark.slow
-def test_a_run_directory_is_refused_as_the_grids_out(finished: tuple[Path, list[str]], tiny_dataset: str) -> None:
+def test_a_run_directory_is_refused_as_the_grids_out(finished: tuple[Path, list[str]], tiny_dataset: str,
+                                                     tmp_path: Path) -> None:
     run = reproduce.run_dir(finished[0], "mnist-l1-vae-k1", 0)
-    for out in (run, run.parent):  # a lone run, and a stacked one
+    kept = tmp_path / "kept"  # a finished run kept as results are: without its checkpoint
+    shutil.copytree(run, kept, ignore=shutil.ignore_patterns(rundir.CHECKPOINT))
+    for out in (run, run.parent, kept):  # a lone run, a stacked one, one kept without its checkpoint
         with pytest.raises(ValueError, match="holds a training run, not a grid's runs"):
             reproduce.run_table(TABLE, out, OPTIONS, cells=tiny_grid(tiny_dataset), progress=False,
                                 log=lambda line: None)
@@ -263,6 +266,28 @@ def test_a_continued_cell_whose_base_runs_were_kept_without_checkpoints_is_refus
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stacked", [True, False])
+def test_an_unfinished_cell_without_its_checkpoints_is_refused_before_training(
+    finished: tuple[Path, list[str]], tiny_dataset: str, tmp_path: Path, stacked: bool,
+) -> None:
+    reference, _ = finished
+    out = tmp_path / "grid"
+    shutil.copytree(reference, out)
+    first, second = tiny_grid(tiny_dataset)[:2]
+    shutil.rmtree(out / first.name)  # still to train
+    seed = reproduce.run_dir(out, second.name, 1)
+    if not stacked:  # a lone run of the cell's own command
+        (out / second.name / rundir.STACK).unlink()
+    for name in (rundir.CHECKPOINT, rundir.EVAL):
+        (seed / name).unlink()
+    delete = seed.parent if stacked else seed
+    with pytest.raises(ValueError, match=re.escape(
+            f"{seed} holds an unfinished run without its checkpoint.pt, which cannot continue; delete {delete} ")):
+        reproduce.run_table(TABLE, out, OPTIONS, cells=[first, second], progress=False, log=lambda line: None)
+    assert not (out / first.name).exists()  # nothing trained
+
+
+@pytest.mark.slow
 def test_a_cell_whose_seeds_ran_on_several_devices_lists_them(finished: tuple[Path, list[str]],
                                                               tiny_dataset: str, tmp_path: Path) -> None:
     reference, _ = finished
@@ -328,6 +353,7 @@ def test_continued_run_starts_from_the_base_runs_parameters(finished: tuple[Path
     (["reproduce", "dreg", "--budget", "0"], "--budget must be a positive fraction"),
     (["reproduce", "dreg", "--budget", "-0.5"], "--budget must be a positive fraction"),
     (["reproduce", "dreg", "--budget", "nan"], "--budget must be a positive fraction"),
+    (["reproduce", "dreg", "--budget", "1e308"], "--budget must be a positive fraction"),
     (["reproduce", "dreg", "--seeds", "0"], "--seeds must be a positive number"),
     (["reproduce", "dreg", "--eval-k", "0"], "--eval-k must be a positive number"),
     (["reproduce", "dreg", "--device", "tpu"], "unknown device 'tpu'; choose cpu, cuda or auto"),
@@ -493,3 +519,23 @@ def test_the_title_states_a_budget_other_than_the_papers() -> None:
         " — REDUCED BUDGET 0.001 of the paper's schedule (9 of 3280 epochs)")
     assert reproduce.title("burda-table1", reproduce.Options(budget=2)).endswith(
         " — BUDGET 2 of the paper's schedule (6560 of 3280 epochs)")
+
+
+@pytest.mark.parametrize("budget", [0.0012345678, 1 / 3, 0.001, 1, 2.5])
+def test_a_reports_command_gives_its_budget_exactly(budget: float, tmp_path: Path) -> None:
+    options = reproduce.Options(budget=budget)
+    markdown = reproduce.render_markdown("dreg", tmp_path, options, [], {})
+    given = re.search(r"--budget (\S+) ", markdown).group(1)
+    assert float(given) == budget and given == reproduce.budget_text(budget)
+    assert reproduce.budget_text(0.001) == "0.001" and reproduce.budget_text(1) == "1"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (reproduce.Options(budget=True), "--budget must be a positive fraction"),
+    (reproduce.Options(seeds=True), "--seeds must be a positive number"),
+    (reproduce.Options(eval_k=True), "--eval-k must be a positive number"),
+    (reproduce.Options(cells="standard-k1"), "cells must be a tuple of cell names"),  # type: ignore[arg-type]
+])
+def test_options_of_the_wrong_type_are_refused(options: reproduce.Options, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reproduce.check("dreg", options)

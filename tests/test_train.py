@@ -105,6 +105,7 @@ def test_config_records_the_data_folder_absolute(tmp_path: Path, monkeypatch: py
         ({"lr": -1.0}, "lr must be a finite number > 0"),
         ({"lr": float("inf")}, "lr must be a finite number > 0"),
         ({"schedule": "burda", "schedule_scale": float("inf")}, "schedule_scale must be a finite number > 0"),
+        ({"schedule": "burda", "schedule_scale": 1e308}, r"schedule_scale 1e\+308 makes more epochs than"),
         ({"beta2": 1.0}, r"beta2 must lie in \[0, 1\)"),
         ({"seed": -1}, "seed must be an integer from 0 to 2\\*\\*63 - 1; got -1"),
         ({"seed": 2**63}, "seed must be an integer from 0"),

@@ -137,15 +137,23 @@ def check(table: str, options: Options) -> None:
     """Raise ValueError naming the problem and the fix for an unknown table or unusable options."""
     if table not in GRIDS:
         raise ValueError(f"unknown table {table!r}; choose one of {', '.join(GRIDS)}")
-    if not (isinstance(options.budget, float | int) and math.isfinite(options.budget) and options.budget > 0):
-        raise ValueError(f"--budget must be a positive fraction of the paper's schedule (e.g. 0.01); "
-                         f"got {options.budget}")
-    if not isinstance(options.seeds, int) or options.seeds < 1:
-        raise ValueError(f"--seeds must be a positive number of seeds; got {options.seeds}")
-    if not isinstance(options.eval_k, int) or options.eval_k < 1:
-        raise ValueError(f"--eval-k must be a positive number of samples; got {options.eval_k}")
+    budget = options.budget
+    if not (_real(budget) and budget > 0 and math.isfinite(budget * PAPER_EPOCHS)):
+        raise ValueError(f"--budget must be a positive fraction of the paper's schedule (e.g. 0.01); got {budget!r}")
+    if not _count(options.seeds):
+        raise ValueError(f"--seeds must be a positive number of seeds; got {options.seeds!r}")
+    if not _count(options.eval_k):
+        raise ValueError(f"--eval-k must be a positive number of samples; got {options.eval_k!r}")
     select(table, options.cells)
     resolve_device(options.device)  # an unknown or absent device is refused before any data is read
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def select(table: str, names: tuple[str, ...] | None) -> list[Cell]:
@@ -158,6 +166,8 @@ def select(table: str, names: tuple[str, ...] | None) -> list[Cell]:
     grid = GRIDS[table]()
     if names is None:
         return grid
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"cells must be a tuple of cell names, e.g. ({grid[0].name!r},); got {names!r}")
     known = [cell.name for cell in grid]
     unknown = [name for name in names if name not in known]
     if unknown or not names:
@@ -281,7 +291,8 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
     """Raise ValueError if a run already in ``out`` was started with settings other than these (another
     --budget, --eval-k or --device): continuing it, or reporting it, under this command's would mislabel it; or if a
     run still to start from a base cell's run would find it kept without its checkpoint."""
-    if (out / rundir.CHECKPOINT).is_file() or stacked_run.is_stacked(out):
+    if any((out / name).is_file() for name in (rundir.CHECKPOINT, rundir.CONFIG, rundir.EVAL)) or \
+            stacked_run.is_stacked(out):
         raise ValueError(f"{out} holds a training run, not a grid's runs; give the grid an --out of its own")
     names = {"schedule_scale": "--budget", "epochs": "--budget", "eval_k": "--eval-k", "device": "--device"}
     asked_device = None if device == "auto" else str(resolve_device(device))
@@ -289,6 +300,7 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
         for config in configs[cell.name]:
             path = run_dir(out, cell.name, config.seed)
             _check_base(path, config)
+            _check_continuable(path)
             if not (path / rundir.CONFIG).is_file():
                 continue
             saved, wanted = rundir.read_json(path / rundir.CONFIG), asdict(config)
@@ -314,6 +326,18 @@ def _check_base(path: Path, config: TrainConfig) -> None:
         raise ValueError(f"{path} starts from the parameters of {base}, a finished run kept without its "
                          f"{rundir.CHECKPOINT} (as results are kept); restore its checkpoint, or give the grid a new "
                          "--out")
+
+
+def _check_continuable(path: Path) -> None:
+    """Raise ValueError if ``path`` holds an unfinished run without a checkpoint to continue from (removed, or the
+    run stopped before its first), naming what to delete to train it afresh."""
+    if not (path / rundir.CONFIG).is_file() or rundir.is_finished(path) or any(
+            (path / name).is_file() for name in (rundir.CHECKPOINT, stacked_run.NEXT)):
+        return
+    stacked = stacked_run.is_stacked(path.parent)
+    fresh = f"delete {path.parent} to train the cell's seeds afresh" if stacked else f"delete {path} to train it afresh"
+    raise ValueError(f"{path} holds an unfinished run without its {rundir.CHECKPOINT}, which cannot continue; {fresh}, "
+                     "or give the grid a new --out")
 
 
 def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | None = None,
@@ -470,7 +494,7 @@ def rows(table: str, out: Path, cells: list[Cell], options: Options, missing: di
             "published_sd": _number(paper.sd if paper else None),
             "difference": _number(mean - paper.nll if paper and mean is not None else None),
             "published_active_units": (paper.active_units or "") if paper else "",
-            "epochs": str(config.epochs), "budget": f"{options.budget:g}", "eval_k": str(options.eval_k),
+            "epochs": str(config.epochs), "budget": budget_text(options.budget), "eval_k": str(options.eval_k),
             "device": result.device, "wall_time_s": f"{result.wall_time_s:.0f}",
             "steps_per_s": _number(result.steps_per_s, 1), "status": status,
             "command": command(table, cell, config, out, options.seeds),
@@ -479,13 +503,19 @@ def rows(table: str, out: Path, cells: list[Cell], options: Options, missing: di
     return table_rows, results
 
 
+def budget_text(budget: float) -> str:
+    """``budget`` as short as it can be written and read back as the same number (1, 0.01, 0.0012345678)."""
+    short = f"{budget:g}"
+    return short if float(short) == budget else repr(float(budget))
+
+
 def title(table: str, options: Options) -> str:
     """The report's title, which states a budget other than the paper's."""
     text = TITLES[table]
     if options.budget != 1:
         epochs = sum(e for e, _ in train_config.burda_schedule(options.budget))
         budget = "REDUCED BUDGET" if options.budget < 1 else "BUDGET"
-        text += f" — {budget} {options.budget:g} of the paper's schedule ({epochs} of {PAPER_EPOCHS} epochs)"
+        text += f" — {budget} {budget_text(options.budget)} of the paper's schedule ({epochs} of {PAPER_EPOCHS} epochs)"
     return text
 
 
@@ -510,7 +540,8 @@ def write_report(table: str, out: Path, cells: list[Cell], options: Options, mis
 def render_markdown(table: str, out: Path, options: Options, table_rows: list[dict[str, str]],
                     missing: dict[str, str]) -> str:
     """The report as Markdown: title, how it was made, the table, the missing data, the commands."""
-    made_by = (f"iwae reproduce {table} --out {shown(out)} --budget {options.budget:g} --seeds {options.seeds} "
+    budget = budget_text(options.budget)
+    made_by = (f"iwae reproduce {table} --out {shown(out)} --budget {budget} --seeds {options.seeds} "
                f"--eval-k {options.eval_k} --device {options.device}"
                + (f" --data-dir {shown(options.data_dir)}" if options.data_dir else "")
                + (f" --cells {' '.join(options.cells)}" if options.cells else ""))
@@ -519,7 +550,7 @@ def render_markdown(table: str, out: Path, options: Options, table_rows: list[di
         f"Made by `{made_by}`. Test NLL in nats (lower is better): mean +- sd over seeds (sd: the sample standard "
         "deviation, n - 1 in its denominator), estimated with "
         f"k = {options.eval_k} importance samples per test example; difference = ours - published. Budget "
-        f"{options.budget:g}: every stage of the paper's schedule (3^i epochs at 1e-3 * 10^(-i/7), i = 0..7) "
+        f"{budget}: every stage of the paper's schedule (3^i epochs at 1e-3 * 10^(-i/7), i = 0..7) "
         "is scaled by it. Steps/s: training steps per second at the median epoch of each seed, averaged over "
         "seeds.", "",
         "| cell | NLL | per seed | AU | published | diff | published AU | epochs | budget | device | wall s | "

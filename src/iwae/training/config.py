@@ -8,6 +8,7 @@ epochs), or a constant rate for a given number of epochs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,9 @@ class TrainConfig:
                                known=", ".join(SCHEDULES))
         if self.schedule == "burda":
             check_positive(self.schedule_scale, "schedule_scale")
+            if not math.isfinite(self.schedule_scale * 3**7):
+                raise SettingError("{0} {value} makes more epochs than can be counted; give a smaller {0}",
+                                   ("schedule_scale",), value=self.schedule_scale)
             total = sum(epochs for epochs, _ in burda_schedule(self.schedule_scale))
             if self.epochs not in (None, total) or self.lr is not None:
                 raise SettingError("{0} and {1} do not apply to {2} burda, which fixes both; shorten it with {3} "
