@@ -142,6 +142,13 @@ def test_seed_reproduces_and_leaves_the_global_generator_alone() -> None:
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
+def test_a_single_step_makes_no_move_and_reports_no_acceptance_rate() -> None:
+    model, x, _ = model_and_data(4)
+    single = ais_log_likelihood(model, x, steps=1, chains=3, leapfrog=2, seed=0)
+    assert bool(single.acceptance.isnan().all()) and bool(single.log_likelihood.isfinite().all())
+    assert not ais_log_likelihood(model, x, steps=2, chains=3, leapfrog=2, seed=0).acceptance.isnan().any()
+
+
 def test_schedule_is_sigmoidal_from_zero_to_one() -> None:
     betas = ais.sigmoid_schedule(100)
     assert betas[0] == 0 and betas[-1] == 1 and bool((betas.diff() > 0).all())

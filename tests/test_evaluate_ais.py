@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import messages
 
 from iwae.cli import main
+from iwae.core import ais
 from iwae.runs import evaluate_ais, rundir
+from iwae.training import signals
 
 FAST = ["--chains", "2", "--leapfrog", "2", "--k", "10", "--examples", "3", "--device", "cpu"]
 
@@ -26,16 +32,17 @@ def test_ais_writes_its_estimate_beside_importance_sampling(run: Path, capsys: p
     assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "3", "6", *FAST]) == 0
     out = capsys.readouterr().out
     assert "NLL, AIS" in out and "NLL, IS k=10" in out and "IS - AIS" in out
-    path = evaluate_ais.result_path(run, "ais", steps=6, chains=2, leapfrog=2, k=10, examples=3)
-    assert path.name == "eval_ais-test-s6-c2-l2-k10-n3.json" and f"written to {path}" in out
+    path = evaluate_ais.result_path(run, "ais", steps=[3, 6], chains=2, leapfrog=2, k=10, examples=3)
+    assert path.name == "eval_ais-test-s3_6-c2-l2-k10-n3.json" and f"written to {path}" in out
     result = json.loads(path.read_text())
     assert result["steps"] == 6 and result["chains"] == 2 and result["examples"] == 3 and result["k"] == 10
+    assert result["batch_size"] == evaluate_ais.BATCH_SIZE
     assert [entry["steps"] for entry in result["sweep"]] == [3, 6]
     assert result["nll"] == result["sweep"][-1]["nll"]
     assert result["is_minus_ais"] == pytest.approx(result["is_nll"] - result["nll"])
     for key in ("nll_se", "is_nll", "is_nll_se", "time_s", "acceptance", "ess"):
         assert result[key] == result[key]  # present and not NaN
-    assert (run / rundir.FIGURES / "ais_vs_steps-test-s6-c2-l2-k10-n3.png").stat().st_size > 0
+    assert (run / rundir.FIGURES / "ais_vs_steps-test-s3_6-c2-l2-k10-n3.png").stat().st_size > 0
 
 
 def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,6 +52,7 @@ def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.Capture
                         .read_text())
     assert result["gap"] == pytest.approx(result["log_p_upper"] - result["log_p_lower"])
     assert result["nll"] == -result["log_p_lower"] and result["steps"] == 4 and result["examples"] == 3
+    assert result["batch_size"] == evaluate_ais.BATCH_SIZE
 
 
 @pytest.mark.parametrize(
@@ -69,7 +77,11 @@ def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.Capture
         (["--method", "ais", "--seed", "-1"], "--seed must be an integer from 0"),
         (["--method", "ais", "--split", "nope"], "unknown --split 'nope'"),
         (["--method", "ais", "--chains", str(10**12)],  # the tiny test split has 16 examples
-         f"AIS of --ais-steps 1000 with --chains {10**12} and --batch-size 16 on --examples 16 needs about"),
+         f"AIS of --ais-steps 1000 with --chains {10**12} and --batch-size 100 on --examples 16 needs about"),
+        (["--method", "bdmc", "--seed", "-1"], "--seed must be an integer from 0"),
+        (["--method", "bdmc", "--seed", str(2**63)], "--seed must be an integer from 0"),
+        (["--method", "ais", "--data-dir", "."], "the run was trained on "),
+        (["--data-dir", "."], "the run was trained on "),
         (["--method", "bdmc", "--examples", str(10**13)], f"on --examples {10**13} needs about"),
     ],
 )
@@ -93,3 +105,58 @@ def test_each_ais_setting_has_its_own_file(run: Path) -> None:
     assert evaluate_ais.result_path(run, "bdmc") == run / evaluate_ais.BDMC_FILE
     assert evaluate_ais.result_path(run, "ais", seed=1, start="encoder").name == (
         "eval_ais-test-s1000-c16-l10-encoder-k5000-n100-seed1.json")
+
+
+def test_a_sweep_and_a_single_number_of_steps_have_files_of_their_own(run: Path) -> None:
+    assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "2", "4", *FAST]) == 0
+    assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "4", *FAST]) == 0
+    sweep = json.loads((run / "eval_ais-test-s2_4-c2-l2-k10-n3.json").read_text())
+    single = json.loads((run / "eval_ais-test-s4-c2-l2-k10-n3.json").read_text())
+    assert [entry["steps"] for entry in sweep["sweep"]] == [2, 4] and len(single["sweep"]) == 1
+    assert evaluate_ais.result_path(run, "ais", steps=[1000]) == run / evaluate_ais.AIS_FILE
+
+
+def test_files_of_one_name_in_two_folders_have_results_of_their_own(run: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    for folder, scale in (("a", 0.1), ("b", 1.0)):  # the same stem, different data
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / "my.npy", (scale * rng.random((50, 16))).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    results = {}
+    for folder in ("a", "b"):
+        assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "3", *FAST,
+                     "--dataset", f"{folder}/my.npy"]) == 0
+        path = evaluate_ais.result_path(run, "ais", dataset=f"{folder}/my.npy", steps=3, chains=2, leapfrog=2, k=10,
+                                        examples=3)
+        results[folder] = json.loads(path.read_text())
+    assert evaluate_ais.result_path(run, "ais", dataset="a/my.npy") != evaluate_ais.result_path(
+        run, "ais", dataset="b/my.npy")
+    assert results["a"]["nll"] != results["b"]["nll"]
+
+
+def test_the_finished_batches_of_a_file_since_changed_are_not_reused(run: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "my.npy"
+    rng = np.random.default_rng(2)
+    np.save(data, (0.1 * rng.random((50, 16))).astype(np.float32))
+    options = ["evaluate", str(run), "--method", "ais", "--ais-steps", "3", *FAST, "--batch-size", "1",
+               "--dataset", str(data), "--checkpoint-every", "0"]
+    with monkeypatch.context() as patched:  # stopped after its first AIS batch: the IS estimate and it are kept
+        batches = ais.ais_batches
+
+        def stop_after_one(*args: object, **kwargs: object) -> Iterator[object]:
+            yield next(batches(*args, **kwargs))
+            raise signals.Interrupted("the evaluation stopped by SIGTERM", signal.SIGTERM, "the same command")
+
+        patched.setattr(ais, "ais_batches", stop_after_one)
+        assert main(options) == 128 + signal.SIGTERM
+    np.save(data, rng.random((50, 16)).astype(np.float32))  # the same path, other data
+    assert main(options) == 0
+    fresh = tmp_path / "fresh"
+    shutil.copytree(run, fresh, ignore=shutil.ignore_patterns("eval_ais*"))
+    assert main(["evaluate", str(fresh), *options[2:]]) == 0
+    continued, again = (json.loads(evaluate_ais.result_path(path, "ais", dataset=str(data), steps=3, chains=2,
+                                                            leapfrog=2, k=10, examples=3).read_text())
+                        for path in (run, fresh))
+    assert (continued["nll"], continued["is_nll"]) == (again["nll"], again["is_nll"])

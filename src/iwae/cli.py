@@ -150,8 +150,8 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--chunk-size", type=int, metavar="N",
                         help=f"samples per pass (default: {likelihood.CHUNK_SIZE})")
-    parser.add_argument("--batch-size", type=int, default=likelihood.EXAMPLES_PER_PASS, metavar="N",
-                        help=f"examples per pass (default: {likelihood.EXAMPLES_PER_PASS})")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="examples per pass (default: "
+                        f"{likelihood.EXAMPLES_PER_PASS} for is, {evaluate_ais.BATCH_SIZE} for ais and bdmc)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the evaluation passes (torch.compile), or not; default: compile evaluations of "
                         f"at least {evaluation.AUTO_COMPILE_SAMPLES:,} samples (examples times k)")
@@ -424,8 +424,13 @@ def _run_evaluate(args: argparse.Namespace) -> None:
                              "choose --method ais or bdmc")
         if args.method != "is":
             _refuse_unread_by_ais(args)
+        if args.data_dir is not None:
+            _check_data_dir(args.dataset or _resumed_dataset(args.run),
+                            "--dataset" if args.dataset else "the run was trained on")
         args.split = "test" if args.split is None else args.split
         args.chunk_size = likelihood.CHUNK_SIZE if args.chunk_size is None else args.chunk_size
+        if args.batch_size is None:
+            args.batch_size = likelihood.EXAMPLES_PER_PASS if args.method == "is" else evaluate_ais.BATCH_SIZE
         if args.method != "is":
             _run_evaluate_ais(args)
         else:

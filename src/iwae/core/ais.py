@@ -262,11 +262,12 @@ def anneal(
     weights, and the step sizes reached are returned (at increasing ``betas``) for a later run to use.
 
     Returns:
-      log w (C, B) in float64, the mean acceptance probability per chain (C, B), and the step sizes used.
+      log w (C, B) in float64, the mean acceptance probability per chain (C, B; NaN for a schedule of one step,
+      which makes no transition), and the step sizes used.
     """
     state = _evaluate(path, z)
     log_w = torch.zeros(state.log_ratio.shape, dtype=torch.float64, device=z.device)
-    acceptance = torch.zeros_like(log_w)
+    acceptance = torch.zeros_like(log_w) if len(betas) > 2 else torch.full_like(log_w, math.nan)
     step_size = torch.full((*log_w.shape, 1), INITIAL_STEP_SIZE, dtype=z.dtype, device=z.device)
     used = []
     for t in range(1, len(betas)):

@@ -32,32 +32,36 @@ from iwae.models import DeepLatentModel
 from iwae.platform import duration, memory
 from iwae.platform.device import resolve_device, seeded
 from iwae.runs import checkpoint, evaluation, resumable, rundir
-from iwae.settings import check_integer
+from iwae.settings import check_integer, check_seed
 
 AIS_FILE = "eval_ais.json"
 BDMC_FILE = "eval_bdmc.json"
 FIGURE = "ais_vs_steps.png"
 DEFAULT_EXAMPLES = 100
+BATCH_SIZE = 100  # examples per pass
 # the setting whose results go to AIS_FILE, BDMC_FILE and FIGURE
 DEFAULTS = {"dataset": None, "split": "test", "steps": 1000, "chains": 16, "leapfrog": 10, "start": "prior",
             "k": 5000, "examples": DEFAULT_EXAMPLES, "seed": 0}
 
 
-def result_path(run_dir: Path, method: str, *, dataset: str | None = None, split: str = "test", steps: int = 1000,
-                chains: int = 16, leapfrog: int = 10, start: str = "prior", k: int = 5000,
-                examples: int = DEFAULT_EXAMPLES, seed: int = 0) -> Path:
-    """The file of the ``method`` ("ais" or "bdmc") result with these settings (``steps`` the largest number of
-    steps): RUN/eval_<method>.json for the default setting (``DEFAULTS``), else
+def result_path(run_dir: Path, method: str, *, dataset: str | None = None, split: str = "test",
+                steps: int | Sequence[int] = 1000, chains: int = 16, leapfrog: int = 10, start: str = "prior",
+                k: int = 5000, examples: int = DEFAULT_EXAMPLES, seed: int = 0) -> Path:
+    """The file of the ``method`` ("ais" or "bdmc") result with these settings (``steps``: the number of steps, or
+    every number of steps of a sweep): RUN/eval_<method>.json for the default setting (``DEFAULTS``), else
     RUN/eval_<method>[-<data>][-<split>]-s<steps>-c<chains>-l<leapfrog>[-encoder]-k<k>-n<examples>[-seed<seed>].json,
-    <data> being the stem of ``dataset``'s name or path (BDMC names no data or split: it simulates its own)."""
-    setting = {"dataset": dataset, "split": split, "steps": steps, "chains": chains, "leapfrog": leapfrog,
+    <steps> a sweep's numbers of steps joined by _ (s10_100_1000), <data> as ``iwae evaluate --dataset`` names it
+    (``evaluation.data_label``; BDMC names no data or split: it simulates its own)."""
+    values = sorted({steps} if isinstance(steps, int) else set(steps))
+    setting = {"dataset": dataset, "split": split, "steps": values, "chains": chains, "leapfrog": leapfrog,
                "start": start, "k": k, "examples": examples, "seed": seed}
-    if setting == DEFAULTS:
+    if setting == {**DEFAULTS, "steps": [DEFAULTS["steps"]]}:
         return run_dir / (AIS_FILE if method == "ais" else BDMC_FILE)
-    parts = [Path(dataset).stem] if dataset is not None else []
+    parts = [evaluation.data_label(dataset)] if dataset is not None else []
     parts += [split] if method == "ais" else []
-    parts += [f"s{steps}", f"c{chains}", f"l{leapfrog}", *(["encoder"] if start == "encoder" else []), f"k{k}",
-              f"n{examples}", *([f"seed{seed}"] if seed != 0 else [])]
+    parts += ["s" + "_".join(map(str, values)), f"c{chains}", f"l{leapfrog}"]
+    parts += ["encoder"] if start == "encoder" else []
+    parts += [f"k{k}", f"n{examples}", *([f"seed{seed}"] if seed != 0 else [])]
     return run_dir / f"eval_{method}-{'-'.join(parts)}.json"
 
 
@@ -74,9 +78,11 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
     return values.mean().item(), values.std().item() / math.sqrt(n) if n > 1 else math.nan
 
 
-def _settings(steps: int, chains: int, leapfrog: int, start: str) -> dict[str, Any]:
+def _settings(steps: int, chains: int, leapfrog: int, start: str, batch_size: int) -> dict[str, Any]:
+    """The settings a result records; ``batch_size`` decides which of the seed's draws each example gets."""
     return {"steps": steps, "chains": chains, "leapfrog": leapfrog, "start": start,
-            "schedule": f"sigmoid, radius {ais.SIGMOID_RADIUS}", "pilot_steps": min(steps, ais.PILOT_STEPS)}
+            "schedule": f"sigmoid, radius {ais.SIGMOID_RADIUS}", "pilot_steps": min(steps, ais.PILOT_STEPS),
+            "batch_size": batch_size}
 
 
 def _diagnostics(result: ais.AISResult) -> dict[str, float]:
@@ -195,7 +201,7 @@ def _sweep(model: nn.Module, x: Tensor, steps: list[int], *, chains: int, leapfr
 def evaluate_ais(
     run_dir: Path,
     *,
-    steps: Sequence[int] = (1000,),
+    steps: int | Sequence[int] = (1000,),
     chains: int = 16,
     leapfrog: int = 10,
     start: ais.Start = "prior",
@@ -206,7 +212,7 @@ def evaluate_ais(
     examples: int | None = DEFAULT_EXAMPLES,
     device: str = "auto",
     seed: int = 0,
-    batch_size: int = 100,
+    batch_size: int = BATCH_SIZE,
     progress: bool = False,
     time_limit_s: float | None = duration.TIME_LIMIT_S,
     save_every_s: float | None = resumable.SAVE_EVERY_S,
@@ -226,7 +232,7 @@ def evaluate_ais(
       importance-sampled estimate, ``is_minus_ais`` (IS NLL minus AIS NLL, positive when AIS finds more mass)
       with its paired standard error; ``sweep`` (one per number of steps); ``time_s``, ``time_per_example_s``.
     """
-    steps = sorted(set(steps))
+    steps = sorted({steps} if isinstance(steps, int) else set(steps))
     for value in steps:
         ais.check_settings(value, chains, leapfrog, start, batch_size=batch_size)
     check_integer(k, "k", 1)
@@ -236,16 +242,17 @@ def evaluate_ais(
     ais.check_model(model, x, start)
     check_ais_cost(model, x, steps, x_dim=x.shape[1], chains=chains, leapfrog=leapfrog, start=start,
                    batch_size=batch_size, examples=len(x), limit_s=time_limit_s)
-    path = result_path(run_dir, "ais", dataset=dataset, split=split, steps=steps[-1], chains=chains,
+    path = result_path(run_dir, "ais", dataset=dataset, split=split, steps=steps, chains=chains,
                        leapfrog=leapfrog, start=start, k=k, examples=examples_named(examples, len(x)), seed=seed)
     with _kept(run_dir, path, {"method": "ais", "steps": steps, "chains": chains, "leapfrog": leapfrog, "start": start,
-                               "k": k, "split": split, "data": loaded.name, "examples": len(x), "seed": seed,
-                               "batch_size": batch_size}, save_every_s) as pieces:
+                               "k": k, "split": split, "data": evaluation.data_identity(loaded.name),
+                               "examples": len(x), "seed": seed, "batch_size": batch_size}, save_every_s) as pieces:
         stats = _importance_sampled(pieces, model, x, k, seed=seed, batch_size=batch_size, progress=progress)
         sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
                                batch_size=batch_size, progress=progress, pieces=pieces)
         out = {"run": str(run_dir), "dataset": loaded.name, "split": split, "examples": len(x),
-               "epoch": state["epoch"], "seed": seed, "method": "ais", **_settings(steps[-1], chains, leapfrog, start),
+               "epoch": state["epoch"], "seed": seed, "method": "ais",
+               **_settings(steps[-1], chains, leapfrog, start, batch_size),
                **_ais_numbers(sweep, result, stats, k), "device": str(x.device)}
         rundir.write_json(path, out)
         (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
@@ -299,7 +306,7 @@ def evaluate_bdmc(
     examples: int | None = DEFAULT_EXAMPLES,
     device: str = "auto",
     seed: int = 0,
-    batch_size: int = 100,
+    batch_size: int = BATCH_SIZE,
     progress: bool = False,
     time_limit_s: float | None = duration.TIME_LIMIT_S,
     save_every_s: float | None = resumable.SAVE_EVERY_S,
@@ -317,6 +324,7 @@ def evaluate_bdmc(
     """
     ais.check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
     check_integer(k, "k", 1)
+    check_seed(seed)
     examples = DEFAULT_EXAMPLES if examples is None else examples
     ais.check_simulated(examples, "examples")
     rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
@@ -339,7 +347,7 @@ def evaluate_bdmc(
         is_nll, is_nll_se = _mean_se(-is_log_likelihood)
         out = {
             "run": str(run_dir), "data": "simulated from the model", "examples": examples, "epoch": state["epoch"],
-            "seed": seed, "method": "bdmc", **_settings(steps, chains, leapfrog, start),
+            "seed": seed, "method": "bdmc", **_settings(steps, chains, leapfrog, start, batch_size),
             "nll": -lower, "nll_se": lower_se, "log_p_lower": lower, "log_p_lower_se": lower_se,
             "log_p_upper": upper, "log_p_upper_se": upper_se, "gap": gap, "gap_se": gap_se,
             "forward": _diagnostics(result.forward), "backward": _diagnostics(result.backward),

@@ -85,12 +85,26 @@ def eval_path(run_dir: Path, split: str = "test", dataset: str | None = None, *,
     if dataset is None and split == "test" and examples is None and seed == 0 and k in (None, own_k(run_dir)):
         return run_dir / rundir.EVAL
     k = own_k(run_dir) if k is None else k
-    parts = [] if dataset is None else [dataset] if dataset in data.DATASETS else [
-        f"{Path(dataset).stem}-{hashlib.sha256(data.recorded_name(dataset).encode()).hexdigest()[:8]}"]
+    parts = [] if dataset is None else [data_label(dataset)]
     parts += [split, f"k{k}"]
     parts += [f"n{examples}"] if examples is not None else []
     parts += [f"seed{seed}"] if seed != 0 else []
     return run_dir / f"eval-{'-'.join(parts)}.json"
+
+
+def data_label(dataset: str) -> str:
+    """``dataset`` as the name of an evaluation's file gives it: a catalogue dataset's name, or a user's file's stem
+    and the first 8 hex digits of the SHA-256 of its absolute path."""
+    if dataset in data.DATASETS:
+        return dataset
+    return f"{Path(dataset).stem}-{hashlib.sha256(data.recorded_name(dataset).encode()).hexdigest()[:8]}"
+
+
+def data_identity(name: str) -> str:
+    """What ties an evaluation's finished batches to the data they were made on: a catalogue dataset's name (its
+    files are checked against their checksums), or a user's file's absolute path and the SHA-256 of its bytes."""
+    sha256 = data.user_file_sha256(name)
+    return data.recorded_name(name) + (f" sha256 {sha256}" if sha256 else "")
 
 
 def load_examples(
@@ -174,9 +188,9 @@ def evaluate_run(
                                             examples=examples, device=device, seed=seed, loaded=loaded)
     out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, len(x)), seed=seed)
     compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
-    pieces = _pieces(run_dir, out, {"method": "is", "k": k, "split": split, "data": loaded.name, "examples": len(x),
-                                    "seed": seed, "chunk_size": chunk_size, "batch_size": batch_size,
-                                    "compile": compile}, save_every_s, matmul)
+    pieces = _pieces(run_dir, out, {"method": "is", "k": k, "split": split, "data": data_identity(loaded.name),
+                                    "examples": len(x), "seed": seed, "chunk_size": chunk_size,
+                                    "batch_size": batch_size, "compile": compile}, save_every_s, matmul)
     _prepare_passes(model, x, k, chunk_size, batch_size, pieces.chosen, threads)
     with seeded(seed, x.device):
         stats = _statistics_of_all_ranks(model, x, k, chunk_size=chunk_size, batch_size=batch_size, seed=seed,
