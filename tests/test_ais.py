@@ -170,6 +170,8 @@ class CoinPrior(nn.Module):
         ({"start": "posterior"}, "start must be one of prior, encoder"),
         ({"batch_size": 0}, "batch_size must be a positive integer; got 0"),
         ({"batch_size": -1}, "batch_size must be a positive integer; got -1"),
+        ({"seed": -1}, r"seed must be an integer from 0 to 2\*\*63 - 1; got -1"),
+        ({"seed": 2**63}, r"seed must be an integer from 0 to 2\*\*63 - 1"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(settings: dict, message: str) -> None:
@@ -177,6 +179,15 @@ def test_bad_settings_are_refused_in_one_line(settings: dict, message: str) -> N
     with pytest.raises(ValueError, match=message) as error:
         ais_log_likelihood(model, x, **{"steps": 2, "chains": 2, "leapfrog": 2, **settings})
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, "a"])
+def test_a_seed_out_of_range_is_refused_by_every_estimator(seed: object) -> None:
+    model, x, _ = model_and_data(2)
+    for estimate in (lambda: log_likelihood(model, x, k=4, seed=seed),  # type: ignore[arg-type]
+                     lambda: bdmc(model, 2, steps=2, chains=2, leapfrog=2, seed=seed)):  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="seed must be an integer from 0"):
+            estimate()
 
 
 def test_no_examples_and_a_fractional_number_to_simulate_are_refused_in_one_line() -> None:

@@ -303,6 +303,21 @@ def test_a_checkpoint_with_a_flipped_bit_is_refused(command: list[str], finished
                     "start a new run with a new --out")
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '"x"', '{"k": 5}'])
+@pytest.mark.parametrize("command", [["train", "--resume"], ["evaluate"], ["sample"]])
+def test_a_configuration_that_is_json_but_not_a_runs_settings_is_named(text: str, command: list[str],
+                                                                       finished_run: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / rundir.CONFIG).write_text(text)
+    assert main([*command, str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err  # a resume first says the checkpoint's run finished
+    assert messages(err)[-1] == (f"iwae: error: {run / rundir.CONFIG} is not a run's settings (a JSON object with "
+                                 "its epochs and the rest); restore it or re-create it")
+
+
 @pytest.mark.parametrize("command", [["evaluate"], ["sample"], ["diagnose", "snr"], ["train", "--init-from"]])
 def test_a_stacked_run_points_to_its_seeds(command: list[str], tiny_dataset: str, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
@@ -137,6 +138,21 @@ def test_no_examples_are_refused_in_one_line() -> None:
     for call in (lambda: loss(model, torch.ones(0, 4), "iwae", k=3), lambda: active_units(model, torch.ones(0, 4))):
         with pytest.raises(ValueError, match=r"^x holds no examples; give at least one$"):
             call()
+
+
+def test_data_that_is_not_a_tensor_or_is_on_another_device_is_refused_in_one_line() -> None:
+    model = burda(1, x_dim=4)
+    calls = [lambda x: loss(model, x, "iwae", k=3), lambda x: model.log_weights(x, 3),
+             lambda x: log_likelihood(model, x, k=3), lambda x: active_units(model, x),
+             lambda x: ais_log_likelihood(model, x, steps=2, chains=2, leapfrog=1)]
+    for call in calls:
+        with pytest.raises(ValueError) as error:
+            call(np.ones((2, 4), dtype=np.float32))
+        assert str(error.value) == ("x is a numpy.ndarray, not a torch.Tensor; give torch.as_tensor(x, "
+                                    "dtype=torch.float32)")
+        with pytest.raises(ValueError) as error:
+            call(torch.ones(2, 4, device="meta"))
+        assert str(error.value) == "x is on meta, the model's parameters on cpu; give x.to('cpu')"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])

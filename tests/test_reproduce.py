@@ -186,6 +186,18 @@ def test_a_run_directory_is_refused_as_the_grids_out(finished: tuple[Path, list[
         assert not (out / "mnist-l1-vae-k1").exists()
 
 
+@pytest.mark.parametrize(("name", "text"), [("report.md", "my notes\n"), ("notes.txt", "mine\n"),
+                                            ("report.md", f"# {reproduce.TITLES['dreg']}\n")])
+def test_an_out_with_files_the_grid_does_not_write_is_refused(name: str, text: str, tiny_dataset: str,
+                                                               tmp_path: Path) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"holds files that are not {TABLE}'s grid or report ({name}); "
+                                                   "give the grid an --out of its own")):
+        reproduce.run_table(TABLE, tmp_path, OPTIONS, cells=tiny_grid(tiny_dataset), progress=False,
+                            log=lambda line: None)
+    assert [path.name for path in tmp_path.iterdir()] == [name] and (tmp_path / name).read_text() == text
+
+
 @pytest.mark.slow
 def test_another_tables_grid_is_refused_as_the_out(finished: tuple[Path, list[str]], tiny_dataset: str,
                                                    tmp_path: Path) -> None:

@@ -109,6 +109,9 @@ def test_stack_of_different_settings_is_refused(tiny_dataset: str, tmp_path: Pat
     with pytest.raises(ValueError, match="share every setting but the seed"):
         stacked_run.train_stacked([config(tiny_dataset, 0), config(tiny_dataset, 1, k=2)], tmp_path / "s")
     assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match=re.escape("the seeds of a stack must differ; got seeds [0, 1, 0]")):
+        stacked_run.train_stacked([config(tiny_dataset, seed) for seed in (0, 1, 0)], tmp_path / "s")
+    assert not (tmp_path / "s").exists()
 
 
 def test_bad_seeds_is_one_line(tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -212,6 +212,16 @@ def test_use_threads_refuses_a_count_that_is_not_positive(count: object) -> None
         threads.use_threads(count)  # type: ignore[arg-type]
 
 
+def test_a_count_far_beyond_the_machines_cpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    for use in (threads.use_threads, lambda count: threads.use_run_threads(count, "the run's own count")):
+        with pytest.raises(SettingError, match="threads 100000 is more than 8 per CPU of this machine's 2; give at "
+                                               "most 16"):
+            use(100_000)
+    assert torch.get_num_threads() == before
+
+
 def test_threads_set_after_torch_starts_take_effect() -> None:
     """torch.set_num_threads after torch has run parallel regions changes the OpenMP team that later ones use."""
     code = ("import torch\nx = torch.rand(2000, 2000)\nx @ x\ntorch.set_num_threads(1)\n"

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from iwae.models import DeepLatentModel
 from iwae.platform import duration
 from iwae.platform.device import batch_seed, seeded
-from iwae.settings import SettingError, check_examples
+from iwae.settings import SettingError, check_examples, check_seed
 
 Start = Literal["prior", "encoder"]
 STARTS = ("prior", "encoder")
@@ -291,8 +291,11 @@ def anneal(
     return log_w, acceptance, trace
 
 
-def check_settings(steps: int, chains: int, leapfrog: int, start: str, *, batch_size: int) -> None:
-    """Raise SettingError naming the first setting that AIS cannot run with."""
+def check_settings(steps: int, chains: int, leapfrog: int, start: str, *, batch_size: int,
+                   seed: int | None = None) -> None:
+    """Raise SettingError naming the first setting that AIS cannot run with (``seed``, if given, among them)."""
+    if seed is not None:
+        check_seed(seed)
     for name, value in (("steps", steps), ("chains", chains), ("leapfrog", leapfrog), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingError("{0} must be a positive integer; got {value}", (name,), value=value)
@@ -375,7 +378,7 @@ def ais_log_likelihood(
     ``batch_size``), whatever ``steps`` and ``leapfrog``. With ``seed``, the draws come from generators seeded
     with it and each batch's index, and torch's global generator is left as it was.
     """
-    check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
+    check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
     x = model.as_input(x)
     check_examples(x)
     with ais_bar(steps, chains, len(x.split(batch_size)), progress) as bar:
@@ -411,7 +414,7 @@ def ais_batches(model: DeepLatentModel, x: Tensor, *, steps: int, chains: int, l
     """``ais_log_likelihood``'s AIS runs of one batch of ``x`` after another (``combine`` joins them): with
     ``seed``, batch j (counted from ``first_batch``) draws from the generator seeded with ``batch_seed(seed,
     j)``, so that a batch's run depends on the seed, its index and its examples alone."""
-    check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
+    check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
     betas = sigmoid_schedule(steps)
     batches = x.split(batch_size)
     for batch, _ in zip(batches, _seeded_batches(seed, x.device, first_batch, len(batches)), strict=True):
@@ -441,7 +444,7 @@ def bdmc(
     of z given x, as the backward run's unbiasedness requires. Arguments as for ``ais_log_likelihood``; the
     batches are those of ``bdmc_batches``.
     """
-    check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
+    check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
     check_simulated(n)
     with ais_bar(steps, chains, math.ceil(n / batch_size), progress, directions=2) as bar:
         return combine_bdmc(list(bdmc_batches(model, n, steps=steps, chains=chains, leapfrog=leapfrog, start=start,
@@ -454,7 +457,7 @@ def bdmc_batches(model: DeepLatentModel, n: int, *, steps: int, chains: int, lea
                  bar: tqdm | None = None) -> Iterator[tuple[Tensor, Run, Run]]:
     """``bdmc``'s batches of at most ``batch_size`` of the ``n`` simulated examples, one after another: each its
     simulated examples and its forward and backward runs, seeded as ``ais_batches``' are."""
-    check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
+    check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
     betas = sigmoid_schedule(steps)
     sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
     device = next(model.parameters()).device

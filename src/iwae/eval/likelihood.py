@@ -31,7 +31,7 @@ from iwae.models import DeepLatentModel
 from iwae.platform import gemm
 from iwae.platform.compiled import Compiled
 from iwae.platform.device import batch_seed, seeded
-from iwae.settings import check_examples, check_integer
+from iwae.settings import check_examples, check_integer, check_seed
 
 GROUP_SIZES = (1, 5, 50)
 # Evaluation passes cover at most about this many (sample, example) rows (16 examples x 500 samples), so that a
@@ -210,6 +210,8 @@ def log_likelihood(
     ``batch_size`` examples at a time, so that peak memory does not grow with k. With ``seed``, the
     samples come from a generator seeded with it and torch's global generator is left as it was.
     """
+    if seed is not None:
+        check_seed(seed)
     with seeded(seed, x.device) if seed is not None else nullcontext():
         return importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size).log_likelihood
 

@@ -67,8 +67,15 @@ class DeepLatentModel(nn.Module):
         float64).
 
         Raises:
-            ValueError: naming the shape, x_dim or dtype and the fix, rather than a failure deep inside torch.
+            ValueError: naming the type, shape, x_dim, dtype or device and the fix, rather than a failure deep
+              inside torch.
         """
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x is a {type(x).__module__}.{type(x).__qualname__}, not a torch.Tensor; give "
+                             "torch.as_tensor(x, dtype=torch.float32)")
+        device = next((p.device for p in self.parameters()), x.device)
+        if x.device != device:
+            raise ValueError(f"x is on {x.device}, the model's parameters on {device}; give x.to({str(device)!r})")
         if x.dim() < 2:
             raise ValueError(f"x has shape {tuple(x.shape)}; give a batch of examples of shape (B, D): x[None] for "
                              "a single example")

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from iwae.settings import check_integer
+from iwae.settings import SettingError, check_integer
 
 # OpenMP's wait at a barrier, set on import unless the user set the policy or one of these: libgomp's threads
 # (the OpenMP of torch's Linux wheels) spin 300 times, then sleep; those of LLVM's and Intel's OpenMP sleep at
@@ -174,6 +174,21 @@ _used: list[ThreadChoice] = []  # the choice in force in this process
 _chosen: list[ThreadChoice] = []  # the process's own choice (use_threads'), which ``fastest`` may lower for a run
 
 
+# A thread count above this many per CPU of the machine is refused: it only slows torch down, and one in the
+# hundreds of thousands makes its thread pool fail.
+MAX_THREADS_PER_CPU = 8
+
+
+def check_count(count: int) -> None:
+    """Raise SettingError unless ``count`` is a positive integer of at most ``MAX_THREADS_PER_CPU`` per CPU."""
+    check_integer(count, "threads", 1)
+    cpus = os.cpu_count() or 1
+    if count > MAX_THREADS_PER_CPU * cpus:
+        raise SettingError("{0} {value} is more than {per} per CPU of this machine's {cpus}; give at most {limit}, "
+                           "or leave {0} out for one per free CPU", ("threads",), value=count,
+                           per=MAX_THREADS_PER_CPU, cpus=cpus, limit=MAX_THREADS_PER_CPU * cpus)
+
+
 def use_threads(requested: int | None = None, reason: str = "set by --threads",
                 say: Callable[[str], None] | None = None) -> int:
     """Run torch on ``requested`` threads (``reason`` says why), or, for None, on the count this process chose
@@ -182,10 +197,10 @@ def use_threads(requested: int | None = None, reason: str = "set by --threads",
     the count in force changes.
 
     Raises:
-      SettingError: for a count that is not a positive integer.
+      SettingError: for a count that is not a positive integer, or far more than the machine's CPUs.
     """
     if requested is not None:
-        check_integer(requested, "threads", 1)
+        check_count(requested)
         choice = ThreadChoice(requested, _beyond_usable(requested, reason))
     elif _chosen:
         choice = _chosen[-1]
@@ -202,9 +217,9 @@ def use_run_threads(count: int, reason: str, say: Callable[[str], None] | None =
     ``use_threads()`` (the next cell of a grid) returns to it. Returns the count.
 
     Raises:
-      SettingError: for a count that is not a positive integer.
+      SettingError: for a count that is not a positive integer, or far more than the machine's CPUs.
     """
-    check_integer(count, "threads", 1)
+    check_count(count)
     _put_in_force(ThreadChoice(count, _beyond_usable(count, reason)), say)
     return count
 

@@ -32,7 +32,7 @@ from iwae.models import DeepLatentModel
 from iwae.platform import duration, memory
 from iwae.platform.device import resolve_device, seeded
 from iwae.runs import checkpoint, evaluation, resumable, rundir
-from iwae.settings import check_integer, check_seed
+from iwae.settings import check_integer
 
 AIS_FILE = "eval_ais.json"
 BDMC_FILE = "eval_bdmc.json"
@@ -322,9 +322,8 @@ def evaluate_bdmc(
       forward and backward chains' diagnostics, the k-sample IS estimate on the same simulated examples
       (``is_nll``, ``is_nll_se``), and ``time_s``, ``time_per_example_s``.
     """
-    ais.check_settings(steps, chains, leapfrog, start, batch_size=batch_size)
+    ais.check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
     check_integer(k, "k", 1)
-    check_seed(seed)
     examples = DEFAULT_EXAMPLES if examples is None else examples
     ais.check_simulated(examples, "examples")
     rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)

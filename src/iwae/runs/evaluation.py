@@ -44,7 +44,7 @@ AUTO_COMPILE_SAMPLES = 5_000_000
 def own_k(run_dir: Path) -> int:
     """The k of a run's own evaluation: that of the final evaluation of its training (``eval_k``), or
     ``DEFAULT_K`` if the training skipped it."""
-    return rundir.read_json(run_dir / rundir.CONFIG).get("eval_k") or DEFAULT_K
+    return rundir.read_config(run_dir).get("eval_k") or DEFAULT_K
 
 
 # what the readers of an evaluation's file take from it (format_evaluation, the figures, a finished run's resume)

@@ -287,6 +287,25 @@ def check_same_table(table: str, out: Path) -> None:
                          f"grid, whose report this one would replace; give {table} an --out of its own")
 
 
+REPORT_FILES = ("report.md", "report.csv", "curves.png")
+
+
+def check_no_other_files(table: str, out: Path) -> None:
+    """Raise ValueError if ``out`` holds files that the grid would not write (a user's), or a report.md that is
+    not a report of ``table``: the report is written over its own files only."""
+    if not out.is_dir():
+        return
+    others = sorted(path.name for path in out.iterdir() if path.is_file() and not path.name.startswith(".")
+                    and path.name not in REPORT_FILES)
+    report = out / REPORT_FILES[0]
+    if report.is_file() and not report.read_text(errors="replace").startswith(f"# {TITLES[table]}"):
+        others.insert(0, report.name)
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(f"{shown(out)} holds files that are not {table}'s grid or report ({listed}); give the grid "
+                         "an --out of its own")
+
+
 def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out: Path, device: str) -> None:
     """Raise ValueError if a run already in ``out`` was started with settings other than these (another
     --budget, --eval-k or --device): continuing it, or reporting it, under this command's would mislabel it; or if a
@@ -303,7 +322,7 @@ def check_existing(cells: list[Cell], configs: dict[str, list[TrainConfig]], out
             _check_continuable(path)
             if not (path / rundir.CONFIG).is_file():
                 continue
-            saved, wanted = rundir.read_json(path / rundir.CONFIG), asdict(config)
+            saved, wanted = rundir.read_config(path), asdict(config)
             # a run continues on the device it started on, unless this command names another
             wanted["device"] = saved.get("device") if asked_device is None else asked_device
             differing = [key for key, value in wanted.items()
@@ -357,6 +376,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
     check(table, options)
     rundir.check_writable(out)
     check_same_table(table, out)
+    check_no_other_files(table, out)
     # this process's thread count (under torchrun, its rank's share of the machine's CPUs). A new cell trains on
     # it, or, where the count came from the free CPUs, on one thread if its own step runs faster on one (as
     # ``iwae train`` does); a resumed cell on the count it recorded (so that it resumes bit for bit), unless
@@ -437,7 +457,7 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
         result.nll.append(None if evaluation is None else evaluation["nll"])
         result.active_units.append(None if evaluation is None else "+".join(map(str, evaluation["active_units"])))
         if (path / rundir.CONFIG).is_file():
-            config = rundir.read_json(path / rundir.CONFIG)
+            config = rundir.read_config(path)
             result.epochs = config["epochs"]
             devices.append(config["device"])
             batch = config["batch_size"]
@@ -528,7 +548,7 @@ def write_report(table: str, out: Path, cells: list[Cell], options: Options, mis
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(table_rows)
-    paths = {"csv": out / "report.csv", "md": out / "report.md", "png": out / "curves.png"}
+    paths = dict(zip(("md", "csv", "png"), (out / name for name in REPORT_FILES), strict=True))
     text = buffer.getvalue()
     rundir.write_atomic(paths["csv"], lambda file: file.write(text.encode()))
     markdown = render_markdown(table, out, options, table_rows, missing)

@@ -137,12 +137,24 @@ def read_json(path: Path) -> Any:
         raise RunDirError(f"{path} is not readable JSON ({error}); restore it or re-create it") from error
 
 
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's settings in RUN/config.json; a missing or unreadable file, or one that is not a run's settings
+    (a JSON object with its epochs), raises RunDirError naming it."""
+    path = run_dir / CONFIG
+    config = read_json(path)
+    if not isinstance(config, dict) or isinstance(config.get("epochs"), bool) or not isinstance(
+            config.get("epochs"), int):
+        raise RunDirError(f"{path} is not a run's settings (a JSON object with its epochs and the rest); restore it "
+                          "or re-create it")
+    return config
+
+
 def is_finished(run_dir: Path) -> bool:
     """Whether the run in ``run_dir`` trained all its epochs and holds its final evaluation, whether or not its
     checkpoint is kept (results are kept without theirs)."""
     if not (run_dir / CONFIG).is_file():
         return False
-    epochs = read_json(run_dir / CONFIG)["epochs"]
+    epochs = read_config(run_dir)["epochs"]
     metrics = read_metrics(run_dir)
     return bool(metrics) and metrics[-1]["epoch"] == epochs and has_final_evaluation(run_dir, epochs)
 

@@ -41,8 +41,11 @@ def check_configs(configs: list[TrainConfig]) -> None:
     if not configs:
         raise ValueError("a stack needs at least one seed; give --seeds S with S >= 1")
     common = [{k: v for k, v in asdict(c).items() if k not in PER_SEED} for c in configs]
-    if any(c != common[0] for c in common) or len({c.seed for c in configs}) != len(configs):
+    if any(c != common[0] for c in common):
         raise ValueError("the seeds of a stack must share every setting but the seed and --init-from")
+    seeds = [c.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the seeds of a stack must differ; got seeds {seeds}")
     if configs[0].model != "burda":  # a stack draws its seeds' Gaussian noise itself (``stacked.SeedNoise``)
         raise ValueError(f"stacked seeds need the burda model's Gaussian latents, and {configs[0].model} has "
                          "discrete ones; train each seed alone (iwae train --seed S), or use --model burda")
