@@ -538,6 +538,19 @@ def test_a_checkpoint_damaged_inside_is_named_as_such(damage: str, command: list
     assert line.endswith("restore it from a copy, or start a new run with a new --out")
 
 
+def test_a_checkpoint_of_settings_this_version_does_not_know_is_named(finished_run: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    state = torch.load(run / rundir.CHECKPOINT, weights_only=True)
+    state["config"]["warmup_epochs"] = 3  # as a later version might write
+    torch.save(state, run / rundir.CHECKPOINT)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert messages(capsys.readouterr().err)[-1] == (
+        f"iwae: error: the checkpoint in {run} holds settings this version of iwae does not know (warmup_epochs): it "
+        "was written by another version; continue it with that version")
+
+
 def test_a_resumed_run_writes_its_config_again_before_training(tiny_dataset: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["train", "--dataset", tiny_dataset, *TINY[2:], "--epochs", "3", "--eval-k", "0", "--threads", "1",

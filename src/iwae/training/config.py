@@ -9,7 +9,7 @@ epochs), or a constant rate for a given number of epochs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,4 +195,8 @@ def resumed_config(saved: dict[str, Any], changes: dict[str, Any] | None, run_di
         listed = ", ".join(f"{key} (run: {saved.get(key)!r}, given: {changes[key]!r})" for key in differing)
         raise ValueError(f"cannot resume {run_dir} with a different configuration: {listed}; drop those options "
                          "to continue the run as it was, or start a new run with a new --out")
+    unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"the checkpoint in {run_dir} holds settings this version of iwae does not know "
+                         f"({', '.join(unknown)}): it was written by another version; continue it with that version")
     return TrainConfig(**{**saved, **{key: value for key, value in changes.items() if key in RUNTIME_KEYS}})
