@@ -14,6 +14,7 @@ import torch
 from iwae.core.objectives import loss
 from iwae.models import burda
 from iwae.platform import gemm
+from iwae.settings import SettingError
 from iwae.training import config as train_config
 from iwae.training import preflight
 
@@ -158,3 +159,15 @@ def test_a_named_path_is_used_and_an_unknown_one_refused(monkeypatch: pytest.Mon
             gemm.fastest_fp32_matmul("cpu", "mkl")
     finally:
         torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def test_onednn_asked_for_a_gpu_is_refused_rather_than_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingError, match=re.escape("matmul onednn applies to a CPU's float32 products, not to "
+                                                     "cuda's; drop matmul")):
+        gemm.check_path("onednn", torch.device("cuda"))
+    gemm.check_path("default", torch.device("cuda"))  # a GPU's own path
+    gemm.check_path("onednn", torch.device("cpu"))
+    monkeypatch.setattr(train_config, "resolve_device", lambda name: torch.device("cuda"))  # a machine with a GPU
+    for device in ("cuda", "auto"):
+        with pytest.raises(SettingError, match="matmul onednn applies to a CPU's"):
+            train_config.TrainConfig(epochs=1, matmul="onednn", device=device)

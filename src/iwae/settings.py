@@ -33,19 +33,19 @@ class SettingError(ValueError):
 def check_seed(seed: object, name: str = "seed") -> None:
     """Raise SettingError unless ``seed`` is an integer in [0, 2**63)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise SettingError("{0} must be an integer from 0 to 2**63 - 1; got {value}", (name,), value=seed)
+        raise SettingError("{0} must be an integer from 0 to 2**63 - 1; got {value!r}", (name,), value=seed)
 
 
 def check_integer(value: object, name: str, low: int) -> None:
     """Raise SettingError unless ``value`` is an integer >= ``low``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SettingError("{0} must be an integer >= {low}; got {value}", (name,), low=low, value=value)
+        raise SettingError("{0} must be an integer >= {low}; got {value!r}", (name,), low=low, value=value)
 
 
 def check_positive(value: float, name: str) -> None:
     """Raise SettingError unless ``value`` is a finite number > 0."""
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise SettingError("{0} must be a finite number > 0; got {value}", (name,), value=value)
+        raise SettingError("{0} must be a finite number > 0; got {value!r}", (name,), value=value)
 
 
 def check_examples(x: Sized, name: str = "x") -> None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from iwae.platform import timing
+from iwae.settings import SettingError
 
 DEFAULT, ONEDNN = "default", "onednn"
 PATHS = (DEFAULT, ONEDNN)
@@ -35,6 +36,14 @@ def _set_path(path: str) -> None:
 
 def _current_path() -> str:
     return ONEDNN if torch.backends.mkldnn.matmul.fp32_precision == "bf16" else DEFAULT
+
+
+def check_path(path: str | None, device: torch.device) -> None:
+    """Raise SettingError for a ``path`` given for products on ``device`` that are not a CPU's (a GPU multiplies
+    on its own path), rather than ignore it."""
+    if path == ONEDNN and device.type != "cpu":
+        raise SettingError("{0} {value} applies to a CPU's float32 products, not to {device}'s; drop {0}",
+                           ("matmul",), value=path, device=device.type)
 
 
 def has_choice(device: torch.device | str) -> bool:

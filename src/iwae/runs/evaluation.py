@@ -183,6 +183,7 @@ def evaluate_run(
       (``matmul``, and the pass sizes, which decide which of the seed's draws each example and layer gets).
     """
     run_dir = _checked(Path(run_dir), k=k, chunk_size=chunk_size, batch_size=batch_size)
+    gemm.check_path(matmul, resolve_device(device))
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)

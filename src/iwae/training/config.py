@@ -94,7 +94,7 @@ class TrainConfig:
             raise SettingError("{0} applies to the paper's architecture ({1} burda); the layers of {value} are the "
                                "widths in its name", ("layers", "model"), value=self.model)
         if self.layers not in (1, 2):
-            raise SettingError("{0} must be 1 or 2 (the paper's architectures); got {value}", ("layers",),
+            raise SettingError("{0} must be 1 or 2 (the paper's architectures); got {value!r}", ("layers",),
                                value=self.layers)
         if self.schedule not in SCHEDULES:
             raise SettingError("unknown {0} {value!r}; choose one of {known}", ("schedule",), value=self.schedule,
@@ -123,9 +123,9 @@ class TrainConfig:
         check_positive(self.adam_eps, "adam_eps")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise SettingError("{0} must lie in [0, 1); got {value}", (name,), value=getattr(self, name))
+                raise SettingError("{0} must lie in [0, 1); got {value!r}", (name,), value=getattr(self, name))
         if not self.checkpoint_every_s >= 0:
-            raise SettingError("{0} must be >= 0 seconds; got {value}", ("checkpoint_every_s",),
+            raise SettingError("{0} must be >= 0 seconds; got {value!r}", ("checkpoint_every_s",),
                                value=self.checkpoint_every_s)
         if self.data_split not in ("paper", "code"):
             raise SettingError("unknown {0} {value!r}; choose paper or code", ("data_split",), value=self.data_split)
@@ -134,6 +134,8 @@ class TrainConfig:
         if self.matmul not in (None, *gemm.PATHS):
             raise SettingError("unknown {0} {value!r}; choose {known}", ("matmul",), value=self.matmul,
                                known=" or ".join(gemm.PATHS))
+        if self.matmul is not None and self.device != "cpu":
+            gemm.check_path(self.matmul, resolve_device(self.device))
 
     def steps(self, train_examples: int) -> int:
         """The number of training steps of the whole run on ``train_examples`` examples."""
