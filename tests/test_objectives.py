@@ -342,6 +342,9 @@ def test_settings_an_objective_does_not_read_are_refused() -> None:
     cases = [
         (lambda: loss(model, x, "iwae", 4, m=2), "m applies only to objective miwae or piwae, not iwae"),
         (lambda: loss(model, x, "vr", 4, beta=0.2), "beta applies only to objective ciwae, not vr"),
+        (lambda: loss(model, x, "iwae", 4, alpha=0.5), "alpha applies only to objective vr, not iwae"),
+        (lambda: loss(model, x, "iwae", 4, m=1), "m applies only to objective miwae or piwae, not iwae"),
+        (lambda: loss(model, x, "elbo", 4, beta=0.5), "beta applies only to objective ciwae, not elbo"),
         (lambda: Objective("ciwae", 4, alpha=2.0), "alpha applies only to objective vr, not ciwae"),
         (lambda: loss(model, x, Objective("iwae", 3), k=7), "k given with an Objective, which carries its own"),
         (lambda: loss(model, x, Objective("vr", 3), k=7, alpha=2), "k and alpha given with an Objective"),

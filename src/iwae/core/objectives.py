@@ -82,11 +82,7 @@ class Objective:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise SettingError("{0} must be a real number; got {0}={value!r}", (name,), value=value)
-        for name, readers in SETTING_READERS.items():
-            if self.name not in readers and getattr(self, name) != _DEFAULTS[name]:
-                raise SettingError("{0} applies only to objective {readers}, not {objective}; leave {0} out, or "
-                                   "choose the objective that reads it", (name,), readers=" or ".join(readers),
-                                   objective=self.name)
+        _refuse_unread(self.name, [name for name in SETTING_READERS if getattr(self, name) != _DEFAULTS[name]])
         if self.name in SETTING_READERS["m"] and (isinstance(self.m, bool) or not isinstance(self.m, int)
                                                   or self.m < 1 or self.k % self.m):
             raise SettingError("{0} must be a positive integer dividing {1} for {name}; got {0}={m}, {1}={k}",
@@ -238,11 +234,23 @@ def loss(
     return _loss(surrogate, obj.bound(log_w), log_w, reduction)
 
 
+def _refuse_unread(objective: str, names: list[str]) -> None:
+    """Raise SettingError for the first of the settings ``names`` that ``objective`` does not read."""
+    for name in names:
+        readers = SETTING_READERS.get(name, (objective,))
+        if objective not in readers:
+            raise SettingError("{0} applies only to objective {readers}, not {objective}; leave {0} out, or choose "
+                               "the objective that reads it", (name,), readers=" or ".join(readers),
+                               objective=objective)
+
+
 def _objective(objective: str | Objective, **given: float | None) -> Objective:
     """``objective``, or the objective of that name with the settings ``given`` (those not None; k 50 unless given);
     refused (SettingError) with settings beside an ``Objective``, which carries its own."""
     settings = {name: value for name, value in given.items() if value is not None}
     if not isinstance(objective, Objective):
+        if objective in OBJECTIVES:  # a setting given at its default value too
+            _refuse_unread(objective, list(settings))
         return Objective(objective, **{"k": 50, **settings})
     if settings:
         named = " and ".join(f"{{{i}}}" for i in range(len(settings)))
