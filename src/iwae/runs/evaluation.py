@@ -182,8 +182,7 @@ def evaluate_run(
       g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used
       (``matmul``, and the pass sizes, which decide which of the seed's draws each example and layer gets).
     """
-    run_dir = _checked(Path(run_dir), k=k, chunk_size=chunk_size, batch_size=batch_size)
-    gemm.check_path(matmul, resolve_device(device))
+    run_dir = _checked(Path(run_dir), device, matmul, k=k, chunk_size=chunk_size, batch_size=batch_size)
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
@@ -301,10 +300,12 @@ def _check_time(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batc
                             "time_limit_s", examples=len(x), k=k)
 
 
-def _checked(run_dir: Path, **sizes: int) -> Path:
-    """``run_dir``, after refusing a size of the evaluation below 1 and a run directory it cannot write in."""
+def _checked(run_dir: Path, device: str, matmul: str | None, **sizes: int) -> Path:
+    """``run_dir``, after refusing a size of the evaluation below 1, a ``matmul`` path that ``device`` does not
+    take, and a run directory it cannot write in."""
     for name, value in sizes.items():
         check_integer(value, name, 1)
+    gemm.check_path(matmul, resolve_device(device))
     rundir.check_writable(run_dir, EVALUATE_FIX)
     return run_dir
 

@@ -376,7 +376,6 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
     check(table, options)
     rundir.check_writable(out)
     check_same_table(table, out)
-    check_no_other_files(table, out)
     # this process's thread count (under torchrun, its rank's share of the machine's CPUs). A new cell trains on
     # it, or, where the count came from the free CPUs, on one thread if its own step runs faster on one (as
     # ``iwae train`` does); a resumed cell on the count it recorded (so that it resumes bit for bit), unless
@@ -392,6 +391,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
             missing[dataset] = reason
     configs = {cell.name: [cell_config(cell, s, options, out) for s in range(options.seeds)] for cell in cells}
     check_existing(cells, configs, out, options.device)
+    check_no_other_files(table, out)
     changes: dict[str, Any] = {"threads": count} if options.threads is not None or distributed.launched() else {}
     if options.data_dir is not None:
         changes["data_dir"] = options.data_dir  # where the data is now
