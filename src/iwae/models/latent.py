@@ -67,8 +67,8 @@ class DeepLatentModel(nn.Module):
         float64).
 
         Raises:
-            ValueError: naming the type, shape, x_dim, dtype or device and the fix, rather than a failure deep
-              inside torch.
+            ValueError: naming the type, shape, x_dim, dtype or device and the fix, rather than a failure
+                deep inside torch.
         """
         if not isinstance(x, Tensor):
             raise ValueError(f"x is a {type(x).__module__}.{type(x).__qualname__}, not a torch.Tensor; give "
