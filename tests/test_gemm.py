@@ -162,12 +162,14 @@ def test_a_named_path_is_used_and_an_unknown_one_refused(monkeypatch: pytest.Mon
 
 
 def test_onednn_asked_for_a_gpu_is_refused_rather_than_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available():  # a recorded GPU run's settings are read on a machine without one
+        train_config.TrainConfig(epochs=1, matmul="default", device="cuda")
+    monkeypatch.setattr(gemm, "resolve_device", lambda name: torch.device("cpu" if name == "cpu" else "cuda"))
     with pytest.raises(SettingError, match=re.escape("matmul onednn applies to a CPU's float32 products, not to "
                                                      "cuda's; drop matmul")):
-        gemm.check_path("onednn", torch.device("cuda"))
-    gemm.check_path("default", torch.device("cuda"))  # a GPU's own path
-    gemm.check_path("onednn", torch.device("cpu"))
-    monkeypatch.setattr(train_config, "resolve_device", lambda name: torch.device("cuda"))  # a machine with a GPU
-    for device in ("cuda", "auto"):
+        gemm.check_path("onednn", "cuda")
+    gemm.check_path("default", "cuda")  # a GPU's own path
+    gemm.check_path("onednn", "cpu")
+    for device in ("cuda", "auto"):  # on a machine with a GPU
         with pytest.raises(SettingError, match="matmul onednn applies to a CPU's"):
             train_config.TrainConfig(epochs=1, matmul="onednn", device=device)

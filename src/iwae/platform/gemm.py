@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from iwae.platform import timing
+from iwae.platform.device import resolve_device
 from iwae.settings import SettingError
 
 DEFAULT, ONEDNN = "default", "onednn"
@@ -38,12 +39,13 @@ def _current_path() -> str:
     return ONEDNN if torch.backends.mkldnn.matmul.fp32_precision == "bf16" else DEFAULT
 
 
-def check_path(path: str | None, device: torch.device) -> None:
-    """Raise SettingError for a ``path`` given for products on ``device`` that are not a CPU's (a GPU multiplies
-    on its own path), rather than ignore it."""
-    if path == ONEDNN and device.type != "cpu":
+def check_path(path: str | None, device: str) -> None:
+    """Raise SettingError for a ``path`` given for products on ``device`` (a name, as ``resolve_device`` takes;
+    resolved only for oneDNN's path) that are not a CPU's (a GPU multiplies on its own path), rather than ignore
+    it."""
+    if path == ONEDNN and (kind := resolve_device(device).type) != "cpu":
         raise SettingError("{0} {value} applies to a CPU's float32 products, not to {device}'s; drop {0}",
-                           ("matmul",), value=path, device=device.type)
+                           ("matmul",), value=path, device=kind)
 
 
 def has_choice(device: torch.device | str) -> bool:

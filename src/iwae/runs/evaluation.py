@@ -305,7 +305,7 @@ def _checked(run_dir: Path, device: str, matmul: str | None, **sizes: int) -> Pa
     take, and a run directory it cannot write in."""
     for name, value in sizes.items():
         check_integer(value, name, 1)
-    gemm.check_path(matmul, resolve_device(device))
+    gemm.check_path(matmul, device)
     rundir.check_writable(run_dir, EVALUATE_FIX)
     return run_dir
 

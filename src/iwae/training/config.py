@@ -134,8 +134,7 @@ class TrainConfig:
         if self.matmul not in (None, *gemm.PATHS):
             raise SettingError("unknown {0} {value!r}; choose {known}", ("matmul",), value=self.matmul,
                                known=" or ".join(gemm.PATHS))
-        if self.matmul is not None and self.device != "cpu":
-            gemm.check_path(self.matmul, resolve_device(self.device))
+        gemm.check_path(self.matmul, self.device)
 
     def steps(self, train_examples: int) -> int:
         """The number of training steps of the whole run on ``train_examples`` examples."""
