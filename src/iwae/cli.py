@@ -343,10 +343,11 @@ def _check_data_dir(dataset: str | None, named: str) -> None:
 def _resumed_dataset(run: Path) -> str | None:
     """The dataset the run, or stack, in ``run`` trains on, from its config.json (a stack's: its first seed's);
     None where none can be read (the resume then says why)."""
-    config = next(run.glob(f"seed-*/{rundir.CONFIG}"), None) if stacked_run.is_stacked(run) else run / rundir.CONFIG
+    if stacked_run.is_stacked(run):
+        run = next((config.parent for config in run.glob(f"seed-*/{rundir.CONFIG}")), None)
     try:
-        return rundir.read_json(config)["dataset"] if config is not None else None
-    except (rundir.RunDirError, TypeError, KeyError):
+        return rundir.read_config(run)["dataset"] if run is not None else None
+    except (rundir.RunDirError, KeyError):
         return None
 
 

@@ -44,6 +44,11 @@ DEFAULTS = {"dataset": None, "split": "test", "steps": 1000, "chains": 16, "leap
             "k": 5000, "examples": DEFAULT_EXAMPLES, "seed": 0}
 
 
+def step_values(steps: int | Sequence[int]) -> list[int]:
+    """The distinct numbers of AIS steps in ``steps`` (one number, or a sweep's), in increasing order."""
+    return sorted({steps} if isinstance(steps, int) else set(steps))
+
+
 def result_path(run_dir: Path, method: str, *, dataset: str | None = None, split: str = "test",
                 steps: int | Sequence[int] = 1000, chains: int = 16, leapfrog: int = 10, start: str = "prior",
                 k: int = 5000, examples: int = DEFAULT_EXAMPLES, seed: int = 0) -> Path:
@@ -52,7 +57,7 @@ def result_path(run_dir: Path, method: str, *, dataset: str | None = None, split
     RUN/eval_<method>[-<data>][-<split>]-s<steps>-c<chains>-l<leapfrog>[-encoder]-k<k>-n<examples>[-seed<seed>].json,
     <steps> a sweep's numbers of steps joined by _ (s10_100_1000), <data> as ``iwae evaluate --dataset`` names it
     (``evaluation.data_label``; BDMC names no data or split: it simulates its own)."""
-    values = sorted({steps} if isinstance(steps, int) else set(steps))
+    values = step_values(steps)
     setting = {"dataset": dataset, "split": split, "steps": values, "chains": chains, "leapfrog": leapfrog,
                "start": start, "k": k, "examples": examples, "seed": seed}
     if setting == {**DEFAULTS, "steps": [DEFAULTS["steps"]]}:
@@ -232,7 +237,7 @@ def evaluate_ais(
       importance-sampled estimate, ``is_minus_ais`` (IS NLL minus AIS NLL, positive when AIS finds more mass)
       with its paired standard error; ``sweep`` (one per number of steps); ``time_s``, ``time_per_example_s``.
     """
-    steps = sorted({steps} if isinstance(steps, int) else set(steps))
+    steps = step_values(steps)
     for value in steps:
         ais.check_settings(value, chains, leapfrog, start, batch_size=batch_size)
     check_integer(k, "k", 1)
