@@ -165,6 +165,12 @@ def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pyte
         (["--schedule-scale", "0.01"], "--schedule-scale scales --schedule burda's stages only; with --schedule "
                                        "constant give the length with --epochs"),
         (["--data-dir", "/nonexistent/typo"], "--data-dir /nonexistent/typo is not a directory; give the folder"),
+        (["--objective", "elbo", "--estimator", "vimco"], "--estimator vimco is defined for --objective iwae only; "
+                                                          "give --objective iwae (got elbo)"),
+        (["--model", "sbn-4", "--estimator", "dreg"], "--estimator dreg needs a reparameterizable q (rsample), and "
+                                                      "this model's q has discrete latents; use --estimator vimco"),
+        (["--model", "sbn-4", "--estimator", "vimco", "--k", "1"], "vimco needs --k >= 2 samples for its "
+                                                                   "leave-one-out baseline; got --k=1"),
     ],
 )
 def test_bad_training_options(

@@ -172,17 +172,18 @@ def test_generative_gradient_is_the_same_for_every_estimator() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--k", "0,10"], "positive integers"),
-    (["--objectives", "miwae", "--m", "3", "--k", "3,10"], "does not divide 10"),
-    (["--draws", "1"], "draws must be"),
-    (["--estimators", "standard,reinforce"], "estimator 'reinforce' is unknown; choose from standard, stl, dreg"),
-    (["--estimators", "rws"], "estimator 'rws' is a score-function estimator, and the diagnosis measures the "
+    (["--k", "0,10"], "--k (the grid of K) must be positive integers; got [0, 10]"),
+    (["--objectives", "miwae", "--m", "3", "--k", "3,10"], "--m=3 must divide every K of --k for miwae; it does not "
+                                                           "divide 10"),
+    (["--draws", "1"], "--draws must be an integer of at least 2"),
+    (["--estimators", "standard,reinforce"], "--estimators 'reinforce' is unknown; choose from standard, stl, dreg"),
+    (["--estimators", "rws"], "--estimators 'rws' is a score-function estimator, and the diagnosis measures the "
                               "reparameterized ones; choose from standard, stl, dreg"),
     (["--k", "1,x"], "comma-separated integers"),
-    (["--objectives", "elbo"], "not diagnosed"),
-    (["--objectives", "iwae,"], "objective '' is unknown; choose one of iwae, miwae, ciwae, piwae"),
-    (["--objectives", "miwae", "--m", "0", "--k", "10,20"], "m must be a positive integer number of groups for "
-                                                            "miwae; got m=0"),
+    (["--objectives", "elbo"], "--objectives 'elbo' is not diagnosed"),
+    (["--objectives", "iwae,"], "--objectives '' is unknown; choose one of iwae, miwae, ciwae, piwae"),
+    (["--objectives", "miwae", "--m", "0", "--k", "10,20"], "--m must be a positive integer number of groups for "
+                                                            "miwae; got --m=0"),
     (["--seed", "-1"], "--seed must be an integer from 0 to 2**63 - 1; got -1"),
     (["--seed", str(2**64)], "--seed must be an integer from 0 to 2**63 - 1"),
     (["--k", f"2,{10**11}"], f"diagnosing with --k {10**11} and --examples 256 needs about"),
@@ -206,6 +207,10 @@ def test_the_library_takes_numpy_integers_and_refuses_a_bare_string() -> None:
     assert all(type(p.k) is int for p in result.points)
     with pytest.raises(ValueError, match=re.escape("estimators must be a list of names; got the string 'dreg'")):
         gradient_snr(model, x, "iwae", "dreg", [2, 4], 3)
+    with pytest.raises(ValueError, match=re.escape("ks (the grid of K) must be positive integers; got [0, 2]")):
+        gradient_snr(model, x, "iwae", ["dreg"], [0, 2], 3)
+    with pytest.raises(ValueError, match=re.escape("m=2 must divide every K of ks for miwae; it does not divide 3")):
+        gradient_snr(model, x, "miwae", ["dreg"], [2, 3], 3, m=2)
 
 
 def test_an_output_directory_that_cannot_be_written_is_refused_before_the_work(
@@ -226,7 +231,7 @@ def test_vimco_is_refused_as_not_diagnosed_whatever_the_k(tmp_path: Path) -> Non
                            "--k", "3", "--out", str(out)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2, done.stderr
-    assert messages(done.stderr) == [("iwae: error: estimator 'vimco' is a score-function estimator, and the "
+    assert messages(done.stderr) == [("iwae: error: --estimators 'vimco' is a score-function estimator, and the "
                                       "diagnosis measures the reparameterized ones; choose from standard, stl, dreg")]
     assert not out.exists()
 

@@ -10,9 +10,11 @@ it and exits with 128 + the signal's number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shlex
 import sys
+from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -375,8 +377,9 @@ def _run_train_stacked(args: argparse.Namespace, given: dict[str, Any]) -> None:
     print(f"run directories: {out}/seed-*")
 
 
-# the library's names of settings that the command line names otherwise
+# the library's names of settings that the command line names otherwise (by their names in ``args``)
 _AIS_OPTIONS = {"steps": "ais_steps", "n": "examples"}
+_SNR_OPTIONS = {"ks": "k", "objective": "objectives", "estimator": "estimators"}
 # the options of --method ais and bdmc alone (unset: the library's defaults), by their names in ``args``
 _AIS_ONLY = {"ais_steps": "steps", "chains": "chains", "leapfrog": "leapfrog", "start": "start"}
 # the options of importance sampling alone, and those of the run's data (bdmc simulates its own), unset by default
@@ -386,10 +389,18 @@ _DATA = ("split", "dataset", "data_dir")
 
 def _run_evaluate_ais(args: argparse.Namespace) -> None:
     use_threads(args.threads)
-    try:
+    with _named_as(_AIS_OPTIONS):
         _evaluate_ais(args)
-    except SettingError as error:  # name the options as typed: --ais-steps, not steps
-        raise SettingError(error.template, tuple(_AIS_OPTIONS.get(name, name) for name in error.names),
+
+
+@contextlib.contextmanager
+def _named_as(options: dict[str, str]) -> Iterator[None]:
+    """Raise a SettingError of the library's with its settings renamed by ``options`` (the library's name: the name
+    in ``args``), so that ``main`` names the options as typed (--ais-steps, not steps)."""
+    try:
+        yield
+    except SettingError as error:
+        raise SettingError(error.template, tuple(options.get(name, name) for name in error.names),
                            **error.values) from None
 
 
@@ -488,7 +499,8 @@ def _run_diagnose(args: argparse.Namespace) -> None:
     settings = [(objective, m) for objective in objectives
                 for m in (args.m if objective in SETTING_READERS["m"] else [1])]  # M groups matter to these only
     for objective, m in settings:  # every setting is checked before any work is done
-        snr_diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
+        with _named_as(_SNR_OPTIONS):
+            snr_diagnostics.check_settings(objective, estimators, args.k, args.draws, m=m, beta=args.beta)
     if args.toy:
         toy = GaussianToy()  # its dimension's parameters only, to estimate the memory before drawing the data
         snr_diagnostics.check_snr_memory(toy, toy.mu.numel(), args.examples or 256, args.k, resolve_device("cpu"))

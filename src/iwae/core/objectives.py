@@ -106,19 +106,20 @@ class Objective:
         return bounds.vr(log_w, self.alpha)
 
     def check_estimator(self, estimator: str, reparameterized: bool = True) -> None:
-        """Raise ValueError unless ``estimator`` names an estimator defined for this objective and for a q
+        """Raise SettingError unless ``estimator`` names an estimator defined for this objective and for a q
         that is (``reparameterized``) or is not (discrete latents) reparameterizable."""
         if estimator not in ESTIMATORS:
             raise SettingError("unknown {0} {name!r}; choose one of {known}", ("estimator",), name=estimator,
                                known=", ".join(ESTIMATORS))
         if estimator in score_function.ESTIMATORS:
             if self.name != "iwae":
-                raise ValueError(f"{estimator} is defined for the iwae objective only; use objective iwae")
+                raise SettingError("{0} {estimator} is defined for {1} iwae only; give {1} iwae (got {name})",
+                                   ("estimator", "objective"), estimator=estimator, name=self.name)
             if estimator == "vimco":
                 score_function.check_vimco_samples(self.k)
         elif not reparameterized:
-            raise ValueError(f"estimator {estimator} needs a reparameterizable q (rsample), and this model's q "
-                             "has discrete latents; use estimator vimco or rws")
+            raise SettingError("{0} {estimator} needs a reparameterizable q (rsample), and this model's q has "
+                               "discrete latents; use {0} vimco or rws", ("estimator",), estimator=estimator)
         if estimator == "dreg" and self.name == "vr" and self.alpha == -math.inf:
             raise SettingError("dreg has no form for the VR-max bound (vr with {1}=-inf), so it has no DReG "
                                "estimator; use {0} standard or stl", ("estimator", "alpha"))

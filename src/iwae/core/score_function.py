@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from iwae.core import bounds
+from iwae.settings import SettingError
 
 
 def weighted_sum(weights: Tensor, values: Tensor) -> Tensor:
@@ -45,9 +46,9 @@ def weighted_sum(weights: Tensor, values: Tensor) -> Tensor:
 
 
 def check_vimco_samples(k: int) -> None:
-    """Raise ValueError unless ``k`` >= 2: VIMCO's leave-one-out baseline needs another sample."""
+    """Raise SettingError unless ``k`` >= 2: VIMCO's leave-one-out baseline needs another sample."""
     if k < 2:
-        raise ValueError(f"vimco needs k >= 2 samples for its leave-one-out baseline; got k={k}")
+        raise SettingError("vimco needs {0} >= 2 samples for its leave-one-out baseline; got {0}={k}", ("k",), k=k)
 
 
 def _check_same_shape(log_p: Tensor, log_q: Tensor) -> None:

@@ -45,6 +45,7 @@ from iwae.core.objectives import (
 )
 from iwae.platform import duration, memory
 from iwae.platform.device import seeded
+from iwae.settings import SettingError
 
 NETWORKS = ("inference", "generative")
 GRADIENT_OBJECTIVES = ("iwae", "miwae", "ciwae", "piwae")
@@ -171,35 +172,42 @@ def fit_slope(ks: Sequence[float], snr: Sequence[float], se: Sequence[float]) ->
 def check_settings(objective: str | Objective, estimators: Sequence[str], ks: Sequence[int], draws: int, *,
                    m: int = 1, beta: float = 0.5) -> Objective:
     """The objective (K to be replaced by each of ``ks``), after checking every argument of ``gradient_snr``;
-    ValueError naming the first problem and its fix."""
+    SettingError naming the first problem and its fix."""
     if not ks or any(not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1 for k in ks):
-        raise ValueError(f"the K grid must be positive integers; got {list(ks)}")
+        raise SettingError("{0} (the grid of K) must be positive integers; got {value}", ("ks",), value=list(ks))
     name = objective.name if isinstance(objective, Objective) else objective
     if name not in GRADIENT_OBJECTIVES:
         what = ("is not diagnosed (its gradient is the ELBO's or has no SNR law)" if name in OBJECTIVES
                 else "is unknown")
-        raise ValueError(f"objective {name!r} {what}; choose one of {', '.join(GRADIENT_OBJECTIVES)}")
+        raise SettingError("{0} {name!r} {what}; choose one of {known}", ("objective",), name=name, what=what,
+                           known=", ".join(GRADIENT_OBJECTIVES))
     if not isinstance(objective, Objective):
         if name in SETTING_READERS["m"] and (not isinstance(m, numbers.Integral) or isinstance(m, bool) or m < 1):
-            raise ValueError(f"m must be a positive integer number of groups for {name}; got m={m}")
+            raise SettingError("{0} must be a positive integer number of groups for {name}; got {0}={m!r}", ("m",),
+                               name=name, m=m)
         objective = _objective(name, m, m, beta)
     if isinstance(estimators, str):
-        raise ValueError(f"estimators must be a list of names; got the string {estimators!r}: give [{estimators!r}]")
+        raise SettingError("{0} must be a list of names; got the string {value!r}: give [{value!r}]",
+                           ("estimators",), value=estimators)
     if not estimators:
-        raise ValueError("no estimators given; choose from " + ", ".join(REPARAMETERIZED_ESTIMATORS))
+        raise SettingError("no {0} given; choose from {known}", ("estimators",),
+                           known=", ".join(REPARAMETERIZED_ESTIMATORS))
     for estimator in estimators:
         if estimator not in REPARAMETERIZED_ESTIMATORS:
             what = ("is a score-function estimator, and the diagnosis measures the reparameterized ones"
                     if estimator in ESTIMATORS else "is unknown")
-            raise ValueError(f"estimator {estimator!r} {what}; choose from {', '.join(REPARAMETERIZED_ESTIMATORS)}")
+            raise SettingError("{0} {name!r} {what}; choose from {known}", ("estimators",), name=estimator,
+                               what=what, known=", ".join(REPARAMETERIZED_ESTIMATORS))
         objective.check_estimator(estimator)
     if objective.name in SETTING_READERS["m"]:
         bad = [k for k in ks if k % objective.m]
         if bad:
-            raise ValueError(f"m={objective.m} must divide every K for {objective.name}; it does not divide "
-                             f"{', '.join(map(str, bad))}; use multiples of m")
-    if not isinstance(draws, int) or draws < 2:
-        raise ValueError(f"draws must be an integer of at least 2 (a standard deviation needs two); got {draws}")
+            raise SettingError("{0}={m} must divide every K of {1} for {name}; it does not divide {bad}; use "
+                               "multiples of {m} in {1}", ("m", "ks"), m=objective.m, name=objective.name,
+                               bad=", ".join(map(str, bad)))
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
+        raise SettingError("{0} must be an integer of at least 2 (a standard deviation needs two); got {value!r}",
+                           ("draws",), value=draws)
     return objective
 
 
