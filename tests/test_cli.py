@@ -263,6 +263,9 @@ def test_evaluate_refuses_the_ais_options_for_importance_sampling(finished_run: 
     line = one_line_error(capsys, ["evaluate", str(finished_run), "--k", "4", "--ais-steps", "5", "--start", "encoder"])
     assert line.endswith("--ais-steps, --start apply to --method ais or bdmc, not to importance sampling; drop them, "
                          "or choose --method ais or bdmc")
+    line = one_line_error(capsys, ["evaluate", str(finished_run), "--k", "4", "--chains", "2"])
+    assert line.endswith("--chains applies to --method ais or bdmc, not to importance sampling; drop it, or choose "
+                         "--method ais or bdmc")
 
 
 def test_an_existing_run_is_never_overwritten(finished_run: Path, tiny_dataset: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -57,7 +58,8 @@ def test_burda_two_layer_architecture() -> None:
 
 @pytest.mark.parametrize("layers", [1, 2])
 def test_glorot_init_and_output_bias(layers: int) -> None:
-    mean = torch.rand(784) * 1.2 - 0.1  # includes values outside (0, 1) to exercise the clipping
+    mean = torch.rand(784)
+    mean[:3] = torch.tensor([0.0, 1.0, 1e-4])  # means the clipping changes
     model = burda(layers, train_mean=mean)
     for layer in model.modules():
         if isinstance(layer, nn.Linear):
@@ -94,6 +96,32 @@ def test_bad_arguments() -> None:
         burda(1, x_dim=4).log_weights(torch.zeros(2, 4), 0)
     with pytest.raises(ValueError, match="one decoder layer per encoder layer"):
         DeepLatentModel([GaussianLayer(4, [], 2)], [], StandardNormal(2))
+
+
+@pytest.mark.parametrize("x_dim", [0, -5, 2.5, "64", True])
+def test_a_data_dimension_that_is_not_a_positive_integer_is_refused_by_each_architecture(x_dim: object) -> None:
+    for build in (functools.partial(burda, 1), functools.partial(sbn, [3])):
+        with pytest.raises(ValueError, match=re.escape(f"x_dim must be an integer >= 1; got {x_dim!r}")):
+            build(x_dim=x_dim)
+
+
+def test_sigmoid_belief_net_widths_are_checked_and_numpy_integers_taken() -> None:
+    for widths in ([], "200", 5):
+        with pytest.raises(ValueError, match="widths must be a sequence of at least one layer width"):
+            sbn(widths, x_dim=6)
+    with pytest.raises(ValueError, match="each of widths must be an integer >= 1; got 0"):
+        sbn([4, 0], x_dim=6)
+    model = sbn(np.array([4, 2]), x_dim=np.int64(6))
+    assert linear_shapes(model.encoder) == [(6, 4), (4, 2)] and model.x_dim == 6 and type(model.x_dim) is int
+
+
+@pytest.mark.parametrize("bad", [math.nan, 1.5, -0.25])
+def test_training_means_that_are_not_probabilities_are_refused(bad: float) -> None:
+    mean = torch.tensor([0.5, 0.25, bad, 0.0])
+    for build in (functools.partial(burda, 1), functools.partial(sbn, [3])):
+        with pytest.raises(ValueError, match=re.escape(f"mean must hold probabilities in [0, 1] (the training "
+                                                       f"set's means); entry 2 is {bad:g}")):
+            build(x_dim=4, train_mean=mean)
 
 
 def test_data_of_another_dimension_is_refused_naming_the_models() -> None:

@@ -432,8 +432,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         given = [name for name in _AIS_ONLY if getattr(args, name) is not None]
         if args.method == "is" and given:
             options = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise UsageError(f"{options} apply to --method ais or bdmc, not to importance sampling; drop them, or "
-                             "choose --method ais or bdmc")
+            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
+            raise UsageError(f"{options} {verb} to --method ais or bdmc, not to importance sampling; drop {them}, "
+                             "or choose --method ais or bdmc")
         if args.method != "is":
             _refuse_unread_by_ais(args)
         if args.data_dir is not None:

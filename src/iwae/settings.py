@@ -8,6 +8,7 @@ text, so the library reports its own names and the command line reports the opti
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sized
 from typing import Any
 
@@ -40,6 +41,14 @@ def check_integer(value: object, name: str, low: int) -> None:
     """Raise SettingError unless ``value`` is an integer >= ``low``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise SettingError("{0} must be an integer >= {low}; got {value!r}", (name,), low=low, value=value)
+
+
+def dimension(value: object, name: str) -> int:
+    """``value`` as an int, if it is an integer (NumPy's too) >= 1: a dimension or a layer's width; else
+    SettingError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise SettingError("{0} must be an integer >= 1; got {value!r}", (name,), value=value)
+    return int(value)
 
 
 def check_positive(value: float, name: str) -> None:

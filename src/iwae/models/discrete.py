@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 import torch
@@ -25,6 +25,7 @@ from torch.distributions import Bernoulli, Distribution, Independent, OneHotCate
 
 from iwae.models.latent import DeepLatentModel
 from iwae.models.layers import BernoulliLayer, FactorisedBernoulli, glorot_init_, mlp
+from iwae.settings import SettingError, dimension
 
 _SBN_NAME = re.compile(r"sbn(-[1-9][0-9]*)+")
 
@@ -118,7 +119,8 @@ def enumerate_values(dist: Distribution) -> Tensor:
 def sbn_widths(name: str) -> list[int]:
     """The stochastic layers' widths, bottom-up, of a model name such as ``sbn-200-200-200``."""
     if not _SBN_NAME.fullmatch(name):
-        raise ValueError(f"unknown model {name!r}; write burda (with --layers) or sbn-H1-...-HL, e.g. sbn-200-200-200")
+        raise ValueError(f"unknown model {name!r}; write burda (with --layers) or sbn-H1-...-HL with widths of at "
+                         "least 1, e.g. sbn-200-200-200")
     return [int(width) for width in name.split("-")[1:]]
 
 
@@ -132,6 +134,11 @@ def sbn(widths: Sequence[int], x_dim: int = 784, train_mean: Tensor | None = Non
       train_mean: optional training-set means, shape (x_dim,); if given, p(x | z_1)'s bias is set to their
         logit (clipped to [0.001, 0.999]).
     """
+    x_dim = dimension(x_dim, "x_dim")
+    if isinstance(widths, str) or not isinstance(widths, Iterable) or not len(widths := list(widths)):
+        raise SettingError("{0} must be a sequence of at least one layer width, e.g. (200, 200); got {value!r}",
+                           ("widths",), value=widths)
+    widths = [dimension(width, "each of widths") for width in widths]
     dims = [x_dim, *widths]
     encoder = [BernoulliLayer(below, (), above) for below, above in itertools.pairwise(dims)]
     decoder = [BernoulliLayer(above, (), below) for below, above in itertools.pairwise(dims)]

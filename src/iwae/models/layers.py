@@ -114,9 +114,14 @@ class BernoulliLayer(nn.Module):
     def set_output_bias(self, mean: Tensor, clip: float = 1e-3) -> None:
         """Set the output bias to logit(mean), the mean clipped to [clip, 1 - clip], so that an untrained
         model already predicts the data's pixel marginals (Burda et al. 2016)."""
-        p = torch.as_tensor(mean, dtype=self.logits.bias.dtype).clamp(clip, 1.0 - clip)
+        p = torch.as_tensor(mean, dtype=self.logits.bias.dtype)
         if p.shape != self.logits.bias.shape:
             raise ValueError(f"mean must have shape {tuple(self.logits.bias.shape)}; got {tuple(p.shape)}")
+        outside = ~((p >= 0) & (p <= 1))  # NaN too
+        if outside.any():
+            raise ValueError(f"mean must hold probabilities in [0, 1] (the training set's means); entry "
+                             f"{int(outside.nonzero()[0])} is {p[outside][0].item():g}")
+        p = p.clamp(clip, 1.0 - clip)
         self.logits.bias.copy_(torch.log(p) - torch.log1p(-p))
 
 
