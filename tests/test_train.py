@@ -109,11 +109,35 @@ def test_config_records_the_data_folder_absolute(tmp_path: Path, monkeypatch: py
         ({"beta2": 1.0}, r"beta2 must lie in \[0, 1\)"),
         ({"seed": -1}, "seed must be an integer from 0 to 2\\*\\*63 - 1; got -1"),
         ({"seed": 2**63}, "seed must be an integer from 0"),
+        ({"device": "bogus"}, "unknown device 'bogus'; choose cpu, cuda or auto"),
+        ({"device": "meta"}, "unsupported device 'meta'"),
+        ({"compile": "yes"}, r"compile must be True, False or None \(decided by the run's length\); got 'yes'"),
+        ({"init_from": 5}, "init_from must be a path or a name \\(a string\\); got 5"),
+        ({"dataset": 5}, "dataset must be a path or a name"),
+        ({"model": 5}, "model must be a model's name, burda or sbn-H1-...-HL; got 5"),
+        ({"beta1": None}, "beta1 must be a real number; got None"),
+        ({"checkpoint_every_s": "60"}, "checkpoint_every_s must be a real number; got '60'"),
     ],
 )
 def test_config_rejects_bad_settings(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{"epochs": 1, **settings})
+
+
+def test_config_takes_paths_and_a_device_this_machine_may_lack(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=1, dataset=tmp_path / "mine.npy", init_from=tmp_path / "run", data_dir=tmp_path,
+                         device="cuda:1")
+    assert (config.dataset, config.init_from, config.data_dir) == (str(tmp_path / "mine.npy"), str(tmp_path / "run"),
+                                                                   str(tmp_path))
+    assert json.loads(json.dumps(asdict(config))) == asdict(config)
+
+
+def test_training_refuses_settings_that_are_not_a_config(tmp_path: Path) -> None:
+    for train, settings in ((iwae.train, {"epochs": 1}), (iwae.train_stacked, [{"epochs": 1, "seed": 0}])):
+        with pytest.raises(TypeError, match=re.escape("a run's settings must be a TrainConfig, not a dict; give "
+                                                      "TrainConfig(**settings)")):
+            train(settings, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_writes_config_metrics_checkpoint_evaluation_and_figures(tiny_dataset: str, tmp_path: Path) -> None:

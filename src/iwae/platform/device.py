@@ -16,17 +16,28 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         ValueError: for an unknown name, or ``cuda`` on a machine without a usable GPU.
     """
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"unknown device {name!r}; choose cpu, cuda or auto") from error
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; choose cpu, cuda or auto")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
     return device
+
+
+def check_device_name(name: object) -> None:
+    """Raise ValueError unless ``name`` names a device this library runs on (cpu, cuda, cuda:N or auto), whether
+    or not this machine has it."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name) if isinstance(name, str) else None
+    except RuntimeError:
+        device = None
+    if device is None:
+        raise ValueError(f"unknown device {name!r}; choose cpu, cuda or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; choose cpu, cuda or auto")
 
 
 @contextmanager

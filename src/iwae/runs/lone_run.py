@@ -23,7 +23,7 @@ from iwae.platform.files import DiskFullError
 from iwae.platform.threads import use_run_threads, use_threads
 from iwae.runs import checkpoint, evaluation, rundir, runlock
 from iwae.runs import figures as run_figures
-from iwae.training.config import TrainConfig, resolve_compile, resumed_config
+from iwae.training.config import TrainConfig, check_is_config, resolve_compile, resumed_config
 from iwae.training.lone import LoneSeed
 from iwae.training.loop import Outputs, fit
 from iwae.training.preflight import check_training_memory, training_threads_and_path
@@ -59,6 +59,7 @@ def train(config: TrainConfig, run_dir: Path | str, *, progress: bool | None = N
       ValueError (DataError, RunDirError): for an unusable dataset or run directory, before anything is
         written; ``Interrupted`` after checkpointing on SIGINT/SIGTERM.
     """
+    check_is_config(config)
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
     config = replace(config, device=str(device), threads=use_threads(config.threads))

@@ -21,7 +21,7 @@ from iwae.platform.device import resolve_device
 from iwae.platform.threads import use_threads
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
 from iwae.training import preflight
-from iwae.training.config import TrainConfig, resolve_compile, resumed_config
+from iwae.training.config import TrainConfig, check_is_config, resolve_compile, resumed_config
 from iwae.training.loop import Outputs, fit
 from iwae.training.signals import StopOnSignal
 from iwae.training.stacked import StackedSeeds, stacked_timing_step
@@ -40,6 +40,8 @@ def check_configs(configs: list[TrainConfig]) -> None:
     """Raise ValueError unless ``configs`` differ in their seeds (distinct) and initialisations only."""
     if not configs:
         raise ValueError("a stack needs at least one seed; give --seeds S with S >= 1")
+    for config in configs:
+        check_is_config(config)
     common = [{k: v for k, v in asdict(c).items() if k not in PER_SEED} for c in configs]
     if any(c != common[0] for c in common):
         raise ValueError("the seeds of a stack must share every setting but the seed and --init-from")

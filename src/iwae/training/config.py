@@ -9,6 +9,8 @@ epochs), or a constant rate for a given number of epochs.
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from iwae.core.objectives import Objective
 from iwae.data import recorded_name, user_file_sha256
 from iwae.models import sbn_widths
 from iwae.platform import gemm
-from iwae.platform.device import resolve_device
+from iwae.platform.device import check_device_name, resolve_device
 from iwae.settings import SettingError, check_integer, check_positive, check_seed
 
 SCHEDULES = ("constant", "burda")
@@ -83,6 +85,7 @@ class TrainConfig:
     dataset_sha256: str | None = None
 
     def __post_init__(self) -> None:
+        _check_kinds(self)
         self.dataset = recorded_name(self.dataset)
         if self.data_dir is not None:  # recorded absolute: the run's data is found from any directory
             self.data_dir = str(Path(self.data_dir).expanduser().absolute())
@@ -143,6 +146,36 @@ class TrainConfig:
     def objective_spec(self) -> Objective:
         """The training objective these settings describe."""
         return Objective(self.objective, self.k, self.m, self.beta, self.alpha)
+
+
+def _check_kinds(config: TrainConfig) -> None:
+    """Write ``config``'s paths as strings, and raise SettingError for a setting of a kind that the checks of its
+    value would not name (a number for a path or a name, a string for a number, a word for a flag)."""
+    for name in ("dataset", "data_dir", "init_from"):
+        value = getattr(config, name)
+        if value is None and name != "dataset":
+            continue
+        if not isinstance(value, str | os.PathLike):
+            raise SettingError("{0} must be a path or a name (a string); got {value!r}", (name,), value=value)
+        setattr(config, name, os.fspath(value))
+    if not isinstance(config.model, str):
+        raise SettingError("{0} must be a model's name, burda or sbn-H1-...-HL; got {value!r}", ("model",),
+                           value=config.model)
+    if config.compile is not None and not isinstance(config.compile, bool):
+        raise SettingError("{0} must be True, False or None (decided by the run's length); got {value!r}",
+                           ("compile",), value=config.compile)
+    for name in ("beta1", "beta2", "checkpoint_every_s"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise SettingError("{0} must be a real number; got {value!r}", (name,), value=value)
+    check_device_name(config.device)
+
+
+def check_is_config(config: object) -> None:
+    """Raise TypeError unless ``config`` is a ``TrainConfig`` (not, say, a dict of its settings)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"a run's settings must be a TrainConfig, not a {type(config).__name__}; give "
+                        "TrainConfig(**settings)")
 
 
 def burda_schedule(scale: float = 1.0) -> list[tuple[int, float]]:
