@@ -4,6 +4,7 @@ leave existing runs untouched."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import resource
 import shutil
@@ -527,7 +528,8 @@ def test_errors_reach_a_real_terminal_as_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("damage", ["missing model", "missing rng", "misshapen weight", "misshapen moment"])
+@pytest.mark.parametrize("damage", ["missing model", "missing rng", "misshapen weight", "misshapen moment",
+                                    "NaN weight", "epoch -3", "epoch 99", "step 2.5"])
 @pytest.mark.parametrize("command", [["train", "--resume"], ["evaluate"], ["sample"]])
 def test_a_checkpoint_damaged_inside_is_named_as_such(damage: str, command: list[str], finished_run: Path,
                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -539,12 +541,20 @@ def test_a_checkpoint_damaged_inside_is_named_as_such(damage: str, command: list
     elif damage == "misshapen weight":
         name = next(iter(state["model"]))
         state["model"][name] = state["model"][name][:, :3]
+    elif damage == "NaN weight":
+        state["model"][next(iter(state["model"]))][0, 1] = math.nan
+    elif damage.startswith(("epoch", "step")):
+        name, value = damage.split()
+        state[name] = float(value) if "." in value else int(value)
     else:
         state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
     torch.save(state, run / rundir.CHECKPOINT)
     line = one_line_error(capsys, [*command, str(run)])
     assert f"{run / rundir.CHECKPOINT} is a damaged checkpoint: " in line
     assert line.endswith("restore it from a copy, or start a new run with a new --out")
+    named = {"NaN weight": "its parameters hold NaN or infinite values (", "epoch -3": "its epoch -3 is not a position",
+             "epoch 99": "its epoch 99 is not a position", "step 2.5": "its step 2.5 is not a position"}
+    assert named.get(damage, "") in line
 
 
 def test_a_checkpoint_of_settings_this_version_does_not_know_is_named(finished_run: Path, tmp_path: Path,

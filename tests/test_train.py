@@ -794,3 +794,12 @@ def test_a_suite_stops_on_the_sigterm_of_timeout_during_an_in_process_run(tmp_pa
     assert session.returncode != 0, out
     assert "SIGTERM received during test_capped.py::test_a_long_run" in out
     assert not Path(f"{run}.after").exists(), out  # the session stopped there
+
+
+def test_a_diverging_run_never_checkpoints_its_non_finite_parameters(tiny_dataset: str, tmp_path: Path) -> None:
+    config = TrainConfig(dataset=tiny_dataset, epochs=2, lr=1e38, checkpoint_every_s=0, compile=False, k=2, eval_k=0)
+    with pytest.raises(FloatingPointError, match="the parameters became NaN or infinite in epoch 1; the last good "
+                                                 f"checkpoint is in {re.escape(str(tmp_path / 'run'))}"):
+        iwae.train(config, tmp_path / "run", progress=False)
+    state = checkpoint.load(tmp_path / "run")  # readable: its parameters are finite
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())

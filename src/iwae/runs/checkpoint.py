@@ -132,6 +132,13 @@ def _damage(state: dict[str, Any]) -> str | None:
     if saved != expected:
         wrong = sorted(name for name in expected.keys() | saved.keys() if expected.get(name) != saved.get(name))
         return f"its parameters do not fit the model its configuration describes ({', '.join(wrong[:3])})"
+    diverged = [name for name, tensor in state["model"].items() if not torch.isfinite(tensor).all()]
+    if diverged:
+        return f"its parameters hold NaN or infinite values ({', '.join(diverged[:3])}), as a diverged run's do"
+    epochs = state["config"].get("epochs")
+    for name, value, high in (("epoch", state["epoch"], epochs), ("step", state["step"], None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (high is not None and value > high):
+            return f"its {name} {value!r} is not a position in its run of {epochs} epochs"
     for index, moment in moments.items():
         if not 0 <= index < len(parameters):
             return f"its optimizer holds moments of parameter {index}, of {len(parameters)}"

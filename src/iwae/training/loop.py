@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 from tqdm import tqdm
 
@@ -223,6 +224,11 @@ class _Loop:
         """Checkpoint the seeds at the current position (this process, if it writes), and restart the clock."""
         if self.outputs.writer:
             epoch_time = time.perf_counter() - self.epoch_start if self.step else 0.0
-            self.outputs.save(self.seeds.states(self.epoch, self.step, self.batches if self.step else None,
-                                                epoch_time, self._wall_time()))
+            states = self.seeds.states(self.epoch, self.step, self.batches if self.step else None, epoch_time,
+                                       self._wall_time())
+            if not all(torch.isfinite(tensor).all() for state in states for tensor in state.model.values()):
+                raise FloatingPointError(f"the parameters became NaN or infinite in epoch {self.epoch + 1}; the last "
+                                         f"good checkpoint is in {self.outputs.where}; start a new run with a smaller "
+                                         "learning rate")
+            self.outputs.save(states)
         self.next_checkpoint = time.monotonic() + self.config.checkpoint_every_s
