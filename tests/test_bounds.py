@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -125,11 +127,19 @@ def test_invalid_arguments_name_the_problem() -> None:
     with pytest.raises(ValueError, match="m must be a positive integer dividing"):
         bounds.miwae(log_w, True)
     torch.testing.assert_close(bounds.miwae(log_w, np.int64(2)), bounds.miwae(log_w, 2))  # numpy's integers too
-    with pytest.raises(ValueError, match="beta must lie in"):
-        bounds.ciwae(log_w, 1.5)
-    for alpha in (math.nan, math.inf):
-        with pytest.raises(ValueError, match="alpha must be a real number"):
+    for beta in (1.5, None, "0.5"):
+        with pytest.raises(ValueError, match=re.escape(f"beta must be a number in [0, 1]; got beta={beta!r}")):
+            bounds.ciwae(log_w, beta)
+    for alpha in (math.nan, math.inf, None, "0.5"):
+        with pytest.raises(ValueError, match=re.escape(f"alpha must be a real number or -inf; got alpha={alpha!r}")):
             bounds.vr(log_w, alpha)
+    for bound in (bounds.elbo, bounds.iwae, functools.partial(bounds.vr, alpha=0.5)):
+        with pytest.raises(ValueError, match=re.escape("log_w must be a torch.Tensor of log weights, shape (K, "
+                                                       "*batch); got a list: give torch.as_tensor(log_w)")):
+            bound([1.0, 2.0])
+        with pytest.raises(ValueError, match=re.escape("log_w must hold floating-point log weights; got torch.int64: "
+                                                       "give log_w.double()")):
+            bound(torch.zeros(5, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -207,6 +207,8 @@ def test_the_library_takes_numpy_integers_and_refuses_a_bare_string() -> None:
     assert all(type(p.k) is int for p in result.points)
     with pytest.raises(ValueError, match=re.escape("estimators must be a list of names; got the string 'dreg'")):
         gradient_snr(model, x, "iwae", "dreg", [2, 4], 3)
+    with pytest.raises(ValueError, match=re.escape("x is a numpy.ndarray, not a torch.Tensor")):
+        gradient_snr(model, x.numpy(), "iwae", ["dreg"], [2, 4], 3)
     with pytest.raises(ValueError, match=re.escape("ks (the grid of K) must be positive integers; got [0, 2]")):
         gradient_snr(model, x, "iwae", ["dreg"], [0, 2], 3)
     with pytest.raises(ValueError, match=re.escape("m=2 must divide every K of ks for miwae; it does not divide 3")):

@@ -147,8 +147,8 @@ def test_data_not_a_batch_of_vectors_is_refused_with_its_fix(x_dim: int | None) 
     model = burda(1, x_dim=36)
     model.x_dim = x_dim
     calls = [lambda x: loss(model, x, "iwae", k=3), lambda x: model.log_weights(x, 3),
-             lambda x: log_likelihood(model, x, k=3), lambda x: active_units(model, x),
-             lambda x: ais_log_likelihood(model, x, steps=2, chains=2, leapfrog=1)]
+             lambda x: log_likelihood(model, x, k=3), lambda x: log_likelihood(model, x, k=3, seed=0),
+             lambda x: active_units(model, x), lambda x: ais_log_likelihood(model, x, steps=2, chains=2, leapfrog=1)]
     for call in calls:
         with pytest.raises(ValueError) as error:
             call(torch.ones(36))
@@ -171,8 +171,8 @@ def test_no_examples_are_refused_in_one_line() -> None:
 def test_data_that_is_not_a_tensor_or_is_on_another_device_is_refused_in_one_line() -> None:
     model = burda(1, x_dim=4)
     calls = [lambda x: loss(model, x, "iwae", k=3), lambda x: model.log_weights(x, 3),
-             lambda x: log_likelihood(model, x, k=3), lambda x: active_units(model, x),
-             lambda x: ais_log_likelihood(model, x, steps=2, chains=2, leapfrog=1)]
+             lambda x: log_likelihood(model, x, k=3), lambda x: log_likelihood(model, x, k=3, seed=0),
+             lambda x: active_units(model, x), lambda x: ais_log_likelihood(model, x, steps=2, chains=2, leapfrog=1)]
     for call in calls:
         with pytest.raises(ValueError) as error:
             call(np.ones((2, 4), dtype=np.float32))
@@ -181,6 +181,20 @@ def test_data_that_is_not_a_tensor_or_is_on_another_device_is_refused_in_one_lin
         with pytest.raises(ValueError) as error:
             call(torch.ones(2, 4, device="meta"))
         assert str(error.value) == "x is on meta, the model's parameters on cpu; give x.to('cpu')"
+
+
+def test_a_number_of_samples_that_is_not_a_positive_integer_is_refused_and_numpy_integers_taken() -> None:
+    model, x = burda(1, x_dim=4), torch.ones(2, 4)
+    for k in (0, 2.5, None, True):
+        with pytest.raises(ValueError, match=re.escape(f"k must be a positive integer number of samples; got "
+                                                       f"k={k!r}")):
+            model.log_weights(x, k)
+    torch.manual_seed(0)
+    given = model.log_weights(x, np.int64(3))
+    torch.manual_seed(0)
+    assert torch.equal(given, model.log_weights(x, 3))
+    expected = log_likelihood(model, x, k=10, seed=1)
+    assert torch.equal(log_likelihood(model, x, k=np.int64(10), seed=np.int64(1), batch_size=np.int32(16)), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])

@@ -124,6 +124,13 @@ def test_config_rejects_bad_settings(settings: dict, message: str) -> None:
         TrainConfig(**{"epochs": 1, **settings})
 
 
+def test_config_takes_numpy_integers_as_ints() -> None:
+    config = TrainConfig(epochs=np.int64(2), k=np.int64(5), m=np.int64(1), seed=np.int64(3), threads=np.int32(1),
+                         batch_size=np.int16(10), eval_k=np.int64(0), monitor_examples=np.int64(7))
+    assert config == TrainConfig(epochs=2, k=5, seed=3, threads=1, batch_size=10, eval_k=0, monitor_examples=7)
+    assert all(type(value) is int for value in asdict(config).values() if isinstance(value, np.integer | int))
+
+
 def test_config_takes_paths_and_a_device_this_machine_may_lack(tmp_path: Path) -> None:
     config = TrainConfig(epochs=1, dataset=tmp_path / "mine.npy", init_from=tmp_path / "run", data_dir=tmp_path,
                          device="cuda:1")

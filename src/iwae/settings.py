@@ -31,23 +31,17 @@ class SettingError(ValueError):
         return self.template.format(*map(spell, self.names), **self.values)
 
 
-def check_seed(seed: object, name: str = "seed") -> None:
-    """Raise SettingError unless ``seed`` is an integer in [0, 2**63)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as an int, if it is an integer (NumPy's too) in [0, 2**63); else SettingError."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
         raise SettingError("{0} must be an integer from 0 to 2**63 - 1; got {value!r}", (name,), value=seed)
+    return int(seed)
 
 
-def check_integer(value: object, name: str, low: int) -> None:
-    """Raise SettingError unless ``value`` is an integer >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+def check_integer(value: object, name: str, low: int) -> int:
+    """``value`` as an int, if it is an integer (NumPy's too) >= ``low``; else SettingError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise SettingError("{0} must be an integer >= {low}; got {value!r}", (name,), low=low, value=value)
-
-
-def dimension(value: object, name: str) -> int:
-    """``value`` as an int, if it is an integer (NumPy's too) >= 1: a dimension or a layer's width; else
-    SettingError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise SettingError("{0} must be an integer >= 1; got {value!r}", (name,), value=value)
     return int(value)
 
 

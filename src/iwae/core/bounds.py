@@ -25,6 +25,12 @@ from torch import Tensor
 
 
 def _num_samples(log_w: Tensor) -> int:
+    """K, after checking that ``log_w`` is a floating-point tensor of shape (K, *batch) with K >= 1."""
+    if not isinstance(log_w, Tensor):
+        raise ValueError(f"log_w must be a torch.Tensor of log weights, shape (K, *batch); got a "
+                         f"{type(log_w).__name__}: give torch.as_tensor(log_w)")
+    if not log_w.is_floating_point():
+        raise ValueError(f"log_w must hold floating-point log weights; got {log_w.dtype}: give log_w.double()")
     if log_w.dim() == 0 or log_w.shape[0] == 0:
         raise ValueError(
             f"log_w must have a non-empty sample dimension first, shape (K, *batch); got shape {tuple(log_w.shape)}"
@@ -101,8 +107,8 @@ def ciwae(log_w: Tensor, beta: float) -> Tensor:
     Returns:
       The bound per batch element, shape ``batch``.
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1]; got beta={beta}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1]; got beta={beta!r}")
     if beta in (0.0, 1.0):  # the end points themselves, so that 0 * (-inf) never enters (a zero weight)
         return elbo(log_w) if beta else iwae(log_w)
     return beta * elbo(log_w) + (1.0 - beta) * iwae(log_w)
@@ -122,8 +128,8 @@ def vr(log_w: Tensor, alpha: float) -> Tensor:
     Returns:
       The bound per batch element, shape ``batch``.
     """
-    if math.isnan(alpha) or alpha == math.inf:
-        raise ValueError(f"alpha must be a real number or -inf; got alpha={alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or math.isnan(alpha) or alpha == math.inf:
+        raise ValueError(f"alpha must be a real number or -inf; got alpha={alpha!r}")
     if alpha == -math.inf:
         _num_samples(log_w)
         return log_w.amax(0)

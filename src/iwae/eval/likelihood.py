@@ -132,8 +132,8 @@ def batch_statistics(
     pass has one shape; with ``compile`` the passes run as one program compiled by torch.compile, drawing
     the same random numbers as the eager passes.
     """
-    for name, value in (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)):
-        check_integer(value, name, 1)
+    k, chunk_size, batch_size = (check_integer(value, name, 1) for name, value in
+                                 (("k", k), ("chunk_size", chunk_size), ("batch_size", batch_size)))
     if len(x) == 0:  # no batch (an evaluation continued after its last one)
         return
     chunk_size = min(chunk_size, k)
@@ -210,8 +210,9 @@ def log_likelihood(
     ``batch_size`` examples at a time, so that peak memory does not grow with k. With ``seed``, the
     samples come from a generator seeded with it and torch's global generator is left as it was.
     """
+    x = model.as_input(x)  # before its device is read
     if seed is not None:
-        check_seed(seed)
+        seed = check_seed(seed)
     with seeded(seed, x.device) if seed is not None else nullcontext():
         return importance_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size).log_likelihood
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from iwae.models.latent import DeepLatentModel
 from iwae.models.layers import BernoulliLayer, GaussianLayer, StandardNormal, glorot_init_
-from iwae.settings import dimension
+from iwae.settings import check_integer
 
 # (hidden widths, latent width) of each stochastic layer of q, bottom-up; p mirrors them.
 _ENCODERS = {1: [((200, 200), 50)], 2: [((200, 200), 100), ((100, 100), 50)]}
@@ -30,7 +30,7 @@ def burda(layers: int, x_dim: int = 784, train_mean: Tensor | None = None) -> De
     """
     if layers not in _ENCODERS:
         raise ValueError(f"layers must be 1 or 2 (the paper's architectures); got {layers}")
-    x_dim = dimension(x_dim, "x_dim")
+    x_dim = check_integer(x_dim, "x_dim", 1)
     encoder, decoder, in_dim = [], [], x_dim
     for level, (hidden, z_dim) in enumerate(_ENCODERS[layers]):
         encoder.append(GaussianLayer(in_dim, hidden, z_dim))

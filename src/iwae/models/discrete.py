@@ -25,7 +25,7 @@ from torch.distributions import Bernoulli, Distribution, Independent, OneHotCate
 
 from iwae.models.latent import DeepLatentModel
 from iwae.models.layers import BernoulliLayer, FactorisedBernoulli, glorot_init_, mlp
-from iwae.settings import SettingError, dimension
+from iwae.settings import SettingError, check_integer
 
 _SBN_NAME = re.compile(r"sbn(-[1-9][0-9]*)+")
 
@@ -134,11 +134,11 @@ def sbn(widths: Sequence[int], x_dim: int = 784, train_mean: Tensor | None = Non
       train_mean: optional training-set means, shape (x_dim,); if given, p(x | z_1)'s bias is set to their
         logit (clipped to [0.001, 0.999]).
     """
-    x_dim = dimension(x_dim, "x_dim")
+    x_dim = check_integer(x_dim, "x_dim", 1)
     if isinstance(widths, str) or not isinstance(widths, Iterable) or not len(widths := list(widths)):
         raise SettingError("{0} must be a sequence of at least one layer width, e.g. (200, 200); got {value!r}",
                            ("widths",), value=widths)
-    widths = [dimension(width, "each of widths") for width in widths]
+    widths = [check_integer(width, "each of widths", 1) for width in widths]
     dims = [x_dim, *widths]
     encoder = [BernoulliLayer(below, (), above) for below, above in itertools.pairwise(dims)]
     decoder = [BernoulliLayer(above, (), below) for below, above in itertools.pairwise(dims)]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 from torch.func import functional_call
+
+from iwae.settings import SettingError
 
 
 @dataclass
@@ -110,8 +113,9 @@ class DeepLatentModel(nn.Module):
         layer has it, else with ``sample`` (no gradient path; see ``LatentSample.reparameterized``). With
         ``detach`` every z_l is a constant (as score-function estimators need), and so is the input of
         q(z_{l+1} | z_l)."""
-        if k < 1:
-            raise ValueError(f"k must be a positive number of samples; got k={k}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise SettingError("{0} must be a positive integer number of samples; got {0}={k!r}", ("k",), k=k)
+        k = int(k)
         h, zs, qs = x, [], []
         for layer in self.encoder:
             q = layer(h)

@@ -179,14 +179,16 @@ _chosen: list[ThreadChoice] = []  # the process's own choice (use_threads'), whi
 MAX_THREADS_PER_CPU = 8
 
 
-def check_count(count: int) -> None:
-    """Raise SettingError unless ``count`` is a positive integer of at most ``MAX_THREADS_PER_CPU`` per CPU."""
-    check_integer(count, "threads", 1)
+def check_count(count: int) -> int:
+    """``count`` as an int, if it is a positive integer of at most ``MAX_THREADS_PER_CPU`` per CPU; else
+    SettingError."""
+    count = check_integer(count, "threads", 1)
     cpus = os.cpu_count() or 1
     if count > MAX_THREADS_PER_CPU * cpus:
         raise SettingError("{0} {value} is more than {per} per CPU of this machine's {cpus}; give at most {limit}, "
                            "or leave {0} out for one per free CPU", ("threads",), value=count,
                            per=MAX_THREADS_PER_CPU, cpus=cpus, limit=MAX_THREADS_PER_CPU * cpus)
+    return count
 
 
 def use_threads(requested: int | None = None, reason: str = "set by --threads",
@@ -200,7 +202,7 @@ def use_threads(requested: int | None = None, reason: str = "set by --threads",
       SettingError: for a count that is not a positive integer, or far more than the machine's CPUs.
     """
     if requested is not None:
-        check_count(requested)
+        requested = check_count(requested)
         choice = ThreadChoice(requested, _beyond_usable(requested, reason))
     elif _chosen:
         choice = _chosen[-1]
@@ -219,7 +221,7 @@ def use_run_threads(count: int, reason: str, say: Callable[[str], None] | None =
     Raises:
       SettingError: for a count that is not a positive integer, or far more than the machine's CPUs.
     """
-    check_count(count)
+    count = check_count(count)
     _put_in_force(ThreadChoice(count, _beyond_usable(count, reason)), say)
     return count
 

@@ -119,8 +119,8 @@ def load_examples(
       SettingError: for a bad ``examples``, ``seed`` or ``split``, before anything is read.
     """
     if examples is not None:
-        check_integer(examples, "examples", 1)
-    check_seed(seed)
+        examples = check_integer(examples, "examples", 1)
+    seed = check_seed(seed)
     if split not in SPLITS:
         raise SettingError("unknown {0} {split!r}; choose one of {known}", ("split",), split=split,
                            known=", ".join(SPLITS))

@@ -26,8 +26,7 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
                  loaded: data.Dataset | None = None) -> list[Path]:
     """Draw a run's figures from its checkpoint, metrics and evaluation (``n`` model samples, ``n // 2``
     reconstructions, of the run's data: ``loaded`` if given, else loaded here); return the files written."""
-    check_integer(n, "n", 2)
-    check_seed(seed)
+    n, seed = check_integer(n, "n", 2), check_seed(seed)
     torch_device = resolve_device(str(device))
     state, model = checkpoint.load_model(run_dir, torch_device)
     memory.check_fits(memory.pass_bytes(model, state["x_dim"], n, training=False), torch_device,

@@ -149,8 +149,13 @@ class TrainConfig:
 
 
 def _check_kinds(config: TrainConfig) -> None:
-    """Write ``config``'s paths as strings, and raise SettingError for a setting of a kind that the checks of its
-    value would not name (a number for a path or a name, a string for a number, a word for a flag)."""
+    """Write ``config``'s paths as strings and its integers (NumPy's too) as ints, and raise SettingError for a
+    setting of a kind that the checks of its value would not name (a number for a path or a name, a string for a
+    number, a word for a flag)."""
+    for name in ("layers", "k", "m", "epochs", "batch_size", "seed", "eval_k", "monitor_examples", "threads"):
+        value = getattr(config, name)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            setattr(config, name, int(value))
     for name in ("dataset", "data_dir", "init_from"):
         value = getattr(config, name)
         if value is None and name != "dataset":
