@@ -146,8 +146,8 @@ def markdown(args: argparse.Namespace, runs: dict[str, dict[str, list[SeedRun]]]
                              f"{_number(r.nll_se)} | {_number(r.nll_shared)} | {_number(r.train_bound)} | "
                              f"{_number(r.examples_per_s, 0)} |")
     lines += lockstep_section(args.lockstep)
-    lines += ["", f"Curves: `{Path(args.out).name}.png`, the test bound on the first 1000 test images after each "
-              "epoch, both sides (each on its own binarization of those images).", ""]
+    lines += ["", f"Curves: `{Path(args.out).name}.png`, the test bound on each run's fixed subset of 1000 test "
+              "images after each epoch, both sides (each on its own binarization of those images).", ""]
     return "\n".join(lines)
 
 

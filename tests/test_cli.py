@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import resource
 import shutil
@@ -22,7 +23,7 @@ from PIL import Image
 
 from iwae import plots
 from iwae.cli import main
-from iwae.runs import evaluation, rundir
+from iwae.runs import evaluation, rundir, runlock
 
 TINY = ["--epochs", "1", "--batch-size", "8", "--k", "4", "--monitor-examples", "8", "--device", "cpu"]
 
@@ -416,8 +417,9 @@ def test_an_evaluation_never_replaces_one_made_with_other_settings(
     assert main(["sample", str(finished_run), "--n", "4", "--device", "cpu"]) == 0
     assert drawn == [10]  # bound_vs_k.png shows the run's own evaluation, not the quick one
 
-    assert main(["evaluate", str(finished_run), "--k", "10", "--device", "cpu"]) == 0  # the run's own setting again
-    assert json.loads(own.read_text())["k"] == 10 and f"written to {own}" in capsys.readouterr().out
+    assert main(["evaluate", str(finished_run), "--k", "10", "--device", "cpu", "--batch-size", "7"]) == 0
+    assert json.loads(own.read_text())["k"] == 10 and f"written to {own}" in capsys.readouterr().out  # its own setting
+    assert drawn == [10, 10]  # and its figure drawn again with it
 
 
 @pytest.mark.slow
@@ -722,3 +724,15 @@ def test_a_run_with_one_test_example_finishes_resumes_and_draws(tmp_path: Path,
     assert re.search(r"^NLL \(k=10\) +-?\d+\.\d\d \+- nan nats", capsys.readouterr().out, re.M)
     assert main(["sample", str(run), "--n", "4", "--device", "cpu"]) == 0
     assert np.isnan(evaluation.read_evaluation(run / rundir.EVAL)["bounds_se"]["10"])
+
+
+def test_sample_waits_its_turn_in_a_run_in_use(finished_run: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {path.name: path.read_bytes() for path in (run / rundir.FIGURES).iterdir()}
+    with runlock.locked(run):  # as a training run holds it while it draws these figures at its end
+        line = one_line_error(capsys, ["sample", str(run), "--n", "4", "--device", "cpu"])
+    assert line.startswith(f"iwae: error: {run} is in use by process {os.getpid()} (")
+    assert {path.name: path.read_bytes() for path in (run / rundir.FIGURES).iterdir()} == before
+    assert main(["sample", str(run), "--n", "4", "--device", "cpu"]) == 0

@@ -106,14 +106,15 @@ MIN_PIXEL_IN = 0.02  # inches drawn per pixel of an image grid, at least: 2.4 pi
 def plot_training(path: Path, metrics: list[dict[str, Any]]) -> Path:
     """Train and test bounds per epoch, and the learning rate, from a run's metrics."""
     epochs = [record["epoch"] for record in metrics]
+    marker = "o" if len(epochs) == 1 else None  # a line through one point draws nothing
     fig = Figure(figsize=(9, 3.6))
     ax = fig.add_subplot(1, 2, 1)
-    ax.plot(epochs, [record["train_bound"] for record in metrics], label="train (minibatches)")
-    ax.plot(epochs, [record["test_bound"] for record in metrics], label="test (fixed subset)")
+    ax.plot(epochs, [record["train_bound"] for record in metrics], marker=marker, label="train (minibatches)")
+    ax.plot(epochs, [record["test_bound"] for record in metrics], marker=marker, label="test (fixed subset)")
     ax.set(xlabel="epoch", ylabel="bound (nats)", title="training objective")
     ax.legend()
     ax = fig.add_subplot(1, 2, 2)
-    ax.plot(epochs, [record["lr"] for record in metrics], drawstyle="steps-post")
+    ax.plot(epochs, [record["lr"] for record in metrics], marker=marker, drawstyle="steps-post")
     ax.set(xlabel="epoch", ylabel="learning rate", yscale="log", title="schedule")
     return _save(fig, path)
 
@@ -121,15 +122,36 @@ def plot_training(path: Path, metrics: list[dict[str, Any]]) -> Path:
 def plot_bound_vs_k(path: Path, result: dict[str, Any]) -> Path:
     """The bounds L_k (mean over examples, with standard errors) against k from an evaluation result."""
     ks = sorted(result["bounds"], key=int)
+    errors = [result["bounds_se"][k] for k in ks]
+    bars = None if None in errors else errors  # one example has no standard error
     fig = Figure(figsize=(5, 3.6))
     ax = fig.add_subplot(1, 1, 1)
-    ax.errorbar([int(k) for k in ks], [result["bounds"][k] for k in ks], yerr=[result["bounds_se"][k] for k in ks],
-                marker="o", capsize=3, label=f"mean over {result['examples']} examples\n"
-                "error bars: ±1 standard error")
-    ax.set(xscale="log", xlabel="k", ylabel="L_k (nats)",
-           title=f"{result['dataset']} {result['split']}: NLL {result['nll']:.2f} at k={result['k']}")
+    ax.errorbar([int(k) for k in ks], [result["bounds"][k] for k in ks], yerr=bars, marker="o", capsize=3,
+                label=f"mean over {result['examples']} examples"
+                + ("\nerror bars: ±1 standard error" if bars is not None else ""))
+    ax.set(xscale="log", xlabel="k", ylabel="L_k (nats)")
+    ax.set_title(_wrapped(f"{_data_name(result['dataset'])} {result['split']}: NLL {result['nll']:.2f} at "
+                          f"k={result['k']}", 3.8))  # the axes' width
+    _label_ticks(ax, [int(k) for k in ks])
     ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
+
+
+def _data_name(dataset: str) -> str:
+    """A dataset as a figure names it: a catalogue name, or a user's file by its name (a run records its path)."""
+    return Path(dataset).name
+
+
+def _wrapped(title: str, width_in: float) -> str:
+    """``title`` wrapped to lines that fit ``width_in`` inches."""
+    return "\n".join(textwrap.wrap(title, int(width_in / TITLE_CHAR_IN), break_long_words=False))
+
+
+def _label_ticks(ax: Any, values: Sequence[float]) -> None:
+    """Label a log x axis at ``values`` and no other ticks (the minor ticks' labels of a narrow range overlap)."""
+    values = sorted(set(values))
+    ax.set_xticks(values, [f"{value:g}" for value in values])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_ais_vs_steps(path: Path, result: dict[str, Any]) -> Path:
@@ -142,16 +164,18 @@ def plot_ais_vs_steps(path: Path, result: dict[str, Any]) -> Path:
                     marker="o", capsize=3, label=f"AIS, {result['chains']} chains")
     ais_ax.set(xscale="log", xlabel="AIS steps", ylabel="log p(x) estimate (nats)",
                title=f"AIS ({result['start']} start, {result['leapfrog']} leapfrog)")
+    _label_ticks(ais_ax, [s["steps"] for s in sweep])
     is_ax = fig.add_subplot(1, 2, 2, sharey=ais_ax)
     ks = sorted(result["is_bounds"], key=int)
     is_ax.errorbar([int(k) for k in ks], [result["is_bounds"][k] for k in ks],
                    yerr=[result["is_bounds_se"][k] for k in ks], marker="s", capsize=3, color="C1", label="IS, L_k")
     is_ax.set(xscale="log", xlabel="importance samples k", title="importance sampling")
+    _label_ticks(is_ax, [int(k) for k in ks])
     for ax in (ais_ax, is_ax):
         ax.axhline(-result["nll"], color="C0", linestyle="--", linewidth=1,
                    label=f"AIS, {result['steps']} steps: {-result['nll']:.2f}")
         ax.legend(fontsize="small")
-    fig.suptitle(f"{result['dataset']} {result['split']}, {result['examples']} examples")
+    fig.suptitle(_wrapped(f"{_data_name(result['dataset'])} {result['split']}, {result['examples']} examples", 9.0))
     return _save(fig, path)
 
 
@@ -167,11 +191,16 @@ def plot_snr(path: Path, results: Sequence[Any], title: str, names: Sequence[str
                 ax.errorbar([p.k for p in points], [p.snr for p in points], yerr=[p.snr_se for p in points],
                             marker="o" if network == "inference" else "s", capsize=3,
                             linestyle="-" if network == "inference" else "--",
-                            label=f"{estimator}, {network} (slope {slope.slope:+.2f} ± {slope.se:.2f})")
+                            label=f"{estimator}, {network} ({_slope_text(slope)})")
         ax.set(xscale="log", yscale="log", xlabel="K (samples per example)", ylabel="gradient SNR",
                title=f"{title}: {name}")
-        ks = sorted({p.k for p in result.points})  # the grid's own K labelled, and no other
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        _label_ticks(ax, [p.k for p in result.points])  # the grid's own K labelled, and no other
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)  # below, off the data
     return _save(fig, path)
+
+
+def _slope_text(slope: Any) -> str:
+    """A fitted slope of log SNR against log K with its standard error, or that none was fitted (one K)."""
+    if not math.isfinite(slope.slope):
+        return "no slope fitted"
+    return f"slope {slope.slope:+.2f} ± {slope.se:.2f}"

@@ -298,7 +298,7 @@ def check_settings(steps: int, chains: int, leapfrog: int, start: str, *, batch_
         check_seed(seed)
     for name, value in (("steps", steps), ("chains", chains), ("leapfrog", leapfrog), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SettingError("{0} must be a positive integer (a Python int); got {value!r}", (name,), value=value)
+            raise SettingError("{0} must be a positive integer; got {value}", (name,), value=value)
     if start not in STARTS:
         raise SettingError("{0} must be one of {known}; got {value!r}", ("start",), known=", ".join(STARTS),
                            value=start)

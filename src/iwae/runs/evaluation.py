@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from iwae import data
+from iwae import data, plots
 from iwae.data.catalogue import file_digest
 from iwae.eval.activity import ACTIVE_UNIT_EXAMPLES, ACTIVE_UNIT_THRESHOLD, posterior_mean_variances
 from iwae.eval.likelihood import (
@@ -197,10 +197,19 @@ def evaluate_run(
                                          progress=progress, compile=compile, pieces=pieces, time_limit_s=time_limit_s)
     with pieces.kept_on_stop():  # a stop from here on keeps every batch
         result = _result(run_dir, loaded, state, stats, _unit_variances(model, loaded, seed, x.device), start, pieces)
-        distributed.on_rank_zero(lambda: rundir.write_json(out, result))
+        distributed.on_rank_zero(lambda: _write_result(run_dir, out, result))
     pieces.remove()
     distributed.on_rank_zero(lambda: _remove_partials(out))
     return result
+
+
+def _write_result(run_dir: Path, out: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` to ``out``; where that is the run's own evaluation (RUN/eval.json), draw its figure of the
+    bounds against k (RUN/figures/bound_vs_k.png) afresh, which would otherwise show the numbers it replaced."""
+    rundir.write_json(out, result)
+    if out == eval_path(run_dir):
+        (run_dir / rundir.FIGURES).mkdir(exist_ok=True)
+        plots.plot_bound_vs_k(run_dir / rundir.FIGURES / BOUND_VS_K, result)
 
 
 def _unit_variances(model: DeepLatentModel, loaded: data.Dataset, seed: int, device: torch.device
@@ -219,6 +228,8 @@ def _remove_partials(out: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+# the figure of a run's own evaluation (RUN/figures/), drawn with it
+BOUND_VS_K = "bound_vs_k.png"
 # what to do about a run directory that the evaluation cannot write its result into
 EVALUATE_FIX = "copy the run directory somewhere writable (cp -r RUN COPY) and evaluate the copy"
 

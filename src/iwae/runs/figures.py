@@ -18,7 +18,7 @@ def missing(run_dir: Path) -> bool:
     killed, while it drew them)."""
     names = ["samples.png", "reconstructions.png"]
     names += ["training.png"] if rundir.read_metrics(run_dir) else []
-    names += ["bound_vs_k.png"] if evaluation.eval_path(run_dir).is_file() else []
+    names += [evaluation.BOUND_VS_K] if evaluation.eval_path(run_dir).is_file() else []
     return any(not (run_dir / rundir.FIGURES / name).is_file() for name in names)
 
 
@@ -54,5 +54,5 @@ def make_figures(run_dir: Path, *, device: torch.device | str = "cpu", seed: int
         written.append(plots.plot_training(out / "training.png", metrics))
     own_evaluation = evaluation.eval_path(run_dir)
     if own_evaluation.is_file():
-        written.append(plots.plot_bound_vs_k(out / "bound_vs_k.png", evaluation.read_evaluation(own_evaluation)))
+        written.append(plots.plot_bound_vs_k(out / evaluation.BOUND_VS_K, evaluation.read_evaluation(own_evaluation)))
     return written

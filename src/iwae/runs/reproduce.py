@@ -608,7 +608,7 @@ def plot_curves(path: Path, heading: str, results: list[CellResult]) -> Path:
         for seed, curve in result.curves.items():
             if curve:
                 epochs, bound = zip(*curve, strict=True)
-                ax.plot(epochs, bound, label=f"seed {seed}", linewidth=1)
+                ax.plot(epochs, bound, label=f"seed {seed}", linewidth=1, marker="o" if len(curve) == 1 else None)
         if result.missing:
             ax.text(0.5, 0.5, "data missing", ha="center", va="center", transform=ax.transAxes)
         elif any(result.curves.values()):
