@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import socket
@@ -303,7 +304,8 @@ def test_a_dead_rank_ends_the_other_with_one_line(tiny_dataset: str, tmp_path: P
         time.sleep(0.05)
     processes[1].kill()
     line = one_line_error(*finish(processes)[0])  # within WAIT_S
-    assert "rank 0 of 2: a collective failed" in line and "iwae train --resume" in line
+    assert "rank 0 of 2: a collective failed" in line
+    assert line.endswith(f"continue with: iwae train --resume {tmp_path / 'run'}, under torchrun"), line
     assert checkpoint.load(tmp_path / "run")["epoch"] >= 1  # the last checkpoint is kept
 
 
@@ -325,6 +327,10 @@ def test_refusals(tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
     for argv in (["sample", str(tmp_path)], ["evaluate", str(tmp_path), "--method", "ais"],
                  ["train", "--out", str(tmp_path / "s"), "--seeds", "2", "--dataset", tiny_dataset]):
         assert "runs in one process, not under torchrun" in cli_error(capsys, argv)
+    for argv in (["train", "--out", str(tmp_path / "g"), "--device", "cuda:1"], ["evaluate", str(tmp_path),
+                                                                                 "--device", "cuda:0"]):
+        assert (f"--device {argv[-1]} under torchrun: each rank runs on its own GPU, LOCAL_RANK; give --device cuda"
+                in cli_error(capsys, argv))
     monkeypatch.setattr(distributed, "world", lambda: 2)
     with pytest.raises(distributed.DistributedError, match=r"global batch of 7 examples does not divide among 2 ranks; "
                                                            r"run on a number of ranks that divides it \(1, 7\)"):
@@ -411,3 +417,16 @@ def test_an_evaluation_stopped_under_torchrun_says_to_continue_it_under_torchrun
         process.send_signal(signal.SIGTERM)
     stderr = [err for _, err in finish(evaluating)]
     assert "continue with: iwae evaluate" in stderr[0] and "under torchrun with 2 ranks again" in stderr[0], stderr
+
+
+def test_ranks_that_read_different_checkpoints_refuse_to_evaluate(two_ranks: tuple[Path, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training run that writes a checkpoint between two ranks' reads would have them evaluate two models."""
+    two, _ = two_ranks
+    epoch = checkpoint.load(two)["epoch"]
+    monkeypatch.setattr(distributed, "gather", lambda value: [value, (value[0] + 4, 3, value[2] + 1.0)])
+    with pytest.raises(ValueError, match=re.escape(f"the ranks read different checkpoints of {two} (rank 0: epoch "
+                                                   f"{epoch} step 0, rank 1: epoch {epoch + 4} step 3): a new one was "
+                                                   "written as they started")):
+        evaluation.evaluate_run(two, k=3, device="cpu", examples=4)
+    assert not evaluation.eval_path(two, k=3, examples=4).exists()

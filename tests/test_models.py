@@ -338,3 +338,26 @@ def test_bernoulli_log_density_in_float32_is_as_accurate_as_per_unit_terms() -> 
         per_unit = Independent(Bernoulli(logits=logits), 1).log_prob(x)
         error = (bernoulli_log_density(logits, x, blocked=True).double() - exact).abs().max()
         assert error <= 2 * (per_unit.double() - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("wrong", ["encoder", "decoder", "prior"])
+def test_a_layer_of_elementwise_distributions_is_named_with_its_fix(wrong: str) -> None:
+    class Layer(nn.Module):
+        def __init__(self, in_dim: int, out_dim: int, elementwise: bool) -> None:
+            super().__init__()
+            self.linear, self.elementwise = nn.Linear(in_dim, out_dim), elementwise
+
+        def forward(self, h: torch.Tensor) -> torch.distributions.Distribution:
+            normal = Normal(self.linear(h), 1.0)
+            return normal if self.elementwise else Independent(normal, 1)
+
+    class Prior(nn.Module):
+        def forward(self) -> torch.distributions.Distribution:
+            normal = Normal(torch.zeros(3), 1.0)
+            return normal if wrong == "prior" else Independent(normal, 1)
+
+    model = DeepLatentModel([Layer(5, 3, wrong == "encoder")], [Layer(3, 5, wrong == "decoder")], Prior(), x_dim=5)
+    name = {"encoder": "encoder[0]", "decoder": "decoder[0]", "prior": "the prior"}[wrong]
+    with pytest.raises(ValueError, match=re.escape(f"{name} returned a distribution of event shape (), not a "
+                                                   "distribution over vectors (event shape (d,))")):
+        loss(model, torch.zeros(4, 5), "iwae", k=2)

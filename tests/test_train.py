@@ -375,6 +375,12 @@ def test_resume_refuses_a_different_configuration(tiny_dataset: str, tmp_path: P
     lone_run.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
     with pytest.raises(ValueError, match=r"different configuration: k \(run: 4, given: 5\), objective"):
         lone_run.resume(run, {"k": 5, "objective": "elbo", "batch_size": 8}, progress=False)
+    with pytest.raises(TypeError, match=re.escape("changes must map settings to their values, e.g. {'threads': 1}; "
+                                                  "got a list")):
+        lone_run.resume(run, ["threads"], progress=False)
+    with pytest.raises(ValueError, match=re.escape("unknown setting 'epochz' in changes; the settings are "
+                                                   "TrainConfig's fields")):
+        lone_run.resume(run, {"epochz": 2}, progress=False)
     lone_run.resume(run, {"k": 4, "device": "cpu", "checkpoint_every_s": 1.0}, progress=False)  # same, or runtime
 
 

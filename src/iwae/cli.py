@@ -559,6 +559,10 @@ def _check_command(args: argparse.Namespace) -> None:
                          "(or its mnist/, omniglot/, ... folders), or drop it to search $IWAE_DATA_DIR and the cache")
     if not distributed.launched():
         return
+    device = getattr(args, "device", None) or ""
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device {device} under torchrun: each rank runs on its own GPU, LOCAL_RANK; give "
+                         "--device cuda")
     alone = {"sample": "iwae sample", "diagnose": "iwae diagnose"}.get(args.command)
     if args.command == "evaluate" and args.method != "is":
         alone = f"iwae evaluate --method {args.method}"
@@ -575,10 +579,26 @@ def _continued(stop: signals.Interrupted, command: str, argv: list[str]) -> sign
     an evaluation (under torchrun with as many ranks, for an evaluation, whose ranks keep their own batches)."""
     if command not in ("reproduce", "evaluate"):
         return stop
+    return stop.continued_by(_again(command, argv))
+
+
+def _again(command: str, argv: list[str]) -> str:
+    """The command line that continues ``command`` (run as ``argv``) where it stopped: the same one for a grid or
+    an evaluation (under torchrun with as many ranks, for an evaluation, whose ranks keep their own batches)."""
     again = f"iwae {shlex.join(argv)}"
     if command == "evaluate" and distributed.world() > 1:
         again = f"{again}, under torchrun with {distributed.world()} ranks again"
-    return stop.continued_by(again)
+    return again
+
+
+def _session(args: argparse.Namespace, argv: list[str]) -> contextlib.AbstractContextManager[None]:
+    """The torchrun session of the command ``args``: its ranks meet on gloo where they only wait for each other (a
+    grid) or compute on the CPU, and a lost rank's message names the command line that continues the work."""
+    backend = "gloo" if args.command == "reproduce" or getattr(args, "device", None) == "cpu" else None
+    again = _again(args.command, argv)
+    if args.command == "train":
+        again = f"iwae train --resume {args.resume or args.out}, under torchrun"
+    return distributed.session(backend, again)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         options, command = args.options, args.command
         _check_command(args)
-        with distributed.session("gloo" if args.command == "reproduce" else None):  # reproduce's ranks only wait
+        with _session(args, sys.argv[1:] if argv is None else argv):
             try:
                 {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
                  "reproduce": _run_reproduce}[args.command](args)

@@ -117,8 +117,8 @@ class DeepLatentModel(nn.Module):
             raise SettingError("{0} must be a positive integer number of samples; got {0}={k!r}", ("k",), k=k)
         k = int(k)
         h, zs, qs = x, [], []
-        for layer in self.encoder:
-            q = layer(h)
+        for index, layer in enumerate(self.encoder):
+            q = _over_vectors(layer(h), f"encoder[{index}]")
             draw = q.rsample if q.has_rsample and not detach else q.sample
             h = draw((k,)) if h is x else draw()
             zs.append(h)
@@ -127,9 +127,9 @@ class DeepLatentModel(nn.Module):
 
     def log_joint(self, x: Tensor, z: Sequence[Tensor]) -> Tensor:
         """log p(x, z_1..z_L), shape (K, B), for latents of shape (K, B, d_l)."""
-        log_p = self.prior().log_prob(z[-1])
-        for layer, target, given in zip(self.conditionals, [x, *z[:-1]], z, strict=True):
-            p = layer(given)
+        log_p = _over_vectors(self.prior(), "the prior").log_prob(z[-1])
+        for index, (layer, target, given) in enumerate(zip(self.conditionals, [x, *z[:-1]], z, strict=True)):
+            p = _over_vectors(layer(given), f"decoder[{index}]")
             if target is x:
                 self._check_support(p, x)
             log_p = log_p + p.log_prob(target)
@@ -177,6 +177,18 @@ class DeepLatentModel(nn.Module):
         x = self.as_input(x)
         sample = self.sample_posterior(x, k)
         return self.log_joint(x, sample.z) - self.log_posterior(x, sample)
+
+
+def _over_vectors(dist: Distribution, layer: str) -> Distribution:
+    """``dist``, the distribution ``layer`` returned, checked to be one over vectors (event shape (d,)), whose
+    ``log_prob`` sums over a latent's or an example's units."""
+    if not isinstance(dist, Distribution) or len(dist.event_shape) != 1:
+        what = (f"a distribution of event shape {tuple(dist.event_shape)}" if isinstance(dist, Distribution)
+                else f"a {type(dist).__name__}")
+        raise ValueError(f"{layer} returned {what}, not a distribution over vectors (event shape (d,)), whose "
+                         "log_prob sums over the units; wrap an elementwise one in Independent(..., 1), e.g. "
+                         "Independent(Normal(loc, scale), 1)")
+    return dist
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -101,12 +101,13 @@ def alone() -> Iterator[None]:
 
 
 @contextmanager
-def session(backend: str | None = None) -> Iterator[None]:
+def session(backend: str | None = None, again: str = "the same command") -> Iterator[None]:
     """Run the body as one rank of torchrun's job, when launched by it (else just run it).
 
     Joins the other ranks with ``backend`` (default: nccl on a GPU, gloo otherwise), puts this rank on GPU
     LOCAL_RANK, discards the standard output of ranks other than 0 (rank 0 prints the results), and turns the
-    failures of collectives (a lost rank, a timeout) into a one-line ``DistributedError``.
+    failures of collectives (a lost rank, a timeout) into a one-line ``DistributedError`` that names ``again``, the
+    command line that continues the work.
     """
     if not launched():
         yield
@@ -129,12 +130,12 @@ def session(backend: str | None = None) -> Iterator[None]:
             yield
         dist.barrier()  # no rank tears its connections down while another still uses them
     except dist.DistError as error:
-        raise _lost(error) from error
+        raise _lost(error, again) from error
     except RuntimeError as error:
         if not _is_collective_failure(error):
             _leave()
             raise
-        raise _lost(error) from error
+        raise _lost(error, again) from error
     except BaseException:
         _leave()
         raise
@@ -159,11 +160,10 @@ def _is_collective_failure(error: RuntimeError) -> bool:
     return any(mark in text for mark in ("gloo", "Gloo", "NCCL", "c10d", "Connection closed", "Timed out"))
 
 
-def _lost(error: BaseException) -> DistributedError:
+def _lost(error: BaseException, again: str) -> DistributedError:
     return DistributedError(
         f"{name()}: a collective failed: another rank ended or did not answer within {timeout_s():g} s "
-        f"({_first_line(error)}); the job stops; a training run continues from its last checkpoint with "
-        "iwae train --resume DIR"
+        f"({_first_line(error)}); the job stops; continue with: {again}"
     )
 
 

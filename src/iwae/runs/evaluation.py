@@ -186,6 +186,7 @@ def evaluate_run(
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
+    _check_one_checkpoint(run_dir, state)
     out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, len(x)), seed=seed)
     compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
     pieces = _pieces(run_dir, out, {"method": "is", "k": k, "split": split, "data": data_identity(loaded.name),
@@ -201,6 +202,17 @@ def evaluate_run(
     pieces.remove()
     distributed.on_rank_zero(lambda: _remove_partials(out))
     return result
+
+
+def _check_one_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Refuse an evaluation whose ranks read different checkpoints of the run (a training run wrote a new one
+    between their reads), whose batches would come from different models."""
+    positions = distributed.gather((state["epoch"], state["step"], state["wall_time_s"]))
+    if len(set(positions)) > 1:
+        read = ", ".join(f"rank {rank}: epoch {epoch} step {step}" for rank, (epoch, step, _) in enumerate(positions))
+        raise ValueError(f"the ranks read different checkpoints of {run_dir} ({read}): a new one was written as they "
+                         "started, so the run is still training; evaluate it once it stops, or a copy of it "
+                         "(cp -r RUN COPY)")
 
 
 def _write_result(run_dir: Path, out: Path, result: dict[str, Any]) -> None:
@@ -276,7 +288,8 @@ def _statistics_of_all_ranks(model: DeepLatentModel, x: Tensor, k: int, *, chunk
                                       progress=progress and distributed.rank() == 0, compile=compile, pieces=pieces,
                                       time_limit_s=time_limit_s)
     if distributed.world() > 1:
-        parts = distributed.gather(None if stats is None else stats.cpu())
+        with pieces.kept_on_stop():  # another rank lost at the gather: this rank's batches are kept
+            parts = distributed.gather(None if stats is None else stats.cpu())
         stats = concatenate([part for part in parts if part is not None])
     return stats
 

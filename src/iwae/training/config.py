@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,14 @@ def resumed_config(saved: dict[str, Any], changes: dict[str, Any] | None, run_di
     Raises:
       ValueError: naming every setting in ``changes`` that differs from the run's.
     """
+    if changes is not None and not isinstance(changes, Mapping):
+        raise TypeError(f"changes must map settings to their values, e.g. {{'threads': 1}}; got a "
+                        f"{type(changes).__name__}")
     changes = dict(changes or {})
+    unknown = sorted(set(changes) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise SettingError("unknown setting {unknown} in {0}; the settings are TrainConfig's fields", ("changes",),
+                           unknown=", ".join(map(repr, unknown)))
     if "device" in changes:
         changes["device"] = str(resolve_device(changes["device"]))  # compared as resolved, like the saved one
     if "dataset" in changes:  # both compared as runs record them (older runs saved a user's file as given)
