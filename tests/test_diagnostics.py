@@ -8,8 +8,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +324,20 @@ def test_a_setting_given_twice_is_measured_once(tmp_path: Path, capsys: pytest.C
                 for row in csv.DictReader(file)]
     assert len(rows) == len(set(rows)) == 2 * 2 * 2  # (iwae, miwae m=2) x networks x K
     assert set(json.loads((out / "slopes.json").read_text())) == {"iwae", "miwae"}
+
+
+@pytest.mark.slow
+def test_a_diagnosis_stopped_by_sigterm_says_so(tmp_path: Path) -> None:
+    log = tmp_path / "stderr"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "iwae.cli", "diagnose", "snr", "--toy", "--k", "10,100,1000",
+                                    "--draws", "500", "--no-time-limit", "--out", str(tmp_path / "out")],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 120
+        while "estimated time" not in log.read_text() and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 128 + signal.SIGTERM
+    assert messages(log.read_text())[-1] == ("iwae: the diagnosis (nothing kept) stopped by SIGTERM; run it again "
+                                             "with: the same command")

@@ -14,6 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import messages, overlapping, tick_label_boxes
@@ -551,3 +552,11 @@ def test_a_reports_command_gives_its_budget_exactly(budget: float, tmp_path: Pat
 def test_options_of_the_wrong_type_are_refused(options: reproduce.Options, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         reproduce.check("dreg", options)
+
+
+def test_numpy_numbers_are_taken_as_pythons() -> None:
+    options = reproduce.Options(budget=np.float64(0.01), seeds=np.int64(2), eval_k=np.int32(10), threads=np.int8(1))
+    assert options == reproduce.Options(budget=0.01, seeds=2, eval_k=10, threads=1)
+    assert [type(value) for value in (options.budget, options.seeds, options.eval_k, options.threads)] == [
+        float, int, int, int]
+    reproduce.check("dreg", reproduce.Options(budget=np.float32(0.5)))

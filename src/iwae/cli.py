@@ -591,6 +591,15 @@ def _again(command: str, argv: list[str]) -> str:
     return again
 
 
+def _stopped_as_said(command: str) -> contextlib.AbstractContextManager[None]:
+    """For the commands that keep no work when stopped (a diagnosis, drawing figures), SIGTERM as SIGINT: a message
+    saying what stopped and that the same command does it again, rather than an end without a word."""
+    what = {"diagnose": "the diagnosis (nothing kept)", "sample": "drawing the figures (those finished kept)"}
+    if command not in what:
+        return contextlib.nullcontext()
+    return signals.raising_on_signal(what[command], "the same command", "run it again with")
+
+
 def _session(args: argparse.Namespace, argv: list[str]) -> contextlib.AbstractContextManager[None]:
     """The torchrun session of the command ``args``: its ranks meet on gloo where they only wait for each other (a
     grid) or compute on the CPU, and a lost rank's message names the command line that continues the work."""
@@ -610,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         options, command = args.options, args.command
         _check_command(args)
-        with _session(args, sys.argv[1:] if argv is None else argv):
+        with _session(args, sys.argv[1:] if argv is None else argv), _stopped_as_said(args.command):
             try:
                 {"train": _run_train, "evaluate": _run_evaluate, "sample": _run_sample, "diagnose": _run_diagnose,
                  "reproduce": _run_reproduce}[args.command](args)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import numbers
 import os
 import shlex
 import statistics
@@ -131,6 +132,16 @@ class Options:
     data_dir: str | None = None
     cells: tuple[str, ...] | None = None
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "seeds", "eval_k", "threads"):  # NumPy's numbers as Python's
+            value = getattr(self, name)
+            if isinstance(value, bool) or type(value) in (int, float):
+                continue
+            if isinstance(value, numbers.Integral):
+                object.__setattr__(self, name, int(value))
+            elif isinstance(value, numbers.Real):
+                object.__setattr__(self, name, float(value))
 
 
 def check(table: str, options: Options) -> None:
