@@ -281,8 +281,7 @@ def gradient_snr(
       ``SNRResult`` with one ``SNRPoint`` per estimator, network and K, and the slopes against K.
     """
     base = check_settings(objective, estimators, ks := sorted(set(ks)), draws, m=m, beta=beta)
-    x = model.as_input(x)  # before its device is read
-    estimators, ks = list(estimators), [int(k) for k in ks]
+    estimators, ks, x = list(estimators), [int(k) for k in ks], model.as_input(x)  # x checked before its device is read
     params = {"inference": list(model.encoder.parameters()), "generative": list(model.decoder.parameters())}
     points: list[SNRPoint] = []
     settings = [(estimator, k) for estimator in estimators for k in ks]

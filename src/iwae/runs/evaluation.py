@@ -111,9 +111,9 @@ def load_examples(
     run_dir: Path, *, split: str, dataset: str | None, data_dir: str | None, examples: int | None, device: str,
     seed: int, loaded: data.Dataset | None = None,
 ) -> tuple[dict[str, Any], DeepLatentModel, data.Dataset, Tensor]:
-    """A run's checkpoint state and model on ``device``, the data it is evaluated on (its own, or ``dataset``;
-    ``loaded`` if given: the run's own data, loaded already), and ``examples`` (default: all) binary
-    examples of ``split`` (see ``split_examples``).
+    """A run's checkpoint state and model on ``device`` (the same checkpoint on every rank), the data it is
+    evaluated on (its own, or ``dataset``; ``loaded`` if given: the run's own data, loaded already), and
+    ``examples`` (default: all) binary examples of ``split`` (see ``split_examples``).
 
     Raises:
       SettingError: for a bad ``examples``, ``seed`` or ``split``, before anything is read.
@@ -126,6 +126,7 @@ def load_examples(
                            known=", ".join(SPLITS))
     torch_device = resolve_device(device)
     state, model = checkpoint.load_model(run_dir, torch_device)
+    _check_one_checkpoint(run_dir, state)
     config = state["config"]
     split_protocol = config["data_split"] if dataset is None else "paper"
     if loaded is None:
@@ -186,7 +187,6 @@ def evaluate_run(
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
-    _check_one_checkpoint(run_dir, state)
     out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, len(x)), seed=seed)
     compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
     pieces = _pieces(run_dir, out, {"method": "is", "k": k, "split": split, "data": data_identity(loaded.name),
