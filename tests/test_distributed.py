@@ -26,6 +26,7 @@ import torch
 from test_cli import one_line_error as cli_error
 from test_reproduce import TABLE, tiny_grid
 
+from iwae import cli
 from iwae.core.objectives import Objective
 from iwae.eval import likelihood
 from iwae.models import burda
@@ -430,3 +431,14 @@ def test_ranks_that_read_different_checkpoints_refuse_to_evaluate(two_ranks: tup
                                                    "written as they started")):
         evaluation.evaluate_run(two, k=3, device="cpu", examples=4)
     assert not evaluation.eval_path(two, k=3, examples=4).exists()
+
+
+def test_a_lost_ranks_message_names_the_command_that_continues_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Named before the ranks meet (when torchrun's WORLD_SIZE alone says how many there are)."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert cli._again("evaluate", ["evaluate", "runs/a b", "--k", "10"]) == (
+        "iwae evaluate 'runs/a b' --k 10, under torchrun with 3 ranks again")
+    assert cli._again("reproduce", ["reproduce", "dreg"]) == "iwae reproduce dreg"
+    error = distributed._lost(RuntimeError("Connection closed by peer"), "iwae train --resume runs/a, under torchrun")
+    assert str(error).endswith("(Connection closed by peer); the job stops; continue with: iwae train --resume runs/a, "
+                               "under torchrun")

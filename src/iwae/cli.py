@@ -586,8 +586,8 @@ def _again(command: str, argv: list[str]) -> str:
     """The command line that continues ``command`` (run as ``argv``) where it stopped: the same one for a grid or
     an evaluation (under torchrun with as many ranks, for an evaluation, whose ranks keep their own batches)."""
     again = f"iwae {shlex.join(argv)}"
-    if command == "evaluate" and distributed.world() > 1:
-        again = f"{again}, under torchrun with {distributed.world()} ranks again"
+    if command == "evaluate" and distributed.launched():
+        again = f"{again}, under torchrun with {distributed.launched_ranks()} ranks again"
     return again
 
 

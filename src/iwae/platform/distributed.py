@@ -58,7 +58,12 @@ class DistributedError(ValueError):
 
 def launched() -> bool:
     """Whether this process is one of several started by torchrun (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_ranks() > 1
+
+
+def launched_ranks() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 without torchrun), known before they meet."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def timeout_s() -> float:
