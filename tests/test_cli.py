@@ -173,6 +173,7 @@ def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pyte
                                                       "this model's q has discrete latents; use --estimator vimco"),
         (["--model", "sbn-4", "--estimator", "vimco", "--k", "1"], "vimco needs --k >= 2 samples for its "
                                                                    "leave-one-out baseline; got --k=1"),
+        (["--schedule-scale", "1"], "--schedule-scale scales --schedule burda's stages only"),  # its default too
     ],
 )
 def test_bad_training_options(
@@ -736,3 +737,14 @@ def test_sample_waits_its_turn_in_a_run_in_use(finished_run: Path, tmp_path: Pat
     assert line.startswith(f"iwae: error: {run} is in use by process {os.getpid()} (")
     assert {path.name: path.read_bytes() for path in (run / rundir.FIGURES).iterdir()} == before
     assert main(["sample", str(run), "--n", "4", "--device", "cpu"]) == 0
+
+
+def test_schedule_options_the_schedule_does_not_read_are_refused_at_its_own_values(
+        tiny_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    burda = ["--schedule", "burda", "--schedule-scale", "0.001"]  # 9 epochs at 1e-3 first
+    for extra in (["--epochs", "9"], ["--lr", "0.001"]):
+        line = one_line_error(capsys, ["train", "--dataset", tiny_dataset, *burda, *extra, "--out",
+                                       str(tmp_path / "r")])
+        assert line.endswith("--epochs and --lr do not apply to --schedule burda, which fixes both; shorten it with "
+                             "--schedule-scale instead")
+    assert not (tmp_path / "r").exists()

@@ -25,7 +25,7 @@ from test_cli import one_line_error
 from iwae import data, plots
 from iwae.cli import main
 from iwae.core import bounds
-from iwae.core.objectives import loss
+from iwae.core.objectives import Objective, loss
 from iwae.eval import snr_diagnostics
 from iwae.eval.snr_diagnostics import _Moments, _ScalarMoments, fit_slope, gradient_snr
 from iwae.models import GaussianToy
@@ -211,6 +211,11 @@ def test_the_library_takes_numpy_integers_and_refuses_a_bare_string() -> None:
         gradient_snr(model, x, "iwae", "dreg", [2, 4], 3)
     with pytest.raises(ValueError, match=re.escape("x is a numpy.ndarray, not a torch.Tensor")):
         gradient_snr(model, x.numpy(), "iwae", ["dreg"], [2, 4], 3)
+    for unread in ({"beta": 0.3}, {"m": 2}, {"m": 1}):  # as loss refuses them, at their default values too
+        with pytest.raises(ValueError, match=f"{next(iter(unread))} applies only to objective"):
+            gradient_snr(model, x, "iwae", ["dreg"], [2, 4], 3, **unread)
+    with pytest.raises(ValueError, match=re.escape("beta given with an Objective, which carries its own")):
+        gradient_snr(model, x, Objective("ciwae", 4, beta=0.2), ["dreg"], [2, 4], 3, beta=0.9)
     with pytest.raises(ValueError, match=re.escape("ks (the grid of K) must be positive integers; got [0, 2]")):
         gradient_snr(model, x, "iwae", ["dreg"], [0, 2], 3)
     with pytest.raises(ValueError, match=re.escape("m=2 must divide every K of ks for miwae; it does not divide 3")):

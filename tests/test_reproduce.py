@@ -560,3 +560,12 @@ def test_numpy_numbers_are_taken_as_pythons() -> None:
     assert [type(value) for value in (options.budget, options.seeds, options.eval_k, options.threads)] == [
         float, int, int, int]
     reproduce.check("dreg", reproduce.Options(budget=np.float32(0.5)))
+
+
+@pytest.mark.parametrize("budget", [0.0003, 0.01])
+def test_a_continued_cells_command_names_its_epochs_however_few(budget: float, tmp_path: Path) -> None:
+    (cell,) = [cell for cell in reproduce.GRIDS["burda-table2"]() if cell.init_from is not None][:1]
+    options = reproduce.Options(budget=budget)
+    config = reproduce.cell_config(cell, 0, options, tmp_path)
+    line = reproduce.command("burda-table2", cell, config, tmp_path, 1)
+    assert f" --epochs {config.epochs} " in line and config.epochs == max(1, round(2187 * budget))

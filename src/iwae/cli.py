@@ -111,7 +111,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
             "them (fresh optimizer)", metavar="DIR")
     group = parser.add_argument_group("running")
     _option(group, "--eval-k", int, "samples per example of the final evaluation (0 skips it)")
-    _option(group, "--monitor-examples", int, "test examples on which each epoch's test bound is computed")
+    _option(group, "--monitor-examples", int, "test examples on which each epoch's test bound is computed (all of "
+            "them where the test split holds fewer)")
     _option(group, "--checkpoint-every", float, "also checkpoint every this many seconds within an epoch",
             dest="checkpoint_every_s", metavar="SECONDS")
     _option(group, "--device", str, "cpu, cuda, or auto (a GPU if there is one)")
@@ -330,6 +331,13 @@ def _check_unread_options(given: dict[str, Any]) -> None:
                              f"drop --{name}, or choose --objective {objectives[0]}")
     if "data_dir" in given:
         _check_data_dir(given.get("dataset", _DEFAULTS["dataset"]), "--dataset")
+    schedule = given.get("schedule", _DEFAULTS["schedule"])
+    if schedule == "burda" and ("epochs" in given or "lr" in given):  # at the schedule's own values too
+        raise UsageError("--epochs and --lr do not apply to --schedule burda, which fixes both; shorten it with "
+                         "--schedule-scale instead")
+    if schedule == "constant" and "schedule_scale" in given:
+        raise UsageError("--schedule-scale scales --schedule burda's stages only; with --schedule constant give the "
+                         "length with --epochs")
     model = given.get("model", _DEFAULTS["model"])
     if "layers" in given and model != "burda":
         raise UsageError(f"--layers applies to --model burda only, not {model}, whose layers are the widths in its "
@@ -533,8 +541,8 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         print("iwae: one K in --k: the SNR at it is measured, and no slope against K fitted (give two or more K)",
               file=sys.stderr)
     results = [
-        snr_diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, m=m, beta=args.beta,
-                                 seed=args.seed, progress=True)
+        snr_diagnostics.gradient_snr(model, x, objective, estimators, args.k, args.draws, seed=args.seed, progress=True,
+                                     **snr_diagnostics.read_by(objective, m=m, beta=args.beta))
         for objective, m in settings
     ]
     print(snr_diagnostics.format_snr_table(results))

@@ -245,19 +245,26 @@ def _refuse_unread(objective: str, names: list[str]) -> None:
                                objective=objective)
 
 
-def _objective(objective: str | Objective, **given: float | None) -> Objective:
-    """``objective``, or the objective of that name with the settings ``given`` (those not None; k 50 unless given);
-    refused (SettingError) with settings beside an ``Objective``, which carries its own."""
-    settings = {name: value for name, value in given.items() if value is not None}
+def check_given(objective: str | Objective, **given: float | None) -> None:
+    """Refuse (SettingError) the settings ``given`` (those not None, at their default values too) that the objective
+    of that name does not read, and any beside an ``Objective``, which carries its own."""
+    settings = [name for name, value in given.items() if value is not None]
     if not isinstance(objective, Objective):
-        if objective in OBJECTIVES:  # a setting given at its default value too
-            _refuse_unread(objective, list(settings))
-        return Objective(objective, **{"k": 50, **settings})
-    if settings:
+        if objective in OBJECTIVES:  # an unknown name is Objective's to refuse
+            _refuse_unread(objective, settings)
+    elif settings:
         named = " and ".join(f"{{{i}}}" for i in range(len(settings)))
         raise SettingError(named + " given with an Objective, which carries its own; set them in the Objective, or "
                            "give the objective's name", tuple(settings))
-    return objective
+
+
+def _objective(objective: str | Objective, **given: float | None) -> Objective:
+    """``objective``, or the objective of that name with the settings ``given`` (those not None; k 50 unless given),
+    after ``check_given``."""
+    check_given(objective, **given)
+    if isinstance(objective, Objective):
+        return objective
+    return Objective(objective, **{"k": 50, **{name: value for name, value in given.items() if value is not None}})
 
 
 def _loss(surrogate: Tensor, bound: Tensor, log_w: Tensor, reduction: str) -> Loss:

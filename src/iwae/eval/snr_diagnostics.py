@@ -41,6 +41,7 @@ from iwae.core.objectives import (
     REPARAMETERIZED_ESTIMATORS,
     SETTING_READERS,
     Objective,
+    check_given,
     loss,
 )
 from iwae.platform import duration, memory
@@ -223,8 +224,13 @@ def check_snr_memory(model: nn.Module, x_dim: int, examples: int, ks: Sequence[i
 def _objective(name: str, k: int, m: int, beta: float) -> Objective:
     """The objective ``name`` of ``k`` samples with those of the diagnosis's ``m`` and ``beta`` that it reads (one
     diagnosis runs several objectives on one ``m`` and ``beta``)."""
-    return Objective(name, k, **{key: value for key, value in (("m", m), ("beta", beta))
-                                 if name in SETTING_READERS[key]})
+    return Objective(name, k, **read_by(name, m=m, beta=beta))
+
+
+def read_by(objective: str, **settings: float) -> dict[str, float]:
+    """Those of ``settings`` (m, beta) that ``objective`` reads: a diagnosis of several objectives shares one m and
+    beta, which each objective takes if it reads them."""
+    return {name: value for name, value in settings.items() if objective in SETTING_READERS[name]}
 
 
 def check_snr_time(model: nn.Module, x: Tensor, settings: Sequence[tuple[str, int]], estimators: Sequence[str],
@@ -257,8 +263,8 @@ def gradient_snr(
     ks: Iterable[int] = (1, 10, 100, 1000),
     draws: int = 100,
     *,
-    m: int = 1,
-    beta: float = 0.5,
+    m: int | None = None,
+    beta: float | None = None,
     reduction: str = "sum",
     seed: int = 0,
     progress: bool = False,
@@ -273,14 +279,17 @@ def gradient_snr(
       estimators: any of "standard", "stl", "dreg".
       ks: the grid of K, total samples per example (for miwae and piwae, m groups of K / m).
       draws: gradients per pass; each setting takes 2 x draws backward passes (see the module docstring).
-      m, beta: the objective's groups (miwae, piwae) and ELBO weight (ciwae), for an objective given by name;
+      m, beta: the objective's groups (miwae, piwae; default 1) and ELBO weight (ciwae; default 0.5), for an
+        objective given by name that reads them (refused otherwise, as ``loss`` refuses them);
       reduction: the gradient of the "sum" (as in training) or the "mean" of the batch's bounds.
       seed, progress: seeds the samples (torch's global generator is restored afterwards); show a progress bar.
 
     Returns:
       ``SNRResult`` with one ``SNRPoint`` per estimator, network and K, and the slopes against K.
     """
-    base = check_settings(objective, estimators, ks := sorted(set(ks)), draws, m=m, beta=beta)
+    check_given(objective, m=m, beta=beta)
+    base = check_settings(objective, estimators, ks := sorted(set(ks)), draws, m=1 if m is None else m,
+                          beta=0.5 if beta is None else beta)
     estimators, ks, x = list(estimators), [int(k) for k in ks], model.as_input(x)  # x checked before its device is read
     params = {"inference": list(model.encoder.parameters()), "generative": list(model.decoder.parameters())}
     points: list[SNRPoint] = []
@@ -300,15 +309,16 @@ def gradient_snr(
             points += [_point(base.name, estimator, network, k, groups, moments, projected)
                        for network, (moments, projected) in _gradient_moments(draw, params, draws, x.device).items()]
     model.zero_grad(set_to_none=True)
-    slopes = {
-        estimator: {
-            network: fit_slope(*zip(*[(p.k, p.snr, p.snr_se) for p in points
-                                      if p.estimator == estimator and p.network == network], strict=True))
-            for network in params
-        }
-        for estimator in estimators
-    }
-    return SNRResult(base.name, draws, points, slopes, base.m if base.name in SETTING_READERS["m"] else 1)
+    return SNRResult(base.name, draws, points, _slopes(points, estimators, list(params)),
+                     base.m if base.name in SETTING_READERS["m"] else 1)
+
+
+def _slopes(points: list[SNRPoint], estimators: list[str], networks: list[str]) -> dict[str, dict[str, Slope]]:
+    """The fitted slope of log SNR against log K of each estimator's gradient of each network."""
+    return {estimator: {network: fit_slope(*zip(*[(p.k, p.snr, p.snr_se) for p in points
+                                                  if p.estimator == estimator and p.network == network], strict=True))
+                        for network in networks}
+            for estimator in estimators}
 
 
 def _gradient_moments(draw: Callable[[], dict[str, Tensor]], params: dict[str, list[nn.Parameter]], draws: int,

@@ -217,7 +217,7 @@ def command(table: str, cell: Cell, config: TrainConfig, out: Path, seeds: int) 
             continue
         if config.schedule == "burda" and key in ("epochs", "lr"):
             continue  # fixed by the schedule
-        if value != getattr(defaults, key) or key in ("dataset", "objective", "k", "estimator"):
+        if value != getattr(defaults, key) or key in ("dataset", "objective", "k", "estimator", "epochs"):
             flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
     if cell.init_from is not None:
         flags.append(f"--init-from {shlex.quote(shown(out / cell.init_from))}/seed-$s")
