@@ -127,3 +127,15 @@ def test_the_cpu_generator_draws_in_one_call_what_it_draws_in_several() -> None:
         whole = torch.empty(sum(sizes)).uniform_(generator=one)
         parts = torch.cat([torch.empty(size).uniform_(generator=several) for size in sizes])
         assert torch.equal(whole, parts) and torch.equal(one.get_state(), several.get_state()), sizes
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_one_seeds_rows_are_those_of_its_whole_minibatches(ahead: bool) -> None:
+    """A rank's share of each minibatch (``rows``) is cut with the chunk, as the rows of the whole minibatch."""
+    train, generator = torch.rand(57, 7), torch.Generator().manual_seed(3)
+    batches = epoch_batches(57, 5, generator).unsqueeze(0)  # 11 minibatches
+    whole = EpochMinibatches(train, batches, [torch.Generator().manual_seed(4)], True, 2, ahead)
+    share = EpochMinibatches(train, batches, [torch.Generator().manual_seed(4)], True, 2, ahead, rows=slice(1, 4))
+    for step in range(2, 11):
+        x = share(step)
+        assert x.shape == (3, 7) and torch.equal(x, whole(step)[0, 1:4])

@@ -56,10 +56,10 @@ class LoneSeed:
 
     def draw_from(self, batches: Tensor, step: int) -> None:
         self.minibatches = EpochMinibatches(self.dataset.train, batches.unsqueeze(0), [self.streams.data],
-                                            self.dataset.binarization == "dynamic", step, self.ahead)
+                                            self.dataset.binarization == "dynamic", step, self.ahead, self.rows)
 
     def train_on(self, step: int) -> None:
-        self.step(self.minibatches(step)[0, self.rows])
+        self.step(self.minibatches(step))
 
     def monitor(self, x: Tensor) -> list[float]:
         config = self.configs[0]

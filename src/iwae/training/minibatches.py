@@ -101,19 +101,20 @@ def _drawer(pid: int) -> _Drawer:
 
 @dataclass
 class _Chunk:
-    """Minibatches ``start`` .. ``end`` - 1 of the epoch, ``x`` (end - start, S, B, D), drawn into buffer set
-    ``buffer`` from the data streams as they stood at ``states``."""
+    """Minibatches ``start`` .. ``end`` - 1 of the epoch, ``steps[i]`` that of step start + i (a view of the chunk
+    (end - start, S, B, D)), drawn into buffer set ``buffer`` from the data streams as they stood at ``states``."""
 
     start: int
     end: int
     states: list[Tensor]
-    x: Tensor | None = None
+    steps: tuple[Tensor, ...] = ()
     buffer: int = 0
 
 
 class EpochMinibatches:
     """The minibatches of an epoch for S seeds, from minibatch ``step`` on: ``minibatches(i)`` is minibatch i of
-    every seed, (S, B, D), valid until a minibatch of another chunk is asked for. They are asked for in order.
+    every seed, (S, B, D), or with ``rows`` the rows of one seed's, valid until a minibatch of another chunk is asked
+    for. They are asked for in order, and each is a view made with its chunk, so that a step indexes nothing.
 
     Args:
       train: the training examples (N, D), on the training device.
@@ -122,12 +123,14 @@ class EpochMinibatches:
       dynamic: whether the examples are binarized afresh (``Dataset.binarization == "dynamic"``), or used as they are.
       step: the first minibatch drawn (0, or where a resumed run continues its epoch).
       ahead: draw the next chunk on a thread of its own while the steps run (``draws_ahead``).
+      rows: for one seed (S = 1), the rows of its minibatches to give (a rank's share), (rows, D) each.
     """
 
     def __init__(self, train: Tensor, batches: Tensor, generators: list[torch.Generator], dynamic: bool,
-                 step: int, ahead: bool = False) -> None:
+                 step: int, ahead: bool = False, rows: slice | None = None) -> None:
         seeds, _, batch = batches.shape
         self.train, self.batches, self.generators, self.dynamic = train, batches, generators, dynamic
+        self.pick = (slice(None),) if rows is None else (slice(None), 0, rows)  # of a chunk's (n, S, B, D)
         step_bytes = seeds * batch * train.shape[1] * train.element_size()
         self.chunk = max(1, min(chunk_bytes(train.device) // step_bytes, batches.shape[1] - step))
         like = {"dtype": train.dtype, "device": train.device}
@@ -146,7 +149,7 @@ class EpochMinibatches:
             self.drawn = ahead if ahead is not None else self._draw(step, 0)
             if self.ahead and self.drawn.end < self.batches.shape[1]:
                 self.next = _drawer(os.getpid()).submit(self._draw, self.drawn.end, 1 - self.drawn.buffer)
-        return self.drawn.x[step - self.drawn.start]
+        return self.drawn.steps[step - self.drawn.start]
 
     def _take_next(self) -> _Chunk | None:
         """The chunk drawn ahead (waiting for it), or None."""
@@ -169,7 +172,7 @@ class EpochMinibatches:
             for seed_noise, generator in zip(noise, self.generators, strict=True):
                 draw_uniforms(seed_noise[:n], generator)
             torch.lt(noise[:, :n].transpose(0, 1), rows[:n], out=x[:n])
-        return _Chunk(step, end, states, x, buffer)
+        return _Chunk(step, end, states, x[:n][self.pick].unbind(0), buffer)
 
     def stream_states(self, step: int) -> list[Tensor]:
         """Each seed's data generator state after the draws of the minibatches before ``step`` (one of the chunk
