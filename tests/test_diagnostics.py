@@ -307,6 +307,13 @@ def test_a_grid_of_m(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert len(rows) == 3 * 2 * 2  # (iwae, miwae m=1, miwae m=2) x networks x K
     assert {row["m"] for row in rows if row["objective"] == "miwae"} == {"1", "2"}
     assert set(json.loads((out / "slopes.json").read_text())) == {"iwae", "miwae-m1", "miwae-m2"}
+    assert json.loads((out / "settings.json").read_text()) == {
+        "title": "Gaussian toy", "run": None, "examples": 8, "seed": 0, "draws": 3, "objectives": ["iwae", "miwae"],
+        "estimators": ["dreg"], "k": [2, 4], "m": [1, 2], "beta": None}
+    assert main(["diagnose", "snr", "--toy", "--examples", "8", "--objectives", "ciwae", "--beta", "0.3",
+                 "--estimators", "dreg", "--k", "2", "--draws", "3", "--seed", "5", "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert (settings["beta"], settings["m"], settings["seed"], settings["k"]) == (0.3, None, 5, [2])
     with pytest.raises(ValueError, match="must divide"):
         snr_diagnostics.check_settings("piwae", ["dreg"], [4, 6], 3, m=4)
 

@@ -220,7 +220,8 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
                                  description="Diagnostics of a model's gradient estimators.")
     which = parser.add_subparsers(dest="diagnostic", metavar="DIAGNOSTIC", required=True)
     snr = which.add_parser(
-        "snr", help="gradient signal-to-noise ratio of each estimator against K: snr.csv, slopes.json, snr.png",
+        "snr", help="gradient signal-to-noise ratio of each estimator against K: snr.csv, slopes.json, snr.png, "
+        "settings.json",
         description="Measure the gradient SNR of the inference and generative networks for each objective, "
         "estimator and K, on a batch of a run's training data at its checkpoint (RUN) or on the Gaussian toy of "
         "Rainforth et al. 2018 (--toy), and fit the slope of log SNR against log K.",
@@ -546,7 +547,11 @@ def _run_diagnose(args: argparse.Namespace) -> None:
         for objective, m in settings
     ]
     print(snr_diagnostics.format_snr_table(results))
-    for path in snr_report.write_results(results, args.out, title):
+    settings = {"run": None if args.toy else str(args.run), "examples": len(x), "seed": args.seed, "draws": args.draws,
+                "objectives": objectives, "estimators": estimators, "k": sorted(set(args.k)),
+                "m": args.m if set(objectives) & set(SETTING_READERS["m"]) else None,
+                "beta": args.beta if set(objectives) & set(SETTING_READERS["beta"]) else None}
+    for path in snr_report.write_results(results, args.out, title, settings):
         print(path)
 
 
