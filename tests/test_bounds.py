@@ -133,6 +133,8 @@ def test_invalid_arguments_name_the_problem() -> None:
     for alpha in (math.nan, math.inf, None, "0.5"):
         with pytest.raises(ValueError, match=re.escape(f"alpha must be a real number or -inf; got alpha={alpha!r}")):
             bounds.vr(log_w, alpha)
+    assert torch.equal(bounds.ciwae(log_w, torch.tensor(0.3)), bounds.ciwae(log_w, 0.3))  # a tensor's number
+    assert torch.equal(bounds.vr(log_w, torch.tensor(0.3)), bounds.vr(log_w, 0.3))
     for bound in (bounds.elbo, bounds.iwae, functools.partial(bounds.vr, alpha=0.5)):
         with pytest.raises(ValueError, match=re.escape("log_w must be a torch.Tensor of log weights, shape (K, "
                                                        "*batch); got a list: give torch.as_tensor(log_w)")):

@@ -560,6 +560,7 @@ def test_numpy_numbers_are_taken_as_pythons() -> None:
     assert [type(value) for value in (options.budget, options.seeds, options.eval_k, options.threads)] == [
         float, int, int, int]
     reproduce.check("dreg", reproduce.Options(budget=np.float32(0.5)))
+    assert reproduce.Options(budget=np.float32(0.01)).budget == 0.01  # the number written, not float32's nearest
 
 
 @pytest.mark.parametrize("budget", [0.0003, 0.01])

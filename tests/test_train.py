@@ -131,6 +131,10 @@ def test_config_takes_numpy_integers_as_ints() -> None:
     assert all(type(value) is int for value in asdict(config).values() if isinstance(value, np.integer | int))
 
 
+def test_config_takes_a_torch_device() -> None:
+    assert TrainConfig(epochs=1, device=torch.device("cpu")).device == torch.device("cpu")
+
+
 def test_config_takes_paths_and_a_device_this_machine_may_lack(tmp_path: Path) -> None:
     config = TrainConfig(epochs=1, dataset=tmp_path / "mine.npy", init_from=tmp_path / "run", data_dir=tmp_path,
                          device="cuda:1")
@@ -816,3 +820,14 @@ def test_a_diverging_run_never_checkpoints_its_non_finite_parameters(tiny_datase
         iwae.train(config, tmp_path / "run", progress=False)
     state = checkpoint.load(tmp_path / "run")  # readable: its parameters are finite
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
+
+
+def test_every_rank_stops_at_non_finite_parameters_where_rank_0_does(
+        tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank that writes nothing stops at the same checkpoint as rank 0 (which raises there), rather than go on
+    to a collective that rank 0 never joins."""
+    outputs = lone_run._lone_outputs
+    monkeypatch.setattr(lone_run, "_lone_outputs", lambda *args: replace(outputs(*args), writer=False))
+    config = TrainConfig(dataset=tiny_dataset, epochs=2, lr=1e38, checkpoint_every_s=0, compile=False, k=2, eval_k=0)
+    with pytest.raises(FloatingPointError, match="the parameters became NaN or infinite in epoch 1"):
+        iwae.train(config, tmp_path / "run", progress=False)

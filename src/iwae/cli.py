@@ -34,7 +34,6 @@ from iwae.runs import (
     reproduce,
     resumable,
     rundir,
-    runlock,
     snr_report,
     stacked_run,
 )
@@ -487,11 +486,7 @@ def _evaluate_by_importance_sampling(args: argparse.Namespace) -> None:
 
 def _run_sample(args: argparse.Namespace) -> None:
     use_threads(args.threads)
-    run = Path(args.run)
-    # the figures a training run draws at its end (and, where RUN is not a run, make_figures says what it is)
-    with runlock.locked(run) if (run / rundir.CHECKPOINT).is_file() else contextlib.nullcontext():
-        paths = run_figures.make_figures(args.run, device=args.device, seed=args.seed, n=args.n)
-    for path in paths:
+    for path in run_figures.make_figures(args.run, device=args.device, seed=args.seed, n=args.n):
         print(path)
 
 

@@ -38,6 +38,11 @@ def _num_samples(log_w: Tensor) -> int:
     return log_w.shape[0]
 
 
+def _real(value: object) -> object:
+    """A one-element tensor's number (a setting given as a tensor), else ``value`` as it is."""
+    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+
+
 def elbo(log_w: Tensor) -> Tensor:
     """The K-sample ELBO: the plain average of the log-weights (Burda et al. 2016, eq. 7).
 
@@ -107,6 +112,7 @@ def ciwae(log_w: Tensor, beta: float) -> Tensor:
     Returns:
       The bound per batch element, shape ``batch``.
     """
+    beta = _real(beta)
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be a number in [0, 1]; got beta={beta!r}")
     if beta in (0.0, 1.0):  # the end points themselves, so that 0 * (-inf) never enters (a zero weight)
@@ -128,6 +134,7 @@ def vr(log_w: Tensor, alpha: float) -> Tensor:
     Returns:
       The bound per batch element, shape ``batch``.
     """
+    alpha = _real(alpha)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or math.isnan(alpha) or alpha == math.inf:
         raise ValueError(f"alpha must be a real number or -inf; got alpha={alpha!r}")
     if alpha == -math.inf:

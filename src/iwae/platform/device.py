@@ -31,7 +31,7 @@ def check_device_name(name: object) -> None:
     if name == "auto":
         return
     try:
-        device = torch.device(name) if isinstance(name, str) else None
+        device = torch.device(name) if isinstance(name, str | torch.device) else None
     except RuntimeError:
         device = None
     if device is None:

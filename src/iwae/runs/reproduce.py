@@ -140,8 +140,8 @@ class Options:
                 continue
             if isinstance(value, numbers.Integral):
                 object.__setattr__(self, name, int(value))
-            elif isinstance(value, numbers.Real):
-                object.__setattr__(self, name, float(value))
+            elif isinstance(value, numbers.Real):  # np.float32(0.01) as 0.01, the number written
+                object.__setattr__(self, name, float(str(value)))
 
 
 def check(table: str, options: Options) -> None:

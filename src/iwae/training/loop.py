@@ -222,13 +222,13 @@ class _Loop:
 
     def _save(self) -> None:
         """Checkpoint the seeds at the current position (this process, if it writes), and restart the clock."""
+        epoch_time = time.perf_counter() - self.epoch_start if self.step else 0.0
+        states = self.seeds.states(self.epoch, self.step, self.batches if self.step else None, epoch_time,
+                                   self._wall_time())
+        if not all(torch.isfinite(tensor).all() for state in states for tensor in state.model.values()):
+            raise FloatingPointError(f"the parameters became NaN or infinite in epoch {self.epoch + 1}; the last "
+                                     f"good checkpoint is in {self.outputs.where}; start a new run with a smaller "
+                                     "learning rate")  # on every rank: each holds the same parameters
         if self.outputs.writer:
-            epoch_time = time.perf_counter() - self.epoch_start if self.step else 0.0
-            states = self.seeds.states(self.epoch, self.step, self.batches if self.step else None, epoch_time,
-                                       self._wall_time())
-            if not all(torch.isfinite(tensor).all() for state in states for tensor in state.model.values()):
-                raise FloatingPointError(f"the parameters became NaN or infinite in epoch {self.epoch + 1}; the last "
-                                         f"good checkpoint is in {self.outputs.where}; start a new run with a smaller "
-                                         "learning rate")
             self.outputs.save(states)
         self.next_checkpoint = time.monotonic() + self.config.checkpoint_every_s
