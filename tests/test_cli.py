@@ -200,7 +200,6 @@ def test_out_or_resume_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0 seconds"),
         (["--schedule", "burda", "--epochs", "5", "--schedule-scale", "0.01"],
          "--epochs and --lr do not apply to --schedule burda, which fixes both; shorten it with --schedule-scale"),
-        (["--schedule", "burda", "--schedule-scale", "inf"], "--schedule-scale must be a finite number > 0"),
         (["--eval-k", "-1"], "--eval-k must be an integer >= 0"),
         (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
         (["--monitor-examples", "0"], "--monitor-examples must be an integer >= 1"),
@@ -744,4 +743,7 @@ def test_schedule_options_the_schedule_does_not_read_are_refused_at_its_own_valu
                                        str(tmp_path / "r")])
         assert line.endswith("--epochs and --lr do not apply to --schedule burda, which fixes both; shorten it with "
                              "--schedule-scale instead")
+    line = one_line_error(capsys, ["train", "--dataset", tiny_dataset, "--schedule", "burda", "--schedule-scale", "inf",
+                                   "--out", str(tmp_path / "r")])
+    assert "--schedule-scale must be a finite number > 0" in line
     assert not (tmp_path / "r").exists()
