@@ -331,13 +331,8 @@ def _check_unread_options(given: dict[str, Any]) -> None:
                              f"drop --{name}, or choose --objective {objectives[0]}")
     if "data_dir" in given:
         _check_data_dir(given.get("dataset", _DEFAULTS["dataset"]), "--dataset")
-    schedule = given.get("schedule", _DEFAULTS["schedule"])
-    if schedule == "burda" and ("epochs" in given or "lr" in given):  # at the schedule's own values too
-        raise UsageError("--epochs and --lr do not apply to --schedule burda, which fixes both; shorten it with "
-                         "--schedule-scale instead")
-    if schedule == "constant" and "schedule_scale" in given:
-        raise UsageError("--schedule-scale scales --schedule burda's stages only; with --schedule constant give the "
-                         "length with --epochs")
+    # given at the schedule's own values too (TrainConfig refuses only other values: a recorded run holds them)
+    train_config.check_schedule_reads(given.get("schedule", _DEFAULTS["schedule"]), given)
     model = given.get("model", _DEFAULTS["model"])
     if "layers" in given and model != "burda":
         raise UsageError(f"--layers applies to --model burda only, not {model}, whose layers are the widths in its "

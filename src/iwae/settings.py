@@ -45,6 +45,25 @@ def check_integer(value: object, name: str, low: int) -> int:
     return int(value)
 
 
+def check_samples(k: object, name: str = "k") -> int:
+    """``k`` as an int, if it is a positive integer (NumPy's too): a number of samples; else SettingError."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise SettingError("{0} must be a positive integer number of samples; got {0}={k!r}", (name,), k=k)
+    return int(k)
+
+
+def plain_number(value: object) -> object:
+    """A NumPy number as Python's: an integer as an int, a real as the float its text writes (np.float32(0.01) as
+    0.01, not float32's nearest value); anything else as it is."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(str(value))
+    return value
+
+
 def check_positive(value: float, name: str) -> None:
     """Raise SettingError unless ``value`` is a finite number > 0."""
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):

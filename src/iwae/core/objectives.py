@@ -40,7 +40,7 @@ from torch import Tensor
 
 from iwae.core import bounds, score_function
 from iwae.models.latent import DeepLatentModel
-from iwae.settings import SettingError, check_examples
+from iwae.settings import SettingError, check_examples, check_samples, plain_number
 
 OBJECTIVES = ("elbo", "iwae", "miwae", "ciwae", "piwae", "vr")
 # the objectives that read each of ``Objective``'s settings beyond k (the others ignore it)
@@ -72,12 +72,8 @@ class Objective:
         if self.name not in OBJECTIVES:
             raise SettingError("unknown {0} {name!r}; choose one of {known}", ("objective",), name=self.name,
                                known=", ".join(OBJECTIVES))
-        for name in ("k", "m"):  # numpy's integers too, as plain ints
-            value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                object.__setattr__(self, name, int(value))
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise SettingError("{0} must be a positive integer number of samples; got {0}={k!r}", ("k",), k=self.k)
+        object.__setattr__(self, "m", plain_number(self.m))  # numpy's integers too, as plain ints
+        object.__setattr__(self, "k", check_samples(self.k))
         for name in ("beta", "alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):

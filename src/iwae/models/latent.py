@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 from torch.func import functional_call
 
-from iwae.settings import SettingError
+from iwae.settings import check_samples
 
 
 @dataclass
@@ -113,9 +112,7 @@ class DeepLatentModel(nn.Module):
         layer has it, else with ``sample`` (no gradient path; see ``LatentSample.reparameterized``). With
         ``detach`` every z_l is a constant (as score-function estimators need), and so is the input of
         q(z_{l+1} | z_l)."""
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise SettingError("{0} must be a positive integer number of samples; got {0}={k!r}", ("k",), k=k)
-        k = int(k)
+        k = check_samples(k)
         h, zs, qs = x, [], []
         for index, layer in enumerate(self.encoder):
             q = _over_vectors(layer(h), f"encoder[{index}]")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import numbers
 import os
 import shlex
 import statistics
@@ -44,6 +43,7 @@ from iwae.platform.device import resolve_device
 from iwae.platform.threads import use_threads
 from iwae.runs import lone_run, rundir, stacked_run
 from iwae.runs.published import PUBLISHED, Published, burda_cell
+from iwae.settings import plain_number
 from iwae.training import config as train_config
 from iwae.training.config import TrainConfig
 
@@ -135,13 +135,7 @@ class Options:
 
     def __post_init__(self) -> None:
         for name in ("budget", "seeds", "eval_k", "threads"):  # NumPy's numbers as Python's
-            value = getattr(self, name)
-            if isinstance(value, bool) or type(value) in (int, float):
-                continue
-            if isinstance(value, numbers.Integral):
-                object.__setattr__(self, name, int(value))
-            elif isinstance(value, numbers.Real):  # np.float32(0.01) as 0.01, the number written
-                object.__setattr__(self, name, float(str(value)))
+            object.__setattr__(self, name, plain_number(getattr(self, name)))
 
 
 def check(table: str, options: Options) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from iwae.data import recorded_name, user_file_sha256
 from iwae.models import sbn_widths
 from iwae.platform import gemm
 from iwae.platform.device import check_device_name, resolve_device
-from iwae.settings import SettingError, check_integer, check_positive, check_seed
+from iwae.settings import SettingError, check_integer, check_positive, check_seed, plain_number
 
 SCHEDULES = ("constant", "burda")
 # Settings that change the trajectory by float rounding at most, so a resumed run may use new values. (The device
@@ -110,15 +110,13 @@ class TrainConfig:
                                    ("schedule_scale",), value=self.schedule_scale)
             total = sum(epochs for epochs, _ in burda_schedule(self.schedule_scale))
             if self.epochs not in (None, total) or self.lr is not None:
-                raise SettingError("{0} and {1} do not apply to {2} burda, which fixes both; shorten it with {3} "
-                                   "instead", ("epochs", "lr", "schedule", "schedule_scale"))
+                check_schedule_reads("burda", ("epochs", "lr"))
             self.epochs = total
         else:
             if self.epochs is None:
                 raise SettingError("give the number of epochs with {0}, or use {1} burda", ("epochs", "schedule"))
             if self.schedule_scale != 1.0:
-                raise SettingError("{0} scales {1} burda's stages only; with {1} {value} give the length with {2}",
-                                   ("schedule_scale", "schedule", "epochs"), value=self.schedule)
+                check_schedule_reads("constant", ("schedule_scale",))
             self.lr = 1e-3 if self.lr is None else self.lr
             check_positive(self.lr, "lr")
         for name, low in (("epochs", 1), ("batch_size", 1), ("eval_k", 0), ("monitor_examples", 1)):
@@ -154,9 +152,7 @@ def _check_kinds(config: TrainConfig) -> None:
     setting of a kind that the checks of its value would not name (a number for a path or a name, a string for a
     number, a word for a flag)."""
     for name in ("layers", "k", "m", "epochs", "batch_size", "seed", "eval_k", "monitor_examples", "threads"):
-        value = getattr(config, name)
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            setattr(config, name, int(value))
+        setattr(config, name, plain_number(getattr(config, name)))
     for name in ("dataset", "data_dir", "init_from"):
         value = getattr(config, name)
         if value is None and name != "dataset":
@@ -175,6 +171,17 @@ def _check_kinds(config: TrainConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise SettingError("{0} must be a real number; got {value!r}", (name,), value=value)
     check_device_name(config.device)
+
+
+def check_schedule_reads(schedule: str, given: Collection[str]) -> None:
+    """Raise SettingError if the settings ``given`` (by name) include one that ``schedule`` does not read: epochs and
+    lr, which burda fixes, or schedule_scale, which scales burda's stages only."""
+    if schedule == "burda" and {"epochs", "lr"} & set(given):
+        raise SettingError("{0} and {1} do not apply to {2} burda, which fixes both; shorten it with {3} instead",
+                           ("epochs", "lr", "schedule", "schedule_scale"))
+    if schedule == "constant" and "schedule_scale" in given:
+        raise SettingError("{0} scales {1} burda's stages only; with {1} constant give the length with {2}",
+                           ("schedule_scale", "schedule", "epochs"))
 
 
 def check_is_config(config: object) -> None:
