@@ -20,7 +20,7 @@ from conftest import flip_a_bit_inside, messages
 from matplotlib.figure import Figure
 from PIL import Image
 
-from iwae import plots
+from iwae import cli, plots
 from iwae.cli import main
 from iwae.runs import evaluation, rundir, runlock
 
@@ -747,3 +747,18 @@ def test_schedule_options_the_schedule_does_not_read_are_refused_at_its_own_valu
                                    "--out", str(tmp_path / "r")])
     assert "--schedule-scale must be a finite number > 0" in line
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("command", "backend"), [
+    (["train", "--resume", "RUN"], "gloo"),  # the run trains on the CPU, as recorded
+    (["train", "--resume", "RUN", "--device", "cuda"], None),
+    (["evaluate", "RUN", "--device", "cpu"], "gloo"),
+    (["evaluate", "RUN"], None),  # auto: a GPU's backend where there is one
+])
+def test_ranks_meet_on_the_backend_of_the_device_they_compute_on(
+        command: list[str], backend: str | None, finished_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    met = []
+    monkeypatch.setattr(cli.distributed, "session", lambda backend, again: met.append(backend))
+    argv = [str(finished_run) if word == "RUN" else word for word in command]
+    cli._session(cli.build_parser().parse_args(argv), argv)
+    assert met == [backend]

@@ -306,7 +306,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.resume is None:
         _check_unread_options(given)
     elif "data_dir" in given:
-        _check_data_dir(_resumed_dataset(args.resume), "the run trains on")
+        _check_data_dir(_recorded(args.resume, "dataset"), "the run trains on")
     if args.seeds is not None or (args.resume is not None and stacked_run.is_stacked(args.resume)):
         return _run_train_stacked(args, given)
     if args.resume is not None:
@@ -346,14 +346,14 @@ def _check_data_dir(dataset: str | None, named: str) -> None:
                          f"searched for; {named} {dataset}, which reads none there; drop --data-dir")
 
 
-def _resumed_dataset(run: Path) -> str | None:
-    """The dataset the run, or stack, in ``run`` trains on, from its config.json (a stack's: its first seed's);
-    None where none can be read (the resume then says why)."""
+def _recorded(run: Path, setting: str) -> Any:
+    """The ``setting`` (e.g. "dataset") that the run, or stack, in ``run`` records in its config.json (a stack's: its
+    first seed's); None where none can be read (the resume then says why)."""
     if stacked_run.is_stacked(run):
         run = next((config.parent for config in run.glob(f"seed-*/{rundir.CONFIG}")), None)
     try:
-        return rundir.read_config(run)["dataset"] if run is not None else None
-    except (rundir.RunDirError, KeyError):
+        return rundir.read_config(run).get(setting) if run is not None else None
+    except rundir.RunDirError:
         return None
 
 
@@ -442,7 +442,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         if args.method != "is":
             _refuse_unread_by_ais(args)
         if args.data_dir is not None:
-            _check_data_dir(args.dataset or _resumed_dataset(args.run),
+            _check_data_dir(args.dataset or _recorded(args.run, "dataset"),
                             "--dataset" if args.dataset else "the run was trained on")
         args.split = "test" if args.split is None else args.split
         args.chunk_size = likelihood.CHUNK_SIZE if args.chunk_size is None else args.chunk_size
@@ -606,7 +606,10 @@ def _stopped_as_said(command: str) -> contextlib.AbstractContextManager[None]:
 def _session(args: argparse.Namespace, argv: list[str]) -> contextlib.AbstractContextManager[None]:
     """The torchrun session of the command ``args``: its ranks meet on gloo where they only wait for each other (a
     grid) or compute on the CPU, and a lost rank's message names the command line that continues the work."""
-    backend = "gloo" if args.command == "reproduce" or getattr(args, "device", None) == "cpu" else None
+    device = getattr(args, "device", None)
+    if args.command == "train" and device is None and args.resume is not None:
+        device = _recorded(args.resume, "device")  # a resumed run trains where it did
+    backend = "gloo" if args.command == "reproduce" or device == "cpu" else None
     again = _again(args.command, argv)
     if args.command == "train":
         again = f"iwae train --resume {args.resume or args.out}, under torchrun"
