@@ -23,6 +23,7 @@ from PIL import Image
 from iwae import cli, plots
 from iwae.cli import main
 from iwae.runs import evaluation, rundir, runlock
+from iwae.runs import figures as run_figures
 
 TINY = ["--epochs", "1", "--batch-size", "8", "--k", "4", "--monitor-examples", "8", "--device", "cpu"]
 
@@ -762,3 +763,15 @@ def test_ranks_meet_on_the_backend_of_the_device_they_compute_on(
     argv = [str(finished_run) if word == "RUN" else word for word in command]
     cli._session(cli.build_parser().parse_args(argv), argv)
     assert met == [backend]
+
+
+def test_evaluating_and_drawing_a_run_leave_torchs_global_generator_as_it_was(finished_run: Path,
+                                                                              tmp_path: Path) -> None:
+    # design.md: evaluation draws from a generator of its own, so that a user's program around it draws as before
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    evaluation.evaluate_run(run, k=5, examples=4, device="cpu", threads=1)
+    run_figures.make_figures(run, n=4)
+    assert torch.equal(torch.rand(3), expected)

@@ -44,6 +44,15 @@ def test_toy_posterior_and_marginal_are_exact() -> None:
     assert bool((gap > -0.05).all() and (gap < 0.05).all()), gap
 
 
+def test_the_toy_near_its_optimum_draws_only_from_its_seed() -> None:
+    x = GaussianToy.sample_data(8, seed=1)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    GaussianToy.near_optimum(x, seed=2)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_toy_optimum() -> None:
     """At the optimum q's mean is the posterior's and mu the data mean, where d log p(x) / d mu = 0."""
     x = GaussianToy.sample_data(64, seed=4)

@@ -24,7 +24,7 @@ from iwae.core import ais
 from iwae.eval import likelihood
 from iwae.eval.activity import posterior_mean_variances
 from iwae.platform import gemm
-from iwae.runs import archives, evaluation, resumable, rundir
+from iwae.runs import archives, checkpoint, evaluation, resumable, rundir
 from iwae.training import signals
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -305,3 +305,37 @@ def test_a_finished_evaluation_removes_the_batches_kept_by_any_number_of_ranks(r
         path.write_bytes(b"batches of a stopped evaluation")
     evaluation.evaluate_run(copy, k=10, device="cpu")
     assert not any(path.exists() for path in left) and other.exists()
+
+
+def test_batches_kept_from_a_checkpoint_replaced_as_it_was_read_are_not_reused(
+        run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a run still training writes a new checkpoint right after an evaluation read the old one: the batches that
+    # evaluation keeps belong to the old model, and the next evaluation, of the new one, starts afresh
+    options = ["--k", "20", "--batch-size", "5", "--device", "cpu", "--no-compile", "--matmul", "default"]
+    raced, fresh = tmp_path / "raced", tmp_path / "fresh"
+    shutil.copytree(run, raced)
+    newer = checkpoint.load(run)
+    newer["model"] = {name: tensor + 0.05 for name, tensor in newer["model"].items()}
+    newer["wall_time_s"] += 1.0
+    checkpoint.save(fresh.parent, newer, name="newer.pt")
+    shutil.copytree(run, fresh)
+    shutil.copy(tmp_path / "newer.pt", fresh / rundir.CHECKPOINT)
+    load_model = checkpoint.load_model
+
+    def read_then_replaced(run_dir: Path, device: object) -> object:
+        loaded = load_model(run_dir, device)
+        shutil.copy(tmp_path / "newer.pt", run_dir / rundir.CHECKPOINT)
+        return loaded
+
+    def stop(*args: object) -> None:
+        raise signals.Interrupted("the evaluation stopped by SIGTERM", signal.SIGTERM, "the same command")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint, "load_model", read_then_replaced)
+        patched.setattr(evaluation, "posterior_mean_variances", stop)
+        assert main(["evaluate", str(raced), *options]) == 128 + signal.SIGTERM
+    assert len(archives.load(resumable.partial_path(raced / "eval-test-k20.json"))["pieces"]) == 4
+    assert main(["evaluate", str(raced), *options]) == 0
+    assert main(["evaluate", str(fresh), *options]) == 0
+    assert numbers(json.loads((raced / "eval-test-k20.json").read_text())) == numbers(
+        json.loads((fresh / "eval-test-k20.json").read_text()))

@@ -83,8 +83,10 @@ class GaussianToy(DeepLatentModel):
     @classmethod
     def near_optimum(cls, x: Tensor, perturbation: float = PERTURBATION, seed: int = 0) -> GaussianToy:
         """The toy (in ``x``'s dtype) at the optimum for data ``x`` (B, D), every parameter then shifted by
-        independent N(0, perturbation^2) noise from a generator seeded with ``seed``."""
-        model = cls(x.shape[1]).to(x.dtype)
+        independent N(0, perturbation^2) noise from a generator seeded with ``seed`` (torch's global one left as
+        it was)."""
+        with torch.random.fork_rng(devices=[]):  # the layers' initialisation, which the optimum replaces
+            model = cls(x.shape[1]).to(x.dtype)
         model.set_optimum(x)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():

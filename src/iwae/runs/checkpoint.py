@@ -24,6 +24,7 @@ ends with bit-for-bit the parameters of an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +155,25 @@ def _model(state: dict[str, Any]) -> DeepLatentModel:
 
 
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], DeepLatentModel]:
-    """A run's latest checkpoint (see ``load``) and its model with the checkpoint's parameters, on ``device``."""
+    """A run's latest checkpoint (see ``load``) and its model with the checkpoint's parameters, on ``device``; torch's
+    global generator is left as it was (the model's initialisation, which the parameters replace, draws nothing
+    from it)."""
     state = load(run_dir)
-    model = _model(state)
+    with torch.random.fork_rng(devices=[]):
+        model = _model(state)
     model.load_state_dict(state["model"])
     return state, model.to(device)
+
+
+def digest(state: dict[str, Any]) -> str:
+    """The SHA-256 of a checkpoint's position and parameters, as loaded: what ties an evaluation's finished batches
+    to the model they were made with. Taken from the state read, not from the file, which a run still training
+    may have replaced since."""
+    sha256 = hashlib.sha256(repr((state["epoch"], state["step"], state["wall_time_s"])).encode())
+    for name, tensor in sorted(state["model"].items()):
+        sha256.update(name.encode())
+        sha256.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return sha256.hexdigest()
 
 
 def initial_parameters(source: Path, model: str, layers: int, x_dim: int) -> dict[str, Tensor]:

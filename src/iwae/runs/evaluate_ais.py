@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from iwae import plots
 from iwae.core import ais
-from iwae.data.catalogue import file_digest
 from iwae.eval import likelihood
 from iwae.models import DeepLatentModel
 from iwae.platform import duration, memory
@@ -249,7 +248,7 @@ def evaluate_ais(
                    batch_size=batch_size, examples=len(x), limit_s=time_limit_s)
     path = result_path(run_dir, "ais", dataset=dataset, split=split, steps=steps, chains=chains,
                        leapfrog=leapfrog, start=start, k=k, examples=examples_named(examples, len(x)), seed=seed)
-    with _kept(run_dir, path, {"method": "ais", "steps": steps, "chains": chains, "leapfrog": leapfrog, "start": start,
+    with _kept(state, path, {"method": "ais", "steps": steps, "chains": chains, "leapfrog": leapfrog, "start": start,
                                "k": k, "split": split, "data": evaluation.data_identity(loaded.name),
                                "examples": len(x), "seed": seed, "batch_size": batch_size}, save_every_s) as pieces:
         stats = _importance_sampled(pieces, model, x, k, seed=seed, batch_size=batch_size, progress=progress)
@@ -282,13 +281,13 @@ def _ais_numbers(sweep: list[dict[str, Any]], result: ais.AISResult, stats: like
 
 
 @contextmanager
-def _kept(run_dir: Path, result: Path, setting: dict[str, Any], save_every_s: float | None
+def _kept(state: dict[str, Any], result: Path, setting: dict[str, Any], save_every_s: float | None
           ) -> Iterator[resumable.Pieces]:
     """Within the block, the finished batches of the evaluation with ``setting`` whose result goes to ``result``,
-    from the run's current checkpoint: all of them written if the block stops (after the last batch too, while
+    made with the checkpoint ``state``: all of them written if the block stops (after the last batch too, while
     the result is made), removed once it ends."""
-    digest = file_digest(run_dir / rundir.CHECKPOINT, "sha256")  # ties the pieces to their checkpoint
-    pieces = resumable.Pieces(resumable.partial_path(result), {**setting, "checkpoint": digest}, save_every_s)
+    pieces = resumable.Pieces(resumable.partial_path(result), {**setting, "checkpoint": checkpoint.digest(state)},
+                              save_every_s)
     with pieces.kept_on_stop():
         yield pieces
     pieces.remove()
@@ -337,7 +336,7 @@ def evaluate_bdmc(
                    batch_size=batch_size, examples=examples, limit_s=time_limit_s)
     path = result_path(run_dir, "bdmc", steps=steps, chains=chains, leapfrog=leapfrog, start=start, k=k,
                        examples=examples, seed=seed)
-    with _kept(run_dir, path, {"method": "bdmc", "steps": steps, "chains": chains, "leapfrog": leapfrog,
+    with _kept(state, path, {"method": "bdmc", "steps": steps, "chains": chains, "leapfrog": leapfrog,
                                "start": start, "k": k, "examples": examples, "seed": seed, "batch_size": batch_size},
                save_every_s) as pieces:
         result, elapsed = _bdmc_batches(pieces, model, examples, steps=steps, chains=chains, leapfrog=leapfrog,

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from iwae import data, plots
-from iwae.data.catalogue import file_digest
 from iwae.eval.activity import ACTIVE_UNIT_EXAMPLES, ACTIVE_UNIT_THRESHOLD, posterior_mean_variances
 from iwae.eval.likelihood import (
     CHUNK_SIZE,
@@ -189,7 +188,7 @@ def evaluate_run(
                                             examples=examples, device=device, seed=seed, loaded=loaded)
     out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, len(x)), seed=seed)
     compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
-    pieces = _pieces(run_dir, out, {"method": "is", "k": k, "split": split, "data": data_identity(loaded.name),
+    pieces = _pieces(state, out, {"method": "is", "k": k, "split": split, "data": data_identity(loaded.name),
                                     "examples": len(x), "seed": seed, "chunk_size": chunk_size,
                                     "batch_size": batch_size, "compile": compile}, save_every_s, matmul)
     _prepare_passes(model, x, k, chunk_size, batch_size, pieces.chosen, threads)
@@ -246,15 +245,15 @@ BOUND_VS_K = "bound_vs_k.png"
 EVALUATE_FIX = "copy the run directory somewhere writable (cp -r RUN COPY) and evaluate the copy"
 
 
-def _pieces(run_dir: Path, out: Path, setting: dict[str, Any], save_every_s: float | None,
+def _pieces(state: dict[str, Any], out: Path, setting: dict[str, Any], save_every_s: float | None,
             matmul: str | None) -> resumable.Pieces:
     """The finished batches of the evaluation with ``setting`` whose result goes to ``out`` (this rank's, if
-    several), from the run's current checkpoint; ``matmul``, if given, the path it is to multiply on."""
+    several), made with the checkpoint ``state``; ``matmul``, if given, the path it is to multiply on."""
     path = resumable.partial_path(out)
     if distributed.world() > 1:
         path = path.with_name(f"{path.stem}-rank{distributed.rank()}{path.suffix}")
-    digest = file_digest(run_dir / rundir.CHECKPOINT, "sha256")  # ties the pieces to their checkpoint
-    pieces = resumable.Pieces(path, {**setting, "checkpoint": digest, "world": distributed.world()}, save_every_s)
+    pieces = resumable.Pieces(path, {**setting, "checkpoint": checkpoint.digest(state), "world": distributed.world()},
+                              save_every_s)
     if matmul is not None:
         pieces.chosen["matmul"] = matmul
     return pieces
