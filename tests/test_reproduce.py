@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -347,6 +348,20 @@ def test_report_holds_our_numbers_beside_the_published_ones(finished: tuple[Path
     assert "## Missing" in markdown and "- /nonexistent/absent.npz: " in markdown
     assert markdown.count("/nonexistent/absent.npz: ") == 1  # the reason is said once, not in every row
     assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_a_reports_command_runs_in_the_mode_its_seeds_ran(finished: tuple[Path, list[str]]) -> None:
+    # stacked seeds decide compilation on their steps together, and time their matmul path: a lone run of the
+    # command would decide both for itself, and differ from the cell's numbers by rounding that training amplifies
+    out, _ = finished
+    with (out / "report.csv").open() as file:
+        table = {row["cell"]: row for row in csv.DictReader(file)}
+    for cell in list(table)[:3]:
+        words = shlex.split(table[cell]["command"].split("; do ")[1].split("; done")[0].replace("$s", "0"))
+        args = cli.build_parser().parse_args(words[1:])
+        for seed in (0, 1):
+            recorded = rundir.read_config(reproduce.run_dir(out, cell, seed))
+            assert (args.compile, args.matmul) == (recorded["compile"], recorded["matmul"])
 
 
 @pytest.mark.slow

@@ -202,8 +202,11 @@ def run_dir(out: Path, cell: str, seed: int) -> Path:
     return out / cell / f"seed-{seed}"
 
 
-def command(table: str, cell: Cell, config: TrainConfig, out: Path, seeds: int) -> str:
-    """The shell command that trains every seed of ``cell`` as ``run_table`` does."""
+def command(table: str, cell: Cell, config: TrainConfig, out: Path, seeds: int,
+            modes: dict[str, Any] | None = None) -> str:
+    """The shell command that trains every seed of ``cell`` as ``run_table`` does; with ``modes``, the ``compile``
+    and ``matmul`` its seeds ran with (``CellResult.modes``), which decide its numbers' rounding: a lone run
+    decides them for itself otherwise, and may decide otherwise than a stack of seeds did."""
     defaults = TrainConfig(epochs=1)
     flags = []
     for key, value in asdict(config).items():
@@ -213,6 +216,11 @@ def command(table: str, cell: Cell, config: TrainConfig, out: Path, seeds: int) 
             continue  # fixed by the schedule
         if value != getattr(defaults, key) or key in ("dataset", "objective", "k", "estimator", "epochs"):
             flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+    modes = modes or {}
+    if "compile" in modes:
+        flags.append("--compile" if modes["compile"] else "--no-compile")
+    if "matmul" in modes:
+        flags.append(f"--matmul {shlex.quote(str(modes['matmul']))}")
     if cell.init_from is not None:
         flags.append(f"--init-from {shlex.quote(shown(out / cell.init_from))}/seed-$s")
     seed_list = " ".join(str(s) for s in range(seeds))
@@ -447,6 +455,7 @@ class CellResult:
     steps_per_s: float | None
     curves: dict[int, list[tuple[int, float]]]
     missing: str | None = None
+    modes: dict[str, Any] = field(default_factory=dict)  # the compile and matmul that every started seed records
 
 
 def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResult:
@@ -455,6 +464,7 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
     result = CellResult(cell.name, list(range(seeds)), [], [], None, "", 0.0, None, {})
     rates: list[float] = []
     devices: list[str] = []  # every device its seeds ran on (seeds added later may have run elsewhere)
+    configs: list[dict[str, Any]] = []
     for seed in range(seeds):
         path = run_dir(out, cell.name, seed)
         metrics = rundir.read_metrics(path)
@@ -463,6 +473,7 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
         result.active_units.append(None if evaluation is None else "+".join(map(str, evaluation["active_units"])))
         if (path / rundir.CONFIG).is_file():
             config = rundir.read_config(path)
+            configs.append(config)
             result.epochs = config["epochs"]
             devices.append(config["device"])
             batch = config["batch_size"]
@@ -474,6 +485,10 @@ def collect(out: Path, cell: Cell, seeds: int, missing: str | None) -> CellResul
         result.curves[seed] = [(m["epoch"], m["test_bound"]) for m in metrics]
     result.steps_per_s = statistics.fmean(rates) if rates else None
     result.device = ", ".join(dict.fromkeys(devices))
+    for key in ("compile", "matmul"):
+        recorded = {config.get(key) for config in configs}
+        if len(recorded) == 1 and None not in recorded:
+            result.modes[key] = recorded.pop()
     result.missing = missing if None in result.nll else None
     return result
 
@@ -522,7 +537,7 @@ def rows(table: str, out: Path, cells: list[Cell], options: Options, missing: di
             "epochs": str(config.epochs), "budget": budget_text(options.budget), "eval_k": str(options.eval_k),
             "device": result.device, "wall_time_s": f"{result.wall_time_s:.0f}",
             "steps_per_s": _number(result.steps_per_s, 1), "status": status,
-            "command": command(table, cell, config, out, options.seeds),
+            "command": command(table, cell, config, out, options.seeds, result.modes),
             "source": paper.source if paper else "",
         })
     return table_rows, results
