@@ -831,3 +831,21 @@ def test_every_rank_stops_at_non_finite_parameters_where_rank_0_does(
     config = TrainConfig(dataset=tiny_dataset, epochs=2, lr=1e38, checkpoint_every_s=0, compile=False, k=2, eval_k=0)
     with pytest.raises(FloatingPointError, match="the parameters became NaN or infinite in epoch 1"):
         iwae.train(config, tmp_path / "run", progress=False)
+
+
+def test_each_epochs_record_says_how_the_process_that_finished_it_ran(
+        tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # config.json holds the latest session's threads and compile, which a resume may replace: each epoch's line
+    # keeps how it ran
+    run, before = tmp_path / "run", torch.get_num_threads()
+    try:
+        with monkeypatch.context() as patch:
+            interrupt_at_call(patch, 9, signal.SIGINT)  # in epoch 2 of 3
+            with pytest.raises(signals.Interrupted):
+                lone_run.train(tiny_config(tiny_dataset, threads=1), run, progress=False)
+        lone_run.resume(run, {"threads": 2}, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert [(line["threads"], line["compiled"]) for line in rundir.read_metrics(run)] == [(1, False), (2, False),
+                                                                                          (2, False)]
+    assert rundir.read_config(run)["threads"] == 2

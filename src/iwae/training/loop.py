@@ -10,7 +10,8 @@ The whole training set lives on the device as one tensor; the epoch's permutatio
 (``iwae.training.minibatches``), and the bound is summed on the device and read once per epoch, so a step is the
 compiled step on a view of the chunk and never waits for the host. An epoch's record gives the speed of its
 training steps (``examples_per_s``, ``epoch_time_s``: the steps alone, the step's compilation left out) and its
-wall time (``epoch_wall_s``: since the previous record, the test bound and the previous checkpoint included).
+wall time (``epoch_wall_s``: since the previous record, the test bound and the previous checkpoint included), and
+how the process that finished it ran (``compiled``, ``threads``: a run resumed with other ones records them anew).
 
 After every epoch (and every ``checkpoint_every_s`` seconds, and on SIGINT/SIGTERM after the current step) the state
 is checkpointed, so that a resumed run continues to bit-for-bit the same parameters (on a CPU).
@@ -189,7 +190,8 @@ class _Loop:
             self.outputs.record(s, {
                 "epoch": self.epoch, "stage": stage + 1, "lr": lr, "train_bound": bound, "test_bound": test_bound,
                 "examples_per_s": examples / epoch_time, "epoch_time_s": epoch_time, "epoch_wall_s": epoch_wall,
-                "wall_time_s": self._wall_time(),
+                "wall_time_s": self._wall_time(), "compiled": self.seeds.step.compiled,
+                "threads": torch.get_num_threads(),
             })
         self._save()
         if bar.disable:
