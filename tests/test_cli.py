@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import resource
 import shutil
@@ -775,3 +776,21 @@ def test_evaluating_and_drawing_a_run_leave_torchs_global_generator_as_it_was(fi
     evaluation.evaluate_run(run, k=5, examples=4, device="cpu", threads=1)
     run_figures.make_figures(run, n=4)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_runs_own_data_named_with_dataset_is_its_own_evaluation(finished_run: Path, tiny_dataset: str,
+                                                                     tmp_path: Path) -> None:
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    assert main(["evaluate", str(run), "--k", "10", "--device", "cpu"]) == 0
+    own = json.loads((run / rundir.EVAL).read_text())
+    (run / rundir.EVAL).unlink()
+    before = {path.name for path in run.glob("eval*.json")}
+    for named in (tiny_dataset, os.path.relpath(tiny_dataset)):  # the file the run records, however it is written
+        assert main(["evaluate", str(run), "--dataset", named, "--k", "10", "--device", "cpu"]) == 0
+        assert {path.name for path in run.glob("eval*.json")} == before | {rundir.EVAL}
+        assert json.loads((run / rundir.EVAL).read_text())["nll"] == own["nll"]
+    other = tmp_path / "tiny.npz"
+    shutil.copy(tiny_dataset, other)  # the same values in another file: other data
+    assert main(["evaluate", str(run), "--dataset", str(other), "--k", "10", "--device", "cpu"]) == 0
+    assert {path.name for path in run.glob("eval*.json")} - before - {rundir.EVAL} == {
+        evaluation.eval_path(run, dataset=str(other), k=10).name}

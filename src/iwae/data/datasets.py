@@ -148,9 +148,10 @@ def _held_out_binarized(tensors: dict[str, Tensor], eval_seed: int) -> dict[str,
 
 def recorded_name(name: PathLike) -> str:
     """The name a run records for dataset ``name``: a catalogue name as it is, the path of a user's .npy/.npz file
-    made absolute, so that the run's data is found from whatever directory it is resumed or evaluated in."""
+    made absolute (and ``..`` taken out: one file, one name), so that the run's data is found from whatever
+    directory it is resumed or evaluated in."""
     key = os.fspath(name)
-    return str(Path(key).expanduser().absolute()) if _is_user_file(key) else key
+    return os.path.abspath(Path(key).expanduser()) if _is_user_file(key) else key
 
 
 def user_file_sha256(name: PathLike) -> str | None:

@@ -241,6 +241,7 @@ def evaluate_ais(
         ais.check_settings(value, chains, leapfrog, start, batch_size=batch_size)
     check_integer(k, "k", 1)
     rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
+    dataset = evaluation.other_data(run_dir, dataset)
     state, model, loaded, x = evaluation.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                                      examples=examples, device=device, seed=seed)
     ais.check_model(model, x, start)

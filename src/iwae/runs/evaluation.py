@@ -91,6 +91,21 @@ def eval_path(run_dir: Path, split: str = "test", dataset: str | None = None, *,
     return run_dir / f"eval-{'-'.join(parts)}.json"
 
 
+def other_data(run_dir: Path, dataset: str | None) -> str | None:
+    """``dataset``, the data an evaluation of the run in ``run_dir`` is asked for, or None where that is the run's
+    own: the same catalogue dataset, or the same file unchanged, of a run on the paper's split (whose evaluation
+    is then the run's own, e.g. RUN/eval.json, not one of other data)."""
+    if dataset is None:
+        return None
+    try:
+        config = rundir.read_config(run_dir)
+    except rundir.RunDirError:
+        return dataset  # the checkpoint's loading says what is wrong
+    own = (data.recorded_name(dataset) == config.get("dataset") and config.get("data_split") == "paper"
+           and data.user_file_sha256(dataset) == config.get("dataset_sha256"))
+    return None if own else dataset
+
+
 def data_label(dataset: str) -> str:
     """``dataset`` as the name of an evaluation's file gives it: a catalogue dataset's name, or a user's file's stem
     and the first 8 hex digits of the SHA-256 of its absolute path."""
@@ -183,6 +198,7 @@ def evaluate_run(
       (``matmul``, and the pass sizes, which decide which of the seed's draws each example and layer gets).
     """
     run_dir = _checked(Path(run_dir), device, matmul, k=k, chunk_size=chunk_size, batch_size=batch_size)
+    dataset = other_data(run_dir, dataset)
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
