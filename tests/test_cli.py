@@ -424,14 +424,15 @@ def test_an_evaluation_never_replaces_one_made_with_other_settings(
 
 
 @pytest.mark.slow
-def test_an_evaluation_of_more_examples_than_the_split_holds_is_named_for_all(
-    finished_run: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("examples", ["1000", "16"])
+def test_an_evaluation_of_as_many_examples_as_the_split_holds_or_more_is_named_for_all(
+    examples: str, finished_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["evaluate", str(finished_run), "--k", "3", "--examples", "1000", "--device", "cpu"]) == 0
-    every = finished_run / "eval-test-k3.json"  # the tiny dataset's 16 test examples, not "n1000"
+    assert main(["evaluate", str(finished_run), "--k", "3", "--examples", examples, "--device", "cpu"]) == 0
+    every = finished_run / "eval-test-k3.json"  # the tiny dataset's 16 test examples, not "n1000" or "n16"
     assert f"written to {every}" in capsys.readouterr().out
     assert json.loads(every.read_text())["examples"] == 16
-    assert not list(finished_run.glob("eval-*n1000*"))
+    assert not list(finished_run.glob(f"eval-*n{examples}*"))
 
 
 def test_each_evaluation_setting_has_its_own_file(finished_run: Path) -> None:

@@ -383,9 +383,10 @@ def _result(run_dir: Path, loaded: data.Dataset, state: dict[str, Any], stats: W
 
 
 def examples_evaluated(asked: int | None, evaluated: int) -> int | None:
-    """The ``examples`` an evaluation's file is named after: None (every example) when ``asked`` is None or more
-    than the split holds, so that a file never names examples that were not evaluated."""
-    return None if asked is None or asked > evaluated else asked
+    """The ``examples`` an evaluation's file is named after: None (every example) when ``asked`` is None or at least
+    as many as the split holds (all of them, as ``splits.subset`` takes them), so that a file never names examples
+    that were not evaluated, nor names all of them in two ways."""
+    return None if asked is None or asked >= evaluated else asked
 
 
 def _active_units_of(result: dict[str, Any]) -> str:
