@@ -23,8 +23,9 @@ from iwae.cli import main
 from iwae.core import ais
 from iwae.eval import likelihood
 from iwae.eval.activity import posterior_mean_variances
-from iwae.platform import gemm
+from iwae.platform import duration, gemm
 from iwae.runs import archives, checkpoint, evaluation, resumable, rundir
+from iwae.settings import SettingError
 from iwae.training import signals
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -254,6 +255,13 @@ def test_gradient_draws_that_could_not_finish_are_refused_at_once(tmp_path: Path
                          str(tmp_path / "d")))
     assert "would take about" in line and "use --draws " in line
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(("fits", "suggested"), [(100, 80), (1, 1), (0, 0)])
+def test_a_refusal_suggests_a_setting_with_room_for_a_slower_timing(fits: int, suggested: int) -> None:
+    # the suggested value is timed afresh when used, on a machine that may be busier: a fifth below the largest
+    with pytest.raises(SettingError, match=f"use k {suggested} or less"):
+        duration.check_duration(200.0, 100.0, "evaluating with {0} {k}", "k", fits, "time_limit_s", k=200)
 
 
 # runs ``iwae evaluate`` as a user who may not write into the run directory, whoever runs the test (root may)

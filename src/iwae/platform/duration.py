@@ -3,7 +3,9 @@ it is refused (as ``iwae.platform.memory`` refuses what would not fit in memory)
 
 A computation of many alike units (evaluation passes, AIS steps, gradient draws) is timed on one or two units;
 the estimate is that time multiplied by the number of units. One that would take longer than ``TIME_LIMIT_S``
-is refused with the largest value of the setting at fault that would finish within it, unless the limit is lifted.
+is refused with a value of the setting at fault that would finish within it, unless the limit is lifted: a fifth
+below the largest the timing allows (``SUGGESTED_SHARE``), since the same piece timed again, on a machine as busy
+as before or busier, can take longer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from iwae.settings import SettingError
 
 TIME_LIMIT_S = 7 * 24 * 3600.0  # a week of compute
 ANNOUNCE_S = 10.0  # estimates of at least this many seconds are printed before the work starts
+SUGGESTED_SHARE = 0.8  # of the largest value that fits, the one a refusal suggests
 
 
 def seconds_per_call(work: Callable[[], object], rounds: int = 2) -> float:
@@ -41,8 +44,9 @@ def format_duration(seconds: float) -> str:
 def check_duration(estimate_s: float, limit_s: float | None, what: str, name: str, fits: int, lift: str,
                    **values: object) -> None:
     """Refuse (SettingError) a computation estimated to take ``estimate_s`` seconds, more than ``limit_s`` (None:
-    no limit), naming the setting ``name`` and ``fits``, its largest value that would finish within the limit; the
-    message says how to lift the limit (the setting ``lift``). Print the estimate, to stderr, if it is long.
+    no limit), naming the setting ``name`` and ``SUGGESTED_SHARE`` of ``fits``, its largest value that would finish
+    within the limit (at least 1 where ``fits`` is); the message says how to lift the limit (the setting ``lift``).
+    Print the estimate, to stderr, if it is long.
 
     ``what`` says what would take the time, with ``name`` as field {0} and ``values`` as for ``SettingError``.
     """
@@ -50,7 +54,8 @@ def check_duration(estimate_s: float, limit_s: float | None, what: str, name: st
         raise SettingError(
             f"{what} would take about {{duration}} (estimated from a timed part of it), more than the limit of "
             "{limit}; use {0} {fits} or less, or lift the limit with {1}", (name, lift),
-            duration=format_duration(estimate_s), limit=format_duration(limit_s), fits=max(fits, 0), **values,
+            duration=format_duration(estimate_s), limit=format_duration(limit_s),
+            fits=max(int(fits * SUGGESTED_SHARE), min(fits, 1), 0), **values,
         )
     if estimate_s >= ANNOUNCE_S:
         print(f"iwae: estimated time: about {format_duration(estimate_s)}", file=sys.stderr)
