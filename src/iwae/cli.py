@@ -119,7 +119,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
             "unset, the faster on the run's step, timed as it starts (a run records it: give a stack's to a lone "
             "run of one of its seeds to multiply alike)")
     _option(group, "--threads", int, "torch's threads; unset, one per CPU that other processes leave free, as "
-            "measured at start (a run records it, and a resumed run reuses it unless given another)")
+            "measured at start, or one where a new run of 500 steps or more times its step faster on one (a run "
+            "records it, and a resumed run reuses it unless given another)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                        help="compile the training step into one program (torch.compile; a CUDA graph on a GPU), or "
                        f"not; default: compile runs of at least {train_config.AUTO_COMPILE_STEPS:,} steps or "
@@ -190,7 +191,8 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
         "evaluation.",
     )
     parser.add_argument("run", type=Path, help="a run directory written by iwae train")
-    parser.add_argument("--n", type=int, default=100, metavar="N", help="number of model samples (default: 100)")
+    parser.add_argument("--n", type=int, default=100, metavar="N", help="number of model samples, at least 2; half "
+                        "as many test examples are reconstructed (default: 100)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     _threads_option(parser)
@@ -219,8 +221,8 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
                                  description="Diagnostics of a model's gradient estimators.")
     which = parser.add_subparsers(dest="diagnostic", metavar="DIAGNOSTIC", required=True)
     snr = which.add_parser(
-        "snr", help="gradient signal-to-noise ratio of each estimator against K: snr.csv, slopes.json, snr.png, "
-        "settings.json",
+        "snr", help="gradient signal-to-noise ratio of each estimator against K: snr.csv, slopes.json, "
+        "slopes_se.json, snr.png, settings.json",
         description="Measure the gradient SNR of the inference and generative networks for each objective, "
         "estimator and K, on a batch of a run's training data at its checkpoint (RUN) or on the Gaussian toy of "
         "Rainforth et al. 2018 (--toy), and fit the slope of log SNR against log K.",
@@ -272,7 +274,8 @@ def _reproduce_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="iwae", description="Importance-weighted autoencoders: train, evaluate, sample.")
+    parser = _Parser(prog="iwae", description="Importance-weighted autoencoders: train, evaluate, sample, diagnose, "
+                     "reproduce.")
     parser.add_argument("--version", action="version", version=f"iwae {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _train_parser(commands)
