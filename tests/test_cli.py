@@ -163,6 +163,9 @@ def test_figures_of_data_that_are_not_square_images(tmp_path: Path, capsys: pyte
          "--layers applies to --model burda only, not sbn-4-2, whose layers are the widths in its name; drop --layers"),
         (["--schedule", "burda"], "--epochs and --lr do not apply to --schedule burda"),
         (["--k", "many"], "argument --k: invalid int value: 'many'; see iwae train --help"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1; see iwae train --help"),
+        (["--batch-size", "65"], "--batch-size 65 exceeds the 64 training examples of "),
+        (["--objective", "miwae", "--k", "4", "--groups", "3"], "--groups must be a positive integer dividing --k"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--data-dir", "."], "reads none there; drop --data-dir"),  # a user's file
         (["--schedule-scale", "0.01"], "--schedule-scale scales --schedule burda's stages only; with --schedule "
@@ -192,6 +195,8 @@ def test_out_or_resume_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     )
     line = one_line_error(capsys, ["train", *TINY, "--out", "a", "--resume", "b"])
     assert "give --out DIR or --resume DIR, not both" in line
+    for command in (["train", "--resume", ""], ["evaluate", ""], ["sample", ""]):  # not this directory, unsaid
+        assert "an empty path; give a directory (. for this one)" in one_line_error(capsys, command)
 
 
 @pytest.mark.parametrize(
@@ -277,7 +282,7 @@ def test_an_existing_run_is_never_overwritten(finished_run: Path, tiny_dataset: 
     line = one_line_error(capsys, ["train", "--dataset", tiny_dataset, *TINY, "--out", str(finished_run)])
     assert f"continue that run with: iwae train --resume {finished_run}" in line
     line = one_line_error(capsys, ["train", "--resume", str(finished_run), "--k", "8", "--objective", "elbo"])
-    assert "different configuration: k (run: 4, given: 8), objective (run: 'iwae', given: 'elbo')" in line
+    assert "different configuration: --k (run: 4, given: 8), --objective (run: 'iwae', given: 'elbo')" in line
     assert {path.name: path.read_bytes() for path in finished_run.iterdir() if path.is_file()} == before
 
 

@@ -162,7 +162,7 @@ def test_a_run_writes_config_metrics_checkpoint_evaluation_and_figures(tiny_data
         assert record["train_bound"] < 0 and record["test_bound"] < 0 and record["wall_time_s"] > 0
     assert checkpoint.load(run)["epoch"] == 2
     saved = json.loads((run / rundir.EVAL).read_text())
-    assert result == saved
+    assert result == {**saved, "path": str(run / rundir.EVAL)}
     assert saved["k"] == 20 and saved["examples"] == 16 and len(saved["active_units"]) == 1
     assert saved["nll"] > 0 and saved["nll_se"] > 0 and set(saved["bounds"]) == {"1", "5", "20"}
     figures = {path.name for path in (run / rundir.FIGURES).iterdir()}

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -53,6 +53,23 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}; see {self.prog} --help")
 
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """As argparse's, but an unrecognized argument is reported by the command's own parser (``see iwae train
+        --help``), not the top one."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            _innermost(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+def _innermost(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that ``parsed`` was parsed for: ``iwae diagnose snr``'s, for one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+            return _innermost(action.choices[getattr(parsed, action.dest)], parsed)
+    return parser
+
 
 def _option(group: argparse._ActionGroup, flag: str, type_: type, help_: str, dest: str | None = None,
             metavar: str | None = None, aliases: tuple[str, ...] = ()) -> None:
@@ -63,7 +80,16 @@ def _option(group: argparse._ActionGroup, flag: str, type_: type, help_: str, de
     shown = f" (default: {default})" if default is not None else ""
     metavar = metavar or {int: "N", float: "X", str: "NAME"}[type_]
     group.add_argument(flag, *aliases, dest=dest, type=type_, default=argparse.SUPPRESS, metavar=metavar,
-                       help=help_ + shown)
+                       help=help_ + shown, action=_Spelled if aliases else "store")
+
+
+class _Spelled(argparse.Action):
+    """Store an option of several spellings, and remember the one typed, by which messages name it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.options = {**getattr(namespace, "options", {}), self.dest: option_string}
 
 
 def _train_parser(commands: argparse._SubParsersAction) -> None:
@@ -74,7 +100,7 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     where = parser.add_argument_group("run directory")
     where.add_argument("--out", type=_directory, metavar="DIR",
                        help="a new run directory (it must not exist, or be empty)")
-    where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
+    where.add_argument("--resume", type=_directory, metavar="DIR", help="continue the run in DIR from its checkpoint")
     where.add_argument("--seeds", type=int, metavar="S", help="train seeds --seed .. --seed + S - 1 together as one "
                        "vectorized model, into DIR/seed-<s> (each an ordinary run directory)")
     group = parser.add_argument_group("data")
@@ -141,7 +167,7 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
         "to RUN/eval.json; any other setting to a file named after it, e.g. RUN/eval-test-k10-n50.json, so no "
         "evaluation replaces one of another k, split, data, examples or seed.",
     )
-    parser.add_argument("run", type=Path, help="a run directory written by iwae train")
+    parser.add_argument("run", type=_directory, help="a run directory written by iwae train")
     parser.add_argument("--k", type=int, default=5000, metavar="K", help="samples per example (default: 5000)")
     parser.add_argument("--split", metavar="SPLIT", help="test, train or valid (default: test)")
     parser.add_argument("--dataset", metavar="NAME_OR_PATH",
@@ -190,7 +216,7 @@ def _sample_parser(commands: argparse._SubParsersAction) -> None:
         description=f"Draw the figures of a run into RUN/{rundir.FIGURES}/ from its checkpoint, metrics and "
         "evaluation.",
     )
-    parser.add_argument("run", type=Path, help="a run directory written by iwae train")
+    parser.add_argument("run", type=_directory, help="a run directory written by iwae train")
     parser.add_argument("--n", type=int, default=100, metavar="N", help="number of model samples, at least 2; half "
                         "as many test examples are reconstructed (default: 100)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the samples (default: 0)")
@@ -227,7 +253,7 @@ def _diagnose_parser(commands: argparse._SubParsersAction) -> None:
         "estimator and K, on a batch of a run's training data at its checkpoint (RUN) or on the Gaussian toy of "
         "Rainforth et al. 2018 (--toy), and fit the slope of log SNR against log K.",
     )
-    snr.add_argument("run", type=Path, nargs="?", help="a run directory written by iwae train")
+    snr.add_argument("run", type=_directory, nargs="?", help="a run directory written by iwae train")
     snr.add_argument("--toy", action="store_true", help="use the built-in Gaussian toy (D=20) near its optimum")
     snr.add_argument("--objectives", default="iwae", metavar="LIST",
                      help=f"comma-separated, from {', '.join(snr_diagnostics.GRADIENT_OBJECTIVES)} (default: iwae)")
@@ -477,9 +503,7 @@ def _evaluate_by_importance_sampling(args: argparse.Namespace) -> None:
         threads=args.threads,
     )
     print(evaluation.format_evaluation(result))
-    examples = evaluation.examples_evaluated(args.examples, result["examples"])
-    path = evaluation.eval_path(args.run, args.split, args.dataset, k=args.k, examples=examples, seed=args.seed)
-    print(f"written to {path}")
+    print(f"written to {result['path']}")
 
 
 def _run_sample(args: argparse.Namespace) -> None:

@@ -195,14 +195,16 @@ def evaluate_run(
     Returns the result, also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``:
       ``nll``, ``nll_se`` (over examples of -log (1/k) sum_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g keyed by
       g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used
-      (``matmul``, and the pass sizes, which decide which of the seed's draws each example and layer gets).
+      (``matmul``, and the pass sizes, which decide which of the seed's draws each example and layer gets); and
+      ``path``, the file it was written to (the run's own evaluation where ``dataset`` is the run's own data).
     """
     run_dir = _checked(Path(run_dir), device, matmul, k=k, chunk_size=chunk_size, batch_size=batch_size)
     dataset = other_data(run_dir, dataset)
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
-    out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, len(x)), seed=seed)
+    held = len(getattr(loaded, split))  # the split's examples, of which x holds all or ``examples``
+    out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, held), seed=seed)
     compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
     pieces = _pieces(state, out, {"method": "is", "k": k, "split": split, "data": data_identity(loaded.name),
                                     "examples": len(x), "seed": seed, "chunk_size": chunk_size,
@@ -216,7 +218,7 @@ def evaluate_run(
         distributed.on_rank_zero(lambda: _write_result(run_dir, out, result))
     pieces.remove()
     distributed.on_rank_zero(lambda: _remove_partials(out))
-    return result
+    return {**result, "path": str(out)}
 
 
 def _check_one_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
@@ -382,11 +384,11 @@ def _result(run_dir: Path, loaded: data.Dataset, state: dict[str, Any], stats: W
     }
 
 
-def examples_evaluated(asked: int | None, evaluated: int) -> int | None:
+def examples_evaluated(asked: int | None, held: int) -> int | None:
     """The ``examples`` an evaluation's file is named after: None (every example) when ``asked`` is None or at least
-    as many as the split holds (all of them, as ``splits.subset`` takes them), so that a file never names examples
-    that were not evaluated, nor names all of them in two ways."""
-    return None if asked is None or asked >= evaluated else asked
+    the ``held`` examples of the split (all of them, as ``splits.subset`` takes them), so that a file never names
+    examples that were not evaluated, nor names all of them in two ways."""
+    return None if asked is None or asked >= held else asked
 
 
 def _active_units_of(result: dict[str, Any]) -> str:

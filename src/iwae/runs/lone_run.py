@@ -23,6 +23,7 @@ from iwae.platform.files import DiskFullError
 from iwae.platform.threads import use_run_threads, use_threads
 from iwae.runs import checkpoint, evaluation, rundir, runlock
 from iwae.runs import figures as run_figures
+from iwae.settings import SettingError
 from iwae.training.config import TrainConfig, check_is_config, resolve_compile, resumed_config
 from iwae.training.lone import LoneSeed
 from iwae.training.loop import Outputs, fit
@@ -36,8 +37,9 @@ def load_training_data(config: TrainConfig, device: torch.device) -> data.Datase
     dataset = data.load(config.dataset, config.data_dir, split=config.data_split,
                         sha256=config.dataset_sha256).to(device)
     if config.batch_size > len(dataset.train):
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(dataset.train)} training examples of "
-                         f"{config.dataset}; choose a smaller --batch-size")
+        raise SettingError("{0} {size} exceeds the {examples} training examples of {dataset}; choose a smaller {0}",
+                           ("batch_size",), size=config.batch_size, examples=len(dataset.train),
+                           dataset=config.dataset)
     distributed.rows(config.batch_size)  # the ranks (if several) can share the batch
     return dataset
 

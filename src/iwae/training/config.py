@@ -245,10 +245,12 @@ def resumed_config(saved: dict[str, Any], changes: dict[str, Any] | None, run_di
         if digest is not None and user_file_sha256(changes["dataset"]) == digest:  # the run's file, moved
             saved["dataset"] = changes["dataset"]
     differing = [key for key, value in changes.items() if key not in RUNTIME_KEYS and saved.get(key) != value]
-    if differing:
-        listed = ", ".join(f"{key} (run: {saved.get(key)!r}, given: {changes[key]!r})" for key in differing)
-        raise ValueError(f"cannot resume {run_dir} with a different configuration: {listed}; drop those options "
-                         "to continue the run as it was, or start a new run with a new --out")
+    if differing:  # named as settings, which the command line names as its options
+        listed = ", ".join(f"{{{i}}} (run: {{run{i}}}, given: {{given{i}}})" for i in range(len(differing)))
+        raise SettingError(f"cannot resume {{where}} with a different configuration: {listed}; drop those options "
+                           "to continue the run as it was, or start a new run with a new --out", tuple(differing),
+                           where=run_dir, **{f"run{i}": repr(saved.get(key)) for i, key in enumerate(differing)},
+                           **{f"given{i}": repr(changes[key]) for i, key in enumerate(differing)})
     unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise ValueError(f"the checkpoint in {run_dir} holds settings this version of iwae does not know "
