@@ -90,8 +90,10 @@ def test_log_weights_shape_and_gradients(layers: int) -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="layers must be 1 or 2"):
-        burda(3)
+    for layers in (3, True, 2.0, "2"):  # an integer, not one that compares equal to it
+        with pytest.raises(ValueError, match="layers must be 1 or 2"):
+            burda(layers)
+    assert len(burda(np.int64(2), x_dim=4).decoder) == len(burda(2, x_dim=4).decoder)
     with pytest.raises(ValueError, match="k must be a positive"):
         burda(1, x_dim=4).log_weights(torch.zeros(2, 4), 0)
     with pytest.raises(ValueError, match="one decoder layer per encoder layer"):

@@ -9,6 +9,8 @@ zero biases.
 
 from __future__ import annotations
 
+import numbers
+
 from torch import Tensor
 
 from iwae.models.latent import DeepLatentModel
@@ -28,8 +30,9 @@ def burda(layers: int, x_dim: int = 784, train_mean: Tensor | None = None) -> De
       train_mean: optional training-set pixel means, shape (x_dim,); if given, the output bias is set
         to their logit (clipped to [0.001, 0.999]) as in the paper.
     """
-    if layers not in _ENCODERS:
-        raise ValueError(f"layers must be 1 or 2 (the paper's architectures); got {layers}")
+    if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers not in _ENCODERS:
+        raise ValueError(f"layers must be 1 or 2 (the paper's architectures); got {layers!r}")
+    layers = int(layers)
     x_dim = check_integer(x_dim, "x_dim", 1)
     encoder, decoder, in_dim = [], [], x_dim
     for level, (hidden, z_dim) in enumerate(_ENCODERS[layers]):
