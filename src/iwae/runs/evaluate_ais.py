@@ -255,9 +255,8 @@ def evaluate_ais(
         stats = _importance_sampled(pieces, model, x, k, seed=seed, batch_size=batch_size, progress=progress)
         sweep, result = _sweep(model, x, steps, chains=chains, leapfrog=leapfrog, start=start, seed=seed,
                                batch_size=batch_size, progress=progress, pieces=pieces)
-        out = {"run": str(run_dir), "dataset": loaded.name, "split": split, "examples": len(x),
-               "epoch": state["epoch"], "seed": seed, "method": "ais",
-               **_settings(steps[-1], chains, leapfrog, start, batch_size),
+        out = {"run": str(run_dir), "dataset": loaded.name, "split": split, "examples": len(x), "epoch": state["epoch"],
+               "seed": seed, "method": "ais", **_settings(steps[-1], chains, leapfrog, start, batch_size),
                **_ais_numbers(sweep, result, stats, k), "device": str(x.device)}
         rundir.write_json(path, out)
         (run_dir / rundir.FIGURES).mkdir(exist_ok=True)

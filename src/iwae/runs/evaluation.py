@@ -192,19 +192,16 @@ def evaluate_run(
         estimated (from a timed pass) to take longer (None: never, no limit).
       matmul: the CPU's float32 matmul path (default, onednn); None: the continued evaluation's, else the faster.
 
-    Returns the result, also written to ``eval_path(run_dir, split, dataset, k=k, examples=examples, seed=seed)``:
-      ``nll``, ``nll_se`` (over examples of -log (1/k) sum_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g keyed by
-      g), ``ess``, ``ess_per_k``, ``active_units`` (per stochastic layer, of ``latent_units``), and what was used
-      (``matmul``, and the pass sizes, which decide which of the seed's draws each example and layer gets); and
-      ``path``, the file it was written to (the run's own evaluation where ``dataset`` is the run's own data).
+    Returns the result, also written to its ``path`` (``eval_path``'s; the run's own data as ``dataset`` is none):
+      ``nll``, ``nll_se`` (of -log mean_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g by g), ``ess``, ``ess_per_k``,
+      ``active_units`` (per layer, of ``latent_units``), ``matmul`` and the pass sizes (which set the draws' order).
     """
-    run_dir = _checked(Path(run_dir), device, matmul, k=k, chunk_size=chunk_size, batch_size=batch_size)
-    dataset = other_data(run_dir, dataset)
+    run_dir, dataset = _checked(Path(run_dir), dataset, device, matmul, k=k, chunk_size=chunk_size,
+                                batch_size=batch_size)
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
-    held = len(getattr(loaded, split))  # the split's examples, of which x holds all or ``examples``
-    out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, held), seed=seed)
+    out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, loaded, split), seed=seed)
     compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
     pieces = _pieces(state, out, {"method": "is", "k": k, "split": split, "data": data_identity(loaded.name),
                                     "examples": len(x), "seed": seed, "chunk_size": chunk_size,
@@ -341,14 +338,15 @@ def _check_time(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batc
                             "time_limit_s", examples=len(x), k=k)
 
 
-def _checked(run_dir: Path, device: str, matmul: str | None, **sizes: int) -> Path:
-    """``run_dir``, after refusing a size of the evaluation below 1, a ``matmul`` path that ``device`` does not
-    take, and a run directory it cannot write in."""
+def _checked(run_dir: Path, dataset: str | None, device: str, matmul: str | None, **sizes: int
+             ) -> tuple[Path, str | None]:
+    """``run_dir`` and ``other_data(run_dir, dataset)``, after refusing a size of the evaluation below 1, a ``matmul``
+    path that ``device`` does not take, and a run directory it cannot write in."""
     for name, value in sizes.items():
         check_integer(value, name, 1)
     gemm.check_path(matmul, device)
     rundir.check_writable(run_dir, EVALUATE_FIX)
-    return run_dir
+    return run_dir, other_data(run_dir, dataset)
 
 
 def _result(run_dir: Path, loaded: data.Dataset, state: dict[str, Any], stats: WeightStatistics,
@@ -384,11 +382,11 @@ def _result(run_dir: Path, loaded: data.Dataset, state: dict[str, Any], stats: W
     }
 
 
-def examples_evaluated(asked: int | None, held: int) -> int | None:
-    """The ``examples`` an evaluation's file is named after: None (every example) when ``asked`` is None or at least
-    the ``held`` examples of the split (all of them, as ``splits.subset`` takes them), so that a file never names
+def examples_evaluated(asked: int | None, loaded: data.Dataset, split: str) -> int | None:
+    """The ``examples`` an evaluation of ``loaded``'s ``split`` is named after: None (every example) when ``asked`` is
+    None or at least the split's (all of them, as ``splits.subset`` takes them), so that a file never names
     examples that were not evaluated, nor names all of them in two ways."""
-    return None if asked is None or asked >= held else asked
+    return None if asked is None or asked >= len(getattr(loaded, split)) else asked
 
 
 def _active_units_of(result: dict[str, Any]) -> str:
