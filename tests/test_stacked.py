@@ -329,7 +329,7 @@ def test_a_stack_resumes_with_its_own_settings_given_again(tiny_dataset: str, tm
                               progress=False)
     assert cli.main(["train", "--resume", str(tmp_path / "s"), "--k", "4", "--batch-size", "8"]) == 0
     assert cli.main(["train", "--resume", str(tmp_path / "s"), "--k", "2"]) == 2
-    assert "different configuration: k (run: 4, given: 2)" in capsys.readouterr().err
+    assert "different configuration: --k (run: 4, given: 2)" in capsys.readouterr().err
     assert cli.main(["train", "--dataset", tiny_dataset, "--epochs", "1", "--seed", str(2**63 - 2), "--seeds", "3",
                      "--out", str(tmp_path / "t")]) == 2
     assert capsys.readouterr().err.strip().endswith(
