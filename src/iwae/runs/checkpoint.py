@@ -121,7 +121,7 @@ def _damage(state: dict[str, Any]) -> str | None:
     if missing:
         return f"it lacks {', '.join(missing)}"
     try:
-        with torch.device("meta"):  # no memory
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no memory, no draws
             model = _model(state)
         expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         saved = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
@@ -150,17 +150,17 @@ def _damage(state: dict[str, Any]) -> str | None:
 
 
 def _model(state: dict[str, Any]) -> DeepLatentModel:
-    """A new model of the architecture a checkpoint's configuration describes, for its parameters to replace: its
-    initialisation draws nothing from torch's global generator."""
-    with torch.random.fork_rng(devices=[]):
-        return build_model(state["config"].get("model", "burda"), state["config"]["layers"], state["x_dim"])
+    """A new model of the architecture a checkpoint's configuration describes."""
+    return build_model(state["config"].get("model", "burda"), state["config"]["layers"], state["x_dim"])
 
 
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], DeepLatentModel]:
     """A run's latest checkpoint (see ``load``) and its model with the checkpoint's parameters, on ``device``; torch's
-    global generator is left as it was."""
+    global generator is left as it was (the model's initialisation, which the parameters replace, draws nothing
+    from it)."""
     state = load(run_dir)
-    model = _model(state)
+    with torch.random.fork_rng(devices=[]):
+        model = _model(state)
     model.load_state_dict(state["model"])
     return state, model.to(device)
 

@@ -241,9 +241,9 @@ def evaluate_ais(
         ais.check_settings(value, chains, leapfrog, start, batch_size=batch_size)
     check_integer(k, "k", 1)
     rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
+    dataset = evaluation.other_data(run_dir, dataset)
     state, model, loaded, x = evaluation.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                                      examples=examples, device=device, seed=seed)
-    dataset = evaluation.other_data(state["config"], dataset)
     ais.check_model(model, x, start)
     check_ais_cost(model, x, steps, x_dim=x.shape[1], chains=chains, leapfrog=leapfrog, start=start,
                    batch_size=batch_size, examples=len(x), limit_s=time_limit_s)

@@ -91,12 +91,16 @@ def eval_path(run_dir: Path, split: str = "test", dataset: str | None = None, *,
     return run_dir / f"eval-{'-'.join(parts)}.json"
 
 
-def other_data(config: dict[str, Any], dataset: str | None) -> str | None:
-    """``dataset``, the data an evaluation of a run of ``config`` (its checkpoint's) is asked for, or None where that
-    is the run's own: the same catalogue dataset, or the same file unchanged, of a run on the paper's split (which
-    ``load_examples`` loads alike either way; the evaluation is then the run's own, e.g. RUN/eval.json)."""
+def other_data(run_dir: Path, dataset: str | None) -> str | None:
+    """``dataset``, the data an evaluation of the run in ``run_dir`` is asked for, or None where that is the run's
+    own: the same catalogue dataset, or the same file unchanged, of a run on the paper's split (whose evaluation
+    is then the run's own, e.g. RUN/eval.json, not one of other data)."""
     if dataset is None:
         return None
+    try:
+        config = rundir.read_config(run_dir)
+    except rundir.RunDirError:
+        return dataset  # the checkpoint's loading says what is wrong
     own = (data.recorded_name(dataset) == config.get("dataset") and config.get("data_split") == "paper"
            and data.user_file_sha256(dataset) == config.get("dataset_sha256"))
     return None if own else dataset
@@ -192,11 +196,11 @@ def evaluate_run(
       ``nll``, ``nll_se`` (of -log mean_i w_i), ``k``, ``bounds``, ``bounds_se`` (L_g by g), ``ess``, ``ess_per_k``,
       ``active_units`` (per layer, of ``latent_units``), ``matmul`` and the pass sizes (which set the draws' order).
     """
-    run_dir = _checked(Path(run_dir), device, matmul, k=k, chunk_size=chunk_size, batch_size=batch_size)
+    run_dir, dataset = _checked(Path(run_dir), dataset, device, matmul, k=k, chunk_size=chunk_size,
+                                batch_size=batch_size)
     start = time.perf_counter()
     state, model, loaded, x = load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
                                             examples=examples, device=device, seed=seed, loaded=loaded)
-    dataset = other_data(state["config"], dataset)
     out = eval_path(run_dir, split, dataset, k=k, examples=examples_evaluated(examples, loaded, split), seed=seed)
     compile = len(x) * k >= AUTO_COMPILE_SAMPLES if compile is None else compile
     pieces = _pieces(state, out, {"method": "is", "k": k, "split": split, "data": data_identity(loaded.name),
@@ -334,14 +338,15 @@ def _check_time(model: DeepLatentModel, x: Tensor, k: int, chunk_size: int, batc
                             "time_limit_s", examples=len(x), k=k)
 
 
-def _checked(run_dir: Path, device: str, matmul: str | None, **sizes: int) -> Path:
-    """``run_dir``, after refusing a size of the evaluation below 1, a ``matmul`` path that ``device`` does not
-    take, and a run directory it cannot write in."""
+def _checked(run_dir: Path, dataset: str | None, device: str, matmul: str | None, **sizes: int
+             ) -> tuple[Path, str | None]:
+    """``run_dir`` and ``other_data(run_dir, dataset)``, after refusing a size of the evaluation below 1, a ``matmul``
+    path that ``device`` does not take, and a run directory it cannot write in."""
     for name, value in sizes.items():
         check_integer(value, name, 1)
     gemm.check_path(matmul, device)
     rundir.check_writable(run_dir, EVALUATE_FIX)
-    return run_dir
+    return run_dir, other_data(run_dir, dataset)
 
 
 def _result(run_dir: Path, loaded: data.Dataset, state: dict[str, Any], stats: WeightStatistics,
