@@ -210,3 +210,10 @@ def test_discrete_latents_are_refused_in_one_line() -> None:
     with pytest.raises(ValueError, match="AIS needs continuous latents") as error:
         ais_log_likelihood(model, torch.zeros(2, 4), steps=2, chains=2, leapfrog=2)
     assert "\n" not in str(error.value)
+
+
+def test_step_sizes_interpolate_linearly_in_log_step_and_hold_beyond_the_ends() -> None:
+    steps = ais.StepSizes(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64),
+                          torch.tensor([[[0.0]], [[1.0]], [[3.0]]], dtype=torch.float64))
+    for beta, log_step in [(0.125, 0.25), (0.75, 2.0), (0.0, 0.0), (1.0, 3.0), (1.5, 3.0)]:
+        torch.testing.assert_close(steps.at(beta).log().flatten(), torch.tensor([log_step], dtype=torch.float64))

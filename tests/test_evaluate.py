@@ -9,8 +9,10 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
+from iwae.core.objectives import Objective
 from iwae.eval import activity, likelihood
-from iwae.models import LinearGaussian, burda
+from iwae.models import DeepLatentModel, LinearGaussian, burda
+from iwae.models.linear_gaussian import AffineGaussianEncoder, GaussianPrior, LinearGaussianLikelihood
 from iwae.platform import device as devices
 
 
@@ -123,6 +125,45 @@ def test_active_units_has_one_count_per_stochastic_layer() -> None:
     model = burda(2, x_dim=20)
     counts = activity.active_units(model, (torch.rand(100, 20) < 0.5).float())
     assert len(counts) == 2 and 0 <= counts[0] <= 100 and 0 <= counts[1] <= 50
+
+
+def test_upper_layers_mean_is_taken_at_a_z1_drawn_from_q() -> None:
+    """q(z1 | x) = N(0, 3^2 I) whatever x, q(z2 | z1) = N(z1, I): E_q[z1 | x] does not vary (variance 0), while
+    the mean of z2's layer at a drawn z1, the authors' convention (docs/evaluation.md), varies with variance 9."""
+    first, second = AffineGaussianEncoder(4, 2), AffineGaussianEncoder(2, 2)
+    with torch.no_grad():
+        for parameter in (*first.parameters(), *second.parameters()):
+            parameter.zero_()
+        first.raw_scale_tril.diagonal().fill_(math.log(3.0))
+        second.linear.weight.copy_(torch.eye(2))
+    model = DeepLatentModel([first, second], [LinearGaussianLikelihood(2, 4), LinearGaussianLikelihood(2, 2)],
+                            GaussianPrior(2)).double()
+    torch.manual_seed(0)
+    variances = activity.posterior_mean_variances(model, torch.randn(500, 4, dtype=torch.float64))
+    assert variances[0].max() == 0
+    assert ((variances[1] - 9).abs() < 1.5).all(), variances[1]
+
+
+class RecordedWeights(torch.nn.Module):
+    """A stand-in model with log w_i(x) = i - sum(x) that records the (sample, example) pairs of each request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[int] = []
+
+    def log_weights(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        self.requests.append(k * len(x))
+        return torch.arange(k, dtype=x.dtype)[:, None] - x.sum(1)
+
+
+@pytest.mark.parametrize(("k", "max_rows"), [(5, 12), (5, 5), (7, 100), (10, 3)])
+def test_objective_bound_takes_passes_of_at_most_max_rows_pairs(k: int, max_rows: int) -> None:
+    model, x = RecordedWeights(), torch.randn(23, 3, dtype=torch.float64)
+    objective = Objective("iwae", k)
+    bound = likelihood.objective_bound(model, x, objective, max_rows=max_rows)
+    torch.testing.assert_close(bound, objective.bound(model.log_weights(x, k)), rtol=1e-12, atol=1e-12)
+    passes = model.requests[:-1]
+    assert sum(passes) == k * len(x) and max(passes) <= max(max_rows, k)
 
 
 @pytest.mark.slow

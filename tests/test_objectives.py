@@ -255,6 +255,19 @@ def test_standard_estimator_is_the_plain_gradient_of_the_bound(objective: str) -
         torch.testing.assert_close(generative, flat_grad(list(model.decoder.parameters())), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("alpha", [-math.inf, -1.0, 2.0])
+def test_standard_estimator_is_the_plain_gradient_of_the_vr_bound_at_every_alpha(alpha: float) -> None:
+    # VR-max (alpha = -inf) trains on the largest weight's gradient alone: d/dtheta max_i log w_i
+    model = burda(2, x_dim=30).double()
+    x = (torch.rand(3, 30) < 0.3).double()
+    inference, generative = estimator_gradients(model, x, 0, "standard", "vr", k=10, alpha=alpha)
+    torch.manual_seed(0)
+    model.zero_grad()
+    (-Objective("vr", 10, alpha=alpha).bound(model.log_weights(x, 10)).mean()).backward()
+    torch.testing.assert_close(inference, flat_grad(list(model.encoder.parameters())), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(generative, flat_grad(list(model.decoder.parameters())), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_piwae_trains_inference_on_miwae_and_generative_on_iwae(estimator: str) -> None:
     model = burda(2, x_dim=30).double()
