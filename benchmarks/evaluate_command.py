@@ -1,8 +1,9 @@
 """The wall time of the ``iwae evaluate RUN --k K`` command against the evaluator's own time on the same data and k
 (target: the command within 1.15 times the evaluator).
 
-The script trains a small run of the paper's model (one epoch, from IWAE_DATA_DIR's MNIST; random binary stand-ins
-of MNIST's shape when the files are not there), then times, each in a fresh process:
+The script trains a small run of the paper's model (one epoch, on MNIST where IWAE_DATA_DIR or the cache holds it;
+random binary stand-ins of MNIST's shape when the files are not found), then times, each in a fresh process and on
+the same number of torch threads (``--threads``; this process's by default):
 
   the command    ``iwae evaluate RUN --k K --examples N``, start to exit (loading, checks, compiling as it
                  chooses, the evaluation, the active units, writing the result);
@@ -17,49 +18,52 @@ evaluates a seeded random subset of N test images (the command's ``--examples``;
 minutes on a small CPU).
 
     python benchmarks/evaluate_command.py [--examples 10000] [--k 5000] [--layers 1] [--device cpu] [--rounds 3]
+                                          [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from children import run_child
 
+from iwae import data
 from iwae.eval import likelihood
 from iwae.platform import heap
 from iwae.runs import evaluation
 
 
-def make_run(out: Path, layers: int) -> tuple[Path, str]:
+def make_run(out: Path, layers: int, threads: int) -> tuple[Path, str]:
     """A run trained for one epoch in ``out``/run, and what it was trained on."""
-    if os.environ.get("IWAE_DATA_DIR"):
+    try:
+        data.load("mnist", download=False)
         dataset, source = "mnist", "MNIST"
-    else:
+    except data.DataError:
         rng = np.random.default_rng(0)
         dataset = str(out / "standin.npz")
         np.savez(dataset, train=(rng.random((2000, 784)) < 0.13).astype(np.float32),
                  test=(rng.random((10_000, 784)) < 0.13).astype(np.float32))
         source = "random binary stand-ins of MNIST's shape"
     run = out / "run"
-    subprocess.run([sys.executable, "-m", "iwae", "train", "--dataset", dataset, "--layers", str(layers), "--epochs",
-                    "1", "--batch-size", "500", "--k", "1", "--eval-k", "0", "--device", "cpu", "--out", str(run)],
-                   check=True, capture_output=True)
+    run_child([sys.executable, "-m", "iwae", "train", "--dataset", dataset, "--layers", str(layers), "--epochs", "1",
+               "--batch-size", "500", "--k", "1", "--eval-k", "0", "--device", "cpu", "--threads", str(threads),
+               "--out", str(run)], threads)
     return run, source
 
 
-def time_command(run: Path, k: int, examples: int, device: str) -> float:
+def time_command(run: Path, k: int, examples: int, device: str, threads: int) -> float:
     """Seconds from the start of ``iwae evaluate`` to its exit."""
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "iwae", "evaluate", str(run), "--k", str(k), "--examples", str(examples),
-                    "--device", device], check=True, capture_output=True)
+    run_child([sys.executable, "-m", "iwae", "evaluate", str(run), "--k", str(k), "--examples", str(examples),
+               "--device", device, "--threads", str(threads)], threads)
     return time.perf_counter() - began
 
 
@@ -85,23 +89,25 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads of the command and the evaluator (default: %(default)s, this process's)")
     parser.add_argument("--child", metavar="RUN", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(evaluator_seconds(Path(args.child), args.k, args.examples, args.device)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        run, source = make_run(Path(tmp), args.layers)
-        print(f"iwae evaluate RUN --k {args.k} --examples {args.examples} --device {args.device}: a "
-              f"{args.layers}-layer run trained for one epoch on {source}")
+        run, source = make_run(Path(tmp), args.layers, args.threads)
+        print(f"iwae evaluate RUN --k {args.k} --examples {args.examples} --device {args.device} --threads "
+              f"{args.threads}: a {args.layers}-layer run trained for one epoch on {source}")
         child = [sys.executable, __file__, "--child", str(run), "--k", str(args.k), "--examples", str(args.examples),
                  "--device", args.device]
         ratios = []
         for round_ in range(args.rounds):
             for result in run.glob("eval-*.json"):  # the command evaluates afresh each round
                 result.unlink()
-            command = time_command(run, args.k, args.examples, args.device)
-            own = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
+            command = time_command(run, args.k, args.examples, args.device, args.threads)
+            own = json.loads(run_child(child, args.threads))
             ratios.append(command / own["seconds"])
             print(f"round {round_ + 1}: command {command:.1f} s, evaluator {own['seconds']:.1f} s "
                   f"({'compiled' if own['compiled'] else 'eager'}), ratio {ratios[-1]:.3f}", flush=True)

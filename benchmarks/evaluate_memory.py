@@ -1,15 +1,15 @@
 """Peak memory of the k=5000 log-likelihood evaluation on the MNIST test set (target: under 1 GB).
 
-Each measurement runs in a fresh subprocess that loads the 10,000 test images (binarized once, from
-IWAE_DATA_DIR; random binary stand-ins of the same shape when the files are not there), builds the paper's
-model and runs ``iwae.eval.likelihood.importance_statistics`` with its default chunk (500 samples) and batch (16
-examples) sizes, on the fastest fp32 matmul path (``iwae.platform.gemm``) as ``iwae evaluate`` does; ``--compile``
-compiles the evaluator. A first pass on one batch (the compilation, with ``--compile``, which fills inductor's
-cache) comes before the measurement. Each call compiles an evaluator of its own, as ``iwae evaluate`` does, so the
-measured evaluation includes its tracing and the loading of its kernels from that cache (a fraction of a second).
-On a CPU it reports the peak resident memory of the process during the evaluation (Linux:
-the high-water mark VmHWM, reset just before through /proc/self/clear_refs) and its increase over the
-resident memory just before; on a GPU, ``torch.cuda.max_memory_allocated`` and its increase.
+Each measurement runs in a fresh subprocess, on the parent's number of torch threads, that loads the 10,000 test
+images (binarized once, from IWAE_DATA_DIR or the cache; random binary stand-ins of the same shape when the files
+are not found there), builds the paper's model and runs ``iwae.eval.likelihood.importance_statistics`` with its
+default chunk (500 samples) and batch (16 examples) sizes, on the fastest fp32 matmul path (``iwae.platform.gemm``)
+as ``iwae evaluate`` does; ``--compile`` compiles the evaluator. A first pass on one batch (the compilation, with
+``--compile``, which fills inductor's cache) comes before the measurement. Each call compiles an evaluator of its
+own, as ``iwae evaluate`` does, so the measured evaluation includes its tracing and the loading of its kernels from
+that cache (a fraction of a second). On a CPU it reports the peak resident memory of the process during the
+evaluation (Linux: the high-water mark VmHWM, reset just before through /proc/self/clear_refs) and its increase over
+the resident memory just before; on a GPU, ``torch.cuda.max_memory_allocated`` and its increase.
 
 Evaluation is batched over examples as well as samples, so peak memory depends on neither k nor the
 number of examples: ``--examples N`` measures on the first N images only (the full 10,000 x 5000 samples
@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from children import run_child
 
 from iwae import data
 from iwae.eval import likelihood
@@ -96,15 +95,20 @@ def measure(test_file: Path, layers: int, k: int, examples: int, device_name: st
 
 def measure_in_subprocess(test_file: Path, layers: int, k: int, examples: int, device_name: str,
                           compile: bool = False) -> dict[str, float]:
-    """``measure`` in a fresh Python process, so that its peak memory is the evaluation's alone."""
+    """``measure`` in a fresh Python process, so that its peak memory is the evaluation's alone, on this process's
+    number of torch threads."""
     command = [sys.executable, __file__, "--child", str(test_file), str(layers), "--k", str(k),
                "--examples", str(examples), "--device", device_name, *(["--compile"] if compile else [])]
-    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    return json.loads(run_child(command, torch.get_num_threads()))
 
 
 def mnist_test_images() -> tuple[torch.Tensor, str]:
-    if os.environ.get("IWAE_DATA_DIR"):
+    """MNIST's test images where they are found (``$IWAE_DATA_DIR`` or the cache, no download), else random binary
+    stand-ins of the same shape; and which."""
+    try:
         return data.load("mnist", download=False).test, "MNIST test set"
+    except data.DataError:
+        pass
     generator = torch.Generator().manual_seed(0)
     return (torch.rand(10_000, 784, generator=generator) < 0.13).float(), "random binary stand-in of MNIST's shape"
 

@@ -163,8 +163,10 @@ def bare_step(k: int, batch_size: int, estimator: str, device: str, data_args: l
     real_step = TrainStep(model, make_adam(model, 1e-3, (config.beta1, config.beta2), config.adam_eps),
                           config.objective_spec(), estimator, compile=True)
     generator = torch.Generator(device).manual_seed(0)
-    xs = [dataset.minibatch(idx, generator)
-          for idx in data.epoch_batches(len(dataset.train), batch_size, generator)[:minibatches]]
+    batches: list[torch.Tensor] = []
+    while len(batches) < minibatches:  # epoch after epoch, as the loop draws them
+        batches += data.epoch_batches(len(dataset.train), batch_size, generator)
+    xs = [dataset.minibatch(idx, generator) for idx in batches[:minibatches]]
     turn = itertools.cycle(xs)
     steps["real"] = lambda: real_step(next(turn))
 
@@ -311,7 +313,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "shared" and any(k not in SHARED_EXAMPLES for k in args.k):
         parser.error(f"the shared mode runs --k in {sorted(SHARED_EXAMPLES)}")
-    args.epochs = args.epochs or (2 if args.mode == "step" else 3)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs {args.epochs}: give at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here; use --device cpu")
+    args.epochs = (2 if args.mode == "step" else 3) if args.epochs is None else args.epochs
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         if args.mode == "step":

@@ -10,7 +10,7 @@ name=$1
 shift
 out="results/benchmarks/$name.txt"
 mkdir -p "$(dirname "$out")"
-machine="$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(python -c \
+machine="$(nproc --all) CPUs, $(python -c 'import os; print(len(os.sched_getaffinity(0)))') usable ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(python -c \
     'import torch; print("torch", torch.__version__)'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 cpu_times() {  # all CPUs' time and their steal time, in ticks
     awk '$1 == "cpu" { total = 0; for (i = 2; i <= 9; i++) total += $i; print total, $9 }' /proc/stat

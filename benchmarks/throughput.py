@@ -130,11 +130,12 @@ Products = dict[str, tuple[Runner, int, int]]  # per product runner: the runner,
 
 
 def product_runners(stack: ExitStack, shapes: list[tuple[int, int, int]]) -> Products:
-    """For each available path and each shape, a runner of float32 products (m x k) @ (k x n) named
-    "<path> mxkxn" (warmed up), with its calls per round (about 0.05-0.1 s of products) and FLOPs per call. Each
-    path's products run in a process of its own, which ``stack`` ends."""
-    paths = {f"torch {path}": ("torch", path) for path in
-             [gemm.DEFAULT, *([gemm.ONEDNN] if torch.backends.mkldnn.is_available() else [])]}
+    """For each available path that multiplies to float32 rounding here (``gemm.accurate``) and each shape, a
+    runner of float32 products (m x k) @ (k x n) named "<path> mxkxn" (warmed up), with its calls per round (about
+    0.05-0.1 s of products) and FLOPs per call. Each path's products run in a process of its own, which ``stack``
+    ends."""
+    onednn = gemm.has_choice("cpu") and gemm.accurate(gemm.ONEDNN)
+    paths = {f"torch {path}": ("torch", path) for path in [gemm.DEFAULT, *([gemm.ONEDNN] if onednn else [])]}
     if installed("jax"):
         paths["jax"] = ("jax", gemm.DEFAULT)
     workers = {name: stack.enter_context(OwnProcess(framework_products, framework, shapes, matmul_path=path))
@@ -438,7 +439,7 @@ def eval_benchmark(args: argparse.Namespace, result: dict[str, Any]) -> None:
     images, source = mnist_test_images()
     examples = min(args.eval_examples, len(images))
     print(f"\nk={args.k_eval} log-likelihood of {examples} of {len(images)} images ({source}), untrained models, "
-          f"passes of {BATCH_SIZE} examples x {CHUNK_SIZE} samples")
+          f"passes of {BATCH_SIZE} examples x {min(args.k_eval, CHUNK_SIZE)} samples")
     print(f"{'layers':>6} {'mode':>8} {'first pass s':>12} {'time s':>8} {'GEMM frac':>9} {'peak MiB':>8} "
           f"{'NLL':>10}")
     result.update(gemm_limit_flops_per_s=limit, eval_source=source, eval=[])
