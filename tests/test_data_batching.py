@@ -41,6 +41,18 @@ def test_binarize_is_binary_keeps_dtype_and_certain_pixels():
     assert (bits[:, [0, 3]] == 0).all() and (bits[:, [1, 4]] == 1).all()
 
 
+# torch's CPU generator seeded with 1 draws exactly 0.0 as uniform number 2,753,120 of 2**24 (the uniforms lie in
+# [0, 1)): a pixel at 0 must stay 0 where its uniform is 0
+ZERO_UNIFORM_SEED, ZERO_UNIFORM_DRAWS = 1, 2**24
+
+
+def test_binarize_keeps_a_black_pixel_black_when_its_uniform_is_zero():
+    generator = torch.Generator().manual_seed(ZERO_UNIFORM_SEED)
+    assert (torch.rand(ZERO_UNIFORM_DRAWS, generator=generator) == 0).any()  # the case this test is about
+    black = binarize(torch.zeros(ZERO_UNIFORM_DRAWS), torch.Generator().manual_seed(ZERO_UNIFORM_SEED))
+    assert not black.any()
+
+
 def test_binarize_fresh_draws_reproducible_under_seed():
     x = torch.full((50, 784), 0.5)
     generator = torch.Generator().manual_seed(2)

@@ -9,7 +9,7 @@ import pytest
 import scipy.io
 import torch
 
-from iwae.data import DataError, load
+from iwae.data import DataError, binarize, load
 from iwae.data import catalogue as catalogue_module
 from iwae.data.catalogue import RemoteFile, file_digest
 from iwae.data.formats import read_amat, read_chardata, read_idx_images
@@ -61,6 +61,15 @@ def test_idx_wrong_size(tmp_path):
     with pytest.raises(DataError) as error:
         read_idx_images(tmp_path / "short.gz")
     _one_line_naming(error, "short.gz", "31 bytes", "36")
+
+
+def test_idx_with_bytes_after_its_images(tmp_path):
+    images = np.zeros((4, 3, 3))
+    header = b"\x00\x00\x08\x03" + struct.pack(">3I", *images.shape)
+    (tmp_path / "long.gz").write_bytes(gzip.compress(header + images.astype(np.uint8).tobytes() + b"\x00"))
+    with pytest.raises(DataError) as error:
+        read_idx_images(tmp_path / "long.gz")
+    _one_line_naming(error, "long.gz", "37 bytes", "36")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "not-gzip"])
@@ -226,6 +235,18 @@ def test_user_npz_binary_is_static_and_keeps_its_splits(tmp_path):
     assert torch.equal(data.test, torch.from_numpy(test).float())
     assert torch.equal(data.valid, torch.from_numpy(valid).float())
     assert data.name == str(tmp_path / "b.npz")
+
+
+def test_user_npz_grey_held_out_splits_are_binarized_once_each_with_its_own_seed(tmp_path):
+    """test with the evaluation seed, valid with the seed after it: the same draws in every run and evaluation."""
+    rng = np.random.default_rng(2)
+    train, valid, test = (rng.random((n, 10), dtype=np.float32) for n in (30, 6, 6))
+    np.savez(tmp_path / "g.npz", train=train, valid=valid, test=test)
+    data = load(str(tmp_path / "g.npz"), eval_seed=3)
+    assert data.binarization == "dynamic" and torch.equal(data.train, torch.from_numpy(train))
+    for split, grey, seed in (("test", test, 3), ("valid", valid, 4)):
+        expected = binarize(torch.from_numpy(grey), torch.Generator().manual_seed(seed))
+        assert torch.equal(getattr(data, split), expected), split
 
 
 @pytest.mark.parametrize(

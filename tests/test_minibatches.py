@@ -53,6 +53,15 @@ def test_chunks_draw_what_one_minibatch_at_a_time_draws(monkeypatch: pytest.Monk
         assert torch.equal(seeds[s].get_state(), expected[s][1][-1])
 
 
+def test_black_pixels_stay_black_where_a_uniform_is_zero() -> None:
+    """The chunk's uniforms are compared as binarize compares them (u < x): seed 1's 2,753,121st uniform is 0.0."""
+    width, batch, steps = 1024, 64, 48  # 3,145,728 uniforms
+    batches = torch.zeros(1, steps, batch, dtype=torch.int64)
+    for grey, expected in ((0.0, 0.0), (1.0, 1.0)):
+        chunked = EpochMinibatches(torch.full((1, width), grey), batches, [torch.Generator().manual_seed(1)], True, 0)
+        assert all(torch.equal(chunked(step), torch.full((1, batch, width), expected)) for step in range(steps))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_a_chunk_holds_no_more_than_the_epoch_has_left(device: str) -> None:
     train = torch.rand(57, 7, device=device)

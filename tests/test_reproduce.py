@@ -585,3 +585,24 @@ def test_a_continued_cells_command_names_its_epochs_however_few(budget: float, t
     config = reproduce.cell_config(cell, 0, options, tmp_path)
     line = reproduce.command("burda-table2", cell, config, tmp_path, 1)
     assert f" --epochs {config.epochs} " in line and config.epochs == max(1, round(2187 * budget))
+
+
+@pytest.mark.parametrize("table", ["burda-table1", "burda-table2", "burda-table3"])
+def test_burdas_cells_train_under_the_papers_protocol(table: str) -> None:
+    """At budget 1 every cell of Burda et al.'s tables trains as section 5 says: 3280 epochs of the staged schedule
+    (a continued run 3^7 epochs at 1e-4), Adam (0.9, 0.999, 1e-4), minibatches of 20, the standard estimator,
+    evaluated with k = 5000 on the paper's split."""
+    datasets = {"burda-table1": {"mnist", "omniglot"}, "burda-table2": {"mnist"}, "burda-table3": {"binarized-mnist"}}
+    for cell in reproduce.GRIDS[table]():
+        config = reproduce.cell_config(cell, 3, Options(), Path("out"))
+        assert (config.estimator, config.batch_size, config.beta1, config.beta2, config.adam_eps, config.eval_k,
+                config.data_split, config.seed, config.model) == (
+            "standard", 20, 0.9, 0.999, 1e-4, 5000, "paper", 3, "burda")
+        assert config.dataset in datasets[table]
+        if cell.init_from is None:
+            assert (config.schedule, config.schedule_scale, config.epochs) == ("burda", 1.0, 3280)
+            name = {"elbo": "vae", "iwae": "iwae"}[config.objective]
+            assert cell.name == f"{config.dataset}-l{config.layers}-{name}-k{config.k}"
+        else:
+            assert (config.schedule, config.lr, config.epochs) == ("constant", 1e-4, 3**7)
+            assert config.init_from == str(Path("out") / cell.init_from / "seed-3")

@@ -30,7 +30,7 @@ from iwae.platform import distributed, files
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock
 from iwae.runs import figures as run_figures
 from iwae.training import config as train_config
-from iwae.training import lone, signals
+from iwae.training import lone, signals, state
 from iwae.training import step as train_step
 from iwae.training.config import TrainConfig
 
@@ -59,6 +59,62 @@ def test_burda_schedule_is_the_papers() -> None:
     assert sum(epochs for epochs, _ in stages) == 3280
     assert stages[0][1] == pytest.approx(1e-3) and stages[-1][1] == pytest.approx(1e-4)
     assert [epochs for epochs, _ in train_config.burda_schedule(0.01)] == [1, 1, 1, 1, 1, 2, 7, 22]
+
+
+def test_burda_schedule_lowers_the_rate_by_ten_to_the_one_seventh_each_stage() -> None:
+    assert [lr for _, lr in train_config.burda_schedule(0.5)] == pytest.approx([1e-3 * 10 ** (-i / 7)
+                                                                              for i in range(8)], rel=1e-12)
+
+
+def test_config_defaults_are_the_papers_optimizer_settings() -> None:
+    """Adam with beta1 0.9, beta2 0.999, epsilon 1e-4 on minibatches of 20 (Burda et al. 2016, section 5)."""
+    config = TrainConfig(epochs=1)
+    assert (config.beta1, config.beta2, config.adam_eps, config.batch_size) == (0.9, 0.999, 1e-4, 20)
+    assert (config.data_split, config.eval_k, config.seed) == ("paper", 5000, 0)
+
+
+def test_model_and_data_seeds_are_fixed_and_distinct() -> None:
+    """A run's initialisation and data stream follow from its seed alone, the same in every version."""
+    assert state.model_and_data_seeds(0) == (3757552657, 673228719)
+    for seed in (0, 1, 2**63 - 1):
+        model_seed, data_seed = state.model_and_data_seeds(seed)
+        assert model_seed != data_seed and state.model_and_data_seeds(seed) == (model_seed, data_seed)
+    assert state.model_and_data_seeds(1) != state.model_and_data_seeds(0)
+
+
+def test_the_loop_trains_each_stage_at_its_rate_with_the_configs_adam(tiny_dataset: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    rates: list[float] = []
+    set_lr = train_step.TrainStep.set_lr
+    monkeypatch.setattr(train_step.TrainStep, "set_lr", lambda step, lr: rates.append(lr) or set_lr(step, lr))
+    config = tiny_config(tiny_dataset, epochs=None, schedule="burda", schedule_scale=0.001, beta1=0.8, beta2=0.99,
+                         adam_eps=1e-3)
+    lone_run.train(config, tmp_path / "run", progress=False)
+    stages = train_config.burda_schedule(0.001)
+    expected = [lr for epochs, lr in stages for _ in range(epochs)]
+    assert rates == expected and [record["lr"] for record in rundir.read_metrics(tmp_path / "run")] == expected
+    group = checkpoint.load(tmp_path / "run")["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-4) and group["betas"] == (0.8, 0.99) and group["eps"] == 1e-3
+
+
+def test_the_training_bound_is_the_epochs_mean_bound_per_example(tiny_dataset: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every example's bound set to -1 - (its first pixel): each epoch's train_bound is minus one minus the mean
+    first pixel of the examples it trained on."""
+    original = train_step.loss
+    first_pixels: list[torch.Tensor] = []
+
+    def loss(model: object, x: torch.Tensor, *args: object, **kwargs: object) -> object:
+        out = original(model, x, *args, **kwargs)
+        first_pixels.append(x[..., 0].detach().clone())
+        return out._replace(bound=-1.0 - x[..., 0])
+
+    monkeypatch.setattr(train_step, "loss", loss)
+    lone_run.train(tiny_config(tiny_dataset, epochs=2, compile=False), tmp_path / "run", progress=False)
+    steps = len(first_pixels) // 2
+    expected = [-1.0 - float(torch.cat(first_pixels[e * steps:(e + 1) * steps]).double().mean()) for e in range(2)]
+    bounds = [record["train_bound"] for record in rundir.read_metrics(tmp_path / "run")]
+    assert bounds == pytest.approx(expected, rel=1e-12) and bounds[0] != bounds[1]
 
 
 def test_learning_rate_follows_the_stages() -> None:
