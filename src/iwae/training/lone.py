@@ -83,10 +83,10 @@ class LoneSeed:
 
 def lone_timing_step(config: TrainConfig, x_dim: int, device: torch.device) -> Callable[[], None]:
     """A training step of ``config`` (objective, estimator, compiled or not) on a fresh model and a random
-    minibatch: the workload that ``training_matmul_path`` times."""
+    minibatch: the workload that ``iwae.training.preflight`` times (thread count, matmul path) and benchmarks time."""
     model = build_model(config.model, config.layers, x_dim).to(device)
     x = (torch.rand(config.batch_size, x_dim, device=device) < 0.5).float()
     optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
     step = TrainStep(model, optimizer, config.objective_spec(), config.estimator, compile=bool(config.compile),
-                     what="the training step (to time the matmul paths)")
+                     what="a copy of the training step to time")
     return lambda: step(x)

@@ -154,7 +154,7 @@ def stacked_timing_step(config: TrainConfig, x_dim: int, device: torch.device, s
     optimizer = make_adam(model, schedule(config)[0][1], (config.beta1, config.beta2), config.adam_eps)
     objective = config.objective_spec()
     step = TrainStep(model, optimizer, objective, config.estimator, compile=bool(config.compile),
-                     bound_shape=(seeds,), what="the stacked training step (to time the matmul paths)")
+                     bound_shape=(seeds,), what="a copy of the stacked training step to time")
     x = (torch.rand(seeds, config.batch_size, x_dim, device=device) < 0.5).float()
 
     def run() -> None:
