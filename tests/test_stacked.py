@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from iwae import cli, plots
 from iwae.platform import gemm
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock, stacked_run
 from iwae.training import config as train_config
-from iwae.training import signals
+from iwae.training import minibatches, signals, stacked
+from iwae.training import step as train_step
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -342,3 +344,74 @@ def test_a_stack_from_a_missing_run_leaves_no_directory(tiny_dataset: str, tmp_p
         stacked_run.train_stacked([config(tiny_dataset, seed, epochs=1, init_from=str(tmp_path / "none"))
                                    for seed in (0, 1)], tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
+
+
+def interrupt_in_commit(monkeypatch: pytest.MonkeyPatch, out: Path, commit: int) -> None:
+    """Make the ``commit``-th commit of the stack in ``out`` stop (KeyboardInterrupt, as a kill would) after seed 0's
+    checkpoint is in place and before seed 1's: seed 1's new checkpoint is still pending beside its old one."""
+    original, renames = os.replace, 0
+
+    def replace_then_stop(source: object, target: object) -> None:
+        nonlocal renames
+        if Path(source) == out / "seed-1" / stacked_run.NEXT:
+            renames += 1
+            if renames == commit:
+                raise KeyboardInterrupt
+        original(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_then_stop)
+
+
+def assert_same_seeds(run: Path, reference: Path) -> None:
+    for seed in (0, 1):
+        ours, theirs = (checkpoint.load(root / f"seed-{seed}") for root in (run, reference))
+        assert ours["epoch"] == theirs["epoch"]
+        assert all(torch.equal(ours["model"][name], theirs["model"][name]) for name in theirs["model"])
+        # the epochs' training bounds too: the summed bound of an interrupted epoch is each seed's own, restored
+        assert [m["train_bound"] for m in rundir.read_metrics(run / f"seed-{seed}")] == [
+            m["train_bound"] for m in rundir.read_metrics(reference / f"seed-{seed}")]
+
+
+def test_a_commit_stopped_between_its_seeds_renames_is_completed_on_resume(tiny_dataset: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    configs = [config(tiny_dataset, seed, epochs=3, matmul="default") for seed in (0, 1)]
+    stacked_run.train_stacked(configs, tmp_path / "reference", progress=False)
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_in_commit(patch, run, commit=3)  # the commit after epoch 2 (the first is at the start)
+        with pytest.raises(KeyboardInterrupt):
+            stacked_run.train_stacked(configs, run, progress=False)
+    assert [checkpoint.load(run / f"seed-{s}")["epoch"] for s in (0, 1)] == [2, 1]
+    torn = tmp_path / "torn"  # the same stack with seed 1's pending checkpoint lost
+    shutil.copytree(run, torn)
+    (torn / "seed-1" / stacked_run.NEXT).unlink()
+    with pytest.raises(ValueError, match=re.escape(f"the seeds of {torn} are at different positions")):
+        stacked_run.resume_stacked(torn, progress=False)
+    stacked_run.resume_stacked(run, progress=False)
+    assert_same_seeds(run, tmp_path / "reference")
+
+
+def test_a_stack_drawing_ahead_resumes_exactly_from_inside_a_chunk(tiny_dataset: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each seed's data stream is saved where its own minibatches of the chunk in use leave it, not after the chunk
+    drawn ahead."""
+    monkeypatch.setattr(minibatches, "CPU_CHUNK_BYTES", 3 * 2 * 8 * 16 * 4)  # chunks of 3 steps of 2 seeds
+    monkeypatch.setattr(stacked, "draws_ahead", lambda device: True)
+    configs = [config(tiny_dataset, seed, epochs=3, matmul="default") for seed in (0, 1)]
+    stacked_run.train_stacked(configs, tmp_path / "reference", progress=False)
+    calls, loss = 0, train_step.loss
+
+    def signalled(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 13:  # epoch 2, step 5: inside its second chunk, the third drawn ahead
+            signal.raise_signal(signal.SIGINT)
+        return loss(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_step, "loss", signalled)
+        with pytest.raises(signals.Interrupted):
+            stacked_run.train_stacked(configs, tmp_path / "run", progress=False)
+    assert checkpoint.load(tmp_path / "run" / "seed-1")["step"] == 5
+    stacked_run.resume_stacked(tmp_path / "run", progress=False)
+    assert_same_seeds(tmp_path / "run", tmp_path / "reference")

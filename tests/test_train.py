@@ -209,7 +209,9 @@ def test_training_refuses_settings_that_are_not_a_config(tmp_path: Path) -> None
 
 def test_a_run_writes_config_metrics_checkpoint_evaluation_and_figures(tiny_dataset: str, tmp_path: Path) -> None:
     run = tmp_path / "run"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     result = lone_run.train(tiny_config(tiny_dataset, epochs=2, eval_k=20), run, progress=False)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # Ctrl-C works after it
     assert json.loads((run / rundir.CONFIG).read_text())["device"] == "cpu"
     metrics = rundir.read_metrics(run)
     assert [record["epoch"] for record in metrics] == [1, 2]
@@ -266,9 +268,60 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(
     position = checkpoint.load(run)
     assert position["epoch"] * 8 + position["step"] == call  # stopped right after the step it was signalled in
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # handlers restored
+    assert position["wall_time_s"] > 0
+    position["wall_time_s"] += 1e6  # (a run stopped after days: its clocks go on from there)
+    position["epoch_time_s"] += 1e6 if position["step"] else 0  # (the interrupted epoch's)
+    checkpoint.save(run, {key: value for key, value in position.items() if key != "format"})
+    resumed_at = time.monotonic()
     lone_run.resume(run, progress=False)
+    resumed_for = time.monotonic() - resumed_at
     assert_same_parameters(tmp_path / "reference", run)
-    assert [record["epoch"] for record in rundir.read_metrics(run)] == [1, 2, 3]
+    metrics = rundir.read_metrics(run)
+    assert [record["epoch"] for record in metrics] == [1, 2, 3]
+    # the interrupted epoch's bound summed on from where it stood
+    assert [record["train_bound"] for record in metrics] == [
+        record["train_bound"] for record in rundir.read_metrics(tmp_path / "reference")]
+    assert all(position["wall_time_s"] < record["wall_time_s"] < position["wall_time_s"] + resumed_for
+               for record in metrics if record["epoch"] * 8 > call)
+    assert [record["epoch_time_s"] > 1e6 for record in metrics] == [
+        record["epoch"] == position["epoch"] + 1 and position["step"] > 0 for record in metrics]
+
+
+def test_a_second_signal_acts_as_it_would_have() -> None:
+    with signals.StopOnSignal() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_a_resumed_run_trains_on_its_recorded_thread_count(tiny_dataset: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    run, before = tmp_path / "run", torch.get_num_threads()
+    try:
+        with monkeypatch.context() as patch:
+            interrupt_at_call(patch, 3, signal.SIGINT)
+            with pytest.raises(signals.Interrupted):
+                lone_run.train(tiny_config(tiny_dataset, threads=1), run, progress=False)
+        torch.set_num_threads(2)
+        trained_on: list[int] = []
+        fit = lone_run.fit
+        monkeypatch.setattr(lone_run, "fit", lambda *args: trained_on.append(torch.get_num_threads()) or fit(*args))
+        lone_run.resume(run, progress=False)
+        assert trained_on == [1] and rundir.read_json(run / rundir.CONFIG)["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_new_run_seeds_its_initialisation_and_its_data_stream_from_its_seed(tiny_dataset: str) -> None:
+    model_seed, data_seed = state.model_and_data_seeds(7)
+    dataset = data.load(tiny_dataset)
+    started, _ = state.start(tiny_config(tiny_dataset, seed=7), dataset)
+    assert torch.initial_seed() == model_seed  # the initialisation, then the noise, from the model's seed
+    assert torch.equal(started.rng["data"], torch.Generator().manual_seed(data_seed).get_state())
+    again, other = (state.start(tiny_config(tiny_dataset, seed=seed), dataset)[0].model for seed in (7, 8))
+    assert all(torch.equal(again[name], value) for name, value in started.model.items())
+    assert not any(torch.equal(other[name], value) for name, value in started.model.items() if "weight" in name)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
