@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import messages
 
 from iwae.cli import main
@@ -29,7 +31,7 @@ def run(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ais_writes_its_estimate_beside_importance_sampling(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "3", "6", *FAST]) == 0
+    assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "6", "3", *FAST]) == 0  # the larger reported
     out = capsys.readouterr().out
     assert "NLL, AIS" in out and "NLL, IS k=10" in out and "IS - AIS" in out
     path = evaluate_ais.result_path(run, "ais", steps=[3, 6], chains=2, leapfrog=2, k=10, examples=3)
@@ -42,6 +44,7 @@ def test_ais_writes_its_estimate_beside_importance_sampling(run: Path, capsys: p
     assert result["is_minus_ais"] == pytest.approx(result["is_nll"] - result["nll"])
     for key in ("nll_se", "is_nll", "is_nll_se", "time_s", "acceptance", "ess"):
         assert result[key] == result[key]  # present and not NaN
+    assert result["time_per_example_s"] == pytest.approx(result["time_s"] / 3, abs=0.006 / 3)
     assert (run / rundir.FIGURES / "ais_vs_steps-test-s3_6-c2-l2-k10-n3.png").stat().st_size > 0
 
 
@@ -52,7 +55,21 @@ def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.Capture
                         .read_text())
     assert result["gap"] == pytest.approx(result["log_p_upper"] - result["log_p_lower"])
     assert result["nll"] == -result["log_p_lower"] and result["steps"] == 4 and result["examples"] == 3
+    assert result["nll_se"] == result["log_p_lower_se"] != result["log_p_upper_se"]
     assert result["batch_size"] == evaluate_ais.BATCH_SIZE
+    assert result["time_per_example_s"] == pytest.approx(result["time_s"] / 3, abs=0.006 / 3)
+
+
+def test_a_results_standard_errors_are_the_sample_sd_over_the_root_of_the_examples() -> None:
+    mean, se = evaluate_ais._mean_se(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert mean == 2.5 and se == pytest.approx(math.sqrt(5 / 3) / 2, rel=1e-12)
+    assert math.isnan(evaluate_ais._mean_se(torch.tensor([1.0]))[1])
+
+
+def test_a_result_is_named_after_the_examples_evaluated() -> None:
+    assert evaluate_ais.examples_named(10**6, 16) == evaluate_ais.examples_named(None, 16) == 16
+    assert evaluate_ais.examples_named(5, 16) == 5
+    assert evaluate_ais.step_values([1000, 10, 1000]) == [10, 1000] and evaluate_ais.step_values(7) == [7]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ finish, and refused at once when their result could not be written."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -18,10 +19,10 @@ import pytest
 import torch
 from conftest import flip_a_bit_inside, messages
 
-from iwae import plots
+from iwae import data, plots
 from iwae.cli import main
 from iwae.core import ais
-from iwae.eval import likelihood
+from iwae.eval import likelihood, splits
 from iwae.eval.activity import posterior_mean_variances
 from iwae.platform import duration, gemm
 from iwae.runs import archives, checkpoint, evaluation, resumable, rundir
@@ -347,3 +348,53 @@ def test_batches_kept_from_a_checkpoint_replaced_as_it_was_read_are_not_reused(
     assert main(["evaluate", str(fresh), *options]) == 0
     assert numbers(json.loads((raced / "eval-test-k20.json").read_text())) == numbers(
         json.loads((fresh / "eval-test-k20.json").read_text()))
+
+
+def test_an_evaluations_numbers_are_the_means_and_standard_errors_of_its_examples(
+        run: Path, tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval.json's NLL, bounds and ESS from the per-example statistics the passes give (SE: the sample standard
+    deviation over sqrt(n)); active units on the run's training examples."""
+    shutil.copytree(run, tmp_path / "run")
+    passes, batch_statistics = [], evaluation.batch_statistics
+
+    def recorded(*args: object, **kwargs: object) -> Iterator[likelihood.WeightStatistics]:
+        for stats in batch_statistics(*args, **kwargs):
+            passes.append(stats)
+            yield stats
+
+    units, variances = [], evaluation.posterior_mean_variances
+    monkeypatch.setattr(evaluation, "batch_statistics", recorded)
+    monkeypatch.setattr(evaluation, "posterior_mean_variances", lambda model, x: units.append(x) or variances(model, x))
+    result = evaluation.evaluate_run(tmp_path / "run", k=20, batch_size=5, device="cpu", matmul="default",
+                                     compile=False)
+    stats = likelihood.concatenate(passes)
+    nll = -stats.log_likelihood.double()
+    n = len(nll)
+    assert n == 16 and len(passes) == 4
+    expected = {"nll": nll.mean().item(), "nll_se": nll.std(correction=1).item() / n**0.5,
+                "bounds": {str(g): b.double().mean().item() for g, b in stats.bounds.items()},
+                "bounds_se": {str(g): b.double().std(correction=1).item() / n**0.5 for g, b in stats.bounds.items()},
+                "ess_per_k": stats.ess.double().mean().item() / 20}
+    saved = json.loads(Path(result["path"]).read_text())
+    for key, value in expected.items():
+        assert saved[key] == pytest.approx(value, rel=1e-6), key
+    assert set(saved["bounds"]) == {"1", "5", "20"} and saved["bounds"]["1"] < saved["bounds"]["20"] < 0
+    loaded = data.load(tiny_dataset)
+    assert len(units) == 1 and saved["active_units_examples"] == len(loaded.train) == 64
+    assert torch.equal(units[0], splits.split_examples(loaded, "train", 0, 500))
+
+
+def test_a_runs_own_k_is_5000_where_its_training_evaluated_nothing(run: Path) -> None:
+    assert rundir.read_config(run)["eval_k"] == 0
+    assert evaluation.own_k(run) == 5000 == inspect.signature(evaluation.evaluate_run).parameters["k"].default
+
+
+def test_the_printed_table_gives_each_bound_its_own_standard_error() -> None:
+    result = {"k": 50, "dataset": "mnist", "split": "test", "examples": 10, "run": "r", "epoch": 3, "nll": 90.0,
+              "nll_se": 0.11, "bounds": {"50": -90.0, "5": -92.5}, "bounds_se": {"50": 0.11, "5": 0.22},
+              "ess": 5.0, "active_units": [7], "latent_units": [50], "active_units_examples": 500,
+              "active_units_threshold": 0.01}
+    lines = evaluation.format_evaluation(result).splitlines()
+    assert [line.split()[0] for line in lines[3:5]] == ["L_5", "L_50"]
+    assert lines[3].endswith("-92.50 +- 0.22") and lines[4].endswith("-90.00 +- 0.11")
+    assert lines[2].endswith("90.00 +- 0.11 nats (standard error over examples)")
