@@ -23,7 +23,7 @@ from PIL import Image
 
 from iwae import cli, plots
 from iwae.cli import main
-from iwae.runs import evaluation, rundir, runlock
+from iwae.runs import checkpoint, evaluation, rundir, runlock
 from iwae.runs import figures as run_figures
 
 TINY = ["--epochs", "1", "--batch-size", "8", "--k", "4", "--monitor-examples", "8", "--device", "cpu"]
@@ -86,6 +86,20 @@ def test_init_from_a_run_of_another_architecture_names_both(other: list[str], th
                                    str(finished_run), "--out", str(tmp_path / "run")])
     assert f"cannot start from {finished_run}: its model is the paper's with 1 stochastic layer for data of " \
            f"dimension 16, this run's {this} for 16" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_a_run_on_data_of_another_width_names_both_dimensions(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same architecture is not enough: a run trained on 16 values per example cannot start one on 9."""
+    narrow = tmp_path / "narrow.npz"
+    rng = np.random.default_rng(4)
+    np.savez(narrow, train=rng.random((40, 9), dtype=np.float32), test=rng.random((8, 9), dtype=np.float32))
+    line = one_line_error(capsys, ["train", "--dataset", str(narrow), *TINY, "--init-from", str(finished_run),
+                                   "--out", str(tmp_path / "run")])
+    assert line == (f"iwae: error: cannot start from {finished_run}: its model is the paper's with 1 stochastic layer "
+                    "for data of dimension 16, this run's the paper's with 1 stochastic layer for 9; give --init-from "
+                    "a run of the same architecture and data")
     assert not (tmp_path / "run").exists()
 
 
@@ -564,6 +578,40 @@ def test_a_checkpoint_damaged_inside_is_named_as_such(damage: str, command: list
     named = {"NaN weight": "its parameters hold NaN or infinite values (", "epoch -3": "its epoch -3 is not a position",
              "epoch 99": "its epoch 99 is not a position", "step 2.5": "its step 2.5 is not a position"}
     assert named.get(damage, "") in line
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+def test_a_checkpoint_with_infinite_parameters_is_refused_for_evaluation(value: float, finished_run: Path,
+                                                                       tmp_path: Path) -> None:
+    """Not NaN only: an infinite weight, as a diverged run's, is refused before any example is evaluated."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    state = torch.load(run / rundir.CHECKPOINT, weights_only=True)
+    name = sorted(state["model"])[-1]
+    state["model"][name].view(-1)[-1] = value
+    torch.save(state, run / rundir.CHECKPOINT)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        evaluation.evaluate_run(run, k=2)
+    assert str(error.value) == (f"{run / rundir.CHECKPOINT} is a damaged checkpoint: its parameters hold NaN or "
+                                f"infinite values ({name}), as a diverged run's do; restore it from a copy, or start "
+                                "a new run with a new --out")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("number", [2, 0, None])
+def test_a_checkpoint_of_another_format_is_refused(number: int | None, finished_run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Everything else in it may be in order: a format number other than 1 (or none) is not read."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    state = torch.load(run / rundir.CHECKPOINT, weights_only=True)
+    state["format"] = number
+    if number is None:
+        del state["format"]
+    torch.save(state, run / rundir.CHECKPOINT)
+    line = one_line_error(capsys, ["evaluate", str(run), "--k", "2", "--device", "cpu"])
+    assert line == (f"iwae: error: {run / rundir.CHECKPOINT} is not an iwae checkpoint of format 1; start a new run "
+                    "with a new --out")
 
 
 def test_a_checkpoint_of_settings_this_version_does_not_know_is_named(finished_run: Path, tmp_path: Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import random
 import shutil
@@ -24,6 +25,7 @@ from iwae.cli import main
 from iwae.core import ais
 from iwae.eval import likelihood, splits
 from iwae.eval.activity import posterior_mean_variances
+from iwae.models import burda
 from iwae.platform import duration, gemm
 from iwae.runs import archives, checkpoint, evaluation, resumable, rundir
 from iwae.settings import SettingError
@@ -216,6 +218,20 @@ def test_pieces_of_another_setting_are_never_reused(tmp_path: Path) -> None:
     pieces.add(torch.full((1000,), 7.0))
     flip_a_bit_inside(path)  # in the piece's numbers
     assert resumable.Pieces(path, {"k": 10, "seed": 0}).done == []  # a changed number is never counted
+
+
+def test_a_checkpoints_digest_changes_with_any_one_weight() -> None:
+    """The digest that ties kept batches to their model: the same for equal parameters (and position), another for
+    parameters that differ in the last bit of one weight."""
+    state = {"epoch": 3, "step": 0, "wall_time_s": 12.5, "model": burda(1, 16).state_dict()}
+    copy = {**state, "model": {name: tensor.clone() for name, tensor in state["model"].items()}}
+    digest = checkpoint.digest(state)
+    assert checkpoint.digest(copy) == digest
+    for name in sorted(state["model"]):
+        changed = {**state, "model": {**state["model"], name: state["model"][name].clone()}}
+        flat = changed["model"][name].view(-1)
+        flat[-1] = torch.nextafter(flat[-1], torch.tensor(math.inf))
+        assert checkpoint.digest(changed) != digest, name
 
 
 def test_a_new_checkpoint_starts_the_evaluation_afresh(run: Path, tmp_path: Path) -> None:
