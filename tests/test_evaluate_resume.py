@@ -4,6 +4,7 @@ finish, and refused at once when their result could not be written."""
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import math
 import os
@@ -13,8 +14,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -232,6 +234,45 @@ def test_a_checkpoints_digest_changes_with_any_one_weight() -> None:
         flat = changed["model"][name].view(-1)
         flat[-1] = torch.nextafter(flat[-1], torch.tensor(math.inf))
         assert checkpoint.digest(changed) != digest, name
+
+
+def test_a_stop_right_after_the_pieces_were_written_writes_them_no_more(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file already holds every finished piece: a stop then has nothing to add, and rewrites nothing."""
+    writes: list[Path] = []
+    write_atomic = resumable.write_atomic
+
+    def counted(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+        writes.append(path)
+        write_atomic(path, write)
+
+    monkeypatch.setattr(resumable, "write_atomic", counted)
+    path = tmp_path / "eval.partial.pt"
+    pieces = resumable.Pieces(path, {"k": 10}, every_s=0)  # written after every piece
+    with pytest.raises(KeyboardInterrupt), pieces.kept_on_stop():
+        pieces.add(torch.zeros(1))
+        pieces.add(torch.ones(1))
+        assert writes == [path, path]
+        raise KeyboardInterrupt
+    assert writes == [path, path]
+    assert [piece.item() for piece in resumable.Pieces(path, {"k": 10}).done] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("option", [False, True])
+def test_an_archive_saved_with_checksums_leaves_torchs_checksum_option_as_it_was(option: bool, tmp_path: Path) -> None:
+    """archives.save writes every record's CRC-32 whatever torch.serialization's global option says, and puts the
+    option back as it found it."""
+    path = tmp_path / "archive.pt"
+    try:
+        torch.serialization.set_crc32_options(option)
+        archives.save({"x": torch.arange(1000.0)}, io.BytesIO())
+        assert torch.serialization.get_crc32_options() is option
+        with path.open("wb") as file:
+            archives.save({"x": torch.arange(1000.0)}, file)
+        assert torch.serialization.get_crc32_options() is option
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(archives.load(path)["x"], torch.arange(1000.0))  # its checksums are there, and match
 
 
 def test_a_new_checkpoint_starts_the_evaluation_afresh(run: Path, tmp_path: Path) -> None:
