@@ -103,6 +103,41 @@ def z_scores(draws: Tensor, exact: Tensor) -> Tensor:
     return (draws.mean(0) - exact) / (draws.std(0) / math.sqrt(len(draws)))
 
 
+# --- the model as built, and its latents' values ---------------------------------------------------------
+
+
+def test_an_sbn_starts_with_glorot_weights_zero_biases_and_zero_prior_logits() -> None:
+    model = sbn([200, 100, 50], 784)
+    linears = [layer for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
+    assert len(linears) == 6  # one linear conditional per layer in q and in p
+    for layer in linears:
+        bound = math.sqrt(6 / (layer.in_features + layer.out_features))
+        assert 0.9 * bound < layer.weight.abs().max() <= bound
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    assert isinstance(model.prior, BernoulliPrior)
+    assert torch.equal(model.prior.logits, torch.zeros(50))
+
+
+def test_an_sbns_output_bias_is_the_logit_of_the_clipped_training_mean() -> None:
+    """An untrained SBN predicts the training set's pixel means, clipped to [0.001, 0.999]."""
+    mean = torch.linspace(0.0, 1.0, 9)
+    mean[1:3] = torch.tensor([1e-4, 0.9995])  # means the clipping changes
+    model = sbn([4, 3], 9, train_mean=mean)
+    torch.testing.assert_close(torch.sigmoid(model.decoder[0].logits.bias), mean.clamp(1e-3, 1 - 1e-3),
+                               rtol=1e-4, atol=1e-6)
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear) and layer is not model.decoder[0].logits:
+            assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
+def test_binary_values_are_enumerated_in_the_order_of_the_integers_they_write_first_unit_lowest() -> None:
+    q = torch.distributions.Independent(torch.distributions.Bernoulli(logits=torch.zeros(3, dtype=torch.float64)), 1)
+    values = enumerate_values(q)
+    assert values.dtype == torch.float64
+    assert values.tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0],
+                               [0, 0, 1], [1, 0, 1], [0, 1, 1], [1, 1, 1]]
+
+
 # --- exact log p(x) -------------------------------------------------------------------------------------
 
 
