@@ -29,7 +29,7 @@ from test_reproduce import TABLE, tiny_grid
 from iwae import cli
 from iwae.core.objectives import Objective
 from iwae.eval import likelihood
-from iwae.models import burda
+from iwae.models import burda, sbn
 from iwae.platform import distributed, gemm
 from iwae.runs import checkpoint, evaluation, lone_run, reproduce, rundir, runlock
 from iwae.runs.reproduce import Options
@@ -182,6 +182,24 @@ def test_per_batch_streams_do_not_depend_on_the_other_batches() -> None:
         part = likelihood.importance_statistics(model, x[2 * first:], 10, batch_size=2, seed=3, first_batch=first)
         assert torch.equal(part.log_likelihood, whole.log_likelihood[2 * first:])
         assert torch.equal(part.ess, whole.ess[2 * first:])
+
+
+def test_a_ranks_binary_latents_are_one_with_their_probability() -> None:
+    """The binary latents a rank draws for its rows are Bernoulli(p): ones where q gives p near 1, zeros where it
+    gives p near 0 (not the other way round), and log q of the draws is that of q's own distribution."""
+    model = sbn([400], 6)
+    with torch.no_grad():
+        model.encoder[0].logits.weight.zero_()
+        model.encoder[0].logits.bias.copy_(torch.cat([torch.full((200,), 6.0), torch.full((200,), -6.0)]))
+    sharded = distributed.sharded_draws(model, slice(2, 4), 4)  # this rank's rows 2 and 3 of a batch of 4
+    x = torch.zeros(2, 6)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        q = sharded.encoder[0](x)
+        z = q.sample((3,))
+    assert z.shape == (3, 2, 400) and set(z.unique().tolist()) <= {0.0, 1.0}
+    assert z[..., :200].mean() > 0.99 and z[..., 200:].mean() < 0.01  # sigmoid(6) = 0.9975
+    torch.testing.assert_close(q.log_prob(z), model.encoder[0](x).log_prob(z))
 
 
 @pytest.mark.slow
