@@ -888,6 +888,73 @@ def test_a_run_in_use_is_refused_naming_its_process_and_a_killed_ones_lock_block
     assert not (run / runlock.LOCK).exists()
 
 
+def open_descriptors() -> int:
+    """The number of this process's open file descriptors."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def holder_line() -> str:
+    """What a lock file holds while this process holds its lock: its pid and command line."""
+    return f"{os.getpid()} {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n"
+
+
+def test_a_released_lock_leaves_no_descriptor_open_even_when_its_file_cannot_be_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = open_descriptors()
+    with runlock.locked(tmp_path):
+        assert open_descriptors() == before + 1
+    assert open_descriptors() == before and not (tmp_path / runlock.LOCK).exists()
+    unlink = Path.unlink
+
+    def read_only(path: Path, missing_ok: bool = False) -> None:  # a directory turned read-only meanwhile
+        if path.name == runlock.LOCK:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", read_only)
+        with runlock.locked(tmp_path):
+            pass
+    assert (tmp_path / runlock.LOCK).exists() and open_descriptors() == before
+    with runlock.locked(tmp_path):  # its lock went with the descriptor
+        pass
+
+
+def test_a_lock_file_left_longer_is_replaced_by_the_holders_line(tmp_path: Path) -> None:
+    (tmp_path / runlock.LOCK).write_text(f"{2**22} {'python a-much-longer-command-line ' * 20}\n")
+    with runlock.locked(tmp_path):
+        assert (tmp_path / runlock.LOCK).read_text() == holder_line()
+
+
+def test_the_lock_taken_is_on_the_file_at_the_path_when_the_file_was_replaced_before_it_was_locked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A holder that ended removed the file this process had opened, and another process made a new one, before
+    this process's flock: it locks the new file, the one that the path names, not the one it first opened."""
+    import fcntl
+    from types import SimpleNamespace
+
+    path, calls = tmp_path / runlock.LOCK, []
+
+    def replaced_first(fd: int, operation: int) -> None:
+        calls.append(os.fstat(fd).st_ino)
+        if len(calls) == 1:
+            path.unlink()
+            path.write_text("a newer holder's\n")
+        fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(runlock, "fcntl", SimpleNamespace(LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB,
+                                                          flock=replaced_first))
+    with runlock.locked(tmp_path):
+        other = os.open(path, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # the file at the path is the one locked
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+        assert path.read_text() == holder_line()
+        assert len(calls) == 2 and calls[0] != calls[1] == path.stat().st_ino  # the first file let go
+
+
 CAPPED_SESSION = '''
 import os
 from pathlib import Path
