@@ -825,6 +825,45 @@ def shutil_usage(free: int) -> object:
     return type("Usage", (), {"total": 10**12, "used": 10**12 - free, "free": free})()
 
 
+def logged_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """From now on, every os.fsync (of the path its descriptor names) and os.replace (of its target), in order."""
+    calls: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_replace(source: str | Path, target: str | Path) -> None:
+        calls.append(("replace", str(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(files.os, "fsync", logged_fsync)
+    monkeypatch.setattr(files.os, "replace", logged_replace)
+    return calls
+
+
+def test_an_atomic_write_syncs_the_file_then_renames_it_then_syncs_the_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durable at each step: the new content on the disk before the rename, and the rename before the return."""
+    directory = tmp_path.resolve()
+    path = directory / "result.json"
+    calls = logged_syncs(monkeypatch)
+    files.write_atomic(path, lambda file: file.write(b"{}"))
+    assert calls == [("fsync", f"{path}.tmp"), ("replace", str(path)), ("fsync", str(directory))]
+    assert path.read_bytes() == b"{}" and not path.with_name("result.json.tmp").exists()
+
+
+def test_each_durable_append_is_synced_to_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path.resolve() / "metrics.jsonl"
+    calls = logged_syncs(monkeypatch)
+    files.append_durably(path, "one\n")
+    assert calls == [("fsync", str(path))]
+    files.append_durably(path, "two\n")
+    assert calls == [("fsync", str(path))] * 2
+    assert path.read_text() == "one\ntwo\n"
+
+
 def test_a_file_size_limit_stops_training_with_one_line_and_no_temporary_file(
     tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
