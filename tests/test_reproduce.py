@@ -606,3 +606,72 @@ def test_burdas_cells_train_under_the_papers_protocol(table: str) -> None:
         else:
             assert (config.schedule, config.lr, config.epochs) == ("constant", 1e-4, 3**7)
             assert config.init_from == str(Path("out") / cell.init_from / "seed-3")
+
+
+def test_summary_is_the_mean_and_sample_sd_of_the_finished_seeds() -> None:
+    # a skewed spread: the mean (82) is not the median (81); an unfinished seed (None) counts for neither
+    assert reproduce.summary([80.0, 81.0, None, 85.0]) == (82.0, pytest.approx(7.0**0.5, rel=1e-12))
+    assert reproduce.summary([84.5, None]) == (84.5, None)  # one finished seed: no spread
+    assert reproduce.summary([None, None]) == (None, None)
+
+
+def test_a_row_gives_the_published_sd_where_one_was_published_and_the_commands_eval_k(tmp_path: Path) -> None:
+    options = Options(budget=0.01, seeds=2, eval_k=7)
+    for table, cell, sd in (("rainforth-table1", "iwae", "0.02"), ("rainforth-table1", "vae", "0.19"),
+                            (TABLE, "mnist-l1-iwae-k50", "")):
+        (row,), _ = reproduce.rows(table, tmp_path, reproduce.select(table, (cell,))[-1:], options, {})
+        assert (row["cell"], row["published_nll"], row["published_sd"]) == (
+            cell, f"{PUBLISHED[table][cell].nll:.2f}", sd)
+        assert row["eval_k"] == "7" and row["status"] == "0 of 2 seeds done"
+
+
+@pytest.mark.slow
+def test_report_md_columns_hold_the_csv_rows_values_and_the_published_ones(finished: tuple[Path, list[str]]) -> None:
+    out, _ = finished
+    with (out / "report.csv").open() as file:
+        table = {row["cell"]: row for row in csv.DictReader(file)}
+    markdown = (out / "report.md").read_text()
+    header, *body = [[part.strip() for part in line.strip("|").split("|")] for line in markdown.splitlines()
+                     if line.startswith("| ") and "---" not in line]
+    assert header == ["cell", "NLL", "per seed", "AU", "published", "diff", "published AU", "epochs", "budget",
+                      "device", "wall s", "steps/s", "status"]
+    assert [cells[0] for cells in body] == list(table)
+    for cells in body:
+        shown, row, paper = dict(zip(header, cells, strict=True)), table[cells[0]], PUBLISHED[TABLE][cells[0]]
+        assert shown["NLL"] == (f"{row['nll_mean']} +- {row['nll_sd']}" if row["nll_mean"] else "-")
+        assert (shown["per seed"], shown["AU"]) == (row["nll_per_seed"], row["active_units"])
+        assert shown["published"] == f"{paper.nll:.2f}" and shown["published AU"] == paper.active_units
+        assert shown["diff"] == (row["difference"] or "-")
+        assert (shown["epochs"], shown["budget"], shown["status"]) == (row["epochs"], row["budget"], row["status"])
+        assert (shown["device"], shown["wall s"]) == (row["device"] or "-", row["wall_time_s"])
+    assert [table[cells[0]]["status"] for cells in body].count("done") == 3  # rows with numbers of both seeds
+
+
+@pytest.mark.slow
+def test_the_curves_are_the_test_bound_of_each_seeds_epochs(finished: tuple[Path, list[str]],
+                                                            tiny_dataset: str) -> None:
+    out, _ = finished
+    cell = tiny_grid(tiny_dataset)[1]
+    result = reproduce.collect(out, cell, OPTIONS.seeds, None)
+    for seed in range(OPTIONS.seeds):
+        metrics = rundir.read_metrics(reproduce.run_dir(out, cell.name, seed))
+        assert result.curves[seed] == [(m["epoch"], m["test_bound"]) for m in metrics]
+        assert any(m["test_bound"] != m["train_bound"] for m in metrics)  # the other bound would not pass
+
+
+@pytest.mark.slow
+def test_a_cell_with_a_seed_left_to_finish_is_neither_finished_nor_done(
+    finished: tuple[Path, list[str]], tiny_dataset: str, tmp_path: Path,
+) -> None:
+    out = tmp_path / "grid"
+    shutil.copytree(finished[0], out)
+    first, second = tiny_grid(tiny_dataset)[:2]
+    assert reproduce.cell_finished(out, second, OPTIONS)
+    shutil.rmtree(reproduce.run_dir(out, second.name, 1))  # seed 0 finished, seed 1 not started
+    assert not reproduce.cell_finished(out, second, OPTIONS)
+    table_rows, _ = reproduce.rows(TABLE, out, [first, second], OPTIONS, {})
+    assert [row["status"] for row in table_rows] == ["done", "1 of 2 seeds done"]
+    # the data of both cells' dataset missing: the finished cell's row is still that of its run files
+    table_rows, _ = reproduce.rows(TABLE, out, [first, second], OPTIONS, {tiny_dataset: "gone"})
+    assert [row["status"] for row in table_rows] == ["done", f"data missing: {tiny_dataset} (see Missing)"]
+    assert table_rows[1]["nll_per_seed"].endswith(" -")
