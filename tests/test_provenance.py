@@ -47,6 +47,58 @@ def test_published_values_are_those_of_the_reference_file() -> None:
                 assert value.active_units in text, (table, cell, value.active_units)
 
 
+def _table_after(text: str, heading: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the first Markdown table after the line of ``text`` that starts with
+    ``heading``."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("|---"))
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.strip().startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _reference_cells(text: str) -> dict[str, dict[str, tuple[str, str | None, str | None]]]:
+    """Each table's cells as the reference file states them, read from the cell's own row: (NLL, sd, AU) as
+    printed there (sd and AU None where the row gives none)."""
+    burda = {"burda-table1": {}, "burda-table3": {}, "burda-table2": {}}
+    for layers, k, *values in _table_after(text, "## Table 1"):
+        for dataset, (vae, vae_au, iwae, iwae_au) in zip(("mnist", "omniglot"), (values[:4], values[4:]),
+                                                         strict=True):
+            burda["burda-table1"][f"{dataset}-l{layers}-vae-k{k}"] = (vae, None, vae_au)
+            burda["burda-table1"][f"{dataset}-l{layers}-iwae-k{k}"] = (iwae, None, iwae_au)
+    for layers, k, vae, vae_au, iwae, iwae_au in _table_after(text, "## Table 3"):
+        burda["burda-table3"][f"binarized-mnist-l{layers}-vae-k{k}"] = (vae, None, vae_au)
+        burda["burda-table3"][f"binarized-mnist-l{layers}-iwae-k{k}"] = (iwae, None, iwae_au)
+    line = re.search(r"VAE \((\S+), (\d+) AU\) -> IWAE k=50: (\S+), (\d+) AU\. +IWAE k=50 \((\S+), (\d+) AU\) -> "
+                     r"VAE: (\S+), (\d+) AU\.", text)
+    vae, vae_au, to_iwae, to_iwae_au, iwae, iwae_au, to_vae, to_vae_au = line.groups()
+    burda["burda-table2"] = {"mnist-l1-vae-k1": (vae, None, vae_au), "mnist-l1-iwae-k50": (iwae, None, iwae_au),
+                             "vae-k1-to-iwae-k50": (to_iwae, None, to_iwae_au),
+                             "iwae-k50-to-vae-k1": (to_vae, None, to_vae_au)}
+    rainforth = {}
+    for objective, _bound, log_p, _kl in _table_after(text, "- Rainforth et al. 2018"):
+        mean, sd = re.fullmatch(r"-(\S+) \+- (\S+)", log_p).groups()
+        rainforth[objective.split()[0].lower()] = (mean, sd, None)
+    dreg = {}
+    for standard, dreg_value, k in re.findall(r"(\d+\.\d+) / (\d+\.\d+) \(k=(\d+)\)", text):
+        dreg[f"standard-k{k}"], dreg[f"dreg-k{k}"] = (standard, None, None), (dreg_value, None, None)
+    return {**burda, "rainforth-table1": rainforth, "dreg": dreg}
+
+
+def test_each_published_cell_holds_the_numbers_of_its_own_row_of_the_reference_file() -> None:
+    path = _reference_file()
+    if path is None:
+        pytest.skip("shared/reference/burda2015.md is not here (set IWAE_DATA_DIR to shared/data)")
+    reference = _reference_cells(path.read_text())
+    assert len(reference["burda-table1"]) == 24 and len(reference["rainforth-table1"]) == 5
+    ours = {table: {cell: (f"{value.nll:.2f}", None if value.sd is None else f"{value.sd:.2f}", value.active_units)
+                    for cell, value in cells.items()} for table, cells in PUBLISHED.items()}
+    assert ours == reference
+
+
 def test_the_checker_fails_on_a_value_without_a_source(monkeypatch: pytest.MonkeyPatch) -> None:
     from iwae.runs.published import Published
 
