@@ -1064,3 +1064,34 @@ def test_each_epochs_record_says_how_the_process_that_finished_it_ran(
     assert [(line["threads"], line["compiled"]) for line in rundir.read_metrics(run)] == [(1, False), (2, False),
                                                                                           (2, False)]
     assert rundir.read_config(run)["threads"] == 2
+
+
+def test_figures_reconstruct_the_test_data_and_draw_samples_of_their_seed(
+    tiny_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run = tmp_path / "run"
+    lone_run.train(tiny_config(tiny_dataset, epochs=1), run, progress=False)
+    grids: list[torch.Tensor] = []
+    reconstructed: list[torch.Tensor] = []
+    image_grid, reconstructions = plots.image_grid, plots.reconstructions
+
+    def recorded_grid(images: torch.Tensor, *args: object) -> np.ndarray:
+        grids.append(images.clone())
+        return image_grid(images, *args)
+
+    def recorded_reconstructions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        reconstructed.append(x.clone())
+        return reconstructions(model, x)
+
+    monkeypatch.setattr(plots, "image_grid", recorded_grid)
+    monkeypatch.setattr(plots, "reconstructions", recorded_reconstructions)
+    drawn = {}
+    for seed in (0, 1, 0):
+        grids.clear()
+        run_figures.make_figures(run, seed=seed, n=6)
+        samples, originals, _ = grids
+        drawn.setdefault(seed, []).append(samples)
+    test = data.load(tiny_dataset).test[:3]
+    assert torch.equal(originals, test) and torch.equal(reconstructed[-1], test)  # the grid captioned test data
+    assert torch.equal(drawn[0][0], drawn[0][1])  # a seed's samples are drawn again alike
+    assert not torch.equal(drawn[0][0], drawn[1][0])  # another seed's differ
