@@ -29,6 +29,7 @@ from iwae.core.objectives import Objective, loss
 from iwae.eval import snr_diagnostics
 from iwae.eval.snr_diagnostics import _Moments, _ScalarMoments, fit_slope, gradient_snr
 from iwae.models import GaussianToy
+from iwae.runs import snr_report
 
 
 def test_toy_posterior_and_marginal_are_exact() -> None:
@@ -91,6 +92,16 @@ def test_snr_standard_error_matches_its_spread() -> None:
         estimates.append(snr)
         ses.append(se)
     assert np.mean(ses) == pytest.approx(np.std(estimates), rel=0.10)
+
+
+def test_snr_is_the_absolute_mean_over_the_sample_std_whatever_the_sign() -> None:
+    for values in ([-1.0, -2.0, -3.0], [1.0, 2.0, 3.0]):  # mean -2 (2), sample std 1: SNR 2
+        scalar = _ScalarMoments()
+        for value in values:
+            scalar.add(value)
+        snr, se = scalar.snr()
+        # skew 0, kurtosis n m4 / m2^2 = 3 * 2 / 4: se = sqrt((1 + r^2 (1.5 - 1) / 4) / n) = sqrt(0.5)
+        assert (snr, se) == (pytest.approx(2.0, rel=1e-12), pytest.approx(math.sqrt(0.5), rel=1e-12))
 
 
 def test_fit_slope_is_weighted_least_squares() -> None:
@@ -281,6 +292,16 @@ def test_diagnose_a_trained_run(tiny_dataset: str, tmp_path: Path, capsys: pytes
     line = one_line_error(capsys, ["diagnose", "snr", str(run), "--examples", str(examples + 1), "--k", "2",
                                    "--draws", "3", "--device", "cpu", "--out", str(tmp_path / "more")])
     assert f"--examples {examples + 1} is more than the {examples} training examples" in line
+
+
+def test_the_slope_files_hold_the_slopes_and_their_standard_errors(tmp_path: Path) -> None:
+    model = GaussianToy.near_optimum(x := GaussianToy.sample_data(8, seed=0))
+    results = [gradient_snr(model, x, "iwae", ks=[1, 10, 100], draws=3)]
+    snr_report.write_results(results, tmp_path, "toy", {})
+    slopes, ses = snr_diagnostics.slopes_json(results)
+    assert json.loads((tmp_path / "slopes.json").read_text()) == slopes
+    assert json.loads((tmp_path / "slopes_se.json").read_text()) == ses
+    assert slopes != ses
 
 
 def test_snr_legends_sit_outside_the_data(tmp_path: Path, saved_figures: list[Figure]) -> None:
