@@ -94,6 +94,16 @@ def test_groups_that_would_straddle_chunks_are_left_out() -> None:
     assert sorted(stats.bounds) == [1, 5, 100]
 
 
+def test_groups_are_reported_only_where_they_divide_k() -> None:
+    # k = 110 in chunks of 50 (the last of 10): 50 divides the chunks but not k, so only g = 1 and 5 are reported
+    log_w = np.random.default_rng(1).normal(-20.0, 2.0, size=(110, 3))
+    stats = likelihood.importance_statistics(ScriptedWeights(log_w), torch.zeros(3, 1), k=110, chunk_size=50)
+    assert sorted(stats.bounds) == [1, 5, 110]
+    expected = (logsumexp(log_w.reshape(22, 5, 3), 1) - math.log(5)).mean(0)  # IWAE_5 over the 22 groups
+    np.testing.assert_allclose(stats.bounds[5].numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(stats.bounds[110].numpy(), logsumexp(log_w, 0) - math.log(110), rtol=1e-12)
+
+
 def test_chunking_does_not_change_the_estimate_for_the_same_seed() -> None:
     model, x = linear_gaussian(0.3)
     whole = likelihood.log_likelihood(model, x, k=2000, chunk_size=2000, batch_size=200, seed=3)
