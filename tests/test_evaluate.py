@@ -130,6 +130,22 @@ def test_active_units_count_units_whose_posterior_mean_varies() -> None:
     assert activity.active_units(model, x) == [1]
 
 
+def test_a_unit_is_active_when_the_population_variance_of_its_mean_exceeds_0_01() -> None:
+    model, _ = linear_gaussian(0.0)
+    x = torch.zeros(2, 5, dtype=torch.float64)
+    x[1, 0] = 1.0  # two examples, x_0 = 0 and 1
+    with torch.no_grad():
+        model.q.linear.bias.zero_()
+        model.q.linear.weight.zero_()
+        model.q.linear.weight[:, 0] = torch.tensor([1.0, 0.06**0.5, 0.5], dtype=torch.float64)  # E_q[z_u | x] = w_u x_0
+    variances = activity.posterior_mean_variances(model, x)[0]
+    # the variance over the examples, not the sample variance (n - 1: 0.5, 0.03, 0.125)
+    assert variances[0].item() == 0.25 and variances[2].item() == 0.0625
+    assert variances[1].item() == pytest.approx(0.015, rel=1e-12)
+    assert activity.active_units(model, x) == [3]  # 0.015 is above 0.01
+    assert activity.active_units(model, x, threshold=0.0625) == [1]  # a variance equal to the threshold is not
+
+
 def test_active_units_has_one_count_per_stochastic_layer() -> None:
     torch.manual_seed(0)
     model = burda(2, x_dim=20)
@@ -207,6 +223,20 @@ def test_a_limited_evaluation_uses_a_random_subset_the_same_for_every_seed() -> 
     torch.testing.assert_close(split_examples(dataset, "test", 3, 100), small)
     torch.testing.assert_close(split_examples(dataset, "test", 0, None), test)
     torch.testing.assert_close(split_examples(dataset, "test", 0, 5000), test)
+
+
+def test_the_subset_is_that_of_the_fixed_permutation_and_valid_is_the_valid_split() -> None:
+    from iwae.data import Dataset
+    from iwae.eval import splits
+
+    # the first rows of torch.randperm seeded with 0, sorted: reports of --examples N name these rows
+    assert splits.subset(torch.arange(10), 4).tolist() == [1, 4, 5, 7]
+    assert splits.subset(torch.arange(20), 5).tolist() == [4, 5, 7, 13, 19]
+    rows = torch.arange(30, dtype=torch.float32).reshape(10, 3)
+    dataset = Dataset("rows", rows, rows + 100, "static", valid=rows + 200)
+    assert torch.equal(splits.split_examples(dataset, "valid", 0), rows + 200)
+    assert torch.equal(splits.split_examples(dataset, "valid", 0, 4), rows[[1, 4, 5, 7]] + 200)
+    assert torch.equal(splits.split_examples(dataset, "test", 0, 4), rows[[1, 4, 5, 7]] + 100)
 
 
 def test_a_limited_evaluation_of_dynamic_training_data_binarizes_its_subsets_alike() -> None:
