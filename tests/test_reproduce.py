@@ -343,8 +343,8 @@ def test_report_holds_our_numbers_beside_the_published_ones(finished: tuple[Path
     assert (f"Made by `iwae reproduce {TABLE} --out {os.path.relpath(out)} --budget 0.001 --seeds 2 --eval-k 10 "
             "--device cpu`") in markdown
     assert f"--out {out}" not in markdown  # paths relative to where the command ran
-    body = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(body) == 4 and all(" | 0.001 | " in line for line in body)  # the budget stated in every row
+    body = table_rows(markdown)[1:]
+    assert len(body) == 4 and all("0.001" in cells for cells in body)  # the budget stated in every row
     assert "## Missing" in markdown and "- /nonexistent/absent.npz: " in markdown
     assert markdown.count("/nonexistent/absent.npz: ") == 1  # the reason is said once, not in every row
     assert (out / "curves.png").stat().st_size > 1000
@@ -507,14 +507,18 @@ def _traceable_numbers(out: Path, cell: str, seeds: int) -> set[str]:
     return numbers
 
 
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells (stripped) of a report's table rows, its header first, the separator row left out."""
+    return [[part.strip() for part in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("| ") and "---" not in line]
+
+
 @pytest.mark.slow
 def test_every_number_in_a_report_is_traceable_to_a_run_file(finished: tuple[Path, list[str]]) -> None:
     out, _ = finished
     markdown = (out / "report.md").read_text()
-    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
     checked = 0
-    for line in rows:
-        cell, *values, _status = [part.strip() for part in line.strip("|").split("|")]
+    for cell, *values, _status in table_rows(markdown)[1:]:
         if "data missing" in _status:
             continue
         allowed = _traceable_numbers(out, cell, OPTIONS.seeds)
@@ -631,8 +635,7 @@ def test_report_md_columns_hold_the_csv_rows_values_and_the_published_ones(finis
     with (out / "report.csv").open() as file:
         table = {row["cell"]: row for row in csv.DictReader(file)}
     markdown = (out / "report.md").read_text()
-    header, *body = [[part.strip() for part in line.strip("|").split("|")] for line in markdown.splitlines()
-                     if line.startswith("| ") and "---" not in line]
+    header, *body = table_rows(markdown)
     assert header == ["cell", "NLL", "per seed", "AU", "published", "diff", "published AU", "epochs", "budget",
                       "device", "wall s", "steps/s", "status"]
     assert [cells[0] for cells in body] == list(table)

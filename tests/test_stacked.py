@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CUDA, same_matmul_as
+from test_train import interrupt_at_call
 
 from iwae import cli, plots
 from iwae.platform import gemm
 from iwae.runs import checkpoint, evaluation, lone_run, rundir, runlock, stacked_run
 from iwae.training import config as train_config
 from iwae.training import minibatches, signals, stacked
-from iwae.training import step as train_step
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -399,17 +399,8 @@ def test_a_stack_drawing_ahead_resumes_exactly_from_inside_a_chunk(tiny_dataset:
     monkeypatch.setattr(stacked, "draws_ahead", lambda device: True)
     configs = [config(tiny_dataset, seed, epochs=3, matmul="default") for seed in (0, 1)]
     stacked_run.train_stacked(configs, tmp_path / "reference", progress=False)
-    calls, loss = 0, train_step.loss
-
-    def signalled(*args: object, **kwargs: object) -> object:
-        nonlocal calls
-        calls += 1
-        if calls == 13:  # epoch 2, step 5: inside its second chunk, the third drawn ahead
-            signal.raise_signal(signal.SIGINT)
-        return loss(*args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(train_step, "loss", signalled)
+        interrupt_at_call(patch, 13, signal.SIGINT)  # epoch 2, step 5: inside its second chunk, the third drawn ahead
         with pytest.raises(signals.Interrupted):
             stacked_run.train_stacked(configs, tmp_path / "run", progress=False)
     assert checkpoint.load(tmp_path / "run" / "seed-1")["step"] == 5

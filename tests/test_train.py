@@ -5,6 +5,7 @@ checkpoint writes, continue to the parameters of an uninterrupted run, bit for b
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import random
@@ -17,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -975,9 +977,6 @@ def test_the_lock_taken_is_on_the_file_at_the_path_when_the_file_was_replaced_be
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A holder that ended removed the file this process had opened, and another process made a new one, before
     this process's flock: it locks the new file, the one that the path names, not the one it first opened."""
-    import fcntl
-    from types import SimpleNamespace
-
     path, calls = tmp_path / runlock.LOCK, []
 
     def replaced_first(fd: int, operation: int) -> None:
