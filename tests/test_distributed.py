@@ -274,6 +274,29 @@ with distributed.session("gloo"):
 
 
 GRID_OPTIONS = Options(budget=0.001, seeds=1, eval_k=10, device="cpu")
+# rank 1 checks the grid's runs only once rank 0 has started its cell (up to 10 s), and rank 0 writes its first
+# checkpoint 3 s late: a rank that started training before every rank had checked would leave rank 1 a run without
+# its checkpoint
+LATE_CHECK = """
+import os, time
+from iwae.runs import checkpoint
+if os.environ["RANK"] == "1":
+    check = reproduce.check_existing
+    def late(*args, **kwargs):
+        started = Path({out!r}) / "mnist-l1-iwae-k50" / "seed-0" / "config.json"
+        deadline = time.monotonic() + 10
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return check(*args, **kwargs)
+    reproduce.check_existing = late
+else:
+    save = checkpoint.save
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        checkpoint.save = save
+        return save(*args, **kwargs)
+    checkpoint.save = slow
+"""
 
 
 @pytest.mark.slow
@@ -302,6 +325,16 @@ def test_a_grid_spread_over_two_ranks_writes_the_report_of_one_process(tiny_data
     for cell in tiny_grid(tiny_dataset)[:3]:
         assert_parameters(reproduce.run_dir(tmp_path / "two", cell.name, 0),
                           reproduce.run_dir(tmp_path / "one", cell.name, 0), exact=True)
+
+
+@pytest.mark.slow
+def test_no_rank_of_a_grid_trains_before_every_rank_has_checked_its_runs(tiny_dataset: str, tmp_path: Path) -> None:
+    script = tmp_path / "grid.py"
+    late = GRID.replace('with distributed.session("gloo"):', LATE_CHECK + 'with distributed.session("gloo"):')
+    script.write_text(late.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two"), data=tiny_dataset))
+    results = finish(ranks([], command=[sys.executable, str(script)]))
+    assert all(status == 0 for status, _ in results), "\n".join(f"rank {r}: {status}\n{stderr}"
+                                                             for r, (status, stderr) in enumerate(results))
 
 
 def one_line_error(status: int, stderr: str) -> str:

@@ -405,6 +405,7 @@ def run_table(table: str, out: Path, options: Options, *, cells: list[Cell] | No
     configs = {cell.name: [cell_config(cell, s, options, out) for s in range(options.seeds)] for cell in cells}
     check_existing(cells, configs, out, options.device)
     check_no_other_files(table, out)
+    distributed.wait_for_all()  # no rank writes a run before every rank has checked them
     changes: dict[str, Any] = {"threads": count} if options.threads is not None or distributed.launched() else {}
     if options.data_dir is not None:
         changes["data_dir"] = options.data_dir  # where the data is now
