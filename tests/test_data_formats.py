@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -307,6 +308,8 @@ def test_user_files_that_are_not_numeric_arrays_are_named_in_our_words(tmp_path)
     np.save(tmp_path / "whole.npy", np.full((20, 8), 0.5))
     (tmp_path / "cut.npy").write_bytes((tmp_path / "whole.npy").read_bytes()[:300])
     np.save(tmp_path / "images.npy", np.zeros((5, 8, 8)))
+    with zipfile.ZipFile(tmp_path / "text.npz", "w") as archive:
+        archive.writestr("train.txt", "0.5 0.5\n")
     cases = {
         "random.npy": "is not an array file written by numpy (it starts with neither the .npy header nor the .npz",
         "pickled.npy": "save the data with numpy.save (.npy) or numpy.savez (.npz)",
@@ -314,6 +317,8 @@ def test_user_files_that_are_not_numeric_arrays_are_named_in_our_words(tmp_path)
         "cut.npy": "is truncated or damaged",
         "images.npy": "has shape (5, 8, 8); expected (N, D) with one example per row: flatten images with "
         "x.reshape(len(x), -1)",
+        "text.npz": "holds 'train.txt', which is not an array saved by numpy; write the file with numpy.savez, e.g. "
+        "numpy.savez(path, train=x_train)",
     }
     for file, fragment in cases.items():
         with pytest.raises(DataError) as error:

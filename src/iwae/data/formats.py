@@ -117,24 +117,7 @@ def read_user_arrays(path: Path) -> dict[str, np.ndarray]:
             f"{path} is not an array file written by numpy (it starts with neither the .npy header nor the .npz "
             "zip header); save the data with numpy.save (.npy) or numpy.savez (.npz)."
         )
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                arrays = dict(loaded)
-        else:
-            arrays = {"train": loaded}
-    except ValueError as error:
-        if "allow_pickle" not in str(error):
-            raise DataError(f"{path} is truncated or damaged ({error}); write it again with numpy.") from error
-        raise DataError(
-            f"{path} holds an array of Python objects (dtype object), not numbers; save a numeric array, e.g. "
-            "numpy.save(path, x.astype(numpy.float32))."
-        ) from error
-    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as error:
-        raise DataError(
-            f"{path} is truncated or damaged ({type(error).__name__}); write it again with numpy."
-        ) from error
+    arrays = _load_arrays(path)
     if set(arrays) in ({"test"}, {"valid"}, {"valid", "test"}):
         held_out = " and ".join(f"'{key}'" for key in sorted(arrays, reverse=True))
         raise DataError(
@@ -153,6 +136,40 @@ def read_user_arrays(path: Path) -> dict[str, np.ndarray]:
     if len(set(widths.values())) > 1:
         raise DataError(f"{path} holds arrays of different widths {widths}; all must have the same D.")
     return checked
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of the .npy or .npz file ``path`` by name (a .npy's as ``train``), each a numpy array.
+
+    Raises:
+        DataError: for a truncated or damaged file, an array of Python objects, or an .npz member that is no
+            array saved by numpy.
+    """
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                arrays = dict(loaded)
+        else:
+            arrays = {"train": loaded}
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise DataError(f"{path} is truncated or damaged ({error}); write it again with numpy.") from error
+        raise DataError(
+            f"{path} holds an array of Python objects (dtype object), not numbers; save a numeric array, e.g. "
+            "numpy.save(path, x.astype(numpy.float32))."
+        ) from error
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as error:
+        raise DataError(
+            f"{path} is truncated or damaged ({type(error).__name__}); write it again with numpy."
+        ) from error
+    for name, member in arrays.items():
+        if not isinstance(member, np.ndarray):  # NpzFile gives a member without the .npy header as its bytes
+            raise DataError(
+                f"{path} holds '{name}', which is not an array saved by numpy; write the file with numpy.savez, "
+                "e.g. numpy.savez(path, train=x_train)."
+            )
+    return arrays
 
 
 def check_unit_interval(array: np.ndarray, label: str) -> np.ndarray:
