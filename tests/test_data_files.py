@@ -213,10 +213,14 @@ def test_an_unusable_cache_or_mirror_is_named(tmp_path, isolated, monkeypatch):
 
 
 class _Server(http.server.ThreadingHTTPServer):
-    """Serves ``root`` under ``/good/``, with one byte flipped under ``/corrupt/``, and under ``/drop/``
-    announces the full length but closes the connection after half the body."""
+    """Serves ``root`` under ``/good/``, with one byte flipped under ``/corrupt/``, under ``/drop/``
+    announces the full length but closes the connection after half the body, and under ``/not-a-length/`` and
+    ``/negative-length/`` sends the body whole with a Content-Length that is no length."""
 
     root: Path
+
+
+_NO_LENGTHS = {"not-a-length": "abc", "negative-length": "-1"}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -232,7 +236,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if mode == "corrupt":
             body[len(body) // 2] ^= 0xFF
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", _NO_LENGTHS.get(mode, str(len(body))))
         self.end_headers()
         self.wfile.write(body[: len(body) // 2] if mode == "drop" else body)
         self.close_connection = True
@@ -296,6 +300,15 @@ def test_failed_download_leaves_nothing(server, isolated, monkeypatch, mode, fra
     assert fragment in message and f"{server}/{mode}/{remote.folder}/{remote.name}" in message
     assert "--data-dir" in message and "\n" not in message
     assert _files_under(isolated) == {}
+
+
+@pytest.mark.parametrize("mode", _NO_LENGTHS)
+def test_a_content_length_that_is_no_length_is_an_unknown_length(server, isolated, monkeypatch, shared_data, mode):
+    """The checksum still tells a short or altered body."""
+    monkeypatch.setenv("IWAE_DATA_URL", f"{server}/{mode}")
+    remote = FILES["mnist"]["test"]
+    path = locate(remote, None, download=True)
+    assert path.read_bytes() == (shared_data / remote.folder / remote.name).read_bytes()
 
 
 def test_a_download_removes_the_parts_of_killed_downloads_and_is_readable_by_all(server, isolated, monkeypatch):

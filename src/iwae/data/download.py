@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import urllib.request
+import urllib.response
 from pathlib import Path
 from typing import BinaryIO
 
@@ -97,21 +98,38 @@ def _umask() -> int:
 def _stream(url: str, out: BinaryIO, label: str, how_to_supply: str) -> None:
     """Copy the body at ``url`` into ``out`` with a progress bar; raise DataError if it arrives short."""
     try:
-        with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length is not None else None
+        with _open(url, how_to_supply) as response:
+            total = _announced_length(response.headers.get("Content-Length"))
             received = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}", disable=None) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as error:
+        raise DataError(f"Downloading {url} failed ({error}); {how_to_supply}.") from error
+    if total is not None and received != total:
+        raise DataError(f"Downloading {url} stopped after {received} of {total} bytes; {how_to_supply}.")
+
+
+def _open(url: str, how_to_supply: str) -> http.client.HTTPResponse | urllib.response.addinfourl:
+    """``urllib.request.urlopen(url)``'s response, or a DataError for a URL it cannot read."""
+    try:
+        return urllib.request.urlopen(url, timeout=_TIMEOUT_S)
     except ValueError as error:  # urllib's "unknown url type"
         given = os.environ.get(MIRROR_ENV)
         mirror = f" (made from ${MIRROR_ENV}, which is {given!r})" if given else ""
         raise DataError(f"Cannot download {url}{mirror}: {error}; give a mirror's URL such as https://host/path or "
                         f"file:///folder, or {how_to_supply}.") from error
-    except (OSError, http.client.HTTPException) as error:
-        raise DataError(f"Downloading {url} failed ({error}); {how_to_supply}.") from error
-    if total is not None and received != total:
-        raise DataError(f"Downloading {url} stopped after {received} of {total} bytes; {how_to_supply}.")
+
+
+def _announced_length(header: str | None) -> int | None:
+    """The body's length that a Content-Length header gives; None without one, or for one that is no length (the
+    checksum still tells a short body)."""
+    if header is None:
+        return None
+    try:
+        length = int(header)
+    except ValueError:
+        return None
+    return length if length >= 0 else None
