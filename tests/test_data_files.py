@@ -201,12 +201,19 @@ def test_an_unusable_cache_or_mirror_is_named(tmp_path, isolated, monkeypatch):
         locate(_toy_remote(b"toy"), None, download=True)
     assert "Cannot download toy.bin into" in str(error.value) and "set XDG_CACHE_HOME" in str(error.value)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-home"))
-    monkeypatch.setenv("IWAE_DATA_URL", "notaurl")
-    with pytest.raises(DataError) as error:
-        locate(_toy_remote(b"toy"), None, download=True)
-    message = str(error.value)
-    assert "(made from $IWAE_DATA_URL, which is 'notaurl')" in message and "https://host/path" in message
-    assert not list((tmp_path / "cache-home").rglob("*.part"))
+    for mirror, problem in [("notaurl", "it has no scheme (http, https, ftp or file)"),
+                            ("127.0.0.1:8000/data", "it has no scheme (http, https, ftp or file)"),
+                            ("localhost:8000/data", "its scheme is 'localhost', not http, https, ftp or file"),
+                            ("http://[::1/data", "Invalid IPv6 URL"),
+                            (f"http://{'a' * 64}/data", "encoding with 'idna' codec failed")]:  # as urlopen found
+        monkeypatch.setenv("IWAE_DATA_URL", mirror)
+        with pytest.raises(DataError) as error:
+            locate(_toy_remote(b"toy"), None, download=True)
+        message = str(error.value)
+        assert message.startswith(f"Cannot download {mirror}/toy/toy.bin (made from $IWAE_DATA_URL, which is "
+                                  f"{mirror!r}): {problem}"), message
+        assert "; give a mirror's URL such as https://host/path" in message
+        assert not list((tmp_path / "cache-home").rglob("*.part"))
 
 
 # downloads from a local server

@@ -12,6 +12,7 @@ import http.client
 import os
 import socket
 import tempfile
+import urllib.parse
 import urllib.request
 import urllib.response
 from pathlib import Path
@@ -25,14 +26,29 @@ from iwae.data.errors import DataError
 MIRROR_ENV = "IWAE_DATA_URL"
 _CHUNK = 1 << 16
 _TIMEOUT_S = 60
+_FETCHED_SCHEMES = ("http", "https", "ftp", "file")
 
 
-def source_url(remote: RemoteFile) -> str:
-    """The URL a file is fetched from: ``$IWAE_DATA_URL/<folder>/<name>`` if set, else the canonical one."""
+def source_url(remote: RemoteFile, how_to_supply: str) -> str:
+    """The URL a file is fetched from: ``$IWAE_DATA_URL/<folder>/<name>`` if set, else the canonical one.
+
+    Raises:
+        DataError: if ``$IWAE_DATA_URL`` is set to no URL of a scheme urllib downloads from (http, https, ftp,
+            file), e.g. ``host:port/path``.
+    """
     mirror = os.environ.get(MIRROR_ENV)
-    if mirror:
-        return f"{mirror.rstrip('/')}/{remote.folder}/{remote.name}"
-    return remote.url
+    if not mirror:
+        return remote.url
+    url = f"{mirror.rstrip('/')}/{remote.folder}/{remote.name}"
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme
+    except ValueError as error:  # urlsplit's "Invalid IPv6 URL"
+        raise _unusable_url(url, str(error), how_to_supply) from error
+    if scheme not in _FETCHED_SCHEMES:
+        named = f"{', '.join(_FETCHED_SCHEMES[:-1])} or {_FETCHED_SCHEMES[-1]}"
+        problem = f"its scheme is {scheme!r}, not {named}" if scheme else f"it has no scheme ({named})"
+        raise _unusable_url(url, problem, how_to_supply)
+    return url
 
 
 def fetch(remote: RemoteFile, target: Path, how_to_supply: str) -> Path:
@@ -42,7 +58,7 @@ def fetch(remote: RemoteFile, target: Path, how_to_supply: str) -> Path:
         DataError: on a folder it cannot write to, a URL it cannot read, an HTTP or network error, a connection
             closed before the announced length, or a checksum mismatch; the partial download is deleted first.
     """
-    url = source_url(remote)
+    url = source_url(remote, how_to_supply)
     host = socket.gethostname()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -116,11 +132,16 @@ def _open(url: str, how_to_supply: str) -> http.client.HTTPResponse | urllib.res
     """``urllib.request.urlopen(url)``'s response, or a DataError for a URL it cannot read."""
     try:
         return urllib.request.urlopen(url, timeout=_TIMEOUT_S)
-    except ValueError as error:  # urllib's "unknown url type"
-        given = os.environ.get(MIRROR_ENV)
-        mirror = f" (made from ${MIRROR_ENV}, which is {given!r})" if given else ""
-        raise DataError(f"Cannot download {url}{mirror}: {error}; give a mirror's URL such as https://host/path or "
-                        f"file:///folder, or {how_to_supply}.") from error
+    except ValueError as error:  # e.g. a host name that IDNA cannot encode (a label over 63 characters)
+        raise _unusable_url(url, str(error), how_to_supply) from error
+
+
+def _unusable_url(url: str, problem: str, how_to_supply: str) -> DataError:
+    """The error for a URL that urllib cannot download from, naming ``$IWAE_DATA_URL`` if it is set."""
+    given = os.environ.get(MIRROR_ENV)
+    mirror = f" (made from ${MIRROR_ENV}, which is {given!r})" if given else ""
+    return DataError(f"Cannot download {url}{mirror}: {problem}; give a mirror's URL such as https://host/path or "
+                     f"file:///folder, or {how_to_supply}.")
 
 
 def _announced_length(header: str | None) -> int | None:
