@@ -163,6 +163,18 @@ def test_local_file_with_wrong_checksum_is_reported_and_left_alone(tmp_path, iso
     assert (tmp_path / "toy.bin").read_bytes() == b"not the toy"
 
 
+def test_an_empty_local_file_is_called_empty_and_left_alone(tmp_path, isolated):
+    remote = _toy_remote(b"toy")
+    (tmp_path / "toy.bin").write_bytes(b"")
+    with pytest.raises(DataError) as error:
+        locate(remote, tmp_path, download=False)
+    assert str(error.value) == (
+        f"{tmp_path / 'toy.bin'} is empty (0 bytes), so it is not the published toy.bin ({remote.url}); replace it "
+        "with the published file, or delete it to download it again."
+    )
+    assert (tmp_path / "toy.bin").exists()
+
+
 def test_a_file_of_another_dataset_of_that_name_is_skipped(tmp_path, isolated, monkeypatch):
     """MNIST's and Fashion-MNIST's files share their names: one dataset's file, found where the other's is looked
     for, is passed over for a copy further on (here the cache's), and named if there is none."""

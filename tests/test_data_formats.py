@@ -282,8 +282,12 @@ def test_user_npz_problems(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
     np.save(tmp_path / "objects.npy", np.array([[0.5, None]], dtype=object))
     np.savez(tmp_path / "empty.npz")
+    (tmp_path / "zero.npz").write_bytes(b"")
+    (tmp_path / "zero.npy").write_bytes(b"")
     cases = {
         "empty.npz": "holds no arrays; save the training data in it, e.g. numpy.savez(path, train=x_train)",
+        "zero.npz": "is empty (0 bytes); save the data in it with numpy.save (.npy) or numpy.savez (.npz)",
+        "zero.npy": "is empty (0 bytes); save the data in it with numpy.save (.npy) or numpy.savez (.npz)",
         "keys.npz": "holds arrays ['a', 'b']",
         "widths.npz": "different widths",
         "test.npz": "holds only 'test', no 'train' array to train on; save the training data beside it, e.g. "

@@ -110,6 +110,8 @@ def read_user_arrays(path: Path) -> dict[str, np.ndarray]:
     """
     with path.open("rb") as file:
         magic = file.read(len(_NPY_MAGIC))
+    if not magic:
+        raise DataError(f"{path} is empty (0 bytes); save the data in it with numpy.save (.npy) or numpy.savez (.npz).")
     if magic.startswith(_EMPTY_ZIP_MAGIC):
         raise DataError(f"{path} holds no arrays; save the training data in it, e.g. numpy.savez(path, train=x_train).")
     if not magic.startswith((_NPY_MAGIC, _ZIP_MAGIC)):

@@ -79,8 +79,9 @@ def _verify(path: Path, remote: RemoteFile) -> RemoteFile | None:
         for other in files.values():
             if (other.algorithm, other.digest) == (remote.algorithm, actual):
                 return other
+    empty = path.stat().st_size == 0
+    found = "is empty (0 bytes)" if empty else f"has {remote.algorithm} {actual}, expected {remote.digest}"
     raise DataError(
-        f"{path} has {remote.algorithm} {actual}, expected {remote.digest}, so it is not the published "
-        f"{remote.name} ({remote.url}); replace it with the published file, or delete it to download it "
-        "again."
+        f"{path} {found}, so it is not the published {remote.name} ({remote.url}); replace it with the published "
+        "file, or delete it to download it again."
     )
