@@ -44,11 +44,13 @@ def test_idx_bad_magic(tmp_path):
     _one_line_naming(error, "labels.gz", "00000801", "00000803")
 
 
-def test_idx_cut_inside_its_header(tmp_path):
-    (tmp_path / "short.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03\x00\x00"))
+@pytest.mark.parametrize("size", [6, 15])  # 15: one byte short of the header
+def test_idx_cut_inside_its_header(tmp_path, size):
+    header = b"\x00\x00\x08\x03" + struct.pack(">3I", 1, 2, 2)
+    (tmp_path / "short.gz").write_bytes(gzip.compress(header[:size]))
     with pytest.raises(DataError) as error:
         read_idx_images(tmp_path / "short.gz")
-    _one_line_naming(error, "short.gz", "ends after 6 bytes, inside the 16-byte header")
+    _one_line_naming(error, "short.gz", f"ends after {size} bytes, inside the 16-byte header")
 
 
 def test_a_directory_named_as_a_users_file_is_called_one(tmp_path):
@@ -221,6 +223,14 @@ def test_user_npy_grey_is_dynamic_with_seeded_test_split(tmp_path):
     assert set(data.test.unique().tolist()) == {0.0, 1.0}
 
 
+def test_user_npz_of_one_array_of_any_name_is_the_training_set(tmp_path):
+    x = np.random.default_rng(4).random((20, 4), dtype=np.float32)
+    np.savez(tmp_path / "one.npz", x_train=x)
+    data = load(tmp_path / "one.npz")  # the default test_fraction, 0.1
+    assert data.train.shape == (18, 4) and data.test.shape == (2, 4) and data.valid is None
+    assert torch.equal(data.train, torch.from_numpy(x[np.random.default_rng(0).permutation(20)[:18]]))
+
+
 def test_user_file_named_from_home(tmp_path, monkeypatch):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).random((50, 16)))
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -236,6 +246,15 @@ def test_user_npz_binary_is_static_and_keeps_its_splits(tmp_path):
     assert torch.equal(data.test, torch.from_numpy(test).float())
     assert torch.equal(data.valid, torch.from_numpy(valid).float())
     assert data.name == str(tmp_path / "b.npz")
+
+
+def test_user_npz_of_booleans_is_static_zeros_and_ones(tmp_path):
+    train = np.random.default_rng(3).random((20, 6)) < 0.5
+    np.savez(tmp_path / "bool.npz", train=train, test=~train[:4])
+    data = load(tmp_path / "bool.npz")
+    assert data.binarization == "static" and set(data.train.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(data.train, torch.from_numpy(train).float())
+    assert torch.equal(data.test, torch.from_numpy(~train[:4]).float())
 
 
 def test_user_npz_grey_held_out_splits_are_binarized_once_each_with_its_own_seed(tmp_path):
@@ -258,6 +277,7 @@ def test_user_npz_grey_held_out_splits_are_binarized_once_each_with_its_own_seed
         (np.zeros((0, 4)), "has shape (0, 4)"),
         (np.zeros((4, 0)), "has shape (4, 0); expected (N, D) with one example per row, N and D >= 1"),
         (np.array([["a", "b"], ["c", "d"]]), "has dtype <U1"),
+        (np.full((20, 2), 0.5, np.complex64), "has dtype complex64; expected real numbers in [0, 1]"),
         (np.array([[0.5, np.nan], [0.0, 1.0]]), "NaN"),
         (np.array([[0, 255], [3, 4]], np.uint8), "values from 0 to 255; expected values in [0, 1] (divide 8-bit"),
         (np.array([[-0.5, 0.2], [0.0, 1.0]]), "values from -0.5 to 1.0; expected values in [0, 1] (rescale or"),
