@@ -104,6 +104,11 @@ def test_digits_split_and_shape():
     assert torch.equal(moved.train, digits.train) and moved.name == "digits"
 
 
+def test_digits_are_their_intensities_over_16():
+    train = load("digits").train
+    assert set(train.unique().tolist()) == {level / 16 for level in range(17)} and train.max() == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_minibatches_on_cuda_never_synchronise_with_the_host():
     data = load("digits").to("cuda")

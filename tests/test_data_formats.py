@@ -248,6 +248,17 @@ def test_user_npz_binary_is_static_and_keeps_its_splits(tmp_path):
     assert data.name == str(tmp_path / "b.npz")
 
 
+@pytest.mark.parametrize("grey", ["train", "test"])
+def test_user_npz_of_binary_and_grey_splits_is_dynamic_with_a_binary_test_set(tmp_path, grey):
+    rng = np.random.default_rng(5)
+    arrays = {"train": rng.integers(0, 2, (30, 10)).astype(np.float32), "test": rng.integers(0, 2, (6, 10))}
+    arrays[grey] = rng.random(arrays[grey].shape, dtype=np.float32)
+    np.savez(tmp_path / "mixed.npz", **arrays)
+    data = load(tmp_path / "mixed.npz")
+    assert data.binarization == "dynamic" and torch.equal(data.train, torch.from_numpy(arrays["train"]))
+    assert set(data.test.unique().tolist()) == {0.0, 1.0}
+
+
 def test_user_npz_of_booleans_is_static_zeros_and_ones(tmp_path):
     train = np.random.default_rng(3).random((20, 6)) < 0.5
     np.savez(tmp_path / "bool.npz", train=train, test=~train[:4])
@@ -349,6 +360,13 @@ def test_user_files_that_are_not_numeric_arrays_are_named_in_our_words(tmp_path)
             load(tmp_path / file)
         _one_line_naming(error, file, fragment)
         assert "pickle" not in str(error.value).replace(file, "")
+
+
+@pytest.mark.parametrize(("rows", "test_rows"), [(15, 2), (25, 2)])  # 1.5 and 2.5 rounded half to even
+def test_user_test_fraction_of_the_rows_rounded(tmp_path, rows, test_rows):
+    np.save(tmp_path / "x.npy", np.full((rows, 4), 0.5))
+    data = load(tmp_path / "x.npy", test_fraction=0.1)
+    assert data.test.shape == (test_rows, 4) and data.train.shape == (rows - test_rows, 4)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
