@@ -153,6 +153,20 @@ def test_search_order_and_layouts(tmp_path, isolated, monkeypatch):
     assert "--data-dir" in message and "IWAE_DATA_DIR" in message
 
 
+def test_a_copy_in_the_datasets_folder_comes_before_one_beside_it(tmp_path, isolated):
+    """Found first and good, it is used without reading the altered copy directly in the data folder."""
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "toy.bin").write_bytes(b"toy")
+    (tmp_path / "toy.bin").write_bytes(b"not the toy")
+    assert locate(_toy_remote(b"toy"), tmp_path, download=False) == tmp_path / "toy" / "toy.bin"
+
+
+def test_a_folder_named_as_the_file_is_passed_over(tmp_path, isolated):
+    (tmp_path / "toy" / "toy.bin").mkdir(parents=True)
+    (tmp_path / "toy.bin").write_bytes(b"toy")
+    assert locate(_toy_remote(b"toy"), tmp_path, download=False) == tmp_path / "toy.bin"
+
+
 def test_local_file_with_wrong_checksum_is_reported_and_left_alone(tmp_path, isolated):
     remote = _toy_remote(b"toy")
     (tmp_path / "toy.bin").write_bytes(b"not the toy")
