@@ -14,13 +14,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from iwae.data import DataError, load, sources
+from iwae.data import DataError, download, load, sources
 from iwae.data.catalogue import FILES, RemoteFile, file_digest
 from iwae.data.sources import locate
 
@@ -247,13 +248,15 @@ def test_an_unusable_cache_or_mirror_is_named(tmp_path, isolated, monkeypatch):
 
 class _Server(http.server.ThreadingHTTPServer):
     """Serves ``root`` under ``/good/``, with one byte flipped under ``/corrupt/``, under ``/drop/``
-    announces the full length but closes the connection after half the body, and under ``/not-a-length/`` and
-    ``/negative-length/`` sends the body whole with a Content-Length that is no length."""
+    announces the full length but closes the connection after half the body, under ``/not-a-length/`` and
+    ``/negative-length/`` sends the body whole with a Content-Length that is no length, and under ``/stall/``
+    sends the headers, then nothing for ``_STALL_S``."""
 
     root: Path
 
 
 _NO_LENGTHS = {"not-a-length": "abc", "negative-length": "-1"}
+_STALL_S = 2.0
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -271,8 +274,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", _NO_LENGTHS.get(mode, str(len(body))))
         self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if mode == "drop" else body)
         self.close_connection = True
+        if mode == "stall":
+            time.sleep(_STALL_S)
+            return
+        self.wfile.write(body[: len(body) // 2] if mode == "drop" else body)
 
     def log_message(self, *args) -> None:
         pass
@@ -335,6 +341,21 @@ def test_failed_download_leaves_nothing(server, isolated, monkeypatch, mode, fra
     assert _files_under(isolated) == {}
 
 
+def test_a_mirror_given_with_a_trailing_slash(server, isolated, monkeypatch):
+    monkeypatch.setenv("IWAE_DATA_URL", server + "/good/")
+    remote = FILES["mnist"]["test"]
+    assert locate(remote, None, download=True) == isolated / remote.folder / remote.name
+
+
+def test_a_git_blob_file_is_checked_by_its_own_algorithm(server, isolated, monkeypatch, shared_data):
+    monkeypatch.setenv("IWAE_DATA_URL", server + "/good")
+    published = FILES["mnist"]["test"]
+    source = shared_data / published.folder / published.name
+    remote = RemoteFile(published.folder, published.name, "http://127.0.0.1:9/", "git-blob",
+                        file_digest(source, "git-blob"))
+    assert locate(remote, None, download=True).read_bytes() == source.read_bytes()
+
+
 @pytest.mark.parametrize("mode", _NO_LENGTHS)
 def test_a_content_length_that_is_no_length_is_an_unknown_length(server, isolated, monkeypatch, shared_data, mode):
     """The checksum still tells a short or altered body."""
@@ -342,6 +363,27 @@ def test_a_content_length_that_is_no_length_is_an_unknown_length(server, isolate
     remote = FILES["mnist"]["test"]
     path = locate(remote, None, download=True)
     assert path.read_bytes() == (shared_data / remote.folder / remote.name).read_bytes()
+
+
+def test_a_download_that_stalls_times_out_and_leaves_nothing(server, isolated, monkeypatch):
+    monkeypatch.setattr(download, "_TIMEOUT_S", _STALL_S / 10)
+    monkeypatch.setenv("IWAE_DATA_URL", server + "/stall")
+    with pytest.raises(DataError) as error:
+        locate(FILES["mnist"]["test"], None, download=True)
+    assert "timed out" in str(error.value) and "\n" not in str(error.value)
+    assert _files_under(isolated) == {}
+
+
+def test_a_download_interrupted_mid_file_leaves_nothing(server, isolated, monkeypatch):
+    class InterruptedBar(download.tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            raise KeyboardInterrupt  # as Ctrl-C does, after the first chunk is written
+
+    monkeypatch.setattr(download, "tqdm", InterruptedBar)
+    monkeypatch.setenv("IWAE_DATA_URL", server + "/good")
+    with pytest.raises(KeyboardInterrupt):
+        locate(FILES["mnist"]["test"], None, download=True)
+    assert (isolated / "mnist").is_dir() and _files_under(isolated) == {}
 
 
 def test_a_download_removes_the_parts_of_killed_downloads_and_is_readable_by_all(server, isolated, monkeypatch):
