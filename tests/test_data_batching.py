@@ -28,6 +28,11 @@ def test_epoch_batches_fresh_each_epoch_and_reproducible():
     assert torch.equal(epoch_batches(1000, 20, replay), second)
 
 
+def test_epoch_batches_of_the_whole_set_as_one_batch():
+    batches = epoch_batches(10, 10, torch.Generator().manual_seed(0))
+    assert batches.shape == (1, 10) and sorted(batches[0].tolist()) == list(range(10))
+
+
 @pytest.mark.parametrize("batch_size", [0, 11])
 def test_epoch_batches_rejects_impossible_batch_size(batch_size):
     with pytest.raises(ValueError, match="batch_size"):
