@@ -2,7 +2,7 @@
 
 Tests that read the real MNIST, Fashion-MNIST and binarized MNIST files take them from ``$IWAE_DATA_DIR``
 and are skipped when it is unset or lacks them. Downloads are tested against a local HTTP server that
-serves those files intact, altered, or cut off mid-file.
+serves those files intact, altered, cut off mid-file, with a Content-Length that is no length, or stalled.
 """
 
 import gzip
