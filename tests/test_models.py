@@ -14,9 +14,9 @@ from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
 
 from iwae.core import bounds
-from iwae.core.ais import ais_log_likelihood
+from iwae.core.ais import ais_batches, ais_log_likelihood
 from iwae.core.objectives import loss
-from iwae.eval.activity import active_units
+from iwae.eval.activity import active_units, posterior_mean_variances
 from iwae.eval.exact import exact_log_likelihood
 from iwae.eval.likelihood import log_likelihood
 from iwae.models import (
@@ -161,6 +161,22 @@ def test_data_not_a_batch_of_vectors_is_refused_with_its_fix(x_dim: int | None) 
                 call(torch.ones(4, 6, 6))
             assert str(error.value) == ("x has shape (4, 6, 6), but the model is built for data of dimension "
                                         "x_dim=36; give x of shape (B, 36): x.flatten(1) flattens each example")
+
+
+def test_a_stack_of_batches_is_refused_by_every_function_of_one_batch() -> None:
+    # training takes (S, B, D) for a stack of seeds; an estimate per example or the active units would take its S
+    # batches for S examples (or count S x B posterior means: 1000 active units of a layer of 50)
+    model = burda(1, x_dim=4)
+    calls = [lambda x: log_likelihood(model, x, k=3), lambda x: log_likelihood(model, x, k=3, seed=0),
+             lambda x: active_units(model, x), lambda x: posterior_mean_variances(model, x),
+             lambda x: ais_log_likelihood(model, x, steps=2, chains=2, leapfrog=1),
+             lambda x: next(ais_batches(model, x, steps=2, chains=2, leapfrog=1)),
+             lambda x: exact_log_likelihood(sbn([2], x_dim=4), x)]
+    for call in calls:
+        with pytest.raises(ValueError) as error:
+            call(torch.ones(2, 3, 4))
+        assert str(error.value) == ("x has shape (2, 3, 4); give a batch of examples of shape (B, D): "
+                                    "x.flatten(0, -2) joins a stack of batches into one")
 
 
 def test_no_examples_are_refused_in_one_line() -> None:

@@ -364,7 +364,7 @@ def ais_log_likelihood(
     batch_size: int = 100,
     progress: bool = False,
 ) -> AISResult:
-    """The AIS estimate of log p(x) per example of ``x`` (B, D; as ``DeepLatentModel.as_input`` takes it), with its
+    """The AIS estimate of log p(x) per example of ``x`` (B, D; as ``DeepLatentModel.as_batch`` takes it), with its
     diagnostics (see ``AISResult``).
 
     Approximates: log p(x) = log integral p(x, z) dz.
@@ -379,7 +379,7 @@ def ais_log_likelihood(
     with it and each batch's index, and torch's global generator is left as it was.
     """
     check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
-    x = model.as_input(x)
+    x = model.as_batch(x)
     check_examples(x)
     with ais_bar(steps, chains, len(x.split(batch_size)), progress) as bar:
         return combine(list(ais_batches(model, x, steps=steps, chains=chains, leapfrog=leapfrog, start=start,
@@ -413,8 +413,10 @@ def ais_batches(model: DeepLatentModel, x: Tensor, *, steps: int, chains: int, l
                 bar: tqdm | None = None) -> Iterator[Run]:
     """``ais_log_likelihood``'s AIS runs of one batch of ``x`` after another (``combine`` joins them): with
     ``seed``, batch j (counted from ``first_batch``) draws from the generator seeded with ``batch_seed(seed,
-    j)``, so that a batch's run depends on the seed, its index and its examples alone."""
+    j)``, so that a batch's run depends on the seed, its index and its examples alone. ``x`` as
+    ``DeepLatentModel.as_batch`` takes it."""
     check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
+    x = model.as_batch(x)
     betas = sigmoid_schedule(steps)
     batches = x.split(batch_size)
     for batch, _ in zip(batches, _seeded_batches(seed, x.device, first_batch, len(batches)), strict=True):

@@ -18,8 +18,8 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 def posterior_mean_variances(model: DeepLatentModel, x: Tensor) -> list[Tensor]:
     """For each stochastic layer, the population variance over the examples ``x`` of each unit's posterior
     mean, shape (d_l,); for layer l >= 2 the mean is that of q(z_l | z_{l-1}) at one z_{l-1} sampled from q. ``x``
-    as ``DeepLatentModel.as_input`` takes it."""
-    variances, h = [], model.as_input(x)
+    as ``DeepLatentModel.as_batch`` takes it."""
+    variances, h = [], model.as_batch(x)
     check_examples(h)
     for layer in model.encoder:
         q = layer(h)

@@ -17,7 +17,7 @@ def exact_log_likelihood(model: DeepLatentModel, x: Tensor, *, max_states: int =
                          max_rows: int = 2**16) -> Tensor:
     """The exact log p(x) = log sum_z p(x, z_1..z_L) per example of ``x`` (B, D), shape (B,), by summing
     over every joint configuration of discrete latents (Bernoulli units, one-hot categorical groups); ``x`` as
-    ``DeepLatentModel.as_input`` takes it.
+    ``DeepLatentModel.as_batch`` takes it.
 
     The configurations are taken in passes of at most about ``max_rows`` (configuration, example) pairs
     and combined by a running logsumexp; q plays no part. Differentiable in p's parameters.
@@ -26,7 +26,7 @@ def exact_log_likelihood(model: DeepLatentModel, x: Tensor, *, max_states: int =
       ValueError: if a latent layer is not discrete, or there are more than ``max_states`` joint
         configurations (use ``log_likelihood``, the importance-sampled estimate, for such models).
     """
-    x = model.as_input(x)
+    x = model.as_batch(x)
     check_examples(x)
     layers = [model.prior()]  # p(z_L), then p(z_l | z_{l+1}) at z_{l+1} = 0, top-down: only their kinds and shapes
     for layer in reversed(model.conditionals[1:]):

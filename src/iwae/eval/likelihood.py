@@ -87,7 +87,7 @@ def importance_statistics(
       qualify, and by k.
     """
     if isinstance(model, DeepLatentModel):
-        x = model.as_input(x)  # a batch (B, D), before it is counted and split
+        x = model.as_batch(x)  # a batch (B, D), before it is counted and split
     check_examples(x)
     with progress_bar(len(x), k, progress) as bar:
         return concatenate(list(batch_statistics(model, x, k, chunk_size=chunk_size, batch_size=batch_size,
@@ -210,7 +210,7 @@ def log_likelihood(
     ``batch_size`` examples at a time, so that peak memory does not grow with k. With ``seed``, the
     samples come from a generator seeded with it and torch's global generator is left as it was.
     """
-    x = model.as_input(x)  # before its device is read
+    x = model.as_batch(x)  # before its device is read
     if seed is not None:
         seed = check_seed(seed)
     with seeded(seed, x.device) if seed is not None else nullcontext():

@@ -64,9 +64,9 @@ class DeepLatentModel(nn.Module):
 
     def as_input(self, x: Tensor) -> Tensor:
         """``x`` checked to fit the model: vectors of the model's dimension ``x_dim`` (if known) along its last
-        dimension, with at least one batch dimension before it (B, D; a stack of seeds adds one), and of its
-        parameters' dtype, cast to it where every value stays the same (integers or bools, and 0/1 or 8-bit data in
-        float64).
+        dimension, with at least one batch dimension before it (B, D; a stack of seeds adds one, which ``as_batch``
+        refuses), and of its parameters' dtype, cast to it where every value stays the same (integers or bools, and
+        0/1 or 8-bit data in float64).
 
         Raises:
             ValueError: naming the type, shape, x_dim, dtype or device and the fix, rather than a failure
@@ -79,8 +79,7 @@ class DeepLatentModel(nn.Module):
         if x.device != device:
             raise ValueError(f"x is on {x.device}, the model's parameters on {device}; give x.to({str(device)!r})")
         if x.dim() < 2:
-            raise ValueError(f"x has shape {tuple(x.shape)}; give a batch of examples of shape (B, D): x[None] for "
-                             "a single example")
+            raise _not_a_batch(x)
         if self.x_dim is not None and x.shape[-1] != self.x_dim:
             fix = (": x.flatten(1) flattens each example" if math.prod(x.shape[1:]) == self.x_dim
                    else f", or build the model for x_dim={x.shape[-1]}")
@@ -96,6 +95,18 @@ class DeepLatentModel(nn.Module):
             raise ValueError(f"x is {_name(x.dtype)}, the model's parameters {_name(dtype)}, and not every value of x "
                              f"is exact in {_name(dtype)}; give x.to({dtype}){move}")
         return cast
+
+    def as_batch(self, x: Tensor) -> Tensor:
+        """``x`` as ``as_input`` takes it, and one batch of examples (B, D), not a stack of them: the input of an
+        estimate per example, or of a statistic over the examples.
+
+        Raises:
+            ValueError: for ``as_input``'s reasons, or for a stack of batches, naming its shape and the fix.
+        """
+        x = self.as_input(x)
+        if x.dim() > 2:
+            raise _not_a_batch(x)
+        return x
 
     @property
     def prior(self) -> nn.Module:
@@ -186,6 +197,12 @@ def _over_vectors(dist: Distribution, layer: str) -> Distribution:
                          "log_prob sums over the units; wrap an elementwise one in Independent(..., 1), e.g. "
                          "Independent(Normal(loc, scale), 1)")
     return dist
+
+
+def _not_a_batch(x: Tensor) -> ValueError:
+    """The error for data ``x`` that is not one batch of vectors (B, D), with the fix for its shape."""
+    fix = "x[None] for a single example" if x.dim() < 2 else "x.flatten(0, -2) joins a stack of batches into one"
+    return ValueError(f"x has shape {tuple(x.shape)}; give a batch of examples of shape (B, D): {fix}")
 
 
 def _name(dtype: torch.dtype) -> str:
