@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -170,6 +171,7 @@ class CoinPrior(nn.Module):
         ({"start": "posterior"}, "start must be one of prior, encoder"),
         ({"batch_size": 0}, "batch_size must be a positive integer; got 0"),
         ({"batch_size": -1}, "batch_size must be a positive integer; got -1"),
+        ({"steps": "2"}, "steps must be a positive integer; got '2'"),
         ({"seed": -1}, r"seed must be an integer from 0 to 2\*\*63 - 1; got -1"),
         ({"seed": 2**63}, r"seed must be an integer from 0 to 2\*\*63 - 1"),
     ],
@@ -179,6 +181,17 @@ def test_bad_settings_are_refused_in_one_line(settings: dict, message: str) -> N
     with pytest.raises(ValueError, match=message) as error:
         ais_log_likelihood(model, x, **{"steps": 2, "chains": 2, "leapfrog": 2, **settings})
     assert "\n" not in str(error.value)
+
+
+def test_numpy_integers_are_taken_as_settings_and_text_refused_quoted() -> None:
+    model, x, _ = model_and_data(3)
+    settings = {"steps": 3, "chains": 2, "leapfrog": 2, "batch_size": 2, "seed": 1}
+    given = {name: np.int64(value) for name, value in settings.items()}
+    torch.testing.assert_close(ais_log_likelihood(model, x, **given), ais_log_likelihood(model, x, **settings),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(bdmc(model, np.int32(3), **given), bdmc(model, 3, **settings), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^the number of simulated examples, n, must be a positive integer; got '3'$"):
+        bdmc(model, "3", **settings)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("seed", [-1, 2**63, "a"])

@@ -38,10 +38,12 @@ def check_seed(seed: object, name: str = "seed") -> int:
     return int(seed)
 
 
-def check_integer(value: object, name: str, low: int) -> int:
-    """``value`` as an int, if it is an integer (NumPy's too) >= ``low``; else SettingError."""
+def check_integer(value: object, name: str, low: int,
+                  template: str = "{0} must be an integer >= {low}; got {value!r}") -> int:
+    """``value`` as an int, if it is an integer (NumPy's too) >= ``low``; else SettingError, its message
+    ``template`` with the fields {0} (the name), {low} and {value}."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise SettingError("{0} must be an integer >= {low}; got {value!r}", (name,), low=low, value=value)
+        raise SettingError(template, (name,), low=low, value=value)
     return int(value)
 
 

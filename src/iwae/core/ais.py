@@ -59,7 +59,7 @@ from tqdm import tqdm
 from iwae.models import DeepLatentModel
 from iwae.platform import duration
 from iwae.platform.device import batch_seed, seeded
-from iwae.settings import SettingError, check_examples, check_seed
+from iwae.settings import SettingError, check_examples, check_integer, check_seed
 
 Start = Literal["prior", "encoder"]
 STARTS = ("prior", "encoder")
@@ -292,23 +292,25 @@ def anneal(
 
 
 def check_settings(steps: int, chains: int, leapfrog: int, start: str, *, batch_size: int,
-                   seed: int | None = None) -> None:
-    """Raise SettingError naming the first setting that AIS cannot run with (``seed``, if given, among them)."""
+                   seed: int | None = None) -> tuple[int, int, int, int]:
+    """``steps``, ``chains``, ``leapfrog`` and ``batch_size`` as ints (NumPy's integers taken), after raising
+    SettingError naming the first setting that AIS cannot run with (``seed``, if given, among them)."""
     if seed is not None:
         check_seed(seed)
-    for name, value in (("steps", steps), ("chains", chains), ("leapfrog", leapfrog), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SettingError("{0} must be a positive integer; got {value}", (name,), value=value)
+    steps, chains, leapfrog, batch_size = (
+        check_integer(value, name, 1, "{0} must be a positive integer; got {value!r}")
+        for name, value in (("steps", steps), ("chains", chains), ("leapfrog", leapfrog), ("batch_size", batch_size)))
     if start not in STARTS:
         raise SettingError("{0} must be one of {known}; got {value!r}", ("start",), known=", ".join(STARTS),
                            value=start)
+    return steps, chains, leapfrog, batch_size
 
 
-def check_simulated(n: int, name: str = "n") -> None:
-    """Raise SettingError (naming the setting ``name``) unless ``n``, a number of examples to simulate, is positive."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise SettingError("the number of simulated examples, {0}, must be a positive integer; got {value}", (name,),
-                           value=n)
+def check_simulated(n: int, name: str = "n") -> int:
+    """``n``, a number of examples to simulate, as an int if it is a positive integer (NumPy's too); else
+    SettingError naming the setting ``name``."""
+    return check_integer(n, name, 1,
+                         "the number of simulated examples, {0}, must be a positive integer; got {value!r}")
 
 
 def combine(runs: list[tuple[Tensor, Tensor, StepSizes]], sign: float = 1.0) -> AISResult:
@@ -378,7 +380,8 @@ def ais_log_likelihood(
     ``batch_size``), whatever ``steps`` and ``leapfrog``. With ``seed``, the draws come from generators seeded
     with it and each batch's index, and torch's global generator is left as it was.
     """
-    check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
+    steps, chains, leapfrog, batch_size = check_settings(steps, chains, leapfrog, start, batch_size=batch_size,
+                                                         seed=seed)
     x = model.as_batch(x)
     check_examples(x)
     with ais_bar(steps, chains, len(x.split(batch_size)), progress) as bar:
@@ -415,7 +418,8 @@ def ais_batches(model: DeepLatentModel, x: Tensor, *, steps: int, chains: int, l
     ``seed``, batch j (counted from ``first_batch``) draws from the generator seeded with ``batch_seed(seed,
     j)``, so that a batch's run depends on the seed, its index and its examples alone. ``x`` as
     ``DeepLatentModel.as_batch`` takes it."""
-    check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
+    steps, chains, leapfrog, batch_size = check_settings(steps, chains, leapfrog, start, batch_size=batch_size,
+                                                         seed=seed)
     x = model.as_batch(x)
     betas = sigmoid_schedule(steps)
     batches = x.split(batch_size)
@@ -446,8 +450,9 @@ def bdmc(
     of z given x, as the backward run's unbiasedness requires. Arguments as for ``ais_log_likelihood``; the
     batches are those of ``bdmc_batches``.
     """
-    check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
-    check_simulated(n)
+    steps, chains, leapfrog, batch_size = check_settings(steps, chains, leapfrog, start, batch_size=batch_size,
+                                                         seed=seed)
+    n = check_simulated(n)
     with ais_bar(steps, chains, math.ceil(n / batch_size), progress, directions=2) as bar:
         return combine_bdmc(list(bdmc_batches(model, n, steps=steps, chains=chains, leapfrog=leapfrog, start=start,
                                               seed=seed, batch_size=batch_size, bar=bar)))
@@ -459,7 +464,8 @@ def bdmc_batches(model: DeepLatentModel, n: int, *, steps: int, chains: int, lea
                  bar: tqdm | None = None) -> Iterator[tuple[Tensor, Run, Run]]:
     """``bdmc``'s batches of at most ``batch_size`` of the ``n`` simulated examples, one after another: each its
     simulated examples and its forward and backward runs, seeded as ``ais_batches``' are."""
-    check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
+    steps, chains, leapfrog, batch_size = check_settings(steps, chains, leapfrog, start, batch_size=batch_size,
+                                                         seed=seed)
     betas = sigmoid_schedule(steps)
     sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
     device = next(model.parameters()).device
