@@ -132,6 +132,31 @@ def test_bdmc_brackets_the_exact_marginal_and_its_gap_shrinks() -> None:
     assert gaps[0] > 3 * gaps[1] > 0
 
 
+def test_bdmc_simulates_x_with_the_likelihoods_noise() -> None:
+    # x ~ N(W z + b, sigma^2 I): off the column space of W, x - b is the noise alone, of variance sigma^2 = 0.09 in
+    # each of the 7 directions (1400 squares, a relative standard error of 4 %); at p(x | z)'s mean it would be 0
+    model, _, _ = model_and_data()
+    x = bdmc(model, 200, steps=1, chains=1, leapfrog=1, seed=9).x
+    w, b = (p.detach() for p in (model.likelihood.linear.weight, model.likelihood.linear.bias))
+    off_columns = torch.eye(10, dtype=torch.float64) - w @ torch.linalg.pinv(w)
+    noise = (x - b) @ off_columns
+    assert 0.8 < noise.square().sum().item() / (200 * 7) / 0.3**2 < 1.2
+
+
+def test_bdmc_runs_backward_on_the_forward_pilots_step_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _, _ = model_and_data()
+    anneal, calls = ais.anneal, []
+
+    def recorded(*args: object) -> ais.Run:
+        calls.append((args[4], result := anneal(*args)))
+        return result
+
+    monkeypatch.setattr(ais, "anneal", recorded)
+    bdmc(model, 2, steps=3, chains=2, leapfrog=1)
+    (pilot, (_, _, pilot_steps)), (forward, _), (backward, _) = calls
+    assert pilot is None and forward is pilot_steps and backward is pilot_steps
+
+
 def test_seed_reproduces_and_leaves_the_global_generator_alone() -> None:
     model, x, _ = model_and_data(5)
     torch.manual_seed(11)
@@ -143,11 +168,39 @@ def test_seed_reproduces_and_leaves_the_global_generator_alone() -> None:
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
+def test_each_batch_draws_from_a_stream_of_its_own() -> None:
+    model, x, _ = model_and_data(1)
+    twice = ais_log_likelihood(model, x.expand(2, -1), steps=2, chains=2, leapfrog=1, batch_size=1).log_likelihood
+    assert twice[0] != twice[1]
+
+
 def test_a_single_step_makes_no_move_and_reports_no_acceptance_rate() -> None:
     model, x, _ = model_and_data(4)
     single = ais_log_likelihood(model, x, steps=1, chains=3, leapfrog=2, seed=0)
     assert bool(single.acceptance.isnan().all()) and bool(single.log_likelihood.isfinite().all())
     assert not ais_log_likelihood(model, x, steps=2, chains=3, leapfrog=2, seed=0).acceptance.isnan().any()
+
+
+def test_acceptance_is_the_mean_over_the_transitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 3 steps make 2 transitions, each accepted with probability 0.5 here
+    model, x, _ = model_and_data(2)
+    transition = ais.hmc_transition
+
+    def half_accepted(*args: object) -> tuple[object, torch.Tensor]:
+        state, accept_prob = transition(*args)
+        return state, torch.full_like(accept_prob, 0.5)
+
+    monkeypatch.setattr(ais, "hmc_transition", half_accepted)
+    result = ais_log_likelihood(model, x, steps=3, chains=2, leapfrog=1)
+    torch.testing.assert_close(result.acceptance, torch.full((2, 2), 0.5, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_the_reported_step_size_is_the_arithmetic_mean_of_those_used() -> None:
+    # one chain of two examples: steps 1 and 3 (mean 2), then 2 and 2; two batches of one example each
+    log_step = torch.tensor([[[1.0, 2.0]], [[3.0, 2.0]]], dtype=torch.float64).log()
+    runs = [(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64),
+             ais.StepSizes(torch.tensor([0.5, 1.0], dtype=torch.float64), log_step[..., [i]])) for i in (0, 1)]
+    torch.testing.assert_close(ais.combine(runs).step_size, torch.tensor([[2.0, 2.0]], dtype=torch.float64))
 
 
 def test_schedule_is_sigmoidal_from_zero_to_one() -> None:
@@ -230,3 +283,13 @@ def test_step_sizes_interpolate_linearly_in_log_step_and_hold_beyond_the_ends() 
                           torch.tensor([[[0.0]], [[1.0]], [[3.0]]], dtype=torch.float64))
     for beta, log_step in [(0.125, 0.25), (0.75, 2.0), (0.0, 0.0), (1.0, 3.0), (1.5, 3.0)]:
         torch.testing.assert_close(steps.at(beta).log().flatten(), torch.tensor([log_step], dtype=torch.float64))
+
+
+def test_a_proposal_whose_energy_is_not_a_number_is_rejected() -> None:
+    model, x, _ = model_and_data(2)
+    path = ais.Path(model, x, "prior", [3])
+    state = ais._evaluate(path, path.sample_start(4))
+    nan_step = torch.full((4, 2, 1), math.nan, dtype=torch.float64)
+    moved, accept_prob = ais.hmc_transition(path, state, 0.5, nan_step, 2)
+    assert bool((accept_prob == 0).all())
+    torch.testing.assert_close(tuple(moved), tuple(state), rtol=0, atol=0)
