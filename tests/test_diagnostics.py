@@ -104,6 +104,13 @@ def test_snr_is_the_absolute_mean_over_the_sample_std_whatever_the_sign() -> Non
         assert (snr, se) == (pytest.approx(2.0, rel=1e-12), pytest.approx(math.sqrt(0.5), rel=1e-12))
 
 
+def test_snr_of_a_constant_is_not_a_number() -> None:
+    scalar = _ScalarMoments()
+    for _ in range(3):
+        scalar.add(2.0)
+    assert all(math.isnan(value) for value in scalar.snr())
+
+
 def test_fit_slope_is_weighted_least_squares() -> None:
     ks, snr, se = [1, 10, 100, 1000], [2.0, 0.7, 0.2, 0.07], [0.1, 0.05, 0.02, 0.02]
     fit = fit_slope(ks, snr, se)
@@ -137,6 +144,26 @@ def test_gradient_snr_matches_stored_draws() -> None:
         assert point.mean_norm == pytest.approx(expected.clamp(min=0).sqrt().item())
         torch.testing.assert_close(point.parameter_snr, g.mean(0).abs() / g.std(0))
         assert (point.objective, point.k, point.m) == ("miwae", k, 5)
+
+
+def test_the_mean_reduction_divides_each_gradient_by_the_batch_size() -> None:
+    x = GaussianToy.sample_data(4, dim=3, seed=0)
+    model = GaussianToy.near_optimum(x)
+    summed, averaged = (gradient_snr(model, x, "iwae", ["dreg"], [3], 5, reduction=reduction, seed=1).points
+                        for reduction in ("sum", "mean"))
+    for total, mean in zip(summed, averaged, strict=True):
+        assert mean.snr == pytest.approx(total.snr, rel=1e-9)
+        assert mean.std_norm == pytest.approx(total.std_norm / 4, rel=1e-9)
+
+
+def test_parameters_without_a_gradient_are_left_out_of_the_mean_parameter_snr() -> None:
+    x = GaussianToy.sample_data(4, dim=3, seed=0)
+    x[:, 0] = 0.0  # A[:, 0] multiplies x_0 = 0: its gradient is 0 in every draw, its SNR 0 / 0
+    model = GaussianToy.near_optimum(x)
+    point = next(p for p in gradient_snr(model, x, "iwae", ["dreg"], [3], 5, seed=1).points if p.network == "inference")
+    assert int(point.parameter_snr.isnan().sum()) == 3
+    assert point.mean_parameter_snr == pytest.approx(point.parameter_snr.nanmean().item())
+    assert math.isfinite(point.mean_parameter_snr)
 
 
 def toy_slopes(examples: int, ks: list[int], draws: int, estimators: list[str]) -> dict[str, dict[str, float]]:
