@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -58,6 +60,51 @@ def test_bdmc_writes_both_bounds_and_their_gap(run: Path, capsys: pytest.Capture
     assert result["nll_se"] == result["log_p_lower_se"] != result["log_p_upper_se"]
     assert result["batch_size"] == evaluate_ais.BATCH_SIZE
     assert result["time_per_example_s"] == pytest.approx(result["time_s"] / 3, abs=0.006 / 3)
+
+
+def ticking_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every batch of an evaluation take one second by evaluate_ais's clock."""
+    ticks = itertools.count()
+    monkeypatch.setattr(evaluate_ais, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+
+
+def fixed_run(log_w: list[float], acceptance: float, step_size: float) -> ais.Run:
+    """A batch's AIS run of one chain per example: its log weights, and each transition's acceptance and step size."""
+    shape = (1, len(log_w))
+    return (torch.tensor([log_w], dtype=torch.float64), torch.full(shape, acceptance, dtype=torch.float64),
+            ais.StepSizes(torch.tensor([0.5, 1.0], dtype=torch.float64),
+                          torch.full((2, *shape), math.log(step_size), dtype=torch.float64)))
+
+
+def test_an_ais_results_time_is_that_of_all_its_batches(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ticking_clock(monkeypatch)
+    monkeypatch.setattr(evaluate_ais.plots, "plot_ais_vs_steps", lambda *args: None)  # a second's drawing
+    result = evaluate_ais.evaluate_ais(run, steps=2, chains=1, leapfrog=1, k=10, examples=3, batch_size=1,
+                                       device="cpu", time_limit_s=None, save_every_s=None)
+    assert result["time_s"] == result["sweep"][0]["time_s"] == 3.0 and result["time_per_example_s"] == 1.0
+
+
+def test_bdmc_reports_the_paired_gap_and_each_directions_own_diagnostics(run: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # lower bounds 0..3, upper bounds 0.5, 0.5, 0.5 and 0.7 above them: the gaps vary far less than either bound
+    lower, gap = [0.0, 1.0, 2.0, 3.0], [0.5, 0.5, 0.5, 0.7]
+    x = (torch.arange(32).view(2, 16) % 3 == 0).float()
+    upper = [lo + g for lo, g in zip(lower, gap, strict=True)]
+    batches = [(x, fixed_run(lower[i:i + 2], 0.25, 0.1), fixed_run([-u for u in upper[i:i + 2]], 0.75, 0.3))
+               for i in (0, 2)]  # a backward run's log weights estimate -log p(x)
+
+    def fixed_batches(model: object, n: int, *, first_batch: int, **settings: object) -> Iterator[object]:
+        yield from batches[first_batch:]
+
+    monkeypatch.setattr(ais, "bdmc_batches", fixed_batches)
+    ticking_clock(monkeypatch)
+    result = evaluate_ais.evaluate_bdmc(run, steps=2, chains=1, leapfrog=1, k=10, examples=4, batch_size=2,
+                                        device="cpu", time_limit_s=None, save_every_s=None)
+    assert result["gap"] == pytest.approx(0.55) and result["log_p_lower"] == pytest.approx(1.5)
+    assert result["gap_se"] == pytest.approx(torch.tensor(gap, dtype=torch.float64).std().item() / 2)
+    assert result["forward"] == pytest.approx({"acceptance": 0.25, "ess": 1.0, "step_size": 0.1})
+    assert result["backward"] == pytest.approx({"acceptance": 0.75, "ess": 1.0, "step_size": 0.3})
+    assert result["time_s"] == 2.0
 
 
 def test_a_results_standard_errors_are_the_sample_sd_over_the_root_of_the_examples() -> None:
