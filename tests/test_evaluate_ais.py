@@ -159,6 +159,24 @@ def test_bad_settings_get_one_line_and_write_nothing(options: list[str], message
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
+def test_the_library_takes_numpy_integers_for_every_count(run: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    counts = {"chains": 2, "leapfrog": 2, "k": 10, "examples": 3, "batch_size": 2}
+    given = {name: np.int64(value) for name, value in counts.items()}
+    ais_ints = evaluate_ais.evaluate_ais(copy, steps=[3, 2], device="cpu", **counts)
+    ais_numpy = evaluate_ais.evaluate_ais(copy, steps=[np.int64(3), np.int32(2)], device="cpu", **given)
+    bdmc_ints = evaluate_ais.evaluate_bdmc(copy, steps=3, device="cpu", **counts)
+    bdmc_numpy = evaluate_ais.evaluate_bdmc(copy, steps=np.int64(3), device="cpu", **given)
+    def untimed(result: dict) -> dict:
+        return {key: [untimed(entry) for entry in value] if key == "sweep" else value
+                for key, value in result.items() if "time" not in key}
+
+    assert untimed(ais_numpy) == untimed(ais_ints) and untimed(bdmc_numpy) == untimed(bdmc_ints)
+    assert evaluate_ais.evaluate_ais(copy, steps=np.int64(2), device="cpu", **given)["steps"] == 2
+    with pytest.raises(ValueError, match=r"^steps must be a number of AIS steps or a sweep of them; got none$"):
+        evaluate_ais.evaluate_ais(copy, steps=[], device="cpu", **counts)
+
+
 def test_each_ais_setting_has_its_own_file(run: Path) -> None:
     assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "3", *FAST]) == 0
     assert main(["evaluate", str(run), "--method", "ais", "--ais-steps", "3", *FAST, "--split", "train"]) == 0

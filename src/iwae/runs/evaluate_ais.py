@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from iwae.models import DeepLatentModel
 from iwae.platform import duration, memory
 from iwae.platform.device import resolve_device, seeded
 from iwae.runs import checkpoint, evaluation, resumable, rundir
-from iwae.settings import check_integer
+from iwae.settings import SettingError, check_integer
 
 AIS_FILE = "eval_ais.json"
 BDMC_FILE = "eval_bdmc.json"
@@ -44,8 +45,21 @@ DEFAULTS = {"dataset": None, "split": "test", "steps": 1000, "chains": 16, "leap
 
 
 def step_values(steps: int | Sequence[int]) -> list[int]:
-    """The distinct numbers of AIS steps in ``steps`` (one number, or a sweep's), in increasing order."""
-    return sorted({steps} if isinstance(steps, int) else set(steps))
+    """The distinct numbers of AIS steps in ``steps`` (one number, or a sweep's), in increasing order; SettingError
+    for a sweep of none."""
+    values = sorted({steps} if isinstance(steps, numbers.Integral) else set(steps))
+    if not values:
+        raise SettingError("{0} must be a number of AIS steps or a sweep of them; got none", ("steps",))
+    return values
+
+
+def _checked_sweep(steps: int | Sequence[int], chains: int, leapfrog: int, start: str, batch_size: int
+                   ) -> tuple[list[int], int, int, int]:
+    """``step_values(steps)``, ``chains``, ``leapfrog`` and ``batch_size`` as ints (NumPy's integers taken), after
+    ``ais.check_settings`` has checked them with each number of steps."""
+    checked = [ais.check_settings(value, chains, leapfrog, start, batch_size=batch_size)
+               for value in step_values(steps)]
+    return [values[0] for values in checked], *checked[0][1:]
 
 
 def result_path(run_dir: Path, method: str, *, dataset: str | None = None, split: str = "test",
@@ -236,10 +250,8 @@ def evaluate_ais(
       importance-sampled estimate, ``is_minus_ais`` (IS NLL minus AIS NLL, positive when AIS finds more mass)
       with its paired standard error; ``sweep`` (one per number of steps); ``time_s``, ``time_per_example_s``.
     """
-    steps = step_values(steps)
-    for value in steps:
-        ais.check_settings(value, chains, leapfrog, start, batch_size=batch_size)
-    check_integer(k, "k", 1)
+    steps, chains, leapfrog, batch_size = _checked_sweep(steps, chains, leapfrog, start, batch_size)
+    k = check_integer(k, "k", 1)
     rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
     dataset = evaluation.other_data(run_dir, dataset)
     state, model, loaded, x = evaluation.load_examples(run_dir, split=split, dataset=dataset, data_dir=data_dir,
@@ -326,10 +338,10 @@ def evaluate_bdmc(
       forward and backward chains' diagnostics, the k-sample IS estimate on the same simulated examples
       (``is_nll``, ``is_nll_se``), and ``time_s``, ``time_per_example_s``.
     """
-    ais.check_settings(steps, chains, leapfrog, start, batch_size=batch_size, seed=seed)
-    check_integer(k, "k", 1)
-    examples = DEFAULT_EXAMPLES if examples is None else examples
-    ais.check_simulated(examples, "examples")
+    steps, chains, leapfrog, batch_size = ais.check_settings(steps, chains, leapfrog, start, batch_size=batch_size,
+                                                             seed=seed)
+    k = check_integer(k, "k", 1)
+    examples = ais.check_simulated(DEFAULT_EXAMPLES if examples is None else examples, "examples")
     rundir.check_writable(run_dir, evaluation.EVALUATE_FIX)
     state, model = checkpoint.load_model(run_dir, resolve_device(device))
     check_ais_cost(model, None, [steps], x_dim=state["x_dim"], chains=chains, leapfrog=leapfrog, start=start,
