@@ -8,6 +8,7 @@ cannot meet, and keep the gradient all-reduce inside the compiled step."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -493,3 +494,184 @@ def test_a_lost_ranks_message_names_the_command_that_continues_the_work(monkeypa
     error = distributed._lost(RuntimeError("Connection closed by peer"), "iwae train --resume runs/a, under torchrun")
     assert str(error).endswith("(Connection closed by peer); the job stops; continue with: iwae train --resume runs/a, "
                                "under torchrun")
+
+
+@pytest.fixture
+def job(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict]]:
+    """torch.distributed as seen by rank 1 of a job of 2 (without a process group): the helpers read the job through
+    it; the barriers they call are recorded in the list, not waited for."""
+    calls: list[dict] = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append({}))
+    monkeypatch.setattr(distributed.dist, "monitored_barrier", lambda **kwargs: calls.append(kwargs))
+    yield calls
+
+
+def as_rank(monkeypatch: pytest.MonkeyPatch, r: int, w: int) -> None:
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: r)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: w)
+
+
+def test_without_torchrun_every_helper_is_that_of_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No WORLD_SIZE (or WORLD_SIZE=1): no process group is joined, and every collective is the identity."""
+    model = burda(1, 6)
+    for size in (None, "1"):
+        if size is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", size)
+        assert (distributed.launched(), distributed.launched_ranks()) == (False, 1)
+        with distributed.session():
+            assert not torch.distributed.is_initialized()
+            assert (distributed.rank(), distributed.world(), distributed.name()) == (0, 1, "rank 0 of 1")
+            assert (distributed.maximum(5), distributed.gather("v"), distributed.broadcast("v")) == (5, ["v"], "v")
+            assert distributed.on_rank_zero(lambda: 3) == 3
+            distributed.barrier()
+            distributed.wait_for_all()
+            assert distributed.sharded_draws(model, slice(0, 4), 4) is model
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert (distributed.launched(), distributed.launched_ranks()) == (True, 3)
+
+
+def test_the_timeout_is_a_positive_number_of_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.timeout_s() == 600.0
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
+    assert distributed.timeout_s() == 2.5
+    for text in ("0", "-5", "nan", "ten", ""):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, text)
+        with pytest.raises(distributed.DistributedError, match=re.escape(
+                f"IWAE_DIST_TIMEOUT={text!r} is not a positive number of seconds; set it to e.g. 600")):
+            distributed.timeout_s()
+
+
+def test_the_shards_of_the_ranks_cover_the_items_once_in_order(job: list[dict],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first n % W ranks take one item more; rank r's items follow rank r-1's."""
+    assert distributed.shard(5) == range(3, 5) and distributed.rows(8) == slice(4, 8)
+    for w in (1, 2, 3, 4):
+        for n in range(10):
+            shards = []
+            for r in range(w):
+                as_rank(monkeypatch, r, w)
+                shards.append(distributed.shard(n))
+            assert [i for s in shards for i in s] == list(range(n)), (n, w)
+            assert [len(s) for s in shards] == [n // w + (r < n % w) for r in range(w)], (n, w)
+    as_rank(monkeypatch, 2, 4)
+    assert distributed.rows(12) == slice(6, 9)
+    with pytest.raises(distributed.DistributedError, match=r"global batch of 6 examples does not divide among 4 ranks; "
+                                                           r"run on a number of ranks that divides it \(1, 2, 3, 6\), "
+                                                           r"or start a new run with a --batch-size that is a multiple "
+                                                           r"of 4"):
+        distributed.rows(6)
+
+
+def test_every_item_is_assigned_to_one_rank_the_costliest_first(job: list[dict],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    costs = [4.0, 1.0, 9.0, 4.0, 2.0, 7.0, 1.0]
+    # 9 -> 0, 7 -> 1, 4 (item 0) -> 2, 4 (item 3) -> 2 (loads 9, 7, 4), 2 -> 1 (9, 9, 8), 1 -> 2, 1 -> 0 (the first
+    # of the least loaded)
+    taken = []
+    for r in range(3):
+        as_rank(monkeypatch, r, 3)
+        taken.append(distributed.assign(costs))
+    assert taken == [[2, 6], [4, 5], [0, 1, 3]]
+    as_rank(monkeypatch, 0, 1)
+    assert distributed.assign(costs) == list(range(7))
+
+
+def test_alone_a_rank_works_as_rank_0_of_1_and_its_name_stays(job: list[dict]) -> None:
+    assert (distributed.rank(), distributed.world(), distributed.name()) == (1, 2, "rank 1 of 2")
+    with distributed.alone():
+        with distributed.alone():
+            assert (distributed.rank(), distributed.world()) == (0, 1)
+        assert (distributed.rank(), distributed.world(), distributed.name()) == (0, 1, "rank 1 of 2")
+        assert distributed.rows(6) == slice(0, 6) and distributed.shard(3) == range(3)
+        distributed.barrier()  # a single process's: no barrier
+        assert job == []
+        distributed.wait_for_all()  # the job's, though
+    assert (distributed.rank(), distributed.world()) == (1, 2)
+    distributed.barrier()
+    assert job == [{"timeout": distributed.GRID_WAIT, "wait_all_ranks": True}, {}]
+
+
+def test_a_lost_ranks_message_is_one_line_with_the_timeout_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "30")
+    error = distributed._lost(RuntimeError("[gloo] Connection closed\n  by peer " + "x" * 400), "iwae evaluate r")
+    assert str(error).startswith("rank 0 of 1: a collective failed: another rank ended or did not answer within 30 s "
+                                 "([gloo] Connection closed by peer xxx")
+    assert "\n" not in str(error) and len(str(error)) < 450
+    for text in ("[../gloo/transport] Timed out waiting", "NCCL error: unhandled system error",
+                 "[c10d] The client socket has failed", "Connection closed by peer", "Gloo connectFullMesh failed"):
+        assert distributed._is_collective_failure(RuntimeError(text)), text
+    assert not distributed._is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_a_ranks_latents_are_its_rows_of_the_whole_batchs() -> None:
+    """Gaussian and Bernoulli latents drawn for rows 2 and 3 of a batch of 5 are those drawn for the whole batch (up
+    to the rounding of the layers' products on 2 rows rather than 5)."""
+    torch.manual_seed(0)
+    x = torch.rand(5, 6)
+    for model in (burda(1, 6), sbn([7], 6)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            whole = model.encoder[0](x).sample((3,))
+        sharded = distributed.sharded_draws(model, slice(2, 4), 5)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            rows = sharded.encoder[0](x[2:4]).sample((3,))
+        torch.testing.assert_close(rows, whole[:, 2:4], rtol=1e-5, atol=1e-6)
+
+
+COLLECTIVES = """
+import json, sys, time
+from pathlib import Path
+import torch
+from iwae.platform import distributed
+out = Path({out!r})
+written = []
+with distributed.session("gloo"):
+    r = distributed.rank()
+    if r == 1:  # rank 0 passes each barrier only once rank 1 has written its mark
+        time.sleep(0.5)
+        (out / "before-barrier").touch()
+    distributed.barrier()
+    seen = [(out / "before-barrier").exists()]
+    with distributed.alone():
+        if r == 1:
+            time.sleep(0.5)
+            (out / "before-wait").touch()
+        distributed.wait_for_all()
+        seen.append((out / "before-wait").exists())
+    mine = [torch.full((2, 3), 1.0 + r, dtype=torch.float64), torch.tensor([10.0 * r], dtype=torch.float64)]
+    parts = distributed.all_reduce_sum(mine)
+    try:
+        distributed.on_rank_zero(lambda: 1 / 0)
+    except Exception as error:
+        failed = f"{{type(error).__name__}}: {{error}}"
+    result = {{"name": distributed.name(), "stdout": sys.stdout is sys.__stdout__,
+              "maximum": distributed.maximum(7 - 2 * r),
+              "gather": distributed.gather(10 * r + 1), "broadcast": distributed.broadcast(f"rank {{r}}'s"),
+              "written": distributed.on_rank_zero(lambda: written.append(r) or "done"), "by": written, "seen": seen,
+              "sum": [part.tolist() for part in parts], "dtype": str(parts[0].dtype), "failed": failed}}
+    (out / f"rank{{r}}.json").write_text(json.dumps(result))
+"""
+
+
+def test_the_collectives_of_two_ranks(tmp_path: Path) -> None:
+    """Two ranks of gloo: the barriers wait for the other rank (wait_for_all also within ``alone``), rank 0 alone
+    prints and writes, and the reductions, gathers and broadcasts give every rank the same values."""
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES.format(out=str(tmp_path)))
+    succeed(ranks([], command=[sys.executable, str(script)]))
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r, result in enumerate(results):
+        assert result["name"] == f"rank {r} of 2" and result["stdout"] == (r == 0)
+        assert (result["maximum"], result["gather"], result["broadcast"]) == (7, [1, 11], "rank 0's")
+        assert (result["written"], result["by"]) == (("done", [0]) if r == 0 else (None, []))
+        assert result["sum"] == [[[3.0] * 3] * 2, [10.0]] and result["dtype"] == "torch.float64"
+        assert result["seen"] == [True, True]
+    assert results[0]["failed"] == "ZeroDivisionError: division by zero"
+    assert results[1]["failed"] == "DistributedError: rank 1 of 2: rank 0 failed: division by zero"
