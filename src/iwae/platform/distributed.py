@@ -44,6 +44,9 @@ from iwae.models.drawn import Bernoullis, Normals, with_draws
 
 TIMEOUT_ENV = "IWAE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+# The longest timeout taken: torch counts a timeout in nanoseconds in an int64 (up to 9.2e9 s), and a longer one
+# (or an infinite one) fails as the ranks join, with an OverflowError or an "Invalid timeout" of gloo's.
+MAX_TIMEOUT_S = 1e9
 # How long a rank of a spread grid waits at a barrier for peers still training their cells (a dead peer is noticed
 # at once, when its connections close).
 GRID_WAIT = timedelta(days=7)
@@ -67,14 +70,16 @@ def launched_ranks() -> int:
 
 
 def timeout_s() -> float:
-    """Seconds a collective (or joining the ranks) may take before it fails: $IWAE_DIST_TIMEOUT or 600."""
+    """Seconds a collective (or joining the ranks) may take before it fails: $IWAE_DIST_TIMEOUT or 600 (at most
+    ``MAX_TIMEOUT_S``)."""
     text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise DistributedError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds; set it to e.g. 600")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise DistributedError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds up to 1e9 "
+                               "(31 years); set it to e.g. 600")
     return value
 
 
