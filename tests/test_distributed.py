@@ -533,6 +533,12 @@ def test_without_torchrun_every_helper_is_that_of_one_process(monkeypatch: pytes
             assert distributed.sharded_draws(model, slice(0, 4), 4) is model
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert (distributed.launched(), distributed.launched_ranks()) == (True, 3)
+    for text in ("", "two", "0", "-2", "1.5"):
+        monkeypatch.setenv("WORLD_SIZE", text)
+        with pytest.raises(distributed.DistributedError, match=re.escape(
+                f"WORLD_SIZE={text!r} is not a number of processes (1 or more); torchrun sets it for the processes "
+                "it starts: unset it to run one process, or start the command with torchrun")):
+            distributed.launched()
 
 
 def test_the_timeout_is_a_positive_number_of_seconds(monkeypatch: pytest.MonkeyPatch) -> None:

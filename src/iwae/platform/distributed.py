@@ -65,8 +65,21 @@ def launched() -> bool:
 
 
 def launched_ranks() -> int:
-    """The number of processes torchrun started (WORLD_SIZE; 1 without torchrun), known before they meet."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The number of processes torchrun started (WORLD_SIZE; 1 without torchrun), known before they meet.
+
+    Raises:
+      DistributedError: if WORLD_SIZE is no whole number of processes.
+    """
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DistributedError(f"WORLD_SIZE={text!r} is not a number of processes (1 or more); torchrun sets it for "
+                               "the processes it starts: unset it to run one process, or start the command with "
+                               "torchrun")
+    return value
 
 
 def timeout_s() -> float:
