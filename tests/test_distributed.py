@@ -502,8 +502,7 @@ def job(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict]]:
     it; the barriers they call are recorded in the list, not waited for."""
     calls: list[dict] = []
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    as_rank(monkeypatch, 1, 2)
     monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append({}))
     monkeypatch.setattr(distributed.dist, "monitored_barrier", lambda **kwargs: calls.append(kwargs))
     yield calls
